@@ -1,0 +1,47 @@
+# The README's two setup commands: `make demo` and `make test`. Both work on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+BUILD  ?= build
+JOBS   ?= 2
+# Point these at TensorRT headers/libraries outside the repository to build the plugins and the C API.
+TensorRT_ROOT ?=
+CMAKE_ARGS ?=
+
+.PHONY: venv native test test-python test-native demo models sibling bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[export,dev]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+venv: $(STAMP)
+
+native:
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(if $(TensorRT_ROOT),-DTensorRT_ROOT=$(TensorRT_ROOT)) $(CMAKE_ARGS)
+	cmake --build $(BUILD) -j $(JOBS)
+
+test-native: native
+	ctest --test-dir $(BUILD) --output-on-failure
+
+test-python: $(STAMP) native
+	ALIGNER_NATIVE_BUILD=$(abspath $(BUILD)) $(PY) -m pytest -q tests
+
+test: test-native test-python
+
+models: $(STAMP)
+	$(PY) -m aligner_export.cli models
+
+demo: $(STAMP)
+	$(PY) -m aligner_export.demo
+
+sibling: $(STAMP)
+	$(PY) models/smollm2-aligned/train.py
+
+bench: $(STAMP)
+	$(PY) tests/benchmarks/run_all.py
+
+clean:
+	rm -rf $(BUILD)

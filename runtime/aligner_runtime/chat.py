@@ -1,0 +1,50 @@
+"""Chat templates rendered with jinja2, as transformers renders them, without transformers.
+
+Calibration (transformers) and the run-time (this module) must produce the same token sequence, because the gate
+reads the last prompt token (ARCHITECTURE.md §1). ``tests/test_chat.py`` checks the two agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+
+# Used when a tokenizer has no chat template; the pack and the manifest record that it was used.
+PLAIN_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def template_sha256(template: str) -> str:
+    return hashlib.sha256(template.encode("utf-8")).hexdigest()
+
+
+class _TemplateError(Exception):
+    pass
+
+
+def _raise_exception(message: str):
+    raise _TemplateError(message)
+
+
+@lru_cache(maxsize=8)
+def _compile(template: str):
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.globals["raise_exception"] = _raise_exception
+    return env.from_string(template)
+
+
+def render_chat(template: str, prompt: str, special_tokens: dict[str, str] | None = None,
+                system: str | None = None) -> str:
+    """Renders one user turn with the generation prompt appended."""
+    from .errors import AlignerError
+
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    try:
+        return _compile(template).render(messages=messages, add_generation_prompt=True, **(special_tokens or {}))
+    except _TemplateError as exc:
+        raise AlignerError(f"chat template refused the prompt: {exc}") from None

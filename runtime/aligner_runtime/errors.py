@@ -1,0 +1,74 @@
+"""User-facing errors.
+
+Every error a user can cause (a wrong path, a mismatched pack, a malformed prompt file, an out-of-range layer)
+is raised as :class:`AlignerError`. The CLIs print its message on one line and exit with status 2
+(ARCHITECTURE.md §7).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+class AlignerError(Exception):
+    """An error caused by the user's input. Its message is one line naming the problem."""
+
+    exit_code = 2
+
+
+def run_cli(main: Callable[[], int | None]) -> int:
+    """Runs a CLI entry point: user errors become one line on stderr and exit status 2."""
+    try:
+        return int(main() or 0)
+    except AlignerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return AlignerError.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yields a temporary path beside ``path``; renames it onto ``path`` only if the block succeeds.
+
+    A failed run leaves nothing behind (ARCHITECTURE.md §4).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise AlignerError(f"output directory does not exist: {path.parent}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary directory beside ``path``; moves it onto ``path`` only if the block succeeds."""
+    import shutil
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise AlignerError(f"output directory's parent does not exist: {path.parent}")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise AlignerError(f"output directory exists and is not empty: {path}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
