@@ -75,7 +75,7 @@ def build_tiny_model(family: str, path: str | Path, seed: int = 0, num_layers: i
     config.eos_token_id = tok.eos_token_id
     config.pad_token_id = tok.pad_token_id
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Larger-than-default init so that random prompts give residuals of distinct directions.
     with torch.no_grad():
         for p in model.parameters():
