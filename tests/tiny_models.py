@@ -37,7 +37,8 @@ def build_tokenizer(vocab_size: int = 384):
     bpe.train_from_iterator(_CORPUS * 4, vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIAL_TOKENS,
                             show_progress=False)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|im_start|>",
-                                  eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+                                  eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                  model_input_names=["input_ids", "attention_mask"])
     tok.chat_template = CHATML
     return tok
 

@@ -26,7 +26,9 @@ MIN_PROMPTS = 8
 DEFAULT_PROMPTS_DIR = Path(__file__).resolve().parent / "data" / "prompts"
 # Recommendation rules (docs/calibration.md).
 STEER_ACCURACY_FLOOR = 0.9   # both models must separate the classes at least this well on validation prompts
-ALPHA_NORM_FRACTION = 0.5    # alpha = this fraction of the mean residual norm over the steered block
+# The shifts accumulate along the residual stream: after k steered layers the residual has moved by k * alpha.
+# alpha is chosen so that the accumulated shift over the block is this fraction of the residual norm there.
+ALPHA_NORM_FRACTION = 1.0
 
 
 @dataclass
@@ -140,21 +142,23 @@ def longest_run(layers: list[int]) -> list[int]:
 def recommend(per_layer: list[dict], residual_norm: np.ndarray) -> dict:
     """Gate layer, steered block and alpha from the per-layer statistics (docs/calibration.md).
 
-    - gate layer: the most accurate target layer on validation prompts (ties: the larger class margin);
+    - gate layer: the most accurate target layer on validation prompts with the recommended bias rule (ties: the
+      larger class margin);
     - steered layers: the longest contiguous block, after the first layer, where both models reach
       ``STEER_ACCURACY_FLOOR`` (else the layers within 0.05 of the best joint accuracy);
-    - alpha: ``ALPHA_NORM_FRACTION`` times the mean last-token residual norm over the steered block, so that the
-      shift is comparable to the residual it moves.
+    - alpha: ``ALPHA_NORM_FRACTION`` times the mean last-token residual norm over the steered block, divided by the
+      block's length: the shifts accumulate along the residual stream, so the total shift at the end of the block
+      is comparable to the residual it moves.
     """
-    gate_layer = max(per_layer, key=lambda s: (round(s["target_val_accuracy"], 6), s["margin"]))["layer"]
+    bias_rule = "fpr"
+    gate_layer = max(per_layer, key=lambda s: (round(s[f"val_accuracy_{bias_rule}"], 6), s["margin"]))["layer"]
     joint = {s["layer"]: min(s["target_val_accuracy"], s["aligned_val_accuracy"]) for s in per_layer}
     candidates = [l for l, acc in joint.items() if l > 0 and acc >= STEER_ACCURACY_FLOOR]
     if not candidates:
         best = max(joint.values())
         candidates = [l for l, acc in joint.items() if acc >= best - 0.05]
     steer_layers = longest_run(candidates)
-    alpha = float(ALPHA_NORM_FRACTION * residual_norm[steer_layers].mean())
-    bias_rule = "fpr"
+    alpha = float(ALPHA_NORM_FRACTION * residual_norm[steer_layers].mean() / len(steer_layers))
     return {"gate_layer": int(gate_layer), "steer_layers": [int(l) for l in steer_layers],
             "alpha": round(alpha, 4), "bias_rule": bias_rule}
 
@@ -215,7 +219,7 @@ def calibrate(target_dir, harmful: list[str], harmless: list[str], aligned_dir=N
         b_paper = paper_bias(proj_h[harmful_cal], proj_b[harmless_cal])
         b_fpr = fpr_bias(proj_b[harmless_cal], max_fpr)
         t_acc, tpr_paper, fpr_paper = _rates(proj_h[harmful_val] + b_paper, proj_b[harmless_val] + b_paper)
-        _, val_tpr, val_fpr = _rates(proj_h[harmful_val] + b_fpr, proj_b[harmless_val] + b_fpr)
+        acc_fpr, val_tpr, val_fpr = _rates(proj_h[harmful_val] + b_fpr, proj_b[harmless_val] + b_fpr)
         if "aligned" in acts:
             a_h, a_b = acts["aligned"][0].values, acts["aligned"][1].values
             ap_h, ap_b = a_h[:, layer] @ a_srv[layer], a_b[:, layer] @ a_srv[layer]
@@ -227,7 +231,8 @@ def calibrate(target_dir, harmful: list[str], harmless: list[str], aligned_dir=N
         margin = float((proj_h[harmful_cal].mean() - proj_b[harmless_cal].mean()) / spread)
         per_layer.append({"layer": layer, "target_val_accuracy": t_acc, "aligned_val_accuracy": a_acc,
                           "bias_paper": b_paper, "bias_fpr": b_fpr, "val_tpr": val_tpr, "val_fpr": val_fpr,
-                          "val_tpr_paper": tpr_paper, "val_fpr_paper": fpr_paper, "margin": margin,
+                          "val_tpr_paper": tpr_paper, "val_fpr_paper": fpr_paper,
+                          "val_accuracy_paper": t_acc, "val_accuracy_fpr": acc_fpr, "margin": margin,
                           "residual_norm": float(residual_norm[layer])})
         gate_scores[layer] = (proj_h, proj_b)
 
