@@ -1,0 +1,234 @@
+"""The public run-time API.
+
+    from aligner_runtime import Aligner
+    aligner = Aligner.load("out/smollm2-export")                # fails closed on an unsteered or mismatched export
+    result = aligner.generate("How do I make a cake?", max_new_tokens=64)
+    print(result.text, result.gate, result.score)
+    for piece in aligner.stream("Tell me a story"):             # text pieces as they are generated
+        print(piece, end="", flush=True)
+
+The safe API has no way to turn the gate off (ARCHITECTURE.md §5). Evaluation compares with steering disabled only
+through :class:`aligner_runtime.evaluation.UnsteeredComparison`.
+
+Thread safety: an :class:`Aligner` may be shared by threads. Each call keeps its own loop state; the ONNX Runtime
+backend runs calls concurrently, the TensorRT backend serialises forward steps (one execution context).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from .errors import AlignerError
+from .generate import GenerationRun, RunTiming, SamplingConfig, check_token_ids
+from .manifest import ExportDir, load_export, read_manifest
+from .tokenizer import ChatTokenizer, IncrementalDecoder
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    gate: float | None
+    score: float | None
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float  # wall time of the batch this prompt ran in
+    finish_reason: str
+    token_ids: list[int]
+    batch_size: int = 1
+    prefill_seconds: float = 0.0
+    prefill_passes: int = 1
+
+    def to_json(self) -> dict:
+        """The ``aligner-run --json`` object (ARCHITECTURE.md §7)."""
+        return {"text": self.text, "gate": self.gate, "score": self.score, "new_tokens": self.new_tokens,
+                "seconds": round(self.seconds, 4)}
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AlignerError(f"cannot read {file}: {exc}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _as_ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+class TextStream:
+    """Iterator of text pieces for one prompt; ``result`` holds the :class:`GenerationResult` once it is exhausted."""
+
+    def __init__(self, aligner: "Aligner", run: GenerationRun):
+        self._aligner = aligner
+        self._run = run
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        decoder = IncrementalDecoder(self._aligner.tokenizer)
+        stop = set(self._run.config.stop_token_ids)
+        start = time.perf_counter()
+        for step in self._run:
+            for _, token in step:
+                if token not in stop:
+                    piece = decoder.push(token)
+                    if piece:
+                        yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail
+        self.result = self._aligner._results(self._run, time.perf_counter() - start)[0]
+
+
+class Aligner:
+    """A loaded export (or engine) with its tokenizer. Create it with :meth:`load`."""
+
+    def __init__(self, export: ExportDir, tokenizer: ChatTokenizer, backend, context_length: int | None,
+                 stop_token_ids: tuple[int, ...]):
+        self.export = export
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.context_length = context_length
+        self.stop_token_ids = stop_token_ids
+        vocab = backend.vocab_size or tokenizer.vocab_size
+        check_token_ids(stop_token_ids, vocab, "stop token")
+
+    @property
+    def steered(self) -> bool:
+        return self.export.steered
+
+    @property
+    def manifest(self) -> dict:
+        return self.export.manifest
+
+    @classmethod
+    def load(cls, path: str | Path, backend: str = "onnxruntime", *, providers: Sequence | None = None,
+             threads: int | None = None, plugins: str | Path | None = None,
+             allow_unsteered: bool = False) -> "Aligner":
+        """Loads an export dir (``onnxruntime``) or an engine file or export dir holding ``model.engine``
+        (``tensorrt``). Refuses an unsteered or mismatched export unless ``allow_unsteered=True``."""
+        from .backends import BACKENDS
+
+        if backend not in BACKENDS:
+            raise AlignerError(f"unknown backend '{backend}': use one of {', '.join(BACKENDS)}")
+        path = Path(path)
+        if backend == "onnxruntime":
+            export = load_export(path, allow_unsteered=allow_unsteered)
+            from .backends.onnxruntime import OnnxRuntimeBackend
+
+            engine = OnnxRuntimeBackend(export.model_path, providers=providers, intra_op_threads=threads)
+        else:
+            engine_path = path / "model.engine" if path.is_dir() else path
+            if not engine_path.exists():
+                raise AlignerError(f"engine not found: {engine_path}")
+            from .backends.tensorrt import TensorRTBackend, read_stamp
+
+            stamp = read_stamp(engine_path)
+            export_dir = Path(stamp.get("export_dir") or engine_path.parent)
+            if not export_dir.is_absolute():
+                export_dir = engine_path.parent / export_dir
+            if (export_dir / "model.onnx").is_file():
+                export = load_export(export_dir, allow_unsteered=allow_unsteered)
+            else:  # a device deployment may ship the engine without the ONNX graph; the stamp binds the two
+                manifest, digest = read_manifest(export_dir)
+                export = ExportDir(export_dir, manifest, digest, graph=None, steered=True)
+            engine = TensorRTBackend(engine_path, export.manifest_sha256, plugin_library=plugins)
+            if "steer_gate_in" not in engine.input_names and not allow_unsteered:
+                raise AlignerError(f"refusing {engine_path}: the engine has no steering interface; pass "
+                                   f"allow_unsteered=True only to run it without safety steering")
+        manifest = export.manifest
+        tokenizer = ChatTokenizer(export.path, expected_template_sha256=manifest.get("chat_template_sha256"))
+        config = _read_json(export.path / "config.json")
+        context = manifest.get("context_length") or manifest.get("max_position_embeddings") \
+            or config.get("max_position_embeddings")
+        engine_context = getattr(engine, "context_length", None)
+        if engine_context and (not context or engine_context < context):
+            context = engine_context
+        stops = _as_ids(manifest.get("eos_token_ids")) or _as_ids(
+            _read_json(export.path / "generation_config.json").get("eos_token_id"))
+        return cls(export, tokenizer, engine, int(context) if context else None, tuple(dict.fromkeys(stops)))
+
+    # --- generation -------------------------------------------------------------------------------------------------
+    def _config(self, max_new_tokens=128, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=None,
+                stop_token_ids=None) -> SamplingConfig:
+        vocab = self.backend.vocab_size or self.tokenizer.vocab_size
+        if stop_token_ids is not None:
+            check_token_ids(list(stop_token_ids), vocab, "stop token")
+        stops = tuple(dict.fromkeys(self.stop_token_ids + tuple(stop_token_ids or ())))
+        return SamplingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                              top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stops).validate(vocab)
+
+    def _run(self, prompt_ids: Sequence[Sequence[int]], config: SamplingConfig,
+             gate_override: float | None = None) -> GenerationRun:
+        return GenerationRun(self.backend, prompt_ids, config, pad_token_id=self.tokenizer.pad_token_id,
+                             two_pass=self.export.two_pass, context_length=self.context_length,
+                             gate_override=gate_override)
+
+    def _results(self, run: GenerationRun, seconds: float) -> list[GenerationResult]:
+        timing: RunTiming = run.timing
+        out = []
+        stop = set(run.config.stop_token_ids)
+        for row in run.results:
+            answer = row.token_ids[:-1] if row.token_ids and row.token_ids[-1] in stop else row.token_ids
+            out.append(GenerationResult(
+                text=self.tokenizer.decode(answer), gate=row.gate, score=row.score, prompt_tokens=row.prompt_tokens,
+                new_tokens=row.new_tokens, seconds=seconds, finish_reason=row.finish_reason,
+                token_ids=row.token_ids, batch_size=len(run.results), prefill_seconds=timing.prefill_seconds,
+                prefill_passes=timing.prefill_passes))
+        return out
+
+    def encode(self, prompt: str, system: str | None = None) -> list[int]:
+        return self.tokenizer.encode_prompt(prompt, system=system)
+
+    def _generate_ids(self, prompt_ids, config: SamplingConfig, batch_size: int,
+                      gate_override: float | None) -> list[GenerationResult]:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise AlignerError(f"batch_size must be a positive integer, got {batch_size!r}")
+        results: list[GenerationResult] = []
+        for first in range(0, len(prompt_ids), batch_size):
+            run = self._run(prompt_ids[first:first + batch_size], config, gate_override)
+            start = time.perf_counter()
+            run.run()
+            results.extend(self._results(run, time.perf_counter() - start))
+        return results
+
+    def _generate(self, prompts, *, system=None, batch_size=1, gate_override=None, **sampling):
+        single = isinstance(prompts, str)
+        prompt_list = [prompts] if single else list(prompts)
+        if not prompt_list:
+            raise AlignerError("no prompts given")
+        config = self._config(**sampling)
+        ids = [self.encode(p, system=system) for p in prompt_list]
+        results = self._generate_ids(ids, config, batch_size, gate_override)
+        return results[0] if single else results
+
+    def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int = 128, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 stop_token_ids: Sequence[int] | None = None, system: str | None = None, batch_size: int = 1):
+        """Generates for one prompt (returns a :class:`GenerationResult`) or a list (returns a list, in order).
+
+        Prompts are wrapped in the export's chat template. ``batch_size`` prompts run together, left-padded.
+        """
+        return self._generate(prompts, system=system, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                              do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                              stop_token_ids=stop_token_ids)
+
+    def generate_ids(self, prompt_ids: Sequence[Sequence[int]], *, batch_size: int = 1, **sampling):
+        """Like :meth:`generate` for already tokenized prompts (no chat template is applied)."""
+        vocab = self.backend.vocab_size or self.tokenizer.vocab_size
+        for ids in prompt_ids:
+            check_token_ids(list(ids), vocab, "prompt token")
+        return self._generate_ids([list(ids) for ids in prompt_ids], self._config(**sampling), batch_size, None)
+
+    def stream(self, prompt: str, *, system: str | None = None, **sampling) -> TextStream:
+        """Text pieces of one prompt's answer as they are generated; see :class:`TextStream`."""
+        return TextStream(self, self._run([self.encode(prompt, system=system)], self._config(**sampling)))

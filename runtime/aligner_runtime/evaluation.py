@@ -1,0 +1,28 @@
+"""Steered-versus-unsteered comparison, for evaluation only (ARCHITECTURE.md §5: "Evaluation code may compare with
+steering disabled only through an explicitly named switch").
+
+:class:`UnsteeredComparison` is that switch. It runs the same prompts through the same loaded graph twice: once as
+:meth:`Aligner.generate` does (the gate decides), once with ``steer_gate_in = 0`` on every step, which SteerGate
+passes through as the gate, so every SteerShift adds exactly zero. ``aligner-run`` does not expose it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from .api import Aligner, GenerationResult
+from .errors import AlignerError
+
+
+class UnsteeredComparison:
+    def __init__(self, aligner: Aligner):
+        if not aligner.steered:
+            raise AlignerError("an unsteered comparison needs a steered export")
+        self.aligner = aligner
+
+    def steered(self, prompts: Sequence[str], **options) -> list[GenerationResult]:
+        return self.aligner._generate(list(prompts), **options)
+
+    def unsteered(self, prompts: Sequence[str], **options) -> list[GenerationResult]:
+        """The same generation with the gate forced to 0: the model as if it had no steering nodes."""
+        return self.aligner._generate(list(prompts), gate_override=0.0, **options)

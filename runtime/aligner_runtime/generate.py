@@ -1,0 +1,306 @@
+"""The one generation loop, shared by every backend (ARCHITECTURE.md §5, runtime protocol).
+
+A backend only runs one forward step: ``backend.run(feeds) -> outputs`` over the graph interface
+
+    input_ids [B,S] i64, attention_mask [B,T] i64, position_ids [B,S] i64 (if the graph has it),
+    past_key_values.{i}.key/.value [B,kvh,P,hd], steer_gate_in [B] f32
+    -> logits [B,S,V], present.{i}.key/.value [B,kvh,T,hd], steer_gate [B], steer_score [B]
+
+Everything else is here: left padding, the KV cache, the two-pass prefill, the gate fed back on every step, greedy or
+seeded sampling, stop tokens and ``max_new_tokens``.
+
+Thread safety: all loop state lives in one :class:`GenerationRun` per call, so concurrent calls share nothing but the
+backend; each backend documents whether its ``run`` may be called concurrently (ONNX Runtime's may, the TensorRT
+backend serialises its steps with a lock).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
+
+from .errors import AlignerError
+
+PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+GATE_IN, GATE_OUT, SCORE_OUT = "steer_gate_in", "steer_gate", "steer_score"
+# gate_in < 0 asks SteerGate to decide from the score (§5); gate_in >= 0 imposes the gate.
+GATE_DECIDE = -1.0
+
+
+class Backend(Protocol):
+    """One forward step of an exported graph. See the module docstring for the tensors."""
+
+    input_names: list[str]
+    output_names: list[str]
+    vocab_size: int | None
+
+    def past_spec(self, name: str) -> tuple[int, int, np.dtype]:
+        """``(kv_heads, head_dim, dtype)`` of the past input ``name``."""
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ...
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick each new token. ``temperature == 0`` or ``do_sample=False`` means greedy."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+    def validate(self, vocab_size: int | None) -> "SamplingConfig":
+        def bad(what: str):
+            raise AlignerError(f"invalid sampling parameter: {what}")
+
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, (int, np.integer)) \
+                or self.max_new_tokens < 1:
+            bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not np.isfinite(self.temperature) \
+                or self.temperature < 0:
+            bad(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+            bad(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
+                                      or self.seed < 0):
+            bad(f"seed must be an integer >= 0, got {self.seed!r}")
+        check_token_ids(self.stop_token_ids, vocab_size, "stop token")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int | None, what: str = "token") -> None:
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
+            raise AlignerError(f"{what} id {token!r} is not an integer")
+        if token < 0 or (vocab_size is not None and token >= vocab_size):
+            raise AlignerError(f"{what} id {token} is out of range (vocabulary size {vocab_size})")
+
+
+@dataclass
+class RowResult:
+    """One prompt's generation. ``gate``/``score`` are None for a model loaded with ``allow_unsteered``."""
+
+    token_ids: list[int]
+    prompt_tokens: int
+    gate: float | None
+    score: float | None
+    finish_reason: str = "length"  # "stop" (a stop token) or "length" (max_new_tokens or the context)
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class RunTiming:
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+    prefill_passes: int = 0  # 2 when the §5 second, steered prefill ran for some rows
+
+
+def filter_logits(logits: np.ndarray, config: SamplingConfig) -> np.ndarray:
+    """Temperature, top-k and top-p (nucleus) on one row of float logits; removed tokens become -inf."""
+    logits = logits.astype(np.float64) / config.temperature
+    if config.top_k and config.top_k < logits.shape[-1]:
+        kth = np.partition(logits, -config.top_k)[-config.top_k]
+        logits = np.where(logits < kth, -np.inf, logits)
+    if config.top_p < 1.0:
+        order = np.argsort(-logits, kind="stable")
+        sorted_logits = logits[order]
+        probs = np.exp(sorted_logits - sorted_logits[0])
+        probs /= probs.sum()
+        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        keep = np.cumsum(probs) - probs < config.top_p
+        removed = order[~keep]
+        logits[removed] = -np.inf
+    return logits
+
+
+def pick_token(logits: np.ndarray, config: SamplingConfig, rng: np.random.Generator | None) -> int:
+    if config.greedy:
+        return int(np.argmax(logits))
+    filtered = filter_logits(logits, config)
+    probs = np.exp(filtered - filtered.max())
+    probs /= probs.sum()
+    return int(rng.choice(probs.shape[-1], p=probs))
+
+
+@dataclass
+class _Active:
+    """Rows still generating, in batch order; every array is indexed by these rows."""
+
+    rows: list[int]
+    attention_mask: np.ndarray
+    next_position: np.ndarray
+    gate: np.ndarray
+    past: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def keep(self, keep: list[int]) -> "_Active":
+        idx = np.asarray(keep, dtype=np.int64)
+        return _Active([self.rows[i] for i in keep], self.attention_mask[idx], self.next_position[idx],
+                       self.gate[idx], {k: v[idx] for k, v in self.past.items()})
+
+
+class GenerationRun:
+    """One call's generation over a batch. Iterate it to get ``[(row, token_id), ...]`` per step; afterwards
+    ``results`` holds one :class:`RowResult` per prompt, in order.
+
+    ``gate_override`` imposes a gate on every row (0.0 = unsteered); only the evaluation module passes it.
+    """
+
+    def __init__(self, backend: Backend, prompts: Sequence[Sequence[int]], config: SamplingConfig, *,
+                 pad_token_id: int, two_pass: bool, context_length: int | None = None,
+                 gate_override: float | None = None):
+        if not prompts:
+            raise AlignerError("no prompts given")
+        for ids in prompts:
+            if len(ids) == 0:
+                raise AlignerError("empty prompt")
+            check_token_ids(ids, backend.vocab_size, "prompt token")
+            if context_length is not None and len(ids) >= context_length:
+                raise AlignerError(f"prompt is {len(ids)} tokens long; the model's context is {context_length} "
+                                   f"tokens and needs room for at least one new token")
+        check_token_ids([pad_token_id], backend.vocab_size, "pad token")
+        self.backend = backend
+        self.prompts = [list(map(int, ids)) for ids in prompts]
+        self.config = config
+        self.pad_token_id = pad_token_id
+        self.two_pass = two_pass
+        self.context_length = context_length
+        self.gate_override = gate_override
+        self.steered_graph = GATE_IN in backend.input_names
+        if gate_override is not None and not self.steered_graph:
+            raise AlignerError("this graph has no steering interface to override")
+        self.timing = RunTiming()
+        self.results: list[RowResult] | None = None
+        self._past_inputs = [n for n in backend.input_names if PAST.match(n)]
+
+    # --- graph feeds ----------------------------------------------------------------------------------------------
+    def _present_name(self, past_name: str) -> str:
+        layer, kind = PAST.match(past_name).groups()
+        return f"present.{layer}.{kind}"
+
+    def _step(self, input_ids, attention_mask, position_ids, past, gate_in) -> dict[str, np.ndarray]:
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "position_ids" in self.backend.input_names:
+            feeds["position_ids"] = position_ids
+        feeds.update(past)
+        if self.steered_graph:
+            feeds[GATE_IN] = gate_in.astype(np.float32)
+        return self.backend.run(feeds)
+
+    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        past = {}
+        for name in self._past_inputs:
+            heads, head_dim, dtype = self.backend.past_spec(name)
+            past[name] = np.zeros((batch, heads, 0, head_dim), dtype=dtype)
+        return past
+
+    def _presents(self, outputs) -> dict[str, np.ndarray]:
+        return {name: outputs[self._present_name(name)] for name in self._past_inputs}
+
+    # --- the loop -------------------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        config = self.config
+        batch = len(self.prompts)
+        width = max(len(p) for p in self.prompts)
+        input_ids = np.full((batch, width), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((batch, width), dtype=np.int64)
+        for b, ids in enumerate(self.prompts):  # left padding: every row's last token is in the last column
+            input_ids[b, width - len(ids):] = ids
+            attention_mask[b, width - len(ids):] = 1
+        # HF's convention for left-padded batches: positions count real tokens; pads get 1 (they are masked).
+        position_ids = np.where(attention_mask == 1, np.cumsum(attention_mask, axis=1) - 1, 1).astype(np.int64)
+
+        first_gate = np.full(batch, GATE_DECIDE if self.gate_override is None else self.gate_override, np.float32)
+        start = time.perf_counter()
+        outputs = self._step(input_ids, attention_mask, position_ids, self._empty_past(batch), first_gate)
+        self.timing.prefill_passes = 1
+        logits = outputs["logits"][:, -1, :]
+        past = self._presents(outputs)
+        if self.steered_graph:
+            gate = np.asarray(outputs[GATE_OUT], dtype=np.float32).reshape(batch).copy()
+            score = np.asarray(outputs[SCORE_OUT], dtype=np.float32).reshape(batch).copy()
+        else:
+            gate = np.zeros(batch, np.float32)
+            score = None
+
+        # §5 rule 2: rows whose gate fired are prefilled again with the gate imposed, so that layers below the gate
+        # layer are shifted too. The scoring pass stays the reported score.
+        if self.two_pass and self.gate_override is None:
+            fired = np.flatnonzero(gate > 0.5)
+            if fired.size:
+                again = self._step(input_ids[fired], attention_mask[fired], position_ids[fired],
+                                   self._empty_past(fired.size), np.ones(fired.size, np.float32))
+                self.timing.prefill_passes = 2
+                logits = logits.copy()
+                logits[fired] = again["logits"][:, -1, :]
+                for name, present in self._presents(again).items():
+                    past[name] = past[name].copy()
+                    past[name][fired] = present
+        self.timing.prefill_seconds = time.perf_counter() - start
+
+        rngs = [np.random.default_rng(config.seed) for _ in range(batch)] if not config.greedy else [None] * batch
+        stop = set(config.stop_token_ids)
+        lengths = [len(p) for p in self.prompts]
+        budgets = [config.max_new_tokens if self.context_length is None
+                   else min(config.max_new_tokens, self.context_length - n) for n in lengths]
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        finish = ["length"] * batch
+        active = _Active(list(range(batch)), attention_mask, np.asarray(lengths, np.int64), gate, past)
+        self.results = None
+        decode_start = time.perf_counter()
+        while True:
+            step_tokens, keep = [], []
+            for i, row in enumerate(active.rows):
+                token = pick_token(logits[i], config, rngs[row])
+                generated[row].append(token)
+                step_tokens.append((row, token))
+                if token in stop:
+                    finish[row] = "stop"
+                elif len(generated[row]) < budgets[row]:
+                    keep.append(i)
+            yield step_tokens
+            if not keep:
+                break
+            if len(keep) < len(active.rows):
+                active = active.keep(keep)
+                logits = logits[np.asarray(keep)]
+            tokens = np.asarray([[generated[row][-1]] for row in active.rows], dtype=np.int64)
+            active.attention_mask = np.concatenate(
+                [active.attention_mask, np.ones((len(active.rows), 1), np.int64)], axis=1)
+            # The gate is fed back on every decode step (§5 rule 3): harmless rows stay 0, steered rows stay 1.
+            outputs = self._step(tokens, active.attention_mask, active.next_position[:, None], active.past,
+                                 active.gate)
+            self.timing.decode_steps += 1
+            active.next_position = active.next_position + 1
+            active.past = self._presents(outputs)
+            if self.steered_graph:
+                active.gate = np.asarray(outputs[GATE_OUT], dtype=np.float32).reshape(len(active.rows)).copy()
+            logits = outputs["logits"][:, -1, :]
+        self.timing.decode_seconds = time.perf_counter() - decode_start
+        self.results = [
+            RowResult(token_ids=generated[b], prompt_tokens=lengths[b],
+                      gate=float(gate[b]) if self.steered_graph else None,
+                      score=float(score[b]) if score is not None else None, finish_reason=finish[b])
+            for b in range(batch)]
+
+    def run(self) -> list[RowResult]:
+        for _ in self:
+            pass
+        return self.results

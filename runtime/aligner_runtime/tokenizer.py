@@ -1,0 +1,110 @@
+"""The export's tokenizer and chat template, without transformers.
+
+Prompts are wrapped in the chat template exactly as calibration wrapped them (one user turn, generation prompt
+appended) and encoded with no extra special tokens, because the template already holds them
+(``aligner_export.modeling.tokenize_batch``). The gate reads the last prompt token (ARCHITECTURE.md §1), so any
+difference here would move the gate's input; the manifest's ``chat_template_sha256`` is checked for that reason.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .chat import PLAIN_TEMPLATE, render_chat, template_sha256
+from .errors import AlignerError
+
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):  # AddedToken serialised as {"content": ...}
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_json(file: Path) -> dict:
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AlignerError(f"cannot read {file}: {exc}") from None
+    return data if isinstance(data, dict) else {}
+
+
+class ChatTokenizer:
+    """Tokenizer + chat template of an export dir. Thread-safe: encoding and rendering keep no per-call state."""
+
+    def __init__(self, directory: str | Path, expected_template_sha256: str | None = None):
+        from tokenizers import Tokenizer
+
+        directory = Path(directory)
+        file = directory / "tokenizer.json"
+        if not file.is_file():
+            raise AlignerError(f"export directory has no tokenizer.json: {directory}")
+        try:
+            self._tokenizer = Tokenizer.from_file(str(file))
+        except Exception as exc:  # the Rust side raises plain Exception for a malformed file
+            raise AlignerError(f"cannot load {file}: {str(exc).splitlines()[0]}") from None
+        config = _read_json(directory / "tokenizer_config.json")
+        self.special_tokens = {k: t for k in SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k)))}
+
+        template_file = directory / "chat_template.jinja"
+        if template_file.is_file():
+            self.chat_template = template_file.read_text(encoding="utf-8")
+        elif isinstance(config.get("chat_template"), str):
+            self.chat_template = config["chat_template"]
+        else:
+            self.chat_template = PLAIN_TEMPLATE
+        if expected_template_sha256 and template_sha256(self.chat_template) != expected_template_sha256:
+            raise AlignerError(f"chat template in {directory} does not match the manifest's chat_template_sha256 "
+                               f"(the gate was calibrated on another template)")
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        pad = self.special_tokens.get("pad_token") or self.special_tokens.get("eos_token")
+        self.pad_token_id = self._tokenizer.token_to_id(pad) if pad else None
+        if self.pad_token_id is None:
+            self.pad_token_id = 0
+
+    def token_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
+
+    def render(self, prompt: str, system: str | None = None) -> str:
+        return render_chat(self.chat_template, prompt, self.special_tokens, system=system)
+
+    def encode_prompt(self, prompt: str, system: str | None = None) -> list[int]:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise AlignerError("empty prompt")
+        return self.encode(self.render(prompt, system=system))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text pieces for streaming.
+
+    Decodes the whole answer each time and emits what is new; holds back a tail that ends in an incomplete UTF-8
+    sequence (decoded as U+FFFD) until the next token completes it.
+    """
+
+    def __init__(self, tokenizer: ChatTokenizer):
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._emitted = 0
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        text = self._tokenizer.decode(self._ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self._emitted = text[self._emitted:], len(text)
+        return piece
+
+    def flush(self) -> str:
+        text = self._tokenizer.decode(self._ids)
+        piece, self._emitted = text[self._emitted:], len(text)
+        return piece
