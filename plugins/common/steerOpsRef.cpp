@@ -1,0 +1,139 @@
+// CPU reference of the two operators. The math is steerOps.h; this file only loops over the tensors.
+#include "steerOpsRef.h"
+
+#include "steerOps.h"
+
+namespace
+{
+using aligner::ops::Storage;
+using aligner::ops::StorageTraits;
+
+template <Storage S>
+void steerGate(void const* hidden, int64_t B, int64_t seq, int64_t H, int64_t const* mask, int64_t T,
+    float const* gateIn, float const* direction, float bias, float* gate, float* score)
+{
+    using Traits = StorageTraits<S>;
+    auto const* base = static_cast<typename Traits::Element const*>(hidden);
+    for (int64_t b = 0; b < B; ++b)
+    {
+        int64_t const last = aligner::ops::lastValidPosition(mask + b * T, T, seq);
+        auto const* row = base + (b * seq + last) * H;
+        float acc = 0.0f;
+        for (int64_t h = 0; h < H; ++h)
+        {
+            float const product = Traits::load(row[h]) * direction[h];
+            acc += product;
+        }
+        score[b] = acc + bias;
+        gate[b] = aligner::ops::gateFromScore(gateIn[b], score[b]);
+    }
+}
+
+template <Storage S>
+void steerShift(void const* hidden, int64_t B, int64_t seq, int64_t H, float const* gate, float const* vector, void* out)
+{
+    using Traits = StorageTraits<S>;
+    auto const* in = static_cast<typename Traits::Element const*>(hidden);
+    auto* dst = static_cast<typename Traits::Element*>(out);
+    for (int64_t b = 0; b < B; ++b)
+    {
+        for (int64_t i = b * seq * H; i < (b + 1) * seq * H; ++i)
+        {
+            dst[i] = Traits::store(aligner::ops::shiftValue(Traits::load(in[i]), gate[b], vector[i % H]));
+        }
+    }
+}
+
+template <Storage S>
+void toStorage(float const* src, int64_t n, void* dst)
+{
+    auto* out = static_cast<typename StorageTraits<S>::Element*>(dst);
+    for (int64_t i = 0; i < n; ++i)
+    {
+        out[i] = StorageTraits<S>::store(src[i]);
+    }
+}
+
+template <Storage S>
+void fromStorage(void const* src, int64_t n, float* dst)
+{
+    auto const* in = static_cast<typename StorageTraits<S>::Element const*>(src);
+    for (int64_t i = 0; i < n; ++i)
+    {
+        dst[i] = StorageTraits<S>::load(in[i]);
+    }
+}
+
+bool badShape(int64_t B, int64_t S, int64_t H)
+{
+    return B < 0 || S < 1 || H < 1;
+}
+} // namespace
+
+extern "C" int64_t aligner_ref_last_valid_position(int64_t const* mask_row, int64_t T, int64_t S)
+{
+    return aligner::ops::lastValidPosition(mask_row, T, S);
+}
+
+extern "C" int32_t aligner_ref_steer_gate(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,
+    int64_t const* attention_mask, int64_t T, float const* gate_in, float const* direction, float bias, float* gate,
+    float* score)
+{
+    if (badShape(B, S, H) || T < S)
+    {
+        return ALIGNER_REF_BAD_SHAPE;
+    }
+    if (!hidden || !attention_mask || !gate_in || !direction || !gate || !score)
+    {
+        return ALIGNER_REF_NULL_POINTER;
+    }
+    switch (static_cast<Storage>(storage))
+    {
+    case Storage::kFP32: steerGate<Storage::kFP32>(hidden, B, S, H, attention_mask, T, gate_in, direction, bias, gate, score); break;
+    case Storage::kFP16: steerGate<Storage::kFP16>(hidden, B, S, H, attention_mask, T, gate_in, direction, bias, gate, score); break;
+    case Storage::kBF16: steerGate<Storage::kBF16>(hidden, B, S, H, attention_mask, T, gate_in, direction, bias, gate, score); break;
+    default: return ALIGNER_REF_BAD_STORAGE;
+    }
+    return ALIGNER_REF_OK;
+}
+
+extern "C" int32_t aligner_ref_steer_shift(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,
+    float const* gate, float const* vector, void* out)
+{
+    if (badShape(B, S, H))
+    {
+        return ALIGNER_REF_BAD_SHAPE;
+    }
+    if (!hidden || !gate || !vector || !out)
+    {
+        return ALIGNER_REF_NULL_POINTER;
+    }
+    switch (static_cast<Storage>(storage))
+    {
+    case Storage::kFP32: steerShift<Storage::kFP32>(hidden, B, S, H, gate, vector, out); break;
+    case Storage::kFP16: steerShift<Storage::kFP16>(hidden, B, S, H, gate, vector, out); break;
+    case Storage::kBF16: steerShift<Storage::kBF16>(hidden, B, S, H, gate, vector, out); break;
+    default: return ALIGNER_REF_BAD_STORAGE;
+    }
+    return ALIGNER_REF_OK;
+}
+
+extern "C" void aligner_ref_float_to_storage(int32_t storage, float const* src, int64_t n, void* dst)
+{
+    switch (static_cast<Storage>(storage))
+    {
+    case Storage::kFP32: toStorage<Storage::kFP32>(src, n, dst); break;
+    case Storage::kFP16: toStorage<Storage::kFP16>(src, n, dst); break;
+    case Storage::kBF16: toStorage<Storage::kBF16>(src, n, dst); break;
+    }
+}
+
+extern "C" void aligner_ref_storage_to_float(int32_t storage, void const* src, int64_t n, float* dst)
+{
+    switch (static_cast<Storage>(storage))
+    {
+    case Storage::kFP32: fromStorage<Storage::kFP32>(src, n, dst); break;
+    case Storage::kFP16: fromStorage<Storage::kFP16>(src, n, dst); break;
+    case Storage::kBF16: fromStorage<Storage::kBF16>(src, n, dst); break;
+    }
+}

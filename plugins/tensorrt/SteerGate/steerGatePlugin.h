@@ -1,0 +1,104 @@
+// TensorRT IPluginV3 plugin for SteerGate (ARCHITECTURE.md §5; README.md in this folder is its specification).
+#pragma once
+
+#include "NvInferRuntime.h"
+#include "pluginUtils.h"
+
+#include <string>
+#include <vector>
+
+namespace aligner
+{
+namespace trt
+{
+
+class SteerGatePlugin : public nvinfer1::IPluginV3,
+                        public nvinfer1::IPluginV3OneCore,
+                        public nvinfer1::IPluginV3OneBuild,
+                        public nvinfer1::IPluginV3OneRuntime
+{
+public:
+    // Inputs: hidden, attention_mask, gate_in, and, when the constants are graph inputs rather than fields,
+    // direction and bias.
+    static constexpr int32_t kInputsWithFields = 3;
+    static constexpr int32_t kInputsWithConstantInputs = 5;
+
+    // direction empty: the constants arrive as inputs 3 and 4.
+    SteerGatePlugin(std::vector<float> direction, float bias);
+    ~SteerGatePlugin() override = default;
+
+    // IPluginV3
+    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
+    nvinfer1::IPluginV3* clone() noexcept override;
+
+    // IPluginV3OneCore
+    char const* getPluginName() const noexcept override;
+    char const* getPluginVersion() const noexcept override;
+    char const* getPluginNamespace() const noexcept override;
+
+    // IPluginV3OneBuild
+    int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
+        nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
+    int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
+        nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;
+    int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
+        int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
+        nvinfer1::IExprBuilder& exprBuilder) noexcept override;
+    bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
+        int32_t nbOutputs) noexcept override;
+    int32_t getNbOutputs() const noexcept override;
+
+    // IPluginV3OneRuntime
+    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,
+        nvinfer1::PluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
+    int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
+        void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
+    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
+    nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
+
+    bool constantsAreInputs() const noexcept
+    {
+        return mDirection.empty();
+    }
+    std::vector<float> const& direction() const noexcept
+    {
+        return mDirection;
+    }
+    float bias() const noexcept
+    {
+        return mBias;
+    }
+
+private:
+    // Checks ranks, the input count and H against direction's length; reports and returns false on a mismatch.
+    bool checkHiddenSize(int64_t hiddenSize) const noexcept;
+    bool checkInputCount(int32_t nbInputs) const noexcept;
+
+    std::vector<float> mDirection;
+    float mBias{0.0f};
+    std::vector<float> mDeviceHost; // direction followed by bias: what DeviceConstants uploads
+    DeviceConstants mDeviceConstants;
+    std::vector<nvinfer1::PluginField> mSerialFields;
+    nvinfer1::PluginFieldCollection mSerialCollection{};
+};
+
+class SteerGatePluginCreator : public nvinfer1::IPluginCreatorV3One
+{
+public:
+    SteerGatePluginCreator();
+    ~SteerGatePluginCreator() override = default;
+
+    nvinfer1::IPluginV3* createPlugin(char const* name, nvinfer1::PluginFieldCollection const* fc,
+        nvinfer1::TensorRTPhase phase) noexcept override;
+    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
+    char const* getPluginName() const noexcept override;
+    char const* getPluginVersion() const noexcept override;
+    char const* getPluginNamespace() const noexcept override;
+
+private:
+    std::vector<nvinfer1::PluginField> mFields;
+    nvinfer1::PluginFieldCollection mFieldCollection{};
+};
+
+} // namespace trt
+} // namespace aligner

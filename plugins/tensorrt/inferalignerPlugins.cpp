@@ -1,0 +1,81 @@
+// The one file that registers the inferaligner plugins with TensorRT. It is compiled twice (CMakeLists.txt):
+//
+//  * libaligner_trt_plugins (ALIGNER_STATIC_REGISTRATION): registers both creators with the global plugin registry
+//    when the library is loaded, so ctypes.CDLL(path), Polygraphy --plugins and dlopen() need nothing else.
+//  * libaligner_trt_plugins_dynamic: exports getCreators() and setLoggerFinder() and registers nothing itself, for
+//    IPluginRegistry::loadLibrary() and trtexec --dynamicPlugins. A library loaded that way that
+//    also registered its creators at load time would register them twice, hence two thin targets over the same
+//    objects.
+#include "NvInferRuntime.h"
+#include "SteerGate/steerGatePlugin.h"
+#include "SteerShift/steerShiftPlugin.h"
+#include "pluginUtils.h"
+
+#include <atomic>
+
+using namespace nvinfer1;
+
+namespace
+{
+aligner::trt::SteerGatePluginCreator gSteerGateCreator;
+aligner::trt::SteerShiftPluginCreator gSteerShiftCreator;
+
+#if !defined(ALIGNER_STATIC_REGISTRATION)
+std::atomic<ILoggerFinder*> gLoggerFinder{nullptr};
+#endif
+
+ILogger* logger() noexcept
+{
+#if defined(ALIGNER_STATIC_REGISTRATION)
+    return getLogger();
+#else
+    ILoggerFinder* finder = gLoggerFinder.load();
+    return finder != nullptr ? finder->findLogger() : nullptr;
+#endif
+}
+
+#if defined(ALIGNER_STATIC_REGISTRATION)
+struct StaticRegistration
+{
+    StaticRegistration()
+    {
+        IPluginRegistry* registry = getPluginRegistry();
+        if (registry != nullptr)
+        {
+            registry->registerCreator(gSteerGateCreator, aligner::trt::kPluginNamespace);
+            registry->registerCreator(gSteerShiftCreator, aligner::trt::kPluginNamespace);
+        }
+    }
+};
+StaticRegistration gStaticRegistration;
+#endif
+} // namespace
+
+namespace aligner
+{
+namespace trt
+{
+void reportError(std::string const& message) noexcept
+{
+    ILogger* sink = logger();
+    if (sink != nullptr)
+    {
+        sink->log(ILogger::Severity::kERROR, message.c_str());
+    }
+}
+} // namespace trt
+} // namespace aligner
+
+#if !defined(ALIGNER_STATIC_REGISTRATION)
+extern "C" __attribute__((visibility("default"))) void setLoggerFinder(ILoggerFinder* finder)
+{
+    gLoggerFinder.store(finder);
+}
+
+extern "C" __attribute__((visibility("default"))) IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
+{
+    static IPluginCreatorInterface* const creators[] = {&gSteerGateCreator, &gSteerShiftCreator};
+    nbCreators = 2;
+    return creators;
+}
+#endif
