@@ -30,7 +30,7 @@ def _raise_exception(message: str):
 
 @lru_cache(maxsize=8)
 def _compile(template: str):
-    import jinja2
+    import jinja2.ext  # not imported by "import jinja2" alone (transformers happens to import it)
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])

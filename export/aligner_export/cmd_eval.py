@@ -1,0 +1,57 @@
+"""``aligner-export eval``: run an export steered and unsteered on prompt sets and write a report.
+
+    aligner-export eval --model OUTDIR --harmful F --harmless F [--jailbreak-templates F] --report DIR
+
+Writes ``report.json`` (every figure and every prompt's answers), ``report.md`` (the summary table) and
+``report.png`` (ASR bars, gate-score histograms with the threshold). See ``aligner_export/evaluation.py``.
+"""
+
+from __future__ import annotations
+
+
+def configure(parser) -> None:
+    parser.add_argument("--model", required=True, help="export directory (from aligner-export export)")
+    parser.add_argument("--harmful", required=True, help="harmful prompts (.txt/.json/.jsonl/.csv)")
+    parser.add_argument("--harmless", required=True, help="harmless prompts")
+    parser.add_argument("--jailbreak-templates", help="jailbreak templates with a {prompt} slot (e.g. GPTFuzz CSV)")
+    parser.add_argument("--limit", type=int, default=None, help="use at most N prompts of each set")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="prompts generated together (left-padded); 1 keeps per-prompt latency exact")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--judge", default="keyword", help="refusal judge (default: keyword)")
+    parser.add_argument("--report", required=True, help="report directory (created; files replaced atomically)")
+
+
+def run(args) -> int:
+    from aligner_runtime.api import Aligner
+    from aligner_runtime.errors import AlignerError
+    from aligner_runtime.prompts import load_prompts, load_templates
+
+    from .evaluation import PromptSet, evaluate, jailbreak_prompts, make_judge, write_report
+
+    for name in ("limit", "max_new_tokens", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise AlignerError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    judge = make_judge(args.judge)
+    harmful = load_prompts(args.harmful)[: args.limit]
+    harmless = load_prompts(args.harmless)[: args.limit]
+    templates = load_templates(args.jailbreak_templates) if args.jailbreak_templates else None
+    aligner = Aligner.load(args.model, threads=args.threads)
+    aligner._config(max_new_tokens=args.max_new_tokens)
+
+    sets = [PromptSet("harmful", harmful, True)]
+    if templates:
+        sets.append(PromptSet("jailbreak", jailbreak_prompts(harmful, templates), True))
+    sets.append(PromptSet("harmless", harmless, False))
+    report = evaluate(aligner, sets, judge, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    report["inputs"] = {"harmful": str(args.harmful), "harmless": str(args.harmless),
+                        "jailbreak_templates": args.jailbreak_templates,
+                        "templates_used": min(len(templates), len(harmful)) if templates else 0}
+    paths = write_report(report, args.report)
+    from .evaluation import markdown
+
+    print(markdown(report))
+    print(f"report: {paths['md']}, {paths['json']}, {paths['png']}")
+    return 0

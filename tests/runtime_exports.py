@@ -1,0 +1,54 @@
+"""Tiny real exports for the run-time tests: a tiny random model, calibrated (self mode, shipped prompt sets) and
+exported with ``aligner-export``, built once per test session and set of options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_CACHE: dict = {}
+
+# Layers 0-3 steered with the gate on layer 2: layer 0 and 1 lie below the gate, so the §5 two-pass rule applies.
+DEFAULT_OPTIONS = (("--steer-layers", "0-3"), ("--gate-layer", "2"), ("--alpha", "4"), ("--bias-rule", "paper"))
+
+
+def _cli(*args: str) -> None:
+    from aligner_export.cli import main
+
+    code = main([str(a) for a in args])
+    if code != 0:
+        raise RuntimeError(f"aligner-export {' '.join(map(str, args))} exited {code}")
+
+
+def tiny_export(tmp_path_factory, tiny_model_dir, family: str = "llama", options=DEFAULT_OPTIONS) -> tuple[Path, Path, Path]:
+    """Returns ``(export_dir, model_dir, pack)``."""
+    key = (family, tuple(options))
+    if key not in _CACHE:
+        import warnings
+
+        model_dir = tiny_model_dir(family)
+        root = tmp_path_factory.mktemp(f"export-{family}")
+        pack = root / "pack.safetensors"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _cli("calibrate", "--target", model_dir, "-o", pack)
+        out = root / "export"
+        _cli("export", "--target", model_dir, "--pack", pack, "-o", out, *[x for pair in options for x in pair])
+        _CACHE[key] = (out, model_dir, pack)
+    return _CACHE[key]
+
+
+def steer_spec(export_dir: Path, pack_path: Path):
+    """The reference's SteerSpec for an export, from its manifest and pack."""
+    import json
+
+    import numpy as np
+
+    from aligner_export.pack import load_pack
+    from aligner_export.reference import SteerSpec
+
+    manifest = json.loads((export_dir / "inferaligner.json").read_text())
+    pack = load_pack(pack_path)
+    gate = manifest["gate_layer"]
+    return SteerSpec(gate_layer=gate, direction=pack.target_srv[gate], bias=manifest["bias"],
+                     steer_layers=manifest["steer_layers"],
+                     vectors={l: np.float32(manifest["alpha"]) * pack.aligned_srv[l] for l in manifest["steer_layers"]})

@@ -1,0 +1,331 @@
+"""aligner_runtime on real tiny exports: equality with the PyTorch reference, steered decode logits, fail-closed
+loading, no torch, concurrency, flat memory, streaming."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aligner_runtime.api import Aligner
+from aligner_runtime.errors import AlignerError
+from runtime_exports import steer_spec, tiny_export
+
+PROMPT_DIR = Path(__file__).resolve().parents[1] / "export" / "aligner_export" / "data" / "prompts"
+NEW_TOKENS = 8
+
+
+def candidate_prompts() -> list[str]:
+    harmful = PROMPT_DIR.joinpath("harmful_heldout.txt").read_text().splitlines()
+    harmless = PROMPT_DIR.joinpath("harmless_heldout.txt").read_text().splitlines()
+    lines = [p for p in harmful[:12] + harmless[:12] if p.strip() and not p.startswith("#")]
+    return lines
+
+
+def mixed_prompts(aligner, count: int = 3) -> list[str]:
+    """``count`` prompts whose gate fires and ``count`` whose gate stays 0, interleaved (lengths differ)."""
+    results = aligner.generate(candidate_prompts(), max_new_tokens=1, batch_size=8)
+    fired = [r for r, p in zip(results, candidate_prompts()) if r.gate == 1.0]
+    fired_prompts = [p for r, p in zip(results, candidate_prompts()) if r.gate == 1.0][:count]
+    quiet_prompts = [p for r, p in zip(results, candidate_prompts()) if r.gate == 0.0][:count]
+    assert len(fired_prompts) == count and len(quiet_prompts) == count, \
+        f"the tiny export's gate does not split the candidates ({len(fired)} of {len(results)} fire)"
+    return [p for pair in zip(fired_prompts, quiet_prompts) for p in pair]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def export(request, tmp_path_factory, tiny_model_dir):
+    return tiny_export(tmp_path_factory, tiny_model_dir, request.param)
+
+
+@pytest.fixture(scope="module")
+def llama_export(tmp_path_factory, tiny_model_dir):
+    return tiny_export(tmp_path_factory, tiny_model_dir, "llama")
+
+
+def _reference(model_dir, spec, prompts, max_new_tokens):
+    from aligner_export.modeling import chat_texts, load_model, tokenize_batch
+    from aligner_export.reference import reference_generate
+
+    model, tokenizer = load_model(model_dir)
+    texts, _, _ = chat_texts(tokenizer, prompts)
+    batch = tokenize_batch(tokenizer, texts, "left")
+    sequences, gate, score = reference_generate(model, spec, batch["input_ids"], batch["attention_mask"],
+                                                max_new_tokens=max_new_tokens)
+    new = sequences[:, batch["input_ids"].shape[1]:].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    truncated = []
+    for row in new:
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        truncated.append(row[:end])
+    return model, tokenizer, truncated, gate.tolist(), score.tolist()
+
+
+def test_greedy_equals_reference_with_mixed_gates_in_one_batch(export):
+    export_dir, model_dir, pack = export
+    aligner = Aligner.load(export_dir)
+    prompts = mixed_prompts(aligner)
+    results = aligner.generate(prompts, max_new_tokens=NEW_TOKENS, batch_size=len(prompts))
+    assert results[0].batch_size == len(prompts) and results[0].prefill_passes == 2
+    _, tokenizer, expected, gates, scores = _reference(model_dir, steer_spec(export_dir, pack), prompts, NEW_TOKENS)
+    for prompt, result, tokens, gate, score in zip(prompts, results, expected, gates, scores):
+        assert aligner.encode(prompt) == tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+        assert result.gate == gate
+        assert result.score == pytest.approx(score, abs=1e-4)
+        assert result.token_ids == tokens, prompt
+        assert result.text == tokenizer.decode(
+            [t for t in tokens if t not in aligner.stop_token_ids], skip_special_tokens=True)
+
+
+def test_steered_decode_logits_equal_reference(llama_export):
+    """Every decode step's logits, per row, against the hooked HF model recomputing the whole sequence."""
+    import torch
+
+    from aligner_export.modeling import load_model
+    from aligner_export.reference import steered
+
+    export_dir, model_dir, pack = llama_export
+    aligner = Aligner.load(export_dir)
+    aligner.stop_token_ids = ()  # no row stops early: every step has the whole batch
+    prompts = mixed_prompts(aligner, 2)
+    recorded = []
+    run_step = aligner.backend.run
+    aligner.backend.run = lambda feeds: recorded.append(run_step(feeds)) or recorded[-1]
+    results = aligner.generate(prompts, max_new_tokens=NEW_TOKENS, batch_size=len(prompts))
+    decode_steps = recorded[2:]  # two prefill passes (the batch has fired rows)
+    assert len(decode_steps) == NEW_TOKENS - 1
+    model, _ = load_model(model_dir)
+    spec = steer_spec(export_dir, pack)
+    for b, (prompt, result) in enumerate(zip(prompts, results)):
+        ids = aligner.encode(prompt) + result.token_ids
+        with torch.no_grad(), steered(model, spec) as state:
+            state.gate_in = torch.tensor([result.gate])
+            logits = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        plen = result.prompt_tokens
+        for step, outputs in enumerate(decode_steps):
+            np.testing.assert_allclose(outputs["logits"][b, -1], logits[plen + step], rtol=1e-3, atol=1e-3)
+            assert outputs["steer_gate"][b] == result.gate
+        # and the steering is visible: the gate-1 rows' logits differ from the unsteered model's
+        if result.gate == 1.0:
+            with torch.no_grad():
+                plain = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+            assert np.abs(plain[plen:] - logits[plen:]).max() > 1e-2
+
+
+def test_unsteered_comparison_changes_only_fired_rows(llama_export):
+    from aligner_runtime.evaluation import UnsteeredComparison
+
+    export_dir, _, _ = llama_export
+    aligner = Aligner.load(export_dir)
+    prompts = mixed_prompts(aligner)
+    comparison = UnsteeredComparison(aligner)
+    steered_results = comparison.steered(prompts, max_new_tokens=NEW_TOKENS)
+    unsteered_results = comparison.unsteered(prompts, max_new_tokens=NEW_TOKENS)
+    for s, u in zip(steered_results, unsteered_results):
+        assert u.gate == 0.0 and u.score == pytest.approx(s.score, abs=1e-5)
+        if s.gate == 0.0:
+            assert s.token_ids == u.token_ids
+    assert any(s.token_ids != u.token_ids for s, u in zip(steered_results, unsteered_results) if s.gate == 1.0)
+
+
+def _copy(export_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(export_dir, target)
+    return target
+
+
+def _edit_manifest(path: Path, **changes) -> None:
+    manifest = json.loads((path / "inferaligner.json").read_text())
+    manifest.update(changes)
+    (path / "inferaligner.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("change", [{"alpha": 1.5}, {"gate_layer": 1}, {"steer_layers": [1, 2]}, {"bias": 123.0}])
+def test_tampered_manifest_is_refused(llama_export, tmp_path, change):
+    path = _copy(llama_export[0], tmp_path)
+    _edit_manifest(path, **change)
+    with pytest.raises(AlignerError, match="disagree|sits on layers|SteerGate|SteerShift"):
+        Aligner.load(path)
+    with pytest.raises(AlignerError):  # a mismatch is never waived, not even for an unsteered run
+        Aligner.load(path, allow_unsteered=True)
+
+
+def test_tampered_graph_metadata_is_refused(llama_export, tmp_path):
+    import onnx
+
+    path = _copy(llama_export[0], tmp_path)
+    model = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    entry = next(p for p in model.metadata_props if p.key == "inferaligner.alpha")
+    entry.value = "0.5"
+    onnx.save(model, str(path / "model.onnx"))
+    with pytest.raises(AlignerError, match="disagree on alpha"):
+        Aligner.load(path)
+
+
+@pytest.fixture(scope="module")
+def unsteered_export(llama_export, tmp_path_factory):
+    """The same tiny model exported by optimum alone (no steering nodes), with the tokenizer files and a manifest
+    that records no steering."""
+    from optimum.exporters.onnx import main_export
+
+    export_dir, model_dir, _ = llama_export
+    out = tmp_path_factory.mktemp("unsteered") / "export"
+    main_export(str(model_dir), output=str(out), task="text-generation-with-past", no_post_process=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        shutil.copy(export_dir / name, out / name)
+    for extra in out.glob("*.onnx"):
+        if extra.name != "model.onnx":
+            extra.unlink()
+    steered_manifest = json.loads((export_dir / "inferaligner.json").read_text())
+    manifest = {k: steered_manifest[k] for k in ("format_version", "chat_template_sha256", "eos_token_ids")}
+    (out / "inferaligner.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_unsteered_graph_needs_the_explicit_switch(unsteered_export, llama_export, tmp_path):
+    with pytest.raises(AlignerError, match="refusing .*no steering configuration.*allow_unsteered"):
+        Aligner.load(unsteered_export)
+    aligner = Aligner.load(unsteered_export, allow_unsteered=True)
+    assert not aligner.steered
+    result = aligner.generate("Hello there", max_new_tokens=3)
+    assert result.gate is None and result.score is None and result.new_tokens >= 1
+    # The steered export's manifest beside the plain graph: its steering facts are not in the graph.
+    shutil.copytree(unsteered_export, tmp_path / "mixed")
+    manifest = json.loads((llama_export[0] / "inferaligner.json").read_text())
+    del manifest["io"]
+    (tmp_path / "mixed" / "inferaligner.json").write_text(json.dumps(manifest))
+    with pytest.raises(AlignerError, match="refusing .*lacks the steering interface"):
+        Aligner.load(tmp_path / "mixed")
+
+
+def test_missing_pieces_are_refused(llama_export, tmp_path):
+    with pytest.raises(AlignerError, match="not found"):
+        Aligner.load(tmp_path / "nope")
+    path = _copy(llama_export[0], tmp_path)
+    (path / "inferaligner.json").unlink()
+    with pytest.raises(AlignerError, match="no inferaligner.json"):
+        Aligner.load(path)
+    path = _copy(llama_export[0], tmp_path / "b")
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(AlignerError, match="tokenizer.json"):
+        Aligner.load(path)
+    path = _copy(llama_export[0], tmp_path / "c")
+    (path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    with pytest.raises(AlignerError, match="chat_template_sha256"):
+        Aligner.load(path)
+
+
+def test_bad_input_is_one_clear_error(llama_export):
+    aligner = Aligner.load(llama_export[0])
+    with pytest.raises(AlignerError, match="empty prompt"):
+        aligner.generate("   ")
+    with pytest.raises(AlignerError, match="out of range"):
+        aligner.generate_ids([[1, 2, aligner.backend.vocab_size]])
+    with pytest.raises(AlignerError, match="out of range"):
+        aligner.generate("hi", stop_token_ids=[10 ** 6])
+    with pytest.raises(AlignerError, match="invalid sampling parameter"):
+        aligner.generate("hi", do_sample=True, top_p=0)
+    with pytest.raises(AlignerError, match="unknown backend"):
+        Aligner.load(llama_export[0], backend="tflite")
+    if aligner.context_length is None:
+        pytest.skip("the export records no context length (manifest context_length / max_position_embeddings)")
+    with pytest.raises(AlignerError, match="context"):
+        aligner.generate("kill " * (aligner.context_length + 10))
+
+
+def test_tensorrt_backend_without_tensorrt(llama_export, tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here; this test covers its absence")
+    except ImportError:
+        pass
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"\0")
+    (tmp_path / "ENGINE.json").write_text(json.dumps({
+        "trt_version": "10.3.0", "compute_capability": "8.7", "export_dir": str(llama_export[0]),
+        "manifest_sha256": "0" * 64}))
+    with pytest.raises(AlignerError, match="needs TensorRT"):
+        Aligner.load(engine, backend="tensorrt")
+
+
+def test_stream_yields_the_text_and_sampling_is_seeded(llama_export):
+    aligner = Aligner.load(llama_export[0])
+    stream = aligner.stream("Write a poem about the sea.", max_new_tokens=12)
+    pieces = list(stream)
+    assert "".join(pieces) == stream.result.text
+    assert stream.result.token_ids == aligner.generate("Write a poem about the sea.", max_new_tokens=12).token_ids
+    a = aligner.generate("Write a poem about the sea.", max_new_tokens=12, do_sample=True, seed=7, top_k=20)
+    b = aligner.generate("Write a poem about the sea.", max_new_tokens=12, do_sample=True, seed=7, top_k=20)
+    assert a.token_ids == b.token_ids
+
+
+def test_concurrent_calls_from_threads_match_sequential(llama_export):
+    aligner = Aligner.load(llama_export[0], threads=1)
+    prompts = candidate_prompts()[:8]
+    expected = [aligner.generate(p, max_new_tokens=6).token_ids for p in prompts]
+    got: dict[int, list[int]] = {}
+    errors = []
+
+    def worker(i):
+        try:
+            for _ in range(2):
+                got[i] = aligner.generate(prompts[i], max_new_tokens=6).token_ids
+        except Exception as exc:  # surfaced below: a thread's exception would otherwise vanish
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert [got[i] for i in range(len(prompts))] == expected
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[1])
+    import os
+
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc to read the resident set size")
+def test_memory_stays_flat_over_many_generations(llama_export):
+    aligner = Aligner.load(llama_export[0])
+    prompts = candidate_prompts()
+    for i in range(10):  # warm-up: allocator arenas and ORT's buffers reach their working size
+        aligner.generate(prompts[i % len(prompts)], max_new_tokens=6)
+    before = _rss_mb()
+    for i in range(60):
+        aligner.generate(prompts[i % len(prompts)], max_new_tokens=6)
+    assert _rss_mb() - before < 40, f"RSS grew from {before:.0f} MB to {_rss_mb():.0f} MB over 60 generations"
+
+
+def test_runtime_imports_and_runs_without_torch(llama_export):
+    script = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split('.')[0] in ('torch', 'transformers', 'optimum'):
+                    raise ImportError(f'{{name}} is blocked in this test')
+        sys.meta_path.insert(0, Block())
+        from aligner_runtime import Aligner
+        aligner = Aligner.load({str(llama_export[0])!r})
+        result = aligner.generate('Write a poem about the sea.', max_new_tokens=4)
+        assert result.new_tokens >= 1 and result.gate in (0.0, 1.0)
+        assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules), 'torch was imported'
+        print('ok', result.gate)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ok")
