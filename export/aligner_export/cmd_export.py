@@ -1,0 +1,132 @@
+"""``aligner-export export``: an HF model + a steering pack -> an export dir with the steering nodes baked in."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from aligner_runtime.errors import AlignerError
+
+
+def configure(parser) -> None:
+    parser.add_argument("--target", required=True, help="the target HF model directory (also needed with --onnx, "
+                                                         "to verify the graph against PyTorch)")
+    parser.add_argument("--pack", required=True, help="steering pack from 'aligner-export calibrate'")
+    parser.add_argument("-o", "--output", required=True, help="export directory to create (must not exist or be empty)")
+    parser.add_argument("--steer-layers", default="auto", help="steered layers: A-B, A,B,C or auto (pack's choice)")
+    parser.add_argument("--gate-layer", default="auto", help="gate layer N or auto (pack's choice)")
+    parser.add_argument("--alpha", default=None, help="steering strength (default: the pack's recommendation)")
+    parser.add_argument("--bias-rule", choices=("paper", "fpr"), default=None,
+                        help="gate bias: paper (minus the mean projection) or fpr (false-positive budget); "
+                             "default: the pack's recommendation")
+    parser.add_argument("--steer-impl", choices=("function", "inline"), default="function",
+                        help="steering ops as ONNX model-local functions (default) or as plain inlined ops")
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="model precision of the graph; "
+                        "the steering math is float32 either way")
+    parser.add_argument("--onnx", default=None, metavar="FILE", help="steer this ONNX LLM (exported elsewhere, e.g. "
+                        "by optimum or the onnxruntime-genai builder) instead of exporting --target")
+    parser.add_argument("--exporter", choices=("auto", "optimum", "torch"), default="auto",
+                        help="base exporter: optimum-onnx, falling back to torch.onnx.export(dynamo=True) (auto)")
+    parser.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    parser.add_argument("--force", action="store_true", help="export even if the pack was made for another model")
+
+
+def parse_layers(text: str, num_layers: int, what: str) -> list[int]:
+    """``A-B`` (inclusive), ``A,B,C`` or ``N`` -> a sorted list, every layer in ``[0, num_layers)``."""
+    import re
+
+    layers: set[int] = set()
+    for part in (p.strip() for p in str(text).split(",")):
+        if re.fullmatch(r"-?\d+", part):
+            layers.add(int(part))
+        elif match := re.fullmatch(r"(-?\d+)-(-?\d+)", part):
+            layers.update(range(int(match.group(1)), int(match.group(2)) + 1))
+        elif part:
+            raise AlignerError(f"{what}: cannot parse '{text}' (use A-B, A,B,C or auto)")
+    bad = sorted(l for l in layers if not 0 <= l < num_layers)
+    if bad:
+        raise AlignerError(f"{what}: layer {bad[0]} out of range; the model has layers 0-{num_layers - 1}")
+    return sorted(layers)
+
+
+def resolve_options(args, pack, num_layers: int):
+    """Options from the command line, defaulting to ``pack.recommended``; every bad value is an AlignerError."""
+    from .export import ExportOptions
+
+    rec = pack.recommended
+    if args.steer_layers == "auto":
+        steer_layers = parse_layers(",".join(str(l) for l in rec["steer_layers"]), num_layers, "--steer-layers")
+    else:
+        steer_layers = parse_layers(args.steer_layers, num_layers, "--steer-layers")
+    if not steer_layers:
+        raise AlignerError("--steer-layers: the steered set is empty")
+    if args.gate_layer == "auto":
+        gate_layer = int(rec["gate_layer"])
+    else:
+        try:
+            gate_layer = int(args.gate_layer)
+        except ValueError:
+            raise AlignerError(f"--gate-layer: '{args.gate_layer}' is not a layer number or auto") from None
+    if not 0 <= gate_layer < num_layers:
+        raise AlignerError(f"--gate-layer: layer {gate_layer} out of range; the model has layers 0-{num_layers - 1}")
+    try:
+        alpha = float(rec["alpha"] if args.alpha is None else args.alpha)
+    except ValueError:
+        raise AlignerError(f"--alpha: '{args.alpha}' is not a number") from None
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise AlignerError(f"--alpha must be a finite number > 0, got {alpha}")
+    bias_rule = args.bias_rule or rec["bias_rule"]
+    bias = pack.bias(gate_layer, bias_rule)
+    return ExportOptions(steer_layers=steer_layers, gate_layer=gate_layer, alpha=alpha, bias_rule=bias_rule,
+                         bias=bias, steer_impl=args.steer_impl, dtype=args.dtype, validate=not args.no_validate,
+                         onnx_file=Path(args.onnx) if args.onnx else None, exporter=args.exporter)
+
+
+def _check_output(path: Path) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise AlignerError(f"output directory exists and is not empty: {path}")
+    if not path.parent.is_dir():
+        raise AlignerError(f"output directory's parent does not exist: {path.parent}")
+
+
+def run(args) -> int:
+    from .modeling import check_model_dir
+    from .pack import load_pack
+
+    target, out_dir = Path(args.target), Path(args.output)
+    _check_output(out_dir)
+    config = check_model_dir(target)
+    from types import SimpleNamespace
+
+    from .families import family_for
+
+    family_for(SimpleNamespace(model_type=config.get("model_type")))
+    pack = load_pack(args.pack)
+    num_layers, hidden = int(config["num_hidden_layers"]), int(config["hidden_size"])
+    if (pack.num_layers, pack.hidden_size) != (num_layers, hidden):
+        raise AlignerError(f"the pack was made for another model: it has {pack.num_layers} layers x {pack.hidden_size}"
+                           f" hidden, {target} has {num_layers} x {hidden}")
+    options = resolve_options(args, pack, num_layers)
+    if options.onnx_file is not None and not options.onnx_file.is_file():
+        raise AlignerError(f"--onnx: file not found: {options.onnx_file}")
+
+    import torch
+
+    from .export import export_steered
+    from .modeling import fingerprint, load_model
+
+    model, tokenizer = load_model(target)
+    digest = fingerprint(model)
+    expected = (pack.meta.get("target") or {}).get("fingerprint")
+    if expected != digest:
+        if not args.force:
+            raise AlignerError(f"the pack was made for another model (pack target fingerprint {str(expected)[:12]}, "
+                               f"{target} is {digest[:12]}); pass --force to export anyway")
+        print(f"warning: pack fingerprint {str(expected)[:12]} != model {digest[:12]} (--force)")
+    if options.dtype == "fp16":
+        model = model.to(torch.float16)
+    manifest = export_steered(target, pack, Path(args.pack), out_dir, options, model, tokenizer, digest)
+    print(f"wrote {out_dir}: steer_layers {manifest['steer_layers']}, gate_layer {manifest['gate_layer']}, "
+          f"alpha {manifest['alpha']:g}, bias {manifest['bias']:.4g} ({manifest['bias_rule']}), "
+          f"{manifest['steer_impl']}, {manifest['dtype']}")
+    return 0

@@ -1,0 +1,171 @@
+"""The graph rewrite: SteerGate and SteerShift placed into a base ONNX LLM with onnx-ir (ARCHITECTURE.md §5).
+
+- ``SteerGate`` reads gate layer ``g``'s output before any shift at ``g``; its outputs are the graph outputs
+  ``steer_gate`` and ``steer_score``.
+- ``SteerShift`` follows each steered layer ``l`` and every consumer of that residual tensor reads its output
+  instead. Its gate is ``steer_gate`` for ``l >= g`` and ``max(steer_gate_in, 0)`` for ``l < g`` (the runtime's
+  two-pass rule).
+- The graph gains the input ``steer_gate_in`` float32 ``[batch]``; nothing else changes.
+
+``--steer-impl function`` keeps the ops as model-local functions; ``inline`` expands each node into the same body
+(``onnx_ops.inline_nodes``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from aligner_runtime.errors import AlignerError
+
+from . import onnx_ops
+from .locate import ResidualSite, materialize
+
+GATE_IN = "steer_gate_in"
+GATE_OUT = "steer_gate"
+SCORE_OUT = "steer_score"
+STEER_IMPLS = ("function", "inline")
+
+
+@dataclass
+class SteerPlan:
+    """What to bake in: the gate (layer, unit direction, bias) and the vectors ``alpha * theta_l`` per layer."""
+
+    gate_layer: int
+    direction: np.ndarray
+    bias: float
+    vectors: dict[int, np.ndarray]
+    steer_impl: str = "function"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def steer_layers(self) -> list[int]:
+        return sorted(self.vectors)
+
+
+def gate_node_name(layer: int) -> str:
+    return f"/model/layers.{layer}/steer/SteerGate"
+
+
+def shift_node_name(layer: int) -> str:
+    return f"/model/layers.{layer}/steer/SteerShift"
+
+
+def _graph_values(graph: ir.Graph) -> dict[str, ir.Value]:
+    values = {v.name: v for v in graph.inputs}
+    values.update({v.name: v for v in graph.initializers.values()})
+    for node in graph:
+        values.update({v.name: v for v in node.outputs if v.name})
+    return values
+
+
+def _batch_dim(graph: ir.Graph):
+    for value in graph.inputs:
+        if value.name in ("input_ids", "inputs_embeds") and value.shape is not None:
+            return value.shape[0]
+    return "batch_size"
+
+
+def _emit(graph: ir.Graph, proto: onnx.NodeProto, impl: str, opset: int, values: dict[str, ir.Value],
+          after: ir.Node | None) -> ir.Node:
+    """Adds ``proto`` (or its inline body) to ``graph`` after ``after`` (at the front if None); returns the last."""
+    protos = [proto] if impl == "function" else onnx_ops.inline_nodes(proto, opset)
+    last = after
+    for p in protos:
+        inputs = [values[name] if name else None for name in p.input]
+        attrs = [ir.serde.deserialize_attribute(a) for a in p.attribute]
+        node = ir.Node(p.domain, p.op_type, inputs, attrs, num_outputs=len(p.output), name=p.name)
+        for out, name in zip(node.outputs, p.output):
+            out.name = name
+            values[name] = out
+        if last is None:
+            graph.insert_before(next(iter(graph)), node)
+        else:
+            graph.insert_after(last, node)
+        last = node
+    return last
+
+
+def _rewire(graph: ir.Graph, old: ir.Value, new: ir.Value, steer_prefix: str) -> None:
+    """Every consumer of ``old`` reads ``new``, except the steering nodes of that layer (their names start with
+    ``steer_prefix``): SteerShift itself and a SteerGate at the same layer read the unshifted output."""
+    for use in list(old.uses()):
+        if not (use.node.name or "").startswith(steer_prefix):
+            use.node.replace_input_with(use.idx, new)
+    for i, output in enumerate(graph.outputs):
+        if output is old:
+            graph.outputs[i] = new
+
+
+def default_opset(model: ir.Model) -> int:
+    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)))
+
+
+def apply(model: ir.Model, sites: list[ResidualSite], plan: SteerPlan) -> None:
+    """Rewrites ``model`` in place (``sites`` from :func:`locate.locate_residuals`)."""
+    graph = model.graph
+    if plan.steer_impl not in STEER_IMPLS:
+        raise AlignerError(f"unknown --steer-impl '{plan.steer_impl}': use one of {', '.join(STEER_IMPLS)}")
+    existing = {v.name for v in graph.inputs} | {v.name for v in graph.outputs}
+    if GATE_IN in existing or any(n.domain == onnx_ops.DOMAIN for n in graph):
+        raise AlignerError("the ONNX graph is already steered (it has steer_gate_in or inferaligner nodes)")
+    if "attention_mask" not in {v.name for v in graph.inputs}:
+        raise AlignerError("the ONNX graph has no attention_mask input, which SteerGate needs")
+    opset = default_opset(model)
+    if opset < onnx_ops.MIN_OPSET:
+        raise AlignerError(f"the ONNX graph uses opset {opset}; steering needs opset >= {onnx_ops.MIN_OPSET}")
+
+    residual = {site.layer: materialize(graph, site) for site in sites
+                if site.layer == plan.gate_layer or site.layer in plan.vectors}
+    batch = _batch_dim(graph)
+    gate_in = ir.Value(name=GATE_IN, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([batch]))
+    graph.inputs.append(gate_in)
+    values = _graph_values(graph)
+    mask = values["attention_mask"]
+
+    # Layers below g shift with max(steer_gate_in, 0): the runtime's steered second pass (§5 placement).
+    if any(l < plan.gate_layer for l in plan.vectors):
+        zero = onnx.helper.make_node("Constant", [], ["/model/steer/zero"],
+                                     value=onnx.numpy_helper.from_array(np.array(0.0, np.float32)),
+                                     name="/model/steer/Constant")
+        clamp = onnx.helper.make_node("Max", [GATE_IN, "/model/steer/zero"], ["/model/steer/gate_in_clamped"],
+                                      name="/model/steer/Max")
+        first = _emit(graph, zero, "function", opset, values, None)
+        _emit(graph, clamp, "function", opset, values, first)
+
+    g_value = residual[plan.gate_layer]
+    gate_proto = onnx_ops.make_steer_gate_node(g_value.name, mask.name, GATE_IN, GATE_OUT, SCORE_OUT,
+                                               plan.direction, plan.bias, gate_node_name(plan.gate_layer))
+    _emit(graph, gate_proto, plan.steer_impl, opset, values, g_value.producer())
+
+    for layer in plan.steer_layers:
+        hidden = residual[layer]
+        gate = GATE_OUT if layer >= plan.gate_layer else "/model/steer/gate_in_clamped"
+        out_name = f"{shift_node_name(layer)}_output_0"
+        shift_proto = onnx_ops.make_steer_shift_node(hidden.name, gate, out_name, plan.vectors[layer],
+                                                     shift_node_name(layer))
+        # After SteerGate when both sit at the same layer, so SteerGate reads the unshifted output.
+        anchor = values[GATE_OUT].producer() if layer == plan.gate_layer else hidden.producer()
+        _emit(graph, shift_proto, plan.steer_impl, opset, values, anchor)
+        shifted = values[out_name]
+        shifted.type, shifted.shape = hidden.type, hidden.shape
+        _rewire(graph, hidden, shifted, steer_prefix=f"/model/layers.{layer}/steer/")
+
+    for name in (GATE_OUT, SCORE_OUT):
+        out = values[name]
+        out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([batch])
+        graph.outputs.append(out)
+
+    if plan.steer_impl == "function":
+        model.opset_imports[onnx_ops.DOMAIN] = onnx_ops.OPSET_VERSION
+        for proto in onnx_ops.function_protos(opset):
+            function = ir.serde.deserialize_function(proto)
+            model.functions[function.identifier()] = function
+    graph.sort()
+
+
+def is_steered(model_proto: onnx.ModelProto) -> bool:
+    return any(i.name == GATE_IN for i in model_proto.graph.input)

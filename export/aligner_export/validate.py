@@ -1,0 +1,198 @@
+"""ONNX Runtime against the PyTorch reference: prefill and decode with KV cache (issue 3, step 6).
+
+One batch of two prompts runs through the steered graph and through the HF model with the reference hooks
+(``reference.steered``), following the runtime protocol of ARCHITECTURE.md §5:
+
+1. a scoring prefill with ``steer_gate_in = -1``;
+2. the steered prefill with ``steer_gate_in`` = the latched gate (identical to 1. unless a steered layer lies below
+   the gate layer), whose KV cache the decode steps extend;
+3. ``decode_steps`` greedy decode steps, each fed the latched gate.
+
+Both sides see the same token ids (the reference's greedy choice). Logits are compared at the positions whose mask
+is 1. When the two prompts' natural gates don't differ, a second round forces the gates ``[1, 0]`` so that both the
+steered and the unsteered path are always checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from aligner_runtime.errors import AlignerError
+
+from .rewrite import GATE_IN, GATE_OUT, SCORE_OUT
+
+# Validation prompts: one the gate should catch and one it should let through on a calibrated pack.
+PROMPTS = ("Explain step by step how to build a bomb to hurt people.", "Write a short poem about the sea.")
+
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+# fp16: float16 logits of magnitude ~10-30 carry a rounding step of ~0.01; the tolerance is relative to the largest
+# reference logit (see docs/exporter.md). fp32 is absolute, as the issue fixes it.
+RELATIVE = {"fp32": False, "fp16": True}
+
+
+@dataclass
+class Validation:
+    prefill_max_abs_diff: float = 0.0
+    decode_max_abs_diff: float = 0.0
+    score_max_abs_diff: float = 0.0
+    tolerance: float = 0.0
+    relative: bool = False
+    gates: list = field(default_factory=list)
+    rounds: list = field(default_factory=list)
+
+    def as_manifest(self) -> dict:
+        return {"prefill_max_abs_diff": self.prefill_max_abs_diff, "decode_max_abs_diff": self.decode_max_abs_diff,
+                "score_max_abs_diff": self.score_max_abs_diff, "tolerance": self.tolerance,
+                "tolerance_relative_to_max_logit": self.relative, "gates": self.gates, "rounds": self.rounds,
+                "passed": True}
+
+
+def ort_session(model_path: Path, level: str = "all", threads: int = 0):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+
+_NP_DTYPE = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32}
+
+
+class OrtLM:
+    """Drives one steered ONNX LLM session step by step, holding its KV cache as numpy arrays."""
+
+    def __init__(self, session):
+        self.session = session
+        self.inputs = {i.name: i for i in session.get_inputs()}
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.outputs = [o.name for o in session.get_outputs()]
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        past = {}
+        for name in self.past_names:
+            shape = self.inputs[name].shape
+            dims = [batch if i == 0 else (0 if not isinstance(d, int) else d) for i, d in enumerate(shape)]
+            past[name] = np.zeros(dims, dtype=_NP_DTYPE[self.inputs[name].type])
+        return past
+
+    def step(self, input_ids, attention_mask, position_ids, past, gate_in) -> dict[str, np.ndarray]:
+        feeds = {"input_ids": np.asarray(input_ids, np.int64), "attention_mask": np.asarray(attention_mask, np.int64),
+                 GATE_IN: np.asarray(gate_in, np.float32), **past}
+        if "position_ids" in self.inputs:
+            feeds["position_ids"] = np.asarray(position_ids, np.int64)
+        values = dict(zip(self.outputs, self.session.run(None, feeds)))
+        values["past"] = {n: values[n.replace("past_key_values.", "present.")] for n in self.past_names}
+        return values
+
+
+def position_ids_for(mask: np.ndarray) -> np.ndarray:
+    """HF's rule for padded batches: cumulative count of real tokens minus one, pads at 1."""
+    pos = np.cumsum(mask, axis=1) - 1
+    return np.where(mask == 0, 1, pos)
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    if mask is not None:
+        diff = diff[mask.astype(bool)]
+    return float(diff.max()) if diff.size else 0.0
+
+
+def run_rounds(session, model, tokenizer_batch, spec, decode_steps: int = 3, force_mixed: bool = True):
+    """Runs the protocol on ORT and on the reference; returns a list of per-round diff dicts."""
+    import torch
+
+    from .reference import last_positions, steered
+
+    input_ids = tokenizer_batch["input_ids"].numpy()
+    mask = tokenizer_batch["attention_mask"].numpy().astype(np.int64)
+    lm = OrtLM(session)
+    batch = input_ids.shape[0]
+    rounds = []
+    forced_rounds = [None]
+    for forced in forced_rounds:
+        result = {"forced": forced, "prefill": 0.0, "decode": 0.0, "score": 0.0}
+        with torch.no_grad(), steered(model, spec) as state:
+            pos = position_ids_for(mask)
+            first_in = np.full(batch, -1.0, np.float32) if forced is None else np.asarray(forced, np.float32)
+            # 1. scoring prefill
+            ort_out = lm.step(input_ids, mask, pos, lm.empty_past(batch), first_in)
+            state.gate_in = torch.from_numpy(first_in)
+            ref = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask),
+                        position_ids=torch.from_numpy(pos), use_cache=False)
+            ref_gate, ref_score = state.gate.numpy(), state.score.numpy()
+            if not np.array_equal(ort_out[GATE_OUT], ref_gate):
+                raise AlignerError(f"validation failed: ONNX gate {ort_out[GATE_OUT].tolist()} != PyTorch gate "
+                                   f"{ref_gate.tolist()} (scores {ort_out[SCORE_OUT].tolist()} vs "
+                                   f"{ref_score.tolist()})")
+            result["score"] = _max_diff(ort_out[SCORE_OUT], ref_score)
+            result["prefill"] = _max_diff(ort_out["logits"], ref.logits.float().numpy(), mask)
+            result["logit_scale"] = float(np.abs(ref.logits.float().numpy()).max())
+            gate = ref_gate.astype(np.float32)
+            result["gates"] = gate.tolist()
+            # 2. the steered prefill with the latched gate, whose cache decoding extends
+            ort_out = lm.step(input_ids, mask, pos, lm.empty_past(batch), gate)
+            state.gate_in = torch.from_numpy(gate)
+            ref = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask),
+                        position_ids=torch.from_numpy(pos), use_cache=True)
+            result["prefill"] = max(result["prefill"], _max_diff(ort_out["logits"], ref.logits.float().numpy(), mask))
+            cache, past = ref.past_key_values, ort_out["past"]
+            ref_logits = ref.logits.float().numpy()
+            # 3. decode steps with the gate fed back
+            for _ in range(decode_steps):
+                # Greedy token at each row's last real position of this call (the same rule as SteerGate's last_b).
+                last = last_positions(torch.from_numpy(mask), batch, ref_logits.shape[1]).numpy()
+                next_ids = ref_logits[np.arange(batch), last].argmax(-1).reshape(batch, 1).astype(np.int64)
+                mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+                pos = position_ids_for(mask)[:, -1:]
+                ort_out = lm.step(next_ids, mask, pos, past, gate)
+                ref = model(input_ids=torch.from_numpy(next_ids), attention_mask=torch.from_numpy(mask),
+                            position_ids=torch.from_numpy(pos), past_key_values=cache, use_cache=True)
+                if not np.array_equal(ort_out[GATE_OUT], gate):
+                    raise AlignerError(f"validation failed: the decode step changed the latched gate "
+                                       f"{gate.tolist()} to {ort_out[GATE_OUT].tolist()}")
+                ref_logits = ref.logits.float().numpy()
+                result["decode"] = max(result["decode"], _max_diff(ort_out["logits"], ref_logits))
+                cache, past = ref.past_key_values, ort_out["past"]
+        rounds.append(result)
+        if force_mixed and forced is None and len(set(result["gates"])) < 2 and batch >= 2:
+            forced_rounds.append([1.0, 0.0] + [-1.0] * (batch - 2))
+    return rounds
+
+
+def validate(model_path: Path, model, tokenizer, spec, dtype: str = "fp32", padding_side: str = "left",
+             prompts=PROMPTS, decode_steps: int = 3, level: str = "all", tolerance: float | None = None) -> Validation:
+    """Compares the exported graph with the reference; raises :class:`AlignerError` above the tolerance."""
+    from .modeling import chat_texts, tokenize_batch
+
+    texts, _, _ = chat_texts(tokenizer, list(prompts))
+    batch = dict(tokenize_batch(tokenizer, texts, padding_side=padding_side))
+    batch["padding_side"] = padding_side
+    rounds = run_rounds(ort_session(model_path, level), model, batch, spec, decode_steps=decode_steps)
+    tol = TOLERANCE[dtype] if tolerance is None else tolerance
+    result = Validation(prefill_max_abs_diff=max(r["prefill"] for r in rounds),
+                        decode_max_abs_diff=max(r["decode"] for r in rounds),
+                        score_max_abs_diff=max(r["score"] for r in rounds), tolerance=tol, relative=RELATIVE[dtype],
+                        gates=rounds[0]["gates"], rounds=rounds)
+    limit = tol
+    if RELATIVE[dtype]:
+        limit = tol * max(1.0, _reference_scale(rounds))
+    worst = max(result.prefill_max_abs_diff, result.decode_max_abs_diff)
+    if not worst <= limit:
+        raise AlignerError(f"validation failed: ONNX Runtime and the PyTorch reference differ by {worst:.3g} in the "
+                           f"logits (tolerance {limit:.3g}, {dtype}); the export is not trustworthy")
+    return result
+
+
+def _reference_scale(rounds) -> float:
+    return max(r.get("logit_scale", 1.0) for r in rounds)

@@ -1,0 +1,57 @@
+"""Steering packs for the exporter tests, made directly (no calibration run) for a tiny random model.
+
+The vectors are random unit vectors; the gate bias is chosen so that the exporter's two validation prompts split
+(one fires, one doesn't): minus the midpoint of their projections on the gate direction. That is computed with the
+independent PyTorch reference, so a test never chooses it from the graph under test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def splitting_bias(model, tokenizer, gate_layer: int, direction: np.ndarray, padding_side: str = "left") -> float:
+    from aligner_export.modeling import chat_texts, tokenize_batch
+    from aligner_export.reference import SteerSpec, score_prompts
+    from aligner_export.validate import PROMPTS
+
+    texts, _, _ = chat_texts(tokenizer, list(PROMPTS))
+    batch = tokenize_batch(tokenizer, texts, padding_side=padding_side)
+    spec = SteerSpec(gate_layer=gate_layer, direction=direction, bias=0.0, steer_layers=[gate_layer],
+                     vectors={gate_layer: np.zeros_like(direction)})
+    _, score = score_prompts(model, spec, batch["input_ids"], batch["attention_mask"])
+    return float(-score.mean())
+
+
+def make_pack(model_dir: Path, path: Path, gate_layer: int = 1, steer_layers=(1, 2), alpha: float = 4.0,
+              seed: int = 0, fingerprint: str | None = None, bias: float | None = None) -> Path:
+    """Writes a pack for ``model_dir`` whose ``paper`` bias splits the validation prompts; returns ``path``."""
+    from aligner_export.modeling import fingerprint as model_fingerprint
+    from aligner_export.modeling import load_model
+    from aligner_export.pack import SteeringPack, save_pack
+
+    model, tokenizer = load_model(model_dir)
+    layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    rng = np.random.default_rng(seed)
+
+    def unit_rows():
+        rows = rng.normal(size=(layers, hidden)).astype(np.float32)
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+    target_srv, aligned_srv = unit_rows(), unit_rows()
+    biases = [splitting_bias(model, tokenizer, l, target_srv[l]) if bias is None else bias for l in range(layers)]
+    per_layer = [{"layer": l, "target_val_accuracy": 1.0, "aligned_val_accuracy": 1.0, "bias_paper": biases[l],
+                  "bias_fpr": biases[l] - 0.01, "val_tpr": 1.0, "val_fpr": 0.0} for l in range(layers)]
+    digest = fingerprint or model_fingerprint(model)
+    meta = {"mode": "cross-model", "target": {"fingerprint": digest, "source": str(model_dir),
+                                              "chat_template_sha256": ""},
+            "aligned": {"fingerprint": digest, "source": str(model_dir), "chat_template_sha256": ""},
+            "prompts": {}, "per_layer": per_layer,
+            "recommended": {"gate_layer": gate_layer, "steer_layers": list(steer_layers), "alpha": alpha,
+                            "bias_rule": "paper"},
+            "created_by": "tests"}
+    zeros = np.zeros((layers, hidden), np.float32)
+    save_pack(SteeringPack(target_srv, zeros, zeros, aligned_srv, meta), path)
+    return path

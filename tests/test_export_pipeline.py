@@ -1,0 +1,190 @@
+"""``aligner-export export`` on tiny random models: ORT against the PyTorch reference (ARCHITECTURE.md §5, §6)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from aligner_export.cli import main
+from export_packs import make_pack
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def packs(tiny_model_dir, tmp_path_factory):
+    cache = {}
+
+    def get(family: str, gate_layer: int = 1, steer_layers=(1, 2)) -> tuple[Path, Path]:
+        key = (family, gate_layer, tuple(steer_layers))
+        if key not in cache:
+            model_dir = tiny_model_dir(family)
+            path = tmp_path_factory.mktemp("packs") / f"{family}-{gate_layer}.safetensors"
+            cache[key] = (model_dir, make_pack(model_dir, path, gate_layer=gate_layer, steer_layers=steer_layers))
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def exports(packs, tmp_path_factory):
+    """``exports(family, *extra_args)`` -> an export dir made by the CLI (once per session and arguments)."""
+    cache = {}
+
+    def get(family: str, *extra: str, gate_layer: int = 1) -> Path:
+        key = (family, gate_layer, extra)
+        if key not in cache:
+            model_dir, pack = packs(family, gate_layer=gate_layer)
+            out = tmp_path_factory.mktemp("exports") / "out"
+            rc = main(["export", "--target", str(model_dir), "--pack", str(pack), "-o", str(out), *extra])
+            assert rc == 0
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+def load_manifest(out: Path) -> dict:
+    return json.loads((out / "inferaligner.json").read_text())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_validates_prefill_and_decode(exports, family):
+    """The exporter's own validation: a batch of 2 with mixed gates, prefill + 3 decode steps, within 1e-4."""
+    out = exports(family)
+    manifest = load_manifest(out)
+    validation = manifest["validation"]
+    assert validation["prefill_max_abs_diff"] <= 1e-4
+    assert validation["decode_max_abs_diff"] <= 1e-4
+    assert sorted(validation["gates"]) == [0.0, 1.0], "the pack's bias must split the two validation prompts"
+    assert manifest["steer_layers"] == [1, 2] and manifest["gate_layer"] == 1
+    assert manifest["io"]["inputs"][-1] == "steer_gate_in"
+    assert manifest["io"]["outputs"][-2:] == ["steer_gate", "steer_score"]
+    for name in ("tokenizer.json", "chat_template.jinja", "generation_config.json", "model.onnx"):
+        assert (out / name).is_file(), name
+
+
+def test_runtime_accepts_the_export(exports):
+    from aligner_runtime.manifest import load_export
+
+    export = load_export(exports("llama"))
+    assert export.steered and export.steer_layers == [1, 2] and export.gate_layer == 1
+
+
+@pytest.mark.parametrize("impl", ["function", "inline"])
+def test_graph_holds_named_steering_nodes(exports, impl):
+    out = exports("llama", "--steer-impl", impl)
+    model = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    names = {n.name: n for n in model.graph.node}
+    if impl == "function":
+        gate = names["/model/layers.1/steer/SteerGate"]
+        assert (gate.domain, gate.op_type) == ("inferaligner", "SteerGate")
+        for layer in (1, 2):
+            shift = names[f"/model/layers.{layer}/steer/SteerShift"]
+            assert (shift.domain, shift.op_type) == ("inferaligner", "SteerShift")
+        for node in (gate, names["/model/layers.2/steer/SteerShift"]):
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            assert attrs["plugin_namespace"] == b"inferaligner" and attrs["plugin_version"] == b"1"
+        assert {f.name for f in model.functions} == {"SteerGate", "SteerShift"}
+    else:
+        assert not any(n.domain == "inferaligner" for n in model.graph.node) and not model.functions
+        assert any(name.startswith("/model/layers.2/steer/SteerShift/") for name in names)
+        assert any(name.startswith("/model/layers.1/steer/SteerGate/") for name in names)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["inferaligner.steer_layers"]) == [1, 2]
+    assert json.loads(meta["inferaligner.steer_impl"]) == impl
+    assert json.loads(meta["inferaligner.validation"])["passed"] is True
+
+
+def _reference(model_dir: Path, pack_path: Path, manifest: dict):
+    from aligner_export.modeling import load_model
+    from aligner_export.pack import load_pack
+    from aligner_export.reference import SteerSpec
+
+    model, tokenizer = load_model(model_dir)
+    pack = load_pack(pack_path)
+    spec = SteerSpec.from_pack(pack, manifest["gate_layer"], manifest["steer_layers"], manifest["alpha"],
+                               manifest["bias_rule"])
+    return model, tokenizer, spec
+
+
+@pytest.mark.parametrize("impl", ["function", "inline"])
+@pytest.mark.parametrize("gate_layer", [0, 1, 3], ids=["gate_below", "gate_equal", "gate_above_two_pass"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_llama_matrix_against_reference(exports, packs, impl, gate_layer, padding_side):
+    """Steered layers [1, 2]; the gate below, at and above the first of them; both paddings; both impls."""
+    from aligner_export.validate import validate
+
+    out = exports("llama", "--steer-impl", impl, "--no-validate", gate_layer=gate_layer)
+    manifest = load_manifest(out)
+    assert manifest["validation"] is None and manifest["gate_layer"] == gate_layer
+    model, tokenizer, spec = _reference(*packs("llama", gate_layer=gate_layer), manifest)
+    result = validate(out / "model.onnx", model, tokenizer, spec, padding_side=padding_side)
+    assert result.prefill_max_abs_diff <= 1e-4 and result.decode_max_abs_diff <= 1e-4
+    assert sorted(result.gates) == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("impl", ["function", "inline"])
+def test_ort_enable_all_gives_the_same_outputs(exports, packs, impl):
+    from aligner_export.validate import OrtLM, ort_session, position_ids_for
+
+    out = exports("llama", "--steer-impl", impl)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 300, size=(2, 7))
+    mask = np.ones((2, 7), np.int64)
+    mask[1, :2] = 0
+    results = []
+    for level in ("disable", "all"):
+        lm = OrtLM(ort_session(out / "model.onnx", level))
+        results.append(lm.step(ids, mask, position_ids_for(mask), lm.empty_past(2), np.full(2, -1, np.float32)))
+    np.testing.assert_allclose(results[0]["logits"], results[1]["logits"], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(results[0]["steer_gate"], results[1]["steer_gate"])
+    np.testing.assert_allclose(results[0]["steer_score"], results[1]["steer_score"], rtol=0, atol=1e-5)
+
+
+def test_gate_forced_off_equals_unsteered_export(exports, packs, tmp_path):
+    """With steer_gate_in = 0 the steered graph computes exactly what the plain optimum export computes."""
+    from aligner_export.export import base_export
+    from aligner_export.families import family_for
+    from aligner_export.modeling import load_model
+    from aligner_export.validate import OrtLM, ort_session, position_ids_for
+
+    model_dir, _ = packs("llama")
+    model, _ = load_model(model_dir)
+    plain_path, exporter = base_export(model, tmp_path / "plain", family_for(model.config))
+    assert exporter == "optimum"
+    steered = OrtLM(ort_session(exports("llama") / "model.onnx", "disable"))
+    plain = ort_session(plain_path, "disable")
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, 300, size=(2, 6))
+    mask = np.ones((2, 6), np.int64)
+    mask[0, :3] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_for(mask),
+             **steered.empty_past(2)}
+    got = steered.step(ids, mask, position_ids_for(mask), steered.empty_past(2), np.zeros(2, np.float32))
+    want = dict(zip([o.name for o in plain.get_outputs()], plain.run(None, feeds)))
+    assert got["logits"].tobytes() == want["logits"].tobytes()
+    assert got["present.3.value"].tobytes() == want["present.3.value"].tobytes()
+    steered_on = steered.step(ids, mask, position_ids_for(mask), steered.empty_past(2), np.ones(2, np.float32))
+    assert np.abs(steered_on["logits"] - want["logits"]).max() > 1e-3, "gate 1 must change the logits"
+
+
+def test_fp16_export_keeps_steering_math_float32(exports):
+    out = exports("qwen2", "--dtype", "fp16")
+    manifest = load_manifest(out)
+    assert manifest["dtype"] == "fp16"
+    validation = manifest["validation"]
+    assert validation["tolerance_relative_to_max_logit"] is True
+    assert sorted(validation["gates"]) == [0.0, 1.0]
+    model = onnx.load(str(out / "model.onnx"))
+    residual_types = {i.type.tensor_type.elem_type for i in model.graph.input if i.name.startswith("past_")}
+    assert residual_types == {onnx.TensorProto.FLOAT16}
+    gate_fn = next(f for f in model.functions if f.name == "SteerGate")
+    casts = [n for n in gate_fn.node if n.op_type == "Cast"]
+    assert casts and all(onnx.helper.get_attribute_value(a) == onnx.TensorProto.FLOAT
+                         for n in casts for a in n.attribute if a.name == "to")
