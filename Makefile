@@ -7,6 +7,7 @@ BUILD  ?= build
 JOBS   ?= 2
 # Point these at TensorRT headers/libraries outside the repository to build the plugins and the C API.
 TensorRT_ROOT ?=
+TensorRT_INCLUDE_DIR ?=
 CMAKE_ARGS ?=
 
 .PHONY: venv native test test-python test-native demo models sibling bench clean
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 native:
-	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(if $(TensorRT_ROOT),-DTensorRT_ROOT=$(TensorRT_ROOT)) $(CMAKE_ARGS)
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(if $(TensorRT_ROOT),-DTensorRT_ROOT=$(TensorRT_ROOT)) $(if $(TensorRT_INCLUDE_DIR),-DTensorRT_INCLUDE_DIR=$(TensorRT_INCLUDE_DIR)) $(CMAKE_ARGS)
 	cmake --build $(BUILD) -j $(JOBS)
 
 test-native: native

@@ -194,7 +194,7 @@ ALIGNER_HD int64_t lastValidPosition(int64_t const* maskRow, int64_t T, int64_t 
     int64_t last = -1;
     for (int64_t t = T - 1; t >= 0; --t)
     {
-        if (maskRow[t] != 0)
+        if (maskRow[t] == 1)
         {
             last = t;
             break;

@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(kBlock) steerGateKernel(typename StorageTraits
     long long lastValid = -1;
     for (int64_t t = threadIdx.x; t < T; t += blockDim.x)
     {
-        if (mask[b * T + t] != 0)
+        if (mask[b * T + t] == 1)
         {
             lastValid = t;
         }
