@@ -188,3 +188,15 @@ def test_fp16_export_keeps_steering_math_float32(exports):
     casts = [n for n in gate_fn.node if n.op_type == "Cast"]
     assert casts and all(onnx.helper.get_attribute_value(a) == onnx.TensorProto.FLOAT
                          for n in casts for a in n.attribute if a.name == "to")
+
+
+def test_validation_forces_mixed_gates_when_both_prompts_fire(tiny_model_dir, tmp_path):
+    """A bias under which every prompt fires: validation adds a forced [1, 0] round so both paths are checked."""
+    model_dir = tiny_model_dir("llama")
+    pack = make_pack(model_dir, tmp_path / "fires.safetensors", bias=100.0)
+    out = tmp_path / "out"
+    assert main(["export", "--target", str(model_dir), "--pack", str(pack), "-o", str(out)]) == 0
+    validation = load_manifest(out)["validation"]
+    assert validation["gates"] == [1.0, 1.0]
+    assert [r["forced"] for r in validation["rounds"]] == [None, [1.0, 0.0]]
+    assert validation["decode_max_abs_diff"] <= 1e-4

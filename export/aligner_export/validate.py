@@ -115,13 +115,14 @@ def run_rounds(session, model, tokenizer_batch, spec, decode_steps: int = 3, for
     from .reference import last_positions, steered
 
     input_ids = tokenizer_batch["input_ids"].numpy()
-    mask = tokenizer_batch["attention_mask"].numpy().astype(np.int64)
+    prompt_mask = tokenizer_batch["attention_mask"].numpy().astype(np.int64)
     lm = OrtLM(session)
     batch = input_ids.shape[0]
     rounds = []
     forced_rounds = [None]
     for forced in forced_rounds:
         result = {"forced": forced, "prefill": 0.0, "decode": 0.0, "score": 0.0}
+        mask = prompt_mask
         with torch.no_grad(), steered(model, spec) as state:
             pos = position_ids_for(mask)
             first_in = np.full(batch, -1.0, np.float32) if forced is None else np.asarray(forced, np.float32)
