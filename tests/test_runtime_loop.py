@@ -176,3 +176,18 @@ def test_invalid_sampling_parameters(bad):
 def test_bad_prompt_ids(prompts, match):
     with pytest.raises(AlignerError, match=match):
         GenerationRun(ToyModel(), prompts, SamplingConfig(), pad_token_id=0, two_pass=True)
+
+
+def test_without_compaction_shapes_stay_fixed_and_tokens_agree():
+    model = mixed_gate_model()
+    reference = [reference_greedy(model, p, 8)[0] for p in PROMPTS]
+    stop = reference[2][2]
+    compacted = GenerationRun(model, PROMPTS, SamplingConfig(max_new_tokens=8, stop_token_ids=(stop,)),
+                              pad_token_id=0, two_pass=True).run()
+    model.calls.clear()
+    fixed = GenerationRun(model, PROMPTS, SamplingConfig(max_new_tokens=8, stop_token_ids=(stop,)), pad_token_id=0,
+                          two_pass=True, compact=False).run()
+    assert [r.token_ids for r in fixed] == [r.token_ids for r in compacted]
+    assert [r.finish_reason for r in fixed] == [r.finish_reason for r in compacted]
+    decode_calls = [c for c in model.calls if c["input_ids"].shape[1] == 1]
+    assert decode_calls and all(c["input_ids"].shape[0] == len(PROMPTS) for c in decode_calls)

@@ -168,10 +168,10 @@ class Aligner:
                               top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stops).validate(vocab)
 
     def _run(self, prompt_ids: Sequence[Sequence[int]], config: SamplingConfig,
-             gate_override: float | None = None) -> GenerationRun:
+             gate_override: float | None = None, compact: bool = True) -> GenerationRun:
         return GenerationRun(self.backend, prompt_ids, config, pad_token_id=self.tokenizer.pad_token_id,
                              two_pass=self.export.two_pass, context_length=self.context_length,
-                             gate_override=gate_override)
+                             gate_override=gate_override, compact=compact)
 
     def _results(self, run: GenerationRun, seconds: float) -> list[GenerationResult]:
         timing: RunTiming = run.timing
@@ -190,25 +190,25 @@ class Aligner:
         return self.tokenizer.encode_prompt(prompt, system=system)
 
     def _generate_ids(self, prompt_ids, config: SamplingConfig, batch_size: int,
-                      gate_override: float | None) -> list[GenerationResult]:
+                      gate_override: float | None, compact: bool = True) -> list[GenerationResult]:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise AlignerError(f"batch_size must be a positive integer, got {batch_size!r}")
         results: list[GenerationResult] = []
         for first in range(0, len(prompt_ids), batch_size):
-            run = self._run(prompt_ids[first:first + batch_size], config, gate_override)
+            run = self._run(prompt_ids[first:first + batch_size], config, gate_override, compact)
             start = time.perf_counter()
             run.run()
             results.extend(self._results(run, time.perf_counter() - start))
         return results
 
-    def _generate(self, prompts, *, system=None, batch_size=1, gate_override=None, **sampling):
+    def _generate(self, prompts, *, system=None, batch_size=1, gate_override=None, compact=True, **sampling):
         single = isinstance(prompts, str)
         prompt_list = [prompts] if single else list(prompts)
         if not prompt_list:
             raise AlignerError("no prompts given")
         config = self._config(**sampling)
         ids = [self.encode(p, system=system) for p in prompt_list]
-        results = self._generate_ids(ids, config, batch_size, gate_override)
+        results = self._generate_ids(ids, config, batch_size, gate_override, compact)
         return results[0] if single else results
 
     def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int = 128, do_sample: bool = False,

@@ -4,6 +4,9 @@ steering disabled only through an explicitly named switch").
 :class:`UnsteeredComparison` is that switch. It runs the same prompts through the same loaded graph twice: once as
 :meth:`Aligner.generate` does (the gate decides), once with ``steer_gate_in = 0`` on every step, which SteerGate
 passes through as the gate, so every SteerShift adds exactly zero. ``aligner-run`` does not expose it.
+
+Both runs keep every batch's shapes fixed until the whole batch is done (no compaction), so a gate-0 prompt's
+arithmetic is the same in both, bit for bit, whatever its batch-mates do.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ class UnsteeredComparison:
         self.aligner = aligner
 
     def steered(self, prompts: Sequence[str], **options) -> list[GenerationResult]:
-        return self.aligner._generate(list(prompts), **options)
+        return self.aligner._generate(list(prompts), compact=False, **options)
 
     def unsteered(self, prompts: Sequence[str], **options) -> list[GenerationResult]:
         """The same generation with the gate forced to 0: the model as if it had no steering nodes."""
-        return self.aligner._generate(list(prompts), gate_override=0.0, **options)
+        return self.aligner._generate(list(prompts), gate_override=0.0, compact=False, **options)

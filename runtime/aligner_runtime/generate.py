@@ -161,11 +161,15 @@ class GenerationRun:
     ``results`` holds one :class:`RowResult` per prompt, in order.
 
     ``gate_override`` imposes a gate on every row (0.0 = unsteered); only the evaluation module passes it.
+
+    ``compact``: finished rows leave the batch (faster). Without it every step keeps the batch's shapes, so a row's
+    arithmetic does not depend on when its batch-mates stop: ONNX Runtime's kernels pick their blocking by shape,
+    which moves the last bits of the logits. The evaluation's steered-versus-unsteered identity check needs that.
     """
 
     def __init__(self, backend: Backend, prompts: Sequence[Sequence[int]], config: SamplingConfig, *,
                  pad_token_id: int, two_pass: bool, context_length: int | None = None,
-                 gate_override: float | None = None):
+                 gate_override: float | None = None, compact: bool = True):
         if not prompts:
             raise AlignerError("no prompts given")
         for ids in prompts:
@@ -183,6 +187,7 @@ class GenerationRun:
         self.two_pass = two_pass
         self.context_length = context_length
         self.gate_override = gate_override
+        self.compact = compact
         self.steered_graph = GATE_IN in backend.input_names
         if gate_override is not None and not self.steered_graph:
             raise AlignerError("this graph has no steering interface to override")
@@ -265,20 +270,26 @@ class GenerationRun:
         active = _Active(list(range(batch)), attention_mask, np.asarray(lengths, np.int64), gate, past)
         self.results = None
         decode_start = time.perf_counter()
+        done = [False] * batch
         while True:
             step_tokens, keep = [], []
             for i, row in enumerate(active.rows):
+                if done[row]:  # only without compaction: a finished row rides along, its outputs ignored
+                    continue
                 token = pick_token(logits[i], config, rngs[row])
                 generated[row].append(token)
                 step_tokens.append((row, token))
                 if token in stop:
                     finish[row] = "stop"
+                    done[row] = True
                 elif len(generated[row]) < budgets[row]:
                     keep.append(i)
+                else:
+                    done[row] = True
             yield step_tokens
             if not keep:
                 break
-            if len(keep) < len(active.rows):
+            if self.compact and len(keep) < len(active.rows):
                 active = active.keep(keep)
                 logits = logits[np.asarray(keep)]
             tokens = np.asarray([[generated[row][-1]] for row in active.rows], dtype=np.int64)
