@@ -1,0 +1,266 @@
+"""Build a TensorRT engine from an export directory with the SteerGate/SteerShift plugins (ARCHITECTURE.md §5, §7).
+
+Small steps in the Polygraphy style, each doing one thing: ``import_tensorrt`` -> ``load_plugins`` ->
+``parse_export`` (the ONNX graph with the steering functions replaced by plugin nodes) -> ``check_plugins_used`` ->
+``add_profiles`` -> ``build`` -> ``write_engine`` (the engine plus its ``ENGINE.json`` stamp).
+
+The stamp holds ``trt_version``, ``compute_capability`` and ``manifest_sha256``; the Python TensorRT backend and the C
+API refuse an engine whose stamp does not match the TensorRT, the GPU or the export they are given. The stamp is a file
+named ``ENGINE.json`` beside the engine, so keep one engine per directory.
+
+``tensorrt`` is imported only here and only when a build runs: without it, ``aligner-export build`` prints one line
+and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aligner_runtime.errors import AlignerError, atomic_path
+
+STAMP = "ENGINE.json"
+PLUGIN_NAMESPACE = "inferaligner"
+PLUGIN_VERSION = "1"
+STEER_OPS = ("SteerGate", "SteerShift")
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise AlignerError("TensorRT is not installed here (no `tensorrt` Python module): aligner-export build needs "
+                           "TensorRT and an NVIDIA GPU (JetPack ships both; see docs/tensorrt.md)") from None
+    return trt
+
+
+def trt_major(trt) -> int:
+    return int(trt.__version__.split(".")[0])
+
+
+@dataclass
+class Profiles:
+    """Shape ranges of the two optimization profiles: 0 serves prefill (any prompt length) and, being general, every
+    step; 1 is tuned for decode (one new token over a long past)."""
+
+    max_batch: int = 1
+    opt_batch: int = 1
+    max_prompt: int = 512
+    opt_prompt: int = 128
+    max_context: int = 1024
+    decode_profile: bool = True
+
+    def check(self) -> None:
+        if not (1 <= self.opt_batch <= self.max_batch):
+            raise AlignerError(f"need 1 <= --opt-batch <= --max-batch, got {self.opt_batch} and {self.max_batch}")
+        if not (1 <= self.opt_prompt <= self.max_prompt):
+            raise AlignerError(f"need 1 <= --opt-prompt <= --max-prompt, got {self.opt_prompt} and {self.max_prompt}")
+        if self.max_context < self.max_prompt:
+            raise AlignerError(f"--max-context ({self.max_context}) must be at least --max-prompt ({self.max_prompt})")
+
+    def ranges(self, name: str, shape: tuple, decode: bool) -> tuple[tuple, tuple, tuple]:
+        """(min, opt, max) for one graph input, from its name (ARCHITECTURE.md §5 graph interface)."""
+        B = (1, self.opt_batch, self.max_batch)
+        if decode:
+            S = (1, 1, 1)
+            past = (0, self.max_context // 2, self.max_context - 1)
+        else:
+            S = (1, self.opt_prompt, self.max_prompt)
+            past = (0, 0, self.max_context - self.max_prompt)
+        total = (S[0] + past[0], S[1] + past[1], S[2] + past[2])
+        if name in ("input_ids", "position_ids"):
+            dims = [B, S]
+        elif name == "attention_mask":
+            dims = [B, total]
+        elif name == "steer_gate_in":
+            dims = [B]
+        elif name.startswith("past_key_values."):
+            if len(shape) != 4:
+                raise AlignerError(f"graph input {name} has shape {shape}; expected [batch, heads, past, head_dim]")
+            dims = [B, (shape[1],) * 3, past, (shape[3],) * 3]
+        else:
+            raise AlignerError(f"graph input {name} is not part of the steered decoder interface (ARCHITECTURE.md §5)")
+        return tuple(tuple(d[i] for d in dims) for i in range(3))
+
+
+@dataclass
+class BuildReport:
+    plugins_used: dict = field(default_factory=dict)
+    inlined_layers: int = 0
+    strongly_typed: bool = False
+
+
+def load_plugins(trt, builder, library: Path) -> None:
+    """Loads the plugin library and checks that both creators are registered under inferaligner/1."""
+    library = Path(library)
+    if not library.is_file():
+        raise AlignerError(f"plugin library not found: {library} (build it with `make native TensorRT_ROOT=...`)")
+    try:
+        handle = ctypes.CDLL(str(library.resolve()), mode=ctypes.RTLD_GLOBAL)
+    except OSError as exc:
+        raise AlignerError(f"cannot load plugin library {library}: {exc}") from None
+    registry = builder.get_plugin_registry() if hasattr(builder, "get_plugin_registry") else trt.get_plugin_registry()
+    if hasattr(handle, "getCreators"):
+        # The _dynamic variant registers nothing on load; TensorRT's loader calls getCreators().
+        if registry.load_library(str(library.resolve())) is None:
+            raise AlignerError(f"TensorRT could not load plugin library {library}")
+    missing = [op for op in STEER_OPS if registry.get_creator(op, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None]
+    if missing:
+        raise AlignerError(f"plugin library {library} does not provide {', '.join(missing)} "
+                           f"(namespace {PLUGIN_NAMESPACE}, version {PLUGIN_VERSION})")
+
+
+def plugin_model_bytes(model_path: Path) -> tuple[bytes, list[str]]:
+    """The graph without the SteerGate/SteerShift model-local functions, so the ONNX parser must map those nodes to
+    our plugins (any TensorRT 10.x parser; 10.3 would otherwise inline the functions). Weights stay external."""
+    import onnx
+
+    from . import onnx_ops
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    kept = [f for f in model.functions if not (f.domain == onnx_ops.DOMAIN and f.name in STEER_OPS)]
+    del model.functions[:]
+    model.functions.extend(kept)
+    nodes = [n.name for n in model.graph.node if n.domain == onnx_ops.DOMAIN and n.op_type in STEER_OPS]
+    return model.SerializeToString(), nodes
+
+
+def parse_export(trt, builder, logger, export, strongly_typed: bool):
+    """Parses the export's graph into a new network; returns (network, parser, steering node names)."""
+    if export.manifest.get("steer_impl", "function") != "function":
+        raise AlignerError(f"{export.path} was exported with --steer-impl {export.manifest.get('steer_impl')}: the "
+                           "TensorRT plugins replace SteerGate/SteerShift functions only; re-export with "
+                           "--steer-impl function")
+    if trt_major(trt) >= 11:
+        flags = 0  # TensorRT 11 networks are always strongly typed
+    else:
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    blob, steering_nodes = plugin_model_bytes(export.model_path)
+    if not steering_nodes:
+        raise AlignerError(f"{export.model_path} has no SteerGate/SteerShift nodes")
+    if not parser.parse(blob, str(export.model_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise AlignerError(f"TensorRT cannot parse {export.model_path}: {errors}")
+    return network, parser, steering_nodes
+
+
+def check_plugins_used(trt, network, steering_nodes: list[str]) -> BuildReport:
+    """Counts plugin layers named after the steering nodes; every steering node must have become one."""
+    report = BuildReport()
+    plugin_layers = set()
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == trt.LayerType.PLUGIN_V3:
+            plugin_layers.add(layer.name)
+        elif any(layer.name.startswith(node + "/") for node in steering_nodes):
+            report.inlined_layers += 1
+    missing = [n for n in steering_nodes if n not in plugin_layers]
+    if missing or report.inlined_layers:
+        raise AlignerError(f"TensorRT did not use the plugins for {len(missing)} of {len(steering_nodes)} steering "
+                           f"nodes (first: {missing[0] if missing else 'inlined layers'}); check the plugin library")
+    for node in steering_nodes:
+        op = node.rsplit("/", 1)[-1]
+        report.plugins_used[op] = report.plugins_used.get(op, 0) + 1
+    return report
+
+
+def add_profiles(trt, builder, network, config, profiles: Profiles) -> list[dict]:
+    described = []
+    for decode in ([False, True] if profiles.decode_profile else [False]):
+        profile = builder.create_optimization_profile()
+        entry = {}
+        for i in range(network.num_inputs):
+            tensor = network.get_input(i)
+            lo, opt, hi = profiles.ranges(tensor.name, tuple(tensor.shape), decode)
+            profile.set_shape(tensor.name, lo, opt, hi)
+            entry[tensor.name] = [list(lo), list(opt), list(hi)]
+        config.add_optimization_profile(profile)
+        described.append({"name": "decode" if decode else "prefill", "shapes": entry})
+    return described
+
+
+def compute_capability(device: int = 0) -> str:
+    """major.minor of the GPU TensorRT builds for, from the CUDA runtime (no extra Python package needed)."""
+    names = [ctypes.util.find_library("cudart"), "libcudart.so", "libcudart.so.13", "libcudart.so.12"]
+    for name in filter(None, names):
+        try:
+            cudart = ctypes.CDLL(name)
+        except OSError:
+            continue
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        # cudaDevAttrComputeCapabilityMajor = 75, cudaDevAttrComputeCapabilityMinor = 76
+        if cudart.cudaDeviceGetAttribute(ctypes.byref(major), 75, device) == 0 and \
+                cudart.cudaDeviceGetAttribute(ctypes.byref(minor), 76, device) == 0:
+            return f"{major.value}.{minor.value}"
+    raise AlignerError("cannot query the GPU's compute capability (no CUDA runtime or no GPU)")
+
+
+def build_engine(model_dir: Path, plugins: Path, output: Path, precision: str = "fp16",
+                 profiles: Profiles | None = None, workspace_mib: int = 0, aliasing: bool = True) -> dict:
+    """The whole build; returns the stamp written beside the engine."""
+    from aligner_runtime.manifest import load_export
+
+    trt = import_tensorrt()
+    profiles = profiles or Profiles()
+    profiles.check()
+    if precision not in PRECISIONS:
+        raise AlignerError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision}")
+    export = load_export(model_dir)
+    export_dtype = export.manifest.get("dtype", "fp32")
+    strongly_typed = trt_major(trt) >= 11 or precision == export_dtype
+    if trt_major(trt) >= 11 and precision != export_dtype:
+        raise AlignerError(f"TensorRT {trt.__version__} builds strongly typed networks, so the precision is the "
+                           f"export's ({export_dtype}); re-export with --dtype {precision} or pass --precision "
+                           f"{export_dtype}")
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    load_plugins(trt, builder, plugins)
+    network, _parser, steering_nodes = parse_export(trt, builder, logger, export, strongly_typed)
+    report = check_plugins_used(trt, network, steering_nodes)
+    report.strongly_typed = strongly_typed
+    print("plugins used: " + ", ".join(f"{op} x{n}" for op, n in sorted(report.plugins_used.items()))
+          + " (TensorRT plugin layers; no steering function was inlined)")
+
+    config = builder.create_builder_config()
+    if workspace_mib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    if not strongly_typed:
+        config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
+    preview = getattr(trt.PreviewFeature, "ALIASED_PLUGIN_IO_10_03", None)
+    if aliasing and preview is not None:
+        config.set_preview_feature(preview, True)  # SteerShift may then run in place (getAliasedInput)
+    described = add_profiles(trt, builder, network, config, profiles)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise AlignerError("TensorRT failed to build the engine (see the TensorRT messages above)")
+    stamp = {
+        "format_version": 1,
+        "trt_version": trt.__version__,
+        "compute_capability": compute_capability(),
+        "manifest_sha256": export.manifest_sha256,
+        "engine_file": Path(output).name,
+        "precision": precision,
+        "strongly_typed": strongly_typed,
+        "plugin_library": str(Path(plugins).resolve()),
+        "plugins_used": report.plugins_used,
+        "profiles": described,
+    }
+    write_engine(Path(output), bytes(serialized), stamp)
+    return stamp
+
+
+def write_engine(output: Path, engine: bytes, stamp: dict) -> None:
+    """Engine and stamp appear together or not at all."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(output.parent / STAMP, suffix=".json") as stamp_tmp:
+        stamp_tmp.write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
+        with atomic_path(output, suffix=".engine") as engine_tmp:
+            engine_tmp.write_bytes(engine)

@@ -1,0 +1,48 @@
+"""The CMake configuration says what it skipped and why (ARCHITECTURE.md §2: each part switches itself off with a
+message). Configures only (no build): a few seconds, most of it CUDA compiler detection."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+
+
+def _configure(build: Path, *args: str) -> str:
+    proc = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_configure_without_tensorrt_says_what_it_skipped(tmp_path):
+    empty = tmp_path / "no-tensorrt"
+    empty.mkdir()
+    out = _configure(tmp_path / "build", f"-DTensorRT_INCLUDE_DIR={empty}")
+    skipped = [line for line in out.splitlines() if "inferaligner: skipping" in line]
+    assert skipped, out
+    text = "\n".join(skipped)
+    assert "TensorRT plugins and the C API" in text
+    # Either nvcc is absent, or it is present and the TensorRT headers are what is missing.
+    assert ("no CUDA compiler" in text) or ("no TensorRT headers" in text), text
+    if "no CUDA compiler" not in text:
+        assert "inferaligner: building CUDA kernels for" in out
+
+
+@pytest.mark.parametrize("include_dir", [d for d in os.environ.get("ALIGNER_TRT_HEADER_DIRS", "").split(":") if d]
+                         or [pytest.param("", marks=pytest.mark.skip(
+                             reason="set ALIGNER_TRT_HEADER_DIRS=dir[:dir] to TensorRT include directories"))])
+def test_configure_with_headers_only_is_compile_only(tmp_path, include_dir):
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not installed: the TensorRT parts need CUDA")
+    out = _configure(tmp_path / "build", f"-DTensorRT_INCLUDE_DIR={include_dir}")
+    assert f"headers in {include_dir}" in out
+    if "linking the TensorRT plugins" in out:  # no libnvinfer beside these headers
+        assert "compile-only" in out
