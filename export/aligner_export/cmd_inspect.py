@@ -1,0 +1,224 @@
+"""``aligner-export inspect PATH``: a steering pack, an export directory, a bare ``.onnx`` file or a TensorRT engine.
+
+Prints the steering sites and the gate layer, alpha and the bias, vector norms, fingerprints, the validation result
+and whether the graph is steered at all. It reads metadata and graphs only: no torch import (STYLE.md), and the
+graph is loaded without its external weight files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from aligner_runtime.errors import AlignerError
+
+_STEER_NODE = re.compile(r"^/model/layers\.(\d+)/steer/(SteerGate|SteerShift)(/|$)")
+
+
+def configure(parser) -> None:
+    parser.add_argument("path", help="a steering pack (.safetensors), an export directory, a .onnx file or an engine")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def run(args) -> int:
+    path = Path(args.path)
+    if not path.exists():
+        raise AlignerError(f"not found: {path}")
+    info = describe(path)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True, default=str))
+    else:
+        print(render(info))
+    return 0
+
+
+def describe(path: Path) -> dict:
+    from aligner_runtime.manifest import MANIFEST
+
+    if path.is_dir():
+        if (path / MANIFEST).is_file():
+            return describe_export_dir(path)
+        engines = sorted(path.glob("ENGINE.json"))
+        if engines:
+            return describe_engine(engines[0])
+        raise AlignerError(f"{path}: neither an export directory ({MANIFEST}) nor an engine directory (ENGINE.json)")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return describe_pack(path)
+    if suffix == ".onnx":
+        return describe_onnx(path)
+    if suffix in (".engine", ".plan", ".trt") or path.name == "ENGINE.json":
+        return describe_engine(path if path.name == "ENGINE.json" else path.parent / "ENGINE.json")
+    raise AlignerError(f"{path}: unknown kind of file (expected .safetensors, .onnx, an engine or a directory)")
+
+
+def describe_pack(path: Path) -> dict:
+    import numpy as np
+
+    from .pack import file_sha256, load_pack
+
+    pack = load_pack(path)
+    rec = pack.recommended
+    gate = int(rec["gate_layer"])
+    stats = pack.layer_stats(gate)
+    return {
+        "kind": "steering pack", "path": str(path), "sha256": file_sha256(path), "mode": pack.mode,
+        "num_layers": pack.num_layers, "hidden_size": pack.hidden_size, "site": pack.meta.get("site"),
+        "recommended": rec, "gate_layer": gate,
+        "bias": {"paper": stats["bias_paper"], "fpr": stats["bias_fpr"], "rule": rec["bias_rule"]},
+        "gate_val": {k: stats.get(k) for k in ("target_val_accuracy", "val_tpr", "val_fpr")},
+        "vector_norms": {int(l): float(np.linalg.norm(float(rec["alpha"]) * pack.aligned_srv[int(l)]))
+                         for l in rec["steer_layers"]},
+        "fingerprints": {"target": (pack.meta.get("target") or {}).get("fingerprint"),
+                         "aligned": (pack.meta.get("aligned") or {}).get("fingerprint")},
+        "prompts": {k: {"count": v.get("count")} for k, v in (pack.meta.get("prompts") or {}).items()},
+    }
+
+
+def _graph_facts(model) -> dict:
+    """Steering facts read from the graph itself (nodes, attributes, interface), independent of the metadata."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from .onnx_ops import node_attr
+
+    gate_layers, shift_layers, norms = set(), set(), {}
+    direction_norm = bias = None
+    plugin = set()
+    for node in model.graph.node:
+        match = _STEER_NODE.match(node.name)
+        if not match:
+            continue
+        layer, op = int(match.group(1)), match.group(2)
+        (gate_layers if op == "SteerGate" else shift_layers).add(layer)
+        if not match.group(3):  # the function node itself
+            plugin.add((node_attr(node, "plugin_namespace"), node_attr(node, "plugin_version")))
+            if op == "SteerShift":
+                norms[layer] = float(np.linalg.norm(node_attr(node, "vector")))
+            else:
+                direction_norm = float(np.linalg.norm(node_attr(node, "direction")))
+                bias = float(node_attr(node, "bias"))
+        elif node.op_type == "Constant":  # inline form: the constants sit in the body's Constant nodes
+            for attr in node.attribute:
+                if attr.name == "value" and len(attr.t.dims) == 1 and attr.t.data_type == attr.t.FLOAT:
+                    norm = float(np.linalg.norm(numpy_helper.to_array(attr.t)))
+                    if op == "SteerShift":
+                        norms[layer] = norm
+                    else:
+                        direction_norm = norm
+                elif attr.name == "value_float" and op == "SteerGate":
+                    bias = float(attr.f)
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    interface = "steer_gate_in" in inputs and {"steer_gate", "steer_score"} <= set(outputs)
+    impl = "function" if any(n.domain == "inferaligner" for n in model.graph.node) else \
+        ("inline" if gate_layers or shift_layers else None)
+    return {
+        "steered": bool(interface and gate_layers and shift_layers),
+        "gate_layer": sorted(gate_layers)[0] if len(gate_layers) == 1 else sorted(gate_layers),
+        "steer_layers": sorted(shift_layers), "steer_impl": impl, "bias": bias, "direction_norm": direction_norm,
+        "vector_norms": dict(sorted(norms.items())),
+        "plugin_attributes": sorted(f"{ns}/{v}" for ns, v in plugin),
+        "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+        "inputs": inputs, "outputs": outputs,
+    }
+
+
+def describe_onnx(path: Path) -> dict:
+    import onnx
+
+    from .manifest import read_metadata
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: the file is not an ONNX model
+        raise AlignerError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+    metadata = read_metadata(model)
+    graph = _graph_facts(model)
+    info = {"kind": "onnx", "path": str(path), "graph": graph, "metadata": metadata}
+    if metadata:
+        info["metadata_matches_graph"] = (metadata.get("steer_layers") == graph["steer_layers"]
+                                          and metadata.get("gate_layer") == graph["gate_layer"])
+    return info
+
+
+def describe_export_dir(path: Path) -> dict:
+    from aligner_runtime.manifest import MANIFEST, MODEL_FILE
+
+    manifest = json.loads((path / MANIFEST).read_text())
+    info = describe_onnx(path / MODEL_FILE) if (path / MODEL_FILE).is_file() else {"graph": None}
+    info.update(kind="export directory", path=str(path), manifest=manifest)
+    return info
+
+
+def describe_engine(stamp_path: Path) -> dict:
+    if not stamp_path.is_file():
+        raise AlignerError(f"no engine stamp {stamp_path.name} beside the engine in {stamp_path.parent}")
+    try:
+        stamp = json.loads(stamp_path.read_text())
+    except json.JSONDecodeError:
+        raise AlignerError(f"{stamp_path}: not valid JSON") from None
+    return {"kind": "tensorrt engine", "path": str(stamp_path.parent / stamp.get("engine_file", "?")),
+            "stamp": stamp}
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return str(value)
+
+
+def render(info: dict) -> str:
+    lines = [f"{info['kind']}: {info['path']}"]
+    kind = info["kind"]
+    if kind == "steering pack":
+        rec = info["recommended"]
+        lines += [f"  mode {info['mode']}, {info['num_layers']} layers x {info['hidden_size']} hidden, "
+                  f"site {info['site']}",
+                  f"  recommended: gate layer {rec['gate_layer']}, steer layers {_fmt(rec['steer_layers'])}, "
+                  f"alpha {_fmt(float(rec['alpha']))}, bias rule {rec['bias_rule']}",
+                  f"  gate bias: paper {_fmt(info['bias']['paper'])}, fpr {_fmt(info['bias']['fpr'])}; "
+                  f"validation {_fmt(info['gate_val'])}",
+                  f"  vector norms (alpha * ssv): {_fmt(info['vector_norms'])}",
+                  f"  fingerprints: target {info['fingerprints']['target']}, aligned {info['fingerprints']['aligned']}",
+                  f"  sha256 {info['sha256']}"]
+        return "\n".join(lines)
+    if kind == "tensorrt engine":
+        lines += [f"  {k}: {_fmt(v)}" for k, v in sorted(info["stamp"].items())]
+        return "\n".join(lines)
+    graph, meta = info.get("graph"), info.get("metadata") or {}
+    manifest = info.get("manifest") or {}
+    facts = {**meta, **manifest}
+    if graph is not None:
+        lines.append(f"  steered: {'yes' if graph['steered'] else 'NO (no steering nodes/interface)'}")
+        if graph["steered"]:
+            lines += [f"  steering sites: SteerShift after layers {_fmt(graph['steer_layers'])}; SteerGate at layer "
+                      f"{_fmt(graph['gate_layer'])} ({graph['steer_impl']}; plugin "
+                      f"{_fmt(graph['plugin_attributes']) if graph['plugin_attributes'] else '-'})",
+                      f"  gate bias (graph) {_fmt(graph['bias'])}, |direction| {_fmt(graph['direction_norm'])}",
+                      f"  vector norms (alpha * ssv): {_fmt(graph['vector_norms'])}"]
+        if any(l < graph["gate_layer"] for l in graph["steer_layers"]) if isinstance(graph["gate_layer"], int) \
+                else False:
+            lines.append("  two-pass prefill: a steered layer lies below the gate layer (§5 runtime protocol)")
+    if facts:
+        lines += [f"  alpha {_fmt(facts.get('alpha'))}, bias {_fmt(facts.get('bias'))} ({facts.get('bias_rule')}), "
+                  f"dtype {facts.get('dtype')}, opset {facts.get('opset')}, site {facts.get('site')}",
+                  f"  fingerprints: target {facts.get('target_fingerprint')}, pack sha256 {facts.get('pack_sha256')}"]
+        validation = facts.get("validation")
+        if validation:
+            lines.append(f"  validation: passed, max |logit diff| prefill "
+                         f"{_fmt(validation['prefill_max_abs_diff'])}, decode "
+                         f"{_fmt(validation['decode_max_abs_diff'])} (tolerance {_fmt(validation['tolerance'])}); "
+                         f"gates {_fmt(validation.get('gates'))}")
+        else:
+            lines.append("  validation: not run (--no-validate)")
+    else:
+        lines.append("  no inferaligner metadata")
+    if info.get("metadata_matches_graph") is False:
+        lines.append("  WARNING: the metadata and the graph disagree on the steering sites")
+    return "\n".join(lines)
