@@ -329,3 +329,19 @@ def test_runtime_imports_and_runs_without_torch(llama_export):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ok")
+
+
+def test_onnxruntime_providers_are_configurable(llama_export):
+    import onnxruntime as ort
+
+    aligner = Aligner.load(llama_export[0], providers=["cpu"], threads=1)
+    assert aligner.backend.providers == ["CPUExecutionProvider"]
+    missing = [p for p in ("cuda", "tensorrt")
+               if {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}[p]
+               not in ort.get_available_providers()]
+    if not missing:
+        pytest.skip("every provider is available here; the refusal of a missing one cannot be shown")
+    with pytest.raises(AlignerError, match="not available"):
+        Aligner.load(llama_export[0], providers=[missing[0]])
+    with pytest.raises(AlignerError, match="threads"):
+        Aligner.load(llama_export[0], threads=-1)

@@ -78,6 +78,7 @@ def main() -> int:
     target = Path(args.target) if args.target else zoo.ensure_target()
 
     aligner = Aligner.load(export, threads=args.threads)
+    eos_ids = aligner.stop_token_ids
     aligner.stop_token_ids = ()  # benchmark only: both sides generate exactly N tokens
     manifest = aligner.manifest
     pack = load_pack(pack_path)
@@ -113,7 +114,10 @@ def main() -> int:
                 tn, tokens, gate = sides[side](ids, n)
                 row[side] = {"prefill_seconds": t1, "decode_tokens_per_second": (n - 1) / (tn - t1),
                              "total_seconds": tn, "gate": gate, "tokens": tokens}
-            row["same_tokens"] = row["torch"]["tokens"] == row["runtime"]["tokens"]
+            # torch's min_new_tokens suppresses EOS; compare the answers up to the runtime's first EOS.
+            eos = set(eos_ids)
+            cut = next((k for k, t in enumerate(row["runtime"]["tokens"]) if t in eos), n)
+            row["same_tokens"] = row["torch"]["tokens"][:cut] == row["runtime"]["tokens"][:cut]
             rows.append(row)
             print(f"[{len(rows)}/{len(PROMPTS) * args.repeats}] gate={row['runtime']['gate']:.0f} "
                   f"prefill torch {row['torch']['prefill_seconds'] * 1e3:.0f} ms / runtime "
