@@ -117,7 +117,7 @@ def test_failed_validation_leaves_nothing(llama, tmp_path, capsys, monkeypatch):
     from aligner_export import validate
 
     model_dir, pack = llama
-    monkeypatch.setitem(validate.TOLERANCE, "fp32", 0.0)
+    monkeypatch.setitem(validate.TOLERANCE, "fp32", (0.0, 0.0))
     out = tmp_path / "out"
     rc = main(["export", "-o", str(out), "--target", str(model_dir), "--pack", str(pack),
                "--steer-layers", "0-3", "--alpha", "8"])

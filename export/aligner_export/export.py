@@ -54,7 +54,13 @@ class ExportOptions:
 
 def _quiet():
     """Silences exporter chatter (tracer warnings, progress) so the command prints only what matters."""
+    import logging
+
     stack = contextlib.ExitStack()
+    for name in ("optimum", "transformers"):
+        logger = logging.getLogger(name)
+        stack.callback(logger.setLevel, logger.level)
+        logger.setLevel(logging.ERROR)
     stack.enter_context(warnings.catch_warnings())
     warnings.simplefilter("ignore")
     stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
@@ -210,6 +216,16 @@ def check_graph(path: Path) -> None:
         raise AlignerError(f"the steered graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
 
 
+def _passes_checker(path: Path) -> bool:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
+        return False
+    return True
+
+
 def copy_model_files(target: Path, tokenizer, out_dir: Path) -> tuple[str, bool]:
     """Tokenizer files, ``chat_template.jinja`` (always; the plain fallback when the model has none) and
     ``generation_config.json``. Returns ``(chat_template_sha256, used_fallback)``."""
@@ -265,7 +281,7 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
     from .manifest import FORMAT_VERSION, set_metadata, write_manifest
     from .pack import SITE, file_sha256
     from .reference import SteerSpec
-    from .rewrite import SteerPlan, apply, default_opset
+    from .rewrite import SteerPlan, apply, check_unsteered, default_opset
     from .validate import validate
 
     family = family_for(model.config)
@@ -282,7 +298,11 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
             base_path, exporter = base_export(model, work / "base", family, exporter=options.exporter)
         options.timings["base_export_s"] = time.perf_counter() - t0
         log(f"base export ({exporter}): {base_path.name}")
-        ir_model = ir.load(str(base_path))
+        try:
+            ir_model = ir.load(str(base_path))
+        except Exception as exc:  # protobuf and onnx-ir raise several kinds for a file that is not a model
+            raise AlignerError(f"{base_path}: not a readable ONNX model ({type(exc).__name__})") from None
+        check_unsteered(ir_model.graph)
         sites = locate_residuals(ir_model.graph, num_layers)
         verify_sites(ir_model, sites, model, tokenizer, family, work, 1e-3 if options.dtype == "fp32" else 2e-2)
         log(f"residual stream located and verified on {num_layers} layers")
@@ -311,7 +331,11 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
         t0 = time.perf_counter()
         _save(ir_model, model_path)
         del ir_model
-        check_graph(model_path)
+        if exporter != "external" or _passes_checker(base_path):
+            check_graph(model_path)
+        else:
+            # Graphs from the onnxruntime-genai builder use ORT contrib ops that onnx.checker does not know.
+            log(f"onnx.checker skipped: {base_path.name} itself uses ops outside the ONNX standard")
         options.timings["rewrite_save_check_s"] = time.perf_counter() - t0
         shutil.rmtree(work)
         if options.validate:

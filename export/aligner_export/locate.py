@@ -220,3 +220,53 @@ def compare_residuals(onnx_values: dict[int, np.ndarray], torch_values: dict[int
             raise AlignerError(f"residual locator: the tensor found for layer {layer} differs from the PyTorch layer "
                                f"output by {diff:.3g} (scale {scale:.3g}); the graph's residual stream is not where "
                                "the locator expects it")
+
+
+def split_fused(graph: ir.Graph, site: ResidualSite) -> None:
+    """Splits a fused skip-norm at a steered site into ``Add`` + the plain norm.
+
+    The fused node computes ``sum = input + skip`` and ``norm(sum)`` in one op, so a shift of ``sum`` (output 3)
+    would not reach its own output 0, the next layer's normalised input. After the split, SteerShift sits between
+    the two and every reader of the residual, the norm included, sees the shifted value (§5 placement).
+    """
+    node = site.node
+    if site.step.op_type == "Add":
+        return
+    for i in (1, 2):
+        if i < len(node.outputs) and node.outputs[i].consumers():
+            raise AlignerError(f"{node.name}: the fused norm's statistics output {i} is used; cannot steer there")
+    epsilon = node.attributes["epsilon"].as_float() if "epsilon" in node.attributes else 1e-5
+    data, skip, gamma = node.inputs[0], node.inputs[1], node.inputs[2]
+    prefix = node.name or f"/model/layers.{site.layer}/residual"
+    add = ir.Node("", "Add", [data, skip], name=f"{prefix}/Add")
+    nodes = [add]
+    total = add.outputs[0]
+    simplified = node.op_type == "SkipSimplifiedLayerNormalization"
+    bias = node.inputs[4] if len(node.inputs) > 4 else (node.inputs[3] if simplified and len(node.inputs) > 3 else None)
+    if bias is not None:
+        add_bias = ir.Node("", "Add", [total, bias], name=f"{prefix}/AddBias")
+        nodes.append(add_bias)
+        total = add_bias.outputs[0]
+    if simplified:
+        norm = ir.Node("", "SimplifiedLayerNormalization", [total, gamma],
+                       [ir.AttrFloat32("epsilon", epsilon), ir.AttrInt64("axis", -1), ir.AttrInt64("stash_type", 1)],
+                       name=f"{prefix}/SimplifiedLayerNormalization")
+    else:
+        beta = node.inputs[3] if len(node.inputs) > 3 else None
+        norm = ir.Node("", "LayerNormalization", [total, gamma] + ([beta] if beta is not None else []),
+                       [ir.AttrFloat32("epsilon", epsilon), ir.AttrInt64("axis", -1)],
+                       name=f"{prefix}/LayerNormalization")
+    nodes.append(norm)
+    old_out, old_sum = node.outputs[0], (node.outputs[3] if len(node.outputs) > 3 else None)
+    norm.outputs[0].name, old_out.name = old_out.name, None
+    norm.outputs[0].type, norm.outputs[0].shape = old_out.type, old_out.shape
+    old_out.replace_all_uses_with(norm.outputs[0], replace_graph_outputs=True)
+    sum_name = f"/model/layers.{site.layer}/residual_output"
+    if old_sum is not None:
+        sum_name, old_sum.name = old_sum.name or sum_name, None
+        old_sum.replace_all_uses_with(total, replace_graph_outputs=True)
+    total.name = sum_name
+    for new in nodes:
+        graph.insert_before(node, new)
+    graph.remove(node, safe=True)
+    site.node, site.output_index, site.step = nodes[-2], 0, RESIDUAL_STEPS[0]

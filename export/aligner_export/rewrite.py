@@ -22,7 +22,7 @@ import onnx_ir as ir
 from aligner_runtime.errors import AlignerError
 
 from . import onnx_ops
-from .locate import ResidualSite, materialize
+from .locate import ResidualSite, materialize, split_fused
 
 GATE_IN = "steer_gate_in"
 GATE_OUT = "steer_gate"
@@ -100,6 +100,12 @@ def _rewire(graph: ir.Graph, old: ir.Value, new: ir.Value, steer_prefix: str) ->
             graph.outputs[i] = new
 
 
+def check_unsteered(graph: ir.Graph) -> None:
+    existing = {v.name for v in graph.inputs} | {v.name for v in graph.outputs}
+    if GATE_IN in existing or any(n.domain == onnx_ops.DOMAIN for n in graph):
+        raise AlignerError("the ONNX graph is already steered (it has steer_gate_in or inferaligner nodes)")
+
+
 def default_opset(model: ir.Model) -> int:
     return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)))
 
@@ -109,15 +115,16 @@ def apply(model: ir.Model, sites: list[ResidualSite], plan: SteerPlan) -> None:
     graph = model.graph
     if plan.steer_impl not in STEER_IMPLS:
         raise AlignerError(f"unknown --steer-impl '{plan.steer_impl}': use one of {', '.join(STEER_IMPLS)}")
-    existing = {v.name for v in graph.inputs} | {v.name for v in graph.outputs}
-    if GATE_IN in existing or any(n.domain == onnx_ops.DOMAIN for n in graph):
-        raise AlignerError("the ONNX graph is already steered (it has steer_gate_in or inferaligner nodes)")
+    check_unsteered(graph)
     if "attention_mask" not in {v.name for v in graph.inputs}:
         raise AlignerError("the ONNX graph has no attention_mask input, which SteerGate needs")
     opset = default_opset(model)
     if opset < onnx_ops.MIN_OPSET:
         raise AlignerError(f"the ONNX graph uses opset {opset}; steering needs opset >= {onnx_ops.MIN_OPSET}")
 
+    for site in sites:
+        if site.layer in plan.vectors:
+            split_fused(graph, site)
     residual = {site.layer: materialize(graph, site) for site in sites
                 if site.layer == plan.gate_layer or site.layer in plan.vectors}
     batch = _batch_dim(graph)
