@@ -191,3 +191,19 @@ def test_without_compaction_shapes_stay_fixed_and_tokens_agree():
     assert [r.finish_reason for r in fixed] == [r.finish_reason for r in compacted]
     decode_calls = [c for c in model.calls if c["input_ids"].shape[1] == 1]
     assert decode_calls and all(c["input_ids"].shape[0] == len(PROMPTS) for c in decode_calls)
+
+
+def test_prefill_in_row_groups_gives_the_same_result(monkeypatch):
+    import aligner_runtime.generate as generate
+
+    model = mixed_gate_model()
+    whole = GenerationRun(model, PROMPTS, SamplingConfig(max_new_tokens=5), pad_token_id=0, two_pass=True).run()
+    model.calls.clear()
+    width = max(len(p) for p in PROMPTS)
+    monkeypatch.setattr(generate, "PREFILL_LOGITS_BYTES", 2 * width * VOCAB * 4)  # two rows per group
+    grouped = GenerationRun(model, PROMPTS, SamplingConfig(max_new_tokens=5), pad_token_id=0, two_pass=True).run()
+    prefill_calls = [c for c in model.calls if c["input_ids"].shape[1] == width]
+    assert max(c["input_ids"].shape[0] for c in prefill_calls) == 2 and len(prefill_calls) >= 3
+    assert [(r.token_ids, r.gate) for r in grouped] == [(r.token_ids, r.gate) for r in whole]
+    for a, b in zip(grouped, whole):
+        assert a.score == pytest.approx(b.score, abs=1e-6)

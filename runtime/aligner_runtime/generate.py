@@ -29,6 +29,8 @@ PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 GATE_IN, GATE_OUT, SCORE_OUT = "steer_gate_in", "steer_gate", "steer_score"
 # gate_in < 0 asks SteerGate to decide from the score (§5); gate_in >= 0 imposes the gate.
 GATE_DECIDE = -1.0
+# Upper bound on the prefill's logits array; a long prompt batch is prefilled in groups of rows below it.
+PREFILL_LOGITS_BYTES = 256 * 2 ** 20
 
 
 class Backend(Protocol):
@@ -219,6 +221,24 @@ class GenerationRun:
     def _presents(self, outputs) -> dict[str, np.ndarray]:
         return {name: outputs[self._present_name(name)] for name in self._past_inputs}
 
+    def _prefill(self, input_ids, attention_mask, position_ids, gate_in) -> dict[str, np.ndarray]:
+        """Prefill in groups of rows, so that the graph's logits for every prompt position ([rows, S, V] float32)
+        stay under PREFILL_LOGITS_BYTES; rows are independent, so the groups' outputs are concatenated. Returns the
+        last position's logits [B, V] and the other outputs."""
+        batch, width = input_ids.shape
+        vocab = self.backend.vocab_size or 1
+        rows = max(1, min(batch, PREFILL_LOGITS_BYTES // max(1, width * vocab * 4)))
+        parts = []
+        for first in range(0, batch, rows):
+            sl = slice(first, first + rows)
+            out = self._step(input_ids[sl], attention_mask[sl], position_ids[sl], self._empty_past(len(gate_in[sl])),
+                             gate_in[sl])
+            out["logits"] = out["logits"][:, -1, :].copy()  # drop the [rows, S, V] array now
+            parts.append(out)
+        if len(parts) == 1:
+            return parts[0]
+        return {name: np.concatenate([part[name] for part in parts], axis=0) for name in parts[0]}
+
     # --- the loop -------------------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         config = self.config
@@ -234,9 +254,9 @@ class GenerationRun:
 
         first_gate = np.full(batch, GATE_DECIDE if self.gate_override is None else self.gate_override, np.float32)
         start = time.perf_counter()
-        outputs = self._step(input_ids, attention_mask, position_ids, self._empty_past(batch), first_gate)
+        outputs = self._prefill(input_ids, attention_mask, position_ids, first_gate)
         self.timing.prefill_passes = 1
-        logits = outputs["logits"][:, -1, :]
+        logits = outputs["logits"]
         past = self._presents(outputs)
         if self.steered_graph:
             gate = np.asarray(outputs[GATE_OUT], dtype=np.float32).reshape(batch).copy()
@@ -250,11 +270,11 @@ class GenerationRun:
         if self.two_pass and self.gate_override is None:
             fired = np.flatnonzero(gate > 0.5)
             if fired.size:
-                again = self._step(input_ids[fired], attention_mask[fired], position_ids[fired],
-                                   self._empty_past(fired.size), np.ones(fired.size, np.float32))
+                again = self._prefill(input_ids[fired], attention_mask[fired], position_ids[fired],
+                                      np.ones(fired.size, np.float32))
                 self.timing.prefill_passes = 2
                 logits = logits.copy()
-                logits[fired] = again["logits"][:, -1, :]
+                logits[fired] = again["logits"]
                 for name, present in self._presents(again).items():
                     past[name] = past[name].copy()
                     past[name][fired] = present
