@@ -219,15 +219,22 @@ def plot(report: dict, path: Path) -> None:
     xs = range(len(labels))
     bars.bar([x - 0.2 for x in xs], unsteered, width=0.4, label="unsteered")
     bars.bar([x + 0.2 for x in xs], steered, width=0.4, label="steered")
+    for x, (u, st) in enumerate(zip(unsteered, steered)):
+        bars.text(x - 0.2, u + 1, f"{u:.0f}", ha="center", fontsize=8)
+        bars.text(x + 0.2, st + 1, f"{st:.0f}", ha="center", fontsize=8)
     bars.set_xticks(list(xs), labels)
     bars.set_ylabel("%")
-    bars.set_ylim(0, 100)
+    bars.set_ylim(0, 105)
     bars.set_title("attack success and over-refusal")
     bars.legend()
+    import numpy as np
+
+    all_scores = [r["score"] for r in report["records"] if r["score"] is not None]
+    edges = np.histogram_bin_edges(all_scores + [report["threshold"]], bins=30)  # one set of bins for every set
     for name in report["sets"]:
         scores = [r["score"] for r in report["records"] if r["set"] == name and r["score"] is not None]
         if scores:
-            hist.hist(scores, bins=30, alpha=0.5, label=name)
+            hist.hist(scores, bins=edges, alpha=0.5, label=name)
     hist.axvline(report["threshold"], color="black", linestyle="--", label="threshold (gate = score > 0)")
     hist.set_xlabel("gate score (h_g · s_g + b)")
     hist.set_ylabel("prompts")
