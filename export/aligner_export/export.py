@@ -148,7 +148,6 @@ def probe_batch(tokenizer):
 
 def verify_sites(ir_model, sites, model, tokenizer, family, work_dir: Path, rel_tolerance: float) -> None:
     """Checks every located residual tensor against the decoder layer outputs seen by forward hooks."""
-    import onnx_ir as ir
     import torch
 
     from .locate import compare_residuals, materialize
