@@ -16,7 +16,7 @@ import pytest
 
 from aligner_runtime.api import Aligner
 from aligner_runtime.errors import AlignerError
-from runtime_exports import steer_spec, tiny_export
+from runtime_exports import DEFAULT_OPTIONS, steer_spec, tiny_export
 
 PROMPT_DIR = Path(__file__).resolve().parents[1] / "export" / "aligner_export" / "data" / "prompts"
 NEW_TOKENS = 8
@@ -40,9 +40,11 @@ def mixed_prompts(aligner, count: int = 3) -> list[str]:
     return [p for pair in zip(fired_prompts, quiet_prompts) for p in pair]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "qwen3", "llama-inline"])
 def export(request, tmp_path_factory, tiny_model_dir):
-    return tiny_export(tmp_path_factory, tiny_model_dir, request.param)
+    family, _, impl = request.param.partition("-")
+    options = DEFAULT_OPTIONS + ((("--steer-impl", impl),) if impl else ())
+    return tiny_export(tmp_path_factory, tiny_model_dir, family, options)
 
 
 @pytest.fixture(scope="module")
