@@ -114,8 +114,9 @@ class Aligner:
     def load(cls, path: str | Path, backend: str = "onnxruntime", *, providers: Sequence | None = None,
              threads: int | None = None, plugins: str | Path | None = None,
              allow_unsteered: bool = False) -> "Aligner":
-        """Loads an export dir (``onnxruntime``) or an engine file or export dir holding ``model.engine``
-        (``tensorrt``). Refuses an unsteered or mismatched export unless ``allow_unsteered=True``."""
+        """Loads an export dir (``onnxruntime``), or for ``tensorrt`` an engine file or a directory holding the engine
+        and its ``ENGINE.json``. The export (manifest, tokenizer) is the stamp's ``export_dir``, else the engine's
+        directory. Refuses an unsteered or mismatched export unless ``allow_unsteered=True``."""
         from .backends import BACKENDS
 
         if backend not in BACKENDS:
@@ -127,10 +128,15 @@ class Aligner:
 
             engine = OnnxRuntimeBackend(export.model_path, providers=providers, intra_op_threads=threads)
         else:
-            engine_path = path / "model.engine" if path.is_dir() else path
+            from .backends.tensorrt import STAMP, TensorRTBackend, read_stamp
+
+            engine_path = path
+            if path.is_dir():  # a directory holding the engine and its stamp (``engine_file`` names the engine)
+                stamp_file = path / STAMP
+                name = _read_json(stamp_file).get("engine_file") if stamp_file.is_file() else None
+                engine_path = path / (name or "model.engine")
             if not engine_path.exists():
                 raise AlignerError(f"engine not found: {engine_path}")
-            from .backends.tensorrt import TensorRTBackend, read_stamp
 
             stamp = read_stamp(engine_path)
             export_dir = Path(stamp.get("export_dir") or engine_path.parent)
