@@ -123,9 +123,9 @@ def torch_export(model, out_dir: Path, opset: int = OPSET) -> Path:
     names_in = ["input_ids", "attention_mask", "position_ids"] + \
         [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     names_out = ["logits"] + [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    B, S, P = torch.export.Dim("batch_size"), torch.export.Dim("sequence_length"), \
-        torch.export.Dim("past_sequence_length")
-    dynamic = [{0: B, 1: S}, {0: B, 1: S + P}, {0: B, 1: S}] + [{0: B, 2: P}] * (2 * num_layers)
+    B, S, P, T = (torch.export.Dim(name) for name in ("batch_size", "sequence_length", "past_sequence_length",
+                                                      "total_sequence_length"))
+    dynamic = [{0: B, 1: S}, {0: B, 1: T}, {0: B, 1: S}] + [{0: B, 2: P}] * (2 * num_layers)
     path = out_dir / MODEL_FILE
     try:
         with _quiet():
