@@ -42,7 +42,8 @@ sibling: $(STAMP)
 	$(PY) models/smollm2-aligned/train.py
 
 bench: $(STAMP)
-	$(PY) tests/benchmarks/run_all.py
+	$(PY) tests/benchmarks/bench_export_overhead.py
+	$(PY) tests/benchmarks/bench_runtime_vs_torch.py --threads 2
 
 clean:
 	rm -rf $(BUILD)
