@@ -319,6 +319,7 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
             "dtype": options.dtype, "opset": default_opset(ir_model), "site": SITE, "exporter": exporter,
             "chat_template_sha256": template_sha, "chat_template_fallback": fallback, "num_layers": num_layers,
             "hidden_size": int(model.config.hidden_size), "eos_token_ids": eos_token_ids(target, tokenizer),
+            "context_length": int(model.config.max_position_embeddings),
             "io": {"inputs": [v.name for v in ir_model.graph.inputs],
                    "outputs": [v.name for v in ir_model.graph.outputs]},
             "validation": None,
