@@ -232,3 +232,19 @@ def test_smollm2_calibration(smollm2_dir, smollm2_aligned_dir, shared_data, tmp_
           f"alpha {rec['alpha']}")
     assert pack.meta["mode"] == "cross-model" and pack.num_layers == 30 and pack.hidden_size == 576
     assert stats["val_accuracy_fpr"] >= 0.85
+
+
+def test_recommendation_rules():
+    from aligner_export.calibrate import recommend
+
+    acc = [0.6, 0.7, 0.7, 0.8, 0.95, 0.7, 0.96, 0.97, 0.96, 0.97]
+    per_layer = [{"layer": i, "target_val_accuracy": a, "aligned_val_accuracy": a + 0.01, "val_accuracy_fpr": a,
+                  "margin": float(i)} for i, a in enumerate(acc)]
+    per_layer[8]["val_accuracy_fpr"] = 0.97  # ties with layer 9 on accuracy; layer 9's margin is larger
+    norms = np.arange(10, dtype=np.float64) * 10
+    rec = recommend(per_layer, norms)
+    # upper 40% = layers 6-9; all within 0.05 of the best joint accuracy (0.97)
+    assert rec["gate_layer"] == 9 and rec["steer_layers"] == [6, 7, 8, 9] and rec["bias_rule"] == "fpr"
+    assert rec["alpha"] == pytest.approx(0.4 * norms[6:].mean() / 4)
+    per_layer[6]["target_val_accuracy"] = 0.5  # a weak layer at the bottom of the block is trimmed
+    assert recommend(per_layer, norms)["steer_layers"] == [7, 8, 9]

@@ -25,10 +25,11 @@ from .pack import BIAS_RULES, SteeringPack, save_pack
 MIN_PROMPTS = 8
 DEFAULT_PROMPTS_DIR = Path(__file__).resolve().parent / "data" / "prompts"
 # Recommendation rules (docs/calibration.md).
-STEER_ACCURACY_FLOOR = 0.9   # both models must separate the classes at least this well on validation prompts
+STEER_UPPER_FRACTION = 0.4   # the steered block is drawn from this upper share of the decoder layers
+STEER_ACCURACY_SLACK = 0.05  # ... where both models are within this of their best joint validation accuracy
 # The shifts accumulate along the residual stream: after k steered layers the residual has moved by k * alpha.
-# alpha is chosen so that the accumulated shift over the block is this fraction of the residual norm there.
-ALPHA_NORM_FRACTION = 1.0
+# alpha is chosen so that the accumulated shift over the block is this fraction of the mean residual norm there.
+ALPHA_NORM_FRACTION = 0.4
 
 
 @dataclass
@@ -129,35 +130,26 @@ def _rates(harmful_scores: np.ndarray, harmless_scores: np.ndarray) -> tuple[flo
     return accuracy, tpr, fpr
 
 
-def longest_run(layers: list[int]) -> list[int]:
-    best: list[int] = []
-    run: list[int] = []
-    for layer in sorted(layers):
-        run = run + [layer] if run and layer == run[-1] + 1 else [layer]
-        if len(run) > len(best):
-            best = run
-    return best
-
-
 def recommend(per_layer: list[dict], residual_norm: np.ndarray) -> dict:
     """Gate layer, steered block and alpha from the per-layer statistics (docs/calibration.md).
 
     - gate layer: the most accurate target layer on validation prompts with the recommended bias rule (ties: the
       larger class margin);
-    - steered layers: the longest contiguous block, after the first layer, where both models reach
-      ``STEER_ACCURACY_FLOOR`` (else the layers within 0.05 of the best joint accuracy);
+    - steered layers: the upper ``STEER_UPPER_FRACTION`` of the layers, trimmed from below until the first layer
+      where both models are within ``STEER_ACCURACY_SLACK`` of their best joint validation accuracy (paper bias);
     - alpha: ``ALPHA_NORM_FRACTION`` times the mean last-token residual norm over the steered block, divided by the
       block's length: the shifts accumulate along the residual stream, so the total shift at the end of the block
-      is comparable to the residual it moves.
+      is that fraction of the residual it moves.
     """
     bias_rule = "fpr"
     gate_layer = max(per_layer, key=lambda s: (round(s[f"val_accuracy_{bias_rule}"], 6), s["margin"]))["layer"]
-    joint = {s["layer"]: min(s["target_val_accuracy"], s["aligned_val_accuracy"]) for s in per_layer}
-    candidates = [l for l, acc in joint.items() if l > 0 and acc >= STEER_ACCURACY_FLOOR]
-    if not candidates:
-        best = max(joint.values())
-        candidates = [l for l, acc in joint.items() if acc >= best - 0.05]
-    steer_layers = longest_run(candidates)
+    num_layers = len(per_layer)
+    joint = [min(s["target_val_accuracy"], s["aligned_val_accuracy"]) for s in per_layer]
+    floor = max(joint) - STEER_ACCURACY_SLACK
+    first = max(1, num_layers - int(np.ceil(STEER_UPPER_FRACTION * num_layers)))
+    while first < num_layers - 1 and joint[first] < floor:
+        first += 1
+    steer_layers = list(range(first, num_layers))
     alpha = float(ALPHA_NORM_FRACTION * residual_norm[steer_layers].mean() / len(steer_layers))
     return {"gate_layer": int(gate_layer), "steer_layers": [int(l) for l in steer_layers],
             "alpha": round(alpha, 4), "bias_rule": bias_rule}
