@@ -1,0 +1,409 @@
+"""Image preprocessing for LLaVA-style exports, with numpy and Pillow only (issue 6: no torch on the device).
+
+It reproduces the slow, PIL-based ``transformers.CLIPImageProcessor`` that LLaVA-1.5 uses, step for step and in
+the same dtypes, so ``pixel_values`` match HF's to float32 rounding:
+
+1. convert to RGB with ``Image.convert("RGB")`` (alpha is dropped, not composited, as HF does);
+2. resize with Pillow: the shortest edge to ``n`` (the long edge ``int(n * long / short)``, torchvision's rule) or to
+   an exact (height, width);
+3. center crop on the uint8 array, padding with zeros where the crop is larger than the image;
+4. rescale in float64 then cast to float32; normalize ``(x - mean) / std`` in float32;
+5. channels first: ``[N, 3, H, W]`` float32.
+
+A path is opened the way HF's ``load_image`` opens it (EXIF orientation applied). A float array in [0, 1] is
+scaled to uint8 the way HF's ``to_pil_image`` does; the result equals HF's with ``do_rescale=False`` for that array,
+which is how HF expects such arrays to be passed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import AlignerError
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+# Pillow's resample codes, which HF stores in preprocessor_config.json as "resample".
+RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+_RESAMPLE_CODES = {name: code for code, name in RESAMPLE_NAMES.items()}
+
+# CLIPImageProcessor's defaults, used for keys a config leaves out (as CLIPImageProcessor(**config) would).
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_SUPPORTED_PROCESSORS = ("CLIPImageProcessor", "CLIPImageProcessorFast")
+_MANIFEST_KEYS = (
+    "resize_rule", "resize_shortest_edge", "resize_height_width", "resample", "resample_code", "do_center_crop",
+    "crop_height_width", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb",
+    "output_size",
+)
+
+
+def _pil():
+    try:
+        from PIL import Image, ImageOps
+    except ImportError:
+        raise AlignerError("image input needs Pillow: pip install pillow") from None
+    return Image, ImageOps
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How a LLaVA export turns an image into ``pixel_values`` (recorded in the manifest)."""
+
+    # Exactly one of the two resize rules is set: the shortest edge (keeps the aspect ratio) or (height, width).
+    resize_shortest_edge: int | None
+    resize_height_width: tuple[int, int] | None
+    resample: int
+    do_center_crop: bool
+    crop_height_width: tuple[int, int] | None
+    do_rescale: bool
+    rescale_factor: float
+    do_normalize: bool
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    do_convert_rgb: bool
+
+    def __post_init__(self) -> None:
+        if (self.resize_shortest_edge is None) == (self.resize_height_width is None):
+            raise AlignerError("image spec: give exactly one of resize_shortest_edge and resize_height_width")
+        if self.resize_shortest_edge is not None:
+            _positive_int(self.resize_shortest_edge, "resize_shortest_edge")
+        # Lists become tuples, so that specs compare equal however they were built.
+        for name in ("resize_height_width", "crop_height_width"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _hw_pair(getattr(self, name), name))
+        for name in ("image_mean", "image_std"):
+            object.__setattr__(self, name, _triple(getattr(self, name), name))
+        if self.resample not in RESAMPLE_NAMES:
+            raise AlignerError(f"image spec: unknown resample code {self.resample!r} (known: {sorted(RESAMPLE_NAMES)})")
+        if self.do_center_crop:
+            if self.crop_height_width is None:
+                raise AlignerError("image spec: do_center_crop is set but crop_height_width is missing")
+        elif self.resize_height_width is None:
+            # The vision graph takes one fixed size; a shortest-edge resize alone gives a size per image.
+            raise AlignerError("image spec: a shortest_edge resize without a center crop has no fixed output size")
+        if not (isinstance(self.rescale_factor, (int, float)) and math.isfinite(self.rescale_factor)):
+            raise AlignerError(f"image spec: rescale_factor must be a finite number, got {self.rescale_factor!r}")
+        for name in ("image_mean", "image_std"):
+            values = getattr(self, name)
+            if not all(math.isfinite(v) for v in values):
+                raise AlignerError(f"image spec: {name} must be 3 finite numbers, got {values!r}")
+        if self.do_normalize and any(v == 0 for v in self.image_std):
+            raise AlignerError(f"image spec: image_std has a zero: {self.image_std!r}")
+
+    @classmethod
+    def from_processor_config(cls, config: dict) -> ImageSpec:
+        """From HF's preprocessor_config.json dict (or ``image_processor.to_dict()``) of a CLIPImageProcessor."""
+        if not isinstance(config, dict):
+            raise AlignerError(f"image processor config must be a dict, got {type(config).__name__}")
+        kind = config.get("image_processor_type")
+        if kind is not None and kind not in _SUPPORTED_PROCESSORS:
+            raise AlignerError(
+                f"image processor {kind} is not supported: only CLIPImageProcessor preprocessing (LLaVA-1.5 style) "
+                "can be exported"
+            )
+        if config.get("image_grid_pinpoints"):
+            raise AlignerError("image processor uses image_grid_pinpoints (LLaVA-NeXT any-resolution tiling), "
+                               "which is not supported")
+        for key in ("do_pad", "crop_to_patches", "do_image_splitting"):
+            if config.get(key):
+                raise AlignerError(
+                    f"image processor sets {key}, which CLIPImageProcessor preprocessing cannot represent"
+                )
+        if config.get("do_resize", True) is not True:
+            raise AlignerError("image processor sets do_resize=false; the export needs a fixed-size resize")
+
+        size = config.get("size", {"shortest_edge": 224})
+        if isinstance(size, int) and not isinstance(size, bool):
+            size = {"shortest_edge": size}  # HF's get_size_dict(default_to_square=False)
+        elif isinstance(size, (list, tuple)) and len(size) == 2:
+            size = {"height": size[0], "width": size[1]}
+        if not isinstance(size, dict):
+            raise AlignerError(f"image processor size {size!r} is not a resize rule this runtime knows")
+        shortest_edge = None
+        height_width = None
+        if set(size) == {"shortest_edge"}:
+            shortest_edge = size["shortest_edge"]
+        elif set(size) == {"height", "width"}:
+            height_width = (size["height"], size["width"])
+        else:
+            raise AlignerError(
+                f"image processor size {size!r} is not a resize rule this runtime knows "
+                "(expected {'shortest_edge': n} or {'height': h, 'width': w})"
+            )
+
+        do_center_crop = _flag(config, "do_center_crop", True)
+        crop = None
+        if do_center_crop:
+            crop_size = config.get("crop_size", {"height": 224, "width": 224})
+            if isinstance(crop_size, int) and not isinstance(crop_size, bool):
+                crop_size = {"height": crop_size, "width": crop_size}  # get_size_dict(default_to_square=True)
+            if not (isinstance(crop_size, dict) and set(crop_size) == {"height", "width"}):
+                raise AlignerError(f"image processor crop_size {crop_size!r} must be {{'height': h, 'width': w}}")
+            crop = (crop_size["height"], crop_size["width"])
+
+        return cls(
+            resize_shortest_edge=shortest_edge,
+            resize_height_width=height_width,
+            resample=_resample_code(config.get("resample", 3)),
+            do_center_crop=do_center_crop,
+            crop_height_width=crop,
+            do_rescale=_flag(config, "do_rescale", True),
+            rescale_factor=config.get("rescale_factor", 1 / 255),
+            do_normalize=_flag(config, "do_normalize", True),
+            image_mean=_triple(config.get("image_mean", _CLIP_MEAN), "image_mean"),
+            image_std=_triple(config.get("image_std", _CLIP_STD), "image_std"),
+            do_convert_rgb=_flag(config, "do_convert_rgb", True),
+        )
+
+    def to_manifest(self) -> dict:
+        """A JSON-able dict for the export manifest; :meth:`from_manifest` reads it back."""
+        return {
+            "resize_rule": "shortest_edge" if self.resize_shortest_edge is not None else "exact",
+            "resize_shortest_edge": self.resize_shortest_edge,
+            "resize_height_width": list(self.resize_height_width) if self.resize_height_width else None,
+            "resample": RESAMPLE_NAMES[self.resample],
+            "resample_code": self.resample,
+            "do_center_crop": self.do_center_crop,
+            "crop_height_width": list(self.crop_height_width) if self.crop_height_width else None,
+            "do_rescale": self.do_rescale,
+            "rescale_factor": float(self.rescale_factor),
+            "do_normalize": self.do_normalize,
+            "image_mean": [float(v) for v in self.image_mean],
+            "image_std": [float(v) for v in self.image_std],
+            "do_convert_rgb": self.do_convert_rgb,
+            "output_size": list(self.output_size),
+        }
+
+    @classmethod
+    def from_manifest(cls, data: dict) -> ImageSpec:
+        if not isinstance(data, dict):
+            raise AlignerError(f"manifest image preprocessing must be an object, got {type(data).__name__}")
+        missing = [key for key in _MANIFEST_KEYS if key not in data]
+        if missing:
+            raise AlignerError(f"manifest image preprocessing lacks {', '.join(missing)}")
+        rule = data["resize_rule"]
+        if rule == "shortest_edge":
+            shortest_edge, height_width = data["resize_shortest_edge"], None
+        elif rule == "exact":
+            shortest_edge, height_width = None, _hw_pair(data["resize_height_width"], "resize_height_width")
+        else:
+            raise AlignerError(f"manifest image preprocessing: unknown resize_rule {rule!r} (shortest_edge, exact)")
+        code = data["resample_code"]
+        if _RESAMPLE_CODES.get(data["resample"]) != code or isinstance(code, bool):
+            raise AlignerError(
+                f"manifest image preprocessing: resample {data['resample']!r} does not match resample_code {code!r}"
+            )
+        crop = data["crop_height_width"]
+        spec = cls(
+            resize_shortest_edge=shortest_edge,
+            resize_height_width=height_width,
+            resample=code,
+            do_center_crop=_bool(data["do_center_crop"], "do_center_crop"),
+            crop_height_width=_hw_pair(crop, "crop_height_width") if crop is not None else None,
+            do_rescale=_bool(data["do_rescale"], "do_rescale"),
+            rescale_factor=data["rescale_factor"],
+            do_normalize=_bool(data["do_normalize"], "do_normalize"),
+            image_mean=_triple(data["image_mean"], "image_mean"),
+            image_std=_triple(data["image_std"], "image_std"),
+            do_convert_rgb=_bool(data["do_convert_rgb"], "do_convert_rgb"),
+        )
+        if list(spec.output_size) != data["output_size"]:
+            raise AlignerError(
+                f"manifest image preprocessing: output_size {data['output_size']!r} does not follow from the "
+                f"resize and crop (expected {list(spec.output_size)})"
+            )
+        return spec
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(H, W) of ``pixel_values``."""
+        if self.do_center_crop:
+            return self.crop_height_width
+        return self.resize_height_width
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """(H, W) after the resize step, by HF's ``get_resize_output_image_size``."""
+        if self.resize_height_width is not None:
+            return self.resize_height_width
+        size = self.resize_shortest_edge
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = size, int(size * long / short)
+        return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def load_image(source) -> PILImage.Image:
+    """A fully decoded PIL image from a path, a PIL image or a numpy array (HWC, HW or CHW)."""
+    Image, ImageOps = _pil()
+    if isinstance(source, Image.Image):
+        try:
+            source.load()  # an image opened lazily by the caller decodes here, so a truncated one fails here
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise AlignerError(f"cannot read image: not an image Pillow can decode ({exc})") from None
+        return source
+    if isinstance(source, np.ndarray):
+        return _image_from_array(source, Image)
+    if isinstance(source, (str, os.PathLike)):
+        return _open_path(os.fspath(source), Image, ImageOps)
+    raise AlignerError(f"image must be a path, a PIL image or a numpy array, got {type(source).__name__}")
+
+
+def preprocess(images, spec: ImageSpec) -> np.ndarray:
+    """``pixel_values`` float32 ``[N, 3, H, W]`` for one image source or a list of them."""
+    sources = _as_list(images)
+    if not sources:
+        raise AlignerError("no images to preprocess")
+    out = np.empty((len(sources), 3) + tuple(spec.output_size), dtype=np.float32)
+    for i, source in enumerate(sources):
+        out[i] = _preprocess_one(load_image(source), spec)
+    return out
+
+
+def _preprocess_one(image, spec: ImageSpec) -> np.ndarray:
+    if image.mode != "RGB":
+        if not spec.do_convert_rgb:
+            raise AlignerError(f"image has mode {image.mode} but the export's preprocessing does not convert to RGB")
+        image = image.convert("RGB")
+    height, width = spec.resized_size(image.height, image.width)
+    # reducing_gap=None, as HF's resize passes it.
+    pixels = np.array(image.resize((width, height), resample=spec.resample))
+    if spec.do_center_crop:
+        pixels = _center_crop(pixels, *spec.crop_height_width)
+    if spec.do_rescale:
+        # HF upcasts to float64 before scaling and downcasts to float32 after (image_transforms.rescale).
+        pixels = (pixels.astype(np.float64) * spec.rescale_factor).astype(np.float32)
+    if spec.do_normalize:
+        if not np.issubdtype(pixels.dtype, np.floating):
+            pixels = pixels.astype(np.float32)
+        mean = np.array(spec.image_mean, dtype=pixels.dtype)
+        std = np.array(spec.image_std, dtype=pixels.dtype)
+        pixels = (pixels - mean) / std
+    return pixels.astype(np.float32).transpose(2, 0, 1)
+
+
+def _center_crop(pixels: np.ndarray, crop_height: int, crop_width: int) -> np.ndarray:
+    """HF's center_crop on an HWC array: zero padding where the crop is larger than the image."""
+    height, width = pixels.shape[:2]
+    top = (height - crop_height) // 2
+    left = (width - crop_width) // 2
+    if top >= 0 and left >= 0:
+        return pixels[top:top + crop_height, left:left + crop_width]
+    new_height, new_width = max(crop_height, height), max(crop_width, width)
+    padded = np.zeros((new_height, new_width) + pixels.shape[2:], dtype=pixels.dtype)
+    top_pad = math.ceil((new_height - height) / 2)
+    left_pad = math.ceil((new_width - width) / 2)
+    padded[top_pad:top_pad + height, left_pad:left_pad + width] = pixels
+    top += top_pad
+    left += left_pad
+    return padded[max(0, top):min(new_height, top + crop_height), max(0, left):min(new_width, left + crop_width)]
+
+
+def _open_path(path: str, Image, ImageOps):
+    if not os.path.exists(path):
+        raise AlignerError(f"image not found: {path}")
+    if os.path.isdir(path):
+        raise AlignerError(f"image path is a directory: {path}")
+    try:
+        with Image.open(path) as opened:
+            opened.load()  # decode now, so a truncated file fails here and not mid-run
+            # HF's load_image applies the EXIF orientation; exif_transpose returns a copy that outlives the file.
+            return ImageOps.exif_transpose(opened)
+    except PermissionError:
+        raise AlignerError(f"cannot read image {path}: permission denied") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise AlignerError(f"cannot read image {path}: not an image file Pillow can read ({reason})") from None
+
+
+def _image_from_array(array: np.ndarray, Image):
+    shape = array.shape
+    if array.ndim == 3:
+        # HF's infer_channel_dimension_format: channels first when the first axis could be channels.
+        if shape[0] in (1, 3):
+            array = array.transpose(1, 2, 0)
+        elif shape[2] not in (1, 3, 4):
+            raise AlignerError(f"image array of shape {shape} is not HxW, HxWxC or CxHxW with C in 1, 3, 4")
+        if array.shape[2] == 1:
+            array = array[:, :, 0]
+    elif array.ndim != 2:
+        raise AlignerError(f"image array of shape {shape} is not HxW, HxWxC or CxHxW with C in 1, 3, 4")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise AlignerError(f"image array of shape {shape} is empty")
+    array = _to_uint8(array)
+    # For uint8, Pillow picks L, RGB or RGBA from the shape.
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """uint8 pixels as HF's to_pil_image makes them (_rescale_for_pil_conversion)."""
+    if array.dtype == np.uint8:
+        return array
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise AlignerError(f"image array has dtype {array.dtype}; expected uint8, an integer type or a float type")
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        raise AlignerError("image array has NaN or infinite values")
+    if np.allclose(array, array.astype(int)):
+        if array.min() < 0 or array.max() > 255:
+            raise AlignerError(f"image array values span [{array.min()}, {array.max()}]; expected [0, 255]")
+        return array.astype(np.uint8)
+    if array.min() < 0 or array.max() > 1:
+        raise AlignerError(
+            f"image array of floats spans [{array.min()}, {array.max()}]; expected [0, 1] or integers in [0, 255]"
+        )
+    return (array.astype(np.float64) * 255).astype(np.float32).astype(np.uint8)
+
+
+def _as_list(images) -> list:
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)
+    return [images]
+
+
+def _flag(config: dict, key: str, default: bool) -> bool:
+    return _bool(config.get(key, default), key)
+
+
+def _bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise AlignerError(f"image preprocessing {name} must be true or false, got {value!r}")
+    return value
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise AlignerError(f"image preprocessing {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _hw_pair(value, name: str) -> tuple[int, int]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise AlignerError(f"image preprocessing {name} must be [height, width], got {value!r}")
+    return (_positive_int(value[0], name), _positive_int(value[1], name))
+
+
+def _triple(value, name: str) -> tuple[float, float, float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value] * 3  # HF repeats a scalar mean/std per channel
+    if not isinstance(value, Iterable) or isinstance(value, (str, bytes, dict)):
+        raise AlignerError(f"image preprocessing {name} must be 3 numbers, got {value!r}")
+    values = list(value)
+    if len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise AlignerError(f"image preprocessing {name} must be 3 numbers, got {value!r}")
+    return tuple(float(v) for v in values)
+
+
+def _resample_code(value) -> int:
+    if isinstance(value, str) and value.lower() in _RESAMPLE_CODES:
+        return _RESAMPLE_CODES[value.lower()]
+    if isinstance(value, bool) or not isinstance(value, int) or value not in RESAMPLE_NAMES:
+        raise AlignerError(f"image processor resample {value!r} is not a Pillow filter code {sorted(RESAMPLE_NAMES)}")
+    return value
