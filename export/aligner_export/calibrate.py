@@ -53,13 +53,13 @@ def collect_activations(model, tokenizer, prompts, batch_size: int = 16, desc: s
     import torch
     from tqdm import tqdm
 
-    from .families import family_for
+    from .families import family_for, text_config
     from .modeling import chat_texts, tokenize_batch
     from .reference import last_positions
 
     texts, template_sha, fallback = chat_texts(tokenizer, prompts)
     layers = family_for(model.config).decoder_layers(model)
-    num_layers, hidden = len(layers), model.config.hidden_size
+    num_layers, hidden = len(layers), text_config(model.config).hidden_size
     out = np.zeros((len(texts), num_layers, hidden), dtype=np.float32)
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     order = np.argsort(lengths, kind="stable")  # similar lengths share a batch: less padding
@@ -158,7 +158,7 @@ def recommend(per_layer: list[dict], residual_norm: np.ndarray) -> dict:
 def calibrate(target_dir, harmful: list[str], harmless: list[str], aligned_dir=None, *, val_fraction: float = 0.25,
               seed: int = 0, max_fpr: float = 0.01, batch_size: int = 16, report_dir=None) -> SteeringPack:
     """Computes the steering pack. Loads one model at a time to bound memory."""
-    from .modeling import check_model_dir, fingerprint, load_model
+    from .modeling import fingerprint, load_model, model_dims
 
     for name, prompts in (("harmful", harmful), ("harmless", harmless)):
         if len(prompts) < MIN_PROMPTS:
@@ -167,13 +167,13 @@ def calibrate(target_dir, harmful: list[str], harmless: list[str], aligned_dir=N
         raise AlignerError(f"--max-fpr must be in [0, 1), got {max_fpr}")
     if not 0.0 < val_fraction < 1.0:
         raise AlignerError(f"--val-fraction must be in (0, 1), got {val_fraction}")
-    target_cfg = check_model_dir(target_dir)
+    # A vision-language target is compared by its language model: the aligned model may be a text-only LM.
+    target_dims = model_dims(target_dir)
     if aligned_dir is not None:
-        aligned_cfg = check_model_dir(aligned_dir)
-        for key in ("hidden_size", "num_hidden_layers"):
-            if aligned_cfg.get(key) != target_cfg.get(key):
-                raise AlignerError(f"aligned model's {key} is {aligned_cfg.get(key)} but the target's is "
-                                   f"{target_cfg.get(key)}: they must share a base")
+        aligned_dims = model_dims(aligned_dir)
+        for key, a, t in zip(("num_hidden_layers", "hidden_size"), aligned_dims, target_dims):
+            if a != t:
+                raise AlignerError(f"aligned model's {key} is {a} but the target's is {t}: they must share a base")
     else:
         warnings.warn("no --aligned model: self mode, the target's own SRVs become the steering vectors "
                       "(the paper reports this works poorly)", stacklevel=2)

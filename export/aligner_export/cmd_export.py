@@ -90,19 +90,17 @@ def _check_output(path: Path) -> None:
 
 
 def run(args) -> int:
-    from .modeling import check_model_dir
+    from .families import family_for
+    from .modeling import load_config, model_dims
     from .pack import load_pack
 
     target, out_dir = Path(args.target), Path(args.output)
     _check_output(out_dir)
-    config = check_model_dir(target)
-    from types import SimpleNamespace
-
-    from .families import family_for
-
-    family_for(SimpleNamespace(model_type=config.get("model_type")))
+    num_layers, hidden = model_dims(target)
+    family = family_for(load_config(target))
+    if family.is_multimodal and args.onnx:
+        raise AlignerError("--onnx is for text-only models; a vision-language model is exported from its weights")
     pack = load_pack(args.pack)
-    num_layers, hidden = int(config["num_hidden_layers"]), int(config["hidden_size"])
     if (pack.num_layers, pack.hidden_size) != (num_layers, hidden):
         raise AlignerError(f"the pack was made for another model: it has {pack.num_layers} layers x {pack.hidden_size}"
                            f" hidden, {target} has {num_layers} x {hidden}")

@@ -1,4 +1,9 @@
-"""Loading HF causal LMs, fingerprints, and chat-templated prompts for calibration."""
+"""Loading HF causal LMs (and LLaVA-style vision-language models), fingerprints, and chat-templated prompts.
+
+A vision-language model is loaded whole (``LlavaForConditionalGeneration``); everything that concerns steering looks
+at its language model: the decoder layers (``families``), the fingerprint (the language model's config and embedding
+matrix, issue 6) and the chat template (the processor's, with the user turn given as a list of content parts).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from aligner_runtime.errors import AlignerError
 
 from .families import family_for
 
+# Vision-language architectures this package exports, by the ``architectures`` entry of config.json.
+VLM_ARCHITECTURES = {"LlavaForConditionalGeneration": "llava"}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -28,40 +35,82 @@ def check_model_dir(path) -> dict:
     except (OSError, json.JSONDecodeError) as exc:
         raise AlignerError(f"cannot read {cfg_file}: {exc}") from None
     archs = config.get("architectures") or []
-    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+    if archs and not any(a.endswith("ForCausalLM") or a in VLM_ARCHITECTURES for a in archs):
+        if any(a.endswith("ForConditionalGeneration") for a in archs):
+            raise AlignerError(f"{path}: vision-language architecture {', '.join(archs)} is not supported "
+                               f"(supported: {', '.join(VLM_ARCHITECTURES)})")
         raise AlignerError(f"{path} is not a causal LM (architectures: {', '.join(archs)})")
     if not any((path / f).exists() for f in WEIGHT_FILES):
         raise AlignerError(f"model directory has no weights ({' or '.join(WEIGHT_FILES[::2])}): {path}")
     return config
 
 
+def is_vlm_dir(config: dict) -> bool:
+    return any(a in VLM_ARCHITECTURES for a in config.get("architectures") or [])
+
+
+def load_config(path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise AlignerError(f"cannot read the model config in {path}: {str(exc).splitlines()[0]}") from None
+
+
+def model_dims(path) -> tuple[int, int]:
+    """``(num_layers, hidden_size)`` of the (language) model in ``path``, without loading weights."""
+    from .families import text_config
+
+    check_model_dir(path)
+    config = text_config(load_config(path))
+    return int(config.num_hidden_layers), int(config.hidden_size)
+
+
 def load_model(path, dtype=None):
-    """Loads ``(model, tokenizer)`` in eval mode; user errors become :class:`AlignerError`."""
+    """Loads ``(model, tokenizer)`` in eval mode; user errors become :class:`AlignerError`.
+
+    A vision-language model comes back whole; its tokenizer carries the processor's chat template and is marked
+    (``is_multimodal_tokenizer``) so that prompts are given to the template as content parts.
+    """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    check_model_dir(path)
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise AlignerError(f"cannot read the model config in {path}: {str(exc).splitlines()[0]}") from None
+    vlm = is_vlm_dir(check_model_dir(path))
+    config = load_config(path)
     family_for(config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, local_files_only=True)
+        if vlm:
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+            if getattr(processor, "chat_template", None):
+                tokenizer.chat_template = processor.chat_template
+            tokenizer.inferaligner_processor = processor
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32,
+                                                                local_files_only=True)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise AlignerError(f"cannot load the model in {path}: {str(exc).splitlines()[0]}") from None
     model.eval()
     return model, tokenizer
 
 
+def is_multimodal_tokenizer(tokenizer) -> bool:
+    return getattr(tokenizer, "inferaligner_processor", None) is not None
+
+
 def fingerprint(model) -> str:
     """sha256 over the architecture config and the embedding matrix's shape and bytes (ARCHITECTURE.md §4)."""
     import numpy as np
 
-    cfg = model.config
+    from .families import text_config
+
+    cfg = text_config(model.config)  # a vision-language model: its language model part (issue 6)
     arch = {k: getattr(cfg, k, None) for k in (
         "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
         "intermediate_size", "vocab_size", "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings")}
@@ -90,8 +139,10 @@ def chat_texts(tokenizer, prompts) -> tuple[list[str], str, bool]:
     Returns ``(texts, chat_template_sha256, used_fallback)``.
     """
     template, fallback = chat_template_of(tokenizer)
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], chat_template=template,
-                                           add_generation_prompt=True, tokenize=False) for p in prompts]
+    parts = is_multimodal_tokenizer(tokenizer)  # a VLM's template takes the user turn as content parts
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": p}] if parts
+                                             else p}], chat_template=template, add_generation_prompt=True,
+                                           tokenize=False) for p in prompts]
     return texts, template_sha256(template), fallback
 
 
