@@ -34,7 +34,10 @@ EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with headroom for 
 MODEL_FILE = "model.onnx"
 DTYPES = ("fp32", "fp16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "added_tokens.json")
+                   "tokenizer.model", "added_tokens.json",
+                   # vision-language models: the processor's files, for reference (the manifest holds what the
+                   # runtime needs)
+                   "preprocessor_config.json", "processor_config.json")
 
 
 @dataclass
@@ -165,7 +168,14 @@ def verify_sites(ir_model, sites, model, tokenizer, family, work_dir: Path, rel_
     batch = probe_batch(tokenizer)
     ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy().astype(np.int64)
     session = ort_session(probe_path, level="disable")
-    feeds = {"input_ids": ids, "attention_mask": mask, **OrtLM(session).empty_past(ids.shape[0])}
+    feeds = {"attention_mask": mask, **OrtLM(session).empty_past(ids.shape[0])}
+    embeds = next((i for i in session.get_inputs() if i.name == "inputs_embeds"), None)
+    if embeds is not None:  # a vision-language model's language model graph: fed the token embeddings
+        with torch.no_grad():
+            feeds["inputs_embeds"] = model.get_input_embeddings()(batch["input_ids"]).float().numpy().astype(
+                np.float16 if embeds.type == "tensor(float16)" else np.float32)
+    else:
+        feeds["input_ids"] = ids
     if any(i.name == "position_ids" for i in session.get_inputs()):
         feeds["position_ids"] = position_ids_for(mask)
     outputs = session.run([v.name for v in added], feeds)
@@ -283,8 +293,18 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
     from .rewrite import SteerPlan, apply, check_unsteered, default_opset
     from .validate import validate
 
+    from .families import text_config
+
     family = family_for(model.config)
-    num_layers = model.config.num_hidden_layers
+    multimodal = family.is_multimodal
+    if multimodal:  # issue 6: the language model alone is exported and steered; it takes inputs_embeds
+        from .multimodal import text_lm_of, to_inputs_embeds
+
+        lm, lm_family = text_lm_of(model), family.text_family
+    else:
+        lm, lm_family = model, family
+    lm_config = text_config(model.config)
+    num_layers = lm_config.num_hidden_layers
     spec = SteerSpec(gate_layer=options.gate_layer, direction=pack.target_srv[options.gate_layer],
                      bias=options.bias, steer_layers=options.steer_layers,
                      vectors={l: np.float32(options.alpha) * pack.aligned_srv[l] for l in options.steer_layers})
@@ -294,7 +314,7 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
         if options.onnx_file is not None:
             base_path, exporter = Path(options.onnx_file), "external"
         else:
-            base_path, exporter = base_export(model, work / "base", family, exporter=options.exporter)
+            base_path, exporter = base_export(lm, work / "base", lm_family, exporter=options.exporter)
         options.timings["base_export_s"] = time.perf_counter() - t0
         log(f"base export ({exporter}): {base_path.name}")
         try:
@@ -302,8 +322,10 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
         except Exception as exc:  # protobuf and onnx-ir raise several kinds for a file that is not a model
             raise AlignerError(f"{base_path}: not a readable ONNX model ({type(exc).__name__})") from None
         check_unsteered(ir_model.graph)
+        if multimodal:
+            to_inputs_embeds(ir_model, int(lm_config.hidden_size))
         sites = locate_residuals(ir_model.graph, num_layers)
-        verify_sites(ir_model, sites, model, tokenizer, family, work, 1e-3 if options.dtype == "fp32" else 2e-2)
+        verify_sites(ir_model, sites, lm, tokenizer, lm_family, work, 1e-3 if options.dtype == "fp32" else 2e-2)
         log(f"residual stream located and verified on {num_layers} layers")
         plan = SteerPlan(gate_layer=spec.gate_layer, direction=np.asarray(spec.direction, np.float32),
                          bias=float(spec.bias), vectors={int(l): np.asarray(v, np.float32)
@@ -318,12 +340,27 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
             "bias": float(plan.bias), "bias_rule": options.bias_rule, "steer_impl": options.steer_impl,
             "dtype": options.dtype, "opset": default_opset(ir_model), "site": SITE, "exporter": exporter,
             "chat_template_sha256": template_sha, "chat_template_fallback": fallback, "num_layers": num_layers,
-            "hidden_size": int(model.config.hidden_size), "eos_token_ids": eos_token_ids(target, tokenizer),
-            "context_length": int(model.config.max_position_embeddings),
+            "hidden_size": int(lm_config.hidden_size), "eos_token_ids": eos_token_ids(target, tokenizer),
+            "context_length": int(lm_config.max_position_embeddings),
             "io": {"inputs": [v.name for v in ir_model.graph.inputs],
                    "outputs": [v.name for v in ir_model.graph.outputs]},
             "validation": None,
         }
+        if multimodal:
+            from .modeling import chat_template_of
+            from .multimodal import image_spec_of, multimodal_manifest, write_graphs
+
+            image_spec = image_spec_of(tokenizer)
+            t0 = time.perf_counter()
+            features = write_graphs(model, tmp, image_spec, OPSET)
+            options.timings["vision_embed_export_s"] = time.perf_counter() - t0
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                template = chat_template_of(tokenizer)[0]
+            manifest["multimodal"] = multimodal_manifest(model, tokenizer, template, features, image_spec)
+            log(f"vision graph: {features} features per image of {image_spec.output_size[1]}x"
+                f"{image_spec.output_size[0]}; embedding graph; image token "
+                f"{manifest['multimodal']['image_token']} ({manifest['multimodal']['placement']} placement)")
         proto_meta = onnx.ModelProto()
         set_metadata(proto_meta, manifest)
         ir_model.metadata_props.update({p.key: p.value for p in proto_meta.metadata_props})
@@ -340,7 +377,13 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
         shutil.rmtree(work)
         if options.validate:
             t0 = time.perf_counter()
-            result = validate(model_path, model, tokenizer, spec, dtype=options.dtype)
+            if multimodal:
+                from .validate import validate_vlm
+
+                result = validate_vlm(tmp, model, tokenizer, spec, image_spec, manifest["multimodal"],
+                                      dtype=options.dtype)
+            else:
+                result = validate(model_path, model, tokenizer, spec, dtype=options.dtype)
             options.timings["validate_s"] = time.perf_counter() - t0
             manifest["validation"] = result.as_manifest()
             from .manifest import write_metadata

@@ -86,9 +86,16 @@ class OrtLM:
             past[name] = np.zeros(dims, dtype=_NP_DTYPE[self.inputs[name].type])
         return past
 
-    def step(self, input_ids, attention_mask, position_ids, past, gate_in) -> dict[str, np.ndarray]:
-        feeds = {"input_ids": np.asarray(input_ids, np.int64), "attention_mask": np.asarray(attention_mask, np.int64),
-                 GATE_IN: np.asarray(gate_in, np.float32), **past}
+    def step(self, input_ids, attention_mask, position_ids, past, gate_in,
+             inputs_embeds=None) -> dict[str, np.ndarray]:
+        feeds = {"attention_mask": np.asarray(attention_mask, np.int64), GATE_IN: np.asarray(gate_in, np.float32),
+                 **past}
+        if "inputs_embeds" in self.inputs:  # a vision-language model's language model graph (issue 6)
+            if inputs_embeds is None:
+                raise ValueError("this graph takes inputs_embeds")
+            feeds["inputs_embeds"] = np.asarray(inputs_embeds, _NP_DTYPE[self.inputs["inputs_embeds"].type])
+        else:
+            feeds["input_ids"] = np.asarray(input_ids, np.int64)
         if "position_ids" in self.inputs:
             feeds["position_ids"] = np.asarray(position_ids, np.int64)
         values = dict(zip(self.outputs, self.session.run(None, feeds)))
@@ -109,8 +116,14 @@ def _max_diff(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> f
     return float(diff.max()) if diff.size else 0.0
 
 
-def run_rounds(session, model, tokenizer_batch, spec, decode_steps: int = 3, force_mixed: bool = True):
-    """Runs the protocol on ORT and on the reference; returns a list of per-round diff dicts."""
+def run_rounds(session, model, tokenizer_batch, spec, decode_steps: int = 3, force_mixed: bool = True,
+               embedder=None, ref_prefill_kwargs=None):
+    """Runs the protocol on ORT and on the reference; returns a list of per-round diff dicts.
+
+    For a graph fed ``inputs_embeds``, ``embedder(input_ids, prefill)`` gives them (the prompt's, images merged, at
+    prefill); ``ref_prefill_kwargs`` (``pixel_values``) go to the reference model's prefill calls."""
+    embed = embedder or (lambda _ids, _prefill: None)
+    ref_extra = ref_prefill_kwargs or {}
     import torch
 
     from .reference import last_positions, steered
@@ -128,10 +141,10 @@ def run_rounds(session, model, tokenizer_batch, spec, decode_steps: int = 3, for
             pos = position_ids_for(mask)
             first_in = np.full(batch, -1.0, np.float32) if forced is None else np.asarray(forced, np.float32)
             # 1. scoring prefill
-            ort_out = lm.step(input_ids, mask, pos, lm.empty_past(batch), first_in)
+            ort_out = lm.step(input_ids, mask, pos, lm.empty_past(batch), first_in, embed(input_ids, True))
             state.gate_in = torch.from_numpy(first_in)
             ref = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask),
-                        position_ids=torch.from_numpy(pos), use_cache=False)
+                        position_ids=torch.from_numpy(pos), use_cache=False, **ref_extra)
             ref_gate, ref_score = state.gate.numpy(), state.score.numpy()
             if not np.array_equal(ort_out[GATE_OUT], ref_gate):
                 raise AlignerError(f"validation failed: ONNX gate {ort_out[GATE_OUT].tolist()} != PyTorch gate "
@@ -143,10 +156,10 @@ def run_rounds(session, model, tokenizer_batch, spec, decode_steps: int = 3, for
             gate = ref_gate.astype(np.float32)
             result["gates"] = gate.tolist()
             # 2. the steered prefill with the latched gate, whose cache decoding extends
-            ort_out = lm.step(input_ids, mask, pos, lm.empty_past(batch), gate)
+            ort_out = lm.step(input_ids, mask, pos, lm.empty_past(batch), gate, embed(input_ids, True))
             state.gate_in = torch.from_numpy(gate)
             ref = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask),
-                        position_ids=torch.from_numpy(pos), use_cache=True)
+                        position_ids=torch.from_numpy(pos), use_cache=True, **ref_extra)
             result["prefill"] = max(result["prefill"], _max_diff(ort_out["logits"], ref.logits.float().numpy(), mask))
             cache, past = ref.past_key_values, ort_out["past"]
             ref_logits = ref.logits.float().numpy()
@@ -157,7 +170,7 @@ def run_rounds(session, model, tokenizer_batch, spec, decode_steps: int = 3, for
                 next_ids = ref_logits[np.arange(batch), last].argmax(-1).reshape(batch, 1).astype(np.int64)
                 mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
                 pos = position_ids_for(mask)[:, -1:]
-                ort_out = lm.step(next_ids, mask, pos, past, gate)
+                ort_out = lm.step(next_ids, mask, pos, past, gate, embed(next_ids, False))
                 ref = model(input_ids=torch.from_numpy(next_ids), attention_mask=torch.from_numpy(mask),
                             position_ids=torch.from_numpy(pos), past_key_values=cache, use_cache=True)
                 if not np.array_equal(ort_out[GATE_OUT], gate):
@@ -197,3 +210,34 @@ def validate(model_path: Path, model, tokenizer, spec, dtype: str = "fp32", padd
 
 def _reference_scale(rounds) -> float:
     return max(r.get("logit_scale", 1.0) for r in rounds)
+
+
+def validate_vlm(out_dir: Path, vlm, tokenizer, spec, image_spec, manifest_mm: dict, dtype: str = "fp32",
+                 prompts=PROMPTS, decode_steps: int = 3, level: str = "all") -> Validation:
+    """The three graphs of a vision-language export against ``vlm`` with the reference hooks (see
+    :func:`aligner_export.multimodal.validate_multimodal`): prefill with an image per row, then decode steps, with
+    a harmful-gated and a harmless-gated row. Raises :class:`AlignerError` above the tolerance."""
+    from .multimodal import validate_multimodal
+
+    batch, pixel_values, embedder, graph_diffs = validate_multimodal(out_dir, vlm, tokenizer, image_spec,
+                                                                     manifest_mm, dtype, prompts)
+    rounds = run_rounds(ort_session(out_dir / "model.onnx", level), vlm, batch, spec, decode_steps=decode_steps,
+                        embedder=embedder, ref_prefill_kwargs={"pixel_values": pixel_values.to(vlm.dtype)})
+    floor, relative = TOLERANCE[dtype]
+    limit = max(floor, relative * _reference_scale(rounds))
+    result = Validation(prefill_max_abs_diff=max(r["prefill"] for r in rounds),
+                        decode_max_abs_diff=max(r["decode"] for r in rounds),
+                        score_max_abs_diff=max(r["score"] for r in rounds), tolerance=limit,
+                        tolerance_rule=f"max({floor:g}, {relative:g} * max|logit|)",
+                        gates=rounds[0]["gates"], rounds=rounds)
+    result.rounds.append({"graphs": graph_diffs})
+    worst = max(result.prefill_max_abs_diff, result.decode_max_abs_diff)
+    if not worst <= limit:
+        raise AlignerError(f"validation failed: ONNX Runtime and the PyTorch reference differ by {worst:.3g} in the "
+                           f"logits of the image prompts (tolerance {limit:.3g}, {dtype})")
+    vision_limit = max(floor, relative * float(np.abs(pixel_values.numpy()).max()))
+    for name, diff in graph_diffs.items():
+        if not diff <= max(limit, vision_limit):
+            raise AlignerError(f"validation failed: {name.replace('_max_abs_diff', '')} graph differs from PyTorch "
+                               f"by {diff:.3g} (tolerance {limit:.3g})")
+    return result

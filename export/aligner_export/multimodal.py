@@ -1,0 +1,275 @@
+"""Vision-language export (issue 6): a LLaVA model as three graphs that the torch-free runtime chains.
+
+- ``vision.onnx``: ``pixel_values [N,3,H,W] float32 -> image_features [N,F,hidden]``: the vision tower, the feature
+  layer and selection strategy of the config (``default`` drops CLS), and the multimodal projector;
+- ``embed.onnx``: ``input_ids [B,S] int64 -> inputs_embeds [B,S,hidden]``: the language model's embedding matrix;
+- ``model.onnx``: the language model with ``inputs_embeds`` instead of ``input_ids``, KV cache and the steering
+  nodes of ARCHITECTURE.md §5, exactly as for a text model.
+
+The runtime embeds the prompt, replaces the rows at the image-token positions by the image features (as
+``LlavaModel.forward`` does with ``masked_scatter``), and drives ``model.onnx`` with the gate protocol of §5. The
+manifest's ``multimodal`` object describes the graphs, the image token, the number of features per image and the
+preprocessing (:class:`aligner_runtime.vision.ImageSpec`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from aligner_runtime.errors import AlignerError
+from aligner_runtime.multimodal import EMBED_FILE, VISION_FILE, merge_image_features
+
+INPUTS_EMBEDS = "inputs_embeds"
+IMAGE_FEATURES = "image_features"
+
+
+def text_lm_of(vlm):
+    """A ``*ForCausalLM`` that shares the VLM's language model and LM head modules (no weights are copied)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(vlm.config.text_config)
+    lm.model = vlm.model.language_model
+    lm.lm_head = vlm.lm_head
+    lm.eval()
+    return lm
+
+
+class VisionFeatures:
+    """Factory for the vision graph's module: pixel_values -> projected image features, one row per image."""
+
+    @staticmethod
+    def module(vlm):
+        import torch
+
+        class Vision(torch.nn.Module):
+            def __init__(self, model):
+                super().__init__()
+                self.model = model.model
+                self.dtype = next(model.parameters()).dtype
+
+            def forward(self, pixel_values):
+                cfg = self.model.config
+                out = self.model.vision_tower(pixel_values.to(self.dtype), output_hidden_states=True)
+                layers = cfg.vision_feature_layer
+                layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+                hidden = [out.hidden_states[layer] for layer in layers]
+                if cfg.vision_feature_select_strategy == "default":
+                    hidden = [h[:, 1:] for h in hidden]
+                return self.model.multi_modal_projector(torch.cat(hidden, dim=-1))
+
+        return Vision(vlm).eval()
+
+
+def export_vision(vlm, path: Path, image_size: tuple[int, int], opset: int) -> None:
+    """TorchScript-traced export (the vision tower has no cache and no data-dependent control flow)."""
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    dummy = torch.zeros(2, 3, *image_size, dtype=torch.float32)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(VisionFeatures.module(vlm), (dummy,), str(path), input_names=["pixel_values"],
+                              output_names=[IMAGE_FEATURES], opset_version=opset, dynamo=False,
+                              dynamic_axes={"pixel_values": {0: "num_images"}, IMAGE_FEATURES: {0: "num_images"}})
+    except Exception as exc:  # the tracer raises many kinds; all mean "this vision tower does not export"
+        raise AlignerError(f"the vision tower does not export to ONNX: {str(exc).splitlines()[0]}") from None
+
+
+def export_embed(vlm, path: Path) -> None:
+    """``input_ids -> inputs_embeds``: one Gather over the language model's embedding matrix."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import torch
+
+    weight = vlm.get_input_embeddings().weight.detach()
+    half = weight.dtype == torch.float16
+    array = weight.float().numpy().astype(np.float16 if half else np.float32)
+    elem = TensorProto.FLOAT16 if half else TensorProto.FLOAT
+    hidden = array.shape[1]
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], [INPUTS_EMBEDS], name="/embed_tokens/Gather")],
+        "inferaligner_embed",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])],
+        [helper.make_tensor_value_info(INPUTS_EMBEDS, elem, ["batch_size", "sequence_length", hidden])],
+        initializer=[numpy_helper.from_array(array, "embed_tokens.weight")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="inferaligner-edge")
+    onnx.checker.check_model(model)
+    large = array.nbytes > 1_800_000_000
+    onnx.save(model, str(path), save_as_external_data=large, location=path.name + "_data" if large else None)
+
+
+def to_inputs_embeds(ir_model, hidden_size: int) -> None:
+    """Replaces the token embedding (the ``Gather`` fed by ``input_ids``) by a graph input ``inputs_embeds``."""
+    import onnx_ir as ir
+
+    from .locate import _dtype, embedding_value
+
+    graph = ir_model.graph
+    inputs = [v.name for v in graph.inputs]
+    if INPUTS_EMBEDS in inputs:
+        return
+    ids = graph.inputs[inputs.index("input_ids")]
+    embedded = embedding_value(graph)
+    gather = embedded.producer()
+    new = ir.Value(name=INPUTS_EMBEDS, type=ir.TensorType(_dtype(embedded) or ir.DataType.FLOAT),
+                   shape=ir.Shape([ids.shape[0] if ids.shape else "batch_size",
+                                   ids.shape[1] if ids.shape else "sequence_length", hidden_size]))
+    embedded.replace_all_uses_with(new, replace_graph_outputs=True)
+    source, weight = gather.inputs[1], gather.inputs[0]
+    graph.remove(gather, safe=True)
+    # Casts or reshapes between input_ids and the Gather go too, once nothing else reads them.
+    while source is not None and source.producer() is not None and not source.uses():
+        node = source.producer()
+        source = node.inputs[0]
+        graph.remove(node, safe=True)
+    if ids.uses():
+        raise AlignerError("the language model graph uses input_ids beyond the token embedding; cannot feed "
+                           "inputs_embeds")
+    graph.inputs[inputs.index("input_ids")] = new
+    if weight is not None and not weight.uses() and weight.name in graph.initializers:
+        del graph.initializers[weight.name]
+
+
+def image_token_of(tokenizer, vlm) -> tuple[str, int]:
+    processor = getattr(tokenizer, "inferaligner_processor", None)
+    token = getattr(processor, "image_token", None) or "<image>"
+    token_id = getattr(vlm.config, "image_token_id", None)
+    if token_id is None:
+        token_id = getattr(vlm.config, "image_token_index", None)
+    if token_id is None or tokenizer.convert_tokens_to_ids(token) != token_id:
+        raise AlignerError(f"the processor's image token {token!r} (id {tokenizer.convert_tokens_to_ids(token)}) "
+                           f"does not match the model's image_token_id {token_id}")
+    return token, int(token_id)
+
+
+def image_spec_of(tokenizer):
+    from aligner_runtime.vision import ImageSpec
+
+    processor = getattr(tokenizer, "inferaligner_processor", None)
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        raise AlignerError("the vision-language model has no image processor (preprocessor_config.json)")
+    return ImageSpec.from_processor_config(image_processor.to_dict())
+
+
+def placement_of(template: str, image_token: str, special_tokens: dict) -> str:
+    """``template`` when the chat template writes the image token for an image part, ``prompt`` when the user must
+    write it in the prompt text (LLaVA-1.5's ``USER: <image>\\n...`` convention)."""
+    from aligner_runtime.chat import render_chat
+
+    text = render_chat(template, "probe", special_tokens, parts=True, images=1)
+    return "template" if image_token in text else "prompt"
+
+
+def multimodal_manifest(vlm, tokenizer, template: str, features_per_image: int, spec) -> dict:
+    from aligner_runtime.tokenizer import SPECIAL_TOKEN_KEYS
+
+    token, token_id = image_token_of(tokenizer, vlm)
+    processor = tokenizer.inferaligner_processor
+    expected = getattr(processor, "image_seq_length", None)
+    patch = getattr(processor, "patch_size", None)
+    if patch:
+        height, width = spec.output_size
+        extra = getattr(processor, "num_additional_image_tokens", 0) or 0
+        expected = (height // patch) * (width // patch) + extra - \
+            (1 if getattr(processor, "vision_feature_select_strategy", "default") == "default" else 0)
+    if expected is not None and int(expected) != features_per_image:
+        raise AlignerError(f"the processor expands the image token to {expected} tokens but the vision tower gives "
+                           f"{features_per_image} features per image")
+    special = {k: getattr(tokenizer, k) for k in SPECIAL_TOKEN_KEYS if isinstance(getattr(tokenizer, k, None), str)}
+    cfg = vlm.config
+    return {
+        "architecture": cfg.model_type,
+        "vision_model": VISION_FILE,
+        "embed_model": EMBED_FILE,
+        "image_token": token,
+        "image_token_id": token_id,
+        "image_seq_length": int(features_per_image),
+        "placement": placement_of(template, token, special),
+        "content_format": "parts",
+        "preprocessing": spec.to_manifest(),
+        "vision_feature_layer": cfg.vision_feature_layer,
+        "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+        "vision_io": {"inputs": ["pixel_values"], "outputs": [IMAGE_FEATURES]},
+        "embed_io": {"inputs": ["input_ids"], "outputs": [INPUTS_EMBEDS]},
+    }
+
+
+def write_graphs(vlm, out_dir: Path, spec, opset: int) -> int:
+    """Writes ``vision.onnx`` and ``embed.onnx`` into ``out_dir``; returns the number of features per image."""
+    from .validate import ort_session
+
+    export_vision(vlm, out_dir / VISION_FILE, spec.output_size, opset)
+    export_embed(vlm, out_dir / EMBED_FILE)
+    probe = np.zeros((1, 3, *spec.output_size), np.float32)
+    features = ort_session(out_dir / VISION_FILE).run(None, {"pixel_values": probe})[0]
+    return int(features.shape[1])
+
+
+# --- validation against the PyTorch model with hooks ---------------------------------------------------------------
+
+def validation_images(spec, count: int = 2, seed: int = 7) -> list[np.ndarray]:
+    """Deterministic test images of a size other than the model's, so resizing and cropping are exercised."""
+    rng = np.random.default_rng(seed)
+    height, width = spec.output_size
+    images = []
+    for i in range(count):
+        h, w = height + 11 * (i + 1), width + 5 * (2 - i)
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([x * 255 // max(1, w - 1), y * 255 // max(1, h - 1), (x + y) * 127 // max(1, h + w)], -1)
+        noise = rng.integers(0, 64, size=(h, w, 3))
+        images.append(np.clip(base + noise, 0, 255).astype(np.uint8))
+    return images
+
+
+def validate_multimodal(out_dir: Path, vlm, tokenizer, spec, manifest_mm: dict, dtype: str, prompts,
+                        decode_steps: int = 3):
+    """ONNX Runtime (three graphs) against ``vlm`` with the reference hooks, for a batch of two prompts that each
+    carry an image, left-padded: prefill with the images, then ``decode_steps`` decode steps, with a harmful-gated
+    and a harmless-gated row (forced when the natural gates agree). Inputs come from the HF processor; the runtime's
+    own prompt encoding and preprocessing are compared with the processor in the tests."""
+    import torch
+
+    from .validate import ort_session
+
+    processor = tokenizer.inferaligner_processor
+    token = manifest_mm["image_token"]
+    template = tokenizer.chat_template
+    texts = []
+    for prompt in prompts:
+        content = [{"type": "image"}, {"type": "text", "text": prompt}]
+        if manifest_mm["placement"] == "prompt":
+            content = [{"type": "text", "text": f"{token}\n{prompt}"}]
+        texts.append(tokenizer.apply_chat_template([{"role": "user", "content": content}], chat_template=template,
+                                                   add_generation_prompt=True, tokenize=False))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = processor(text=texts, images=validation_images(spec, len(texts)), return_tensors="pt", padding=True,
+                      padding_side="left", add_special_tokens=False)
+    pixel_values = batch["pixel_values"].float()
+    ids = batch["input_ids"].numpy()
+
+    vision = ort_session(out_dir / VISION_FILE)
+    embed = ort_session(out_dir / EMBED_FILE)
+    features = vision.run(None, {"pixel_values": pixel_values.numpy()})[0]
+    with torch.no_grad():
+        ref_features = torch.stack(list(vlm.model.get_image_features(pixel_values.to(vlm.dtype))), 0).float()
+        ref_embeds = vlm.get_input_embeddings()(batch["input_ids"]).float().numpy()
+    vision_diff = float(np.abs(features.astype(np.float64) - ref_features.numpy()).max())
+    embeds = embed.run(None, {"input_ids": ids})[0]
+    embed_diff = float(np.abs(embeds.astype(np.float64) - ref_embeds).max())
+    merged = merge_image_features(ids, embeds, features, manifest_mm["image_token_id"])
+
+    def embedder(input_ids, prefill: bool):
+        return merged if prefill else embed.run(None, {"input_ids": np.asarray(input_ids, np.int64)})[0]
+
+    return batch, pixel_values, embedder, {"vision_max_abs_diff": vision_diff, "embed_max_abs_diff": embed_diff}
