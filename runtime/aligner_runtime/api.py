@@ -6,6 +6,8 @@
     print(result.text, result.gate, result.score)
     for piece in aligner.stream("Tell me a story"):             # text pieces as they are generated
         print(piece, end="", flush=True)
+    vlm = Aligner.load("out/llava-export")                      # a vision-language export (issue 6)
+    vlm.generate("What is in this picture?", images="cat.png")  # a path, a PIL image or an HxWxC array
 
 The safe API has no way to turn the gate off (ARCHITECTURE.md §5). Evaluation compares with steering disabled only
 through :class:`aligner_runtime.evaluation.UnsteeredComparison`.
@@ -93,8 +95,9 @@ class Aligner:
     """A loaded export (or engine) with its tokenizer. Create it with :meth:`load`."""
 
     def __init__(self, export: ExportDir, tokenizer: ChatTokenizer, backend, context_length: int | None,
-                 stop_token_ids: tuple[int, ...]):
+                 stop_token_ids: tuple[int, ...], image_encoder=None):
         self.export = export
+        self.image_encoder = image_encoder  # aligner_runtime.multimodal.ImageEncoder for a vision-language export
         self.tokenizer = tokenizer
         self.backend = backend
         self.context_length = context_length
@@ -152,7 +155,16 @@ class Aligner:
                 raise AlignerError(f"refusing {engine_path}: the engine has no steering interface; pass "
                                    f"allow_unsteered=True only to run it without safety steering")
         manifest = export.manifest
-        tokenizer = ChatTokenizer(export.path, expected_template_sha256=manifest.get("chat_template_sha256"))
+        from .multimodal import ImageEncoder, MultimodalSpec
+
+        multimodal = MultimodalSpec.from_manifest(manifest)
+        encoder = None
+        if multimodal is not None:
+            if backend != "onnxruntime":
+                raise AlignerError(f"{path} is a vision-language export; it runs on the onnxruntime backend only")
+            encoder = ImageEncoder(export.path, multimodal, providers=providers, threads=threads)
+        tokenizer = ChatTokenizer(export.path, expected_template_sha256=manifest.get("chat_template_sha256"),
+                                  content_parts=multimodal is not None)
         config = _read_json(export.path / "config.json")
         context = manifest.get("context_length") or manifest.get("max_position_embeddings") \
             or config.get("max_position_embeddings")
@@ -161,7 +173,12 @@ class Aligner:
             context = engine_context
         stops = _as_ids(manifest.get("eos_token_ids")) or _as_ids(
             _read_json(export.path / "generation_config.json").get("eos_token_id"))
-        return cls(export, tokenizer, engine, int(context) if context else None, tuple(dict.fromkeys(stops)))
+        return cls(export, tokenizer, engine, int(context) if context else None, tuple(dict.fromkeys(stops)),
+                   image_encoder=encoder)
+
+    @property
+    def multimodal(self) -> bool:
+        return self.image_encoder is not None
 
     # --- generation -------------------------------------------------------------------------------------------------
     def _config(self, max_new_tokens=128, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=None,
@@ -174,10 +191,12 @@ class Aligner:
                               top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stops).validate(vocab)
 
     def _run(self, prompt_ids: Sequence[Sequence[int]], config: SamplingConfig,
-             gate_override: float | None = None, compact: bool = True) -> GenerationRun:
+             gate_override: float | None = None, compact: bool = True, prompt_embeds=None) -> GenerationRun:
+        encoder = self.image_encoder
         return GenerationRun(self.backend, prompt_ids, config, pad_token_id=self.tokenizer.pad_token_id,
                              two_pass=self.export.two_pass, context_length=self.context_length,
-                             gate_override=gate_override, compact=compact)
+                             gate_override=gate_override, compact=compact,
+                             embedder=encoder.embed if encoder is not None else None, prompt_embeds=prompt_embeds)
 
     def _results(self, run: GenerationRun, seconds: float) -> list[GenerationResult]:
         timing: RunTiming = run.timing
@@ -192,39 +211,75 @@ class Aligner:
                 prefill_passes=timing.prefill_passes))
         return out
 
-    def encode(self, prompt: str, system: str | None = None) -> list[int]:
-        return self.tokenizer.encode_prompt(prompt, system=system)
+    def encode(self, prompt: str, system: str | None = None, images=None) -> list[int]:
+        """Token ids of one prompt; with ``images`` (vision-language exports), image tokens expanded."""
+        from .multimodal import image_sources
+
+        sources = image_sources(images)
+        if self.image_encoder is None:
+            if sources:
+                raise AlignerError(f"{self.export.path} is a text-only export (no vision graph): it cannot take an "
+                                   f"image")
+            return self.tokenizer.encode_prompt(prompt, system=system)
+        return self.tokenizer.encode_prompt(prompt, system=system, images=len(sources),
+                                            multimodal=self.image_encoder.spec)
+
+    def _prompt_embeds(self, ids: list[int], images) -> "object | None":
+        from .multimodal import image_sources
+
+        sources = image_sources(images)
+        if not sources:
+            return None
+        return self.image_encoder.prompt_embeds(ids, sources)
 
     def _generate_ids(self, prompt_ids, config: SamplingConfig, batch_size: int,
-                      gate_override: float | None, compact: bool = True) -> list[GenerationResult]:
+                      gate_override: float | None, compact: bool = True, images=None) -> list[GenerationResult]:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise AlignerError(f"batch_size must be a positive integer, got {batch_size!r}")
         results: list[GenerationResult] = []
+        images = list(images) if images is not None else [None] * len(prompt_ids)
         for first in range(0, len(prompt_ids), batch_size):
-            run = self._run(prompt_ids[first:first + batch_size], config, gate_override, compact)
+            chunk = prompt_ids[first:first + batch_size]
+            embeds = [self._prompt_embeds(ids, imgs) for ids, imgs in zip(chunk, images[first:first + batch_size])]
+            run = self._run(chunk, config, gate_override, compact,
+                            prompt_embeds=embeds if any(e is not None for e in embeds) else None)
             start = time.perf_counter()
             run.run()
             results.extend(self._results(run, time.perf_counter() - start))
         return results
 
-    def _generate(self, prompts, *, system=None, batch_size=1, gate_override=None, compact=True, **sampling):
+    def _generate(self, prompts, *, system=None, batch_size=1, gate_override=None, compact=True, images=None,
+                  **sampling):
         single = isinstance(prompts, str)
         prompt_list = [prompts] if single else list(prompts)
         if not prompt_list:
             raise AlignerError("no prompts given")
+        if single:
+            per_prompt = [images]
+        elif images is None:
+            per_prompt = [None] * len(prompt_list)
+        else:
+            per_prompt = list(images)
+            if len(per_prompt) != len(prompt_list):
+                raise AlignerError(f"images: {len(per_prompt)} entries for {len(prompt_list)} prompts (give one "
+                                   f"entry per prompt, None for a text-only one)")
         config = self._config(**sampling)
-        ids = [self.encode(p, system=system) for p in prompt_list]
-        results = self._generate_ids(ids, config, batch_size, gate_override, compact)
+        ids = [self.encode(p, system=system, images=imgs) for p, imgs in zip(prompt_list, per_prompt)]
+        results = self._generate_ids(ids, config, batch_size, gate_override, compact, images=per_prompt)
         return results[0] if single else results
 
     def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int = 128, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 stop_token_ids: Sequence[int] | None = None, system: str | None = None, batch_size: int = 1):
+                 stop_token_ids: Sequence[int] | None = None, system: str | None = None, batch_size: int = 1,
+                 images=None):
         """Generates for one prompt (returns a :class:`GenerationResult`) or a list (returns a list, in order).
 
         Prompts are wrapped in the export's chat template. ``batch_size`` prompts run together, left-padded.
+        ``images`` (vision-language exports only): for one prompt, an image or a list of images; for a list of
+        prompts, one entry per prompt (None for text only). An image is a path, a PIL image or an HxWxC array.
         """
-        return self._generate(prompts, system=system, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        return self._generate(prompts, system=system, batch_size=batch_size, images=images,
+                              max_new_tokens=max_new_tokens,
                               do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                               stop_token_ids=stop_token_ids)
 
@@ -235,6 +290,9 @@ class Aligner:
             check_token_ids(list(ids), vocab, "prompt token")
         return self._generate_ids([list(ids) for ids in prompt_ids], self._config(**sampling), batch_size, None)
 
-    def stream(self, prompt: str, *, system: str | None = None, **sampling) -> TextStream:
+    def stream(self, prompt: str, *, system: str | None = None, images=None, **sampling) -> TextStream:
         """Text pieces of one prompt's answer as they are generated; see :class:`TextStream`."""
-        return TextStream(self, self._run([self.encode(prompt, system=system)], self._config(**sampling)))
+        ids = self.encode(prompt, system=system, images=images)
+        embeds = self._prompt_embeds(ids, images)
+        return TextStream(self, self._run([ids], self._config(**sampling),
+                                          prompt_embeds=[embeds] if embeds is not None else None))

@@ -28,22 +28,52 @@ def _raise_exception(message: str):
     raise _TemplateError(message)
 
 
+def _generation_extension():
+    """``{% generation %}...{% endgeneration %}`` (transformers' assistant-mask tag, used by LLaVA templates):
+    renders its body unchanged, as transformers does when no assistant mask is asked for."""
+    import jinja2.ext
+    from jinja2 import nodes
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    return Generation
+
+
 @lru_cache(maxsize=8)
 def _compile(template: str):
     import jinja2.ext  # not imported by "import jinja2" alone (transformers happens to import it)
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols, _generation_extension()])
     env.globals["raise_exception"] = _raise_exception
     return env.from_string(template)
 
 
 def render_chat(template: str, prompt: str, special_tokens: dict[str, str] | None = None,
-                system: str | None = None) -> str:
-    """Renders one user turn with the generation prompt appended."""
+                system: str | None = None, parts: bool = False, images: int = 0) -> str:
+    """Renders one user turn with the generation prompt appended.
+
+    ``parts``: the template takes message content as a list of parts (vision-language templates): the user turn is
+    ``images`` image parts, then the text part, as ``processor.apply_chat_template`` is given them."""
     from .errors import AlignerError
 
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    def content(text: str, num_images: int = 0):
+        if not parts:
+            return text
+        return [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
+
+    messages = ([{"role": "system", "content": content(system)}] if system else []) + \
+        [{"role": "user", "content": content(prompt, images)}]
     try:
         return _compile(template).render(messages=messages, add_generation_prompt=True, **(special_tokens or {}))
     except _TemplateError as exc:

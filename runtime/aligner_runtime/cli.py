@@ -3,6 +3,7 @@
     aligner-run --model OUTDIR --prompt "How do I bake bread?"
     aligner-run --model OUTDIR --prompt-file prompts.txt --json        # one JSON object per prompt
     aligner-run --model OUTDIR --chat                                  # interactive; one user turn per line
+    aligner-run --model VLM_OUTDIR --image cat.png --prompt "What is this?"   # a vision-language export
 
 The answer streams to a terminal; the gate line goes to stderr. There is deliberately no option to turn the gate
 off: comparisons with steering disabled belong to ``aligner-export eval``.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import AlignerError, run_cli
 
@@ -24,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--prompt-file", help="prompts: .txt (one per line), .json, .jsonl or .csv")
     src.add_argument("--chat", action="store_true", help="interactive loop: each line is a new single-turn prompt")
+    p.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="image for --prompt (vision-language exports; repeatable for several images). With "
+                        "--prompt-file, images come from the file's image fields (JSON/JSONL)")
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
     p.add_argument("--provider", action="append", choices=("cpu", "cuda", "tensorrt"),
                    help="ONNX Runtime execution provider, in order of preference (repeatable; default cpu)")
@@ -52,8 +57,8 @@ def _gate_line(result) -> str:
             f"seconds={result.seconds:.2f}]")
 
 
-def _stream_one(aligner, prompt: str, options: dict) -> None:
-    stream = aligner.stream(prompt, system=options.get("system"), **options["sampling"])
+def _stream_one(aligner, prompt: str, options: dict, images=None) -> None:
+    stream = aligner.stream(prompt, system=options.get("system"), images=images, **options["sampling"])
     for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -67,14 +72,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    from .prompts import load_prompts
+    from .prompts import PromptItem, load_prompt_items
 
     if args.prompt is None and args.prompt_file is None and not args.chat:
         raise AlignerError("give --prompt, --prompt-file or --chat")
     if args.prompt is not None and not args.prompt.strip():
         raise AlignerError("empty prompt")
-    prompts = [args.prompt] if args.prompt is not None else (load_prompts(args.prompt_file)
-                                                             if args.prompt_file else [])
+    if args.image and args.prompt is None:
+        raise AlignerError("--image goes with --prompt; a --prompt-file names its images in its image fields")
+    images = tuple(Path(i) for i in args.image or ())
+    items = [PromptItem(args.prompt, images)] if args.prompt is not None else (
+        load_prompt_items(args.prompt_file) if args.prompt_file else [])
+    prompts = [item.text for item in items]
+    prompt_images = [list(item.images) or None for item in items]
     if args.chat and args.json:
         raise AlignerError("--chat and --json cannot be combined")
 
@@ -86,15 +96,24 @@ def run(args) -> int:
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_token_ids=args.stop_token_id)
     aligner._config(**sampling)  # invalid sampling options fail before any output
     options = {"system": args.system, "sampling": sampling}
+    if any(prompt_images):
+        from .vision import load_image
+
+        if not aligner.multimodal:
+            raise AlignerError(f"{args.model} is a text-only export (no vision graph): it cannot take an image")
+        for sources in prompt_images:  # every image is read before anything is generated or printed
+            for source in sources or ():
+                load_image(source)
 
     if args.chat:
         return _chat(aligner, options)
     stream = not args.json and not args.no_stream and sys.stdout.isatty() and len(prompts) == 1
     if stream:
-        _stream_one(aligner, prompts[0], options)
+        _stream_one(aligner, prompts[0], options, prompt_images[0])
         return 0
     # Everything is validated and generated before anything is printed: no partial output on a user error.
-    results = aligner.generate(prompts, system=args.system, batch_size=args.batch_size, **sampling)
+    results = aligner.generate(prompts, system=args.system, batch_size=args.batch_size,
+                               images=prompt_images if any(prompt_images) else None, **sampling)
     for i, result in enumerate(results):
         if args.json:
             print(json.dumps(result.to_json(), ensure_ascii=False))

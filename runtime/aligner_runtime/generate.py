@@ -6,6 +6,10 @@ A backend only runs one forward step: ``backend.run(feeds) -> outputs`` over the
     past_key_values.{i}.key/.value [B,kvh,P,hd], steer_gate_in [B] f32
     -> logits [B,S,V], present.{i}.key/.value [B,kvh,T,hd], steer_gate [B], steer_score [B]
 
+A vision-language export's language model takes ``inputs_embeds [B,S,H]`` instead of ``input_ids``; the run then
+embeds tokens with ``embedder`` (the export's embedding graph) and takes each prompt's embeddings, images merged,
+from ``prompt_embeds`` (``aligner_runtime.multimodal``).
+
 Everything else is here: left padding, the KV cache, the two-pass prefill, the gate fed back on every step, greedy or
 seeded sampling, stop tokens and ``max_new_tokens``.
 
@@ -171,7 +175,8 @@ class GenerationRun:
 
     def __init__(self, backend: Backend, prompts: Sequence[Sequence[int]], config: SamplingConfig, *,
                  pad_token_id: int, two_pass: bool, context_length: int | None = None,
-                 gate_override: float | None = None, compact: bool = True):
+                 gate_override: float | None = None, compact: bool = True, embedder=None,
+                 prompt_embeds: Sequence[np.ndarray | None] | None = None):
         if not prompts:
             raise AlignerError("no prompts given")
         for ids in prompts:
@@ -196,14 +201,27 @@ class GenerationRun:
         self.timing = RunTiming()
         self.results: list[RowResult] | None = None
         self._past_inputs = [n for n in backend.input_names if PAST.match(n)]
+        self.takes_embeds = "inputs_embeds" in backend.input_names
+        if self.takes_embeds and embedder is None:
+            raise AlignerError("this graph takes inputs_embeds: it needs the export's embedding graph")
+        self.embedder = embedder
+        self.prompt_embeds = list(prompt_embeds) if prompt_embeds is not None else [None] * len(self.prompts)
+        if len(self.prompt_embeds) != len(self.prompts):
+            raise AlignerError("prompt_embeds must hold one entry per prompt")
+        if any(e is not None for e in self.prompt_embeds) and not self.takes_embeds:
+            raise AlignerError("this export's language model takes token ids only; it cannot take image features")
 
     # --- graph feeds ----------------------------------------------------------------------------------------------
     def _present_name(self, past_name: str) -> str:
         layer, kind = PAST.match(past_name).groups()
         return f"present.{layer}.{kind}"
 
-    def _step(self, input_ids, attention_mask, position_ids, past, gate_in) -> dict[str, np.ndarray]:
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+    def _step(self, input_ids, attention_mask, position_ids, past, gate_in, embeds=None) -> dict[str, np.ndarray]:
+        feeds = {"attention_mask": attention_mask}
+        if self.takes_embeds:
+            feeds["inputs_embeds"] = embeds if embeds is not None else self.embedder(input_ids)
+        else:
+            feeds["input_ids"] = input_ids
         if "position_ids" in self.backend.input_names:
             feeds["position_ids"] = position_ids
         feeds.update(past)
@@ -221,7 +239,20 @@ class GenerationRun:
     def _presents(self, outputs) -> dict[str, np.ndarray]:
         return {name: outputs[self._present_name(name)] for name in self._past_inputs}
 
-    def _prefill(self, input_ids, attention_mask, position_ids, gate_in) -> dict[str, np.ndarray]:
+    def _prompt_embeds(self, input_ids: np.ndarray) -> np.ndarray | None:
+        """The left-padded batch's embeddings: the embedding graph's, with each prompt's own (images merged) in
+        its last positions."""
+        if not self.takes_embeds:
+            return None
+        embeds = np.array(self.embedder(input_ids), copy=True)
+        for b, own in enumerate(self.prompt_embeds):
+            if own is not None:
+                if own.shape[0] != len(self.prompts[b]):
+                    raise AlignerError(f"prompt {b}: {own.shape[0]} embeddings for {len(self.prompts[b])} tokens")
+                embeds[b, embeds.shape[1] - own.shape[0]:] = own
+        return embeds
+
+    def _prefill(self, input_ids, attention_mask, position_ids, gate_in, embeds=None) -> dict[str, np.ndarray]:
         """Prefill in groups of rows, so that the graph's logits for every prompt position ([rows, S, V] float32)
         stay under PREFILL_LOGITS_BYTES; rows are independent, so the groups' outputs are concatenated. Returns the
         last position's logits [B, V] and the other outputs."""
@@ -232,7 +263,7 @@ class GenerationRun:
         for first in range(0, batch, rows):
             sl = slice(first, first + rows)
             out = self._step(input_ids[sl], attention_mask[sl], position_ids[sl], self._empty_past(len(gate_in[sl])),
-                             gate_in[sl])
+                             gate_in[sl], None if embeds is None else embeds[sl])
             out["logits"] = out["logits"][:, -1, :].copy()  # drop the [rows, S, V] array now
             parts.append(out)
         if len(parts) == 1:
@@ -254,7 +285,8 @@ class GenerationRun:
 
         first_gate = np.full(batch, GATE_DECIDE if self.gate_override is None else self.gate_override, np.float32)
         start = time.perf_counter()
-        outputs = self._prefill(input_ids, attention_mask, position_ids, first_gate)
+        embeds = self._prompt_embeds(input_ids)
+        outputs = self._prefill(input_ids, attention_mask, position_ids, first_gate, embeds)
         self.timing.prefill_passes = 1
         logits = outputs["logits"]
         past = self._presents(outputs)
@@ -271,7 +303,7 @@ class GenerationRun:
             fired = np.flatnonzero(gate > 0.5)
             if fired.size:
                 again = self._prefill(input_ids[fired], attention_mask[fired], position_ids[fired],
-                                      np.ones(fired.size, np.float32))
+                                      np.ones(fired.size, np.float32), None if embeds is None else embeds[fired])
                 self.timing.prefill_passes = 2
                 logits = logits.copy()
                 logits[fired] = again["logits"]

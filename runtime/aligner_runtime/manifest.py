@@ -34,7 +34,8 @@ SUPPORTED_FORMAT_VERSIONS = (1,)
 
 # Facts that must agree between the manifest and the graph's metadata_props whenever both hold them.
 KEY_FACTS = ("format_version", "pack_sha256", "target_fingerprint", "steer_layers", "gate_layer", "alpha", "bias",
-             "bias_rule", "steer_impl", "dtype", "site", "chat_template_sha256", "num_layers", "hidden_size")
+             "bias_rule", "steer_impl", "dtype", "site", "chat_template_sha256", "num_layers", "hidden_size",
+             "multimodal")
 # Without these the runtime cannot know where the graph steers: their absence counts as "unsteered".
 STEERING_FACTS = ("steer_layers", "gate_layer", "alpha", "bias")
 
@@ -269,6 +270,14 @@ def load_export(path: str | Path, allow_unsteered: bool = False) -> ExportDir:
         if listed is not None and list(listed) != list(names):
             raise AlignerError(f"manifest and graph disagree on the graph {kind} (tampered or mixed-up export)")
 
+    from .multimodal import MultimodalSpec
+
+    multimodal = MultimodalSpec.from_manifest(manifest)
+    if multimodal is not None:
+        multimodal.check_files(path)
+        if "inputs_embeds" not in graph.inputs:
+            raise AlignerError(f"manifest and graph disagree: the manifest describes a vision-language export but "
+                               f"{MODEL_FILE} does not take inputs_embeds (tampered or mixed-up export)")
     problem = _steering_problem(manifest, graph)
     if problem is None and not any(k.startswith(METADATA_PREFIX) for k in graph.metadata):
         problem = f"the graph carries no {METADATA_PREFIX}* metadata"

@@ -3,6 +3,11 @@
 Formats: ``.txt`` (one prompt per line; blank lines and lines starting with ``#`` are skipped), ``.json`` (a list of
 strings or of objects), ``.jsonl`` (one object per line), ``.csv`` (column ``goal`` as in AdvBench or ``Behavior`` as
 in HarmBench). Objects give their prompt in ``instruction``, ``prompt``, ``goal`` or ``question``.
+
+Multimodal prompt files (issue 6, the MM-Harmful Bench layout): ``.jsonl`` or ``.json`` objects that also name an
+image in ``image`` (or ``image_url``, ``image_path``, ``img``): a local path, relative to the prompt file's directory,
+or a ``file://`` URL. :func:`load_prompt_items` returns the prompts with their images; :func:`load_prompts` returns
+the texts only (calibration is text-only, as in the paper).
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Iterable
 
 from .errors import AlignerError
 
 PROMPT_FIELDS = ("instruction", "prompt", "goal", "question")
+IMAGE_FIELDS = ("image", "image_url", "image_path", "img")
 CSV_COLUMNS = ("goal", "Behavior", "prompt", "instruction", "question")
 TEMPLATE_SLOTS = ("{prompt}", "{{ prompt }}", "[INSERT PROMPT HERE]")
 SUPPORTED_SUFFIXES = (".txt", ".json", ".jsonl", ".csv")
@@ -34,8 +41,42 @@ def _from_object(obj: object, where: str) -> str:
     raise AlignerError(f"{where}: expected a string or an object, got {type(obj).__name__}")
 
 
+@dataclass(frozen=True)
+class PromptItem:
+    """One prompt of a prompt file and the images it names (resolved paths; empty for text)."""
+
+    text: str
+    images: tuple[Path, ...] = ()
+
+
+def _image_of(obj: object, base: Path, where: str) -> tuple[Path, ...]:
+    if not isinstance(obj, dict):
+        return ()
+    key = next((k for k in IMAGE_FIELDS if obj.get(k) not in (None, "")), None)
+    if key is None:
+        return ()
+    value = obj[key]
+    if not isinstance(value, str):
+        raise AlignerError(f"{where}: field {key} must be a path string, got {type(value).__name__}")
+    if value.startswith(("http://", "https://")):
+        raise AlignerError(f"{where}: {key} {value} is a web address; give a local path (nothing is downloaded)")
+    if value.startswith("file://"):
+        value = value[len("file://"):]
+    image = Path(value).expanduser()
+    image = image if image.is_absolute() else base / image
+    if not image.is_file():
+        raise AlignerError(f"{where}: image not found: {image}")
+    return (image,)
+
+
 def load_prompts(path: str | os.PathLike, min_count: int = 1) -> list[str]:
-    """Reads a prompt file. Raises :class:`AlignerError` for a missing, unreadable, malformed or short file."""
+    """Reads a prompt file (texts only). Raises :class:`AlignerError` for a missing, unreadable, malformed or short
+    file."""
+    return [item.text for item in load_prompt_items(path, min_count, images=False)]
+
+
+def load_prompt_items(path: str | os.PathLike, min_count: int = 1, images: bool = True) -> list[PromptItem]:
+    """Reads a prompt file with the images its JSON/JSONL objects name (checked to exist when ``images``)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if not path.exists():
@@ -51,7 +92,10 @@ def load_prompts(path: str | os.PathLike, min_count: int = 1) -> list[str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise AlignerError(f"cannot read prompt file {path}: {exc}") from None
 
-    prompts: list[str]
+    def _item(obj: object, where: str) -> PromptItem:
+        return PromptItem(_from_object(obj, where), _image_of(obj, path.parent, where) if images else ())
+
+    prompts: list
     if suffix == ".txt":
         prompts = [line.strip() for line in text.splitlines()]
         prompts = [p for p in prompts if p and not p.startswith("#")]
@@ -66,7 +110,7 @@ def load_prompts(path: str | os.PathLike, min_count: int = 1) -> list[str]:
                 raise AlignerError(f"{path}: a JSON prompt file holds a list (or an object with one list)")
         if not isinstance(data, list):
             raise AlignerError(f"{path}: a JSON prompt file holds a list")
-        prompts = [_from_object(item, f"{path}[{i}]") for i, item in enumerate(data)]
+        prompts = [_item(item, f"{path}[{i}]") for i, item in enumerate(data)]
     elif suffix == ".jsonl":
         prompts = []
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -76,7 +120,7 @@ def load_prompts(path: str | os.PathLike, min_count: int = 1) -> list[str]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise AlignerError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            prompts.append(_from_object(obj, f"{path}:{lineno}"))
+            prompts.append(_item(obj, f"{path}:{lineno}"))
     else:
         rows = list(csv.DictReader(text.splitlines()))
         fields = rows[0].keys() if rows else []
@@ -85,7 +129,8 @@ def load_prompts(path: str | os.PathLike, min_count: int = 1) -> list[str]:
             raise AlignerError(f"{path}: CSV has none of the columns {', '.join(CSV_COLUMNS)}")
         prompts = [row[column] or "" for row in rows] if column else []
 
-    prompts = [p.strip() for p in prompts if p and p.strip()]
+    items = [p if isinstance(p, PromptItem) else PromptItem(p) for p in prompts]
+    prompts = [PromptItem(p.text.strip(), p.images) for p in items if p.text and p.text.strip()]
     if not prompts:
         raise AlignerError(f"prompt file is empty: {path}")
     if len(prompts) < min_count:

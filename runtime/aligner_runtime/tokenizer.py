@@ -36,7 +36,8 @@ def _read_json(file: Path) -> dict:
 class ChatTokenizer:
     """Tokenizer + chat template of an export dir. Thread-safe: encoding and rendering keep no per-call state."""
 
-    def __init__(self, directory: str | Path, expected_template_sha256: str | None = None):
+    def __init__(self, directory: str | Path, expected_template_sha256: str | None = None,
+                 content_parts: bool = False):
         from tokenizers import Tokenizer
 
         directory = Path(directory)
@@ -60,6 +61,8 @@ class ChatTokenizer:
         if expected_template_sha256 and template_sha256(self.chat_template) != expected_template_sha256:
             raise AlignerError(f"chat template in {directory} does not match the manifest's chat_template_sha256 "
                                f"(the gate was calibrated on another template)")
+        # A vision-language export's template takes message content as a list of parts.
+        self.content_parts = content_parts
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         pad = self.special_tokens.get("pad_token") or self.special_tokens.get("eos_token")
         self.pad_token_id = self._tokenizer.token_to_id(pad) if pad else None
@@ -69,13 +72,27 @@ class ChatTokenizer:
     def token_id(self, token: str) -> int | None:
         return self._tokenizer.token_to_id(token)
 
-    def render(self, prompt: str, system: str | None = None) -> str:
-        return render_chat(self.chat_template, prompt, self.special_tokens, system=system)
+    def render(self, prompt: str, system: str | None = None, images: int = 0) -> str:
+        return render_chat(self.chat_template, prompt, self.special_tokens, system=system,
+                           parts=self.content_parts, images=images)
 
-    def encode_prompt(self, prompt: str, system: str | None = None) -> list[int]:
+    def encode_prompt(self, prompt: str, system: str | None = None, images: int = 0, multimodal=None) -> list[int]:
+        """Token ids of one chat-templated prompt. With ``multimodal`` (a
+        :class:`aligner_runtime.multimodal.MultimodalSpec`), ``images`` image parts go into the user turn and each
+        image token is expanded to the image's feature count."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise AlignerError("empty prompt")
-        return self.encode(self.render(prompt, system=system))
+        text = self.render(prompt, system=system, images=images if multimodal is not None else 0)
+        if multimodal is None:
+            return self.encode(text)
+        from .multimodal import expand_image_tokens
+
+        ids = self.encode(expand_image_tokens(text, multimodal, images))
+        found = sum(1 for i in ids if i == multimodal.image_token_id)
+        if found != images * multimodal.image_seq_length:
+            raise AlignerError(f"the tokenizer turned the prompt's image tokens into {found} image token ids, "
+                               f"expected {images * multimodal.image_seq_length}")
+        return ids
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids

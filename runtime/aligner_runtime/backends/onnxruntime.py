@@ -36,30 +36,35 @@ def resolve_providers(providers) -> list:
     return resolved
 
 
+def session_for(model_path: str | Path, providers=None, intra_op_threads: int | None = None,
+                inter_op_threads: int | None = None):
+    """An ``InferenceSession`` with full graph optimisation; a graph ORT cannot load is an :class:`AlignerError`."""
+    import onnxruntime as ort
+
+    for what, value in (("intra_op_threads", intra_op_threads), ("inter_op_threads", inter_op_threads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise AlignerError(f"{what} must be an integer >= 0 (0 = ONNX Runtime's default), got {value!r}")
+    options = ort.SessionOptions()
+    if intra_op_threads:
+        options.intra_op_num_threads = intra_op_threads
+    if inter_op_threads:
+        options.inter_op_num_threads = inter_op_threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(model_path), sess_options=options, providers=resolve_providers(providers))
+    except AlignerError:
+        raise
+    except Exception as exc:  # ORT raises its own exception types for unreadable or invalid graphs
+        raise AlignerError(f"ONNX Runtime cannot load {model_path}: {str(exc).splitlines()[0]}") from None
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, model_path: str | Path, providers=None, intra_op_threads: int | None = None,
                  inter_op_threads: int | None = None):
-        import onnxruntime as ort
-
-        for what, value in (("intra_op_threads", intra_op_threads), ("inter_op_threads", inter_op_threads)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise AlignerError(f"{what} must be an integer >= 0 (0 = ONNX Runtime's default), got {value!r}")
-        options = ort.SessionOptions()
-        if intra_op_threads:
-            options.intra_op_num_threads = intra_op_threads
-        if inter_op_threads:
-            options.inter_op_num_threads = inter_op_threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(model_path), sess_options=options,
-                                                providers=resolve_providers(providers))
-        except AlignerError:
-            raise
-        except Exception as exc:  # ORT raises its own exception types for unreadable or invalid graphs
-            raise AlignerError(f"ONNX Runtime cannot load {model_path}: {str(exc).splitlines()[0]}") from None
+        self.session = session_for(model_path, providers, intra_op_threads, inter_op_threads)
         self.providers = self.session.get_providers()
         self._inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = list(self._inputs)
