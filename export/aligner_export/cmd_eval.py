@@ -4,6 +4,9 @@
 
 Writes ``report.json`` (every figure and every prompt's answers), ``report.md`` (the summary table) and
 ``report.png`` (ASR bars, gate-score histograms with the threshold). See ``aligner_export/evaluation.py``.
+
+For a vision-language export the prompt files may be multimodal: JSONL (or JSON) objects with ``image`` (or
+``image_url``, a local path) and ``question``, as MM-Harmful Bench lays them out.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 
 def configure(parser) -> None:
     parser.add_argument("--model", required=True, help="export directory (from aligner-export export)")
-    parser.add_argument("--harmful", required=True, help="harmful prompts (.txt/.json/.jsonl/.csv)")
+    parser.add_argument("--harmful", required=True, help="harmful prompts (.txt/.json/.jsonl/.csv; JSONL with "
+                        "image + question for a vision-language export)")
     parser.add_argument("--harmless", required=True, help="harmless prompts")
     parser.add_argument("--jailbreak-templates", help="jailbreak templates with a {prompt} slot (e.g. GPTFuzz CSV)")
     parser.add_argument("--limit", type=int, default=None, help="use at most N prompts of each set")
@@ -26,7 +30,7 @@ def configure(parser) -> None:
 def run(args) -> int:
     from aligner_runtime.api import Aligner
     from aligner_runtime.errors import AlignerError
-    from aligner_runtime.prompts import load_prompts, load_templates
+    from aligner_runtime.prompts import load_prompt_items, load_templates
 
     from .evaluation import PromptSet, evaluate, jailbreak_prompts, make_judge, write_report
 
@@ -35,16 +39,30 @@ def run(args) -> int:
         if value is not None and value < 1:
             raise AlignerError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     judge = make_judge(args.judge)
-    harmful = load_prompts(args.harmful)[: args.limit]
-    harmless = load_prompts(args.harmless)[: args.limit]
+    harmful_items = load_prompt_items(args.harmful)[: args.limit]
+    harmless_items = load_prompt_items(args.harmless)[: args.limit]
+    harmful = [item.text for item in harmful_items]
+    harmless = [item.text for item in harmless_items]
+    harmful_images = [list(item.images) or None for item in harmful_items]
+    harmless_images = [list(item.images) or None for item in harmless_items]
     templates = load_templates(args.jailbreak_templates) if args.jailbreak_templates else None
     aligner = Aligner.load(args.model, threads=args.threads)
     aligner._config(max_new_tokens=args.max_new_tokens)
+    if any(harmful_images) or any(harmless_images):
+        from aligner_runtime.vision import load_image
 
-    sets = [PromptSet("harmful", harmful, True)]
+        if not aligner.multimodal:
+            raise AlignerError(f"the prompt files name images but {args.model} is a text-only export (no vision "
+                               f"graph)")
+        for sources in harmful_images + harmless_images:  # every image is read before the long run starts
+            for source in sources or ():
+                load_image(source)
+
+    sets = [PromptSet("harmful", harmful, True, harmful_images if any(harmful_images) else None)]
     if templates:
-        sets.append(PromptSet("jailbreak", jailbreak_prompts(harmful, templates), True))
-    sets.append(PromptSet("harmless", harmless, False))
+        sets.append(PromptSet("jailbreak", jailbreak_prompts(harmful, templates), True,
+                              harmful_images if any(harmful_images) else None))
+    sets.append(PromptSet("harmless", harmless, False, harmless_images if any(harmless_images) else None))
     report = evaluate(aligner, sets, judge, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     report["inputs"] = {"harmful": str(args.harmful), "harmless": str(args.harmless),
                         "jailbreak_templates": args.jailbreak_templates,

@@ -12,6 +12,9 @@ the gate forced to 0 through the runtime's explicitly named switch
 - identity: every prompt whose gate stayed 0 must give exactly the unsteered tokens (§1: gate 0 changes nothing);
 - latency: seconds per prompt and decode tokens/s, steered and unsteered.
 
+Multimodal prompt sets (issue 6; JSONL with ``image`` and ``question``, the MM-Harmful Bench layout) carry one image
+per prompt; the same figures are reported, and each record names its image.
+
 Decoding is greedy so that the two runs differ only by the steering.
 """
 
@@ -43,20 +46,26 @@ class PromptSet:
     name: str  # harmful | jailbreak | harmless
     prompts: list[str]
     harmful: bool
+    images: list | None = None  # per prompt: a list of image paths, or None (text only)
+
+    @property
+    def image_count(self) -> int:
+        return sum(1 for imgs in self.images or () if imgs)
 
 
 def jailbreak_prompts(harmful: Sequence[str], templates: Sequence[str]) -> list[str]:
     return [apply_template(templates[i % len(templates)], prompt) for i, prompt in enumerate(harmful)]
 
 
-def _generate(fn, prompts: list[str], options: dict, batch_size: int, desc: str):
+def _generate(fn, prompts: list[str], options: dict, batch_size: int, desc: str, images=None):
     from tqdm import tqdm
 
     results = []
     with tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar:
         for first in range(0, len(prompts), batch_size):
             chunk = prompts[first:first + batch_size]
-            results.extend(fn(chunk, batch_size=batch_size, **options))
+            extra = {"images": images[first:first + batch_size]} if images is not None and any(images) else {}
+            results.extend(fn(chunk, batch_size=batch_size, **options, **extra))
             bar.update(len(chunk))
     return results
 
@@ -86,13 +95,15 @@ def evaluate(aligner, sets: Sequence[PromptSet], judge: Judge, max_new_tokens: i
     records, metrics = [], {}
     for prompt_set in sets:
         steered = _generate(comparison.steered, prompt_set.prompts, options, batch_size,
-                            f"{prompt_set.name} steered")
+                            f"{prompt_set.name} steered", prompt_set.images)
         unsteered = _generate(comparison.unsteered, prompt_set.prompts, options, batch_size,
-                              f"{prompt_set.name} unsteered")
+                              f"{prompt_set.name} unsteered", prompt_set.images)
         rows = []
-        for prompt, s, u in zip(prompt_set.prompts, steered, unsteered):
+        images = prompt_set.images or [None] * len(prompt_set.prompts)
+        for prompt, imgs, s, u in zip(prompt_set.prompts, images, steered, unsteered):
             rows.append({
-                "set": prompt_set.name, "prompt": prompt, "gate": s.gate, "score": s.score,
+                "set": prompt_set.name, "prompt": prompt, "images": [str(i) for i in imgs or ()],
+                "gate": s.gate, "score": s.score,
                 "steered": s.text, "unsteered": u.text,
                 "steered_refusal": judge.is_refusal(prompt, s.text),
                 "unsteered_refusal": judge.is_refusal(prompt, u.text),
@@ -102,6 +113,7 @@ def evaluate(aligner, sets: Sequence[PromptSet], judge: Judge, max_new_tokens: i
         gate_zero = [r for r in rows if r["gate"] == 0.0]
         entry = {
             "count": len(rows),
+            "with_image": prompt_set.image_count,
             "prompts_sha256": prompts_sha256(prompt_set.prompts),
             "gate_rate": _rate([r["gate"] == 1.0 for r in rows]),
             "refusal_rate": {"steered": _rate([r["steered_refusal"] for r in rows]),
@@ -172,6 +184,10 @@ def markdown(report: dict) -> str:
         f"{report['decoding']['batch_size']}, {report['decoding']['backend']}", "",
         "| metric | unsteered | steered |", "|---|---|---|",
     ]
+    with_image = {name: m.get("with_image", 0) for name, m in report["sets"].items()}
+    if any(with_image.values()):
+        counts = ", ".join(f"{name} {n}/{report['sets'][name]['count']}" for name, n in with_image.items())
+        lines.insert(lines.index("| metric | unsteered | steered |"), f"Prompts with an image: {counts}  ")
     for name, label in (("harmful", "harmful ASR"), ("jailbreak", "jailbreak ASR")):
         if f"{name}_asr_steered" in s:
             lines.append(f"| {label} (n={report['sets'][name]['count']}) | {_pct(s[f'{name}_asr_unsteered'])} | "

@@ -1,0 +1,108 @@
+"""Tiny random LLaVA models built in code: a CLIP-like vision tower, a projector and a tiny llama (issue 6).
+
+``build_tiny_llava`` writes a ``LlavaForConditionalGeneration`` directory with its processor (CLIP image processor,
+the byte-level tokenizer of :mod:`tiny_models` plus an ``<image>`` token, and a chat template); ``build_text_sibling``
+writes a text-only ``LlamaForCausalLM`` sharing the language model's base, perturbed, as the aligned model. Nothing
+is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tiny_models import build_tokenizer, config_for
+
+IMAGE_TOKEN = "<image>"
+IMAGE_SIZE, PATCH_SIZE = 32, 8  # 16 patches + CLS; the "default" strategy drops CLS: 16 features per image
+
+# ChatML whose user content is a list of parts; an image part renders as the image token on its own line.
+TEMPLATE_PARTS = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# LLaVA-1.5 style: the template renders text only; the user writes <image> in the prompt where the image goes.
+TEMPLATE_TEXT_ONLY = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def build_vlm_tokenizer(template: str = TEMPLATE_PARTS):
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tok.chat_template = template
+    return tok
+
+
+def _init(model, seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+
+
+def build_tiny_llava(path: str | Path, seed: int = 0, num_layers: int = 4, hidden_size: int = 64,
+                     template: str = TEMPLATE_PARTS) -> Path:
+    """Writes a tiny random LLaVA with its processor to ``path``; returns the path."""
+    import torch
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor)
+
+    path = Path(path)
+    tok = build_vlm_tokenizer(template)
+    text = config_for("llama", len(tok), num_layers=num_layers, hidden_size=hidden_size)
+    text.bos_token_id, text.eos_token_id, text.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         projector_hidden_act="gelu")
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, \
+        tok.pad_token_id
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).to(torch.float32)
+    _init(model, seed)
+    model.eval()
+    model.save_pretrained(path, safe_serialization=True)
+    model.generation_config.save_pretrained(path)
+    images = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE,
+                                                                                "width": IMAGE_SIZE})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=PATCH_SIZE,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=template)
+    processor.save_pretrained(path)
+    return path
+
+
+def build_text_sibling(vlm_dir: str | Path, path: str | Path, seed: int = 1, noise: float = 0.02) -> Path:
+    """A text-only ``LlamaForCausalLM`` with the VLM's language model weights plus seeded noise (the "aligned"
+    sibling that shares the base), with the plain ChatML tokenizer."""
+    import torch
+    from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
+
+    from tiny_models import CHATML
+
+    path = Path(path)
+    vlm = LlavaForConditionalGeneration.from_pretrained(vlm_dir, dtype=torch.float32)
+    lm = LlamaForCausalLM(vlm.config.text_config)
+    lm.model.load_state_dict(vlm.model.language_model.state_dict())
+    lm.lm_head.load_state_dict(vlm.lm_head.state_dict())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lm.parameters():
+            if p.dim() >= 2:
+                p.add_(noise * torch.randn(p.shape, generator=generator))
+    lm.eval()
+    lm.save_pretrained(path, safe_serialization=True)
+    tok = build_vlm_tokenizer(CHATML)
+    tok.save_pretrained(path)
+    lm.generation_config.save_pretrained(path)
+    return path
