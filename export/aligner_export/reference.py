@@ -124,18 +124,22 @@ def steered(model, spec: SteerSpec) -> Iterator[SteerState]:
 
 
 @torch.no_grad()
-def score_prompts(model, spec: SteerSpec, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """A clean scoring pass: returns ``(gate, score)`` with ``gate_in = -1``."""
+def score_prompts(model, spec: SteerSpec, input_ids, attention_mask, **model_kwargs) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor]:
+    """A clean scoring pass: returns ``(gate, score)`` with ``gate_in = -1``. ``model_kwargs``: e.g. the
+    ``pixel_values`` of a vision-language model."""
     with steered(model, spec) as state:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
         return state.gate.clone(), state.score.clone()
 
 
 @torch.no_grad()
 def reference_generate(model, spec: SteerSpec, input_ids, attention_mask, max_new_tokens: int = 8,
                        **generate_kwargs):
-    """Greedy generation with the gate latched at prefill. Returns ``(sequences, gate, score)``."""
-    gate, score = score_prompts(model, spec, input_ids, attention_mask)
+    """Greedy generation with the gate latched at prefill. Returns ``(sequences, gate, score)``.
+    ``pixel_values`` in ``generate_kwargs`` reach the scoring pass too."""
+    extra = {k: generate_kwargs[k] for k in ("pixel_values",) if k in generate_kwargs}
+    gate, score = score_prompts(model, spec, input_ids, attention_mask, **extra)
     with steered(model, spec) as state:
         state.gate_in = gate
         generate_kwargs.setdefault("do_sample", False)
