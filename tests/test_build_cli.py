@@ -43,6 +43,11 @@ def test_profiles_prefill_and_decode_shapes():
     assert profiles.ranges("past_key_values.3.key", (-1, 3, -1, 64), decode=True) == \
         ((1, 3, 0, 64), (2, 3, 128, 64), (4, 3, 255, 64))
     assert profiles.ranges("steer_gate_in", (-1,), decode=False) == ((1,), (2,), (4,))
+    # A vision-language export's language model takes inputs_embeds [batch, sequence, hidden] (issue 6).
+    assert profiles.ranges("inputs_embeds", (-1, -1, 64), decode=False) == ((1, 1, 64), (2, 16, 64), (4, 64, 64))
+    assert profiles.ranges("inputs_embeds", (-1, -1, 64), decode=True) == ((1, 1, 64), (2, 1, 64), (4, 1, 64))
+    with pytest.raises(AlignerError, match="expected \\[batch, sequence, hidden\\]"):
+        profiles.ranges("inputs_embeds", (-1, -1, -1), decode=False)
 
 
 def test_profiles_reject_bad_options():

@@ -217,6 +217,21 @@ def render(info: dict) -> str:
                          f"gates {_fmt(validation.get('gates'))}")
         else:
             lines.append("  validation: not run (--no-validate)")
+        mm = facts.get("multimodal")
+        if mm:
+            pre = mm.get("preprocessing", {})
+            size = pre.get("output_size") or ["?", "?"]
+            lines += [f"  vision-language ({mm.get('architecture')}): {mm.get('vision_model')} -> "
+                      f"{mm.get('image_seq_length')} features per {size[1]}x{size[0]} image, {mm.get('embed_model')}; "
+                      f"image token {mm.get('image_token')} (id {mm.get('image_token_id')}, "
+                      f"{mm.get('placement')} placement)",
+                      f"  preprocessing: resize {pre.get('resize_rule')} "
+                      f"{pre.get('resize_shortest_edge') or pre.get('resize_height_width')} ({pre.get('resample')}), "
+                      f"crop {_fmt(pre.get('crop_height_width')) if pre.get('do_center_crop') else 'none'}, "
+                      f"mean {_fmt(pre.get('image_mean'))}, std {_fmt(pre.get('image_std'))}"]
+            graphs = next((r["graphs"] for r in (validation or {}).get("rounds", []) if "graphs" in r), None)
+            if graphs:
+                lines.append(f"  vision/embedding graphs vs PyTorch: {_fmt(graphs)}")
     else:
         lines.append("  no inferaligner metadata")
     if info.get("metadata_matches_graph") is False:

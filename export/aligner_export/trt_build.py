@@ -74,6 +74,10 @@ class Profiles:
         total = (S[0] + past[0], S[1] + past[1], S[2] + past[2])
         if name in ("input_ids", "position_ids"):
             dims = [B, S]
+        elif name == "inputs_embeds":  # a vision-language export's language model (issue 6)
+            if len(shape) != 3 or not isinstance(shape[2], int) or shape[2] < 1:
+                raise AlignerError(f"graph input {name} has shape {shape}; expected [batch, sequence, hidden]")
+            dims = [B, S, (shape[2],) * 3]
         elif name == "attention_mask":
             dims = [B, total]
         elif name == "steer_gate_in":

@@ -160,8 +160,11 @@ class Aligner:
         multimodal = MultimodalSpec.from_manifest(manifest)
         encoder = None
         if multimodal is not None:
-            if backend != "onnxruntime":
-                raise AlignerError(f"{path} is a vision-language export; it runs on the onnxruntime backend only")
+            # The vision and embedding graphs run on ONNX Runtime (``providers``) with either backend; the
+            # language model runs on the chosen backend.
+            if "inputs_embeds" not in engine.input_names:
+                raise AlignerError(f"{path}: the manifest describes a vision-language export but the language model "
+                                   f"does not take inputs_embeds")
             encoder = ImageEncoder(export.path, multimodal, providers=providers, threads=threads)
         tokenizer = ChatTokenizer(export.path, expected_template_sha256=manifest.get("chat_template_sha256"),
                                   content_parts=multimodal is not None)

@@ -366,6 +366,12 @@ bool hasTensor(ICudaEngine const& engine, std::string const& name)
 void describeEngine(aligner_model& model)
 {
     ICudaEngine& engine = *model.engine;
+    if (hasTensor(engine, "inputs_embeds"))
+    {
+        throw Failure(ALIGNER_ERROR_MISMATCH,
+            "engine takes inputs_embeds: it is a vision-language export's language model, which the C API does not "
+            "run (use aligner_runtime in Python)");
+    }
     for (char const* name : {"input_ids", "attention_mask", "position_ids", "steer_gate_in", "logits", "steer_gate",
              "steer_score"})
     {
