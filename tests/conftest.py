@@ -57,3 +57,12 @@ def smollm2_aligned_dir(smollm2_dir) -> Path:
     if not (zoo.DEFAULT_ADAPTER / "adapter_config.json").exists():
         pytest.skip(f"the safety adapter is not committed yet ({zoo.DEFAULT_ADAPTER})")
     return zoo.ensure_aligned()
+
+
+@pytest.fixture(scope="session")
+def smollm2_llava_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """A LLaVA whose language model is the embedded SmolLM2 (weights copied, ``<image>`` added) with a small random
+    vision tower: a real-size language model for the multimodal integration tests (issue 6)."""
+    import tiny_vlm
+
+    return tiny_vlm.build_llava_on(smollm2_dir, tmp_path_factory.mktemp("smollm2-llava") / "model")

@@ -106,3 +106,63 @@ def build_text_sibling(vlm_dir: str | Path, path: str | Path, seed: int = 1, noi
     tok.save_pretrained(path)
     lm.generation_config.save_pretrained(path)
     return path
+
+
+def parts_template(text_template: str) -> str:
+    """A ChatML-family template rewritten to take content parts: identical output for string content, an image
+    part renders as the image token on its own line. Only for templates that write ``message['content']`` once."""
+    needle = "message['content']"
+    if text_template.count(needle) != 1:
+        raise ValueError("template does not write message['content'] exactly once")
+    head, tail = text_template.split("'\n' + " + needle + " + '<|im_end|>'", 1) if \
+        ("'\n' + " + needle + " + '<|im_end|>'") in text_template else (None, None)
+    if head is None:
+        raise ValueError("unsupported template layout")
+    loop = ("'\n' }}{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+            "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '" + IMAGE_TOKEN + "\n' }}"
+            "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>'")
+    return head + loop + tail
+
+
+def build_llava_on(lm_dir: str | Path, path: str | Path, seed: int = 0) -> Path:
+    """A LLaVA whose language model is the causal LM in ``lm_dir`` (weights copied; ``<image>`` added to the
+    vocabulary, its embedding row the mean of the others) with a small random CLIP tower and projector
+    (64x64 images, 16x16 patches: 16 features per image). Used with the embedded SmolLM2 for integration tests."""
+    import torch
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    path = Path(path)
+    tok = AutoTokenizer.from_pretrained(lm_dir)
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    template = parts_template(tok.chat_template)
+    tok.chat_template = template
+    lm.resize_token_embeddings(len(tok), mean_resizing=False)
+    with torch.no_grad():
+        emb = lm.get_input_embeddings().weight
+        emb[-1] = emb[:-1].mean(0)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=64, patch_size=16, projection_dim=64)
+    config = LlavaConfig(vision_config=vision, text_config=lm.config, image_token_id=tok.convert_tokens_to_ids(
+        IMAGE_TOKEN), vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        tie_word_embeddings=lm.config.tie_word_embeddings)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight if lm.config.tie_word_embeddings \
+        else torch.nn.Parameter(lm.lm_head.weight.detach().clone())
+    with torch.no_grad():
+        for module in (model.model.vision_tower, model.model.multi_modal_projector):
+            for p in module.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, 0.05)
+    model.save_pretrained(path, safe_serialization=True)
+    if (Path(lm_dir) / "generation_config.json").is_file():
+        import shutil
+
+        shutil.copy2(Path(lm_dir) / "generation_config.json", path / "generation_config.json")
+    images = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=16, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1, chat_template=template).save_pretrained(path)
+    return path

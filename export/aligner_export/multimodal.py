@@ -251,8 +251,9 @@ def validate_multimodal(out_dir: Path, vlm, tokenizer, spec, manifest_mm: dict, 
             content = [{"type": "text", "text": f"{token}\n{prompt}"}]
         texts.append(tokenizer.apply_chat_template([{"role": "user", "content": content}], chat_template=template,
                                                    add_generation_prompt=True, tokenize=False))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    for tok in (tokenizer, processor.tokenizer):  # the processor holds its own tokenizer object
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
     batch = processor(text=texts, images=validation_images(spec, len(texts)), return_tensors="pt", padding=True,
                       padding_side="left", add_special_tokens=False)
     pixel_values = batch["pixel_values"].float()
