@@ -44,6 +44,7 @@ sibling: $(STAMP)
 bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_export_overhead.py
 	$(PY) tests/benchmarks/bench_runtime_vs_torch.py --threads 2
+	$(PY) tests/benchmarks/bench_multimodal.py --threads 2
 
 clean:
 	rm -rf $(BUILD)
