@@ -13,11 +13,17 @@ the same dtypes, so ``pixel_values`` match HF's to float32 rounding:
 A path is opened the way HF's ``load_image`` opens it (EXIF orientation applied). A float array in [0, 1] is
 scaled to uint8 the way HF's ``to_pil_image`` does; the result equals HF's with ``do_rescale=False`` for that array,
 which is how HF expects such arrays to be passed.
+
+LLaVA-NeXT ("anyres", :class:`AnyResSpec`, :func:`preprocess_anyres`) reproduces the slow
+``LlavaNextImageProcessor``: the image is resized into the best of ``image_grid_pinpoints`` (aspect ratio kept,
+zero padding centred), cut into tiles of the crop size, row by row, and a square-resized copy of the whole image
+goes first; the base image and every tile then take the CLIP steps 2-5 above.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -38,6 +44,12 @@ _RESAMPLE_CODES = {name: code for code, name in RESAMPLE_NAMES.items()}
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _SUPPORTED_PROCESSORS = ("CLIPImageProcessor", "CLIPImageProcessorFast")
+# The fast class's to_dict() carries the same settings; what is reproduced is the slow class's output.
+_ANYRES_PROCESSORS = ("LlavaNextImageProcessor", "LlavaNextImageProcessorFast")
+# LlavaNextImageProcessor's defaults for keys a config leaves out.
+_LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+_ANYRES_MANIFEST_KEYS = ("kind", "base", "grid_pinpoints", "tile_size")
+_FEATURE_STRATEGIES = ("default", "full")
 _MANIFEST_KEYS = (
     "resize_rule", "resize_shortest_edge", "resize_height_width", "resample", "resample_code", "do_center_crop",
     "crop_height_width", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb",
@@ -104,14 +116,17 @@ class ImageSpec:
         if not isinstance(config, dict):
             raise AlignerError(f"image processor config must be a dict, got {type(config).__name__}")
         kind = config.get("image_processor_type")
+        if kind in _ANYRES_PROCESSORS:
+            raise AlignerError(f"image processor {kind} is not supported by ImageSpec: LLaVA-NeXT any-resolution "
+                               "preprocessing needs AnyResSpec (spec_from_processor_config picks it)")
         if kind is not None and kind not in _SUPPORTED_PROCESSORS:
             raise AlignerError(
                 f"image processor {kind} is not supported: only CLIPImageProcessor preprocessing (LLaVA-1.5 style) "
-                "can be exported"
+                "and LlavaNextImageProcessor (LLaVA-NeXT) can be exported"
             )
         if config.get("image_grid_pinpoints"):
             raise AlignerError("image processor uses image_grid_pinpoints (LLaVA-NeXT any-resolution tiling), "
-                               "which is not supported")
+                               "which ImageSpec cannot represent: use AnyResSpec (spec_from_processor_config picks it)")
         for key in ("do_pad", "crop_to_patches", "do_image_splitting"):
             if config.get(key):
                 raise AlignerError(
@@ -239,6 +254,166 @@ class ImageSpec:
         return (new_long, new_short) if width <= height else (new_short, new_long)
 
 
+@dataclass(frozen=True)
+class AnyResSpec:
+    """How a LLaVA-NeXT export turns an image into tiles (``LlavaNextImageProcessor``; recorded in the manifest)."""
+
+    base: ImageSpec  # the CLIP steps applied to the base image and to every tile
+    grid_pinpoints: tuple[tuple[int, int], ...]  # (height, width) candidates, in HF's order (it breaks ties)
+    tile_size: tuple[int, int]  # (height, width) of a tile, HF's crop_size["height"] squared
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.base, ImageSpec):
+            raise AlignerError(f"anyres spec: base must be an ImageSpec, got {type(self.base).__name__}")
+        pinpoints = self.grid_pinpoints
+        if isinstance(pinpoints, (str, bytes, dict)) or not isinstance(pinpoints, Iterable):
+            raise AlignerError(f"image_grid_pinpoints must be a list of [height, width], got {pinpoints!r}")
+        pinpoints = tuple(_hw_pair(p, "image_grid_pinpoints entry") for p in pinpoints)
+        if not pinpoints:
+            raise AlignerError("image_grid_pinpoints is empty")
+        object.__setattr__(self, "grid_pinpoints", pinpoints)
+        tile = _hw_pair(self.tile_size, "tile_size")
+        object.__setattr__(self, "tile_size", tile)
+        # HF cuts square tiles of crop_size["height"]; the model's grid is best // vision image_size on both axes.
+        if tile[0] != tile[1]:
+            raise AlignerError(f"anyres tiles must be square (LLaVA-NeXT cuts crop_size['height'] squares), got {tile}")
+        if tuple(self.base.output_size) != tile:
+            raise AlignerError(f"anyres: the CLIP steps give {tuple(self.base.output_size)} images but the tiles are "
+                               f"{tile}; LLaVA-NeXT needs both the same")
+        for height, width in pinpoints:
+            if height % tile[0] or width % tile[1]:
+                # HF would cut partial tiles that the model's grid (best // image_size) does not count.
+                raise AlignerError(f"image_grid_pinpoints entry {[height, width]} is not a multiple of the tile size "
+                                   f"{tile[0]}")
+
+    @classmethod
+    def from_processor_config(cls, config: dict) -> AnyResSpec:
+        """From HF's preprocessor_config.json dict (or ``image_processor.to_dict()``) of a LlavaNextImageProcessor."""
+        if not isinstance(config, dict):
+            raise AlignerError(f"image processor config must be a dict, got {type(config).__name__}")
+        kind = config.get("image_processor_type")
+        if kind is not None and kind not in _ANYRES_PROCESSORS:
+            raise AlignerError(f"image processor {kind} is not LlavaNextImageProcessor: AnyResSpec cannot represent "
+                               "it")
+        pinpoints = config.get("image_grid_pinpoints")
+        if pinpoints is None:
+            pinpoints = _LLAVA_NEXT_PINPOINTS
+        # do_pad pads the patch axis of a batch to its longest image (preprocess_anyres_batch); a bool either way.
+        _flag(config, "do_pad", True)
+        clip = {k: v for k, v in config.items() if k not in ("image_processor_type", "image_grid_pinpoints", "do_pad")}
+        clip.setdefault("crop_size", {"height": 224, "width": 224})
+        base = ImageSpec.from_processor_config(clip)
+        crop_size = clip["crop_size"]
+        if isinstance(crop_size, int) and not isinstance(crop_size, bool):
+            crop_size = {"height": crop_size, "width": crop_size}  # get_size_dict(default_to_square=True)
+        if not (isinstance(crop_size, dict) and set(crop_size) == {"height", "width"}):
+            raise AlignerError(f"image processor crop_size {crop_size!r} must be {{'height': h, 'width': w}}")
+        side = _positive_int(crop_size["height"], "crop_size height")
+        return cls(base=base, grid_pinpoints=pinpoints, tile_size=(side, side))
+
+    def to_manifest(self) -> dict:
+        """A JSON-able dict for the export manifest; :meth:`from_manifest` reads it back."""
+        return {
+            "kind": "anyres",
+            "base": self.base.to_manifest(),
+            "grid_pinpoints": [list(p) for p in self.grid_pinpoints],
+            "tile_size": list(self.tile_size),
+        }
+
+    @classmethod
+    def from_manifest(cls, data: dict) -> AnyResSpec:
+        if not isinstance(data, dict):
+            raise AlignerError(f"manifest image preprocessing must be an object, got {type(data).__name__}")
+        missing = [key for key in _ANYRES_MANIFEST_KEYS if key not in data]
+        if missing:
+            raise AlignerError(f"manifest anyres image preprocessing lacks {', '.join(missing)}")
+        if data["kind"] != "anyres":
+            raise AlignerError(f"manifest image preprocessing: kind {data['kind']!r} is not 'anyres'")
+        pinpoints = data["grid_pinpoints"]
+        if not isinstance(pinpoints, list):
+            raise AlignerError(f"manifest image preprocessing: grid_pinpoints must be a list, got {pinpoints!r}")
+        return cls(base=ImageSpec.from_manifest(data["base"]), grid_pinpoints=pinpoints,
+                   tile_size=_hw_pair(data["tile_size"], "tile_size"))
+
+    @property
+    def base_resize(self) -> int:
+        """Side of the square the whole image is resized to before the CLIP steps (HF's get_image_patches)."""
+        if self.base.resize_shortest_edge is not None:
+            return self.base.resize_shortest_edge
+        return min(self.base.resize_height_width)
+
+    def best_resolution(self, height: int, width: int) -> tuple[int, int]:
+        """HF's ``select_best_resolution``: the pinpoint that keeps the most pixels, then wastes the fewest."""
+        height, width = _image_size(height, width)
+        best_fit = None
+        max_effective, min_wasted = 0, float("inf")
+        for pin_height, pin_width in self.grid_pinpoints:
+            # Same float expressions as HF, so ties and truncations fall the same way.
+            scale = min(pin_width / width, pin_height / height)
+            down_width, down_height = int(width * scale), int(height * scale)
+            effective = min(down_width * down_height, width * height)
+            wasted = pin_width * pin_height - effective
+            if effective > max_effective or (effective == max_effective and wasted < min_wasted):
+                max_effective, min_wasted = effective, wasted
+                best_fit = (pin_height, pin_width)
+        return best_fit
+
+    def grid_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of tiles for an image of (height, width): the model's ``get_anyres_image_grid_shape``."""
+        best_height, best_width = self.best_resolution(height, width)
+        return best_height // self.tile_size[0], best_width // self.tile_size[1]
+
+    def num_tiles(self, height: int, width: int) -> int:
+        """Images in ``pixel_values`` for one image: the base image and its tiles."""
+        rows, cols = self.grid_shape(height, width)
+        return 1 + rows * cols
+
+    def num_image_tokens(self, height: int, width: int, patch_size: int, strategy: str,
+                         num_additional_image_tokens: int = 1) -> int:
+        """Image tokens ``LlavaNextProcessor`` puts in the prompt for an image of (height, width).
+
+        The base image's patches, the tile grid's patch map unpadded to the image's aspect ratio, and one newline
+        per row of that map (``_get_number_of_features``). ``num_additional_image_tokens`` counts the vision tower's
+        extra outputs (CLIP's CLS: 1), which the "default" strategy drops: with 1, the count equals the model's
+        packed feature count; HF's processor defaults to 0, which llava-hf's processor configs override with 1.
+        """
+        patch_size = _positive_int(patch_size, "patch_size")
+        if strategy not in _FEATURE_STRATEGIES:
+            raise AlignerError(f"vision_feature_select_strategy {strategy!r} is not one of {_FEATURE_STRATEGIES}")
+        if isinstance(num_additional_image_tokens, bool) or not isinstance(num_additional_image_tokens, int) \
+                or num_additional_image_tokens < 0:
+            raise AlignerError(f"num_additional_image_tokens must be an integer >= 0, got "
+                               f"{num_additional_image_tokens!r}")
+        height, width = _image_size(height, width)
+        tile_height, tile_width = self.tile_size
+        best_height, best_width = self.best_resolution(height, width)
+        patches_height, patches_width = tile_height // patch_size, tile_width // patch_size
+        if patches_height == 0:
+            raise AlignerError(f"patch_size {patch_size} is larger than the tiles {self.tile_size}")
+        current_height = patches_height * (best_height // tile_height)
+        current_width = patches_width * (best_width // tile_width)
+        # _get_unpadded_features / unpad_image: drop the rows (columns) that are the resize's zero padding.
+        if width / height > current_width / current_height:
+            new_height = int(round(height * (current_width / width), 7))
+            current_height -= (current_height - new_height) // 2 * 2
+        else:
+            new_width = int(round(width * (current_height / height), 7))
+            current_width -= (current_width - new_width) // 2 * 2
+        tokens = current_height * current_width + current_height  # the unpadded map and a newline per row
+        tokens += patches_height * patches_width + num_additional_image_tokens
+        return tokens - 1 if strategy == "default" else tokens
+
+
+def spec_from_processor_config(config: dict) -> ImageSpec | AnyResSpec:
+    """:class:`AnyResSpec` for a LlavaNextImageProcessor config, :class:`ImageSpec` for a CLIPImageProcessor one."""
+    if not isinstance(config, dict):
+        raise AlignerError(f"image processor config must be a dict, got {type(config).__name__}")
+    kind = config.get("image_processor_type")
+    if kind in _ANYRES_PROCESSORS or (kind is None and "image_grid_pinpoints" in config):
+        return AnyResSpec.from_processor_config(config)
+    return ImageSpec.from_processor_config(config)
+
+
 def load_image(source) -> PILImage.Image:
     """A fully decoded PIL image from a path, a PIL image or a numpy array (HWC, HW or CHW)."""
     Image, ImageOps = _pil()
@@ -266,11 +441,63 @@ def preprocess(images, spec: ImageSpec) -> np.ndarray:
     return out
 
 
-def _preprocess_one(image, spec: ImageSpec) -> np.ndarray:
+def preprocess_anyres(image, spec: AnyResSpec) -> tuple[np.ndarray, tuple[int, int]]:
+    """One image source -> (``pixel_values`` float32 ``[1 + tiles, 3, th, tw]``, base image first, then the tiles
+    row by row; the image's original (height, width), HF's ``image_sizes`` entry)."""
+    Image, _ = _pil()
+    if isinstance(image, (list, tuple)):
+        raise AlignerError("preprocess_anyres takes one image; use preprocess_anyres_batch for several")
+    rgb = _to_rgb(load_image(image), spec.base)
+    height, width = rgb.height, rgb.width
+    best_height, best_width = spec.best_resolution(height, width)
+    # _resize_for_patching: fit inside the pinpoint, keeping the aspect ratio (get_patch_output_size).
+    scale_width, scale_height = best_width / width, best_height / height
+    if scale_width < scale_height:
+        new_height, new_width = min(math.ceil(height * scale_width), best_height), best_width
+    else:
+        new_height, new_width = best_height, min(math.ceil(width * scale_height), best_width)
+    resized = np.array(rgb.resize((new_width, new_height), resample=spec.base.resample))
+    # _pad_for_patching: zeros, the odd pixel going to the bottom / right.
+    canvas = np.zeros((best_height, best_width, 3), dtype=np.uint8)
+    top, left = (best_height - new_height) // 2, (best_width - new_width) // 2
+    canvas[top:top + new_height, left:left + new_width] = resized
+    side = spec.base_resize
+    images = [rgb.resize((side, side), resample=spec.base.resample)]
+    tile = spec.tile_size[0]
+    for row in range(0, best_height, tile):
+        for col in range(0, best_width, tile):
+            images.append(Image.fromarray(np.ascontiguousarray(canvas[row:row + tile, col:col + tile])))
+    out = np.empty((len(images), 3) + tuple(spec.base.output_size), dtype=np.float32)
+    for i, piece in enumerate(images):
+        out[i] = _preprocess_one(piece, spec.base)
+    return out, (height, width)
+
+
+def preprocess_anyres_batch(images, spec: AnyResSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Several images as HF batches them (``do_pad``): ``pixel_values`` ``[N, P, 3, th, tw]`` with each image's
+    tiles zero-padded to the longest ``P``, and ``image_sizes`` int64 ``[N, 2]``. The model reads each image's own
+    count back from its size, so the padding is never seen."""
+    sources = _as_list(images)
+    if not sources:
+        raise AlignerError("no images to preprocess")
+    results = [preprocess_anyres(source, spec) for source in sources]
+    most = max(pixels.shape[0] for pixels, _ in results)
+    out = np.zeros((len(results), most, 3) + tuple(spec.base.output_size), dtype=np.float32)
+    for i, (pixels, _) in enumerate(results):
+        out[i, :pixels.shape[0]] = pixels
+    return out, np.array([size for _, size in results], dtype=np.int64)
+
+
+def _to_rgb(image, spec: ImageSpec):
     if image.mode != "RGB":
         if not spec.do_convert_rgb:
             raise AlignerError(f"image has mode {image.mode} but the export's preprocessing does not convert to RGB")
         image = image.convert("RGB")
+    return image
+
+
+def _preprocess_one(image, spec: ImageSpec) -> np.ndarray:
+    image = _to_rgb(image, spec)
     height, width = spec.resized_size(image.height, image.width)
     # reducing_gap=None, as HF's resize passes it.
     pixels = np.array(image.resize((width, height), resample=spec.resample))
@@ -388,6 +615,13 @@ def _hw_pair(value, name: str) -> tuple[int, int]:
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise AlignerError(f"image preprocessing {name} must be [height, width], got {value!r}")
     return (_positive_int(value[0], name), _positive_int(value[1], name))
+
+
+def _image_size(height, width) -> tuple[int, int]:
+    """An image's (height, width) as plain ints; numpy integers (HF's image_sizes) are welcome."""
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in (height, width)):
+        raise AlignerError(f"image size must be two positive integers (height, width), got {(height, width)!r}")
+    return int(height), int(width)
 
 
 def _triple(value, name: str) -> tuple[float, float, float]:
