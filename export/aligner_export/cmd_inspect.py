@@ -220,10 +220,17 @@ def render(info: dict) -> str:
         mm = facts.get("multimodal")
         if mm:
             pre = mm.get("preprocessing", {})
-            size = pre.get("output_size") or ["?", "?"]
-            lines += [f"  vision-language ({mm.get('architecture')}): {mm.get('vision_model')} -> "
-                      f"{mm.get('image_seq_length')} features per {size[1]}x{size[0]} image, {mm.get('embed_model')}; "
-                      f"image token {mm.get('image_token')} (id {mm.get('image_token_id')}, "
+            anyres = mm.get("anyres")
+            if anyres:  # LLaVA-NeXT: the base-image steps sit under "base"
+                tile = pre.get("tile_size") or ["?", "?"]
+                what = (f"{anyres.get('features_per_tile')} features per {tile[1]}x{tile[0]} tile, any-resolution "
+                        f"grids {_fmt(pre.get('grid_pinpoints'))} + base image + newlines")
+                pre = pre.get("base", {})
+            else:
+                size = pre.get("output_size") or ["?", "?"]
+                what = f"{mm.get('image_seq_length')} features per {size[1]}x{size[0]} image"
+            lines += [f"  vision-language ({mm.get('architecture')}): {mm.get('vision_model')} -> {what}, "
+                      f"{mm.get('embed_model')}; image token {mm.get('image_token')} (id {mm.get('image_token_id')}, "
                       f"{mm.get('placement')} placement)",
                       f"  preprocessing: resize {pre.get('resize_rule')} "
                       f"{pre.get('resize_shortest_edge') or pre.get('resize_height_width')} ({pre.get('resample')}), "

@@ -358,8 +358,11 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
                 warnings.simplefilter("ignore")
                 template = chat_template_of(tokenizer)[0]
             manifest["multimodal"] = multimodal_manifest(model, tokenizer, template, features, image_spec)
-            log(f"vision graph: {features} features per image of {image_spec.output_size[1]}x"
-                f"{image_spec.output_size[0]}; embedding graph; image token "
+            from .multimodal import vision_input_size
+
+            tile_h, tile_w = vision_input_size(image_spec)
+            unit = "tile (any-resolution grid)" if manifest["multimodal"].get("anyres") else "image"
+            log(f"vision graph: {features} features per {tile_w}x{tile_h} {unit}; embedding graph; image token "
                 f"{manifest['multimodal']['image_token']} ({manifest['multimodal']['placement']} placement)")
         proto_meta = onnx.ModelProto()
         set_metadata(proto_meta, manifest)

@@ -40,7 +40,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
 
 
 # Vision-language families: model_type -> where the language model's decoder layers sit.
-VLM_LAYERS_PATH = {"llava": "model.language_model.layers"}
+VLM_LAYERS_PATH = {"llava": "model.language_model.layers", "llava_next": "model.language_model.layers"}
 
 
 def text_config(config):

@@ -1,7 +1,9 @@
-"""Vision-language export (issue 6): a LLaVA model as three graphs that the torch-free runtime chains.
+"""Vision-language export (issue 6): a LLaVA or LLaVA-NeXT model as three graphs that the torch-free runtime chains.
 
 - ``vision.onnx``: ``pixel_values [N,3,H,W] float32 -> image_features [N,F,hidden]``: the vision tower, the feature
-  layer and selection strategy of the config (``default`` drops CLS), and the multimodal projector;
+  layer and selection strategy of the config (``default`` drops CLS), and the multimodal projector. For LLaVA-NeXT
+  the N rows are one image's base view and tiles, and a second output ``image_newline [hidden]`` carries the learned
+  row separator; the runtime packs them (``aligner_runtime.multimodal.pack_anyres_features``);
 - ``embed.onnx``: ``input_ids [B,S] int64 -> inputs_embeds [B,S,hidden]``: the language model's embedding matrix;
 - ``model.onnx``: the language model with ``inputs_embeds`` instead of ``input_ids``, KV cache and the steering
   nodes of ARCHITECTURE.md §5, exactly as for a text model.
@@ -59,9 +61,16 @@ class VisionFeatures:
                 hidden = [out.hidden_states[layer] for layer in layers]
                 if cfg.vision_feature_select_strategy == "default":
                     hidden = [h[:, 1:] for h in hidden]
-                return self.model.multi_modal_projector(torch.cat(hidden, dim=-1))
+                features = self.model.multi_modal_projector(torch.cat(hidden, dim=-1))
+                newline = getattr(self.model, "image_newline", None)
+                return features if newline is None else (features, newline * 1.0)
 
         return Vision(vlm).eval()
+
+
+def vision_input_size(spec) -> tuple[int, int]:
+    """(H, W) of the vision graph's pixel_values: the crop for LLaVA, the tile for LLaVA-NeXT."""
+    return tuple(spec.tile_size) if hasattr(spec, "grid_pinpoints") else tuple(spec.output_size)
 
 
 def export_vision(vlm, path: Path, image_size: tuple[int, int], opset: int) -> None:
@@ -73,14 +82,28 @@ def export_vision(vlm, path: Path, image_size: tuple[int, int], opset: int) -> N
     import torch
 
     dummy = torch.zeros(2, 3, *image_size, dtype=torch.float32)
+    outputs = [IMAGE_FEATURES] + (["image_newline"] if getattr(vlm.model, "image_newline", None) is not None else [])
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(VisionFeatures.module(vlm), (dummy,), str(path), input_names=["pixel_values"],
-                              output_names=[IMAGE_FEATURES], opset_version=opset, dynamo=False,
+                              output_names=outputs, opset_version=opset, dynamo=False,
                               dynamic_axes={"pixel_values": {0: "num_images"}, IMAGE_FEATURES: {0: "num_images"}})
     except Exception as exc:  # the tracer raises many kinds; all mean "this vision tower does not export"
         raise AlignerError(f"the vision tower does not export to ONNX: {str(exc).splitlines()[0]}") from None
+    if len(outputs) > 1:
+        import onnx
+        from onnx import helper
+
+        # The tracer folds the constant image_newline into an initializer and names the output after it.
+        model = onnx.load(str(path))
+        output = model.graph.output[1]
+        if output.name != "image_newline":
+            model.graph.node.append(helper.make_node("Identity", [output.name], ["image_newline"],
+                                                     name="/image_newline/Identity"))
+            output.name = "image_newline"
+            onnx.checker.check_model(model)
+            onnx.save(model, str(path))
 
 
 def export_embed(vlm, path: Path) -> None:
@@ -152,13 +175,14 @@ def image_token_of(tokenizer, vlm) -> tuple[str, int]:
 
 
 def image_spec_of(tokenizer):
-    from aligner_runtime.vision import ImageSpec
+    """:class:`ImageSpec` (LLaVA) or :class:`AnyResSpec` (LLaVA-NeXT) of the model's image processor."""
+    from aligner_runtime.vision import spec_from_processor_config
 
     processor = getattr(tokenizer, "inferaligner_processor", None)
     image_processor = getattr(processor, "image_processor", None)
     if image_processor is None:
         raise AlignerError("the vision-language model has no image processor (preprocessor_config.json)")
-    return ImageSpec.from_processor_config(image_processor.to_dict())
+    return spec_from_processor_config(image_processor.to_dict())
 
 
 def placement_of(template: str, image_token: str, special_tokens: dict) -> str:
@@ -175,9 +199,38 @@ def multimodal_manifest(vlm, tokenizer, template: str, features_per_image: int, 
 
     token, token_id = image_token_of(tokenizer, vlm)
     processor = tokenizer.inferaligner_processor
+    cfg = vlm.config
+    anyres = None
+    if hasattr(spec, "grid_pinpoints"):  # LLaVA-NeXT: the token count depends on each image's size
+        if cfg.vision_feature_select_strategy != "default":
+            raise AlignerError(f"LLaVA-NeXT with vision_feature_select_strategy "
+                               f"'{cfg.vision_feature_select_strategy}' is not supported (only 'default')")
+        vision_size, patch = int(cfg.vision_config.image_size), int(cfg.vision_config.patch_size)
+        if tuple(spec.tile_size) != (vision_size, vision_size):
+            raise AlignerError(f"the image processor's tiles are {spec.tile_size} but the vision tower takes "
+                               f"{vision_size}x{vision_size}")
+        if [list(p) for p in spec.grid_pinpoints] != [list(p) for p in cfg.image_grid_pinpoints]:
+            raise AlignerError("the image processor's and the model's image_grid_pinpoints differ")
+        if (vision_size // patch) ** 2 != features_per_image:
+            raise AlignerError(f"the vision tower gives {features_per_image} features per tile, expected "
+                               f"{(vision_size // patch) ** 2} ({vision_size}/{patch} squared)")
+        processor_patch = getattr(processor, "patch_size", None)
+        if processor_patch not in (None, patch):
+            raise AlignerError(f"the processor's patch_size {processor_patch} differs from the vision tower's {patch}")
+        extra = int(getattr(processor, "num_additional_image_tokens", 0) or 0)
+        if extra != 1:
+            # The CLIP tower has a CLS token: with any other value the processor's expansion (LlavaNextProcessor
+            # counts patches + num_additional_image_tokens, minus 1 for "default") misses the model's features.
+            raise AlignerError(f"the processor's num_additional_image_tokens is {extra}; with a CLS vision tower the "
+                               f"image token count only matches the model's features with 1")
+        anyres = {"vision_image_size": vision_size, "patch_size": patch,
+                  "strategy": cfg.vision_feature_select_strategy, "features_per_tile": features_per_image,
+                  "num_additional_image_tokens": int(getattr(processor, "num_additional_image_tokens", 0) or 0)}
     expected = getattr(processor, "image_seq_length", None)
     patch = getattr(processor, "patch_size", None)
-    if patch:
+    if anyres is not None:
+        expected = None
+    elif patch:
         height, width = spec.output_size
         extra = getattr(processor, "num_additional_image_tokens", 0) or 0
         expected = (height // patch) * (width // patch) + extra - \
@@ -186,14 +239,14 @@ def multimodal_manifest(vlm, tokenizer, template: str, features_per_image: int, 
         raise AlignerError(f"the processor expands the image token to {expected} tokens but the vision tower gives "
                            f"{features_per_image} features per image")
     special = {k: getattr(tokenizer, k) for k in SPECIAL_TOKEN_KEYS if isinstance(getattr(tokenizer, k, None), str)}
-    cfg = vlm.config
     return {
         "architecture": cfg.model_type,
         "vision_model": VISION_FILE,
         "embed_model": EMBED_FILE,
         "image_token": token,
         "image_token_id": token_id,
-        "image_seq_length": int(features_per_image),
+        "image_seq_length": None if anyres else int(features_per_image),
+        "anyres": anyres,
         "placement": placement_of(template, token, special),
         "content_format": "parts",
         "preprocessing": spec.to_manifest(),
@@ -208,10 +261,10 @@ def write_graphs(vlm, out_dir: Path, spec, opset: int) -> int:
     """Writes ``vision.onnx`` and ``embed.onnx`` into ``out_dir``; returns the number of features per image."""
     from .validate import ort_session
 
-    export_vision(vlm, out_dir / VISION_FILE, spec.output_size, opset)
+    export_vision(vlm, out_dir / VISION_FILE, vision_input_size(spec), opset)
     export_embed(vlm, out_dir / EMBED_FILE)
-    probe = np.zeros((1, 3, *spec.output_size), np.float32)
-    features = ort_session(out_dir / VISION_FILE).run(None, {"pixel_values": probe})[0]
+    probe = np.zeros((1, 3, *vision_input_size(spec)), np.float32)
+    features = ort_session(out_dir / VISION_FILE).run([IMAGE_FEATURES], {"pixel_values": probe})[0]
     return int(features.shape[1])
 
 
@@ -220,10 +273,13 @@ def write_graphs(vlm, out_dir: Path, spec, opset: int) -> int:
 def validation_images(spec, count: int = 2, seed: int = 7) -> list[np.ndarray]:
     """Deterministic test images of a size other than the model's, so resizing and cropping are exercised."""
     rng = np.random.default_rng(seed)
-    height, width = spec.output_size
+    height, width = vision_input_size(spec)
+    anyres = hasattr(spec, "grid_pinpoints")
     images = []
     for i in range(count):
         h, w = height + 11 * (i + 1), width + 5 * (2 - i)
+        if anyres:  # a wide and a tall image: different tile grids, unpadding of rows and of columns
+            h, w = (height + 11, 2 * width + 5) if i % 2 == 0 else (2 * height + 3, width + 10)
         y, x = np.mgrid[0:h, 0:w]
         base = np.stack([x * 255 // max(1, w - 1), y * 255 // max(1, h - 1), (x + y) * 127 // max(1, h + w)], -1)
         noise = rng.integers(0, 64, size=(h, w, 3))
@@ -258,14 +314,36 @@ def validate_multimodal(out_dir: Path, vlm, tokenizer, spec, manifest_mm: dict, 
                       padding_side="left", add_special_tokens=False)
     pixel_values = batch["pixel_values"].float()
     ids = batch["input_ids"].numpy()
+    ref_kwargs = {"pixel_values": pixel_values.to(vlm.dtype)}
 
     vision = ort_session(out_dir / VISION_FILE)
     embed = ort_session(out_dir / EMBED_FILE)
-    features = vision.run(None, {"pixel_values": pixel_values.numpy()})[0]
     with torch.no_grad():
-        ref_features = torch.stack(list(vlm.model.get_image_features(pixel_values.to(vlm.dtype))), 0).float()
         ref_embeds = vlm.get_input_embeddings()(batch["input_ids"]).float().numpy()
-    vision_diff = float(np.abs(features.astype(np.float64) - ref_features.numpy()).max())
+        if "image_sizes" in batch:  # LLaVA-NeXT: per image, its base view and tiles, packed with the newline
+            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+            from aligner_runtime.multimodal import pack_anyres_features
+
+            sizes = batch["image_sizes"]
+            ref_kwargs["image_sizes"] = sizes
+            reference = [f.float().numpy() for f in vlm.model.get_image_features(ref_kwargs["pixel_values"], sizes)]
+            newline = vision.run(["image_newline"], {"pixel_values": pixel_values[0, :1].numpy()})[0]
+            features = []
+            for b, (height, width) in enumerate(sizes.tolist()):
+                count = image_size_to_num_patches((height, width), vlm.config.image_grid_pinpoints,
+                                                  vlm.config.vision_config.image_size)
+                tiles = vision.run([IMAGE_FEATURES], {"pixel_values": pixel_values[b, :count].numpy()})[0]
+                best = spec.best_resolution(height, width)
+                side = manifest_mm["anyres"]["vision_image_size"]
+                features.append(pack_anyres_features(tiles, (height, width), (best[0] // side, best[1] // side),
+                                                     newline))
+            vision_diff = max(float(np.abs(f.astype(np.float64) - r).max()) if f.shape == r.shape else float("inf")
+                              for f, r in zip(features, reference))
+        else:
+            features = vision.run([IMAGE_FEATURES], {"pixel_values": pixel_values.numpy()})[0]
+            reference = torch.stack(list(vlm.model.get_image_features(ref_kwargs["pixel_values"])), 0).float()
+            vision_diff = float(np.abs(features.astype(np.float64) - reference.numpy()).max())
     embeds = embed.run(None, {"input_ids": ids})[0]
     embed_diff = float(np.abs(embeds.astype(np.float64) - ref_embeds).max())
     merged = merge_image_features(ids, embeds, features, manifest_mm["image_token_id"])
@@ -273,4 +351,4 @@ def validate_multimodal(out_dir: Path, vlm, tokenizer, spec, manifest_mm: dict, 
     def embedder(input_ids, prefill: bool):
         return merged if prefill else embed.run(None, {"input_ids": np.asarray(input_ids, np.int64)})[0]
 
-    return batch, pixel_values, embedder, {"vision_max_abs_diff": vision_diff, "embed_max_abs_diff": embed_diff}
+    return batch, ref_kwargs, embedder, {"vision_max_abs_diff": vision_diff, "embed_max_abs_diff": embed_diff}

@@ -137,8 +137,8 @@ def score_prompts(model, spec: SteerSpec, input_ids, attention_mask, **model_kwa
 def reference_generate(model, spec: SteerSpec, input_ids, attention_mask, max_new_tokens: int = 8,
                        **generate_kwargs):
     """Greedy generation with the gate latched at prefill. Returns ``(sequences, gate, score)``.
-    ``pixel_values`` in ``generate_kwargs`` reach the scoring pass too."""
-    extra = {k: generate_kwargs[k] for k in ("pixel_values",) if k in generate_kwargs}
+    ``pixel_values`` (and ``image_sizes``) in ``generate_kwargs`` reach the scoring pass too."""
+    extra = {k: generate_kwargs[k] for k in ("pixel_values", "image_sizes") if k in generate_kwargs}
     gate, score = score_prompts(model, spec, input_ids, attention_mask, **extra)
     with steered(model, spec) as state:
         state.gate_in = gate
