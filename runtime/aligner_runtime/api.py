@@ -224,7 +224,8 @@ class Aligner:
                 raise AlignerError(f"{self.export.path} is a text-only export (no vision graph): it cannot take an "
                                    f"image")
             return self.tokenizer.encode_prompt(prompt, system=system)
-        return self.tokenizer.encode_prompt(prompt, system=system, images=len(sources),
+        counts = self.image_encoder.tokens_per_image(self.image_encoder.load(sources))
+        return self.tokenizer.encode_prompt(prompt, system=system, image_tokens=counts,
                                             multimodal=self.image_encoder.spec)
 
     def _prompt_embeds(self, ids: list[int], images) -> "object | None":
@@ -267,6 +268,10 @@ class Aligner:
                 raise AlignerError(f"images: {len(per_prompt)} entries for {len(prompt_list)} prompts (give one "
                                    f"entry per prompt, None for a text-only one)")
         config = self._config(**sampling)
+        if self.image_encoder is not None:  # every image is decoded once, before anything runs
+            from .multimodal import image_sources
+
+            per_prompt = [self.image_encoder.load(image_sources(imgs)) or None for imgs in per_prompt]
         ids = [self.encode(p, system=system, images=imgs) for p, imgs in zip(prompt_list, per_prompt)]
         results = self._generate_ids(ids, config, batch_size, gate_override, compact, images=per_prompt)
         return results[0] if single else results
@@ -295,6 +300,10 @@ class Aligner:
 
     def stream(self, prompt: str, *, system: str | None = None, images=None, **sampling) -> TextStream:
         """Text pieces of one prompt's answer as they are generated; see :class:`TextStream`."""
+        if self.image_encoder is not None:
+            from .multimodal import image_sources
+
+            images = self.image_encoder.load(image_sources(images)) or None
         ids = self.encode(prompt, system=system, images=images)
         embeds = self._prompt_embeds(ids, images)
         return TextStream(self, self._run([ids], self._config(**sampling),

@@ -76,22 +76,23 @@ class ChatTokenizer:
         return render_chat(self.chat_template, prompt, self.special_tokens, system=system,
                            parts=self.content_parts, images=images)
 
-    def encode_prompt(self, prompt: str, system: str | None = None, images: int = 0, multimodal=None) -> list[int]:
+    def encode_prompt(self, prompt: str, system: str | None = None, image_tokens=None, multimodal=None) -> list[int]:
         """Token ids of one chat-templated prompt. With ``multimodal`` (a
-        :class:`aligner_runtime.multimodal.MultimodalSpec`), ``images`` image parts go into the user turn and each
-        image token is expanded to the image's feature count."""
+        :class:`aligner_runtime.multimodal.MultimodalSpec`), one image part per entry of ``image_tokens`` goes into
+        the user turn and the ``i``-th image token is expanded to ``image_tokens[i]`` copies."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise AlignerError("empty prompt")
-        text = self.render(prompt, system=system, images=images if multimodal is not None else 0)
+        counts = list(image_tokens or ())
+        text = self.render(prompt, system=system, images=len(counts) if multimodal is not None else 0)
         if multimodal is None:
             return self.encode(text)
         from .multimodal import expand_image_tokens
 
-        ids = self.encode(expand_image_tokens(text, multimodal, images))
+        ids = self.encode(expand_image_tokens(text, multimodal, counts))
         found = sum(1 for i in ids if i == multimodal.image_token_id)
-        if found != images * multimodal.image_seq_length:
+        if found != sum(counts):
             raise AlignerError(f"the tokenizer turned the prompt's image tokens into {found} image token ids, "
-                               f"expected {images * multimodal.image_seq_length}")
+                               f"expected {sum(counts)}")
         return ids
 
     def encode(self, text: str) -> list[int]:
