@@ -166,3 +166,43 @@ def build_llava_on(lm_dir: str | Path, path: str | Path, seed: int = 0) -> Path:
     LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=16, vision_feature_select_strategy="default",
                    num_additional_image_tokens=1, chat_template=template).save_pretrained(path)
     return path
+
+
+GRID_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96]]
+
+
+def build_tiny_llava_next(path: str | Path, seed: int = 0, num_layers: int = 4, hidden_size: int = 64,
+                          template: str = TEMPLATE_PARTS) -> Path:
+    """A tiny random LLaVA-NeXT: the tiny CLIP tower on 32x32 tiles (16 features per tile), any-resolution grids
+    up to 64x96 pixels, a learned image_newline, the tiny llama."""
+    import torch
+    from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessor, LlavaNextProcessor)
+
+    path = Path(path)
+    tok = build_vlm_tokenizer(template)
+    text = config_for("llama", len(tok), num_layers=num_layers, hidden_size=hidden_size)
+    text.bos_token_id, text.eos_token_id, text.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32)
+    config = LlavaNextConfig(vision_config=vision, text_config=text,
+                             image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", image_grid_pinpoints=GRID_PINPOINTS,
+                             projector_hidden_act="gelu")
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, \
+        tok.pad_token_id
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).to(torch.float32)
+    _init(model, seed)
+    with torch.no_grad():
+        model.model.image_newline.normal_(0.0, 0.5)
+    model.eval()
+    model.save_pretrained(path, safe_serialization=True)
+    model.generation_config.save_pretrained(path)
+    images = LlavaNextImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                     crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                     image_grid_pinpoints=GRID_PINPOINTS)
+    LlavaNextProcessor(image_processor=images, tokenizer=tok, patch_size=PATCH_SIZE,
+                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                       chat_template=template).save_pretrained(path)
+    return path
