@@ -18,6 +18,8 @@ from aligner_runtime.vision import ImageSpec, load_image, preprocess
 
 PIL_Image = pytest.importorskip("PIL.Image", reason="Pillow is absent: image preprocessing needs it")
 
+from generated_images import make_image, make_pixels  # noqa: E402
+
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 TOL = 1e-5
@@ -44,28 +46,6 @@ SIZES = {  # (height, width) per config: square, portrait, landscape, smaller th
     "padded": [(48, 48), (57, 31), (53, 32), (31, 75), (13, 21)],
 }
 MODES = ["RGB", "RGBA", "L", "P"]
-
-
-def make_pixels(height: int, width: int, channels: int, seed: int) -> np.ndarray:
-    """Seeded noise over smooth gradients: uint8 [H, W, C]."""
-    rng = np.random.default_rng(seed)
-    y = np.linspace(0.0, 1.0, height)[:, None, None]
-    x = np.linspace(0.0, 1.0, width)[None, :, None]
-    phase = np.arange(channels)[None, None, :]
-    smooth = 110 + 90 * np.sin(3 * x + 2 * y + phase) * np.cos(2 * x - 4 * y + 0.5 * phase)
-    noise = rng.normal(0.0, 25.0, size=(height, width, channels))
-    return np.clip(smooth + noise, 0, 255).astype(np.uint8)
-
-
-def make_image(height: int, width: int, mode: str, seed: int = 0):
-    if mode == "L":
-        return PIL_Image.fromarray(make_pixels(height, width, 1, seed)[:, :, 0])
-    if mode == "RGBA":
-        return PIL_Image.fromarray(make_pixels(height, width, 4, seed))
-    rgb = PIL_Image.fromarray(make_pixels(height, width, 3, seed))
-    if mode == "P":
-        return rgb.quantize(colors=64, method=PIL_Image.Quantize.MEDIANCUT)
-    return rgb
 
 
 def hf_processor(config: dict):

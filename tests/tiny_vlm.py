@@ -49,19 +49,26 @@ def _init(model, seed: int) -> None:
                 p.normal_(0.0, 0.08)
 
 
-def build_tiny_llava(path: str | Path, seed: int = 0, num_layers: int = 4, hidden_size: int = 64,
-                     template: str = TEMPLATE_PARTS) -> Path:
-    """Writes a tiny random LLaVA with its processor to ``path``; returns the path."""
-    import torch
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor)
+def _tiny_parts(template: str, num_layers: int, hidden_size: int):
+    """The tokenizer (with ``<image>``), the tiny llama's config and the tiny CLIP tower's config."""
+    from transformers import CLIPVisionConfig
 
-    path = Path(path)
     tok = build_vlm_tokenizer(template)
     text = config_for("llama", len(tok), num_layers=num_layers, hidden_size=hidden_size)
     text.bos_token_id, text.eos_token_id, text.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32)
+    return tok, text, vision
+
+
+def build_tiny_llava(path: str | Path, seed: int = 0, num_layers: int = 4, hidden_size: int = 64,
+                     template: str = TEMPLATE_PARTS) -> Path:
+    """Writes a tiny random LLaVA with its processor to ``path``; returns the path."""
+    import torch
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    path = Path(path)
+    tok, text, vision = _tiny_parts(template, num_layers, hidden_size)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
                          vision_feature_layer=-2, vision_feature_select_strategy="default",
                          projector_hidden_act="gelu")
@@ -176,15 +183,11 @@ def build_tiny_llava_next(path: str | Path, seed: int = 0, num_layers: int = 4, 
     """A tiny random LLaVA-NeXT: the tiny CLIP tower on 32x32 tiles (16 features per tile), any-resolution grids
     up to 64x96 pixels, a learned image_newline, the tiny llama."""
     import torch
-    from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextImageProcessor, LlavaNextProcessor)
+    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
+                              LlavaNextProcessor)
 
     path = Path(path)
-    tok = build_vlm_tokenizer(template)
-    text = config_for("llama", len(tok), num_layers=num_layers, hidden_size=hidden_size)
-    text.bos_token_id, text.eos_token_id, text.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32)
+    tok, text, vision = _tiny_parts(template, num_layers, hidden_size)
     config = LlavaNextConfig(vision_config=vision, text_config=text,
                              image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-2,
                              vision_feature_select_strategy="default", image_grid_pinpoints=GRID_PINPOINTS,

@@ -194,6 +194,11 @@ def validate(model_path: Path, model, tokenizer, spec, dtype: str = "fp32", padd
     batch = dict(tokenize_batch(tokenizer, texts, padding_side=padding_side))
     batch["padding_side"] = padding_side
     rounds = run_rounds(ort_session(model_path, level), model, batch, spec, decode_steps=decode_steps)
+    return _checked(rounds, dtype, tolerance, "")
+
+
+def _checked(rounds, dtype: str, tolerance: float | None, what: str) -> Validation:
+    """The rounds' figures as a :class:`Validation`; an :class:`AlignerError` above the tolerance."""
     floor, relative = TOLERANCE[dtype] if tolerance is None else (tolerance, 0.0)
     limit = max(floor, relative * _reference_scale(rounds))
     result = Validation(prefill_max_abs_diff=max(r["prefill"] for r in rounds),
@@ -204,7 +209,7 @@ def validate(model_path: Path, model, tokenizer, spec, dtype: str = "fp32", padd
     worst = max(result.prefill_max_abs_diff, result.decode_max_abs_diff)
     if not worst <= limit:
         raise AlignerError(f"validation failed: ONNX Runtime and the PyTorch reference differ by {worst:.3g} in the "
-                           f"logits (tolerance {limit:.3g}, {dtype}); the export is not trustworthy")
+                           f"logits{what} (tolerance {limit:.3g}, {dtype}); the export is not trustworthy")
     return result
 
 
@@ -223,20 +228,10 @@ def validate_vlm(out_dir: Path, vlm, tokenizer, spec, image_spec, manifest_mm: d
                                                                    manifest_mm, dtype, prompts)
     rounds = run_rounds(ort_session(out_dir / "model.onnx", level), vlm, batch, spec, decode_steps=decode_steps,
                         embedder=embedder, ref_prefill_kwargs=ref_kwargs)
-    floor, relative = TOLERANCE[dtype]
-    limit = max(floor, relative * _reference_scale(rounds))
-    result = Validation(prefill_max_abs_diff=max(r["prefill"] for r in rounds),
-                        decode_max_abs_diff=max(r["decode"] for r in rounds),
-                        score_max_abs_diff=max(r["score"] for r in rounds), tolerance=limit,
-                        tolerance_rule=f"max({floor:g}, {relative:g} * max|logit|)",
-                        gates=rounds[0]["gates"], rounds=rounds)
+    result = _checked(rounds, dtype, None, " of the image prompts")
     result.rounds.append({"graphs": graph_diffs})
-    worst = max(result.prefill_max_abs_diff, result.decode_max_abs_diff)
-    if not worst <= limit:
-        raise AlignerError(f"validation failed: ONNX Runtime and the PyTorch reference differ by {worst:.3g} in the "
-                           f"logits of the image prompts (tolerance {limit:.3g}, {dtype})")
     for name, diff in graph_diffs.items():
-        if not diff <= limit:
+        if not diff <= result.tolerance:
             raise AlignerError(f"validation failed: {name.replace('_max_abs_diff', '')} graph differs from PyTorch "
-                               f"by {diff:.3g} (tolerance {limit:.3g})")
+                               f"by {diff:.3g} (tolerance {result.tolerance:.3g})")
     return result

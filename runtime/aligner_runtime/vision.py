@@ -199,11 +199,7 @@ class ImageSpec:
 
     @classmethod
     def from_manifest(cls, data: dict) -> ImageSpec:
-        if not isinstance(data, dict):
-            raise AlignerError(f"manifest image preprocessing must be an object, got {type(data).__name__}")
-        missing = [key for key in _MANIFEST_KEYS if key not in data]
-        if missing:
-            raise AlignerError(f"manifest image preprocessing lacks {', '.join(missing)}")
+        _manifest_object(data, _MANIFEST_KEYS, "image preprocessing")
         rule = data["resize_rule"]
         if rule == "shortest_edge":
             shortest_edge, height_width = data["resize_shortest_edge"], None
@@ -322,11 +318,7 @@ class AnyResSpec:
 
     @classmethod
     def from_manifest(cls, data: dict) -> AnyResSpec:
-        if not isinstance(data, dict):
-            raise AlignerError(f"manifest image preprocessing must be an object, got {type(data).__name__}")
-        missing = [key for key in _ANYRES_MANIFEST_KEYS if key not in data]
-        if missing:
-            raise AlignerError(f"manifest anyres image preprocessing lacks {', '.join(missing)}")
+        _manifest_object(data, _ANYRES_MANIFEST_KEYS, "anyres image preprocessing")
         if data["kind"] != "anyres":
             raise AlignerError(f"manifest image preprocessing: kind {data['kind']!r} is not 'anyres'")
         pinpoints = data["grid_pinpoints"]
@@ -593,6 +585,15 @@ def _as_list(images) -> list:
     if isinstance(images, np.ndarray) and images.ndim == 4:
         return list(images)
     return [images]
+
+
+def _manifest_object(data, keys, what: str) -> dict:
+    if not isinstance(data, dict):
+        raise AlignerError(f"manifest {what} must be an object, got {type(data).__name__}")
+    missing = [key for key in keys if key not in data]
+    if missing:
+        raise AlignerError(f"manifest {what} lacks {', '.join(missing)}")
+    return data
 
 
 def _flag(config: dict, key: str, default: bool) -> bool:
