@@ -441,3 +441,20 @@ def test_eval_reads_multimodal_jsonl(vlm, tmp_path):
     _one_line_error(_run("aligner_export.cli", "eval", "--model", out, "--harmful", web, "--harmless", harmless,
                          "--report", tmp_path / "r3"), "web address")
     assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
+
+
+def test_fp16_vision_language_export(vlm, tmp_path_factory):
+    """--dtype fp16: the three graphs in float16 validate against the float16 PyTorch model (fp16 tolerance) and
+    the runtime generates with an image."""
+    from aligner_export.cli import main
+    from aligner_runtime import Aligner
+
+    target, _, pack, _ = vlm
+    out = tmp_path_factory.mktemp("vlm-fp16") / "export"
+    assert main(["export", "--target", str(target), "--pack", str(pack), "-o", str(out), "--dtype", "fp16"]) == 0
+    manifest = json.loads((out / "inferaligner.json").read_text())
+    assert manifest["dtype"] == "fp16"
+    assert max(manifest["validation"]["prefill_max_abs_diff"], manifest["validation"]["decode_max_abs_diff"]) \
+        <= manifest["validation"]["tolerance"]
+    result = Aligner.load(out).generate("What is in this picture?", images=_image(21), max_new_tokens=3)
+    assert result.new_tokens >= 1 and result.gate in (0.0, 1.0)
