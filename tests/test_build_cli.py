@@ -80,7 +80,8 @@ def test_plugin_model_drops_only_the_steering_functions(tmp_path):
          helper.make_tensor_value_info("gate_in", TensorProto.FLOAT, ["B"])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", "S", H]),
          helper.make_tensor_value_info("score", TensorProto.FLOAT, ["B"])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(onnx_ops.DOMAIN, 1)],
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid(onnx_ops.DOMAIN, 1)],
                               functions=[*onnx_ops.function_protos(18), other])
     path = tmp_path / "model.onnx"
     onnx.save(model, str(path))

@@ -121,10 +121,10 @@ def parts_template(text_template: str) -> str:
     needle = "message['content']"
     if text_template.count(needle) != 1:
         raise ValueError("template does not write message['content'] exactly once")
-    head, tail = text_template.split("'\n' + " + needle + " + '<|im_end|>'", 1) if \
-        ("'\n' + " + needle + " + '<|im_end|>'") in text_template else (None, None)
-    if head is None:
+    marker = "'\n' + " + needle + " + '<|im_end|>'"  # ChatML: role line, then the content, then <|im_end|>
+    if marker not in text_template:
         raise ValueError("unsupported template layout")
+    head, tail = text_template.split(marker, 1)
     loop = ("'\n' }}{% if message['content'] is string %}{{ message['content'] }}{% else %}"
             "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '" + IMAGE_TOKEN + "\n' }}"
             "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>'")

@@ -119,7 +119,8 @@ def export_embed(vlm, path: Path) -> None:
     elem = TensorProto.FLOAT16 if half else TensorProto.FLOAT
     hidden = array.shape[1]
     graph = helper.make_graph(
-        [helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], [INPUTS_EMBEDS], name="/embed_tokens/Gather")],
+        [helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], [INPUTS_EMBEDS],
+                          name="/embed_tokens/Gather")],
         "inferaligner_embed",
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])],
         [helper.make_tensor_value_info(INPUTS_EMBEDS, elem, ["batch_size", "sequence_length", hidden])],
