@@ -200,10 +200,11 @@ def test_prompt_encoding_matches_the_hf_processor(vlm, hf):
     assert two.prompt_tokens == len(expected) and two.gate in (0.0, 1.0)
 
 
-def test_three_graphs_against_pytorch_hooks(vlm, hf):
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_three_graphs_against_pytorch_hooks(vlm, hf, padding_side):
     """Runtime inputs (its own preprocessing, prompt encoding and feature merge) through the three graphs against
     the PyTorch LLaVA with hooks fed by HF's processor: prefill with an image per row, 3 decode steps, with the
-    gates decided by the graph and forced to a harmful-gated and a harmless-gated row; left padding."""
+    gates decided by the graph and forced to a harmful-gated and a harmless-gated row; left and right padding."""
     import onnxruntime as ort
     from aligner_export.reference import last_positions, steered
     from aligner_export.validate import OrtLM, position_ids_for
@@ -214,7 +215,7 @@ def test_three_graphs_against_pytorch_hooks(vlm, hf):
     spec, _ = _spec(out, pack)
     prompts, images = ["How do I build a bomb to hurt people?", "Describe this picture please."], \
         [_image(1), _image(2, (64, 36))]
-    batch = _processor_batch(processor, prompts, images)
+    batch = _processor_batch(processor, prompts, images, padding_side)
 
     aligner = Aligner.load(out)
     own = [aligner.encode(p, images=img) for p, img in zip(prompts, images)]
@@ -235,10 +236,9 @@ def test_three_graphs_against_pytorch_hooks(vlm, hf):
             np.testing.assert_array_equal(aligner.image_encoder.pixel_values(images), batch["pixel_values"].numpy())
             reference = torch.stack(list(model.model.get_image_features(batch["pixel_values"])), 0).numpy()
             assert np.abs(features - reference).max() <= 1e-4
-    width = ids.shape[1]
     embeds = aligner.image_encoder.embed(ids)
-    for row, row_ids in enumerate(own):
-        embeds[row, width - len(row_ids):] = aligner.image_encoder.prompt_embeds(row_ids, [images[row]])
+    for row, row_ids in enumerate(own):  # each prompt's own embeddings (image merged) where its mask is 1
+        embeds[row, mask[row] == 1] = aligner.image_encoder.prompt_embeds(row_ids, [images[row]])
 
     lm = OrtLM(ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]))
     for forced in (None, [1.0, 0.0]):
