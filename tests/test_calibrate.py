@@ -32,7 +32,8 @@ HARMLESS = [
 
 
 def _independent_residuals(model_dir, prompts) -> np.ndarray:
-    """[N, L, H] from output_hidden_states, one unpadded prompt at a time; the last layer with the final norm removed."""
+    """[N, L, H] from output_hidden_states, one unpadded prompt at a time; the last layer with the final norm
+    removed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -61,10 +61,21 @@ def _tiny_parts(template: str, num_layers: int, hidden_size: int):
     return tok, text, vision
 
 
+def _random_model(model_class, config, tok, seed: int):
+    """``model_class(config)`` in float32 with the tokenizer's special ids and the seeded larger-than-default init."""
+    import torch
+
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, \
+        tok.pad_token_id
+    torch.manual_seed(seed)
+    model = model_class(config).to(torch.float32)
+    _init(model, seed)
+    return model
+
+
 def build_tiny_llava(path: str | Path, seed: int = 0, num_layers: int = 4, hidden_size: int = 64,
                      template: str = TEMPLATE_PARTS) -> Path:
     """Writes a tiny random LLaVA with its processor to ``path``; returns the path."""
-    import torch
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     path = Path(path)
@@ -72,11 +83,7 @@ def build_tiny_llava(path: str | Path, seed: int = 0, num_layers: int = 4, hidde
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
                          vision_feature_layer=-2, vision_feature_select_strategy="default",
                          projector_hidden_act="gelu")
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, \
-        tok.pad_token_id
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).to(torch.float32)
-    _init(model, seed)
+    model = _random_model(LlavaForConditionalGeneration, config, tok, seed)
     model.eval()
     model.save_pretrained(path, safe_serialization=True)
     model.generation_config.save_pretrained(path)
@@ -192,11 +199,7 @@ def build_tiny_llava_next(path: str | Path, seed: int = 0, num_layers: int = 4, 
                              image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-2,
                              vision_feature_select_strategy="default", image_grid_pinpoints=GRID_PINPOINTS,
                              projector_hidden_act="gelu")
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, \
-        tok.pad_token_id
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).to(torch.float32)
-    _init(model, seed)
+    model = _random_model(LlavaNextForConditionalGeneration, config, tok, seed)
     with torch.no_grad():
         model.model.image_newline.normal_(0.0, 0.5)
     model.eval()

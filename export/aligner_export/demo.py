@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from aligner_runtime.errors import AlignerError, atomic_path, run_cli
+from aligner_runtime.errors import atomic_path, run_cli
 
 from . import __version__, zoo
 from .calibrate import DEFAULT_PROMPTS_DIR

@@ -40,37 +40,42 @@ def text_lm_of(vlm):
     return lm
 
 
-class VisionFeatures:
-    """Factory for the vision graph's module: pixel_values -> projected image features, one row per image."""
+def vision_module(vlm):
+    """The vision graph's module: pixel_values -> projected image features, one row per image (or tile); for
+    LLaVA-NeXT also the learned image_newline vector."""
+    import torch
 
-    @staticmethod
-    def module(vlm):
-        import torch
+    class Vision(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model.model
+            self.dtype = next(model.parameters()).dtype
 
-        class Vision(torch.nn.Module):
-            def __init__(self, model):
-                super().__init__()
-                self.model = model.model
-                self.dtype = next(model.parameters()).dtype
+        def forward(self, pixel_values):
+            cfg = self.model.config
+            out = self.model.vision_tower(pixel_values.to(self.dtype), output_hidden_states=True)
+            layers = cfg.vision_feature_layer
+            layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+            hidden = [out.hidden_states[layer] for layer in layers]
+            if cfg.vision_feature_select_strategy == "default":
+                hidden = [h[:, 1:] for h in hidden]
+            features = self.model.multi_modal_projector(torch.cat(hidden, dim=-1))
+            newline = getattr(self.model, "image_newline", None)
+            return features if newline is None else (features, newline * 1.0)
 
-            def forward(self, pixel_values):
-                cfg = self.model.config
-                out = self.model.vision_tower(pixel_values.to(self.dtype), output_hidden_states=True)
-                layers = cfg.vision_feature_layer
-                layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
-                hidden = [out.hidden_states[layer] for layer in layers]
-                if cfg.vision_feature_select_strategy == "default":
-                    hidden = [h[:, 1:] for h in hidden]
-                features = self.model.multi_modal_projector(torch.cat(hidden, dim=-1))
-                newline = getattr(self.model, "image_newline", None)
-                return features if newline is None else (features, newline * 1.0)
+    return Vision(vlm).eval()
 
-        return Vision(vlm).eval()
+
+def is_anyres(spec) -> bool:
+    """LLaVA-NeXT's preprocessing (:class:`aligner_runtime.vision.AnyResSpec`) rather than LLaVA's."""
+    from aligner_runtime.vision import AnyResSpec
+
+    return isinstance(spec, AnyResSpec)
 
 
 def vision_input_size(spec) -> tuple[int, int]:
     """(H, W) of the vision graph's pixel_values: the crop for LLaVA, the tile for LLaVA-NeXT."""
-    return tuple(spec.tile_size) if hasattr(spec, "grid_pinpoints") else tuple(spec.output_size)
+    return tuple(spec.tile_size) if is_anyres(spec) else tuple(spec.output_size)
 
 
 def export_vision(vlm, path: Path, image_size: tuple[int, int], opset: int) -> None:
@@ -86,7 +91,7 @@ def export_vision(vlm, path: Path, image_size: tuple[int, int], opset: int) -> N
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(VisionFeatures.module(vlm), (dummy,), str(path), input_names=["pixel_values"],
+            torch.onnx.export(vision_module(vlm), (dummy,), str(path), input_names=["pixel_values"],
                               output_names=outputs, opset_version=opset, dynamo=False,
                               dynamic_axes={"pixel_values": {0: "num_images"}, IMAGE_FEATURES: {0: "num_images"}})
     except Exception as exc:  # the tracer raises many kinds; all mean "this vision tower does not export"
@@ -201,44 +206,11 @@ def multimodal_manifest(vlm, tokenizer, template: str, features_per_image: int, 
     token, token_id = image_token_of(tokenizer, vlm)
     processor = tokenizer.inferaligner_processor
     cfg = vlm.config
-    anyres = None
-    if hasattr(spec, "grid_pinpoints"):  # LLaVA-NeXT: the token count depends on each image's size
-        if cfg.vision_feature_select_strategy != "default":
-            raise AlignerError(f"LLaVA-NeXT with vision_feature_select_strategy "
-                               f"'{cfg.vision_feature_select_strategy}' is not supported (only 'default')")
-        vision_size, patch = int(cfg.vision_config.image_size), int(cfg.vision_config.patch_size)
-        if tuple(spec.tile_size) != (vision_size, vision_size):
-            raise AlignerError(f"the image processor's tiles are {spec.tile_size} but the vision tower takes "
-                               f"{vision_size}x{vision_size}")
-        if [list(p) for p in spec.grid_pinpoints] != [list(p) for p in cfg.image_grid_pinpoints]:
-            raise AlignerError("the image processor's and the model's image_grid_pinpoints differ")
-        if (vision_size // patch) ** 2 != features_per_image:
-            raise AlignerError(f"the vision tower gives {features_per_image} features per tile, expected "
-                               f"{(vision_size // patch) ** 2} ({vision_size}/{patch} squared)")
-        processor_patch = getattr(processor, "patch_size", None)
-        if processor_patch not in (None, patch):
-            raise AlignerError(f"the processor's patch_size {processor_patch} differs from the vision tower's {patch}")
-        extra = int(getattr(processor, "num_additional_image_tokens", 0) or 0)
-        if extra != 1:
-            # The CLIP tower has a CLS token: with any other value the processor's expansion (LlavaNextProcessor
-            # counts patches + num_additional_image_tokens, minus 1 for "default") misses the model's features.
-            raise AlignerError(f"the processor's num_additional_image_tokens is {extra}; with a CLS vision tower the "
-                               f"image token count only matches the model's features with 1")
-        anyres = {"vision_image_size": vision_size, "patch_size": patch,
-                  "strategy": cfg.vision_feature_select_strategy, "features_per_tile": features_per_image,
-                  "num_additional_image_tokens": int(getattr(processor, "num_additional_image_tokens", 0) or 0)}
-    expected = getattr(processor, "image_seq_length", None)
-    patch = getattr(processor, "patch_size", None)
-    if anyres is not None:
-        expected = None
-    elif patch:
-        height, width = spec.output_size
-        extra = getattr(processor, "num_additional_image_tokens", 0) or 0
-        expected = (height // patch) * (width // patch) + extra - \
-            (1 if getattr(processor, "vision_feature_select_strategy", "default") == "default" else 0)
-    if expected is not None and int(expected) != features_per_image:
-        raise AlignerError(f"the processor expands the image token to {expected} tokens but the vision tower gives "
-                           f"{features_per_image} features per image")
+    if is_anyres(spec):  # LLaVA-NeXT: the token count depends on each image's size
+        anyres = _anyres_facts(cfg, processor, spec, features_per_image)
+    else:
+        anyres = None
+        _check_image_seq_length(processor, spec, features_per_image)
     special = {k: getattr(tokenizer, k) for k in SPECIAL_TOKEN_KEYS if isinstance(getattr(tokenizer, k, None), str)}
     return {
         "architecture": cfg.model_type,
@@ -258,6 +230,47 @@ def multimodal_manifest(vlm, tokenizer, template: str, features_per_image: int, 
     }
 
 
+def _anyres_facts(cfg, processor, spec, features_per_tile: int) -> dict:
+    """The manifest's ``anyres`` object, after checking that processor and model agree on tiles and counts."""
+    if cfg.vision_feature_select_strategy != "default":
+            raise AlignerError(f"LLaVA-NeXT with vision_feature_select_strategy "
+                               f"'{cfg.vision_feature_select_strategy}' is not supported (only 'default')")
+    vision_size, patch = int(cfg.vision_config.image_size), int(cfg.vision_config.patch_size)
+    if tuple(spec.tile_size) != (vision_size, vision_size):
+        raise AlignerError(f"the image processor's tiles are {spec.tile_size} but the vision tower takes "
+                           f"{vision_size}x{vision_size}")
+    if [list(p) for p in spec.grid_pinpoints] != [list(p) for p in cfg.image_grid_pinpoints]:
+        raise AlignerError("the image processor's and the model's image_grid_pinpoints differ")
+    if (vision_size // patch) ** 2 != features_per_tile:
+        raise AlignerError(f"the vision tower gives {features_per_tile} features per tile, expected "
+                           f"{(vision_size // patch) ** 2} ({vision_size}/{patch} squared)")
+    processor_patch = getattr(processor, "patch_size", None)
+    if processor_patch not in (None, patch):
+        raise AlignerError(f"the processor's patch_size {processor_patch} differs from the vision tower's {patch}")
+    extra = int(getattr(processor, "num_additional_image_tokens", 0) or 0)
+    if extra != 1:
+        # The CLIP tower has a CLS token: with any other value the processor's expansion (LlavaNextProcessor
+        # counts patches + num_additional_image_tokens, minus 1 for "default") misses the model's features.
+        raise AlignerError(f"the processor's num_additional_image_tokens is {extra}; with a CLS vision tower the "
+                           f"image token count only matches the model's features with 1")
+    return {"vision_image_size": vision_size, "patch_size": patch, "strategy": cfg.vision_feature_select_strategy,
+            "features_per_tile": features_per_tile, "num_additional_image_tokens": extra}
+
+
+def _check_image_seq_length(processor, spec, features_per_image: int) -> None:
+    """LLaVA: the processor must expand the image token to as many tokens as the vision tower gives features."""
+    expected = getattr(processor, "image_seq_length", None)
+    patch = getattr(processor, "patch_size", None)
+    if patch:
+        height, width = spec.output_size
+        extra = getattr(processor, "num_additional_image_tokens", 0) or 0
+        expected = (height // patch) * (width // patch) + extra - \
+            (1 if getattr(processor, "vision_feature_select_strategy", "default") == "default" else 0)
+    if expected is not None and int(expected) != features_per_image:
+        raise AlignerError(f"the processor expands the image token to {expected} tokens but the vision tower gives "
+                           f"{features_per_image} features per image")
+
+
 def write_graphs(vlm, out_dir: Path, spec, opset: int) -> int:
     """Writes ``vision.onnx`` and ``embed.onnx`` into ``out_dir``; returns the number of features per image."""
     from .validate import ort_session
@@ -275,7 +288,7 @@ def validation_images(spec, count: int = 2, seed: int = 7) -> list[np.ndarray]:
     """Deterministic test images of a size other than the model's, so resizing and cropping are exercised."""
     rng = np.random.default_rng(seed)
     height, width = vision_input_size(spec)
-    anyres = hasattr(spec, "grid_pinpoints")
+    anyres = is_anyres(spec)
     images = []
     for i in range(count):
         h, w = height + 11 * (i + 1), width + 5 * (2 - i)
@@ -322,8 +335,6 @@ def validate_multimodal(out_dir: Path, vlm, tokenizer, spec, manifest_mm: dict, 
     with torch.no_grad():
         ref_embeds = vlm.get_input_embeddings()(batch["input_ids"]).float().numpy()
         if "image_sizes" in batch:  # LLaVA-NeXT: per image, its base view and tiles, packed with the newline
-            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
             from aligner_runtime.multimodal import pack_anyres_features
 
             sizes = batch["image_sizes"]
@@ -332,12 +343,9 @@ def validate_multimodal(out_dir: Path, vlm, tokenizer, spec, manifest_mm: dict, 
             newline = vision.run(["image_newline"], {"pixel_values": pixel_values[0, :1].numpy()})[0]
             features = []
             for b, (height, width) in enumerate(sizes.tolist()):
-                count = image_size_to_num_patches((height, width), vlm.config.image_grid_pinpoints,
-                                                  vlm.config.vision_config.image_size)
+                count = spec.num_tiles(height, width)
                 tiles = vision.run([IMAGE_FEATURES], {"pixel_values": pixel_values[b, :count].numpy()})[0]
-                best = spec.best_resolution(height, width)
-                side = manifest_mm["anyres"]["vision_image_size"]
-                features.append(pack_anyres_features(tiles, (height, width), (best[0] // side, best[1] // side),
+                features.append(pack_anyres_features(tiles, (height, width), spec.grid_shape(height, width),
                                                      newline))
             vision_diff = max(float(np.abs(f.astype(np.float64) - r).max()) if f.shape == r.shape else float("inf")
                               for f, r in zip(features, reference))

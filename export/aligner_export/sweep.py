@@ -36,7 +36,6 @@ def main(argv=None) -> int:
     def job() -> int:
         import numpy as np
         import torch
-        from tqdm import tqdm
 
         from aligner_runtime.prompts import load_prompts
 

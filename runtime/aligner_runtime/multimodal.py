@@ -223,9 +223,8 @@ class ImageEncoder:
         image = load_image(image)
         pixels, (height, width) = preprocess_anyres(image, self.image_spec)
         tiles = self.vision.run([self._vision_out], {"pixel_values": pixels})[0]
-        best = self.image_spec.best_resolution(height, width)
-        size = self.spec.anyres["vision_image_size"]
-        packed = pack_anyres_features(tiles, (height, width), (best[0] // size, best[1] // size), self.newline)
+        packed = pack_anyres_features(tiles, (height, width), self.image_spec.grid_shape(height, width),
+                                      self.newline)
         expected = self.tokens_per_image([image])[0]
         if packed.shape[0] != expected:
             raise AlignerError(f"the image's packed features ({packed.shape[0]}) do not match its token count "
