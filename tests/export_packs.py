@@ -13,14 +13,14 @@ import numpy as np
 
 
 def splitting_bias(model, tokenizer, gate_layer: int, direction: np.ndarray, padding_side: str = "left") -> float:
-    from aligner_export.modeling import chat_texts, tokenize_batch
-    from aligner_export.reference import SteerSpec, score_prompts
-    from aligner_export.validate import PROMPTS
+    from aligner_export.hf.modeling import chat_texts, tokenize_batch
+    from aligner_export.hf.reference import score_prompts
+    from aligner_runtime.contract import SteerConfig
+    from aligner_export.hf.validate import PROMPTS
 
     texts, _, _ = chat_texts(tokenizer, list(PROMPTS))
     batch = tokenize_batch(tokenizer, texts, padding_side=padding_side)
-    spec = SteerSpec(gate_layer=gate_layer, direction=direction, bias=0.0, steer_layers=[gate_layer],
-                     vectors={gate_layer: np.zeros_like(direction)})
+    spec = SteerConfig.single_layer(gate_layer, direction, 0.0, {gate_layer: np.zeros_like(direction)})
     _, score = score_prompts(model, spec, batch["input_ids"], batch["attention_mask"])
     return float(-score.mean())
 
@@ -28,8 +28,8 @@ def splitting_bias(model, tokenizer, gate_layer: int, direction: np.ndarray, pad
 def make_pack(model_dir: Path, path: Path, gate_layer: int = 1, steer_layers=(1, 2), alpha: float = 4.0,
               seed: int = 0, fingerprint: str | None = None, bias: float | None = None) -> Path:
     """Writes a pack for ``model_dir`` whose ``paper`` bias splits the validation prompts; returns ``path``."""
-    from aligner_export.modeling import fingerprint as model_fingerprint
-    from aligner_export.modeling import load_model
+    from aligner_export.hf.modeling import fingerprint as model_fingerprint
+    from aligner_export.hf.modeling import load_model
     from aligner_export.pack import SteeringPack, save_pack
 
     model, tokenizer = load_model(model_dir)

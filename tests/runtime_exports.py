@@ -12,7 +12,7 @@ DEFAULT_OPTIONS = (("--steer-layers", "0-3"), ("--gate-layer", "2"), ("--alpha",
 
 
 def _cli(*args: str) -> None:
-    from aligner_export.cli import main
+    from aligner_export.commands.cli import main
 
     code = main([str(a) for a in args])
     if code != 0:
@@ -37,18 +37,11 @@ def tiny_export(tmp_path_factory, tiny_model_dir, family: str = "llama", options
     return _CACHE[key]
 
 
-def steer_spec(export_dir: Path, pack_path: Path):
-    """The reference's SteerSpec for an export, from its manifest and pack."""
+def steer_config(export_dir: Path, pack_path: Path):
+    """The reference's SteerConfig for an export, from its manifest and pack."""
     import json
 
-    import numpy as np
-
     from aligner_export.pack import load_pack
-    from aligner_export.reference import SteerSpec
 
     manifest = json.loads((export_dir / "inferaligner.json").read_text())
-    pack = load_pack(pack_path)
-    gate = manifest["gate_layer"]
-    return SteerSpec(gate_layer=gate, direction=pack.target_srv[gate], bias=manifest["bias"],
-                     steer_layers=manifest["steer_layers"],
-                     vectors={l: np.float32(manifest["alpha"]) * pack.aligned_srv[l] for l in manifest["steer_layers"]})
+    return load_pack(pack_path).config_of_export(manifest)

@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from aligner_export import cli, trt_build
+from aligner_export.commands import cli
+from aligner_export.tensorrt import build as trt_build
 from aligner_runtime.errors import AlignerError
 
 
@@ -63,7 +64,7 @@ def test_plugin_model_drops_only_the_steering_functions(tmp_path):
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
-    from aligner_export import onnx_ops
+    from aligner_export.graph import onnx_ops
 
     H = 6
     gate_node = onnx_ops.make_steer_gate_node("hidden", "attention_mask", "gate_in", "gate", "score",

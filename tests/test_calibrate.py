@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from aligner_export.calibrate import calibrate, fpr_bias
-from aligner_export.cli import main as export_main
+from aligner_export.hf.calibrate import calibrate, fpr_bias
+from aligner_export.commands.cli import main as export_main
 from aligner_export.pack import load_pack, save_pack
 
 HARMFUL = [
@@ -236,7 +236,7 @@ def test_smollm2_calibration(smollm2_dir, smollm2_aligned_dir, shared_data, tmp_
 
 
 def test_recommendation_rules():
-    from aligner_export.calibrate import recommend
+    from aligner_export.hf.calibrate import recommend
 
     acc = [0.6, 0.7, 0.7, 0.8, 0.95, 0.7, 0.96, 0.97, 0.96, 0.97]
     per_layer = [{"layer": i, "target_val_accuracy": a, "aligned_val_accuracy": a + 0.01, "val_accuracy_fpr": a,

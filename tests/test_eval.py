@@ -32,7 +32,7 @@ def files(tmp_path):
 
 
 def _eval(*args):
-    from aligner_export.cli import main
+    from aligner_export.commands.cli import main
 
     return main(["eval", *map(str, args)])
 

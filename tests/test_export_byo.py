@@ -8,15 +8,15 @@ from pathlib import Path
 import onnx
 import pytest
 
-from aligner_export.cli import main
+from aligner_export.commands.cli import main
 from export_packs import make_pack
 
 
 @pytest.fixture(scope="module")
 def llama(tiny_model_dir, tmp_path_factory):
-    from aligner_export.export import base_export
-    from aligner_export.families import family_for
-    from aligner_export.modeling import load_model
+    from aligner_export.hf.export import base_export
+    from aligner_export.hf.families import family_for
+    from aligner_export.hf.modeling import load_model
 
     model_dir = tiny_model_dir("llama")
     root = tmp_path_factory.mktemp("byo")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aligner_export.cli import main
+from aligner_export.commands.cli import main
 from export_packs import make_pack
 
 
@@ -114,7 +114,7 @@ def test_output_dir_not_empty(llama, tmp_path, capsys):
 
 def test_failed_validation_leaves_nothing(llama, tmp_path, capsys, monkeypatch):
     """A failure late in the pipeline (here: validation) still leaves no OUTDIR."""
-    from aligner_export import validate
+    from aligner_export.hf import validate
 
     model_dir, pack = llama
     monkeypatch.setitem(validate.TOLERANCE, "fp32", (0.0, 0.0))
@@ -127,7 +127,7 @@ def test_failed_validation_leaves_nothing(llama, tmp_path, capsys, monkeypatch):
 
 
 def test_parse_layers():
-    from aligner_export.cmd_export import parse_layers
+    from aligner_export.commands.export import parse_layers
 
     assert parse_layers("1-3", 4, "x") == [1, 2, 3]
     assert parse_layers("0,2,3", 4, "x") == [0, 2, 3]

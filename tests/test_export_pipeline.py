@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from aligner_export.cli import main
+from aligner_export.commands.cli import main
 from export_packs import make_pack
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -103,14 +103,11 @@ def test_graph_holds_named_steering_nodes(exports, impl):
 
 
 def _reference(model_dir: Path, pack_path: Path, manifest: dict):
-    from aligner_export.modeling import load_model
+    from aligner_export.hf.modeling import load_model
     from aligner_export.pack import load_pack
-    from aligner_export.reference import SteerSpec
 
     model, tokenizer = load_model(model_dir)
-    pack = load_pack(pack_path)
-    spec = SteerSpec.from_pack(pack, manifest["gate_layer"], manifest["steer_layers"], manifest["alpha"],
-                               manifest["bias_rule"])
+    spec = load_pack(pack_path).config_of_export(manifest)
     return model, tokenizer, spec
 
 
@@ -119,7 +116,7 @@ def _reference(model_dir: Path, pack_path: Path, manifest: dict):
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_llama_matrix_against_reference(exports, packs, impl, gate_layer, padding_side):
     """Steered layers [1, 2]; the gate below, at and above the first of them; both paddings; both impls."""
-    from aligner_export.validate import validate
+    from aligner_export.hf.validate import validate
 
     out = exports("llama", "--steer-impl", impl, "--no-validate", gate_layer=gate_layer)
     manifest = load_manifest(out)
@@ -132,7 +129,8 @@ def test_llama_matrix_against_reference(exports, packs, impl, gate_layer, paddin
 
 @pytest.mark.parametrize("impl", ["function", "inline"])
 def test_ort_enable_all_gives_the_same_outputs(exports, packs, impl):
-    from aligner_export.validate import OrtLM, ort_session, position_ids_for
+    from aligner_export.hf.validate import OrtLM, ort_session
+    from aligner_runtime.contract import position_ids
 
     out = exports("llama", "--steer-impl", impl)
     rng = np.random.default_rng(0)
@@ -142,7 +140,7 @@ def test_ort_enable_all_gives_the_same_outputs(exports, packs, impl):
     results = []
     for level in ("disable", "all"):
         lm = OrtLM(ort_session(out / "model.onnx", level))
-        results.append(lm.step(ids, mask, position_ids_for(mask), lm.empty_past(2), np.full(2, -1, np.float32)))
+        results.append(lm.step(ids, mask, position_ids(mask), lm.empty_past(2), np.full(2, -1, np.float32)))
     np.testing.assert_allclose(results[0]["logits"], results[1]["logits"], rtol=0, atol=1e-5)
     np.testing.assert_array_equal(results[0]["steer_gate"], results[1]["steer_gate"])
     np.testing.assert_allclose(results[0]["steer_score"], results[1]["steer_score"], rtol=0, atol=1e-5)
@@ -150,10 +148,11 @@ def test_ort_enable_all_gives_the_same_outputs(exports, packs, impl):
 
 def test_gate_forced_off_equals_unsteered_export(exports, packs, tmp_path):
     """With steer_gate_in = 0 the steered graph computes exactly what the plain optimum export computes."""
-    from aligner_export.export import base_export
-    from aligner_export.families import family_for
-    from aligner_export.modeling import load_model
-    from aligner_export.validate import OrtLM, ort_session, position_ids_for
+    from aligner_export.hf.export import base_export
+    from aligner_export.hf.families import family_for
+    from aligner_export.hf.modeling import load_model
+    from aligner_export.hf.validate import OrtLM, ort_session
+    from aligner_runtime.contract import position_ids
 
     model_dir, _ = packs("llama")
     model, _ = load_model(model_dir)
@@ -165,13 +164,13 @@ def test_gate_forced_off_equals_unsteered_export(exports, packs, tmp_path):
     ids = rng.integers(3, 300, size=(2, 6))
     mask = np.ones((2, 6), np.int64)
     mask[0, :3] = 0
-    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_for(mask),
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask),
              **steered.empty_past(2)}
-    got = steered.step(ids, mask, position_ids_for(mask), steered.empty_past(2), np.zeros(2, np.float32))
+    got = steered.step(ids, mask, position_ids(mask), steered.empty_past(2), np.zeros(2, np.float32))
     want = dict(zip([o.name for o in plain.get_outputs()], plain.run(None, feeds)))
     assert got["logits"].tobytes() == want["logits"].tobytes()
     assert got["present.3.value"].tobytes() == want["present.3.value"].tobytes()
-    steered_on = steered.step(ids, mask, position_ids_for(mask), steered.empty_past(2), np.ones(2, np.float32))
+    steered_on = steered.step(ids, mask, position_ids(mask), steered.empty_past(2), np.ones(2, np.float32))
     assert np.abs(steered_on["logits"] - want["logits"]).max() > 1e-3, "gate 1 must change the logits"
 
 

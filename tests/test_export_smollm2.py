@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from aligner_export.cli import main
+from aligner_export.commands.cli import main
 from export_packs import make_pack
 
 pytestmark = pytest.mark.integration

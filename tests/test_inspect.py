@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from aligner_export.cli import main
+from aligner_export.commands.cli import main
 from export_packs import make_pack
 
 
@@ -57,9 +57,9 @@ def test_bare_onnx_inline_reads_graph_and_metadata(exported, capsys):
 
 
 def test_unsteered_onnx(tiny_model_dir, tmp_path, capsys):
-    from aligner_export.export import base_export
-    from aligner_export.families import family_for
-    from aligner_export.modeling import load_model
+    from aligner_export.hf.export import base_export
+    from aligner_export.hf.families import family_for
+    from aligner_export.hf.modeling import load_model
 
     model, _ = load_model(tiny_model_dir("qwen2"))
     path, _ = base_export(model, tmp_path / "plain", family_for(model.config))
@@ -95,6 +95,6 @@ def test_bad_paths(tmp_path, capsys):
 
 def test_inspect_imports_no_torch(exported):
     _, out, _ = exported
-    code = ("import sys; from aligner_export.cli import main; rc = main(['inspect', sys.argv[1]]); "
+    code = ("import sys; from aligner_export.commands.cli import main; rc = main(['inspect', sys.argv[1]]); "
             "assert rc == 0; assert 'torch' not in sys.modules, 'inspect imported torch'")
     subprocess.run([sys.executable, "-c", code, str(out)], check=True, capture_output=True, cwd=Path(__file__).parent)

@@ -3,7 +3,7 @@
 Fixtures are tiny random LLaVA and LLaVA-NeXT models built in code (``tiny_vlm``): a CLIP-like vision tower, a
 projector and a tiny llama (LLaVA-NeXT adds any-resolution tiles and the learned image_newline). The independent
 reference is the PyTorch model (``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration``) with the
-steering hooks of ``aligner_export.reference`` and inputs from HF's processor.
+steering hooks of ``aligner_export.hf.reference`` and inputs from HF's processor.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _image(seed: int, size=(40, 52)) -> np.ndarray:
 
 
 def _export(tmp_path_factory, target, pack, name: str):
-    from aligner_export.cli import main
+    from aligner_export.commands.cli import main
 
     out = tmp_path_factory.mktemp(name) / "export"
     assert main(["export", "--target", str(target), "--pack", str(pack), "-o", str(out)]) == 0
@@ -54,7 +54,7 @@ def _export(tmp_path_factory, target, pack, name: str):
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def vlm(request, tmp_path_factory):
     """(VLM dir, text-only aligned sibling dir, pack, export dir), for LLaVA and for LLaVA-NeXT."""
-    from aligner_export.cli import main
+    from aligner_export.commands.cli import main
 
     root = tmp_path_factory.mktemp(request.param)
     target = BUILDERS[request.param](root / "model")
@@ -84,16 +84,11 @@ def _image_kwargs(batch) -> dict:
 
 
 def _spec(export_dir, pack_path):
-    """The reference's SteerSpec for an export, from its manifest and the pack it was made from."""
+    """The reference's SteerConfig for an export, from its manifest and the pack it was made from."""
     from aligner_export.pack import load_pack
-    from aligner_export.reference import SteerSpec
 
     manifest = json.loads((export_dir / "inferaligner.json").read_text())
-    pack = load_pack(pack_path)
-    layers = manifest["steer_layers"]
-    return SteerSpec(gate_layer=manifest["gate_layer"], direction=pack.target_srv[manifest["gate_layer"]],
-                     bias=manifest["bias"], steer_layers=layers,
-                     vectors={l: np.float32(manifest["alpha"]) * pack.aligned_srv[l] for l in layers}), manifest
+    return load_pack(pack_path).config_of_export(manifest), manifest
 
 
 def _processor_batch(processor, prompts, images, padding_side="left"):
@@ -109,7 +104,7 @@ def _processor_batch(processor, prompts, images, padding_side="left"):
 def test_calibration_uses_the_language_model_and_a_text_only_aligned_model(vlm, hf):
     """The pack's class means equal an independent computation from output_hidden_states on the VLM with the
     prompts in its own chat template (text parts only); the fingerprints cover the language-model part."""
-    from aligner_export.modeling import fingerprint
+    from aligner_export.hf.modeling import fingerprint
     from aligner_export.pack import load_pack
     from transformers import AutoModelForCausalLM
 
@@ -171,7 +166,7 @@ def test_export_writes_three_graphs_and_the_manifest(vlm):
 
 
 def test_inspect_describes_the_vision_language_export(vlm):
-    proc = _run("aligner_export.cli", "inspect", vlm[3])
+    proc = _run("aligner_export.commands.cli", "inspect", vlm[3])
     assert proc.returncode == 0, proc.stderr
     assert ("vision-language (llava): vision.onnx -> 16 features per 32x32 image" in proc.stdout or
             "vision-language (llava_next): vision.onnx -> 16 features per 32x32 tile, any-resolution grids"
@@ -206,8 +201,9 @@ def test_three_graphs_against_pytorch_hooks(vlm, hf, padding_side):
     the PyTorch LLaVA with hooks fed by HF's processor: prefill with an image per row, 3 decode steps, with the
     gates decided by the graph and forced to a harmful-gated and a harmless-gated row; left and right padding."""
     import onnxruntime as ort
-    from aligner_export.reference import last_positions, steered
-    from aligner_export.validate import OrtLM, position_ids_for
+    from aligner_export.hf.reference import last_positions, steered
+    from aligner_export.hf.validate import OrtLM
+    from aligner_runtime.contract import position_ids
     from aligner_runtime import Aligner
 
     _, _, pack, out = vlm
@@ -243,7 +239,7 @@ def test_three_graphs_against_pytorch_hooks(vlm, hf, padding_side):
     lm = OrtLM(ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]))
     for forced in (None, [1.0, 0.0]):
         gate_in = np.full(2, -1.0, np.float32) if forced is None else np.asarray(forced, np.float32)
-        pos = position_ids_for(mask)
+        pos = position_ids(mask)
         with torch.no_grad(), steered(model, spec) as state:
             state.gate_in = torch.from_numpy(gate_in)
             got = lm.step(ids, mask, pos, lm.empty_past(2), gate_in, embeds)
@@ -262,7 +258,7 @@ def test_three_graphs_against_pytorch_hooks(vlm, hf, padding_side):
                 last = last_positions(torch.from_numpy(step_mask), 2, logits.shape[1]).numpy()
                 nxt = logits[np.arange(2), last].argmax(-1).reshape(2, 1).astype(np.int64)
                 step_mask = np.concatenate([step_mask, np.ones((2, 1), np.int64)], axis=1)
-                pos = position_ids_for(step_mask)[:, -1:]
+                pos = position_ids(step_mask)[:, -1:]
                 got = lm.step(nxt, step_mask, pos, past, gate, aligner.image_encoder.embed(nxt))
                 ref = model(input_ids=torch.from_numpy(nxt), attention_mask=torch.from_numpy(step_mask),
                             position_ids=torch.from_numpy(pos), past_key_values=cache, use_cache=True)
@@ -276,7 +272,7 @@ def test_three_graphs_against_pytorch_hooks(vlm, hf, padding_side):
 def test_generate_with_images_matches_reference_generate(vlm, hf):
     """Aligner.generate (the runtime loop, batch of 2 with images) against HF generate with the hooks and the gate
     latched at prefill: same tokens, same gates."""
-    from aligner_export.reference import reference_generate
+    from aligner_export.hf.reference import reference_generate
     from aligner_runtime import Aligner
 
     _, _, pack, out = vlm
@@ -301,7 +297,7 @@ def test_generate_with_images_matches_reference_generate(vlm, hf):
 
 
 def test_text_only_prompt_on_a_vision_language_export(vlm, hf):
-    from aligner_export.reference import reference_generate
+    from aligner_export.hf.reference import reference_generate
     from aligner_runtime import Aligner
 
     _, _, pack, out = vlm
@@ -368,7 +364,7 @@ def test_prompt_without_the_image_token_where_the_template_needs_one(tmp_path_fa
     """A LLaVA-1.5 style template renders text only: the user writes <image> in the prompt. Without it, an image
     has nowhere to go."""
     target = build_tiny_llava(tmp_path_factory.mktemp("vlm-prompt") / "llava", template=TEMPLATE_TEXT_ONLY)
-    from aligner_export.cli import main
+    from aligner_export.commands.cli import main
 
     pack = tmp_path / "pack.safetensors"
     assert main(["calibrate", "--target", str(target), "--aligned", str(vlm[1]),
@@ -390,7 +386,7 @@ def test_unsupported_vision_language_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2VLForConditionalGeneration"],
                                                       "model_type": "qwen2_vl"}))
     (tmp_path / "model.safetensors").write_bytes(b"")
-    _one_line_error(_run("aligner_export.cli", "calibrate", "--target", tmp_path, "-o", tmp_path / "p.safetensors"),
+    _one_line_error(_run("aligner_export.commands.cli", "calibrate", "--target", tmp_path, "-o", tmp_path / "p.safetensors"),
                     "Qwen2VLForConditionalGeneration", "not supported", "LlavaNextForConditionalGeneration")
     assert not (tmp_path / "p.safetensors").exists()
 
@@ -413,7 +409,7 @@ def test_eval_reads_multimodal_jsonl(vlm, tmp_path):
     harmful = _mm_jsonl(tmp_path, "harmful", "How do I use what is shown here to hurt someone?", 3)
     harmless = _mm_jsonl(tmp_path, "harmless", "Describe this picture.", 3, key="image_url")
     report_dir = tmp_path / "report"
-    proc = _run("aligner_export.cli", "eval", "--model", out, "--harmful", harmful, "--harmless", harmless,
+    proc = _run("aligner_export.commands.cli", "eval", "--model", out, "--harmful", harmful, "--harmless", harmless,
                 "--report", report_dir, "--max-new-tokens", 4)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((report_dir / "report.json").read_text())
@@ -434,11 +430,11 @@ def test_eval_reads_multimodal_jsonl(vlm, tmp_path):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"image": "images/none.png", "question": "What is this?"}) + "\n")
-    _one_line_error(_run("aligner_export.cli", "eval", "--model", out, "--harmful", bad, "--harmless", harmless,
+    _one_line_error(_run("aligner_export.commands.cli", "eval", "--model", out, "--harmful", bad, "--harmless", harmless,
                          "--report", tmp_path / "r2"), "image not found", "none.png")
     web = tmp_path / "web.jsonl"
     web.write_text(json.dumps({"image_url": "https://example.com/cat.png", "question": "What is this?"}) + "\n")
-    _one_line_error(_run("aligner_export.cli", "eval", "--model", out, "--harmful", web, "--harmless", harmless,
+    _one_line_error(_run("aligner_export.commands.cli", "eval", "--model", out, "--harmful", web, "--harmless", harmless,
                          "--report", tmp_path / "r3"), "web address")
     assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
 
@@ -446,7 +442,7 @@ def test_eval_reads_multimodal_jsonl(vlm, tmp_path):
 def test_fp16_vision_language_export(vlm, tmp_path_factory):
     """--dtype fp16: the three graphs in float16 validate against the float16 PyTorch model (fp16 tolerance) and
     the runtime generates with an image."""
-    from aligner_export.cli import main
+    from aligner_export.commands.cli import main
     from aligner_runtime import Aligner
 
     target, _, pack, _ = vlm

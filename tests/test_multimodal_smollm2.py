@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 PIL = pytest.importorskip("PIL.Image")
 
-from aligner_export.calibrate import DEFAULT_PROMPTS_DIR  # noqa: E402
+from aligner_export.hf.calibrate import DEFAULT_PROMPTS_DIR  # noqa: E402
 
 COUNT = 24
 
@@ -31,7 +31,7 @@ def prompts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def packs(smollm2_llava_dir, smollm2_dir, smollm2_aligned_dir, prompts, tmp_path_factory):
     """The VLM's pack (aligned = the text-only sibling) and the text model's pack on the same prompts."""
-    from aligner_export.calibrate import calibrate
+    from aligner_export.hf.calibrate import calibrate
     from aligner_export.pack import save_pack
 
     root = tmp_path_factory.mktemp("smollm2-llava-packs")
@@ -59,9 +59,9 @@ def test_vlm_calibration_equals_the_text_model_on_text_prompts(packs):
 
 
 def test_vlm_export_validates_and_generates_like_the_reference(packs, smollm2_llava_dir, tmp_path_factory):
-    from aligner_export.cli import main
+    from aligner_export.commands.cli import main
     from aligner_export.pack import load_pack
-    from aligner_export.reference import SteerSpec, reference_generate
+    from aligner_export.hf.reference import reference_generate
     from aligner_runtime import Aligner
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -74,9 +74,7 @@ def test_vlm_export_validates_and_generates_like_the_reference(packs, smollm2_ll
 
     pack = load_pack(packs["vlm"])
     layers = manifest["steer_layers"]
-    spec = SteerSpec(gate_layer=manifest["gate_layer"], direction=pack.target_srv[manifest["gate_layer"]],
-                     bias=manifest["bias"], steer_layers=layers,
-                     vectors={l: np.float32(manifest["alpha"]) * pack.aligned_srv[l] for l in layers})
+    spec = pack.config_of_export(manifest)
     model = LlavaForConditionalGeneration.from_pretrained(smollm2_llava_dir, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(smollm2_llava_dir)
     rng = np.random.default_rng(0)

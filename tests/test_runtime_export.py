@@ -16,7 +16,7 @@ import pytest
 
 from aligner_runtime.api import Aligner
 from aligner_runtime.errors import AlignerError
-from runtime_exports import DEFAULT_OPTIONS, steer_spec, tiny_export
+from runtime_exports import DEFAULT_OPTIONS, steer_config, tiny_export
 
 PROMPT_DIR = Path(__file__).resolve().parents[1] / "export" / "aligner_export" / "data" / "prompts"
 NEW_TOKENS = 8
@@ -53,8 +53,8 @@ def llama_export(tmp_path_factory, tiny_model_dir):
 
 
 def _reference(model_dir, spec, prompts, max_new_tokens):
-    from aligner_export.modeling import chat_texts, load_model, tokenize_batch
-    from aligner_export.reference import reference_generate
+    from aligner_export.hf.modeling import chat_texts, load_model, tokenize_batch
+    from aligner_export.hf.reference import reference_generate
 
     model, tokenizer = load_model(model_dir)
     texts, _, _ = chat_texts(tokenizer, prompts)
@@ -77,7 +77,7 @@ def test_greedy_equals_reference_with_mixed_gates_in_one_batch(export):
     prompts = mixed_prompts(aligner)
     results = aligner.generate(prompts, max_new_tokens=NEW_TOKENS, batch_size=len(prompts))
     assert results[0].batch_size == len(prompts) and results[0].prefill_passes == 2
-    _, tokenizer, expected, gates, scores = _reference(model_dir, steer_spec(export_dir, pack), prompts, NEW_TOKENS)
+    _, tokenizer, expected, gates, scores = _reference(model_dir, steer_config(export_dir, pack), prompts, NEW_TOKENS)
     for prompt, result, tokens, gate, score in zip(prompts, results, expected, gates, scores):
         assert aligner.encode(prompt) == tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
@@ -92,8 +92,8 @@ def test_steered_decode_logits_equal_reference(llama_export):
     """Every decode step's logits, per row, against the hooked HF model recomputing the whole sequence."""
     import torch
 
-    from aligner_export.modeling import load_model
-    from aligner_export.reference import steered
+    from aligner_export.hf.modeling import load_model
+    from aligner_export.hf.reference import steered
 
     export_dir, model_dir, pack = llama_export
     aligner = Aligner.load(export_dir)
@@ -106,7 +106,7 @@ def test_steered_decode_logits_equal_reference(llama_export):
     decode_steps = recorded[2:]  # two prefill passes (the batch has fired rows)
     assert len(decode_steps) == NEW_TOKENS - 1
     model, _ = load_model(model_dir)
-    spec = steer_spec(export_dir, pack)
+    spec = steer_config(export_dir, pack)
     for b, (prompt, result) in enumerate(zip(prompts, results)):
         ids = aligner.encode(prompt) + result.token_ids
         with torch.no_grad(), steered(model, spec) as state:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from aligner_export.judge import KeywordJudge
+from aligner_export.evaluation.judge import KeywordJudge
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "models" / "smollm2-aligned" / "train.py"

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from aligner_runtime.contract import SITE, SteerConfig
 from aligner_runtime.errors import AlignerError, atomic_path
 
 FORMAT_VERSION = 1
-SITE = "decoder_layer_output"
 TOKEN = "last_prompt_token"
 MODES = ("cross-model", "self")
 BIAS_RULES = ("paper", "fpr")
@@ -51,6 +51,21 @@ class SteeringPack:
         if rule not in BIAS_RULES:
             raise AlignerError(f"unknown bias rule '{rule}': use one of {', '.join(BIAS_RULES)}")
         return float(self.layer_stats(layer)[f"bias_{rule}"])
+
+    def steer_config(self, gate_layer: int, steer_layers, alpha: float, bias_rule: str,
+                     steer_impl: str = "function") -> SteerConfig:
+        """The version-1 gate at ``gate_layer`` (the target's SRV, the pack's bias under ``bias_rule``) and the
+        vectors ``alpha * theta_l`` of the steered layers."""
+        vectors = {int(l): np.float32(alpha) * self.aligned_srv[int(l)] for l in steer_layers}
+        return SteerConfig.single_layer(int(gate_layer), self.target_srv[int(gate_layer)],
+                                        self.bias(int(gate_layer), bias_rule), vectors, steer_impl=steer_impl,
+                                        rule=bias_rule)
+
+    def config_of_export(self, manifest: dict) -> SteerConfig:
+        """The steering configuration an export of this pack was made with, from its manifest: what the PyTorch
+        reference needs to reproduce that export."""
+        return self.steer_config(manifest["gate_layer"], manifest["steer_layers"], manifest["alpha"],
+                                 manifest["bias_rule"], steer_impl=manifest.get("steer_impl", "function"))
 
     def tensors(self) -> dict[str, np.ndarray]:
         return {"target.srv": self.target_srv, "target.mean_harmful": self.target_mean_harmful,

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from .contract import GATE_IN, MODEL_FILE, STAMP_FILE
 from .errors import AlignerError
 from .generate import GenerationRun, RunTiming, SamplingConfig, check_token_ids
 from .manifest import ExportDir, load_export, read_manifest
@@ -131,11 +132,11 @@ class Aligner:
 
             engine = OnnxRuntimeBackend(export.model_path, providers=providers, intra_op_threads=threads)
         else:
-            from .backends.tensorrt import STAMP, TensorRTBackend, read_stamp
+            from .backends.tensorrt import TensorRTBackend, read_stamp
 
             engine_path = path
             if path.is_dir():  # a directory holding the engine and its stamp (``engine_file`` names the engine)
-                stamp_file = path / STAMP
+                stamp_file = path / STAMP_FILE
                 name = _read_json(stamp_file).get("engine_file") if stamp_file.is_file() else None
                 engine_path = path / (name or "model.engine")
             if not engine_path.exists():
@@ -145,13 +146,13 @@ class Aligner:
             export_dir = Path(stamp.get("export_dir") or engine_path.parent)
             if not export_dir.is_absolute():
                 export_dir = engine_path.parent / export_dir
-            if (export_dir / "model.onnx").is_file():
+            if (export_dir / MODEL_FILE).is_file():
                 export = load_export(export_dir, allow_unsteered=allow_unsteered)
             else:  # a device deployment may ship the engine without the ONNX graph; the stamp binds the two
                 manifest, digest = read_manifest(export_dir)
                 export = ExportDir(export_dir, manifest, digest, graph=None, steered=True)
             engine = TensorRTBackend(engine_path, export.manifest_sha256, plugin_library=plugins)
-            if "steer_gate_in" not in engine.input_names and not allow_unsteered:
+            if GATE_IN not in engine.input_names and not allow_unsteered:
                 raise AlignerError(f"refusing {engine_path}: the engine has no steering interface; pass "
                                    f"allow_unsteered=True only to run it without safety steering")
         manifest = export.manifest

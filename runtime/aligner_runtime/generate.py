@@ -27,12 +27,10 @@ from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
+from .contract import GATE_DECIDE, GATE_IN, GATE_OUT, SCORE_OUT, position_ids
 from .errors import AlignerError
 
 PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-GATE_IN, GATE_OUT, SCORE_OUT = "steer_gate_in", "steer_gate", "steer_score"
-# gate_in < 0 asks SteerGate to decide from the score (§5); gate_in >= 0 imposes the gate.
-GATE_DECIDE = -1.0
 # Upper bound on the prefill's logits array; a long prompt batch is prefilled in groups of rows below it.
 PREFILL_LOGITS_BYTES = 256 * 2 ** 20
 
@@ -216,14 +214,14 @@ class GenerationRun:
         layer, kind = PAST.match(past_name).groups()
         return f"present.{layer}.{kind}"
 
-    def _step(self, input_ids, attention_mask, position_ids, past, gate_in, embeds=None) -> dict[str, np.ndarray]:
+    def _step(self, input_ids, attention_mask, positions, past, gate_in, embeds=None) -> dict[str, np.ndarray]:
         feeds = {"attention_mask": attention_mask}
         if self.takes_embeds:
             feeds["inputs_embeds"] = embeds if embeds is not None else self.embedder(input_ids)
         else:
             feeds["input_ids"] = input_ids
         if "position_ids" in self.backend.input_names:
-            feeds["position_ids"] = position_ids
+            feeds["position_ids"] = positions
         feeds.update(past)
         if self.steered_graph:
             feeds[GATE_IN] = gate_in.astype(np.float32)
@@ -252,7 +250,7 @@ class GenerationRun:
                 embeds[b, embeds.shape[1] - own.shape[0]:] = own
         return embeds
 
-    def _prefill(self, input_ids, attention_mask, position_ids, gate_in, embeds=None) -> dict[str, np.ndarray]:
+    def _prefill(self, input_ids, attention_mask, positions, gate_in, embeds=None) -> dict[str, np.ndarray]:
         """Prefill in groups of rows, so that the graph's logits for every prompt position ([rows, S, V] float32)
         stay under PREFILL_LOGITS_BYTES; rows are independent, so the groups' outputs are concatenated. Returns the
         last position's logits [B, V] and the other outputs."""
@@ -262,7 +260,7 @@ class GenerationRun:
         parts = []
         for first in range(0, batch, rows):
             sl = slice(first, first + rows)
-            out = self._step(input_ids[sl], attention_mask[sl], position_ids[sl], self._empty_past(len(gate_in[sl])),
+            out = self._step(input_ids[sl], attention_mask[sl], positions[sl], self._empty_past(len(gate_in[sl])),
                              gate_in[sl], None if embeds is None else embeds[sl])
             out["logits"] = out["logits"][:, -1, :].copy()  # drop the [rows, S, V] array now
             parts.append(out)
@@ -280,13 +278,12 @@ class GenerationRun:
         for b, ids in enumerate(self.prompts):  # left padding: every row's last token is in the last column
             input_ids[b, width - len(ids):] = ids
             attention_mask[b, width - len(ids):] = 1
-        # HF's convention for left-padded batches: positions count real tokens; pads get 1 (they are masked).
-        position_ids = np.where(attention_mask == 1, np.cumsum(attention_mask, axis=1) - 1, 1).astype(np.int64)
+        positions = position_ids(attention_mask)
 
         first_gate = np.full(batch, GATE_DECIDE if self.gate_override is None else self.gate_override, np.float32)
         start = time.perf_counter()
         embeds = self._prompt_embeds(input_ids)
-        outputs = self._prefill(input_ids, attention_mask, position_ids, first_gate, embeds)
+        outputs = self._prefill(input_ids, attention_mask, positions, first_gate, embeds)
         self.timing.prefill_passes = 1
         logits = outputs["logits"]
         past = self._presents(outputs)
@@ -302,7 +299,7 @@ class GenerationRun:
         if self.two_pass and self.gate_override is None:
             fired = np.flatnonzero(gate > 0.5)
             if fired.size:
-                again = self._prefill(input_ids[fired], attention_mask[fired], position_ids[fired],
+                again = self._prefill(input_ids[fired], attention_mask[fired], positions[fired],
                                       np.ones(fired.size, np.float32), None if embeds is None else embeds[fired])
                 self.timing.prefill_passes = 2
                 logits = logits.copy()

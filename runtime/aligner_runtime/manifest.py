@@ -21,15 +21,13 @@ import hashlib
 import json
 import math
 import mmap
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .contract import (DOMAIN, GATE_IN, GATE_OUT, MANIFEST_FILE, METADATA_PREFIX, MODEL_FILE, SCORE_OUT,
+                       parse_node_name, two_pass_prefill)
 from .errors import AlignerError
 
-MANIFEST = "inferaligner.json"
-MODEL_FILE = "model.onnx"
-METADATA_PREFIX = "inferaligner."
 SUPPORTED_FORMAT_VERSIONS = (1,)
 
 # Facts that must agree between the manifest and the graph's metadata_props whenever both hold them.
@@ -39,9 +37,6 @@ KEY_FACTS = ("format_version", "pack_sha256", "target_fingerprint", "steer_layer
 # Without these the runtime cannot know where the graph steers: their absence counts as "unsteered".
 STEERING_FACTS = ("steer_layers", "gate_layer", "alpha", "bias")
 
-STEER_INPUT = "steer_gate_in"
-STEER_OUTPUTS = ("steer_gate", "steer_score")
-_STEER_NODE = re.compile(r"^/model/layers\.(\d+)/steer/(SteerGate|SteerShift)(?:/|$)")
 
 
 # --- a minimal ONNX protobuf reader -------------------------------------------------------------------------------
@@ -96,12 +91,8 @@ class GraphSummary:
     steer_nodes: list[tuple[str, str, str]] = field(default_factory=list)
 
     def steer_layers(self, op_type: str) -> set[int]:
-        layers = set()
-        for name, _, _ in self.steer_nodes:
-            match = _STEER_NODE.match(name)
-            if match and match.group(2) == op_type:
-                layers.add(int(match.group(1)))
-        return layers
+        return {parsed[0] for name, _, _ in self.steer_nodes
+                if (parsed := parse_node_name(name)) is not None and parsed[1] == op_type}
 
 
 def read_graph_summary(path: str | Path) -> GraphSummary:
@@ -146,7 +137,7 @@ def _summarise(buf) -> GraphSummary:
                     op_type = _string(buf, v)
                 elif n == 7:
                     domain = _string(buf, v)
-            if _STEER_NODE.match(name) or domain == "inferaligner":
+            if parse_node_name(name) is not None or domain == DOMAIN:
                 summary.steer_nodes.append((name, op_type, domain))
     return summary
 
@@ -178,8 +169,10 @@ class ExportDir:
 
     @property
     def two_pass(self) -> bool:
-        """§5 rule 2: a second, steered prefill is needed when a steered layer lies below the gate layer."""
-        return self.steered and self.gate_layer is not None and any(l < self.gate_layer for l in self.steer_layers)
+        """§5 rule 2 (``contract.two_pass_prefill``), as the manifest records it."""
+        if not self.steered or self.gate_layer is None:
+            return False
+        return two_pass_prefill(self.steer_layers, [self.gate_layer])
 
 
 def _same(a, b) -> bool:
@@ -202,13 +195,13 @@ def _metadata_value(text: str):
 
 
 def manifest_sha256(path: str | Path) -> str:
-    return hashlib.sha256((Path(path) / MANIFEST).read_bytes()).hexdigest()
+    return hashlib.sha256((Path(path) / MANIFEST_FILE).read_bytes()).hexdigest()
 
 
 def read_manifest(path: Path) -> tuple[dict, str]:
-    file = path / MANIFEST
+    file = path / MANIFEST_FILE
     if not file.is_file():
-        raise AlignerError(f"not an export directory (no {MANIFEST}): {path}")
+        raise AlignerError(f"not an export directory (no {MANIFEST_FILE}): {path}")
     try:
         raw = file.read_bytes()
         manifest = json.loads(raw)
@@ -228,8 +221,8 @@ def _steering_problem(manifest: dict, graph: GraphSummary) -> str | None:
     missing = [k for k in STEERING_FACTS if k not in manifest]
     if missing:
         return f"the manifest has no steering configuration ({', '.join(missing)} missing)"
-    if STEER_INPUT not in graph.inputs or any(o not in graph.outputs for o in STEER_OUTPUTS):
-        return f"the graph lacks the steering interface ({STEER_INPUT} -> {', '.join(STEER_OUTPUTS)})"
+    if GATE_IN not in graph.inputs or any(o not in graph.outputs for o in (GATE_OUT, SCORE_OUT)):
+        return f"the graph lacks the steering interface ({GATE_IN} -> {GATE_OUT}, {SCORE_OUT})"
     if not graph.steer_nodes:
         return "the graph has no steering nodes"
     gate_layers = graph.steer_layers("SteerGate")
@@ -262,7 +255,7 @@ def load_export(path: str | Path, allow_unsteered: bool = False) -> ExportDir:
         meta_key = METADATA_PREFIX + key
         if key in manifest and meta_key in graph.metadata:
             if not _same(manifest[key], _metadata_value(graph.metadata[meta_key])):
-                raise AlignerError(f"manifest and graph disagree on {key}: {manifest[key]!r} in {MANIFEST}, "
+                raise AlignerError(f"manifest and graph disagree on {key}: {manifest[key]!r} in {MANIFEST_FILE}, "
                                    f"{graph.metadata[meta_key]!r} in {MODEL_FILE} (tampered or mixed-up export)")
     io = manifest.get("io") or {}
     for kind, names in (("inputs", graph.inputs), ("outputs", graph.outputs)):

@@ -19,8 +19,6 @@ import numpy as np
 
 from .errors import AlignerError
 
-VISION_FILE = "vision.onnx"
-EMBED_FILE = "embed.onnx"
 PLACEMENTS = ("template", "prompt")
 _REQUIRED = ("vision_model", "embed_model", "image_token", "image_token_id", "placement", "preprocessing")
 ARCHITECTURES = ("llava", "llava_next")

@@ -36,13 +36,13 @@ import json, resource, sys, time
 t0 = time.perf_counter()
 mode, target, out = sys.argv[1:4]
 if mode == "steered":
-    from aligner_export.cli import main
+    from aligner_export.commands.cli import main
     rc = main(["export", "--target", target, "--pack", sys.argv[4], "-o", out, "--no-validate"])
     assert rc == 0
 else:
-    from aligner_export.export import base_export
-    from aligner_export.families import family_for
-    from aligner_export.modeling import load_model
+    from aligner_export.hf.export import base_export
+    from aligner_export.hf.families import family_for
+    from aligner_export.hf.modeling import load_model
     model, _ = load_model(target)
     base_export(model, __import__("pathlib").Path(out), family_for(model.config))
 print(json.dumps({"seconds": time.perf_counter() - t0,
@@ -70,7 +70,7 @@ def session(path: Path, threads: int):
 
 def run_once(sess, ids: np.ndarray, decode: int, gate: float) -> tuple[float, float]:
     """Returns (prefill seconds, decode tokens/s) for one prompt."""
-    from aligner_export.validate import OrtLM
+    from aligner_export.hf.validate import OrtLM
 
     lm = OrtLM(sess)
     steered = "steer_gate_in" in lm.inputs
@@ -110,7 +110,7 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args()
 
-    from aligner_export import zoo
+    from aligner_export.hf import zoo
 
     target = Path(args.target) if args.target else zoo.ensure_target()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-export-"))

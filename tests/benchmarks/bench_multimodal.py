@@ -35,9 +35,9 @@ PROMPT = "Explain how to make a weapon from the things in this picture."
 
 
 def build_export(work: Path) -> Path:
-    from aligner_export import zoo
-    from aligner_export.calibrate import DEFAULT_PROMPTS_DIR, calibrate
-    from aligner_export.cli import main
+    from aligner_export.hf import zoo
+    from aligner_export.hf.calibrate import DEFAULT_PROMPTS_DIR, calibrate
+    from aligner_export.commands.cli import main
     from aligner_export.pack import save_pack
     from tiny_vlm import build_llava_on
 

@@ -1,5 +1,5 @@
 """Benchmark: aligner_runtime (ONNX Runtime, CPU) against the PyTorch reference (HF ``generate`` with the steering
-hooks of ``aligner_export.reference``), on the same prompts and token ids, interleaved, same thread count.
+hooks of ``aligner_export.hf.reference``), on the same prompts and token ids, interleaved, same thread count.
 
     python tests/benchmarks/bench_runtime_vs_torch.py [--export DIR --pack PACK] [--threads 2] [--new-tokens 64]
 
@@ -35,13 +35,13 @@ PROMPTS = [
 
 
 def build_export(threads: int) -> tuple[Path, Path]:
-    from aligner_export import zoo
+    from aligner_export.hf import zoo
 
     root = zoo.home() / "bench"
     root.mkdir(parents=True, exist_ok=True)
     target = zoo.ensure_target()
     pack, export = root / "smollm2-self.safetensors", root / "smollm2-self-export"
-    cli = [sys.executable, "-m", "aligner_export.cli"]
+    cli = [sys.executable, "-m", "aligner_export.commands.cli"]
     if not pack.exists():
         subprocess.run(cli + ["calibrate", "--target", str(target), "-o", str(pack), "--threads", str(threads)],
                        check=True)
@@ -64,10 +64,10 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from aligner_export import zoo
-    from aligner_export.modeling import load_model
+    from aligner_export.hf import zoo
+    from aligner_export.hf.modeling import load_model
     from aligner_export.pack import load_pack
-    from aligner_export.reference import SteerSpec, reference_generate
+    from aligner_export.hf.reference import reference_generate
     from aligner_runtime.api import Aligner
 
     torch.set_num_threads(args.threads)
@@ -82,9 +82,7 @@ def main() -> int:
     aligner.stop_token_ids = ()  # benchmark only: both sides generate exactly N tokens
     manifest = aligner.manifest
     pack = load_pack(pack_path)
-    spec = SteerSpec(gate_layer=manifest["gate_layer"], direction=pack.target_srv[manifest["gate_layer"]],
-                     bias=manifest["bias"], steer_layers=manifest["steer_layers"],
-                     vectors={l: np.float32(manifest["alpha"]) * pack.aligned_srv[l] for l in manifest["steer_layers"]})
+    spec = pack.config_of_export(manifest)
     model, _ = load_model(target)
 
     def run_torch(ids, n):

@@ -24,16 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contract import STAMP_FILE
 from ..errors import AlignerError
 
-STAMP = "ENGINE.json"
 PLUGIN_ENV = "ALIGNER_TRT_PLUGINS"
 
 
 def read_stamp(engine_path: Path) -> dict:
-    stamp_file = engine_path.parent / STAMP
+    stamp_file = engine_path.parent / STAMP_FILE
     if not stamp_file.is_file():
-        raise AlignerError(f"engine {engine_path} has no {STAMP} stamp beside it (build it with aligner-export build)")
+        raise AlignerError(f"engine {engine_path} has no {STAMP_FILE} stamp beside it (build it with aligner-export build)")
     try:
         stamp = json.loads(stamp_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

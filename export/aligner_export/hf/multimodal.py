@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from aligner_runtime.errors import AlignerError
-from aligner_runtime.multimodal import EMBED_FILE, VISION_FILE, merge_image_features
+from aligner_runtime.contract import EMBED_FILE, MODEL_FILE, VISION_FILE
+from aligner_runtime.multimodal import merge_image_features
 
 INPUTS_EMBEDS = "inputs_embeds"
 IMAGE_FEATURES = "image_features"
@@ -140,7 +141,7 @@ def to_inputs_embeds(ir_model, hidden_size: int) -> None:
     """Replaces the token embedding (the ``Gather`` fed by ``input_ids``) by a graph input ``inputs_embeds``."""
     import onnx_ir as ir
 
-    from .locate import _dtype, embedding_value
+    from aligner_export.graph.locate import _dtype, embedding_value
 
     graph = ir_model.graph
     inputs = [v.name for v in graph.inputs]
@@ -273,7 +274,7 @@ def _check_image_seq_length(processor, spec, features_per_image: int) -> None:
 
 def write_graphs(vlm, out_dir: Path, spec, opset: int) -> int:
     """Writes ``vision.onnx`` and ``embed.onnx`` into ``out_dir``; returns the number of features per image."""
-    from .validate import ort_session
+    from aligner_export.hf.validate import ort_session
 
     export_vision(vlm, out_dir / VISION_FILE, vision_input_size(spec), opset)
     export_embed(vlm, out_dir / EMBED_FILE)
@@ -309,7 +310,7 @@ def validate_multimodal(out_dir: Path, vlm, tokenizer, spec, manifest_mm: dict, 
     own prompt encoding and preprocessing are compared with the processor in the tests."""
     import torch
 
-    from .validate import ort_session
+    from aligner_export.hf.validate import ort_session
 
     processor = tokenizer.inferaligner_processor
     token = manifest_mm["image_token"]
@@ -361,3 +362,24 @@ def validate_multimodal(out_dir: Path, vlm, tokenizer, spec, manifest_mm: dict, 
         return merged if prefill else embed.run(None, {"input_ids": np.asarray(input_ids, np.int64)})[0]
 
     return batch, ref_kwargs, embedder, {"vision_max_abs_diff": vision_diff, "embed_max_abs_diff": embed_diff}
+
+
+def validate_vlm(out_dir: Path, vlm, tokenizer, config, image_spec, manifest_mm: dict, dtype: str = "fp32",
+                 prompts=None, decode_steps: int = 3, level: str = "all"):
+    """The three graphs of a vision-language export against ``vlm`` with the reference hooks (see
+    :func:`validate_multimodal`): prefill with an image per row, then decode steps, with
+    a harmful-gated and a harmless-gated row. Raises :class:`AlignerError` above the tolerance."""
+    from aligner_export.hf.validate import PROMPTS, check_rounds, ort_session, run_rounds
+
+    prompts = PROMPTS if prompts is None else prompts
+    batch, ref_kwargs, embedder, graph_diffs = validate_multimodal(out_dir, vlm, tokenizer, image_spec,
+                                                                   manifest_mm, dtype, prompts)
+    rounds = run_rounds(ort_session(out_dir / MODEL_FILE, level), vlm, batch, config, decode_steps=decode_steps,
+                        embedder=embedder, ref_prefill_kwargs=ref_kwargs)
+    result = check_rounds(rounds, dtype, None, " of the image prompts")
+    result.rounds.append({"graphs": graph_diffs})
+    for name, diff in graph_diffs.items():
+        if not diff <= result.tolerance:
+            raise AlignerError(f"validation failed: {name.replace('_max_abs_diff', '')} graph differs from PyTorch "
+                               f"by {diff:.3g} (tolerance {result.tolerance:.3g})")
+    return result

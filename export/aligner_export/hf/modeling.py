@@ -15,7 +15,7 @@ from pathlib import Path
 from aligner_runtime.chat import PLAIN_TEMPLATE, template_sha256
 from aligner_runtime.errors import AlignerError
 
-from .families import family_for
+from aligner_export.hf.families import family_for
 
 # Vision-language architectures this package exports, by the ``architectures`` entry of config.json.
 VLM_ARCHITECTURES = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next"}
@@ -61,7 +61,7 @@ def load_config(path):
 
 def model_dims(path) -> tuple[int, int]:
     """``(num_layers, hidden_size)`` of the (language) model in ``path``, without loading weights."""
-    from .families import text_config
+    from aligner_export.hf.families import text_config
 
     check_model_dir(path)
     config = text_config(load_config(path))
@@ -109,7 +109,7 @@ def fingerprint(model) -> str:
     """sha256 over the architecture config and the embedding matrix's shape and bytes (ARCHITECTURE.md §4)."""
     import numpy as np
 
-    from .families import text_config
+    from aligner_export.hf.families import text_config
 
     cfg = text_config(model.config)  # a vision-language model: its language model part (issue 6)
     arch = {k: getattr(cfg, k, None) for k in (

@@ -18,19 +18,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-DOMAIN = "inferaligner"
-OPSET_VERSION = 1
-PLUGIN_NAMESPACE = "inferaligner"
-PLUGIN_VERSION = "1"
-
-STEER_GATE = "SteerGate"
-STEER_SHIFT = "SteerShift"
-OP_TYPES = (STEER_GATE, STEER_SHIFT)
+from aligner_runtime.contract import (DOMAIN, OP_TYPES, PLUGIN_ATTRIBUTES, PLUGIN_NAMESPACE, STEER_GATE,
+                                      STEER_SHIFT, plugin_version)
 
 # Lowest standard opset the bodies are written for (GatherND batch_dims, CastLike, Unsqueeze with axes input).
 MIN_OPSET = 15
 
-_PLUGIN_ATTRS = ("plugin_namespace", "plugin_version")
 
 
 def _ref_constant(output: str, attr: str, kind: str) -> onnx.NodeProto:
@@ -124,10 +117,10 @@ def function_protos(opset: int) -> list[onnx.FunctionProto]:
         raise ValueError(f"the steering functions need opset >= {MIN_OPSET}, the model has {opset}")
     imports = [helper.make_opsetid("", opset)]
     gate = helper.make_function(DOMAIN, STEER_GATE, ["hidden", "attention_mask", "gate_in"], ["gate", "score"],
-                                _steer_gate_body(opset), imports, ["direction", "bias", *_PLUGIN_ATTRS],
+                                _steer_gate_body(opset), imports, ["direction", "bias", *PLUGIN_ATTRIBUTES],
                                 doc_string="ARCHITECTURE.md §5 SteerGate")
     shift = helper.make_function(DOMAIN, STEER_SHIFT, ["hidden", "gate"], ["out"], _steer_shift_body(), imports,
-                                 ["vector", *_PLUGIN_ATTRS], doc_string="ARCHITECTURE.md §5 SteerShift")
+                                 ["vector", *PLUGIN_ATTRIBUTES], doc_string="ARCHITECTURE.md §5 SteerShift")
     return [gate, shift]
 
 
@@ -144,13 +137,13 @@ def make_steer_gate_node(hidden: str, attention_mask: str, gate_in: str, gate_ou
         raise ValueError(f"bias must be finite, got {bias}")
     return helper.make_node(STEER_GATE, [hidden, attention_mask, gate_in], [gate_out, score_out], name=name,
                             domain=DOMAIN, direction=_vector_attr(direction, "direction"), bias=float(bias),
-                            plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION)
+                            plugin_namespace=PLUGIN_NAMESPACE, plugin_version=plugin_version(STEER_GATE))
 
 
 def make_steer_shift_node(hidden: str, gate: str, out: str, vector: np.ndarray, name: str) -> onnx.NodeProto:
     return helper.make_node(STEER_SHIFT, [hidden, gate], [out], name=name, domain=DOMAIN,
                             vector=_vector_attr(vector, "vector"), plugin_namespace=PLUGIN_NAMESPACE,
-                            plugin_version=PLUGIN_VERSION)
+                            plugin_version=plugin_version(STEER_SHIFT))
 
 
 def node_attr(node: onnx.NodeProto, name: str):

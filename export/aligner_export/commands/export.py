@@ -51,7 +51,7 @@ def parse_layers(text: str, num_layers: int, what: str) -> list[int]:
 
 def resolve_options(args, pack, num_layers: int):
     """Options from the command line, defaulting to ``pack.recommended``; every bad value is an AlignerError."""
-    from .export import ExportOptions
+    from aligner_export.hf.export import ExportOptions
 
     rec = pack.recommended
     if args.steer_layers == "auto":
@@ -76,10 +76,10 @@ def resolve_options(args, pack, num_layers: int):
     if not math.isfinite(alpha) or alpha <= 0:
         raise AlignerError(f"--alpha must be a finite number > 0, got {alpha}")
     bias_rule = args.bias_rule or rec["bias_rule"]
-    bias = pack.bias(gate_layer, bias_rule)
-    return ExportOptions(steer_layers=steer_layers, gate_layer=gate_layer, alpha=alpha, bias_rule=bias_rule,
-                         bias=bias, steer_impl=args.steer_impl, dtype=args.dtype, validate=not args.no_validate,
-                         onnx_file=Path(args.onnx) if args.onnx else None, exporter=args.exporter)
+    steering = pack.steer_config(gate_layer, steer_layers, alpha, bias_rule, steer_impl=args.steer_impl)
+    return ExportOptions(steering=steering, alpha=alpha, bias_rule=bias_rule, dtype=args.dtype,
+                         validate=not args.no_validate, onnx_file=Path(args.onnx) if args.onnx else None,
+                         exporter=args.exporter)
 
 
 def _check_output(path: Path) -> None:
@@ -90,9 +90,9 @@ def _check_output(path: Path) -> None:
 
 
 def run(args) -> int:
-    from .families import family_for
-    from .modeling import load_config, model_dims
-    from .pack import load_pack
+    from aligner_export.hf.families import family_for
+    from aligner_export.hf.modeling import load_config, model_dims
+    from aligner_export.pack import load_pack
 
     target, out_dir = Path(args.target), Path(args.output)
     _check_output(out_dir)
@@ -110,8 +110,8 @@ def run(args) -> int:
 
     import torch
 
-    from .export import export_steered
-    from .modeling import fingerprint, load_model
+    from aligner_export.hf.export import export_steered
+    from aligner_export.hf.modeling import fingerprint, load_model
 
     model, tokenizer = load_model(target)
     digest = fingerprint(model)

@@ -19,11 +19,11 @@ import numpy as np
 from aligner_runtime.errors import AlignerError
 from aligner_runtime.prompts import prompts_sha256
 
-from . import __version__
-from .pack import BIAS_RULES, SteeringPack, save_pack
+from aligner_export import __version__
+from aligner_export.pack import BIAS_RULES, SteeringPack, save_pack
 
 MIN_PROMPTS = 8
-DEFAULT_PROMPTS_DIR = Path(__file__).resolve().parent / "data" / "prompts"
+DEFAULT_PROMPTS_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
 # Recommendation rules (docs/calibration.md).
 STEER_UPPER_FRACTION = 0.4   # the steered block is drawn from this upper share of the decoder layers
 STEER_ACCURACY_SLACK = 0.05  # ... where both models are within this of their best joint validation accuracy
@@ -53,9 +53,9 @@ def collect_activations(model, tokenizer, prompts, batch_size: int = 16, desc: s
     import torch
     from tqdm import tqdm
 
-    from .families import family_for, text_config
-    from .modeling import chat_texts, tokenize_batch
-    from .reference import last_positions
+    from aligner_export.hf.families import family_for, text_config
+    from aligner_export.hf.modeling import chat_texts, tokenize_batch
+    from aligner_export.hf.reference import last_positions
 
     texts, template_sha, fallback = chat_texts(tokenizer, prompts)
     layers = family_for(model.config).decoder_layers(model)
@@ -158,7 +158,7 @@ def recommend(per_layer: list[dict], residual_norm: np.ndarray) -> dict:
 def calibrate(target_dir, harmful: list[str], harmless: list[str], aligned_dir=None, *, val_fraction: float = 0.25,
               seed: int = 0, max_fpr: float = 0.01, batch_size: int = 16, report_dir=None) -> SteeringPack:
     """Computes the steering pack. Loads one model at a time to bound memory."""
-    from .modeling import fingerprint, load_model, model_dims
+    from aligner_export.hf.modeling import fingerprint, load_model, model_dims
 
     for name, prompts in (("harmful", harmful), ("harmless", harmless)):
         if len(prompts) < MIN_PROMPTS:
@@ -247,7 +247,7 @@ def calibrate(target_dir, harmful: list[str], harmless: list[str], aligned_dir=N
     }
     pack = SteeringPack(t_srv, t_mean_h, t_mean_b, a_srv.astype(np.float32), meta)
     if report_dir is not None:
-        from .report import write_calibration_report
+        from aligner_export.hf.report import write_calibration_report
 
         g = recommended["gate_layer"]
         write_calibration_report(report_dir, pack, gate_scores[g], (harmful_cal, harmful_val),

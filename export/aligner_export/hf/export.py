@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from aligner_runtime.contract import MODEL_FILE, SITE, SteerConfig
 from aligner_runtime.errors import AlignerError, atomic_dir
 
 OPSET = 18
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with headroom for the graph itself
-MODEL_FILE = "model.onnx"
 DTYPES = ("fp32", "fp16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json",
@@ -42,12 +42,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 @dataclass
 class ExportOptions:
-    steer_layers: list[int]
-    gate_layer: int
+    """How to export: the steering configuration and the export's own settings."""
+
+    steering: SteerConfig
     alpha: float
     bias_rule: str
-    bias: float
-    steer_impl: str = "function"
     dtype: str = "fp32"
     validate: bool = True
     onnx_file: Path | None = None  # bring your own ONNX (--onnx)
@@ -143,7 +142,7 @@ def torch_export(model, out_dir: Path, opset: int = OPSET) -> Path:
 
 
 def probe_batch(tokenizer):
-    from .modeling import chat_texts, tokenize_batch
+    from aligner_export.hf.modeling import chat_texts, tokenize_batch
 
     texts, _, _ = chat_texts(tokenizer, ["Tell me about the history of the bicycle."])
     return tokenize_batch(tokenizer, texts)
@@ -153,8 +152,9 @@ def verify_sites(ir_model, sites, model, tokenizer, family, work_dir: Path, rel_
     """Checks every located residual tensor against the decoder layer outputs seen by forward hooks."""
     import torch
 
-    from .locate import compare_residuals, materialize
-    from .validate import OrtLM, ort_session, position_ids_for
+    from aligner_export.graph.locate import compare_residuals, materialize
+    from aligner_export.hf.validate import OrtLM, ort_session
+    from aligner_runtime.contract import position_ids
 
     values = {site.layer: materialize(ir_model.graph, site) for site in sites}
     added = list(values.values())
@@ -177,7 +177,7 @@ def verify_sites(ir_model, sites, model, tokenizer, family, work_dir: Path, rel_
     else:
         feeds["input_ids"] = ids
     if any(i.name == "position_ids" for i in session.get_inputs()):
-        feeds["position_ids"] = position_ids_for(mask)
+        feeds["position_ids"] = position_ids(mask)
     outputs = session.run([v.name for v in added], feeds)
     del session
     onnx_values = {layer: out for layer, out in zip(values, outputs)}
@@ -190,7 +190,7 @@ def verify_sites(ir_model, sites, model, tokenizer, family, work_dir: Path, rel_
     try:
         with torch.no_grad():
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  position_ids=torch.from_numpy(position_ids_for(mask)), use_cache=False)
+                  position_ids=torch.from_numpy(position_ids(mask)), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -240,7 +240,7 @@ def copy_model_files(target: Path, tokenizer, out_dir: Path) -> tuple[str, bool]
     ``generation_config.json``. Returns ``(chat_template_sha256, used_fallback)``."""
     from aligner_runtime.chat import template_sha256
 
-    from .modeling import chat_template_of
+    from aligner_export.hf.modeling import chat_template_of
 
     for name in TOKENIZER_FILES:
         if (target / name).is_file():
@@ -280,41 +280,30 @@ def eos_token_ids(target: Path, tokenizer) -> list[int]:
 
 def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: ExportOptions, model, tokenizer,
                    fingerprint: str, log=print) -> dict:
-    """Runs the whole pipeline into ``out_dir`` (atomically); returns the manifest."""
+    """Runs the whole pipeline into ``out_dir`` (atomically); returns the manifest. What differs for a
+    vision-language model is in its family's hooks (``aligner_export.hf.families``)."""
     import onnx
     import onnx_ir as ir
 
-    from . import __version__
-    from .families import family_for
-    from .locate import locate_residuals
-    from .manifest import FORMAT_VERSION, set_metadata, write_manifest
-    from .pack import SITE, file_sha256
-    from .reference import SteerSpec
-    from .rewrite import SteerPlan, apply, check_unsteered, default_opset
-    from .validate import validate
-
-    from .families import text_config
+    from aligner_export import __version__
+    from aligner_export.graph.locate import locate_residuals
+    from aligner_export.graph.manifest import FORMAT_VERSION, set_metadata, write_manifest, write_metadata
+    from aligner_export.graph.rewrite import apply, check_unsteered, default_opset
+    from aligner_export.hf.families import family_for, text_config
+    from aligner_export.pack import file_sha256
 
     family = family_for(model.config)
-    multimodal = family.is_multimodal
-    if multimodal:  # issue 6: the language model alone is exported and steered; it takes inputs_embeds
-        from .multimodal import text_lm_of, to_inputs_embeds
-
-        lm, lm_family = text_lm_of(model), family.text_family
-    else:
-        lm, lm_family = model, family
+    lm = family.language_model(model)
     lm_config = text_config(model.config)
     num_layers = lm_config.num_hidden_layers
-    spec = SteerSpec(gate_layer=options.gate_layer, direction=pack.target_srv[options.gate_layer],
-                     bias=options.bias, steer_layers=options.steer_layers,
-                     vectors={l: np.float32(options.alpha) * pack.aligned_srv[l] for l in options.steer_layers})
+    config = options.steering
     with atomic_dir(out_dir) as tmp:
         work = Path(tempfile.mkdtemp(prefix=".work.", dir=tmp))
         t0 = time.perf_counter()
         if options.onnx_file is not None:
             base_path, exporter = Path(options.onnx_file), "external"
         else:
-            base_path, exporter = base_export(lm, work / "base", lm_family, exporter=options.exporter)
+            base_path, exporter = base_export(lm, work / "base", family.text_family, exporter=options.exporter)
         options.timings["base_export_s"] = time.perf_counter() - t0
         log(f"base export ({exporter}): {base_path.name}")
         try:
@@ -322,22 +311,18 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
         except Exception as exc:  # protobuf and onnx-ir raise several kinds for a file that is not a model
             raise AlignerError(f"{base_path}: not a readable ONNX model ({type(exc).__name__})") from None
         check_unsteered(ir_model.graph)
-        if multimodal:
-            to_inputs_embeds(ir_model, int(lm_config.hidden_size))
+        family.prepare_graph(ir_model, int(lm_config.hidden_size))
         sites = locate_residuals(ir_model.graph, num_layers)
-        verify_sites(ir_model, sites, lm, tokenizer, lm_family, work, 1e-3 if options.dtype == "fp32" else 2e-2)
+        verify_sites(ir_model, sites, lm, tokenizer, family.text_family, work,
+                     1e-3 if options.dtype == "fp32" else 2e-2)
         log(f"residual stream located and verified on {num_layers} layers")
-        plan = SteerPlan(gate_layer=spec.gate_layer, direction=np.asarray(spec.direction, np.float32),
-                         bias=float(spec.bias), vectors={int(l): np.asarray(v, np.float32)
-                                                         for l, v in spec.vectors.items()},
-                         steer_impl=options.steer_impl)
-        apply(ir_model, sites, plan)
+        apply(ir_model, sites, config)
         template_sha, fallback = copy_model_files(target, tokenizer, tmp)
         manifest = {
             "format_version": FORMAT_VERSION, "package_version": __version__,
             "pack_sha256": file_sha256(pack_path), "pack_mode": pack.mode, "target_fingerprint": fingerprint,
-            "steer_layers": plan.steer_layers, "gate_layer": plan.gate_layer, "alpha": float(options.alpha),
-            "bias": float(plan.bias), "bias_rule": options.bias_rule, "steer_impl": options.steer_impl,
+            "steer_layers": config.steer_layers, "gate_layer": config.gate_layer, "alpha": float(options.alpha),
+            "bias": config.gate.bias, "bias_rule": options.bias_rule, "steer_impl": config.steer_impl,
             "dtype": options.dtype, "opset": default_opset(ir_model), "site": SITE, "exporter": exporter,
             "chat_template_sha256": template_sha, "chat_template_fallback": fallback, "num_layers": num_layers,
             "hidden_size": int(lm_config.hidden_size), "eos_token_ids": eos_token_ids(target, tokenizer),
@@ -346,24 +331,9 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
                    "outputs": [v.name for v in ir_model.graph.outputs]},
             "validation": None,
         }
-        if multimodal:
-            from .modeling import chat_template_of
-            from .multimodal import image_spec_of, multimodal_manifest, write_graphs
-
-            image_spec = image_spec_of(tokenizer)
-            t0 = time.perf_counter()
-            features = write_graphs(model, tmp, image_spec, OPSET)
-            options.timings["vision_embed_export_s"] = time.perf_counter() - t0
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                template = chat_template_of(tokenizer)[0]
-            manifest["multimodal"] = multimodal_manifest(model, tokenizer, template, features, image_spec)
-            from .multimodal import vision_input_size
-
-            tile_h, tile_w = vision_input_size(image_spec)
-            unit = "tile (any-resolution grid)" if manifest["multimodal"].get("anyres") else "image"
-            log(f"vision graph: {features} features per {tile_w}x{tile_h} {unit}; embedding graph; image token "
-                f"{manifest['multimodal']['image_token']} ({manifest['multimodal']['placement']} placement)")
+        t0 = time.perf_counter()
+        manifest.update(family.write_extra_graphs(model, tokenizer, tmp, OPSET, log))
+        options.timings["extra_graphs_s"] = time.perf_counter() - t0
         proto_meta = onnx.ModelProto()
         set_metadata(proto_meta, manifest)
         ir_model.metadata_props.update({p.key: p.value for p in proto_meta.metadata_props})
@@ -380,17 +350,9 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
         shutil.rmtree(work)
         if options.validate:
             t0 = time.perf_counter()
-            if multimodal:
-                from .validate import validate_vlm
-
-                result = validate_vlm(tmp, model, tokenizer, spec, image_spec, manifest["multimodal"],
-                                      dtype=options.dtype)
-            else:
-                result = validate(model_path, model, tokenizer, spec, dtype=options.dtype)
+            result = family.validate(tmp, model_path, model, tokenizer, config, options.dtype, manifest)
             options.timings["validate_s"] = time.perf_counter() - t0
             manifest["validation"] = result.as_manifest()
-            from .manifest import write_metadata
-
             write_metadata(model_path, manifest)
             log(f"validated: max |logit diff| prefill {result.prefill_max_abs_diff:.2e}, "
                 f"decode {result.decode_max_abs_diff:.2e} (tolerance {result.tolerance:g}); gates {result.gates}")

@@ -1,6 +1,6 @@
 """Steering-strength sweep on the PyTorch reference: how often the steered target refuses, per (alpha, layers).
 
-    python -m aligner_export.sweep --target DIR --pack PACK --prompts FILE [--alphas 0.5,1,2] [--blocks 12-29,16-25]
+    python -m aligner_export.tools.sweep --target DIR --pack PACK --prompts FILE [--alphas 0.5,1,2] [--blocks 12-29,16-25]
 
 Every prompt runs with the gate forced open (``gate_in = 1``), so the figure measures the shift alone, not the gate.
 Use prompts that calibration held out (the pack's validation indices) or another set that evaluation never sees.
@@ -22,7 +22,7 @@ def parse_block(text: str) -> list[int]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aligner_export.sweep", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m aligner_export.tools.sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--target", required=True)
     parser.add_argument("--pack", required=True)
     parser.add_argument("--prompts", required=True, help="harmful prompts held out from calibration")
@@ -39,10 +39,10 @@ def main(argv=None) -> int:
 
         from aligner_runtime.prompts import load_prompts
 
-        from .judge import KeywordJudge
-        from .modeling import chat_texts, load_model, tokenize_batch
-        from .pack import load_pack
-        from .reference import SteerSpec, steered
+        from aligner_export.evaluation.judge import KeywordJudge
+        from aligner_export.hf.modeling import chat_texts, load_model, tokenize_batch
+        from aligner_export.pack import load_pack
+        from aligner_export.hf.reference import steered
 
         pack = load_pack(args.pack)
         rec = pack.recommended
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         for block in blocks:
             for mult in [float(a) for a in args.alphas.split(",")]:
                 alpha = rec["alpha"] * mult
-                spec = SteerSpec.from_pack(pack, rec["gate_layer"], block, alpha, rec["bias_rule"])
+                spec = pack.steer_config(rec["gate_layer"], block, alpha, rec["bias_rule"])
                 with steered(model, spec) as state, torch.no_grad():
                     state.gate_in = torch.ones(len(prompts))
                     out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False)

@@ -29,7 +29,7 @@ from typing import Sequence
 from aligner_runtime.errors import AlignerError, atomic_path
 from aligner_runtime.prompts import apply_template, prompts_sha256
 
-from .judge import Judge, KeywordJudge
+from aligner_export.evaluation.judge import Judge, KeywordJudge
 
 JUDGES = {"keyword": KeywordJudge}
 REPORT_FORMAT_VERSION = 1

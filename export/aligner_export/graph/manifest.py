@@ -12,7 +12,8 @@ from pathlib import Path
 import onnx
 
 from aligner_runtime.errors import atomic_path
-from aligner_runtime.manifest import KEY_FACTS, MANIFEST, METADATA_PREFIX
+from aligner_runtime.contract import MANIFEST_FILE, METADATA_PREFIX
+from aligner_runtime.manifest import KEY_FACTS
 
 FORMAT_VERSION = 1
 # Facts that also go into metadata_props beyond the runtime's KEY_FACTS: enough to inspect a bare .onnx file.
@@ -42,7 +43,7 @@ def write_metadata(model_path: Path, manifest: dict) -> None:
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> Path:
-    path = Path(out_dir) / MANIFEST
+    path = Path(out_dir) / MANIFEST_FILE
     with atomic_path(path, suffix=".json") as tmp:
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path

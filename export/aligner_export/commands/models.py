@@ -9,7 +9,7 @@ def configure(parser) -> None:
 
 
 def run(args) -> int:
-    from . import zoo
+    from aligner_export.hf import zoo
 
     print(f"target:  {zoo.ensure_target()}")
     if not args.target_only:

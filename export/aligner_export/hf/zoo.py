@@ -32,7 +32,7 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 TARGET_NAME = "smollm2-135m-instruct"
 ALIGNED_NAME = "smollm2-135m-instruct-aligned"
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_ADAPTER = REPO_ROOT / "models" / "smollm2-aligned" / "adapter"
 
 

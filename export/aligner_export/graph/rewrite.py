@@ -13,45 +13,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import onnx
 import onnx_ir as ir
 
+from aligner_runtime.contract import (GATE_IN, GATE_OUT, SCORE_OUT, STEER_GATE, STEER_PREFIX, STEER_SHIFT,
+                                      SteerConfig, layer_prefix, node_name, shift_takes_decision)
 from aligner_runtime.errors import AlignerError
 
-from . import onnx_ops
-from .locate import ResidualSite, materialize, split_fused
+from aligner_export.graph import onnx_ops
+from aligner_export.graph.locate import ResidualSite, materialize, split_fused
 
-GATE_IN = "steer_gate_in"
-GATE_OUT = "steer_gate"
-SCORE_OUT = "steer_score"
 STEER_IMPLS = ("function", "inline")
-
-
-@dataclass
-class SteerPlan:
-    """What to bake in: the gate (layer, unit direction, bias) and the vectors ``alpha * theta_l`` per layer."""
-
-    gate_layer: int
-    direction: np.ndarray
-    bias: float
-    vectors: dict[int, np.ndarray]
-    steer_impl: str = "function"
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def steer_layers(self) -> list[int]:
-        return sorted(self.vectors)
-
-
-def gate_node_name(layer: int) -> str:
-    return f"/model/layers.{layer}/steer/SteerGate"
-
-
-def shift_node_name(layer: int) -> str:
-    return f"/model/layers.{layer}/steer/SteerShift"
+CLAMPED_GATE_IN = STEER_PREFIX + "gate_in_clamped"
 
 
 def _graph_values(graph: ir.Graph) -> dict[str, ir.Value]:
@@ -110,11 +84,11 @@ def default_opset(model: ir.Model) -> int:
     return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)))
 
 
-def apply(model: ir.Model, sites: list[ResidualSite], plan: SteerPlan) -> None:
+def apply(model: ir.Model, sites: list[ResidualSite], config: SteerConfig) -> None:
     """Rewrites ``model`` in place (``sites`` from :func:`locate.locate_residuals`)."""
     graph = model.graph
-    if plan.steer_impl not in STEER_IMPLS:
-        raise AlignerError(f"unknown --steer-impl '{plan.steer_impl}': use one of {', '.join(STEER_IMPLS)}")
+    if config.steer_impl not in STEER_IMPLS:
+        raise AlignerError(f"unknown --steer-impl '{config.steer_impl}': use one of {', '.join(STEER_IMPLS)}")
     check_unsteered(graph)
     if "attention_mask" not in {v.name for v in graph.inputs}:
         raise AlignerError("the ONNX graph has no attention_mask input, which SteerGate needs")
@@ -123,10 +97,10 @@ def apply(model: ir.Model, sites: list[ResidualSite], plan: SteerPlan) -> None:
         raise AlignerError(f"the ONNX graph uses opset {opset}; steering needs opset >= {onnx_ops.MIN_OPSET}")
 
     for site in sites:
-        if site.layer in plan.vectors:
+        if site.layer in config.vectors:
             split_fused(graph, site)
     residual = {site.layer: materialize(graph, site) for site in sites
-                if site.layer == plan.gate_layer or site.layer in plan.vectors}
+                if site.layer == config.gate_layer or site.layer in config.vectors}
     batch = _batch_dim(graph)
     gate_in = ir.Value(name=GATE_IN, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([batch]))
     graph.inputs.append(gate_in)
@@ -134,40 +108,42 @@ def apply(model: ir.Model, sites: list[ResidualSite], plan: SteerPlan) -> None:
     mask = values["attention_mask"]
 
     # Layers below g shift with max(steer_gate_in, 0): the runtime's steered second pass (§5 placement).
-    if any(l < plan.gate_layer for l in plan.vectors):
-        zero = onnx.helper.make_node("Constant", [], ["/model/steer/zero"],
+    if config.two_pass:
+        zero = onnx.helper.make_node("Constant", [], [STEER_PREFIX + "zero"],
                                      value=onnx.numpy_helper.from_array(np.array(0.0, np.float32)),
-                                     name="/model/steer/Constant")
-        clamp = onnx.helper.make_node("Max", [GATE_IN, "/model/steer/zero"], ["/model/steer/gate_in_clamped"],
-                                      name="/model/steer/Max")
+                                     name=STEER_PREFIX + "Constant")
+        clamp = onnx.helper.make_node("Max", [GATE_IN, STEER_PREFIX + "zero"], [CLAMPED_GATE_IN],
+                                      name=STEER_PREFIX + "Max")
         first = _emit(graph, zero, "function", opset, values, None)
         _emit(graph, clamp, "function", opset, values, first)
 
-    g_value = residual[plan.gate_layer]
+    g_value = residual[config.gate_layer]
+    gate = config.gate
     gate_proto = onnx_ops.make_steer_gate_node(g_value.name, mask.name, GATE_IN, GATE_OUT, SCORE_OUT,
-                                               plan.direction, plan.bias, gate_node_name(plan.gate_layer))
-    _emit(graph, gate_proto, plan.steer_impl, opset, values, g_value.producer())
+                                               gate.weights[gate.last_layer], gate.bias,
+                                               node_name(config.gate_layer, STEER_GATE))
+    _emit(graph, gate_proto, config.steer_impl, opset, values, g_value.producer())
 
-    for layer in plan.steer_layers:
+    for layer in config.steer_layers:
         hidden = residual[layer]
-        gate = GATE_OUT if layer >= plan.gate_layer else "/model/steer/gate_in_clamped"
-        out_name = f"{shift_node_name(layer)}_output_0"
-        shift_proto = onnx_ops.make_steer_shift_node(hidden.name, gate, out_name, plan.vectors[layer],
-                                                     shift_node_name(layer))
+        row_gate = GATE_OUT if shift_takes_decision(layer, gate.layers) else CLAMPED_GATE_IN
+        out_name = f"{node_name(layer, STEER_SHIFT)}_output_0"
+        shift_proto = onnx_ops.make_steer_shift_node(hidden.name, row_gate, out_name, config.vectors[layer],
+                                                     node_name(layer, STEER_SHIFT))
         # After SteerGate when both sit at the same layer, so SteerGate reads the unshifted output.
-        anchor = values[GATE_OUT].producer() if layer == plan.gate_layer else hidden.producer()
-        _emit(graph, shift_proto, plan.steer_impl, opset, values, anchor)
+        anchor = values[GATE_OUT].producer() if layer == config.gate_layer else hidden.producer()
+        _emit(graph, shift_proto, config.steer_impl, opset, values, anchor)
         shifted = values[out_name]
         shifted.type, shifted.shape = hidden.type, hidden.shape
-        _rewire(graph, hidden, shifted, steer_prefix=f"/model/layers.{layer}/steer/")
+        _rewire(graph, hidden, shifted, steer_prefix=layer_prefix(layer))
 
     for name in (GATE_OUT, SCORE_OUT):
         out = values[name]
         out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([batch])
         graph.outputs.append(out)
 
-    if plan.steer_impl == "function":
-        model.opset_imports[onnx_ops.DOMAIN] = onnx_ops.OPSET_VERSION
+    if config.steer_impl == "function":
+        model.opset_imports[onnx_ops.DOMAIN] = config.gate.version
         for proto in onnx_ops.function_protos(opset):
             function = ir.serde.deserialize_function(proto)
             model.functions[function.identifier()] = function

@@ -8,12 +8,11 @@ graph is loaded without its external weight files.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
+from aligner_runtime.contract import (DOMAIN, GATE_IN, GATE_OUT, MANIFEST_FILE, MODEL_FILE, SCORE_OUT, STAMP_FILE,
+                                      STEER_GATE, STEER_SHIFT, node_name, parse_node_name, two_pass_prefill)
 from aligner_runtime.errors import AlignerError
-
-_STEER_NODE = re.compile(r"^/model/layers\.(\d+)/steer/(SteerGate|SteerShift)(/|$)")
 
 
 def configure(parser) -> None:
@@ -34,29 +33,27 @@ def run(args) -> int:
 
 
 def describe(path: Path) -> dict:
-    from aligner_runtime.manifest import MANIFEST
-
     if path.is_dir():
-        if (path / MANIFEST).is_file():
+        if (path / MANIFEST_FILE).is_file():
             return describe_export_dir(path)
-        engines = sorted(path.glob("ENGINE.json"))
-        if engines:
-            return describe_engine(engines[0])
-        raise AlignerError(f"{path}: neither an export directory ({MANIFEST}) nor an engine directory (ENGINE.json)")
+        if (path / STAMP_FILE).is_file():
+            return describe_engine(path / STAMP_FILE)
+        raise AlignerError(f"{path}: neither an export directory ({MANIFEST_FILE}) nor an engine directory "
+                           f"({STAMP_FILE})")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         return describe_pack(path)
     if suffix == ".onnx":
         return describe_onnx(path)
-    if suffix in (".engine", ".plan", ".trt") or path.name == "ENGINE.json":
-        return describe_engine(path if path.name == "ENGINE.json" else path.parent / "ENGINE.json")
+    if suffix in (".engine", ".plan", ".trt") or path.name == STAMP_FILE:
+        return describe_engine(path if path.name == STAMP_FILE else path.parent / STAMP_FILE)
     raise AlignerError(f"{path}: unknown kind of file (expected .safetensors, .onnx, an engine or a directory)")
 
 
 def describe_pack(path: Path) -> dict:
     import numpy as np
 
-    from .pack import file_sha256, load_pack
+    from aligner_export.pack import file_sha256, load_pack
 
     pack = load_pack(path)
     rec = pack.recommended
@@ -81,20 +78,20 @@ def _graph_facts(model) -> dict:
     import numpy as np
     from onnx import numpy_helper
 
-    from .onnx_ops import node_attr
+    from aligner_export.graph.onnx_ops import node_attr
 
     gate_layers, shift_layers, norms = set(), set(), {}
     direction_norm = bias = None
     plugin = set()
     for node in model.graph.node:
-        match = _STEER_NODE.match(node.name)
-        if not match:
+        parsed = parse_node_name(node.name)
+        if parsed is None:
             continue
-        layer, op = int(match.group(1)), match.group(2)
-        (gate_layers if op == "SteerGate" else shift_layers).add(layer)
-        if not match.group(3):  # the function node itself
+        layer, op = parsed
+        (gate_layers if op == STEER_GATE else shift_layers).add(layer)
+        if node.name == node_name(layer, op):  # the function node itself
             plugin.add((node_attr(node, "plugin_namespace"), node_attr(node, "plugin_version")))
-            if op == "SteerShift":
+            if op == STEER_SHIFT:
                 norms[layer] = float(np.linalg.norm(node_attr(node, "vector")))
             else:
                 direction_norm = float(np.linalg.norm(node_attr(node, "direction")))
@@ -103,16 +100,16 @@ def _graph_facts(model) -> dict:
             for attr in node.attribute:
                 if attr.name == "value" and len(attr.t.dims) == 1 and attr.t.data_type == attr.t.FLOAT:
                     norm = float(np.linalg.norm(numpy_helper.to_array(attr.t)))
-                    if op == "SteerShift":
+                    if op == STEER_SHIFT:
                         norms[layer] = norm
                     else:
                         direction_norm = norm
-                elif attr.name == "value_float" and op == "SteerGate":
+                elif attr.name == "value_float" and op == STEER_GATE:
                     bias = float(attr.f)
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
-    interface = "steer_gate_in" in inputs and {"steer_gate", "steer_score"} <= set(outputs)
-    impl = "function" if any(n.domain == "inferaligner" for n in model.graph.node) else \
+    interface = GATE_IN in inputs and {GATE_OUT, SCORE_OUT} <= set(outputs)
+    impl = "function" if any(n.domain == DOMAIN for n in model.graph.node) else \
         ("inline" if gate_layers or shift_layers else None)
     return {
         "steered": bool(interface and gate_layers and shift_layers),
@@ -128,7 +125,7 @@ def _graph_facts(model) -> dict:
 def describe_onnx(path: Path) -> dict:
     import onnx
 
-    from .manifest import read_metadata
+    from aligner_export.graph.manifest import read_metadata
 
     try:
         model = onnx.load(str(path), load_external_data=False)
@@ -144,9 +141,7 @@ def describe_onnx(path: Path) -> dict:
 
 
 def describe_export_dir(path: Path) -> dict:
-    from aligner_runtime.manifest import MANIFEST, MODEL_FILE
-
-    manifest = json.loads((path / MANIFEST).read_text())
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
     info = describe_onnx(path / MODEL_FILE) if (path / MODEL_FILE).is_file() else {"graph": None}
     info.update(kind="export directory", path=str(path), manifest=manifest)
     return info
@@ -202,8 +197,8 @@ def render(info: dict) -> str:
                       f"{_fmt(graph['plugin_attributes']) if graph['plugin_attributes'] else '-'})",
                       f"  gate bias (graph) {_fmt(graph['bias'])}, |direction| {_fmt(graph['direction_norm'])}",
                       f"  vector norms (alpha * ssv): {_fmt(graph['vector_norms'])}"]
-        if any(l < graph["gate_layer"] for l in graph["steer_layers"]) if isinstance(graph["gate_layer"], int) \
-                else False:
+        gate_layers = graph["gate_layer"] if isinstance(graph["gate_layer"], list) else [graph["gate_layer"]]
+        if two_pass_prefill(graph["steer_layers"], gate_layers):
             lines.append("  two-pass prefill: a steered layer lies below the gate layer (§5 runtime protocol)")
     if facts:
         lines += [f"  alpha {_fmt(facts.get('alpha'))}, bias {_fmt(facts.get('bias'))} ({facts.get('bias_rule')}), "

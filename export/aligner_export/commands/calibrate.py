@@ -29,7 +29,7 @@ def run(args) -> int:
     from aligner_runtime.errors import AlignerError
     from aligner_runtime.prompts import load_prompts
 
-    from .calibrate import DEFAULT_PROMPTS_DIR, MIN_PROMPTS
+    from aligner_export.hf.calibrate import DEFAULT_PROMPTS_DIR, MIN_PROMPTS
 
     out = Path(args.output)
     if not out.parent.is_dir():
@@ -41,8 +41,8 @@ def run(args) -> int:
 
     import torch
 
-    from .calibrate import calibrate
-    from .pack import save_pack
+    from aligner_export.hf.calibrate import calibrate
+    from aligner_export.pack import save_pack
 
     if args.threads:
         torch.set_num_threads(args.threads)

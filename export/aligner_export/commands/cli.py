@@ -1,6 +1,6 @@
 """``aligner-export``: calibrate, export, build, compare, eval, inspect, models (ARCHITECTURE.md §7).
 
-Each subcommand lives in ``aligner_export/cmd_<name>.py`` with two functions: ``configure(parser)``, which only adds
+Each subcommand lives in ``aligner_export/commands/<name>.py`` with two functions: ``configure(parser)``, which only adds
 arguments and imports nothing heavy, and ``run(args) -> int``, which does the work. ``--help`` therefore answers
 without importing torch.
 """
@@ -13,7 +13,7 @@ import sys
 
 from aligner_runtime.errors import run_cli
 
-from . import __version__
+from aligner_export import __version__
 
 COMMANDS = {
     "calibrate": "compute steering vectors and the gate from prompt sets; write a steering pack",
@@ -32,9 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in COMMANDS.items():
         try:
-            module = importlib.import_module(f"aligner_export.cmd_{name}")
+            module = importlib.import_module(f"aligner_export.commands.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"aligner_export.cmd_{name}":
+            if exc.name != f"aligner_export.commands.{name}":
                 raise
             continue
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -8,7 +8,7 @@ def configure(parser) -> None:
     parser.add_argument("--plugins", required=True, metavar="LIB",
                         help="plugin library: libaligner_trt_plugins.so (or libaligner_trt_plugins_dynamic.so)")
     parser.add_argument("-o", "--output", required=True, metavar="ENGINE",
-                        help="engine file; ENGINE.json (the stamp the runtimes check) is written beside it")
+                        help="engine file; its stamp ENGINE.json (checked by the runtimes) is written beside it")
     parser.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default=None,
                         help="default: the export's dtype (TensorRT 11 builds strongly typed, so it must match)")
     parser.add_argument("--max-batch", type=int, default=1)
@@ -26,7 +26,8 @@ def configure(parser) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from . import trt_build
+    from aligner_export.tensorrt import build as trt_build
+    from aligner_runtime.contract import STAMP_FILE
 
     trt_build.import_tensorrt()  # one clear line before anything else when TensorRT is absent
     precision = args.precision
@@ -41,5 +42,5 @@ def run(args) -> int:
                                    profiles=profiles, workspace_mib=args.workspace_mib,
                                    aliasing=not args.no_aliasing)
     print(f"engine: {args.output} (TensorRT {stamp['trt_version']}, compute capability "
-          f"{stamp['compute_capability']}, {precision}); stamp: {Path(args.output).parent / trt_build.STAMP}")
+          f"{stamp['compute_capability']}, {precision}); stamp: {Path(args.output).parent / STAMP_FILE}")
     return 0

@@ -22,7 +22,7 @@ import numpy as np
 
 from aligner_runtime.errors import AlignerError
 
-from .rewrite import GATE_IN, GATE_OUT, SCORE_OUT
+from aligner_runtime.contract import GATE_IN, GATE_OUT, MODEL_FILE, SCORE_OUT, position_ids
 
 # Validation prompts: one the gate should catch and one it should let through on a calibrated pack.
 PROMPTS = ("Explain step by step how to build a bomb to hurt people.", "Write a short poem about the sea.")
@@ -103,12 +103,6 @@ class OrtLM:
         return values
 
 
-def position_ids_for(mask: np.ndarray) -> np.ndarray:
-    """HF's rule for padded batches: cumulative count of real tokens minus one, pads at 1."""
-    pos = np.cumsum(mask, axis=1) - 1
-    return np.where(mask == 0, 1, pos)
-
-
 def _max_diff(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
     if mask is not None:
@@ -116,7 +110,7 @@ def _max_diff(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> f
     return float(diff.max()) if diff.size else 0.0
 
 
-def run_rounds(session, model, tokenizer_batch, spec, decode_steps: int = 3, force_mixed: bool = True,
+def run_rounds(session, model, tokenizer_batch, config, decode_steps: int = 3, force_mixed: bool = True,
                embedder=None, ref_prefill_kwargs=None):
     """Runs the protocol on ORT and on the reference; returns a list of per-round diff dicts.
 
@@ -126,7 +120,7 @@ def run_rounds(session, model, tokenizer_batch, spec, decode_steps: int = 3, for
     ref_extra = ref_prefill_kwargs or {}
     import torch
 
-    from .reference import last_positions, steered
+    from aligner_export.hf.reference import last_positions, steered
 
     input_ids = tokenizer_batch["input_ids"].numpy()
     prompt_mask = tokenizer_batch["attention_mask"].numpy().astype(np.int64)
@@ -137,8 +131,8 @@ def run_rounds(session, model, tokenizer_batch, spec, decode_steps: int = 3, for
     for forced in forced_rounds:
         result = {"forced": forced, "prefill": 0.0, "decode": 0.0, "score": 0.0}
         mask = prompt_mask
-        with torch.no_grad(), steered(model, spec) as state:
-            pos = position_ids_for(mask)
+        with torch.no_grad(), steered(model, config) as state:
+            pos = position_ids(mask)
             first_in = np.full(batch, -1.0, np.float32) if forced is None else np.asarray(forced, np.float32)
             # 1. scoring prefill
             ort_out = lm.step(input_ids, mask, pos, lm.empty_past(batch), first_in, embed(input_ids, True))
@@ -169,7 +163,7 @@ def run_rounds(session, model, tokenizer_batch, spec, decode_steps: int = 3, for
                 last = last_positions(torch.from_numpy(mask), batch, ref_logits.shape[1]).numpy()
                 next_ids = ref_logits[np.arange(batch), last].argmax(-1).reshape(batch, 1).astype(np.int64)
                 mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-                pos = position_ids_for(mask)[:, -1:]
+                pos = position_ids(mask)[:, -1:]
                 ort_out = lm.step(next_ids, mask, pos, past, gate, embed(next_ids, False))
                 ref = model(input_ids=torch.from_numpy(next_ids), attention_mask=torch.from_numpy(mask),
                             position_ids=torch.from_numpy(pos), past_key_values=cache, use_cache=True)
@@ -185,19 +179,19 @@ def run_rounds(session, model, tokenizer_batch, spec, decode_steps: int = 3, for
     return rounds
 
 
-def validate(model_path: Path, model, tokenizer, spec, dtype: str = "fp32", padding_side: str = "left",
+def validate(model_path: Path, model, tokenizer, config, dtype: str = "fp32", padding_side: str = "left",
              prompts=PROMPTS, decode_steps: int = 3, level: str = "all", tolerance: float | None = None) -> Validation:
     """Compares the exported graph with the reference; raises :class:`AlignerError` above the tolerance."""
-    from .modeling import chat_texts, tokenize_batch
+    from aligner_export.hf.modeling import chat_texts, tokenize_batch
 
     texts, _, _ = chat_texts(tokenizer, list(prompts))
     batch = dict(tokenize_batch(tokenizer, texts, padding_side=padding_side))
     batch["padding_side"] = padding_side
-    rounds = run_rounds(ort_session(model_path, level), model, batch, spec, decode_steps=decode_steps)
-    return _checked(rounds, dtype, tolerance, "")
+    rounds = run_rounds(ort_session(model_path, level), model, batch, config, decode_steps=decode_steps)
+    return check_rounds(rounds, dtype, tolerance, "")
 
 
-def _checked(rounds, dtype: str, tolerance: float | None, what: str) -> Validation:
+def check_rounds(rounds, dtype: str, tolerance: float | None, what: str) -> Validation:
     """The rounds' figures as a :class:`Validation`; an :class:`AlignerError` above the tolerance."""
     floor, relative = TOLERANCE[dtype] if tolerance is None else (tolerance, 0.0)
     limit = max(floor, relative * _reference_scale(rounds))
@@ -215,23 +209,3 @@ def _checked(rounds, dtype: str, tolerance: float | None, what: str) -> Validati
 
 def _reference_scale(rounds) -> float:
     return max(r.get("logit_scale", 1.0) for r in rounds)
-
-
-def validate_vlm(out_dir: Path, vlm, tokenizer, spec, image_spec, manifest_mm: dict, dtype: str = "fp32",
-                 prompts=PROMPTS, decode_steps: int = 3, level: str = "all") -> Validation:
-    """The three graphs of a vision-language export against ``vlm`` with the reference hooks (see
-    :func:`aligner_export.multimodal.validate_multimodal`): prefill with an image per row, then decode steps, with
-    a harmful-gated and a harmless-gated row. Raises :class:`AlignerError` above the tolerance."""
-    from .multimodal import validate_multimodal
-
-    batch, ref_kwargs, embedder, graph_diffs = validate_multimodal(out_dir, vlm, tokenizer, image_spec,
-                                                                   manifest_mm, dtype, prompts)
-    rounds = run_rounds(ort_session(out_dir / "model.onnx", level), vlm, batch, spec, decode_steps=decode_steps,
-                        embedder=embedder, ref_prefill_kwargs=ref_kwargs)
-    result = _checked(rounds, dtype, None, " of the image prompts")
-    result.rounds.append({"graphs": graph_diffs})
-    for name, diff in graph_diffs.items():
-        if not diff <= result.tolerance:
-            raise AlignerError(f"validation failed: {name.replace('_max_abs_diff', '')} graph differs from PyTorch "
-                               f"by {diff:.3g} (tolerance {result.tolerance:.3g})")
-    return result

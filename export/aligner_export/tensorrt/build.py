@@ -1,12 +1,14 @@
 """Build a TensorRT engine from an export directory with the SteerGate/SteerShift plugins (ARCHITECTURE.md §5, §7).
 
-Small steps in the Polygraphy style, each doing one thing: ``import_tensorrt`` -> ``load_plugins`` ->
-``parse_export`` (the ONNX graph with the steering functions replaced by plugin nodes) -> ``check_plugins_used`` ->
-``add_profiles`` -> ``build`` -> ``write_engine`` (the engine plus its ``ENGINE.json`` stamp).
+Polygraphy's loaders do the TensorRT work, each one step: ``LoadPlugins`` -> ``NetworkFromOnnxBytes`` (the graph with
+the steering functions removed, so the parser must map those nodes to our plugins) -> ``CreateConfig`` (precision,
+the prefill and decode ``Profile``s, aliasing) -> ``EngineBytesFromNetwork``. Between them this module checks what
+Polygraphy cannot know: that the library registered our creators (``check_creators``) and that every steering node
+became a plugin layer (``check_plugins_used``). ``write_engine`` writes the engine and its ``ENGINE.json`` stamp.
 
-The stamp holds ``trt_version``, ``compute_capability`` and ``manifest_sha256``; the Python TensorRT backend and the C
-API refuse an engine whose stamp does not match the TensorRT, the GPU or the export they are given. The stamp is a file
-named ``ENGINE.json`` beside the engine, so keep one engine per directory.
+The stamp holds ``trt_version``, ``compute_capability``, ``manifest_sha256`` and ``engine_sha256``; the Python
+TensorRT backend and the C API refuse an engine whose stamp does not match the TensorRT, the GPU, the export or the
+engine file they are given. Keep one engine per directory.
 
 ``tensorrt`` is imported only here and only when a build runs: without it, ``aligner-export build`` prints one line
 and exits with status 2.
@@ -16,16 +18,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aligner_runtime.contract import (DOMAIN, GATE_IN, OP_TYPES, PLUGIN_NAMESPACE, STAMP_FILE, STEER_GATE, STEER_SHIFT,
+                                      parse_node_name, plugin_version)
 from aligner_runtime.errors import AlignerError, atomic_path
 
-STAMP = "ENGINE.json"
-PLUGIN_NAMESPACE = "inferaligner"
-PLUGIN_VERSION = "1"
-STEER_OPS = ("SteerGate", "SteerShift")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -80,7 +81,7 @@ class Profiles:
             dims = [B, S, (shape[2],) * 3]
         elif name == "attention_mask":
             dims = [B, total]
-        elif name == "steer_gate_in":
+        elif name == GATE_IN:
             dims = [B]
         elif name.startswith("past_key_values."):
             if len(shape) != 4:
@@ -98,24 +99,23 @@ class BuildReport:
     strongly_typed: bool = False
 
 
-def load_plugins(trt, builder, library: Path) -> None:
-    """Loads the plugin library and checks that both creators are registered under inferaligner/1."""
-    library = Path(library)
-    if not library.is_file():
-        raise AlignerError(f"plugin library not found: {library} (build it with `make native TensorRT_ROOT=...`)")
-    try:
-        handle = ctypes.CDLL(str(library.resolve()), mode=ctypes.RTLD_GLOBAL)
-    except OSError as exc:
-        raise AlignerError(f"cannot load plugin library {library}: {exc}") from None
-    registry = builder.get_plugin_registry() if hasattr(builder, "get_plugin_registry") else trt.get_plugin_registry()
-    if hasattr(handle, "getCreators"):
-        # The _dynamic variant registers nothing on load; TensorRT's loader calls getCreators().
-        if registry.load_library(str(library.resolve())) is None:
-            raise AlignerError(f"TensorRT could not load plugin library {library}")
-    missing = [op for op in STEER_OPS if registry.get_creator(op, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None]
+def required_creators(gate_version: int) -> list[tuple[str, str]]:
+    """(op, plugin version) pairs an export with a gate of ``gate_version`` needs."""
+    return [(STEER_GATE, plugin_version(STEER_GATE, gate_version)), (STEER_SHIFT, plugin_version(STEER_SHIFT))]
+
+
+def check_creators(trt, library: Path, gate_version: int) -> None:
+    """After Polygraphy's ``LoadPlugins`` ran: the creators this export needs are registered under our namespace.
+    The ``_dynamic`` variant registers nothing on load; TensorRT's own loader calls its ``getCreators()``."""
+    registry = trt.get_plugin_registry()
+    handle = ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+    if hasattr(handle, "getCreators") and registry.load_library(str(library)) is None:
+        raise AlignerError(f"TensorRT could not load plugin library {library}")
+    missing = [f"{op} v{version}" for op, version in required_creators(gate_version)
+               if registry.get_creator(op, version, PLUGIN_NAMESPACE) is None]
     if missing:
         raise AlignerError(f"plugin library {library} does not provide {', '.join(missing)} "
-                           f"(namespace {PLUGIN_NAMESPACE}, version {PLUGIN_VERSION})")
+                           f"(namespace {PLUGIN_NAMESPACE}); rebuild it from this version of the package")
 
 
 def plugin_model_bytes(model_path: Path) -> tuple[bytes, list[str]]:
@@ -123,35 +123,12 @@ def plugin_model_bytes(model_path: Path) -> tuple[bytes, list[str]]:
     our plugins (any TensorRT 10.x parser; 10.3 would otherwise inline the functions). Weights stay external."""
     import onnx
 
-    from . import onnx_ops
-
     model = onnx.load(str(model_path), load_external_data=False)
-    kept = [f for f in model.functions if not (f.domain == onnx_ops.DOMAIN and f.name in STEER_OPS)]
+    kept = [f for f in model.functions if not (f.domain == DOMAIN and f.name in OP_TYPES)]
     del model.functions[:]
     model.functions.extend(kept)
-    nodes = [n.name for n in model.graph.node if n.domain == onnx_ops.DOMAIN and n.op_type in STEER_OPS]
+    nodes = [n.name for n in model.graph.node if n.domain == DOMAIN and n.op_type in OP_TYPES]
     return model.SerializeToString(), nodes
-
-
-def parse_export(trt, builder, logger, export, strongly_typed: bool):
-    """Parses the export's graph into a new network; returns (network, parser, steering node names)."""
-    if export.manifest.get("steer_impl", "function") != "function":
-        raise AlignerError(f"{export.path} was exported with --steer-impl {export.manifest.get('steer_impl')}: the "
-                           "TensorRT plugins replace SteerGate/SteerShift functions only; re-export with "
-                           "--steer-impl function")
-    if trt_major(trt) >= 11:
-        flags = 0  # TensorRT 11 networks are always strongly typed
-    else:
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    blob, steering_nodes = plugin_model_bytes(export.model_path)
-    if not steering_nodes:
-        raise AlignerError(f"{export.model_path} has no SteerGate/SteerShift nodes")
-    if not parser.parse(blob, str(export.model_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise AlignerError(f"TensorRT cannot parse {export.model_path}: {errors}")
-    return network, parser, steering_nodes
 
 
 def check_plugins_used(trt, network, steering_nodes: list[str]) -> BuildReport:
@@ -169,24 +146,26 @@ def check_plugins_used(trt, network, steering_nodes: list[str]) -> BuildReport:
         raise AlignerError(f"TensorRT did not use the plugins for {len(missing)} of {len(steering_nodes)} steering "
                            f"nodes (first: {missing[0] if missing else 'inlined layers'}); check the plugin library")
     for node in steering_nodes:
-        op = node.rsplit("/", 1)[-1]
+        op = parse_node_name(node)[1]
         report.plugins_used[op] = report.plugins_used.get(op, 0) + 1
     return report
 
 
-def add_profiles(trt, builder, network, config, profiles: Profiles) -> list[dict]:
-    described = []
+def polygraphy_profiles(network, profiles: Profiles) -> tuple[list, list[dict]]:
+    """Polygraphy ``Profile`` objects for the network's inputs (prefill, then decode) and their description."""
+    from polygraphy.backend.trt import Profile
+
+    built, described = [], []
     for decode in ([False, True] if profiles.decode_profile else [False]):
-        profile = builder.create_optimization_profile()
-        entry = {}
+        profile, entry = Profile(), {}
         for i in range(network.num_inputs):
             tensor = network.get_input(i)
             lo, opt, hi = profiles.ranges(tensor.name, tuple(tensor.shape), decode)
-            profile.set_shape(tensor.name, lo, opt, hi)
+            profile.add(tensor.name, min=lo, opt=opt, max=hi)
             entry[tensor.name] = [list(lo), list(opt), list(hi)]
-        config.add_optimization_profile(profile)
+        built.append(profile)
         described.append({"name": "decode" if decode else "prefill", "shapes": entry})
-    return described
+    return built, described
 
 
 def compute_capability(device: int = 0) -> str:
@@ -211,60 +190,81 @@ def build_engine(model_dir: Path, plugins: Path, output: Path, precision: str = 
     from aligner_runtime.manifest import load_export
 
     trt = import_tensorrt()
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, LoadPlugins, NetworkFromOnnxBytes
+
     profiles = profiles or Profiles()
     profiles.check()
     if precision not in PRECISIONS:
         raise AlignerError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision}")
+    plugins = Path(plugins)
+    if not plugins.is_file():
+        raise AlignerError(f"plugin library not found: {plugins} (build it with `make native TensorRT_ROOT=...`)")
+    plugins = plugins.resolve()
     export = load_export(model_dir)
-    export_dtype = export.manifest.get("dtype", "fp32")
+    manifest = export.manifest
+    if manifest.get("steer_impl", "function") != "function":
+        raise AlignerError(f"{export.path} was exported with --steer-impl {manifest.get('steer_impl')}: the "
+                           "TensorRT plugins replace SteerGate/SteerShift functions only; re-export with "
+                           "--steer-impl function")
+    export_dtype = manifest.get("dtype", "fp32")
     strongly_typed = trt_major(trt) >= 11 or precision == export_dtype
     if trt_major(trt) >= 11 and precision != export_dtype:
         raise AlignerError(f"TensorRT {trt.__version__} builds strongly typed networks, so the precision is the "
                            f"export's ({export_dtype}); re-export with --dtype {precision} or pass --precision "
                            f"{export_dtype}")
+    blob, steering_nodes = plugin_model_bytes(export.model_path)
+    if not steering_nodes:
+        raise AlignerError(f"{export.model_path} has no SteerGate/SteerShift nodes")
 
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    load_plugins(trt, builder, plugins)
-    network, _parser, steering_nodes = parse_export(trt, builder, logger, export, strongly_typed)
+    LoadPlugins(plugins=[str(plugins)])()
+    check_creators(trt, plugins, int((manifest.get("gate") or {}).get("version", 1)))
+    from polygraphy.exception import PolygraphyException
+
+    try:  # TensorRT 11 networks are always strongly typed; on 10.x it is a network flag.
+        builder, network, parser = NetworkFromOnnxBytes(blob, strongly_typed=strongly_typed and trt_major(trt) < 11)()
+    except PolygraphyException as exc:
+        raise AlignerError(f"TensorRT cannot parse {export.model_path}: {str(exc).splitlines()[0]}") from None
     report = check_plugins_used(trt, network, steering_nodes)
     report.strongly_typed = strongly_typed
     print("plugins used: " + ", ".join(f"{op} x{n}" for op, n in sorted(report.plugins_used.items()))
           + " (TensorRT plugin layers; no steering function was inlined)")
 
-    config = builder.create_builder_config()
-    if workspace_mib:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
-    if not strongly_typed:
-        config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
+    built_profiles, described = polygraphy_profiles(network, profiles)
     preview = getattr(trt.PreviewFeature, "ALIASED_PLUGIN_IO_10_03", None)
-    if aliasing and preview is not None:
-        config.set_preview_feature(preview, True)  # SteerShift may then run in place (getAliasedInput)
-    described = add_profiles(trt, builder, network, config, profiles)
-
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
+    config = CreateConfig(
+        fp16=not strongly_typed and precision == "fp16", bf16=not strongly_typed and precision == "bf16",
+        profiles=built_profiles,
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: workspace_mib << 20} if workspace_mib else None,
+        # SteerShift may then run in place (getAliasedInput).
+        preview_features=[preview] if aliasing and preview is not None else None)
+    try:
+        engine = EngineBytesFromNetwork((builder, network, parser), config=config)()
+    except PolygraphyException:
+        engine = None
+    if engine is None:
         raise AlignerError("TensorRT failed to build the engine (see the TensorRT messages above)")
+    engine = bytes(engine)
     stamp = {
-        "format_version": 1,
+        "format_version": 2,
         "trt_version": trt.__version__,
         "compute_capability": compute_capability(),
         "manifest_sha256": export.manifest_sha256,
         "engine_file": Path(output).name,
+        "engine_sha256": hashlib.sha256(engine).hexdigest(),
         "precision": precision,
         "strongly_typed": strongly_typed,
-        "plugin_library": str(Path(plugins).resolve()),
+        "plugin_library": str(plugins),
         "plugins_used": report.plugins_used,
         "profiles": described,
     }
-    write_engine(Path(output), bytes(serialized), stamp)
+    write_engine(Path(output), engine, stamp)
     return stamp
 
 
 def write_engine(output: Path, engine: bytes, stamp: dict) -> None:
     """Engine and stamp appear together or not at all."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(output.parent / STAMP, suffix=".json") as stamp_tmp:
+    with atomic_path(output.parent / STAMP_FILE, suffix=".json") as stamp_tmp:
         stamp_tmp.write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
         with atomic_path(output, suffix=".engine") as engine_tmp:
             engine_tmp.write_bytes(engine)

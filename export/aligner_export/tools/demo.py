@@ -23,8 +23,10 @@ from pathlib import Path
 
 from aligner_runtime.errors import atomic_path, run_cli
 
-from . import __version__, zoo
-from .calibrate import DEFAULT_PROMPTS_DIR
+from aligner_export import __version__
+
+from aligner_export.hf import zoo
+from aligner_export.hf.calibrate import DEFAULT_PROMPTS_DIR
 
 SHARED_DATA = Path(os.environ.get("INFERALIGNER_SHARED_DATA", zoo.REPO_ROOT.parent / "shared" / "data"))
 # How much of each public set joins the shipped calibration sets (kept small: the demo's budget is 20 minutes).
@@ -91,7 +93,7 @@ def _cached(stamp: Path, key: str) -> bool:
 
 
 def _export_cli(*args) -> None:
-    from .cli import main
+    from aligner_export.commands.cli import main
 
     code = main([str(a) for a in args])
     if code != 0:
@@ -114,7 +116,7 @@ def show_examples(export_dir: Path, prompts: list[str], max_new_tokens: int, thr
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aligner_export.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m aligner_export.tools.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=None, help="working directory (default: $INFERALIGNER_HOME/demo)")
     parser.add_argument("--eval-limit", type=int, default=40,
                         help="use at most N prompts of each eval set (default 40, to fit the 20-minute budget; "
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         pack = work / "smollm2.steering.safetensors"
         key = _digest(__version__, args.max_fpr, sets["harmful"], sets["harmless"],
                       aligned / "inferaligner_source.json",
-                      Path(__file__).with_name("calibrate.py"))
+                      Path(__file__).resolve().parents[1] / "hf" / "calibrate.py")
         if _cached(work / "pack.stamp", key) and pack.exists():
             print(f"reusing {pack}")
         else:

@@ -1,0 +1,180 @@
+"""The PyTorch reference: InferAligner steering of an HF model with forward hooks (ARCHITECTURE.md §5, §5.1).
+
+It is the oracle for the exporter's and the runtime's tests and the baseline for the benchmarks, so it is written
+directly from the contract (docs/contract.md), independently of the ONNX rewrite:
+
+- a forward pre-hook on the model captures the ``attention_mask`` of each call;
+- a forward hook on each gate layer ``l ∈ G`` adds that layer's term to the row's score from the layer output
+  *before* any shift at ``l``: version 1, ``h_l[b, last_b] · direction``; version 2, the mean over the last ``K``
+  valid positions of this call of ``n(h_l[b, s]) · w_l``. At ``g* = max G`` the bias is added and the gate decided:
+  ``gate_in`` if ``gate_in >= 0``, else 1 when the score is > 0 or not finite;
+- a forward hook on each steered layer ``l`` adds ``gate · vector_l`` at every position, with the decided gate for
+  ``l >= g*`` and ``max(gate_in, 0)`` for ``l < g*``.
+
+``reference_generate`` latches the gate at prefill: a clean scoring pass decides it, then ``generate()`` runs with
+``gate_in`` fixed to it, which is what the runtime protocol's feedback of ``steer_gate`` amounts to.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from aligner_runtime.contract import GateConfig, SteerConfig, shift_takes_decision
+
+from aligner_export.hf.families import family_for
+
+NORM_EPS = 1e-6  # docs/contract.md: n(x) = x / max(||x||, 1e-6)
+
+
+@dataclass
+class SteerState:
+    gate_in: torch.Tensor | None = None  # [B]; None means -1 for every row
+    gate: torch.Tensor | None = None
+    score: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = field(default=None, repr=False)
+    enabled: bool = True
+
+
+def last_positions(attention_mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor:
+    """Position within this call's ``seq`` positions of each row's last token whose mask is 1 (§5)."""
+    if attention_mask is None:
+        return torch.full((batch,), seq - 1, dtype=torch.long)
+    total = attention_mask.shape[1]
+    idx = torch.arange(total, device=attention_mask.device)
+    has_one = attention_mask.bool().any(dim=1)
+    last_t = torch.where(attention_mask.bool(), idx, torch.full_like(idx, -1)).max(dim=1).values
+    pos = last_t - (total - seq)
+    pos = torch.where(has_one, pos, torch.full_like(pos, seq - 1))
+    return pos.clamp(0, seq - 1)
+
+
+def pooled_positions(attention_mask: torch.Tensor | None, batch: int, seq: int, tokens: int) -> torch.Tensor:
+    """Version 2's pooled positions as a [B, S] bool mask: the last ``tokens`` positions of this call whose mask is
+    1; a row with none pools version 1's ``last_b`` alone (docs/contract.md)."""
+    if attention_mask is None:
+        valid = torch.ones(batch, seq, dtype=torch.bool)
+    else:
+        valid = attention_mask[:, -seq:].bool()
+    rank_from_end = valid.flip(1).long().cumsum(1).flip(1)  # valid positions at or after s
+    pooled = valid & (rank_from_end <= tokens)
+    none = ~pooled.any(dim=1)
+    if none.any():
+        fallback = torch.zeros(batch, seq, dtype=torch.bool)
+        fallback[torch.arange(batch), last_positions(attention_mask, batch, seq)] = True
+        pooled = torch.where(none[:, None], fallback, pooled)
+    return pooled
+
+
+def gate_term(hidden: torch.Tensor, attention_mask, gate: GateConfig, weight: torch.Tensor) -> torch.Tensor:
+    """One gate layer's contribution to the score, float32 [B]."""
+    batch, seq, _ = hidden.shape
+    if gate.version == 1:
+        last = hidden[torch.arange(batch), last_positions(attention_mask, batch, seq)].float()
+        return last @ weight
+    values = hidden.float()
+    dots = values @ weight  # [B, S]
+    if gate.normalize:
+        dots = dots / values.norm(dim=-1).clamp(min=NORM_EPS)
+    pooled = pooled_positions(attention_mask, batch, seq, gate.tokens)
+    total = torch.where(pooled, dots, torch.zeros_like(dots)).sum(dim=1)
+    return total / pooled.sum(dim=1).float()
+
+
+def decide(gate_in: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    fires = (score > 0) | ~torch.isfinite(score)
+    return torch.where(gate_in >= 0, gate_in, fires.float())
+
+
+def _hidden_of(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_hidden(output, hidden):
+    return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+
+@contextmanager
+def steered(model, config: SteerConfig) -> Iterator[SteerState]:
+    """Registers the steering hooks on ``model`` for the duration of the block."""
+    layers = family_for(model.config).decoder_layers(model)
+    num_layers = len(layers)
+    state = SteerState()
+    gate = config.gate
+    weights = {l: torch.as_tensor(np.asarray(w, dtype=np.float32)) for l, w in gate.weights.items()}
+    vectors = {int(l): torch.as_tensor(np.asarray(v, dtype=np.float32)) for l, v in config.vectors.items()}
+    gate_layers, last_gate = set(gate.layers), gate.last_layer
+    if any(not 0 <= l < num_layers for l in gate_layers | set(vectors)):
+        raise ValueError(f"layers out of range for a model with {num_layers} layers")
+    partial: dict[str, torch.Tensor] = {}
+
+    def gate_in_for(batch: int) -> torch.Tensor:
+        if state.gate_in is None:
+            return torch.full((batch,), -1.0)
+        return torch.as_tensor(state.gate_in, dtype=torch.float32).reshape(batch)
+
+    def pre_hook(_module, args, kwargs):
+        state.attention_mask = kwargs.get("attention_mask")
+        if state.attention_mask is None and len(args) > 1:
+            state.attention_mask = args[1]
+        state.gate = state.score = None
+        partial.clear()
+
+    def make_layer_hook(layer: int):
+        def hook(_module, _args, output):
+            if not state.enabled:
+                return output
+            hidden = _hidden_of(output)
+            batch, seq, _ = hidden.shape
+            gate_in = gate_in_for(batch)
+            if layer in gate_layers:  # the score reads the output before any shift at this layer
+                term = gate_term(hidden, state.attention_mask, gate, weights[layer])
+                score = partial.get("score", torch.zeros(batch)) + term
+                partial["score"] = score
+                if layer == last_gate:
+                    state.score = score + np.float32(gate.bias)
+                    state.gate = decide(gate_in, state.score)
+            if layer not in vectors:
+                return output
+            row_gate = state.gate if shift_takes_decision(layer, gate.layers) else gate_in.clamp(min=0.0)
+            shifted = (hidden.float() + row_gate.view(batch, 1, 1) * vectors[layer]).to(hidden.dtype)
+            return _replace_hidden(output, shifted)
+        return hook
+
+    handles = [model.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    for layer in sorted(set(vectors) | gate_layers):
+        handles.append(layers[layer].register_forward_hook(make_layer_hook(layer)))
+    try:
+        yield state
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def score_prompts(model, config: SteerConfig, input_ids, attention_mask, **model_kwargs) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor]:
+    """A clean scoring pass: returns ``(gate, score)`` with ``gate_in = -1``. ``model_kwargs``: e.g. the
+    ``pixel_values`` of a vision-language model."""
+    with steered(model, config) as state:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
+        return state.gate.clone(), state.score.clone()
+
+
+@torch.no_grad()
+def reference_generate(model, config: SteerConfig, input_ids, attention_mask, max_new_tokens: int = 8,
+                       **generate_kwargs):
+    """Greedy generation with the gate latched at prefill. Returns ``(sequences, gate, score)``.
+    ``pixel_values`` (and ``image_sizes``) in ``generate_kwargs`` reach the scoring pass too."""
+    extra = {k: generate_kwargs[k] for k in ("pixel_values", "image_sizes") if k in generate_kwargs}
+    gate, score = score_prompts(model, config, input_ids, attention_mask, **extra)
+    with steered(model, config) as state:
+        state.gate_in = gate
+        generate_kwargs.setdefault("do_sample", False)
+        sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                   max_new_tokens=max_new_tokens, **generate_kwargs)
+    return sequences, gate, score

@@ -1,0 +1,90 @@
+"""Numpy oracles of the two steering operators, written from the contract (ARCHITECTURE.md §5 and §5.1,
+docs/contract.md), as plain loops with float64 sums. Every test that checks an implementation of SteerGate or
+SteerShift (the ONNX functions and their inline form, the C++ reference, the CUDA kernels, the PyTorch reference,
+the runtimes) compares it with these, never with a second copy of its own code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+NORM_EPS = 1e-6  # docs/contract.md: n(x) = x / max(||x||, NORM_EPS)
+
+
+def last_valid_position(mask_row: np.ndarray, S: int) -> int:
+    """Version 1's ``last_b``: the last t with mask 1, mapped into this call's S positions and clamped; S-1 if none."""
+    T = len(mask_row)
+    ones = [t for t in range(T) if mask_row[t] == 1]
+    if not ones:
+        return S - 1
+    return min(max(ones[-1] - (T - S), 0), S - 1)
+
+
+def selected_positions(mask_row: np.ndarray, S: int, tokens: int) -> list[int]:
+    """Version 2's pooled positions: the last ``tokens`` positions s of this call whose mask[T-S+s] is 1; when the
+    call has none, version 1's ``last_b`` alone."""
+    T = len(mask_row)
+    valid = [s for s in range(S) if mask_row[T - S + s] == 1]
+    return valid[-tokens:] if valid else [last_valid_position(mask_row, S)]
+
+
+def decide(gate_in: float, score: float) -> float:
+    """gate_in if gate_in >= 0; else 1 if the score is > 0 or not finite (a non-finite score steers), else 0."""
+    if gate_in >= 0:
+        return float(gate_in)
+    return 1.0 if (not math.isfinite(score) or score > 0) else 0.0
+
+
+def steer_gate_v1(hidden, mask, gate_in, direction, bias):
+    """(gate [B], score [B]) float32 of SteerGate version 1."""
+    B, S, _ = hidden.shape
+    gate, score = np.zeros(B, np.float32), np.zeros(B, np.float32)
+    for b in range(B):
+        row = hidden[b, last_valid_position(mask[b], S)].astype(np.float64)
+        score[b] = np.float32(float(row @ np.asarray(direction, np.float64)) + float(bias))
+        gate[b] = decide(float(gate_in[b]), float(score[b]))
+    return gate, score
+
+
+def steer_gate_v2(hidden, mask, gate_in, score_in, weight, bias, tokens: int, normalize: bool):
+    """(gate [B], score [B]) float32 of SteerGate version 2:
+    ``score = score_in + mean_{s in sel} n(h[b,s]) . weight + bias``."""
+    B, S, _ = hidden.shape
+    w = np.asarray(weight, np.float64)
+    gate, score = np.zeros(B, np.float32), np.zeros(B, np.float32)
+    for b in range(B):
+        positions = selected_positions(mask[b], S, tokens)
+        total = 0.0
+        for s in positions:
+            x = hidden[b, s].astype(np.float64)
+            value = float(x @ w)
+            if normalize:
+                value /= max(math.sqrt(float(x @ x)), NORM_EPS)
+            total += value
+        score[b] = np.float32(float(score_in[b]) + total / len(positions) + float(bias))
+        gate[b] = decide(float(gate_in[b]), float(score[b]))
+    return gate, score
+
+
+def steer_shift(hidden, gate, vector):
+    """``hidden + gate[b] * vector`` in float32, cast back; gate-0 rows come back unchanged."""
+    out = hidden.astype(np.float32) + np.asarray(gate, np.float32)[:, None, None] * np.asarray(vector, np.float32)
+    out = out.astype(hidden.dtype)
+    zero = np.asarray(gate) == 0
+    out[zero] = hidden[zero]
+    return out
+
+
+def multi_layer_score(hiddens: dict, mask, gate_in, weights: dict, bias, tokens: int, normalize: bool):
+    """The §5.1 gate over several layers, chained as the export chains SteerGate version 2 nodes: the first layer's
+    score_in is 0, each node adds its layer's term, the last one adds the bias and decides."""
+    layers = sorted(hiddens)
+    B = next(iter(hiddens.values())).shape[0]
+    score = np.zeros(B, np.float32)
+    gate = None
+    for i, layer in enumerate(layers):
+        gate, score = steer_gate_v2(hiddens[layer], mask, gate_in, score, weights[layer],
+                                    bias if i == len(layers) - 1 else 0.0, tokens, normalize)
+    return gate, score
