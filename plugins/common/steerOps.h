@@ -1,5 +1,6 @@
-// The operator math of ARCHITECTURE.md §5, shared by the CPU reference, the CUDA kernels and the TensorRT plugins.
-// One header, usable from host and device code; storage may be fp32, fp16 or bf16, accumulation is always float32.
+// The operator math of ARCHITECTURE.md §5 and §5.1 in the precise form of docs/contract.md, shared by the CPU
+// reference, the CUDA kernels, the TensorRT plugins and the C runtime (the fp16/bf16 conversions). One header, usable
+// from host and device code; storage may be fp32, fp16 or bf16, accumulation is always float32.
 #pragma once
 
 #include <stdint.h>
@@ -216,14 +217,79 @@ ALIGNER_HD int64_t lastValidPosition(int64_t const* maskRow, int64_t T, int64_t 
     return position;
 }
 
-// gate[b] = gate_in[b] if gate_in[b] >= 0, else 1 if score[b] > 0, else 0 (§5).
+// True for a finite float (neither NaN nor an infinity), from the bits so that no fast-math flag can fold it away.
+ALIGNER_HD bool isFinite(float f)
+{
+    return (floatBits(f) & 0x7f800000u) != 0x7f800000u;
+}
+
+// The decision (docs/contract.md, amended by issue 14): gate[b] = gate_in[b] if gate_in[b] >= 0, else 1 if
+// score[b] > 0 or score[b] is NaN or +-inf, else 0. Flipped bytes in the constants must never turn steering off. A NaN
+// gate_in is not >= 0, so it falls through to the score.
 ALIGNER_HD float gateFromScore(float gateIn, float score)
 {
     if (gateIn >= 0.0f)
     {
         return gateIn;
     }
-    return score > 0.0f ? 1.0f : 0.0f;
+    return (score > 0.0f || !isFinite(score)) ? 1.0f : 0.0f;
+}
+
+// --- SteerGate version 2 (docs/contract.md "SteerGate version 2", ARCHITECTURE.md §5.1) ---------------------------
+
+// n(x) = x / max(||x||, kNormEpsilon) when normalising.
+constexpr float kNormEpsilon = 1e-6f;
+
+// The version-2 pooled positions of one row: the (at most) `tokens` largest s in [0, S) whose
+// mask[T - S + s] is 1, written to positions[] from the largest down; returns how many. When the call has no valid
+// position, version 1's last_b alone (so the count is never 0). positions must hold min(tokens, S) entries.
+ALIGNER_HD int64_t pooledPositions(int64_t const* maskRow, int64_t T, int64_t S, int64_t tokens, int64_t* positions)
+{
+    int64_t count = 0;
+    for (int64_t s = S - 1; s >= 0 && count < tokens; --s)
+    {
+        if (maskRow[T - S + s] == 1)
+        {
+            positions[count++] = s;
+        }
+    }
+    if (count == 0)
+    {
+        positions[count++] = lastValidPosition(maskRow, T, S);
+    }
+    return count;
+}
+
+// d_s from the position's dot product with the weight and its sum of squares (both float32): d_s itself, or
+// d_s / max(||x||, 1e-6) when normalising. A NaN norm stays NaN (and so steers), it is not replaced by the epsilon.
+ALIGNER_HD float pooledTerm(float dot, float sumSquares, bool normalize)
+{
+    if (!normalize)
+    {
+        return dot;
+    }
+#if defined(__CUDA_ARCH__)
+    float norm = __fsqrt_rn(sumSquares);
+    norm = norm < kNormEpsilon ? kNormEpsilon : norm;
+    return __fdiv_rn(dot, norm);
+#else
+    float norm = __builtin_sqrtf(sumSquares);
+    norm = norm < kNormEpsilon ? kNormEpsilon : norm;
+    return dot / norm;
+#endif
+}
+
+// score[b] = (score_in[b] + f[b]) + bias with f[b] = (sum of d_s over the pooled positions) / count: a division, so
+// that K = 1 gives d_s exactly.
+ALIGNER_HD float gateV2Score(float scoreIn, float pooledSum, int64_t count, float bias)
+{
+#if defined(__CUDA_ARCH__)
+    float const feature = __fdiv_rn(pooledSum, static_cast<float>(count));
+    return __fadd_rn(__fadd_rn(scoreIn, feature), bias);
+#else
+    float const feature = pooledSum / static_cast<float>(count);
+    return (scoreIn + feature) + bias;
+#endif
 }
 
 // out = hidden + gate * vector in float32 (§5). A zero gate returns hidden unchanged, so harmless rows come back bit

@@ -1,30 +1,73 @@
-// CPU reference of the two operators. The math is steerOps.h; this file only loops over the tensors.
+// CPU reference of SteerGate (versions 1 and 2) and SteerShift. The math is steerOps.h; this file only loops over the
+// tensors.
 #include "steerOpsRef.h"
 
 #include "steerOps.h"
+
+#include <cstddef>
+#include <vector>
 
 namespace
 {
 using aligner::ops::Storage;
 using aligner::ops::StorageTraits;
 
+// The float32 dot product of one hidden row with the constants, in sequential order, and its sum of squares.
+template <Storage S>
+void rowDot(typename StorageTraits<S>::Element const* row, float const* weight, int64_t H, bool withSquares,
+    float& dot, float& sumSquares)
+{
+    dot = 0.0f;
+    sumSquares = 0.0f;
+    for (int64_t h = 0; h < H; ++h)
+    {
+        float const x = StorageTraits<S>::load(row[h]);
+        float const product = x * weight[h];
+        dot += product;
+        if (withSquares)
+        {
+            float const square = x * x;
+            sumSquares += square;
+        }
+    }
+}
+
 template <Storage S>
 void steerGate(void const* hidden, int64_t B, int64_t seq, int64_t H, int64_t const* mask, int64_t T,
     float const* gateIn, float const* direction, float bias, float* gate, float* score)
 {
-    using Traits = StorageTraits<S>;
-    auto const* base = static_cast<typename Traits::Element const*>(hidden);
+    auto const* base = static_cast<typename StorageTraits<S>::Element const*>(hidden);
     for (int64_t b = 0; b < B; ++b)
     {
         int64_t const last = aligner::ops::lastValidPosition(mask + b * T, T, seq);
-        auto const* row = base + (b * seq + last) * H;
-        float acc = 0.0f;
-        for (int64_t h = 0; h < H; ++h)
+        float dot = 0.0f;
+        float unused = 0.0f;
+        rowDot<S>(base + (b * seq + last) * H, direction, H, false, dot, unused);
+        score[b] = dot + bias;
+        gate[b] = aligner::ops::gateFromScore(gateIn[b], score[b]);
+    }
+}
+
+template <Storage S>
+void steerGateV2(void const* hidden, int64_t B, int64_t seq, int64_t H, int64_t const* mask, int64_t T,
+    float const* gateIn, float const* scoreIn, float const* weight, float bias, int64_t tokens, bool normalize,
+    float* gate, float* score)
+{
+    auto const* base = static_cast<typename StorageTraits<S>::Element const*>(hidden);
+    std::vector<int64_t> positions(static_cast<std::size_t>(tokens < seq ? tokens : seq));
+    for (int64_t b = 0; b < B; ++b)
+    {
+        int64_t const count = aligner::ops::pooledPositions(mask + b * T, T, seq, tokens, positions.data());
+        // Summed from the last pooled position down, the order the kernel finds them in.
+        float pooledSum = 0.0f;
+        for (int64_t i = 0; i < count; ++i)
         {
-            float const product = Traits::load(row[h]) * direction[h];
-            acc += product;
+            float dot = 0.0f;
+            float sumSquares = 0.0f;
+            rowDot<S>(base + (b * seq + positions[i]) * H, weight, H, normalize, dot, sumSquares);
+            pooledSum += aligner::ops::pooledTerm(dot, sumSquares, normalize);
         }
-        score[b] = acc + bias;
+        score[b] = aligner::ops::gateV2Score(scoreIn[b], pooledSum, count, bias);
         gate[b] = aligner::ops::gateFromScore(gateIn[b], score[b]);
     }
 }
@@ -93,6 +136,40 @@ extern "C" int32_t aligner_ref_steer_gate(int32_t storage, void const* hidden, i
     case Storage::kFP16: steerGate<Storage::kFP16>(hidden, B, S, H, attention_mask, T, gate_in, direction, bias, gate, score); break;
     case Storage::kBF16: steerGate<Storage::kBF16>(hidden, B, S, H, attention_mask, T, gate_in, direction, bias, gate, score); break;
     default: return ALIGNER_REF_BAD_STORAGE;
+    }
+    return ALIGNER_REF_OK;
+}
+
+extern "C" int32_t aligner_ref_steer_gate_v2(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,
+    int64_t const* attention_mask, int64_t T, float const* gate_in, float const* score_in, float const* weight,
+    float bias, int64_t tokens, int32_t normalize, float* gate, float* score)
+{
+    if (badShape(B, S, H) || T < S)
+    {
+        return ALIGNER_REF_BAD_SHAPE;
+    }
+    if (tokens < 1 || (normalize != 0 && normalize != 1))
+    {
+        return ALIGNER_REF_BAD_ATTRIBUTE;
+    }
+    if (!hidden || !attention_mask || !gate_in || !score_in || !weight || !gate || !score)
+    {
+        return ALIGNER_REF_NULL_POINTER;
+    }
+    bool const norm = normalize == 1;
+    try
+    {
+        switch (static_cast<Storage>(storage))
+        {
+        case Storage::kFP32: steerGateV2<Storage::kFP32>(hidden, B, S, H, attention_mask, T, gate_in, score_in, weight, bias, tokens, norm, gate, score); break;
+        case Storage::kFP16: steerGateV2<Storage::kFP16>(hidden, B, S, H, attention_mask, T, gate_in, score_in, weight, bias, tokens, norm, gate, score); break;
+        case Storage::kBF16: steerGateV2<Storage::kBF16>(hidden, B, S, H, attention_mask, T, gate_in, score_in, weight, bias, tokens, norm, gate, score); break;
+        default: return ALIGNER_REF_BAD_STORAGE;
+        }
+    }
+    catch (...)
+    {
+        return ALIGNER_REF_BAD_SHAPE; // the position buffer could not be allocated
     }
     return ALIGNER_REF_OK;
 }

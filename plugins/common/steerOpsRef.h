@@ -1,4 +1,5 @@
-/* CPU reference of SteerGate and SteerShift (ARCHITECTURE.md §5), built on steerOps.h.
+/* CPU reference of SteerGate (versions 1 and 2) and SteerShift (ARCHITECTURE.md §5, §5.1; docs/contract.md), built on
+ * steerOps.h.
  * A plain C ABI so that Python (ctypes), the C++ tests and the GPU verification script can call it.
  * Every function returns 0 on success and a negative value for invalid arguments. */
 #ifndef ALIGNER_STEER_OPS_REF_H
@@ -29,7 +30,8 @@ enum
     ALIGNER_REF_OK = 0,
     ALIGNER_REF_BAD_STORAGE = -1,
     ALIGNER_REF_BAD_SHAPE = -2,
-    ALIGNER_REF_NULL_POINTER = -3
+    ALIGNER_REF_NULL_POINTER = -3,
+    ALIGNER_REF_BAD_ATTRIBUTE = -4
 };
 
 /* last_b for one mask row of length T, for a call covering the last S positions. */
@@ -39,6 +41,13 @@ ALIGNER_REF_API int64_t aligner_ref_last_valid_position(int64_t const* mask_row,
 ALIGNER_REF_API int32_t aligner_ref_steer_gate(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,
     int64_t const* attention_mask, int64_t T, float const* gate_in, float const* direction, float bias, float* gate,
     float* score);
+
+/* SteerGate version 2: hidden [B,S,H] (storage), attention_mask [B,T] int64, gate_in [B], score_in [B], weight [H],
+ * bias, tokens (K >= 1), normalize (0 or 1) -> gate [B], score [B]. ALIGNER_REF_BAD_ATTRIBUTE for tokens < 1 or
+ * normalize outside {0, 1}. */
+ALIGNER_REF_API int32_t aligner_ref_steer_gate_v2(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,
+    int64_t const* attention_mask, int64_t T, float const* gate_in, float const* score_in, float const* weight,
+    float bias, int64_t tokens, int32_t normalize, float* gate, float* score);
 
 /* hidden [B,S,H] (storage), gate [B], vector [H] -> out [B,S,H] (storage). out may equal hidden (in place). */
 ALIGNER_REF_API int32_t aligner_ref_steer_shift(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,

@@ -1,6 +1,9 @@
 // The one file that registers the inferaligner plugins with TensorRT. It is compiled twice (CMakeLists.txt):
 //
-//  * libaligner_trt_plugins (ALIGNER_STATIC_REGISTRATION): registers both creators with the global plugin registry
+// Three creators: SteerGate versions 1 and 2, SteerShift version 1 (docs/contract.md). Both libraries also export the
+// constants-digest registry (pluginDigestRegistry.h), which lives in the plugin objects.
+//
+//  * libaligner_trt_plugins (ALIGNER_STATIC_REGISTRATION): registers the creators with the global plugin registry
 //    when the library is loaded, so ctypes.CDLL(path), Polygraphy --plugins and dlopen() need nothing else.
 //  * libaligner_trt_plugins_dynamic: exports getCreators() and setLoggerFinder() and registers nothing itself, for
 //    IPluginRegistry::loadLibrary() and trtexec --dynamicPlugins. A library loaded that way that
@@ -17,7 +20,8 @@ using namespace nvinfer1;
 
 namespace
 {
-aligner::trt::SteerGatePluginCreator gSteerGateCreator;
+aligner::trt::SteerGatePluginCreator gSteerGateCreator{1};
+aligner::trt::SteerGatePluginCreator gSteerGateV2Creator{2};
 aligner::trt::SteerShiftPluginCreator gSteerShiftCreator;
 
 #if !defined(ALIGNER_STATIC_REGISTRATION)
@@ -42,8 +46,9 @@ struct StaticRegistration
         IPluginRegistry* registry = getPluginRegistry();
         if (registry != nullptr)
         {
-            registry->registerCreator(gSteerGateCreator, aligner::trt::kPluginNamespace);
-            registry->registerCreator(gSteerShiftCreator, aligner::trt::kPluginNamespace);
+            registry->registerCreator(gSteerGateCreator, aligner::contract::kPluginNamespace);
+            registry->registerCreator(gSteerGateV2Creator, aligner::contract::kPluginNamespace);
+            registry->registerCreator(gSteerShiftCreator, aligner::contract::kPluginNamespace);
         }
     }
 };
@@ -74,8 +79,8 @@ extern "C" __attribute__((visibility("default"))) void setLoggerFinder(ILoggerFi
 
 extern "C" __attribute__((visibility("default"))) IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
 {
-    static IPluginCreatorInterface* const creators[] = {&gSteerGateCreator, &gSteerShiftCreator};
-    nbCreators = 2;
+    static IPluginCreatorInterface* const creators[] = {&gSteerGateCreator, &gSteerGateV2Creator, &gSteerShiftCreator};
+    nbCreators = 3;
     return creators;
 }
 #endif

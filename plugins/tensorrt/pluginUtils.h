@@ -1,8 +1,9 @@
 // Helpers shared by the SteerGate and SteerShift plugins: error reporting through TensorRT's logger, plugin-field
-// parsing and the dtype mapping to plugins/common's storage types.
+// parsing, the dtype mapping to plugins/common's storage types, and the constants-digest registry (issue 14).
 #pragma once
 
 #include "NvInferRuntime.h"
+#include "steerContract.h"
 #include "steerOps.h"
 
 #include <cuda_runtime_api.h>
@@ -16,9 +17,6 @@ namespace aligner
 namespace trt
 {
 
-constexpr char const* kPluginNamespace = "inferaligner";
-constexpr char const* kPluginVersion = "1";
-
 // Reports an error to TensorRT's logger (Severity::kERROR). Defined by the registration file
 // (inferalignerPlugins.cpp) for the plugin libraries, and by the unit harness, which records the messages.
 void reportError(std::string const& message) noexcept;
@@ -28,20 +26,23 @@ bool storageFor(nvinfer1::DataType type, ops::Storage& storage) noexcept;
 
 bool isHiddenType(nvinfer1::DataType type) noexcept;
 
-// A float32 field of the PluginFieldCollection. kMissing when absent; kBad (after reporting an error that names
-// the field) when it has another type, no data or a length other than expectedLength (-1: any positive length).
-enum class FieldStatus
-{
-    kFound,
-    kMissing,
-    kBad,
-};
-FieldStatus readFloatField(char const* op, nvinfer1::PluginFieldCollection const* fc, char const* name,
+// A required float32 field of the PluginFieldCollection: false, after reporting an error that names the field, when
+// it is absent, has another type, has no data, has a length other than expectedLength (-1: any positive length) or
+// holds a non-finite value.
+bool readFloatField(char const* op, nvinfer1::PluginFieldCollection const* fc, char const* name,
     int32_t expectedLength, std::vector<float>& values) noexcept;
+
+// A required integer field of length 1: kINT32 (what TensorRT's ONNX parser passes for an INT attribute) or kINT64
+// within the int32 range; false, after reporting, otherwise.
+bool readIntField(char const* op, nvinfer1::PluginFieldCollection const* fc, char const* name, int32_t& value) noexcept;
 
 // Reports a field that TensorRT passed but the operator does not know, so a typo in an exporter is not ignored.
 bool checkKnownFields(char const* op, nvinfer1::PluginFieldCollection const* fc,
     std::vector<std::string> const& known) noexcept;
+
+// Records the constants digest of a plugin created in the runtime phase (deserialised from an engine) in the
+// process-wide registry that aligner_plugins_digest_* (pluginDigestRegistry.h) enumerate.
+void recordConstantsDigest(char const* name, char const* op, char const* version, std::string const& hex) noexcept;
 
 // Float constants copied to the device once, before the first enqueue. Owned by one plugin object.
 class DeviceConstants

@@ -1,5 +1,6 @@
-// Launchers for the SteerGate and SteerShift CUDA kernels (ARCHITECTURE.md §5). The plugins call them from enqueue;
-// tests/gpu/verify_kernels.py calls the C entry points through ctypes, without TensorRT.
+// Launchers for the SteerGate (versions 1 and 2) and SteerShift CUDA kernels (ARCHITECTURE.md §5, §5.1;
+// docs/contract.md). The plugins call them from enqueue; tests/gpu/verify_kernels.py calls the C entry points through
+// ctypes, without TensorRT.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -12,11 +13,17 @@ extern "C" {
 #define ALIGNER_KERNEL_API __attribute__((visibility("default")))
 
 /* storage: 0 = float32, 1 = float16, 2 = bfloat16 (as in plugins/common/steerOpsRef.h). All pointers are device
- * pointers. bias is a device pointer to one float, so the constant may come from a plugin field or a graph input.
- * Returns the cudaError_t of the launch (cudaErrorInvalidValue for a bad storage or shape). */
+ * pointers; bias is a value. Returns the cudaError_t of the launch (cudaErrorInvalidValue for a bad storage, shape or
+ * attribute). */
 ALIGNER_KERNEL_API int32_t aligner_kernel_steer_gate(int32_t storage, void const* hidden, int64_t B, int64_t S,
-    int64_t H, int64_t const* attention_mask, int64_t T, float const* gate_in, float const* direction,
-    float const* bias, float* gate, float* score, cudaStream_t stream);
+    int64_t H, int64_t const* attention_mask, int64_t T, float const* gate_in, float const* direction, float bias,
+    float* gate, float* score, cudaStream_t stream);
+
+/* SteerGate version 2: score_in [B] and weight [H] on the device, tokens = K >= 1, normalize 0 or 1. */
+ALIGNER_KERNEL_API int32_t aligner_kernel_steer_gate_v2(int32_t storage, void const* hidden, int64_t B, int64_t S,
+    int64_t H, int64_t const* attention_mask, int64_t T, float const* gate_in, float const* score_in,
+    float const* weight, float bias, int64_t tokens, int32_t normalize, float* gate, float* score,
+    cudaStream_t stream);
 
 /* out may equal hidden: in place, rows whose gate is 0 are neither read nor written. */
 ALIGNER_KERNEL_API int32_t aligner_kernel_steer_shift(int32_t storage, void const* hidden, int64_t B, int64_t S,

@@ -1,6 +1,8 @@
 // ctest, no GPU and no libnvinfer needed: loads libaligner_trt_plugins_dynamic.so the way
 // IPluginRegistry::loadLibrary / trtexec --dynamicPlugins do (dlopen, setLoggerFinder, getCreators) and checks the
-// creators it hands over, including that creator errors reach the logger TensorRT supplies.
+// creators it hands over (SteerGate 1 and 2, SteerShift 1), that creator errors reach the logger TensorRT supplies,
+// and the constants-digest registry the library exports (aligner_plugins_digest_*, reached through dlsym as the C
+// runtime reaches it).
 #include "NvInferRuntime.h"
 
 #include <dlfcn.h>
@@ -79,36 +81,82 @@ int main(int argc, char** argv)
     Finder finder(&logger);
     setLoggerFinder(&finder);
 
+    using DigestReset = void (*)();
+    using DigestCount = int32_t (*)();
+    using DigestAt = int32_t (*)(int32_t, char const**, char const**, char const**, char const**);
+    auto digestReset = reinterpret_cast<DigestReset>(dlsym(handle, "aligner_plugins_digest_reset"));
+    auto digestCount = reinterpret_cast<DigestCount>(dlsym(handle, "aligner_plugins_digest_count"));
+    auto digestAt = reinterpret_cast<DigestAt>(dlsym(handle, "aligner_plugins_digest_at"));
+    check(digestReset != nullptr && digestCount != nullptr && digestAt != nullptr,
+        "exports aligner_plugins_digest_reset/count/at");
+    if (digestReset == nullptr || digestCount == nullptr || digestAt == nullptr)
+    {
+        return 1;
+    }
+    digestReset();
+
     int32_t count = 0;
     IPluginCreatorInterface* const* creators = getCreators(count);
-    check(count == 2, "two creators");
-    std::vector<std::string> names;
+    check(count == 3, "three creators");
+    std::vector<std::string> found;
+    std::vector<std::string> runtimeNames;
     for (int32_t i = 0; i < count; ++i)
     {
         check(std::strcmp(creators[i]->getInterfaceInfo().kind, "PLUGIN CREATOR_V3ONE") == 0, "IPluginCreatorV3One");
         auto* creator = static_cast<IPluginCreatorV3One*>(creators[i]);
-        names.emplace_back(creator->getPluginName());
+        std::string const name = creator->getPluginName();
+        std::string const version = creator->getPluginVersion();
+        found.push_back(name + "/" + version);
         check(std::strcmp(creator->getPluginNamespace(), "inferaligner") == 0, "namespace inferaligner");
-        check(std::strcmp(creator->getPluginVersion(), "1") == 0, "version 1");
+        bool const gate = name == "SteerGate";
+        char const* weightName = !gate ? "vector" : (version == "1" ? "direction" : "weight");
         // A mistyped field: refused, and the message reaches TensorRT's logger through the finder.
         int32_t wrong[3] = {1, 2, 3};
-        PluginField field(names.back() == "SteerGate" ? "direction" : "vector", wrong, PluginFieldType::kINT32, 3);
+        PluginField field(weightName, wrong, PluginFieldType::kINT32, 3);
         PluginFieldCollection fc{1, &field};
         logger.errors.clear();
         IPluginV3* plugin = creator->createPlugin("node", &fc, TensorRTPhase::kBUILD);
         check(plugin == nullptr, "mistyped field refused");
-        check(!logger.errors.empty() && logger.errors.back().find(field.name) != std::string::npos,
+        check(!logger.errors.empty() && logger.errors.back().find(weightName) != std::string::npos,
             "error names the field, through the supplied logger");
+        // Valid fields: accepted in the build phase (nothing recorded) and in the runtime phase (recorded).
         float values[3] = {0.5f, 0.5f, 0.5f};
         float bias = 0.f;
-        PluginField good[2] = {PluginField(field.name, values, PluginFieldType::kFLOAT32, 3),
-            PluginField("bias", &bias, PluginFieldType::kFLOAT32, 1)};
-        PluginFieldCollection goodFc{names.back() == "SteerGate" ? 2 : 1, good};
+        int32_t tokens = 2, normalize = 0;
+        PluginField good[4] = {PluginField(weightName, values, PluginFieldType::kFLOAT32, 3),
+            PluginField("bias", &bias, PluginFieldType::kFLOAT32, 1),
+            PluginField("tokens", &tokens, PluginFieldType::kINT32, 1),
+            PluginField("normalize", &normalize, PluginFieldType::kINT32, 1)};
+        PluginFieldCollection goodFc{!gate ? 1 : (version == "1" ? 2 : 4), good};
         plugin = creator->createPlugin("node", &goodFc, TensorRTPhase::kBUILD);
         check(plugin != nullptr, "valid fields accepted");
         delete plugin;
+        std::string const nodeName = "/model/layers." + std::to_string(i) + "/steer/" + name;
+        plugin = creator->createPlugin(nodeName.c_str(), &goodFc, TensorRTPhase::kRUNTIME);
+        check(plugin != nullptr, "valid fields accepted in the runtime phase");
+        delete plugin;
+        runtimeNames.push_back(nodeName + " " + name + " " + version);
     }
-    check(names == std::vector<std::string>{"SteerGate", "SteerShift"}, "SteerGate and SteerShift");
+    check(found == std::vector<std::string>{"SteerGate/1", "SteerGate/2", "SteerShift/1"},
+        "SteerGate versions 1 and 2, SteerShift version 1");
+
+    // The registry holds one entry per runtime-phase plugin, in creation order, each with a 64-digit lowercase hex
+    // digest; the three constants differ, so do the digests.
+    check(digestCount() == static_cast<int32_t>(runtimeNames.size()), "one registry entry per runtime-phase plugin");
+    std::vector<std::string> hexes;
+    for (int32_t i = 0; i < digestCount(); ++i)
+    {
+        char const *name = nullptr, *op = nullptr, *version = nullptr, *hex = nullptr;
+        check(digestAt(i, &name, &op, &version, &hex) == 0, "registry entry readable");
+        check(std::string(name) + " " + op + " " + version == runtimeNames[i], "registry entry name, op and version");
+        std::string const digest = hex;
+        check(digest.size() == 64 && digest.find_first_not_of("0123456789abcdef") == std::string::npos,
+            "digest is lowercase hex sha256");
+        hexes.push_back(digest);
+    }
+    check(hexes.size() == 3 && hexes[0] != hexes[1] && hexes[1] != hexes[2], "different constants, different digests");
+    digestReset();
+    check(digestCount() == 0, "reset through dlsym");
     std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "OK", failures);
     return failures ? 1 : 0;
 }

@@ -1,45 +1,287 @@
-// ctest: the C API's manifest helpers, which need neither TensorRT nor a GPU: SHA-256 against the FIPS 180-2 test
-// vectors, and the top-level JSON value scanner on a manifest-shaped document.
-#include "jsonScan.h"
-#include "sha256.h"
+// ctest, host only (no TensorRT, no GPU): the C runtime's reading of the manifest (format 2) and of the ENGINE.json
+// stamp, the comparison of the plugin library's constants digests with the manifest's integrity.constants, and the
+// protocol's host-side rules (position ids of a padded batch, the gate kept after the scoring prefill, row flags).
+#include "aligner_runtime.h"
+#include "manifest.h"
+#include "protocol.h"
 
+#include <nlohmann/json.hpp>
+
+#include <cmath>
 #include <cstdio>
+#include <limits>
 #include <string>
 #include <vector>
 
+using aligner::runtime::Manifest;
+using aligner::runtime::ManifestError;
+using aligner::runtime::PluginDigest;
+using nlohmann::json;
+
+namespace
+{
+int gFailures = 0;
+
+void check(bool ok, std::string const& what)
+{
+    if (!ok)
+    {
+        ++gFailures;
+        std::printf("FAIL %s\n", what.c_str());
+    }
+}
+
+std::string const kGateDigest(64, 'a');
+std::string const kShiftDigest3(64, 'b');
+std::string const kShiftDigest5(64, 'c');
+std::string const kGateNode = "/model/layers.4/steer/SteerGate";
+std::string const kShift3 = "/model/layers.3/steer/SteerShift";
+std::string const kShift5 = "/model/layers.5/steer/SteerShift";
+
+// A manifest as aligner-export writes it (format 2), with keys the C runtime does not read.
+json goodManifest()
+{
+    return json{{"format_version", 2}, {"package_version", "0.2.0"},
+        {"steering_io", {{"gate_in", "steer_gate_in"}, {"gate", "steer_gate"}, {"score", "steer_score"}}},
+        {"two_pass_prefill", true},
+        {"gate", {{"version", 2}, {"layers", {2, 4}}, {"tokens", 3}, {"normalize", true}, {"bias", -0.5}}},
+        {"gate_layer", 4}, {"steer_layers", {5, 3}}, {"alpha", 4.0},
+        {"integrity",
+            {{"constants",
+                 {{kGateNode, kGateDigest}, {"/model/layers.2/steer/SteerGate", std::string(64, 'd')},
+                     {kShift3, kShiftDigest3}, {kShift5, kShiftDigest5}}},
+                {"functions", {{"SteerGate", std::string(64, 'e')}}}}}};
+}
+
+// The message of the refusal, or "" when the manifest was accepted.
+std::string refusal(json const& manifest)
+{
+    try
+    {
+        aligner::runtime::parseManifest(manifest.dump(), "x/inferaligner.json");
+        return "";
+    }
+    catch (ManifestError const& e)
+    {
+        return e.what();
+    }
+}
+
+bool mentions(std::string const& text, std::string const& needle)
+{
+    bool const found = text.find(needle) != std::string::npos;
+    if (!found)
+    {
+        std::printf("  message was: '%s' (expected to mention '%s')\n", text.c_str(), needle.c_str());
+    }
+    return found;
+}
+
+void testGoodManifest()
+{
+    Manifest const m = aligner::runtime::parseManifest(goodManifest().dump(2), "x/inferaligner.json");
+    check(m.formatVersion == 2, "format_version");
+    check(m.io.gateIn == "steer_gate_in" && m.io.gate == "steer_gate" && m.io.score == "steer_score", "steering_io");
+    check(m.twoPassPrefill, "two_pass_prefill");
+    check(m.gateLayers == std::vector<int64_t>{2, 4} && m.gateLayer == 4, "gate.layers and gate_layer");
+    check(m.steerLayers == std::vector<int64_t>{3, 5}, "steer_layers, sorted");
+    check(m.constantDigests.size() == 4 && m.constantDigests.at(kShift5) == kShiftDigest5, "integrity.constants");
+    json renamed = goodManifest();
+    renamed["steering_io"]["gate"] = "gate_out";
+    renamed["two_pass_prefill"] = false;
+    Manifest const r = aligner::runtime::parseManifest(renamed.dump(), "x");
+    check(r.io.gate == "gate_out" && !r.twoPassPrefill, "I/O names and the two-pass rule come from the manifest");
+}
+
+void testRefusals()
+{
+    // Each missing key is a refusal naming it.
+    struct Removal
+    {
+        std::vector<std::string> path;
+        std::string named;
+    };
+    std::vector<Removal> const removals{{{"format_version"}, "'format_version'"}, {{"steering_io"}, "'steering_io'"},
+        {{"steering_io", "gate_in"}, "'steering_io.gate_in'"}, {{"steering_io", "gate"}, "'steering_io.gate'"},
+        {{"steering_io", "score"}, "'steering_io.score'"}, {{"two_pass_prefill"}, "'two_pass_prefill'"},
+        {{"gate"}, "'gate'"}, {{"gate", "layers"}, "'gate.layers'"}, {{"gate_layer"}, "'gate_layer'"},
+        {{"steer_layers"}, "'steer_layers'"}, {{"integrity"}, "'integrity'"},
+        {{"integrity", "constants"}, "'integrity.constants'"}, {{"integrity", "constants", kShift3}, kShift3}};
+    for (Removal const& removal : removals)
+    {
+        json m = goodManifest();
+        json* parent = &m;
+        for (size_t i = 0; i + 1 < removal.path.size(); ++i)
+        {
+            parent = &(*parent)[removal.path[i]];
+        }
+        parent->erase(removal.path.back());
+        std::string const message = refusal(m);
+        check(!message.empty() && mentions(message, removal.named), "missing " + removal.named + " is refused");
+    }
+
+    json format1 = goodManifest();
+    format1["format_version"] = 1;
+    std::string const old = refusal(format1);
+    check(mentions(old, "format_version 1") && mentions(old, "re-export with inferaligner-edge ≥ 0.2"),
+        "format 1 is refused with the advice to re-export");
+    json format1Bare = json{{"format_version", 1}, {"gate_layer", 4}, {"steer_layers", {3}}};
+    check(mentions(refusal(format1Bare), "re-export"), "a format-1 manifest is told to re-export, not a missing key");
+    json format3 = goodManifest();
+    format3["format_version"] = 3;
+    check(mentions(refusal(format3), "format_version 3"), "format 3 is refused");
+
+    struct Mutation
+    {
+        char const* what;
+        void (*apply)(json&);
+        char const* named;
+    };
+    std::vector<Mutation> const mutations{
+        {"format_version as a string", [](json& m) { m["format_version"] = "2"; }, "'format_version'"},
+        {"two_pass_prefill as 1", [](json& m) { m["two_pass_prefill"] = 1; }, "'two_pass_prefill'"},
+        {"empty steering_io.gate", [](json& m) { m["steering_io"]["gate"] = ""; }, "'steering_io.gate'"},
+        {"gate_layer not the last gate layer", [](json& m) { m["gate_layer"] = 2; }, "gate_layer 2"},
+        {"empty gate.layers", [](json& m) { m["gate"]["layers"] = json::array(); }, "'gate.layers'"},
+        {"negative steer layer", [](json& m) { m["steer_layers"] = {3, -5}; }, "'steer_layers'"},
+        {"repeated steer layer", [](json& m) { m["steer_layers"] = {3, 3, 5}; }, "repeats"},
+        {"digest not hex", [](json& m) { m["integrity"]["constants"][kShift3] = std::string(64, 'G'); }, kShift3.c_str()},
+        {"digest in upper case", [](json& m) { m["integrity"]["constants"][kShift3] = std::string(64, 'B'); }, kShift3.c_str()},
+        {"digest of a node not placed",
+            [](json& m) { m["integrity"]["constants"]["/model/layers.9/steer/SteerShift"] = std::string(64, 'f'); },
+            "/model/layers.9/steer/SteerShift"},
+        {"digest of something else", [](json& m) { m["integrity"]["constants"]["/model/steer/ConstantOfShape"] = std::string(64, 'f'); },
+            "/model/steer/ConstantOfShape"},
+        {"a steer layer without its digest", [](json& m) { m["steer_layers"] = {3, 5, 6}; },
+            "/model/layers.6/steer/SteerShift"},
+    };
+    for (Mutation const& mutation : mutations)
+    {
+        json m = goodManifest();
+        mutation.apply(m);
+        std::string const message = refusal(m);
+        check(!message.empty() && mentions(message, mutation.named), std::string("refused: ") + mutation.what);
+    }
+    check(mentions(refusal(json::array()), "not a JSON object"), "a JSON array is refused");
+    try
+    {
+        aligner::runtime::parseManifest("{\"format_version\": 2,", "x/inferaligner.json");
+        check(false, "truncated JSON is refused");
+    }
+    catch (ManifestError const& e)
+    {
+        check(mentions(e.what(), "not valid JSON"), "truncated JSON is refused as invalid JSON");
+    }
+}
+
+void testStamp()
+{
+    json const stamp{{"format_version", 1}, {"trt_version", "10.3.0.26"}, {"compute_capability", "8.7"},
+        {"manifest_sha256", std::string(64, '1')}, {"engine_sha256", std::string(64, '2')}, {"precision", "fp16"}};
+    auto const parsed = aligner::runtime::parseEngineStamp(stamp.dump(), "e/ENGINE.json");
+    check(parsed.trtVersion == "10.3.0.26" && parsed.computeCapability == "8.7"
+            && parsed.manifestSha256 == std::string(64, '1') && parsed.engineSha256 == std::string(64, '2'),
+        "stamp fields");
+    for (char const* key : {"trt_version", "compute_capability", "manifest_sha256", "engine_sha256"})
+    {
+        json without = stamp;
+        without.erase(key);
+        try
+        {
+            aligner::runtime::parseEngineStamp(without.dump(), "e/ENGINE.json");
+            check(false, std::string("a stamp without ") + key + " is refused");
+        }
+        catch (ManifestError const& e)
+        {
+            check(mentions(e.what(), std::string("'") + key + "'"), std::string("stamp refusal names ") + key);
+        }
+    }
+}
+
+void testDigestComparison()
+{
+    Manifest const m = aligner::runtime::parseManifest(goodManifest().dump(), "x");
+    std::vector<PluginDigest> const good{{"/model/layers.2/steer/SteerGate", "SteerGate", "2", std::string(64, 'd')},
+        {kGateNode, "SteerGate", "2", kGateDigest}, {kShift3, "SteerShift", "1", kShiftDigest3},
+        {kShift5, "SteerShift", "1", kShiftDigest5}};
+    check(aligner::runtime::compareConstantDigests(m, good).empty(), "a matching registry is accepted");
+    std::vector<PluginDigest> twice = good;
+    twice.push_back(good[2]);
+    check(aligner::runtime::compareConstantDigests(m, twice).empty(), "a node created twice with its digest is fine");
+
+    std::vector<PluginDigest> changed = good;
+    changed[3].hex = std::string(64, '0');
+    std::string message = aligner::runtime::compareConstantDigests(m, changed);
+    check(mentions(message, kShift5) && mentions(message, "differ"), "a digest mismatch names the node");
+
+    std::vector<PluginDigest> missing(good.begin(), good.end() - 1);
+    message = aligner::runtime::compareConstantDigests(m, missing);
+    check(mentions(message, kShift5) && mentions(message, "no steering plugin"), "a missing node is named");
+
+    std::vector<PluginDigest> extra = good;
+    extra.push_back({"/model/layers.7/steer/SteerShift", "SteerShift", "1", std::string(64, 'b')});
+    message = aligner::runtime::compareConstantDigests(m, extra);
+    check(mentions(message, "/model/layers.7/steer/SteerShift") && mentions(message, "does not list"),
+        "an unexpected steering plugin is named");
+
+    std::vector<PluginDigest> wrongOp = good;
+    wrongOp[2].op = "SteerGate";
+    message = aligner::runtime::compareConstantDigests(m, wrongOp);
+    check(mentions(message, kShift3), "a node that became another op is named");
+
+    check(!aligner::runtime::compareConstantDigests(m, {}).empty(), "an empty registry is refused");
+}
+
+void testPositionIds()
+{
+    // Left padding: [0 0 1 1 1], [1 1 1 1 1], [0 0 0 0 1]; then a decode step.
+    std::vector<int64_t> const mask{0, 0, 1, 1, 1, /**/ 1, 1, 1, 1, 1, /**/ 0, 0, 0, 0, 1};
+    std::vector<int64_t> out(15, -7);
+    aligner::runtime::positionIdsForCall(mask.data(), 3, 5, 5, out.data());
+    // aligner_runtime.contract.position_ids: where(mask == 1, cumsum(mask) - 1, 1).
+    std::vector<int64_t> want(15);
+    for (int b = 0; b < 3; ++b)
+    {
+        int64_t sum = 0;
+        for (int t = 0; t < 5; ++t)
+        {
+            sum += mask[b * 5 + t];
+            want[b * 5 + t] = mask[b * 5 + t] == 1 ? sum - 1 : 1;
+        }
+    }
+    check(out == want, "prefill position ids follow contract.position_ids");
+    check(out == std::vector<int64_t>{1, 1, 0, 1, 2, 0, 1, 2, 3, 4, 1, 1, 1, 1, 0}, "prefill position ids, spelled out");
+    // A decode step: mask [B, T = 6] with the new column, S = 1.
+    std::vector<int64_t> const step{0, 0, 1, 1, 1, 1, /**/ 1, 1, 1, 1, 1, 1, /**/ 0, 0, 0, 0, 1, 1};
+    std::vector<int64_t> one(3, -7);
+    aligner::runtime::positionIdsForCall(step.data(), 3, 6, 1, one.data());
+    check(one == std::vector<int64_t>{3, 5, 1}, "decode-step position ids");
+}
+
+void testPrefillGate()
+{
+    float const nan = std::numeric_limits<float>::quiet_NaN();
+    float const inf = std::numeric_limits<float>::infinity();
+    using aligner::runtime::prefillGate;
+    using aligner::runtime::rowFlags;
+    check(prefillGate(0.0f, -1.0f) == 0.0f && prefillGate(1.0f, 2.0f) == 1.0f, "finite scores keep the graph's gate");
+    check(prefillGate(0.0f, nan) == 1.0f && prefillGate(1.0f, nan) == 1.0f, "a NaN score steers");
+    check(prefillGate(0.0f, inf) == 1.0f && prefillGate(0.0f, -inf) == 1.0f, "an infinite score steers");
+    check(prefillGate(nan, -1.0f) == 1.0f, "a NaN gate steers");
+    check(rowFlags(nan) == ALIGNER_FLAG_NONFINITE_SCORE && rowFlags(-inf) == ALIGNER_FLAG_NONFINITE_SCORE
+            && rowFlags(0.5f) == 0u && rowFlags(-0.0f) == 0u,
+        "ALIGNER_FLAG_NONFINITE_SCORE");
+}
+} // namespace
+
 int main()
 {
-    int failures = 0;
-    auto check = [&](bool ok, char const* what) {
-        if (!ok)
-        {
-            ++failures;
-            std::printf("FAIL %s\n", what);
-        }
-    };
-    check(aligner::sha256Hex("", 0) == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", "sha256('')");
-    check(aligner::sha256Hex("abc", 3) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad", "sha256(abc)");
-    std::string const twoBlocks = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
-    check(aligner::sha256Hex(twoBlocks.data(), twoBlocks.size())
-            == "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1",
-        "sha256(448-bit message)");
-    std::string const million(1000000, 'a');
-    check(aligner::sha256Hex(million.data(), million.size())
-            == "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0",
-        "sha256(a x 1e6)");
-
-    std::string const manifest = R"({"format_version": 1, "validation": {"gate_layer": 99, "note": "\"steer_layers\": [7]"},
-        "steer_layers": [3, 4,5], "gate_layer" : 12, "trt_version": "10.3.0.26", "empty": []})";
-    int64_t gate = -1;
-    std::vector<int64_t> layers;
-    std::string version;
-    check(aligner::jsonInt(manifest, "gate_layer", gate) && gate == 12, "top-level int, not the nested one");
-    check(aligner::jsonIntArray(manifest, "steer_layers", layers) && layers == std::vector<int64_t>{3, 4, 5},
-        "int array, not the one inside a string");
-    check(aligner::jsonString(manifest, "trt_version", version) && version == "10.3.0.26", "string value");
-    check(aligner::jsonIntArray(manifest, "empty", layers) && layers.empty(), "empty array");
-    check(!aligner::jsonInt(manifest, "missing", gate), "missing key");
-    check(!aligner::jsonString(manifest, "gate_layer", version), "type mismatch");
-    std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "OK", failures);
-    return failures ? 1 : 0;
+    testGoodManifest();
+    testRefusals();
+    testStamp();
+    testDigestComparison();
+    testPositionIds();
+    testPrefillGate();
+    std::printf("%s: %d failure(s)\n", gFailures ? "FAILED" : "OK", gFailures);
+    return gFailures ? 1 : 0;
 }

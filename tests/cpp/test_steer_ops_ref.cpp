@@ -1,11 +1,14 @@
 // ctest: the CPU reference (plugins/common) against naive loops written independently here: float64 accumulation,
-// the compiler's own _Float16 for binary16 rounding, and a nearest-value search for bfloat16 rounding.
+// the compiler's own _Float16 for binary16 rounding, and a nearest-value search for bfloat16 rounding. SteerGate
+// versions 1 and 2 (docs/contract.md), the NaN-safe decision, and SteerShift.
 #include "steerOpsRef.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -20,6 +23,16 @@ void check(bool ok, char const* what, double got = 0.0, double want = 0.0)
         ++gFailures;
         std::printf("FAIL %s (got %.9g, want %.9g)\n", what, got, want);
     }
+}
+
+// The decision of docs/contract.md, written out: a non-finite score steers.
+float naiveDecision(float gateIn, double score)
+{
+    if (gateIn >= 0.0f)
+    {
+        return gateIn;
+    }
+    return (std::isnan(score) || std::isinf(score) || score > 0.0) ? 1.0f : 0.0f;
 }
 
 float bitsToFloat(uint32_t u)
@@ -158,7 +171,7 @@ void runOps(int32_t storage, float (*load)(Element), bool leftPadding, int64_t B
             want += static_cast<double>(load(hidden[(b * S + last) * H + h])) * direction[h];
         }
         check(std::fabs(score[b] - want) <= 1e-5 * (1.0 + std::sqrt(static_cast<double>(H))), "score", score[b], want);
-        float const wantGate = gateIn[b] >= 0.0f ? gateIn[b] : (score[b] > 0.0f ? 1.0f : 0.0f);
+        float const wantGate = naiveDecision(gateIn[b], score[b]);
         check(gate[b] == wantGate, "gate", gate[b], wantGate);
     }
     check(aligner_ref_steer_shift(storage, hidden.data(), B, S, H, gate.data(), vector.data(), out.data()) == 0,
@@ -185,6 +198,145 @@ void runOps(int32_t storage, float (*load)(Element), bool leftPadding, int64_t B
     std::vector<Element> inPlace = hidden;
     aligner_ref_steer_shift(storage, inPlace.data(), B, S, H, gate.data(), vector.data(), inPlace.data());
     check(std::memcmp(inPlace.data(), out.data(), out.size() * sizeof(Element)) == 0, "in-place shift");
+}
+
+// SteerGate version 2 against a naive loop: the pooled positions are the last `tokens` valid positions of the call
+// (all when fewer; version 1's last_b when none), each term in float64, a mean, then score_in and the bias.
+template <typename Element>
+void runGateV2(int32_t storage, float (*load)(Element), bool leftPadding, int64_t B, int64_t S, int64_t H,
+    int64_t past, int64_t tokens, int32_t normalize)
+{
+    std::mt19937 rng(static_cast<uint32_t>(storage * 7919 + H * 31 + S + tokens * 3 + normalize + (leftPadding ? 1 : 0)));
+    std::normal_distribution<float> normal;
+    int64_t const T = past + S;
+    std::vector<float> hiddenF(B * S * H), weight(H), gateIn(B), scoreIn(B), gate(B), score(B);
+    for (auto& v : hiddenF) v = 3.0f * normal(rng);
+    for (auto& v : weight) v = normal(rng);
+    for (auto& v : scoreIn) v = normal(rng);
+    std::vector<Element> hidden(hiddenF.size());
+    aligner_ref_float_to_storage(storage, hiddenF.data(), hiddenF.size(), hidden.data());
+    std::vector<int64_t> mask(B * T, 0);
+    for (int64_t b = 0; b < B; ++b)
+    {
+        int64_t const length = b == B - 1 ? 0 : 1 + (b * 3) % T; // the last row has no valid token at all
+        for (int64_t t = 0; t < length; ++t)
+        {
+            mask[b * T + (leftPadding ? T - 1 - t : t)] = 1;
+        }
+        gateIn[b] = (b % 3 == 0) ? -1.0f : (b % 3 == 1 ? -1.0f : static_cast<float>(b % 2));
+    }
+    float const bias = -0.125f;
+    check(aligner_ref_steer_gate_v2(storage, hidden.data(), B, S, H, mask.data(), T, gateIn.data(), scoreIn.data(),
+              weight.data(), bias, tokens, normalize, gate.data(), score.data()) == 0, "steer_gate_v2 status");
+    for (int64_t b = 0; b < B; ++b)
+    {
+        std::vector<int64_t> valid;
+        for (int64_t s = 0; s < S; ++s)
+        {
+            if (mask[b * T + past + s] == 1)
+            {
+                valid.push_back(s);
+            }
+        }
+        std::vector<int64_t> pooled;
+        if (valid.empty())
+        {
+            int64_t lastAbs = -1;
+            for (int64_t t = 0; t < T; ++t)
+            {
+                lastAbs = mask[b * T + t] == 1 ? t : lastAbs;
+            }
+            int64_t last = lastAbs < 0 ? S - 1 : lastAbs - past;
+            pooled.push_back(last < 0 ? 0 : (last > S - 1 ? S - 1 : last));
+        }
+        else
+        {
+            size_t const first = valid.size() > static_cast<size_t>(tokens) ? valid.size() - tokens : 0;
+            pooled.assign(valid.begin() + first, valid.end());
+        }
+        double sum = 0.0;
+        for (int64_t s : pooled)
+        {
+            double dot = 0.0, norm2 = 0.0;
+            for (int64_t h = 0; h < H; ++h)
+            {
+                double const x = load(hidden[(b * S + s) * H + h]);
+                dot += x * weight[h];
+                norm2 += x * x;
+            }
+            sum += normalize ? dot / std::max(std::sqrt(norm2), 1e-6) : dot;
+        }
+        double const want = static_cast<double>(scoreIn[b]) + sum / pooled.size() + bias;
+        double const scale = normalize ? 1.0 : 3.0 * std::sqrt(static_cast<double>(H));
+        check(std::fabs(score[b] - want) <= 2e-6 * (1.0 + scale * std::sqrt(static_cast<double>(pooled.size()))),
+            "v2 score", score[b], want);
+        check(gate[b] == naiveDecision(gateIn[b], score[b]), "v2 gate", gate[b], naiveDecision(gateIn[b], score[b]));
+    }
+
+    // K = 1, no normalisation, score_in = 0, weight = a direction: version 1 exactly, bit for bit.
+    if (tokens == 1 && normalize == 0)
+    {
+        std::vector<float> zeros(B, 0.0f), gate1(B), score1(B), gate2(B), score2(B);
+        aligner_ref_steer_gate(storage, hidden.data(), B, S, H, mask.data(), T, gateIn.data(), weight.data(), bias,
+            gate1.data(), score1.data());
+        aligner_ref_steer_gate_v2(storage, hidden.data(), B, S, H, mask.data(), T, gateIn.data(), zeros.data(),
+            weight.data(), bias, 1, 0, gate2.data(), score2.data());
+        check(std::memcmp(score1.data(), score2.data(), B * sizeof(float)) == 0
+                && std::memcmp(gate1.data(), gate2.data(), B * sizeof(float)) == 0,
+            "v2 with K=1, normalize=0, score_in=0 equals v1 bit for bit");
+    }
+}
+
+// Non-finite scores steer; gate_in >= 0 still wins; a NaN gate_in falls through to the score.
+void testNonFiniteDecision()
+{
+    float const nan = std::numeric_limits<float>::quiet_NaN();
+    float const inf = std::numeric_limits<float>::infinity();
+    int64_t const B = 6, S = 2, H = 3, T = 2;
+    // Row b reads position 1 (the mask is all ones); direction (1, 0, 0), so the score is hidden[b, 1, 0] + bias.
+    std::vector<float> hidden(B * S * H, 0.0f);
+    float const firstValues[B] = {nan, inf, -inf, nan, -1.0f, nan};
+    for (int64_t b = 0; b < B; ++b)
+    {
+        hidden[(b * S + 1) * H] = firstValues[b];
+    }
+    std::vector<int64_t> mask(B * T, 1);
+    std::vector<float> const gateIn{-1.0f, -1.0f, -1.0f, 0.0f, nan, nan};
+    std::vector<float> direction{1.0f, 0.0f, 0.0f}, gate(B), score(B);
+    check(aligner_ref_steer_gate(ALIGNER_REF_FP32, hidden.data(), B, S, H, mask.data(), T, gateIn.data(),
+              direction.data(), 0.0f, gate.data(), score.data()) == 0, "non-finite case status");
+    float const want[B] = {1.0f, 1.0f, 1.0f, 0.0f, 0.0f, 1.0f};
+    for (int64_t b = 0; b < B; ++b)
+    {
+        check(gate[b] == want[b], "non-finite decision (v1)", gate[b], want[b]);
+    }
+    check(std::isnan(score[0]) && score[1] == inf && score[2] == -inf, "the score is reported as computed");
+    // A NaN bias makes every score NaN: every deciding row steers.
+    aligner_ref_steer_gate(ALIGNER_REF_FP32, hidden.data(), B, S, H, mask.data(), T, gateIn.data(), direction.data(),
+        nan, gate.data(), score.data());
+    check(gate[4] == 1.0f, "a NaN bias steers");
+    // Version 2: the same rows, the score through score_in as well.
+    std::vector<float> scoreIn{0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    aligner_ref_steer_gate_v2(ALIGNER_REF_FP32, hidden.data(), B, S, H, mask.data(), T, gateIn.data(), scoreIn.data(),
+        direction.data(), 0.0f, 2, 1, gate.data(), score.data());
+    for (int64_t b = 0; b < B; ++b)
+    {
+        check(gate[b] == want[b], "non-finite decision (v2, normalised)", gate[b], want[b]);
+    }
+    std::vector<float> zeroHidden(B * S * H, 0.0f);
+    scoreIn = {nan, inf, -inf, nan, -1.0f, -inf};
+    aligner_ref_steer_gate_v2(ALIGNER_REF_FP32, zeroHidden.data(), B, S, H, mask.data(), T, gateIn.data(),
+        scoreIn.data(), direction.data(), 0.0f, 1, 0, gate.data(), score.data());
+    for (int64_t b = 0; b < B; ++b)
+    {
+        check(gate[b] == want[b], "non-finite score_in steers (v2)", gate[b], want[b]);
+    }
+    // Normalising a zero row divides by 1e-6, not by 0: the score stays finite.
+    scoreIn.assign(B, 0.0f);
+    std::vector<float> const decide(B, -1.0f);
+    aligner_ref_steer_gate_v2(ALIGNER_REF_FP32, zeroHidden.data(), B, S, H, mask.data(), T, decide.data(),
+        scoreIn.data(), direction.data(), 0.0f, 1, 1, gate.data(), score.data());
+    check(score[0] == 0.0f && gate[0] == 0.0f, "a zero row normalises to a zero term");
 }
 
 float loadF32(float v)
@@ -217,15 +369,31 @@ int main()
                 runOps<float>(ALIGNER_REF_FP32, loadF32, left, 5, S, H, past);
                 runOps<uint16_t>(ALIGNER_REF_FP16, loadF16, left, 5, S, H, past);
                 runOps<uint16_t>(ALIGNER_REF_BF16, loadBf16, left, 5, S, H, past);
+                for (int64_t tokens : {1, 3, 12})
+                {
+                    for (int32_t normalize : {0, 1})
+                    {
+                        runGateV2<float>(ALIGNER_REF_FP32, loadF32, left, 5, S, H, past, tokens, normalize);
+                        runGateV2<uint16_t>(ALIGNER_REF_FP16, loadF16, left, 5, S, H, past, tokens, normalize);
+                        runGateV2<uint16_t>(ALIGNER_REF_BF16, loadBf16, left, 5, S, H, past, tokens, normalize);
+                    }
+                }
             }
         }
     }
+    testNonFiniteDecision();
     std::vector<float> dummy(4);
     std::vector<int64_t> mask(4, 1);
     check(aligner_ref_steer_gate(7, dummy.data(), 1, 1, 1, mask.data(), 1, dummy.data(), dummy.data(), 0.f,
               dummy.data(), dummy.data()) == ALIGNER_REF_BAD_STORAGE, "bad storage rejected");
     check(aligner_ref_steer_gate(0, dummy.data(), 1, 2, 1, mask.data(), 1, dummy.data(), dummy.data(), 0.f,
               dummy.data(), dummy.data()) == ALIGNER_REF_BAD_SHAPE, "T < S rejected");
+    check(aligner_ref_steer_gate_v2(0, dummy.data(), 1, 1, 1, mask.data(), 1, dummy.data(), dummy.data(), dummy.data(),
+              0.f, 0, 0, dummy.data(), dummy.data()) == ALIGNER_REF_BAD_ATTRIBUTE, "v2 tokens < 1 rejected");
+    check(aligner_ref_steer_gate_v2(0, dummy.data(), 1, 1, 1, mask.data(), 1, dummy.data(), dummy.data(), dummy.data(),
+              0.f, 1, 2, dummy.data(), dummy.data()) == ALIGNER_REF_BAD_ATTRIBUTE, "v2 normalize = 2 rejected");
+    check(aligner_ref_steer_gate_v2(0, dummy.data(), 1, 1, 1, mask.data(), 1, dummy.data(), nullptr, dummy.data(),
+              0.f, 1, 0, dummy.data(), dummy.data()) == ALIGNER_REF_NULL_POINTER, "v2 without score_in rejected");
     std::printf("%s: %d failure(s)\n", gFailures ? "FAILED" : "OK", gFailures);
     return gFailures ? 1 : 0;
 }

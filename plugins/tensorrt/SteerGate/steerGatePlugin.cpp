@@ -1,8 +1,9 @@
 #include "steerGatePlugin.h"
 
+#include "steerDigest.h"
 #include "steerKernels.h"
 
-#include <cmath>
+#include <memory>
 #include <utility>
 
 using namespace nvinfer1;
@@ -13,23 +14,56 @@ namespace trt
 {
 namespace
 {
-constexpr char const* kName = "SteerGate";
+constexpr char const* kName = contract::kSteerGate;
+
+char const* versionString(int32_t version) noexcept
+{
+    return version == 1 ? contract::kSteerGateVersion1 : contract::kSteerGateVersion2;
+}
+
+// The weight field is 'direction' in version 1 (the unit SRV) and 'weight' in version 2 (§5.1: not unit).
+char const* weightField(int32_t version) noexcept
+{
+    return version == 1 ? "direction" : "weight";
+}
+
+std::vector<std::string> knownFields(int32_t version)
+{
+    if (version == 1)
+    {
+        return {"direction", "bias"};
+    }
+    return {"weight", "bias", "tokens", "normalize"};
+}
 } // namespace
 
-SteerGatePlugin::SteerGatePlugin(std::vector<float> direction, float bias)
-    : mDirection(std::move(direction))
-    , mBias(bias)
+SteerGatePlugin::SteerGatePlugin(int32_t version, SteerGateConstants constants)
+    : mVersion(version)
+    , mConstants(std::move(constants))
 {
-    if (!mDirection.empty())
+    mSerialFields.emplace_back(weightField(mVersion), mConstants.weight.data(), PluginFieldType::kFLOAT32,
+        static_cast<int32_t>(mConstants.weight.size()));
+    mSerialFields.emplace_back("bias", &mConstants.bias, PluginFieldType::kFLOAT32, 1);
+    if (mVersion == 2)
     {
-        mDeviceHost = mDirection;
-        mDeviceHost.push_back(mBias);
-        mSerialFields.emplace_back("direction", mDirection.data(), PluginFieldType::kFLOAT32,
-            static_cast<int32_t>(mDirection.size()));
-        mSerialFields.emplace_back("bias", &mBias, PluginFieldType::kFLOAT32, 1);
+        mSerialFields.emplace_back("tokens", &mConstants.tokens, PluginFieldType::kINT32, 1);
+        mSerialFields.emplace_back("normalize", &mConstants.normalize, PluginFieldType::kINT32, 1);
     }
     mSerialCollection.nbFields = static_cast<int32_t>(mSerialFields.size());
     mSerialCollection.fields = mSerialFields.data();
+}
+
+std::string SteerGatePlugin::constantsDigest() const
+{
+    ConstantsDigest digest;
+    digest.addFloats(weightField(mVersion), mConstants.weight.data(), mConstants.weight.size());
+    digest.addFloats("bias", &mConstants.bias, 1);
+    if (mVersion == 2)
+    {
+        digest.addInt("tokens", mConstants.tokens);
+        digest.addInt("normalize", mConstants.normalize);
+    }
+    return digest.hex();
 }
 
 IPluginCapability* SteerGatePlugin::getCapabilityInterface(PluginCapabilityType type) noexcept
@@ -47,7 +81,7 @@ IPluginV3* SteerGatePlugin::clone() noexcept
 {
     try
     {
-        return new SteerGatePlugin(mDirection, mBias);
+        return new SteerGatePlugin(mVersion, mConstants);
     }
     catch (...)
     {
@@ -63,22 +97,21 @@ char const* SteerGatePlugin::getPluginName() const noexcept
 
 char const* SteerGatePlugin::getPluginVersion() const noexcept
 {
-    return kPluginVersion;
+    return versionString(mVersion);
 }
 
 char const* SteerGatePlugin::getPluginNamespace() const noexcept
 {
-    return kPluginNamespace;
+    return contract::kPluginNamespace;
 }
 
 bool SteerGatePlugin::checkInputCount(int32_t nbInputs) const noexcept
 {
-    int32_t const expected = constantsAreInputs() ? kInputsWithConstantInputs : kInputsWithFields;
-    if (nbInputs != expected)
+    if (nbInputs != this->nbInputs())
     {
-        reportError(std::string("SteerGate: expected ") + std::to_string(expected) + " inputs ("
-            + (constantsAreInputs() ? "no 'direction'/'bias' fields, so they must be inputs 3 and 4"
-                                    : "hidden, attention_mask, gate_in")
+        reportError(std::string("SteerGate version ") + versionString(mVersion) + ": expected "
+            + std::to_string(this->nbInputs()) + " inputs ("
+            + (mVersion == 1 ? "hidden, attention_mask, gate_in" : "hidden, attention_mask, gate_in, score_in")
             + "), got " + std::to_string(nbInputs));
         return false;
     }
@@ -87,10 +120,11 @@ bool SteerGatePlugin::checkInputCount(int32_t nbInputs) const noexcept
 
 bool SteerGatePlugin::checkHiddenSize(int64_t hiddenSize) const noexcept
 {
-    if (!constantsAreInputs() && hiddenSize >= 0 && hiddenSize != static_cast<int64_t>(mDirection.size()))
+    if (hiddenSize >= 0 && hiddenSize != static_cast<int64_t>(mConstants.weight.size()))
     {
-        reportError("SteerGate: plugin field 'direction' has " + std::to_string(mDirection.size())
-            + " values but the hidden size H is " + std::to_string(hiddenSize));
+        reportError(std::string("SteerGate: plugin field '") + weightField(mVersion) + "' has "
+            + std::to_string(mConstants.weight.size()) + " values but the hidden size H is "
+            + std::to_string(hiddenSize));
         return false;
     }
     return true;
@@ -125,9 +159,12 @@ int32_t SteerGatePlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInpu
     {
         return -1;
     }
-    if (inputs[0].nbDims != 3 || inputs[1].nbDims != 2 || inputs[2].nbDims != 1)
+    if (inputs[0].nbDims != 3 || inputs[1].nbDims != 2 || inputs[2].nbDims != 1
+        || (mVersion == 2 && inputs[3].nbDims != 1))
     {
-        reportError("SteerGate: expected hidden [B,S,H], attention_mask [B,T] and gate_in [B]");
+        reportError(mVersion == 1
+                ? "SteerGate: expected hidden [B,S,H], attention_mask [B,T] and gate_in [B]"
+                : "SteerGate: expected hidden [B,S,H], attention_mask [B,T], gate_in [B] and score_in [B]");
         return -1;
     }
     if (inputs[0].d[2]->isConstant() && !checkHiddenSize(inputs[0].d[2]->getConstantValue()))
@@ -145,7 +182,7 @@ int32_t SteerGatePlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInpu
 bool SteerGatePlugin::supportsFormatCombination(
     int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
 {
-    if (nbOutputs != 2 || pos < 0 || pos >= nbInputs + nbOutputs)
+    if (nbOutputs != 2 || nbInputs != this->nbInputs() || pos < 0 || pos >= nbInputs + nbOutputs)
     {
         return false;
     }
@@ -158,7 +195,7 @@ bool SteerGatePlugin::supportsFormatCombination(
     {
     case 0: return isHiddenType(desc.type);
     case 1: return desc.type == DataType::kINT64;
-    default: return desc.type == DataType::kFLOAT; // gate_in, [direction, bias,] gate, score
+    default: return desc.type == DataType::kFLOAT; // gate_in, [score_in,] gate, score
     }
 }
 
@@ -179,29 +216,29 @@ int32_t SteerGatePlugin::onShapeChange(
     {
         return -1;
     }
-    return constantsAreInputs() || mDeviceConstants.upload(kName, mDeviceHost) ? 0 : -1;
+    return mDeviceWeight.upload(kName, mConstants.weight) ? 0 : -1;
 }
 
 int32_t SteerGatePlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
     void const* const* inputs, void* const* outputs, void* /*workspace*/, cudaStream_t stream) noexcept
 {
     ops::Storage storage;
-    if (!storageFor(inputDesc[0].type, storage))
-    {
-        return -1;
-    }
-    if (!constantsAreInputs() && !mDeviceConstants.upload(kName, mDeviceHost))
+    if (!storageFor(inputDesc[0].type, storage) || !mDeviceWeight.upload(kName, mConstants.weight))
     {
         return -1;
     }
     Dims const& hidden = inputDesc[0].dims;
-    int64_t const H = hidden.d[2];
-    float const* direction
-        = constantsAreInputs() ? static_cast<float const*>(inputs[3]) : mDeviceConstants.data();
-    float const* bias = constantsAreInputs() ? static_cast<float const*>(inputs[4]) : mDeviceConstants.data() + H;
-    int32_t const status = aligner_kernel_steer_gate(static_cast<int32_t>(storage), inputs[0], hidden.d[0], hidden.d[1],
-        H, static_cast<int64_t const*>(inputs[1]), inputDesc[1].dims.d[1], static_cast<float const*>(inputs[2]),
-        direction, bias, static_cast<float*>(outputs[0]), static_cast<float*>(outputs[1]), stream);
+    auto const* mask = static_cast<int64_t const*>(inputs[1]);
+    auto const* gateIn = static_cast<float const*>(inputs[2]);
+    auto* gate = static_cast<float*>(outputs[0]);
+    auto* score = static_cast<float*>(outputs[1]);
+    int64_t const T = inputDesc[1].dims.d[1];
+    int32_t const status = mVersion == 1
+        ? aligner_kernel_steer_gate(static_cast<int32_t>(storage), inputs[0], hidden.d[0], hidden.d[1], hidden.d[2],
+            mask, T, gateIn, mDeviceWeight.data(), mConstants.bias, gate, score, stream)
+        : aligner_kernel_steer_gate_v2(static_cast<int32_t>(storage), inputs[0], hidden.d[0], hidden.d[1],
+            hidden.d[2], mask, T, gateIn, static_cast<float const*>(inputs[3]), mDeviceWeight.data(), mConstants.bias,
+            mConstants.tokens, mConstants.normalize, gate, score, stream);
     if (status != cudaSuccess)
     {
         reportError(std::string("SteerGate: kernel launch failed: ")
@@ -221,57 +258,62 @@ PluginFieldCollection const* SteerGatePlugin::getFieldsToSerialize() noexcept
     return &mSerialCollection;
 }
 
-SteerGatePluginCreator::SteerGatePluginCreator()
+SteerGatePluginCreator::SteerGatePluginCreator(int32_t version)
+    : mVersion(version == 1 ? 1 : 2)
 {
-    mFields.emplace_back("direction", nullptr, PluginFieldType::kFLOAT32, 0);
+    mFields.emplace_back(weightField(mVersion), nullptr, PluginFieldType::kFLOAT32, 0);
     mFields.emplace_back("bias", nullptr, PluginFieldType::kFLOAT32, 1);
+    if (mVersion == 2)
+    {
+        mFields.emplace_back("tokens", nullptr, PluginFieldType::kINT32, 1);
+        mFields.emplace_back("normalize", nullptr, PluginFieldType::kINT32, 1);
+    }
     mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
     mFieldCollection.fields = mFields.data();
 }
 
 IPluginV3* SteerGatePluginCreator::createPlugin(
-    char const* /*name*/, PluginFieldCollection const* fc, TensorRTPhase /*phase*/) noexcept
+    char const* name, PluginFieldCollection const* fc, TensorRTPhase phase) noexcept
 {
     try
     {
-        if (!checkKnownFields(kName, fc, {"direction", "bias"}))
+        if (!checkKnownFields(kName, fc, knownFields(mVersion)))
         {
             return nullptr;
         }
-        std::vector<float> direction;
+        SteerGateConstants constants;
         std::vector<float> bias;
-        FieldStatus const directionStatus = readFloatField(kName, fc, "direction", -1, direction);
-        FieldStatus const biasStatus = readFloatField(kName, fc, "bias", 1, bias);
-        if (directionStatus == FieldStatus::kBad || biasStatus == FieldStatus::kBad)
+        if (!readFloatField(kName, fc, weightField(mVersion), -1, constants.weight)
+            || !readFloatField(kName, fc, "bias", 1, bias))
         {
             return nullptr;
         }
-        if (directionStatus != biasStatus)
+        constants.bias = bias[0];
+        if (mVersion == 2)
         {
-            char const* missing = directionStatus == FieldStatus::kMissing ? "direction" : "bias";
-            reportError(std::string("SteerGate: plugin field '") + missing
-                + "' is missing (give both 'direction' and 'bias' as fields, or neither and pass them as inputs 3 "
-                  "and 4)");
-            return nullptr;
-        }
-        if (directionStatus == FieldStatus::kMissing)
-        {
-            return new SteerGatePlugin({}, 0.0f);
-        }
-        for (float v : direction)
-        {
-            if (!std::isfinite(v))
+            if (!readIntField(kName, fc, "tokens", constants.tokens)
+                || !readIntField(kName, fc, "normalize", constants.normalize))
             {
-                reportError("SteerGate: plugin field 'direction' holds a non-finite value");
+                return nullptr;
+            }
+            if (constants.tokens < 1)
+            {
+                reportError("SteerGate: plugin field 'tokens' must be >= 1, got " + std::to_string(constants.tokens));
+                return nullptr;
+            }
+            if (constants.normalize != 0 && constants.normalize != 1)
+            {
+                reportError("SteerGate: plugin field 'normalize' must be 0 or 1, got "
+                    + std::to_string(constants.normalize));
                 return nullptr;
             }
         }
-        if (!std::isfinite(bias[0]))
+        std::unique_ptr<SteerGatePlugin> plugin(new SteerGatePlugin(mVersion, std::move(constants)));
+        if (phase == TensorRTPhase::kRUNTIME)
         {
-            reportError("SteerGate: plugin field 'bias' is not finite");
-            return nullptr;
+            recordConstantsDigest(name, kName, versionString(mVersion), plugin->constantsDigest());
         }
-        return new SteerGatePlugin(std::move(direction), bias[0]);
+        return plugin.release();
     }
     catch (...)
     {
@@ -292,12 +334,12 @@ char const* SteerGatePluginCreator::getPluginName() const noexcept
 
 char const* SteerGatePluginCreator::getPluginVersion() const noexcept
 {
-    return kPluginVersion;
+    return versionString(mVersion);
 }
 
 char const* SteerGatePluginCreator::getPluginNamespace() const noexcept
 {
-    return kPluginNamespace;
+    return contract::kPluginNamespace;
 }
 
 } // namespace trt

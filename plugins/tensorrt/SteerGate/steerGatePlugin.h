@@ -1,4 +1,6 @@
-// TensorRT IPluginV3 plugin for SteerGate (ARCHITECTURE.md §5; README.md in this folder is its specification).
+// TensorRT IPluginV3 plugin for SteerGate, versions 1 and 2 (docs/contract.md; README.md in this folder is its
+// specification). One class serves both versions: they differ in the weight field's name, the version-2 fields
+// tokens/normalize and the version-2 input score_in, and share everything else.
 #pragma once
 
 #include "NvInferRuntime.h"
@@ -12,19 +14,23 @@ namespace aligner
 namespace trt
 {
 
+// The constants of a SteerGate node (its plugin fields).
+struct SteerGateConstants
+{
+    std::vector<float> weight; // version 1: the field 'direction'; version 2: 'weight'
+    float bias{0.0f};
+    int32_t tokens{1};    // version 2 only
+    int32_t normalize{0}; // version 2 only
+};
+
 class SteerGatePlugin : public nvinfer1::IPluginV3,
                         public nvinfer1::IPluginV3OneCore,
                         public nvinfer1::IPluginV3OneBuild,
                         public nvinfer1::IPluginV3OneRuntime
 {
 public:
-    // Inputs: hidden, attention_mask, gate_in, and, when the constants are graph inputs rather than fields,
-    // direction and bias.
-    static constexpr int32_t kInputsWithFields = 3;
-    static constexpr int32_t kInputsWithConstantInputs = 5;
-
-    // direction empty: the constants arrive as inputs 3 and 4.
-    SteerGatePlugin(std::vector<float> direction, float bias);
+    // version 1 or 2 (the creator checks it).
+    SteerGatePlugin(int32_t version, SteerGateConstants constants);
     ~SteerGatePlugin() override = default;
 
     // IPluginV3
@@ -56,28 +62,30 @@ public:
     nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
     nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
-    bool constantsAreInputs() const noexcept
+    int32_t version() const noexcept
     {
-        return mDirection.empty();
+        return mVersion;
     }
-    std::vector<float> const& direction() const noexcept
+    SteerGateConstants const& constants() const noexcept
     {
-        return mDirection;
+        return mConstants;
     }
-    float bias() const noexcept
+    // hidden, attention_mask, gate_in (version 1) and score_in (version 2).
+    int32_t nbInputs() const noexcept
     {
-        return mBias;
+        return mVersion == 1 ? 3 : 4;
     }
+    // The sha256 of the constants in the canonical form of docs/contract.md (plugins/common/steerDigest.h).
+    std::string constantsDigest() const;
 
 private:
-    // Checks ranks, the input count and H against direction's length; reports and returns false on a mismatch.
-    bool checkHiddenSize(int64_t hiddenSize) const noexcept;
     bool checkInputCount(int32_t nbInputs) const noexcept;
+    // H against the weight's length; reports and returns false on a mismatch.
+    bool checkHiddenSize(int64_t hiddenSize) const noexcept;
 
-    std::vector<float> mDirection;
-    float mBias{0.0f};
-    std::vector<float> mDeviceHost; // direction followed by bias: what DeviceConstants uploads
-    DeviceConstants mDeviceConstants;
+    int32_t mVersion;
+    SteerGateConstants mConstants;
+    DeviceConstants mDeviceWeight;
     std::vector<nvinfer1::PluginField> mSerialFields;
     nvinfer1::PluginFieldCollection mSerialCollection{};
 };
@@ -85,9 +93,13 @@ private:
 class SteerGatePluginCreator : public nvinfer1::IPluginCreatorV3One
 {
 public:
-    SteerGatePluginCreator();
+    // One creator per version; both are registered (version 1 stays registered, docs/contract.md).
+    explicit SteerGatePluginCreator(int32_t version);
     ~SteerGatePluginCreator() override = default;
 
+    // Refuses, with an error naming the field: a missing, mistyped, empty or non-finite weight/bias, a bias of length
+    // other than 1, an unknown field, and for version 2 tokens < 1 or normalize outside {0, 1}. In the runtime phase
+    // the constants digest is recorded in the registry (pluginDigestRegistry.h).
     nvinfer1::IPluginV3* createPlugin(char const* name, nvinfer1::PluginFieldCollection const* fc,
         nvinfer1::TensorRTPhase phase) noexcept override;
     nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
@@ -96,6 +108,7 @@ public:
     char const* getPluginNamespace() const noexcept override;
 
 private:
+    int32_t mVersion;
     std::vector<nvinfer1::PluginField> mFields;
     nvinfer1::PluginFieldCollection mFieldCollection{};
 };

@@ -1,5 +1,10 @@
-// SteerGate kernel: one block per row; the block finds last_b from the attention mask, then reduces
-// float32(hidden[b, last_b, :]) . direction over H (ARCHITECTURE.md §5).
+// SteerGate kernel, versions 1 and 2 (docs/contract.md): one block per row. The block finds the pooled positions by
+// scanning the call's mask from the end, a block-wide chunk at a time (a ballot ranks the valid positions of a chunk),
+// and stops once it has K of them; for each pooled position it reduces the dot product with the weight over H, and,
+// when normalising, the squared norm, with block reductions. A row with no valid position in the call falls back to
+// version 1's last_b (a parallel max over the whole mask row). Version 1 is this kernel with K = 1, no normalisation
+// and no score_in. The per-row math (the term, the division by the count, the decision) is steerOps.h, shared with
+// the CPU reference.
 #include "steerKernels.h"
 #include "steerOps.h"
 
@@ -9,7 +14,9 @@ using aligner::ops::Storage;
 using aligner::ops::StorageTraits;
 
 constexpr int kBlock = 256;
+constexpr int kWarps = kBlock / 32;
 
+// Sum over the block, valid in thread 0. Ends with a barrier, so the next reduction may reuse `shared`.
 __device__ float blockSum(float value, float* shared)
 {
     for (int offset = 16; offset > 0; offset /= 2)
@@ -23,7 +30,7 @@ __device__ float blockSum(float value, float* shared)
         shared[warp] = value;
     }
     __syncthreads();
-    value = threadIdx.x < blockDim.x / 32 ? shared[lane] : 0.0f;
+    value = threadIdx.x < kWarps ? shared[threadIdx.x] : 0.0f;
     if (warp == 0)
     {
         for (int offset = 16; offset > 0; offset /= 2)
@@ -31,9 +38,11 @@ __device__ float blockSum(float value, float* shared)
             value += __shfl_down_sync(0xffffffffu, value, offset);
         }
     }
+    __syncthreads();
     return value;
 }
 
+// Maximum over the block, returned to every thread.
 __device__ long long blockMax(long long value, long long* shared)
 {
     for (int offset = 16; offset > 0; offset /= 2)
@@ -48,54 +57,117 @@ __device__ long long blockMax(long long value, long long* shared)
         shared[warp] = value;
     }
     __syncthreads();
-    if (threadIdx.x == 0)
+    long long result = shared[0];
+    for (int w = 1; w < kWarps; ++w)
     {
-        for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w)
-        {
-            value = shared[w] > value ? shared[w] : value;
-        }
-        shared[0] = value;
+        result = shared[w] > result ? shared[w] : result;
     }
     __syncthreads();
-    return shared[0];
+    return result;
 }
 
+// d_s of one pooled row (steerOps.h pooledTerm), valid in thread 0.
 template <Storage S>
-__global__ void __launch_bounds__(kBlock) steerGateKernel(typename StorageTraits<S>::Element const* hidden,
-    int64_t seq, int64_t H, int64_t const* mask, int64_t T, float const* gateIn, float const* direction,
-    float const* bias, float* gate, float* score)
+__device__ float pooledRowTerm(typename StorageTraits<S>::Element const* row, int64_t H, float const* weight,
+    bool normalize, float* sumShared, float* squareShared)
 {
-    __shared__ float sumShared[kBlock / 32];
-    __shared__ long long maxShared[kBlock / 32];
-    int64_t const b = blockIdx.x;
-
-    // last valid t in [0, T): a parallel max over the mask row, then the mapping of steerOps.h.
-    long long lastValid = -1;
-    for (int64_t t = threadIdx.x; t < T; t += blockDim.x)
+    float dot = 0.0f;
+    float sumSquares = 0.0f;
+    for (int64_t h = threadIdx.x; h < H; h += kBlock)
     {
-        if (mask[b * T + t] == 1)
+        float const x = StorageTraits<S>::load(row[h]);
+        dot += x * weight[h];
+        if (normalize)
         {
-            lastValid = t;
+            sumSquares += x * x;
         }
     }
-    lastValid = blockMax(lastValid, maxShared);
-    int64_t last = seq - 1;
-    if (lastValid >= 0)
+    dot = blockSum(dot, sumShared);
+    if (normalize)
     {
-        last = lastValid - (T - seq);
-        last = last < 0 ? 0 : (last > seq - 1 ? seq - 1 : last);
+        sumSquares = blockSum(sumSquares, squareShared);
     }
+    return aligner::ops::pooledTerm(dot, sumSquares, normalize);
+}
 
-    auto const* row = hidden + (b * seq + last) * H;
-    float acc = 0.0f;
-    for (int64_t h = threadIdx.x; h < H; h += blockDim.x)
+// scoreIn == nullptr: version 1 (the launcher passes tokens = 1, so the pooled sum is d of last_b).
+template <Storage S>
+__global__ void __launch_bounds__(kBlock) steerGateKernel(typename StorageTraits<S>::Element const* hidden,
+    int64_t seq, int64_t H, int64_t const* mask, int64_t T, float const* gateIn, float const* scoreIn,
+    float const* weight, float bias, int64_t tokens, bool normalize, float* gate, float* score)
+{
+    __shared__ float sumShared[kWarps];
+    __shared__ float squareShared[kWarps];
+    __shared__ int warpCounts[kWarps];
+    __shared__ long long chunkPositions[kBlock];
+    __shared__ long long maxShared[kWarps];
+    int64_t const b = blockIdx.x;
+    int64_t const* maskRow = mask + b * T;
+    int64_t const* callMask = maskRow + (T - seq); // mask[b, T - S + s] for s in [0, S)
+    auto const* rows = hidden + b * seq * H;
+    int const lane = threadIdx.x % 32;
+    int const warp = threadIdx.x / 32;
+
+    float pooledSum = 0.0f; // thread 0 holds the value
+    int64_t found = 0;      // the same in every thread
+    for (int64_t chunkEnd = seq; chunkEnd > 0 && found < tokens; chunkEnd -= kBlock)
     {
-        acc += StorageTraits<S>::load(row[h]) * direction[h];
+        // Thread i looks at s = chunkEnd - 1 - i, so thread order is descending s and a valid position's rank among
+        // the chunk's valid positions is the number of valid positions held by lower threads.
+        int64_t const s = chunkEnd - 1 - threadIdx.x;
+        bool const valid = s >= 0 && callMask[s] == 1;
+        unsigned const ballot = __ballot_sync(0xffffffffu, valid);
+        if (lane == 0)
+        {
+            warpCounts[warp] = __popc(ballot);
+        }
+        __syncthreads();
+        int rank = __popc(ballot & ((1u << lane) - 1u));
+        int chunkCount = 0;
+        for (int w = 0; w < kWarps; ++w)
+        {
+            rank += w < warp ? warpCounts[w] : 0;
+            chunkCount += warpCounts[w];
+        }
+        int64_t const wanted = tokens - found;
+        int64_t const take = chunkCount < wanted ? chunkCount : wanted;
+        if (valid && rank < take)
+        {
+            chunkPositions[rank] = s;
+        }
+        __syncthreads();
+        for (int64_t i = 0; i < take; ++i)
+        {
+            pooledSum += pooledRowTerm<S>(rows + chunkPositions[i] * H, H, weight, normalize, sumShared, squareShared);
+        }
+        found += take;
+        __syncthreads(); // warpCounts and chunkPositions are rewritten by the next chunk
     }
-    acc = blockSum(acc, sumShared);
+    if (found == 0)
+    {
+        // No valid position in this call: version 1's last_b (steerOps.h lastValidPosition).
+        long long lastValid = -1;
+        for (int64_t t = threadIdx.x; t < T; t += kBlock)
+        {
+            if (maskRow[t] == 1)
+            {
+                lastValid = t;
+            }
+        }
+        lastValid = blockMax(lastValid, maxShared);
+        int64_t last = seq - 1;
+        if (lastValid >= 0)
+        {
+            last = lastValid - (T - seq);
+            last = last < 0 ? 0 : (last > seq - 1 ? seq - 1 : last);
+        }
+        pooledSum = pooledRowTerm<S>(rows + last * H, H, weight, normalize, sumShared, squareShared);
+        found = 1;
+    }
     if (threadIdx.x == 0)
     {
-        float const s = acc + bias[0];
+        float const s = scoreIn != nullptr ? aligner::ops::gateV2Score(scoreIn[b], pooledSum, found, bias)
+                                           : __fadd_rn(pooledSum, bias);
         score[b] = s;
         gate[b] = aligner::ops::gateFromScore(gateIn[b], s);
     }
@@ -103,32 +175,54 @@ __global__ void __launch_bounds__(kBlock) steerGateKernel(typename StorageTraits
 
 template <Storage S>
 cudaError_t launch(void const* hidden, int64_t B, int64_t seq, int64_t H, int64_t const* mask, int64_t T,
-    float const* gateIn, float const* direction, float const* bias, float* gate, float* score, cudaStream_t stream)
+    float const* gateIn, float const* scoreIn, float const* weight, float bias, int64_t tokens, bool normalize,
+    float* gate, float* score, cudaStream_t stream)
 {
     steerGateKernel<S><<<static_cast<unsigned>(B), kBlock, 0, stream>>>(
-        static_cast<typename StorageTraits<S>::Element const*>(hidden), seq, H, mask, T, gateIn, direction, bias, gate,
-        score);
+        static_cast<typename StorageTraits<S>::Element const*>(hidden), seq, H, mask, T, gateIn, scoreIn, weight,
+        bias, tokens, normalize, gate, score);
     return cudaGetLastError();
 }
-} // namespace
 
-extern "C" int32_t aligner_kernel_steer_gate(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,
-    int64_t const* attention_mask, int64_t T, float const* gate_in, float const* direction, float const* bias,
+int32_t dispatch(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H, int64_t const* mask, int64_t T,
+    float const* gateIn, float const* scoreIn, float const* weight, float bias, int64_t tokens, int32_t normalize,
     float* gate, float* score, cudaStream_t stream)
 {
     if (B == 0)
     {
         return cudaSuccess;
     }
-    if (B < 0 || B > 0x7fffffff || S < 1 || H < 1 || T < S)
+    if (B < 0 || B > 0x7fffffff || S < 1 || H < 1 || T < S || tokens < 1 || (normalize != 0 && normalize != 1))
     {
         return cudaErrorInvalidValue;
     }
+    bool const norm = normalize == 1;
     switch (static_cast<Storage>(storage))
     {
-    case Storage::kFP32: return launch<Storage::kFP32>(hidden, B, S, H, attention_mask, T, gate_in, direction, bias, gate, score, stream);
-    case Storage::kFP16: return launch<Storage::kFP16>(hidden, B, S, H, attention_mask, T, gate_in, direction, bias, gate, score, stream);
-    case Storage::kBF16: return launch<Storage::kBF16>(hidden, B, S, H, attention_mask, T, gate_in, direction, bias, gate, score, stream);
+    case Storage::kFP32: return launch<Storage::kFP32>(hidden, B, S, H, mask, T, gateIn, scoreIn, weight, bias, tokens, norm, gate, score, stream);
+    case Storage::kFP16: return launch<Storage::kFP16>(hidden, B, S, H, mask, T, gateIn, scoreIn, weight, bias, tokens, norm, gate, score, stream);
+    case Storage::kBF16: return launch<Storage::kBF16>(hidden, B, S, H, mask, T, gateIn, scoreIn, weight, bias, tokens, norm, gate, score, stream);
     }
     return cudaErrorInvalidValue;
+}
+} // namespace
+
+extern "C" int32_t aligner_kernel_steer_gate(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,
+    int64_t const* attention_mask, int64_t T, float const* gate_in, float const* direction, float bias, float* gate,
+    float* score, cudaStream_t stream)
+{
+    return dispatch(storage, hidden, B, S, H, attention_mask, T, gate_in, nullptr, direction, bias, 1, 0, gate, score,
+        stream);
+}
+
+extern "C" int32_t aligner_kernel_steer_gate_v2(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,
+    int64_t const* attention_mask, int64_t T, float const* gate_in, float const* score_in, float const* weight,
+    float bias, int64_t tokens, int32_t normalize, float* gate, float* score, cudaStream_t stream)
+{
+    if (score_in == nullptr)
+    {
+        return cudaErrorInvalidValue;
+    }
+    return dispatch(storage, hidden, B, S, H, attention_mask, T, gate_in, score_in, weight, bias, tokens, normalize,
+        gate, score, stream);
 }

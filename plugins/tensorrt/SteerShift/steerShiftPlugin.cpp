@@ -1,8 +1,9 @@
 #include "steerShiftPlugin.h"
 
+#include "steerDigest.h"
 #include "steerKernels.h"
 
-#include <cmath>
+#include <memory>
 #include <utility>
 
 using namespace nvinfer1;
@@ -13,19 +14,23 @@ namespace trt
 {
 namespace
 {
-constexpr char const* kName = "SteerShift";
+constexpr char const* kName = contract::kSteerShift;
 } // namespace
 
 SteerShiftPlugin::SteerShiftPlugin(std::vector<float> vector)
     : mVector(std::move(vector))
 {
-    if (!mVector.empty())
-    {
-        mSerialFields.emplace_back(
-            "vector", mVector.data(), PluginFieldType::kFLOAT32, static_cast<int32_t>(mVector.size()));
-    }
+    mSerialFields.emplace_back(
+        "vector", mVector.data(), PluginFieldType::kFLOAT32, static_cast<int32_t>(mVector.size()));
     mSerialCollection.nbFields = static_cast<int32_t>(mSerialFields.size());
     mSerialCollection.fields = mSerialFields.data();
+}
+
+std::string SteerShiftPlugin::constantsDigest() const
+{
+    ConstantsDigest digest;
+    digest.addFloats("vector", mVector.data(), mVector.size());
+    return digest.hex();
 }
 
 IPluginCapability* SteerShiftPlugin::getCapabilityInterface(PluginCapabilityType type) noexcept
@@ -59,22 +64,19 @@ char const* SteerShiftPlugin::getPluginName() const noexcept
 
 char const* SteerShiftPlugin::getPluginVersion() const noexcept
 {
-    return kPluginVersion;
+    return contract::kSteerShiftVersion;
 }
 
 char const* SteerShiftPlugin::getPluginNamespace() const noexcept
 {
-    return kPluginNamespace;
+    return contract::kPluginNamespace;
 }
 
 bool SteerShiftPlugin::checkInputCount(int32_t nbInputs) const noexcept
 {
-    int32_t const expected = constantsAreInputs() ? kInputsWithConstantInputs : kInputsWithFields;
-    if (nbInputs != expected)
+    if (nbInputs != kNbInputs)
     {
-        reportError(std::string("SteerShift: expected ") + std::to_string(expected) + " inputs ("
-            + (constantsAreInputs() ? "no 'vector' field, so it must be input 2" : "hidden, gate") + "), got "
-            + std::to_string(nbInputs));
+        reportError("SteerShift: expected 2 inputs (hidden, gate), got " + std::to_string(nbInputs));
         return false;
     }
     return true;
@@ -82,7 +84,7 @@ bool SteerShiftPlugin::checkInputCount(int32_t nbInputs) const noexcept
 
 bool SteerShiftPlugin::checkHiddenSize(int64_t hiddenSize) const noexcept
 {
-    if (!constantsAreInputs() && hiddenSize >= 0 && hiddenSize != static_cast<int64_t>(mVector.size()))
+    if (hiddenSize >= 0 && hiddenSize != static_cast<int64_t>(mVector.size()))
     {
         reportError("SteerShift: plugin field 'vector' has " + std::to_string(mVector.size())
             + " values but the hidden size H is " + std::to_string(hiddenSize));
@@ -141,7 +143,7 @@ int32_t SteerShiftPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInp
 bool SteerShiftPlugin::supportsFormatCombination(
     int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
 {
-    if (nbOutputs != 1 || pos < 0 || pos >= nbInputs + nbOutputs)
+    if (nbOutputs != 1 || nbInputs != kNbInputs || pos < 0 || pos >= nbInputs + nbOutputs)
     {
         return false;
     }
@@ -158,7 +160,7 @@ bool SteerShiftPlugin::supportsFormatCombination(
     {
         return desc.type == inOut[0].desc.type; // out has hidden's dtype
     }
-    return desc.type == DataType::kFLOAT; // gate [, vector]
+    return desc.type == DataType::kFLOAT; // gate
 }
 
 int32_t SteerShiftPlugin::configurePlugin(
@@ -178,25 +180,20 @@ int32_t SteerShiftPlugin::onShapeChange(
     {
         return -1;
     }
-    return constantsAreInputs() || mDeviceConstants.upload(kName, mVector) ? 0 : -1;
+    return mDeviceConstants.upload(kName, mVector) ? 0 : -1;
 }
 
 int32_t SteerShiftPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
     void const* const* inputs, void* const* outputs, void* /*workspace*/, cudaStream_t stream) noexcept
 {
     ops::Storage storage;
-    if (!storageFor(inputDesc[0].type, storage))
-    {
-        return -1;
-    }
-    if (!constantsAreInputs() && !mDeviceConstants.upload(kName, mVector))
+    if (!storageFor(inputDesc[0].type, storage) || !mDeviceConstants.upload(kName, mVector))
     {
         return -1;
     }
     Dims const& hidden = inputDesc[0].dims;
-    float const* vector = constantsAreInputs() ? static_cast<float const*>(inputs[2]) : mDeviceConstants.data();
     int32_t const status = aligner_kernel_steer_shift(static_cast<int32_t>(storage), inputs[0], hidden.d[0],
-        hidden.d[1], hidden.d[2], static_cast<float const*>(inputs[1]), vector, outputs[0], stream);
+        hidden.d[1], hidden.d[2], static_cast<float const*>(inputs[1]), mDeviceConstants.data(), outputs[0], stream);
     if (status != cudaSuccess)
     {
         reportError(std::string("SteerShift: kernel launch failed: ")
@@ -224,30 +221,21 @@ SteerShiftPluginCreator::SteerShiftPluginCreator()
 }
 
 IPluginV3* SteerShiftPluginCreator::createPlugin(
-    char const* /*name*/, PluginFieldCollection const* fc, TensorRTPhase /*phase*/) noexcept
+    char const* name, PluginFieldCollection const* fc, TensorRTPhase phase) noexcept
 {
     try
     {
-        if (!checkKnownFields(kName, fc, {"vector"}))
-        {
-            return nullptr;
-        }
         std::vector<float> vector;
-        FieldStatus const status = readFloatField(kName, fc, "vector", -1, vector);
-        if (status == FieldStatus::kBad)
+        if (!checkKnownFields(kName, fc, {"vector"}) || !readFloatField(kName, fc, "vector", -1, vector))
         {
             return nullptr;
         }
-        for (float v : vector)
+        std::unique_ptr<SteerShiftPlugin> plugin(new SteerShiftPlugin(std::move(vector)));
+        if (phase == TensorRTPhase::kRUNTIME)
         {
-            if (!std::isfinite(v))
-            {
-                reportError("SteerShift: plugin field 'vector' holds a non-finite value");
-                return nullptr;
-            }
+            recordConstantsDigest(name, kName, contract::kSteerShiftVersion, plugin->constantsDigest());
         }
-        // Missing field: the vector is input 2 (an initializer in the ONNX graph).
-        return new SteerShiftPlugin(std::move(vector));
+        return plugin.release();
     }
     catch (...)
     {
@@ -268,12 +256,12 @@ char const* SteerShiftPluginCreator::getPluginName() const noexcept
 
 char const* SteerShiftPluginCreator::getPluginVersion() const noexcept
 {
-    return kPluginVersion;
+    return contract::kSteerShiftVersion;
 }
 
 char const* SteerShiftPluginCreator::getPluginNamespace() const noexcept
 {
-    return kPluginNamespace;
+    return contract::kPluginNamespace;
 }
 
 } // namespace trt

@@ -20,11 +20,9 @@ class SteerShiftPlugin : public nvinfer1::IPluginV3,
                          public nvinfer1::IPluginV3OneRuntime
 {
 public:
-    // Inputs: hidden, gate, and vector when it is a graph input rather than a field.
-    static constexpr int32_t kInputsWithFields = 2;
-    static constexpr int32_t kInputsWithConstantInputs = 3;
+    // Inputs: hidden, gate.
+    static constexpr int32_t kNbInputs = 2;
 
-    // vector empty: the constant arrives as input 2.
     explicit SteerShiftPlugin(std::vector<float> vector);
     ~SteerShiftPlugin() override = default;
 
@@ -58,14 +56,12 @@ public:
     nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
     nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
-    bool constantsAreInputs() const noexcept
-    {
-        return mVector.empty();
-    }
     std::vector<float> const& vector() const noexcept
     {
         return mVector;
     }
+    // The sha256 of the constants in the canonical form of docs/contract.md (plugins/common/steerDigest.h).
+    std::string constantsDigest() const;
 
 private:
     bool checkHiddenSize(int64_t hiddenSize) const noexcept;
@@ -83,6 +79,8 @@ public:
     SteerShiftPluginCreator();
     ~SteerShiftPluginCreator() override = default;
 
+    // Refuses, naming 'vector': a missing, mistyped, empty or non-finite vector, and an unknown field. In the runtime
+    // phase the constants digest is recorded in the registry (pluginDigestRegistry.h).
     nvinfer1::IPluginV3* createPlugin(char const* name, nvinfer1::PluginFieldCollection const* fc,
         nvinfer1::TensorRTPhase phase) noexcept override;
     nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;

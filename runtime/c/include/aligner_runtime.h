@@ -6,9 +6,10 @@
  *    valid until the next call on the same thread. No C++ exception crosses this boundary.
  *  - Strings are UTF-8 paths; token ids are int32. The library owns everything it returns; callers free only through
  *    the matching destroy call.
- *  - The KV cache and the gate state live inside the model. Steering follows the runtime protocol of §5 (prefill with
- *    steer_gate_in = -1, a second prefill when a steered layer lies below the gate layer, the gate fed back on every
- *    decode step). There is deliberately no way to force the gate off.
+ *  - The KV cache and the gate state live inside the model. Steering follows the runtime protocol of §5 and §5.1
+ *    (prefill with steer_gate_in = -1, a second prefill when the manifest's two_pass_prefill says a steered layer lies
+ *    below the last gate layer, the gate fed back on every decode step; a non-finite score steers, docs/contract.md).
+ *    There is deliberately no way to force the gate off.
  *  - A model handle is not thread-safe: use one per thread, or serialise calls.
  */
 #ifndef ALIGNER_RUNTIME_H
@@ -27,14 +28,18 @@ extern "C" {
 #define ALIGNER_API __attribute__((visibility("default")))
 #endif
 
-#define ALIGNER_API_VERSION 1
+/* 2: aligner_result_flags and ALIGNER_FLAG_*; the manifest (format 2) and the constants digests are checked on load.
+ * Every declaration of version 1 is unchanged, so programs built against version 1 keep working. */
+#define ALIGNER_API_VERSION 2
 
 typedef enum aligner_status
 {
     ALIGNER_OK = 0,
     ALIGNER_ERROR_INVALID_ARGUMENT = 1, /* a null pointer, a bad option value, an index out of range */
     ALIGNER_ERROR_FILE = 2,             /* a missing or unreadable engine, stamp, manifest or plugin library */
-    ALIGNER_ERROR_MISMATCH = 3,         /* engine stamp vs manifest, TensorRT version or GPU; an unsteered engine */
+    ALIGNER_ERROR_MISMATCH = 3,         /* engine stamp vs manifest or engine file, TensorRT version or GPU; a
+                                           manifest that is not format 2 or lacks a key; steering constants that
+                                           differ from the manifest's digests; an unsteered engine */
     ALIGNER_ERROR_PLUGIN = 4,           /* the plugin library could not be loaded or lacks SteerGate/SteerShift */
     ALIGNER_ERROR_TENSORRT = 5,         /* TensorRT refused to deserialise or run the engine */
     ALIGNER_ERROR_CUDA = 6,             /* a CUDA call failed */
@@ -62,15 +67,18 @@ typedef struct aligner_model_options
 
 ALIGNER_API aligner_status aligner_model_options_init(aligner_model_options* options);
 
-/* Loads the plugin library, checks the ENGINE.json stamp against the manifest's sha256, the TensorRT version and
- * the GPU's compute capability, then deserialises the engine. Refuses an engine without the steering I/O. */
+/* Reads the export's manifest (inferaligner.json, format 2: any other format or a missing key is refused), checks
+ * the ENGINE.json stamp against the manifest's sha256, the engine file's sha256, the TensorRT version and the GPU's
+ * compute capability, loads the plugin library, deserialises the engine and compares the constants of every steering
+ * plugin TensorRT created with the manifest's integrity.constants (ALIGNER_ERROR_MISMATCH naming the node on a
+ * difference, a missing node or an unexpected one). Refuses an engine without the steering I/O. */
 ALIGNER_API aligner_status aligner_model_create(const aligner_model_options* options, aligner_model** model);
 ALIGNER_API aligner_status aligner_model_destroy(aligner_model* model);
 
 typedef struct aligner_model_info
 {
     int32_t num_layers;
-    int32_t gate_layer;
+    int32_t gate_layer;     /* g*: the last gate layer, where the gate is decided */
     int32_t num_steer_layers;
     int32_t vocab_size;
     int32_t max_batch;      /* from the engine's optimization profiles */
@@ -110,9 +118,16 @@ ALIGNER_API aligner_status aligner_result_num_sequences(const aligner_result* re
 /* The new tokens of one sequence (stop token included when one ended it). Valid until aligner_result_destroy. */
 ALIGNER_API aligner_status aligner_result_tokens(
     const aligner_result* result, int32_t sequence, const int32_t** tokens, int32_t* length);
-/* The gate (0 or 1) and the score SteerGate computed for the sequence's prompt. */
+/* The gate (0 or 1) and the score SteerGate computed for the sequence's prompt. The score is reported as computed, NaN
+ * or an infinity included; a non-finite score steers (gate 1), see aligner_result_flags. */
 ALIGNER_API aligner_status aligner_result_gate(
     const aligner_result* result, int32_t sequence, float* gate, float* score);
+
+/* Bits of aligner_result_flags. */
+#define ALIGNER_FLAG_NONFINITE_SCORE 0x1u /* the prompt's score was NaN or infinite; the sequence was steered */
+
+/* Facts about one sequence's gate as ALIGNER_FLAG_* bits (0: nothing to report). */
+ALIGNER_API aligner_status aligner_result_flags(const aligner_result* result, int32_t sequence, uint32_t* flags);
 
 #ifdef __cplusplus
 }
