@@ -3,9 +3,11 @@ message). Configures only (no build): a few seconds, most of it CUDA compiler de
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,5 +46,29 @@ def test_configure_with_headers_only_is_compile_only(tmp_path, include_dir):
         pytest.skip("nvcc is not installed: the TensorRT parts need CUDA")
     out = _configure(tmp_path / "build", f"-DTensorRT_INCLUDE_DIR={include_dir}")
     assert f"headers in {include_dir}" in out
-    if "linking the TensorRT plugins" in out:  # no libnvinfer beside these headers
+    if "skipping linking libaligner_trt_plugins" in out:  # no libnvinfer beside these headers
         assert "compile-only" in out
+
+
+def test_configure_finds_nlohmann_json_in_the_python_environment(tmp_path):
+    """The C runtime's JSON library is installed, never vendored: the PyPI wheel nlohmann-json in the environment of
+    ALIGNER_PYTHON is found without importing it."""
+    if importlib.util.find_spec("nlohmann_json") is None:
+        pytest.skip(f"nlohmann-json is not installed in {sys.executable}'s environment (pip install nlohmann-json)")
+    out = _configure(tmp_path / "build", f"-DALIGNER_PYTHON={sys.executable}",
+                     "-DCMAKE_DISABLE_FIND_PACKAGE_nlohmann_json=ON")
+    assert "inferaligner: nlohmann/json 3." in out, out
+    assert "skipping the C runtime" not in out
+
+
+def test_configure_without_nlohmann_json_switches_the_c_runtime_off(tmp_path):
+    if any(Path(d, "nlohmann", "json.hpp").is_file() for d in ("/usr/include", "/usr/local/include")):
+        pytest.skip("a system-wide nlohmann/json is installed, so the C runtime cannot be configured without it here")
+    no_json_python = tmp_path / "python"
+    no_json_python.write_text("#!/bin/sh\nexit 0\n")  # an interpreter whose environment has no nlohmann_json
+    no_json_python.chmod(0o755)
+    out = _configure(tmp_path / "build", f"-DALIGNER_PYTHON={no_json_python}",
+                     "-DCMAKE_DISABLE_FIND_PACKAGE_nlohmann_json=ON")
+    skipped = [line for line in out.splitlines() if "inferaligner: skipping the C runtime" in line]
+    assert len(skipped) == 1, out
+    assert "nlohmann/json not found" in skipped[0] and "pip install nlohmann-json" in skipped[0]
