@@ -60,11 +60,14 @@ int main(int argc, char** argv)
         return fail("aligner_generate", status);
     }
     float gate = 0.0f, score = 0.0f;
+    uint32_t flags = 0;
     const int32_t* tokens = NULL;
     int32_t count = 0;
     aligner_result_gate(result, 0, &gate, &score);
+    aligner_result_flags(result, 0, &flags);
     aligner_result_tokens(result, 0, &tokens, &count);
-    printf("gate %.0f score %.4f new tokens %d\n", gate, score, count);
+    printf("gate %.0f score %.4f new tokens %d%s\n", gate, score, count,
+        (flags & ALIGNER_FLAG_NONFINITE_SCORE) ? " (the score was not finite, so the gate steered)" : "");
     aligner_result_destroy(result);
     aligner_model_destroy(model);
     return 0;
