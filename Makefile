@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-native:
+native: $(STAMP)
 	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(if $(TensorRT_ROOT),-DTensorRT_ROOT=$(TensorRT_ROOT)) $(if $(TensorRT_INCLUDE_DIR),-DTensorRT_INCLUDE_DIR=$(TensorRT_INCLUDE_DIR)) $(CMAKE_ARGS)
 	cmake --build $(BUILD) -j $(JOBS)
 

@@ -102,7 +102,7 @@ def test_pack_round_trip_and_metadata(tiny_model_dir, tmp_path):
         np.testing.assert_array_equal(again.tensors()[name], arr)
         assert arr.dtype == np.float32 and arr.shape == (4, 64)
     meta = again.meta
-    assert meta["format_version"] == 1 and meta["mode"] == "cross-model"
+    assert meta["format_version"] == 2 and meta["mode"] == "cross-model"
     assert (meta["num_layers"], meta["hidden_size"]) == (4, 64)
     assert meta["site"] == "decoder_layer_output" and meta["token"] == "last_prompt_token"
     for role in ("target", "aligned"):

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from aligner_runtime.errors import AlignerError
+
 from aligner_export.commands.cli import main
 from export_packs import make_pack
 
@@ -132,4 +134,10 @@ def test_parse_layers():
     assert parse_layers("1-3", 4, "x") == [1, 2, 3]
     assert parse_layers("0,2,3", 4, "x") == [0, 2, 3]
     assert parse_layers("2", 4, "x") == [2]
-    assert np.array_equal(parse_layers("3-1", 4, "x"), [])
+    with pytest.raises(AlignerError, match="empty range"):
+        parse_layers("3-1", 4, "x")
+    # Bounds are checked on the numbers, before a list is built (issue 14): this returns at once.
+    with pytest.raises(AlignerError, match="layer 300000000 out of range"):
+        parse_layers("0-300000000", 30, "x")
+    with pytest.raises(AlignerError, match="cannot parse"):
+        parse_layers("0-99999999999999999999", 30, "x")

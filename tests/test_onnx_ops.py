@@ -1,4 +1,5 @@
-"""SteerGate / SteerShift ONNX functions against a numpy loop written from ARCHITECTURE.md §5."""
+"""SteerGate (versions 1 and 2) and SteerShift as ONNX functions and inlined, run by ONNX Runtime, against the numpy
+oracles of ``tests/op_oracles.py`` (docs/contract.md)."""
 
 from __future__ import annotations
 
@@ -7,59 +8,50 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+import op_oracles
 from aligner_export.graph import onnx_ops
 
 ort = pytest.importorskip("onnxruntime")
 
 OPSETS = (17, 18)
+GATE = "/model/layers.1/steer/SteerGate"
+SHIFT = "/model/layers.1/steer/SteerShift"
 
 
-def reference_gate(hidden, mask, gate_in, direction, bias):
-    """Numpy loop: §5 SteerGate."""
-    B, S, _ = hidden.shape
-    T = mask.shape[1]
-    gate = np.zeros(B, np.float32)
-    score = np.zeros(B, np.float32)
-    for b in range(B):
-        ones = [t for t in range(T) if mask[b, t] == 1]
-        t_star = ones[-1] if ones else T - 1
-        last = min(max(t_star - (T - S), 0), S - 1)
-        acc = np.float32(0.0)
-        for h in range(hidden.shape[2]):
-            acc += np.float32(hidden[b, last, h]) * np.float32(direction[h])
-        score[b] = acc + np.float32(bias)
-        gate[b] = gate_in[b] if gate_in[b] >= 0 else (1.0 if score[b] > 0 else 0.0)
-    return gate, score
-
-
-def reference_shift(hidden, gate, vector):
-    out = hidden.astype(np.float32) + gate[:, None, None] * vector[None, None, :].astype(np.float32)
-    return out.astype(hidden.dtype)
-
-
-def build_model(opset: int, H: int, direction, bias, vector, dtype=TensorProto.FLOAT, impl="function"):
-    gate_node = onnx_ops.make_steer_gate_node("hidden", "attention_mask", "gate_in", "gate", "score", direction,
-                                             bias, "/model/layers.1/steer/SteerGate")
-    shift_node = onnx_ops.make_steer_shift_node("hidden", "gate", "out", vector, "/model/layers.1/steer/SteerShift")
+def build_model(opset: int, H: int, gate_node, vector, dtype=TensorProto.FLOAT, impl="function", version=1):
+    shift_node = onnx_ops.make_steer_shift_node("hidden", "gate", "out", vector, SHIFT)
     nodes = [gate_node, shift_node]
-    functions = onnx_ops.function_protos(opset)
+    functions = onnx_ops.function_protos(opset, version)
     if impl == "inline":
         nodes = [n for node in nodes for n in onnx_ops.inline_nodes(node, opset)]
         functions = []
+    inputs = [helper.make_tensor_value_info("hidden", dtype, ["B", "S", H]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "T"]),
+              helper.make_tensor_value_info("gate_in", TensorProto.FLOAT, ["B"])]
+    if version == 2:
+        inputs.append(helper.make_tensor_value_info("score_in", TensorProto.FLOAT, ["B"]))
     graph = helper.make_graph(
-        nodes, "steer",
-        [helper.make_tensor_value_info("hidden", dtype, ["B", "S", H]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "T"]),
-         helper.make_tensor_value_info("gate_in", TensorProto.FLOAT, ["B"])],
+        nodes, "steer", inputs,
         [helper.make_tensor_value_info("gate", TensorProto.FLOAT, ["B"]),
          helper.make_tensor_value_info("score", TensorProto.FLOAT, ["B"]),
          helper.make_tensor_value_info("out", dtype, ["B", "S", H])])
     imports = [helper.make_opsetid("", opset)]
     if impl == "function":
-        imports.append(helper.make_opsetid(onnx_ops.DOMAIN, 1))
+        imports.append(helper.make_opsetid(onnx_ops.DOMAIN, version))
     model = helper.make_model(graph, opset_imports=imports, functions=functions, ir_version=10)
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def v1_model(opset, H, direction, bias, vector, dtype=TensorProto.FLOAT, impl="function"):
+    node = onnx_ops.make_steer_gate_node("hidden", "attention_mask", "gate_in", "gate", "score", direction, bias, GATE)
+    return build_model(opset, H, node, vector, dtype, impl, version=1)
+
+
+def v2_model(opset, H, weight, bias, tokens, normalize, vector, dtype=TensorProto.FLOAT, impl="function"):
+    node = onnx_ops.make_steer_gate_v2_node("hidden", "attention_mask", "gate_in", "score_in", "gate", "score",
+                                            weight, bias, tokens, normalize, GATE)
+    return build_model(opset, H, node, vector, dtype, impl, version=2)
 
 
 def run(model, **feeds):
@@ -77,45 +69,119 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("opset", OPSETS)
-@pytest.mark.parametrize("impl", ["function", "inline"])
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_ops_match_numpy_loop(opset, impl, case):
+def _case(case: str, H: int = 16):
     rows, S = CASES[case]
     mask = np.array(rows, np.int64)
     rng = np.random.default_rng(len(case))
-    H = 16
     hidden = rng.normal(size=(2, S, H)).astype(np.float32)
+    return mask, hidden, rng
+
+
+@pytest.mark.parametrize("opset", OPSETS)
+@pytest.mark.parametrize("impl", ["function", "inline"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_v1_matches_oracle(opset, impl, case):
+    mask, hidden, rng = _case(case)
+    H = hidden.shape[2]
     direction = rng.normal(size=H).astype(np.float32)
     direction /= np.linalg.norm(direction)
     vector = (4.0 * rng.normal(size=H)).astype(np.float32)
-    _, score0 = reference_gate(hidden, mask, np.array([-1, -1], np.float32), direction, 0.0)
+    _, score0 = op_oracles.steer_gate_v1(hidden, mask, np.array([-1, -1], np.float32), direction, 0.0)
     bias = float(-score0.mean())  # splits the two rows: one fires, one does not
-    model = build_model(opset, H, direction, bias, vector, impl=impl)
+    model = v1_model(opset, H, direction, bias, vector, impl=impl)
     for gate_in in ([-1, -1], [1, -1], [0, 0], [-1, 1]):
         gate_in = np.array(gate_in, np.float32)
         gate, score, out = run(model, hidden=hidden, attention_mask=mask, gate_in=gate_in)
-        ref_gate, ref_score = reference_gate(hidden, mask, gate_in, direction, bias)
+        ref_gate, ref_score = op_oracles.steer_gate_v1(hidden, mask, gate_in, direction, bias)
         np.testing.assert_allclose(score, ref_score, rtol=0, atol=1e-5)
         np.testing.assert_array_equal(gate, ref_gate)
-        np.testing.assert_allclose(out, reference_shift(hidden, ref_gate, vector), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(out, op_oracles.steer_shift(hidden, ref_gate, vector), rtol=0, atol=1e-6)
     gate, _, _ = run(model, hidden=hidden, attention_mask=mask, gate_in=np.array([-1, -1], np.float32))
     assert sorted(gate.tolist()) == [0.0, 1.0], "the chosen bias must split the rows"
+
+
+@pytest.mark.parametrize("opset", OPSETS)
+@pytest.mark.parametrize("impl", ["function", "inline"])
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_v2_matches_oracle(opset, impl, case, tokens, normalize):
+    mask, hidden, rng = _case(case)
+    H = hidden.shape[2]
+    hidden *= 3.0
+    weight = rng.normal(size=H).astype(np.float32)  # not unit: v2 weights carry the scale
+    vector = (4.0 * rng.normal(size=H)).astype(np.float32)
+    score_in = rng.normal(size=2).astype(np.float32)
+    minus = np.array([-1, -1], np.float32)
+    _, score0 = op_oracles.steer_gate_v2(hidden, mask, minus, score_in, weight, 0.0, tokens, normalize)
+    bias = float(-score0.mean())
+    model = v2_model(opset, H, weight, bias, tokens, normalize, vector, impl=impl)
+    for gate_in in ([-1, -1], [1, -1], [0, 0]):
+        gate_in = np.array(gate_in, np.float32)
+        gate, score, out = run(model, hidden=hidden, attention_mask=mask, gate_in=gate_in, score_in=score_in)
+        ref_gate, ref_score = op_oracles.steer_gate_v2(hidden, mask, gate_in, score_in, weight, bias, tokens,
+                                                       normalize)
+        np.testing.assert_allclose(score, ref_score, rtol=0, atol=2e-5)
+        np.testing.assert_array_equal(gate, ref_gate)
+        np.testing.assert_allclose(out, op_oracles.steer_shift(hidden, ref_gate, vector), rtol=0, atol=1e-5)
+    gate, _, _ = run(model, hidden=hidden, attention_mask=mask, gate_in=minus, score_in=score_in)
+    assert sorted(gate.tolist()) == [0.0, 1.0], "the chosen bias must split the rows"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_v2_with_one_token_unit_weight_is_v1(case):
+    """§5.1: K = 1, one layer, identity n, unit w and score_in = 0 is exactly SteerGate version 1."""
+    mask, hidden, rng = _case(case)
+    H = hidden.shape[2]
+    direction = rng.normal(size=H).astype(np.float32)
+    direction /= np.linalg.norm(direction)
+    vector = rng.normal(size=H).astype(np.float32)
+    feeds = dict(hidden=hidden, attention_mask=mask, gate_in=np.array([-1, -1], np.float32))
+    v1 = run(v1_model(18, H, direction, 0.25, vector), **feeds)
+    v2 = run(v2_model(18, H, direction, 0.25, 1, False, vector), **feeds, score_in=np.zeros(2, np.float32))
+    np.testing.assert_array_equal(v1[0], v2[0])
+    np.testing.assert_allclose(v1[1], v2[1], rtol=0, atol=1e-6)  # the dot product's addition order may differ
+    np.testing.assert_array_equal(v1[2], v2[2])
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("impl", ["function", "inline"])
+def test_non_finite_score_steers(version, impl):
+    """Issue 14: NaN, +inf and -inf scores steer; an imposed gate_in still wins."""
+    H = 8
+    hidden = np.ones((4, 2, H), np.float32)
+    hidden[0, -1, 0] = np.nan
+    hidden[1, -1, 0] = np.inf
+    hidden[2, -1, 0] = -np.inf
+    weight = np.zeros(H, np.float32)
+    weight[0] = 1.0
+    vector = np.ones(H, np.float32)
+    mask = np.ones((4, 2), np.int64)
+    model = v1_model(18, H, weight, -100.0, vector, impl=impl) if version == 1 else \
+        v2_model(18, H, weight, -100.0, 1, False, vector, impl=impl)
+    extra = {} if version == 1 else {"score_in": np.zeros(4, np.float32)}
+    gate, score, _ = run(model, hidden=hidden, attention_mask=mask, gate_in=np.full(4, -1, np.float32), **extra)
+    assert np.isnan(score[0]) and score[1] == np.inf and score[2] == -np.inf and score[3] == -99.0
+    np.testing.assert_array_equal(gate, [1.0, 1.0, 1.0, 0.0])
+    gate, _, _ = run(model, hidden=hidden, attention_mask=mask, gate_in=np.array([0, 0, 1, np.nan], np.float32),
+                     **extra)
+    np.testing.assert_array_equal(gate, [0.0, 0.0, 1.0, 0.0])  # NaN gate_in is not >= 0: decided, -99 -> 0
 
 
 @pytest.mark.parametrize("impl", ["function", "inline"])
 def test_gate_zero_is_bit_identical(impl):
     rng = np.random.default_rng(1)
     hidden = (rng.normal(size=(2, 3, 8)) * 100).astype(np.float32)
-    model = build_model(17, 8, np.ones(8, np.float32) / np.sqrt(8), 0.0, rng.normal(size=8).astype(np.float32),
-                        impl=impl)
+    model = v1_model(17, 8, np.ones(8, np.float32) / np.sqrt(8), 0.0, rng.normal(size=8).astype(np.float32),
+                     impl=impl)
     _, _, out = run(model, hidden=hidden, attention_mask=np.ones((2, 3), np.int64),
                     gate_in=np.zeros(2, np.float32))
     assert out.tobytes() == hidden.tobytes()
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("impl", ["function", "inline"])
-def test_fp16_math_stays_float32(impl):
+def test_fp16_math_stays_float32(version, impl):
     """Entries > 1e3: the float16 dot product overflows (> 65504); the float32 one does not."""
     H = 256
     hidden = np.full((2, 2, H), 5000.0, np.float16)
@@ -127,16 +193,21 @@ def test_fp16_math_stays_float32(impl):
             fp16_dot = np.float16(fp16_dot + hidden[0, -1, h] * np.float16(direction[h]))
     assert not np.isfinite(fp16_dot), "the test needs a case where float16 accumulation overflows"
     vector = np.full(H, 0.25, np.float32)
-    model = build_model(17, H, direction, 0.5, vector, dtype=TensorProto.FLOAT16, impl=impl)
-    gate, score, out = run(model, hidden=hidden, attention_mask=np.ones((2, 2), np.int64),
-                           gate_in=np.full(2, -1, np.float32))
-    ref_gate, ref_score = reference_gate(hidden, np.ones((2, 2), np.int64), np.full(2, -1, np.float32),
-                                         direction, 0.5)
+    mask, minus = np.ones((2, 2), np.int64), np.full(2, -1, np.float32)
+    if version == 1:
+        model = v1_model(17, H, direction, 0.5, vector, dtype=TensorProto.FLOAT16, impl=impl)
+        gate, score, out = run(model, hidden=hidden, attention_mask=mask, gate_in=minus)
+        ref_gate, ref_score = op_oracles.steer_gate_v1(hidden, mask, minus, direction, 0.5)
+    else:
+        model = v2_model(17, H, direction, 0.5, 2, False, vector, dtype=TensorProto.FLOAT16, impl=impl)
+        zeros = np.zeros(2, np.float32)
+        gate, score, out = run(model, hidden=hidden, attention_mask=mask, gate_in=minus, score_in=zeros)
+        ref_gate, ref_score = op_oracles.steer_gate_v2(hidden, mask, minus, zeros, direction, 0.5, 2, False)
     assert np.all(np.isfinite(score))
     np.testing.assert_allclose(score, ref_score, rtol=1e-6)
     np.testing.assert_array_equal(gate, [1.0, 0.0])
     assert out.dtype == np.float16
-    np.testing.assert_array_equal(out, reference_shift(hidden, ref_gate, vector))
+    np.testing.assert_array_equal(out, op_oracles.steer_shift(hidden, ref_gate, vector))
 
 
 def test_nodes_carry_plugin_attributes_and_constants():
@@ -147,9 +218,17 @@ def test_nodes_carry_plugin_attributes_and_constants():
     assert onnx_ops.node_attr(node, "plugin_version") == "1"
     np.testing.assert_array_equal(onnx_ops.node_attr(node, "direction"), direction)
     assert onnx_ops.node_attr(node, "bias") == -0.5
+    v2 = onnx_ops.make_steer_gate_v2_node("h", "m", "g", "si", "go", "so", direction, 0.5, 4, True,
+                                          "/model/layers.2/steer/SteerGate")
+    assert list(v2.input) == ["h", "m", "g", "si"]
+    assert onnx_ops.node_attr(v2, "plugin_version") == "2"
+    assert (onnx_ops.node_attr(v2, "tokens"), onnx_ops.node_attr(v2, "normalize")) == (4, 1)
+    np.testing.assert_array_equal(onnx_ops.node_attr(v2, "weight"), direction)
     shift = onnx_ops.make_steer_shift_node("h", "g", "o", direction, "/model/layers.2/steer/SteerShift")
     assert onnx_ops.node_attr(shift, "plugin_version") == "1"
     with pytest.raises(ValueError):
         onnx_ops.make_steer_shift_node("h", "g", "o", np.array([np.nan], np.float32), "x")
+    with pytest.raises(ValueError):
+        onnx_ops.make_steer_gate_v2_node("h", "m", "g", "si", "go", "so", direction, 0.5, 0, False, "x")
     with pytest.raises(ValueError):
         onnx_ops.function_protos(13)

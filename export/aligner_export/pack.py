@@ -1,23 +1,34 @@
-"""The steering pack: one safetensors file (ARCHITECTURE.md §4)."""
+"""The steering pack: one safetensors file (ARCHITECTURE.md §4, docs/contract.md).
+
+Format 2 adds a linear gate (§5.1) beside format 1's per-layer statistics: the tensor ``gate.weight``
+``[len(G), H]`` (one row per gate layer, in the order of ``gate.layers``) and the metadata object ``gate``
+(``version`` 2, ``layers``, ``tokens``, ``normalize``, ``bias`` and how it was fitted). Format-1 packs keep loading.
+The loader checks the type and range of every field it uses before using it (issue 14).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from aligner_runtime.contract import SITE, SteerConfig
+from aligner_runtime import schema
+from aligner_runtime.contract import SITE, GateConfig, SteerConfig
 from aligner_runtime.errors import AlignerError, atomic_path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 TOKEN = "last_prompt_token"
 MODES = ("cross-model", "self")
 BIAS_RULES = ("paper", "fpr")
+GATE_KINDS = ("linear", "paper")  # the pack's fitted §5.1 gate, or the paper's one direction at one layer
 TENSORS = ("target.srv", "target.mean_harmful", "target.mean_harmless", "aligned.srv")
+GATE_WEIGHT = "gate.weight"
+MAX_LAYERS, MAX_HIDDEN, MAX_TOKENS = 4096, 1 << 20, 64
+MAX_METADATA_BYTES = 16 << 20
 
 
 @dataclass
@@ -27,6 +38,7 @@ class SteeringPack:
     target_mean_harmless: np.ndarray
     aligned_srv: np.ndarray
     meta: dict = field(default_factory=dict)
+    gate_weight: np.ndarray | None = None  # [len(G), H] for a pack with a linear gate
 
     @property
     def num_layers(self) -> int:
@@ -44,6 +56,10 @@ class SteeringPack:
     def mode(self) -> str:
         return self.meta["mode"]
 
+    @property
+    def has_linear_gate(self) -> bool:
+        return self.gate_weight is not None
+
     def layer_stats(self, layer: int) -> dict:
         return self.meta["per_layer"][layer]
 
@@ -52,24 +68,43 @@ class SteeringPack:
             raise AlignerError(f"unknown bias rule '{rule}': use one of {', '.join(BIAS_RULES)}")
         return float(self.layer_stats(layer)[f"bias_{rule}"])
 
-    def steer_config(self, gate_layer: int, steer_layers, alpha: float, bias_rule: str,
-                     steer_impl: str = "function") -> SteerConfig:
-        """The version-1 gate at ``gate_layer`` (the target's SRV, the pack's bias under ``bias_rule``) and the
-        vectors ``alpha * theta_l`` of the steered layers."""
+    def linear_gate(self) -> GateConfig:
+        """The fitted §5.1 gate (a format-2 pack calibrated with ``--gate linear``)."""
+        if self.gate_weight is None:
+            raise AlignerError("this steering pack has no linear gate (it was calibrated with --gate paper or by an "
+                               "older version); export it with --gate paper, or calibrate again")
+        gate = self.meta["gate"]
+        return GateConfig(layers=tuple(gate["layers"]), weights=dict(zip(gate["layers"], self.gate_weight)),
+                          bias=gate["bias"], tokens=gate["tokens"], normalize=gate["normalize"], version=2,
+                          rule="linear")
+
+    def paper_gate(self, gate_layer: int, bias_rule: str) -> GateConfig:
+        """The paper's gate: the target's SRV at ``gate_layer`` with the pack's bias under ``bias_rule``."""
+        return GateConfig(layers=(int(gate_layer),), weights={int(gate_layer): self.target_srv[int(gate_layer)]},
+                          bias=self.bias(int(gate_layer), bias_rule), rule=bias_rule)
+
+    def steer_config(self, steer_layers, alpha: float, gate: GateConfig, steer_impl: str = "function") -> SteerConfig:
+        """``gate`` and the vectors ``alpha * theta_l`` of the steered layers."""
         vectors = {int(l): np.float32(alpha) * self.aligned_srv[int(l)] for l in steer_layers}
-        return SteerConfig.single_layer(int(gate_layer), self.target_srv[int(gate_layer)],
-                                        self.bias(int(gate_layer), bias_rule), vectors, steer_impl=steer_impl,
-                                        rule=bias_rule)
+        return SteerConfig(gate=gate, vectors=vectors, steer_impl=steer_impl)
 
     def config_of_export(self, manifest: dict) -> SteerConfig:
         """The steering configuration an export of this pack was made with, from its manifest: what the PyTorch
         reference needs to reproduce that export."""
-        return self.steer_config(manifest["gate_layer"], manifest["steer_layers"], manifest["alpha"],
-                                 manifest["bias_rule"], steer_impl=manifest.get("steer_impl", "function"))
+        recorded = manifest.get("gate") or {}
+        if recorded.get("version", 1) == 2:
+            gate = self.linear_gate()
+        else:
+            gate = self.paper_gate(manifest["gate_layer"], manifest["bias_rule"])
+        return self.steer_config(manifest["steer_layers"], manifest["alpha"], gate,
+                                 steer_impl=manifest.get("steer_impl", "function"))
 
     def tensors(self) -> dict[str, np.ndarray]:
-        return {"target.srv": self.target_srv, "target.mean_harmful": self.target_mean_harmful,
-                "target.mean_harmless": self.target_mean_harmless, "aligned.srv": self.aligned_srv}
+        tensors = {"target.srv": self.target_srv, "target.mean_harmful": self.target_mean_harmful,
+                   "target.mean_harmless": self.target_mean_harmless, "aligned.srv": self.aligned_srv}
+        if self.gate_weight is not None:
+            tensors[GATE_WEIGHT] = self.gate_weight
+        return tensors
 
 
 def _check_arrays(tensors: dict[str, np.ndarray], where: str) -> tuple[int, int]:
@@ -77,15 +112,76 @@ def _check_arrays(tensors: dict[str, np.ndarray], where: str) -> tuple[int, int]
     if missing:
         raise AlignerError(f"{where}: not a steering pack (missing tensors {', '.join(missing)})")
     shape = tensors["target.srv"].shape
-    if len(shape) != 2:
+    if len(shape) != 2 or not (1 <= shape[0] <= MAX_LAYERS and 1 <= shape[1] <= MAX_HIDDEN):
         raise AlignerError(f"{where}: target.srv must be [layers, hidden], got {list(shape)}")
-    for name in TENSORS:
+    for name in (*TENSORS, GATE_WEIGHT):
+        if name not in tensors:
+            continue
         arr = tensors[name]
-        if arr.shape != shape or arr.dtype != np.float32:
-            raise AlignerError(f"{where}: {name} must be float32 {list(shape)}, got {arr.dtype} {list(arr.shape)}")
+        want = shape if name != GATE_WEIGHT else (arr.shape[0], shape[1])
+        if arr.dtype != np.float32 or arr.ndim != 2 or arr.shape != want:
+            raise AlignerError(f"{where}: {name} must be float32 {list(want)}, got {arr.dtype} {list(arr.shape)}")
         if not np.isfinite(arr).all():
             raise AlignerError(f"{where}: {name} holds NaN or inf values")
     return int(shape[0]), int(shape[1])
+
+
+def _check_layers(values, num_layers: int, where: str, key: str) -> list[int]:
+    if not values:
+        raise AlignerError(f"{where}: '{key}' is empty")
+    if len(set(values)) != len(values):
+        raise AlignerError(f"{where}: '{key}' repeats a layer")
+    bad = [v for v in values if not 0 <= v < num_layers]
+    if bad:
+        raise AlignerError(f"{where}: '{key}' has layer {bad[0]} out of range 0-{num_layers - 1}")
+    return values
+
+
+def check_meta(meta, layers: int, hidden: int, gate_rows: int | None, where: str) -> dict:
+    """Checks the kind and range of every metadata field the package uses; returns ``meta``."""
+    if not isinstance(meta, dict):
+        raise AlignerError(f"{where}: the 'inferaligner' metadata is not a JSON object")
+    version = schema.field(meta, "format_version", "int", where)
+    if version not in READABLE_VERSIONS:
+        raise AlignerError(f"{where}: unknown pack format version {version} (this package reads "
+                           f"{', '.join(map(str, READABLE_VERSIONS))})")
+    if (schema.field(meta, "num_layers", "int", where), schema.field(meta, "hidden_size", "int", where)) \
+            != (layers, hidden):
+        raise AlignerError(f"{where}: metadata says {meta['num_layers']}x{meta['hidden_size']}, tensors are "
+                           f"{layers}x{hidden}")
+    schema.field(meta, "mode", "str", where, choices=MODES)
+    per_layer = schema.field(meta, "per_layer", "list", where, max_items=MAX_LAYERS)
+    if len(per_layer) != layers:
+        raise AlignerError(f"{where}: 'per_layer' has {len(per_layer)} entries for {layers} layers")
+    for i, stats in enumerate(per_layer):
+        here = f"{where}: per_layer[{i}]"
+        schema.field(stats, "layer", "int", here, lo=i, hi=i)
+        for rule in BIAS_RULES:
+            schema.field(stats, f"bias_{rule}", "float", here)
+    rec = schema.field(meta, "recommended", "dict", where)
+    here = f"{where}: recommended"
+    schema.field(rec, "gate_layer", "int", here, lo=0, hi=layers - 1)
+    _check_layers(schema.field(rec, "steer_layers", "int_list", here, max_items=MAX_LAYERS), layers, here,
+                  "steer_layers")
+    schema.field(rec, "alpha", "float", here, lo=0.0)
+    schema.field(rec, "bias_rule", "str", here, choices=BIAS_RULES)
+    kind = schema.field(rec, "gate", "str", here, default="paper", choices=GATE_KINDS)
+    gate = schema.field(meta, "gate", "dict", where, default=None)
+    if (gate is None) != (gate_rows is None):
+        raise AlignerError(f"{where}: the 'gate' metadata and the {GATE_WEIGHT} tensor must come together")
+    if kind == "linear" and gate is None:
+        raise AlignerError(f"{where}: recommends the linear gate but holds none")
+    if gate is not None:
+        here = f"{where}: gate"
+        schema.field(gate, "version", "int", here, lo=2, hi=2)
+        gate_layers = _check_layers(schema.field(gate, "layers", "int_list", here, max_items=MAX_LAYERS), layers,
+                                    here, "layers")
+        if gate_layers != sorted(gate_layers) or len(gate_layers) != gate_rows:
+            raise AlignerError(f"{here}: 'layers' must be sorted and match the {gate_rows} rows of {GATE_WEIGHT}")
+        schema.field(gate, "tokens", "int", here, lo=1, hi=MAX_TOKENS)
+        schema.field(gate, "normalize", "bool", here)
+        schema.field(gate, "bias", "float", here)
+    return meta
 
 
 def save_pack(pack: SteeringPack, path) -> Path:
@@ -93,10 +189,11 @@ def save_pack(pack: SteeringPack, path) -> Path:
     from safetensors.numpy import save_file
 
     path = Path(path)
-    layers, hidden = _check_arrays(pack.tensors(), "pack")
+    tensors = {k: np.ascontiguousarray(v) for k, v in pack.tensors().items()}
+    layers, hidden = _check_arrays(tensors, "pack")
     meta = dict(pack.meta, format_version=FORMAT_VERSION, num_layers=layers, hidden_size=hidden, site=SITE,
                 token=TOKEN)
-    tensors = {k: np.ascontiguousarray(v) for k, v in pack.tensors().items()}
+    check_meta(meta, layers, hidden, None if pack.gate_weight is None else pack.gate_weight.shape[0], "pack")
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"inferaligner": json.dumps(meta, sort_keys=True)})
     pack.meta = meta
@@ -113,29 +210,25 @@ def load_pack(path) -> SteeringPack:
     try:
         with safe_open(str(path), framework="np") as fh:
             raw_meta = (fh.metadata() or {}).get("inferaligner")
-            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AlignerError(f"{path}: not a safetensors steering pack ({exc})") from None
+            names = list(fh.keys())
+            unknown = sorted(set(names) - set(TENSORS) - {GATE_WEIGHT})
+            if unknown:
+                raise AlignerError(f"{path}: unknown tensor {unknown[0]} in the steering pack")
+            tensors = {name: fh.get_tensor(name) for name in names}
+    except AlignerError:
+        raise
+    except Exception as exc:  # safetensors raises SafetensorError, OSError, ValueError or a Rust panic exception
+        raise AlignerError(f"{path}: not a safetensors steering pack ({str(exc).splitlines()[0][:120]})") from None
     if raw_meta is None:
         raise AlignerError(f"{path}: no 'inferaligner' metadata; not a steering pack")
-    try:
-        meta = json.loads(raw_meta)
-    except json.JSONDecodeError:
-        raise AlignerError(f"{path}: the 'inferaligner' metadata is not valid JSON") from None
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise AlignerError(f"{path}: unknown pack format version {version!r} (this package reads {FORMAT_VERSION})")
+    if len(raw_meta) > MAX_METADATA_BYTES:
+        raise AlignerError(f"{path}: the 'inferaligner' metadata is over {MAX_METADATA_BYTES >> 20} MiB")
+    meta = schema.loads(raw_meta, f"{path}: the 'inferaligner' metadata")
     layers, hidden = _check_arrays(tensors, str(path))
-    if meta.get("num_layers") != layers or meta.get("hidden_size") != hidden:
-        raise AlignerError(f"{path}: metadata says {meta.get('num_layers')}x{meta.get('hidden_size')}, "
-                           f"tensors are {layers}x{hidden}")
-    if meta.get("mode") not in MODES or len(meta.get("per_layer", [])) != layers or "recommended" not in meta:
-        raise AlignerError(f"{path}: incomplete pack metadata (mode, per_layer or recommended)")
-    for stats in meta["per_layer"]:
-        if not all(math.isfinite(float(stats[f"bias_{r}"])) for r in BIAS_RULES):
-            raise AlignerError(f"{path}: layer {stats['layer']} has a non-finite bias")
+    gate_weight = tensors.get(GATE_WEIGHT)
+    check_meta(meta, layers, hidden, None if gate_weight is None else gate_weight.shape[0], str(path))
     return SteeringPack(tensors["target.srv"], tensors["target.mean_harmful"], tensors["target.mean_harmless"],
-                        tensors["aligned.srv"], meta)
+                        tensors["aligned.srv"], meta, gate_weight)
 
 
 def file_sha256(path) -> str:

@@ -25,15 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .contract import (DOMAIN, GATE_IN, GATE_OUT, MANIFEST_FILE, METADATA_PREFIX, MODEL_FILE, SCORE_OUT,
-                       parse_node_name, two_pass_prefill)
+                       STEER_GATE, STEER_SHIFT, parse_node_name, two_pass_prefill)
 from .errors import AlignerError
 
-SUPPORTED_FORMAT_VERSIONS = (1,)
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 
 # Facts that must agree between the manifest and the graph's metadata_props whenever both hold them.
 KEY_FACTS = ("format_version", "pack_sha256", "target_fingerprint", "steer_layers", "gate_layer", "alpha", "bias",
              "bias_rule", "steer_impl", "dtype", "site", "chat_template_sha256", "num_layers", "hidden_size",
-             "multimodal")
+             "multimodal", "gate", "two_pass_prefill", "steering_io")
 # Without these the runtime cannot know where the graph steers: their absence counts as "unsteered".
 STEERING_FACTS = ("steer_layers", "gate_layer", "alpha", "bias")
 
@@ -161,7 +161,13 @@ class ExportDir:
 
     @property
     def gate_layer(self) -> int | None:
+        """g*: the last gate layer, where the decision is taken."""
         return self.manifest.get("gate_layer")
+
+    @property
+    def gate_layers(self) -> list[int]:
+        """G: every layer a SteerGate node reads."""
+        return manifest_gate_layers(self.manifest)
 
     @property
     def steer_layers(self) -> list[int]:
@@ -172,7 +178,8 @@ class ExportDir:
         """§5 rule 2 (``contract.two_pass_prefill``), as the manifest records it."""
         if not self.steered or self.gate_layer is None:
             return False
-        return two_pass_prefill(self.steer_layers, [self.gate_layer])
+        recorded = self.manifest.get("two_pass_prefill")
+        return bool(recorded) if isinstance(recorded, bool) else two_pass_prefill(self.steer_layers, self.gate_layers)
 
 
 def _same(a, b) -> bool:
@@ -216,6 +223,14 @@ def read_manifest(path: Path) -> tuple[dict, str]:
     return manifest, hashlib.sha256(raw).hexdigest()
 
 
+def manifest_gate_layers(manifest: dict) -> list[int]:
+    """G from a manifest: format 2's ``gate.layers``; format 1 has the one ``gate_layer``."""
+    gate = manifest.get("gate")
+    if isinstance(gate, dict) and isinstance(gate.get("layers"), list):
+        return [int(l) for l in gate["layers"]]
+    return [int(manifest["gate_layer"])] if manifest.get("gate_layer") is not None else []
+
+
 def _steering_problem(manifest: dict, graph: GraphSummary) -> str | None:
     """Why this graph cannot be trusted to steer as its manifest says, or None."""
     missing = [k for k in STEERING_FACTS if k not in manifest]
@@ -225,11 +240,12 @@ def _steering_problem(manifest: dict, graph: GraphSummary) -> str | None:
         return f"the graph lacks the steering interface ({GATE_IN} -> {GATE_OUT}, {SCORE_OUT})"
     if not graph.steer_nodes:
         return "the graph has no steering nodes"
-    gate_layers = graph.steer_layers("SteerGate")
-    shift_layers = graph.steer_layers("SteerShift")
-    if gate_layers != {manifest["gate_layer"]}:
-        return (f"the graph's SteerGate sits on layers {sorted(gate_layers)} but the manifest says gate_layer "
-                f"{manifest['gate_layer']}")
+    gate_layers = graph.steer_layers(STEER_GATE)
+    shift_layers = graph.steer_layers(STEER_SHIFT)
+    expected = set(manifest_gate_layers(manifest))
+    if gate_layers != expected:
+        return (f"the graph's SteerGate nodes sit on layers {sorted(gate_layers)} but the manifest says gate layers "
+                f"{sorted(expected)}")
     if shift_layers != set(manifest["steer_layers"]):
         return (f"the graph's SteerShift nodes sit on layers {sorted(shift_layers)} but the manifest says "
                 f"steer_layers {sorted(manifest['steer_layers'])}")

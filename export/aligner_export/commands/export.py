@@ -14,7 +14,10 @@ def configure(parser) -> None:
     parser.add_argument("--pack", required=True, help="steering pack from 'aligner-export calibrate'")
     parser.add_argument("-o", "--output", required=True, help="export directory to create (must not exist or be empty)")
     parser.add_argument("--steer-layers", default="auto", help="steered layers: A-B, A,B,C or auto (pack's choice)")
-    parser.add_argument("--gate-layer", default="auto", help="gate layer N or auto (pack's choice)")
+    parser.add_argument("--gate", choices=("linear", "paper"), default=None,
+                        help="linear: the pack's multi-layer gate (ARCHITECTURE.md §5.1); paper: one direction at one "
+                             "layer, as in the paper (default: the pack's recommendation)")
+    parser.add_argument("--gate-layer", default="auto", help="the paper gate's layer N, or auto (pack's choice)")
     parser.add_argument("--alpha", default=None, help="steering strength (default: the pack's recommendation)")
     parser.add_argument("--bias-rule", choices=("paper", "fpr"), default=None,
                         help="gate bias: paper (minus the mean projection) or fpr (false-positive budget); "
@@ -32,20 +35,26 @@ def configure(parser) -> None:
 
 
 def parse_layers(text: str, num_layers: int, what: str) -> list[int]:
-    """``A-B`` (inclusive), ``A,B,C`` or ``N`` -> a sorted list, every layer in ``[0, num_layers)``."""
+    """``A-B`` (inclusive), ``A,B,C`` or ``N`` -> a sorted list, every layer in ``[0, num_layers)``. Bounds are checked
+    on the numbers before any list is built, so ``0-300000000`` fails at once."""
     import re
 
+    if len(str(text)) > 10_000:
+        raise AlignerError(f"{what}: the layer list is too long")
     layers: set[int] = set()
     for part in (p.strip() for p in str(text).split(",")):
-        if re.fullmatch(r"-?\d+", part):
-            layers.add(int(part))
-        elif match := re.fullmatch(r"(-?\d+)-(-?\d+)", part):
-            layers.update(range(int(match.group(1)), int(match.group(2)) + 1))
+        if match := re.fullmatch(r"(-?\d{1,9})(?:-(-?\d{1,9}))?", part):
+            first = int(match.group(1))
+            last = int(match.group(2)) if match.group(2) is not None else first
+            for layer in (first, last):
+                if not 0 <= layer < num_layers:
+                    raise AlignerError(f"{what}: layer {layer} out of range; the model has layers "
+                                       f"0-{num_layers - 1}")
+            if last < first:
+                raise AlignerError(f"{what}: '{part}' is an empty range (write the lower layer first)")
+            layers.update(range(first, last + 1))
         elif part:
-            raise AlignerError(f"{what}: cannot parse '{text}' (use A-B, A,B,C or auto)")
-    bad = sorted(l for l in layers if not 0 <= l < num_layers)
-    if bad:
-        raise AlignerError(f"{what}: layer {bad[0]} out of range; the model has layers 0-{num_layers - 1}")
+            raise AlignerError(f"{what}: cannot parse '{text[:60]}' (use A-B, A,B,C or auto)")
     return sorted(layers)
 
 
@@ -54,29 +63,33 @@ def resolve_options(args, pack, num_layers: int):
     from aligner_export.hf.export import ExportOptions
 
     rec = pack.recommended
-    if args.steer_layers == "auto":
-        steer_layers = parse_layers(",".join(str(l) for l in rec["steer_layers"]), num_layers, "--steer-layers")
-    else:
-        steer_layers = parse_layers(args.steer_layers, num_layers, "--steer-layers")
+    steer_spec = ",".join(str(l) for l in rec["steer_layers"]) if args.steer_layers == "auto" else args.steer_layers
+    steer_layers = parse_layers(steer_spec, num_layers, "--steer-layers")
     if not steer_layers:
         raise AlignerError("--steer-layers: the steered set is empty")
-    if args.gate_layer == "auto":
-        gate_layer = int(rec["gate_layer"])
-    else:
-        try:
-            gate_layer = int(args.gate_layer)
-        except ValueError:
-            raise AlignerError(f"--gate-layer: '{args.gate_layer}' is not a layer number or auto") from None
-    if not 0 <= gate_layer < num_layers:
-        raise AlignerError(f"--gate-layer: layer {gate_layer} out of range; the model has layers 0-{num_layers - 1}")
     try:
         alpha = float(rec["alpha"] if args.alpha is None else args.alpha)
     except ValueError:
         raise AlignerError(f"--alpha: '{args.alpha}' is not a number") from None
     if not math.isfinite(alpha) or alpha <= 0:
         raise AlignerError(f"--alpha must be a finite number > 0, got {alpha}")
-    bias_rule = args.bias_rule or rec["bias_rule"]
-    steering = pack.steer_config(gate_layer, steer_layers, alpha, bias_rule, steer_impl=args.steer_impl)
+    kind = args.gate or rec.get("gate", "paper")
+    if kind == "linear":
+        if args.gate_layer != "auto" or args.bias_rule is not None:
+            raise AlignerError("--gate-layer and --bias-rule choose the paper gate's layer and bias; the linear gate "
+                               "reads the layers it was calibrated on (pass --gate paper to use them)")
+        gate, bias_rule = pack.linear_gate(), "fpr"
+    else:
+        if args.gate_layer == "auto":
+            gate_layer = int(rec["gate_layer"])
+        else:
+            layers = parse_layers(args.gate_layer, num_layers, "--gate-layer")
+            if len(layers) != 1:
+                raise AlignerError(f"--gate-layer: the paper gate reads one layer, got '{args.gate_layer}'")
+            gate_layer = layers[0]
+        bias_rule = args.bias_rule or rec["bias_rule"]
+        gate = pack.paper_gate(gate_layer, bias_rule)
+    steering = pack.steer_config(steer_layers, alpha, gate, steer_impl=args.steer_impl)
     return ExportOptions(steering=steering, alpha=alpha, bias_rule=bias_rule, dtype=args.dtype,
                          validate=not args.no_validate, onnx_file=Path(args.onnx) if args.onnx else None,
                          exporter=args.exporter)

@@ -15,7 +15,7 @@ from aligner_runtime.errors import atomic_path
 from aligner_runtime.contract import MANIFEST_FILE, METADATA_PREFIX
 from aligner_runtime.manifest import KEY_FACTS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Facts that also go into metadata_props beyond the runtime's KEY_FACTS: enough to inspect a bare .onnx file.
 METADATA_EXTRA = ("package_version", "opset", "validation", "exporter", "pack_mode")
 

@@ -1,10 +1,12 @@
-"""The two steering operators as ONNX model-local functions (ARCHITECTURE.md §5).
+"""The two steering operators as ONNX model-local functions (ARCHITECTURE.md §5, §5.1, docs/contract.md).
 
-``SteerGate`` and ``SteerShift`` live in domain ``inferaligner``, version 1. Each node carries its constants as node
-attributes (``direction`` and ``bias`` for SteerGate, ``vector`` for SteerShift) that the function body reads through
-``Constant(ref_attr_name=...)``, plus ``plugin_namespace`` / ``plugin_version`` so that TensorRT can map the node to our
-plugin of the same name. The bodies use only standard ONNX ops and do their math in float32 whatever the model's
-dtype: the gathered row and the residual are cast to float32, and SteerShift casts its result back with ``CastLike``.
+``SteerGate`` (version 1, or version 2 for the multi-layer pooled gate) and ``SteerShift`` live in domain
+``inferaligner``. Each node carries its constants as node attributes (``direction``/``bias`` for SteerGate v1,
+``weight``/``bias``/``tokens``/``normalize`` for v2, ``vector`` for SteerShift) that the function body reads through
+``Constant(ref_attr_name=...)``, plus ``plugin_namespace`` / ``plugin_version`` so that TensorRT can map the node to
+our plugin of the same name and version. The bodies use only standard ONNX ops and do their math in float32 whatever
+the model's dtype: the residual is cast to float32, and SteerShift casts its result back with ``CastLike``. The
+decision steers on a non-finite score (issue 14).
 
 ``inline_nodes`` expands a node into the same body as plain ops in the main graph (``--steer-impl inline``), so both
 forms compute exactly the same thing.
@@ -27,12 +29,13 @@ MIN_OPSET = 15
 
 
 def _ref_constant(output: str, attr: str, kind: str) -> onnx.NodeProto:
-    """A ``Constant`` whose value is the calling node's attribute ``attr`` (``kind`` is value / value_float)."""
+    """A ``Constant`` whose value is the calling node's attribute ``attr`` (``kind``: value, value_float, value_int)."""
     node = helper.make_node("Constant", [], [output])
     ref = onnx.AttributeProto()
     ref.name = kind
     ref.ref_attr_name = attr
-    ref.type = onnx.AttributeProto.TENSOR if kind == "value" else onnx.AttributeProto.FLOAT
+    ref.type = {"value": onnx.AttributeProto.TENSOR, "value_float": onnx.AttributeProto.FLOAT,
+                "value_int": onnx.AttributeProto.INT}[kind]
     node.attribute.append(ref)
     return node
 
@@ -47,12 +50,14 @@ def _f32_scalar(output: str, value: float) -> onnx.NodeProto:
                             value=numpy_helper.from_array(np.asarray(value, dtype=np.float32), output))
 
 
-def _steer_gate_body(opset: int) -> list[onnx.NodeProto]:
-    """Nodes of SteerGate: (hidden, attention_mask, gate_in) -> (gate, score). See §5 for ``last_b``."""
+NORM_EPS = 1e-6  # docs/contract.md: n(x) = x / max(||x||, 1e-6)
+
+
+def _last_position_nodes(opset: int) -> list[onnx.NodeProto]:
+    """``last_b`` of §5 from ``attention_mask`` [B,T] and ``hidden`` [B,S,H]; also leaves ``T``, ``S`` and the
+    constants ``zero``, ``one``, ``axis1`` for the rest of the body."""
     n = helper.make_node
     nodes = [
-        _ref_constant("direction", "direction", "value"),
-        _ref_constant("bias", "bias", "value_float"),
         _i64("zero", 0),
         _i64("one", 1),
         _i64("minus_one", -1),
@@ -82,17 +87,97 @@ def _steer_gate_body(opset: int) -> list[onnx.NodeProto]:
         n("Sub", ["S", "one"], ["S_minus_one"]),
         n("Min", ["s_raw", "S_minus_one"], ["s_hi"]),
         n("Max", ["s_hi", "zero"], ["last_b"]),
+    ]
+    return nodes
+
+
+def _decision_nodes() -> list[onnx.NodeProto]:
+    """``gate = gate_in`` if ``gate_in >= 0``, else 1 when ``score > 0`` or not finite, else 0 (docs/contract.md)."""
+    n = helper.make_node
+    return [
+        _f32_scalar("zero_f", 0.0),
+        n("Greater", ["score", "zero_f"], ["positive"]),
+        n("IsNaN", ["score"], ["is_nan"]),
+        n("IsInf", ["score"], ["is_inf"]),
+        n("Or", ["is_nan", "is_inf"], ["non_finite"]),
+        n("Or", ["positive", "non_finite"], ["fires"]),
+        n("Cast", ["fires"], ["decided"], to=TensorProto.FLOAT),
+        n("GreaterOrEqual", ["gate_in", "zero_f"], ["forced"]),
+        n("Where", ["forced", "gate_in", "decided"], ["gate"]),
+    ]
+
+
+def _steer_gate_v1_body(opset: int) -> list[onnx.NodeProto]:
+    """SteerGate v1: (hidden, attention_mask, gate_in) -> (gate, score); ``score = h[b, last_b] . direction + bias``."""
+    n = helper.make_node
+    return [
+        _ref_constant("direction", "direction", "value"),
+        _ref_constant("bias", "bias", "value_float"),
+        *_last_position_nodes(opset),
         n("Unsqueeze", ["last_b", "axis1"], ["last_index"]),
         n("GatherND", ["hidden", "last_index"], ["last_hidden"], batch_dims=1),
         # float32 accumulation whatever the model's dtype.
         n("Cast", ["last_hidden"], ["last_hidden_f32"], to=TensorProto.FLOAT),
         n("MatMul", ["last_hidden_f32", "direction"], ["projection"]),
         n("Add", ["projection", "bias"], ["score"]),
-        _f32_scalar("zero_f", 0.0),
-        n("Greater", ["score", "zero_f"], ["fires"]),
-        n("Cast", ["fires"], ["decided"], to=TensorProto.FLOAT),
-        n("GreaterOrEqual", ["gate_in", "zero_f"], ["forced"]),
-        n("Where", ["forced", "gate_in", "decided"], ["gate"]),
+        *_decision_nodes(),
+    ]
+
+
+def _steer_gate_v2_body(opset: int) -> list[onnx.NodeProto]:
+    """SteerGate v2: (hidden, attention_mask, gate_in, score_in) -> (gate, score);
+    ``score = (score_in + mean_{pooled s} n(h[b,s]) . weight) + bias`` (docs/contract.md)."""
+    n = helper.make_node
+    nodes = [
+        _ref_constant("weight", "weight", "value"),
+        _ref_constant("bias", "bias", "value_float"),
+        _ref_constant("tokens", "tokens", "value_int"),
+        _ref_constant("normalize", "normalize", "value_int"),
+        *_last_position_nodes(opset),
+        # The valid positions of this call: mask[b, T-S+s] == 1.
+        n("Unsqueeze", ["past", "zero"], ["past_1d"]),
+        n("Unsqueeze", ["T", "zero"], ["T_1d"]),
+        n("Slice", ["attention_mask", "past_1d", "T_1d", "axis1"], ["call_mask"]),
+        n("Equal", ["call_mask", "one"], ["valid"]),
+        # Pooled: valid positions with at most K valid positions at or after them (the last K).
+        n("Cast", ["valid"], ["valid_i64"], to=TensorProto.INT64),
+        n("CumSum", ["valid_i64", "one"], ["rank_from_end"], reverse=1),
+        n("LessOrEqual", ["rank_from_end", "tokens"], ["within_k"]),
+        n("And", ["valid", "within_k"], ["pooled_k"]),
+        n("Cast", ["pooled_k"], ["pooled_k_f"], to=TensorProto.FLOAT),
+        n("ReduceSum", ["pooled_k_f", "axis1"], ["count_k"], keepdims=0),
+        # A row with no valid position in this call pools version 1's last_b alone.
+        _f32_scalar("zero_f_count", 0.0),
+        _f32_scalar("one_f", 1.0),
+        n("Equal", ["count_k", "zero_f_count"], ["none_valid"]),
+        n("Range", ["zero", "S", "one"], ["call_positions"]),
+        n("Unsqueeze", ["last_b", "axis1"], ["last_b_col"]),
+        n("Equal", ["call_positions", "last_b_col"], ["at_last_b"]),
+        n("Unsqueeze", ["none_valid", "axis1"], ["none_valid_col"]),
+        # (pooled_k is all false on such a row, so an Or selects; ORT has no bool Where.)
+        n("And", ["none_valid_col", "at_last_b"], ["fallback"]),
+        n("Or", ["pooled_k", "fallback"], ["pooled"]),
+        n("Where", ["none_valid", "one_f", "count_k"], ["count"]),
+        # Per-position terms in float32, normalised by the position's norm when asked.
+        n("Cast", ["hidden"], ["hidden_f32"], to=TensorProto.FLOAT),
+        n("MatMul", ["hidden_f32", "weight"], ["dots"]),
+        n("Mul", ["hidden_f32", "hidden_f32"], ["squares"]),
+        _i64("axis2", [2]),
+        n("ReduceSum", ["squares", "axis2"], ["norm_sq"], keepdims=0),
+        n("Sqrt", ["norm_sq"], ["norm"]),
+        _f32_scalar("norm_eps", NORM_EPS),
+        n("Max", ["norm", "norm_eps"], ["norm_floor"]),
+        n("Div", ["dots", "norm_floor"], ["dots_normalised"]),
+        n("Equal", ["normalize", "one"], ["do_normalise"]),
+        n("Where", ["do_normalise", "dots_normalised", "dots"], ["terms"]),
+        # Masked mean over the pooled positions (Where, not Mul: a NaN term outside the pool must not leak in).
+        _f32_scalar("zero_f_terms", 0.0),
+        n("Where", ["pooled", "terms", "zero_f_terms"], ["pooled_terms"]),
+        n("ReduceSum", ["pooled_terms", "axis1"], ["total"], keepdims=0),
+        n("Div", ["total", "count"], ["feature"]),
+        n("Add", ["score_in", "feature"], ["partial"]),
+        n("Add", ["partial", "bias"], ["score"]),
+        *_decision_nodes(),
     ]
     return nodes
 
@@ -111,14 +196,23 @@ def _steer_shift_body() -> list[onnx.NodeProto]:
     ]
 
 
-def function_protos(opset: int) -> list[onnx.FunctionProto]:
-    """The SteerGate and SteerShift functions for a model whose default-domain opset is ``opset``."""
+GATE_INPUTS = {1: ["hidden", "attention_mask", "gate_in"], 2: ["hidden", "attention_mask", "gate_in", "score_in"]}
+GATE_ATTRIBUTES = {1: ["direction", "bias"], 2: ["weight", "bias", "tokens", "normalize"]}
+_GATE_BODIES = {1: _steer_gate_v1_body, 2: _steer_gate_v2_body}
+
+
+def function_protos(opset: int, gate_version: int = 1) -> list[onnx.FunctionProto]:
+    """The SteerGate (of ``gate_version``) and SteerShift functions for a model whose default-domain opset is
+    ``opset``."""
     if opset < MIN_OPSET:
         raise ValueError(f"the steering functions need opset >= {MIN_OPSET}, the model has {opset}")
+    if gate_version not in _GATE_BODIES:
+        raise ValueError(f"unknown SteerGate version {gate_version}")
     imports = [helper.make_opsetid("", opset)]
-    gate = helper.make_function(DOMAIN, STEER_GATE, ["hidden", "attention_mask", "gate_in"], ["gate", "score"],
-                                _steer_gate_body(opset), imports, ["direction", "bias", *PLUGIN_ATTRIBUTES],
-                                doc_string="ARCHITECTURE.md §5 SteerGate")
+    gate = helper.make_function(DOMAIN, STEER_GATE, GATE_INPUTS[gate_version], ["gate", "score"],
+                                _GATE_BODIES[gate_version](opset), imports,
+                                [*GATE_ATTRIBUTES[gate_version], *PLUGIN_ATTRIBUTES],
+                                doc_string=f"docs/contract.md SteerGate version {gate_version}")
     shift = helper.make_function(DOMAIN, STEER_SHIFT, ["hidden", "gate"], ["out"], _steer_shift_body(), imports,
                                  ["vector", *PLUGIN_ATTRIBUTES], doc_string="ARCHITECTURE.md §5 SteerShift")
     return [gate, shift]
@@ -133,11 +227,26 @@ def _vector_attr(values: np.ndarray, what: str) -> onnx.TensorProto:
 
 def make_steer_gate_node(hidden: str, attention_mask: str, gate_in: str, gate_out: str, score_out: str,
                          direction: np.ndarray, bias: float, name: str) -> onnx.NodeProto:
+    """A SteerGate version 1 node."""
     if not np.isfinite(bias):
         raise ValueError(f"bias must be finite, got {bias}")
     return helper.make_node(STEER_GATE, [hidden, attention_mask, gate_in], [gate_out, score_out], name=name,
                             domain=DOMAIN, direction=_vector_attr(direction, "direction"), bias=float(bias),
-                            plugin_namespace=PLUGIN_NAMESPACE, plugin_version=plugin_version(STEER_GATE))
+                            plugin_namespace=PLUGIN_NAMESPACE, plugin_version=plugin_version(STEER_GATE, 1))
+
+
+def make_steer_gate_v2_node(hidden: str, attention_mask: str, gate_in: str, score_in: str, gate_out: str,
+                            score_out: str, weight: np.ndarray, bias: float, tokens: int, normalize: bool,
+                            name: str) -> onnx.NodeProto:
+    """A SteerGate version 2 node: one gate layer's term of the §5.1 score, added to ``score_in``."""
+    if not np.isfinite(bias):
+        raise ValueError(f"bias must be finite, got {bias}")
+    if isinstance(tokens, bool) or int(tokens) != tokens or tokens < 1:
+        raise ValueError(f"tokens must be an integer >= 1, got {tokens!r}")
+    return helper.make_node(STEER_GATE, [hidden, attention_mask, gate_in, score_in], [gate_out, score_out],
+                            name=name, domain=DOMAIN, weight=_vector_attr(weight, "weight"), bias=float(bias),
+                            tokens=int(tokens), normalize=int(bool(normalize)), plugin_namespace=PLUGIN_NAMESPACE,
+                            plugin_version=plugin_version(STEER_GATE, 2))
 
 
 def make_steer_shift_node(hidden: str, gate: str, out: str, vector: np.ndarray, name: str) -> onnx.NodeProto:
@@ -165,7 +274,8 @@ def inline_nodes(node: onnx.NodeProto, opset: int) -> list[onnx.NodeProto]:
     """
     if node.domain != DOMAIN or node.op_type not in OP_TYPES:
         raise ValueError(f"not a steering node: {node.domain}:{node.op_type}")
-    function = {f.name: f for f in function_protos(opset)}[node.op_type]
+    version = int(node_attr(node, "plugin_version") or 1) if node.op_type == STEER_GATE else 1
+    function = {f.name: f for f in function_protos(opset, version)}[node.op_type]
     rename = dict(zip(function.input, node.input))
     rename.update(zip(function.output, node.output))
     attrs = {a.name: a for a in node.attribute}

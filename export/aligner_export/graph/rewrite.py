@@ -1,9 +1,12 @@
-"""The graph rewrite: SteerGate and SteerShift placed into a base ONNX LLM with onnx-ir (ARCHITECTURE.md §5).
+"""The graph rewrite: SteerGate and SteerShift placed into a base ONNX LLM with onnx-ir (ARCHITECTURE.md §5, §5.1,
+docs/contract.md).
 
-- ``SteerGate`` reads gate layer ``g``'s output before any shift at ``g``; its outputs are the graph outputs
-  ``steer_gate`` and ``steer_score``.
+- ``SteerGate`` reads each gate layer's output before any shift there. A version-1 gate is one node at ``g``; a
+  version-2 gate is a chain of nodes over the gate layers ``G``, each adding its layer's term to the previous
+  node's score (the first starts from zeros), the last one (at ``g* = max G``) adding the bias and deciding. The
+  node at ``g*`` produces the graph outputs ``steer_gate`` and ``steer_score``.
 - ``SteerShift`` follows each steered layer ``l`` and every consumer of that residual tensor reads its output
-  instead. Its gate is ``steer_gate`` for ``l >= g`` and ``max(steer_gate_in, 0)`` for ``l < g`` (the runtime's
+  instead. Its gate is ``steer_gate`` for ``l >= g*`` and ``max(steer_gate_in, 0)`` for ``l < g*`` (the runtime's
   two-pass rule).
 - The graph gains the input ``steer_gate_in`` float32 ``[batch]``; nothing else changes.
 
@@ -26,6 +29,7 @@ from aligner_export.graph.locate import ResidualSite, materialize, split_fused
 
 STEER_IMPLS = ("function", "inline")
 CLAMPED_GATE_IN = STEER_PREFIX + "gate_in_clamped"
+SCORE_ZERO = STEER_PREFIX + "score_zero"  # the first SteerGate v2 node's score_in
 
 
 def _graph_values(graph: ir.Graph) -> dict[str, ir.Value]:
@@ -100,7 +104,10 @@ def apply(model: ir.Model, sites: list[ResidualSite], config: SteerConfig) -> No
         if site.layer in config.vectors:
             split_fused(graph, site)
     residual = {site.layer: materialize(graph, site) for site in sites
-                if site.layer == config.gate_layer or site.layer in config.vectors}
+                if site.layer in config.gate.layers or site.layer in config.vectors}
+    missing = sorted((set(config.gate.layers) | set(config.vectors)) - set(residual))
+    if missing:
+        raise AlignerError(f"no residual site located for layer {missing[0]}")
     batch = _batch_dim(graph)
     gate_in = ir.Value(name=GATE_IN, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([batch]))
     graph.inputs.append(gate_in)
@@ -117,12 +124,8 @@ def apply(model: ir.Model, sites: list[ResidualSite], config: SteerConfig) -> No
         first = _emit(graph, zero, "function", opset, values, None)
         _emit(graph, clamp, "function", opset, values, first)
 
-    g_value = residual[config.gate_layer]
     gate = config.gate
-    gate_proto = onnx_ops.make_steer_gate_node(g_value.name, mask.name, GATE_IN, GATE_OUT, SCORE_OUT,
-                                               gate.weights[gate.last_layer], gate.bias,
-                                               node_name(config.gate_layer, STEER_GATE))
-    _emit(graph, gate_proto, config.steer_impl, opset, values, g_value.producer())
+    gate_nodes = _emit_gate(graph, config, residual, mask.name, opset, values)
 
     for layer in config.steer_layers:
         hidden = residual[layer]
@@ -131,7 +134,7 @@ def apply(model: ir.Model, sites: list[ResidualSite], config: SteerConfig) -> No
         shift_proto = onnx_ops.make_steer_shift_node(hidden.name, row_gate, out_name, config.vectors[layer],
                                                      node_name(layer, STEER_SHIFT))
         # After SteerGate when both sit at the same layer, so SteerGate reads the unshifted output.
-        anchor = values[GATE_OUT].producer() if layer == config.gate_layer else hidden.producer()
+        anchor = gate_nodes.get(layer) or hidden.producer()
         _emit(graph, shift_proto, config.steer_impl, opset, values, anchor)
         shifted = values[out_name]
         shifted.type, shifted.shape = hidden.type, hidden.shape
@@ -144,10 +147,41 @@ def apply(model: ir.Model, sites: list[ResidualSite], config: SteerConfig) -> No
 
     if config.steer_impl == "function":
         model.opset_imports[onnx_ops.DOMAIN] = config.gate.version
-        for proto in onnx_ops.function_protos(opset):
+        for proto in onnx_ops.function_protos(opset, config.gate.version):
             function = ir.serde.deserialize_function(proto)
             model.functions[function.identifier()] = function
     graph.sort()
+
+
+def _emit_gate(graph: ir.Graph, config: SteerConfig, residual: dict, mask: str, opset: int,
+               values: dict[str, ir.Value]) -> dict[int, ir.Node]:
+    """Places the gate (docs/contract.md): one SteerGate v1 node at g, or a chain of SteerGate v2 nodes over the gate
+    layers G whose scores accumulate from zeros, the last one (at g*) adding the bias and deciding. Returns the last
+    node emitted per layer."""
+    gate = config.gate
+    emitted = {}
+    if gate.version == 1:
+        g = gate.last_layer
+        proto = onnx_ops.make_steer_gate_node(residual[g].name, mask, GATE_IN, GATE_OUT, SCORE_OUT, gate.weights[g],
+                                              gate.bias, node_name(g, STEER_GATE))
+        emitted[g] = _emit(graph, proto, config.steer_impl, opset, values, residual[g].producer())
+        return emitted
+    shape = onnx.helper.make_node("Shape", [GATE_IN], [STEER_PREFIX + "batch_shape"], name=STEER_PREFIX + "Shape")
+    zeros = onnx.helper.make_node("ConstantOfShape", [STEER_PREFIX + "batch_shape"], [SCORE_ZERO],
+                                  value=onnx.numpy_helper.from_array(np.zeros(1, np.float32)),
+                                  name=STEER_PREFIX + "ConstantOfShape")
+    _emit(graph, zeros, "function", opset, values, _emit(graph, shape, "function", opset, values, None))
+    score_in = SCORE_ZERO
+    for layer in gate.layers:
+        name = node_name(layer, STEER_GATE)
+        last = layer == gate.last_layer
+        gate_out, score_out = (GATE_OUT, SCORE_OUT) if last else (f"{name}_gate", f"{name}_score")
+        proto = onnx_ops.make_steer_gate_v2_node(residual[layer].name, mask, GATE_IN, score_in, gate_out, score_out,
+                                                 gate.weights[layer], gate.bias if last else 0.0, gate.tokens,
+                                                 gate.normalize, name)
+        emitted[layer] = _emit(graph, proto, config.steer_impl, opset, values, residual[layer].producer())
+        score_in = score_out
+    return emitted
 
 
 def is_steered(model_proto: onnx.ModelProto) -> bool:

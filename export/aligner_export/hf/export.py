@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aligner_runtime.contract import MODEL_FILE, SITE, SteerConfig
+from aligner_runtime.contract import MODEL_FILE, SITE, STEERING_IO, SteerConfig
 from aligner_runtime.errors import AlignerError, atomic_dir
 
 OPSET = 18
@@ -323,6 +323,7 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
             "pack_sha256": file_sha256(pack_path), "pack_mode": pack.mode, "target_fingerprint": fingerprint,
             "steer_layers": config.steer_layers, "gate_layer": config.gate_layer, "alpha": float(options.alpha),
             "bias": config.gate.bias, "bias_rule": options.bias_rule, "steer_impl": config.steer_impl,
+            "gate": config.gate.manifest(), "two_pass_prefill": config.two_pass, "steering_io": dict(STEERING_IO),
             "dtype": options.dtype, "opset": default_opset(ir_model), "site": SITE, "exporter": exporter,
             "chat_template_sha256": template_sha, "chat_template_fallback": fallback, "num_layers": num_layers,
             "hidden_size": int(lm_config.hidden_size), "eos_token_ids": eos_token_ids(target, tokenizer),

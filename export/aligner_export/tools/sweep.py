@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         for block in blocks:
             for mult in [float(a) for a in args.alphas.split(",")]:
                 alpha = rec["alpha"] * mult
-                spec = pack.steer_config(rec["gate_layer"], block, alpha, rec["bias_rule"])
+                spec = pack.steer_config(block, alpha, pack.paper_gate(rec["gate_layer"], rec["bias_rule"]))
                 with steered(model, spec) as state, torch.no_grad():
                     state.gate_in = torch.ones(len(prompts))
                     out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False)
