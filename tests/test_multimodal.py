@@ -137,7 +137,7 @@ def test_calibration_uses_the_language_model_and_a_text_only_aligned_model(vlm, 
 # --- export --------------------------------------------------------------------------------------------------------
 
 def test_export_writes_three_graphs_and_the_manifest(vlm):
-    from aligner_runtime.manifest import read_graph_summary
+    from aligner_runtime.onnx_graph import read_graph_summary
 
     _, _, pack, out = vlm
     for name in ("model.onnx", "vision.onnx", "embed.onnx", "chat_template.jinja", "tokenizer.json"):

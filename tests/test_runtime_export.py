@@ -155,7 +155,7 @@ def _edit_manifest(path: Path, **changes) -> None:
 def test_tampered_manifest_is_refused(llama_export, tmp_path, change):
     path = _copy(llama_export[0], tmp_path)
     _edit_manifest(path, **change)
-    with pytest.raises(AlignerError, match="disagree|sits on layers|SteerGate|SteerShift"):
+    with pytest.raises(AlignerError, match="disagree|sits on layers|SteerGate|SteerShift|last of the gate layers|contradicts"):
         Aligner.load(path)
     with pytest.raises(AlignerError):  # a mismatch is never waived, not even for an unsteered run
         Aligner.load(path, allow_unsteered=True)
@@ -205,7 +205,7 @@ def test_unsteered_graph_needs_the_explicit_switch(unsteered_export, llama_expor
     manifest = json.loads((llama_export[0] / "inferaligner.json").read_text())
     del manifest["io"]
     (tmp_path / "mixed" / "inferaligner.json").write_text(json.dumps(manifest))
-    with pytest.raises(AlignerError, match="refusing .*lacks the steering interface"):
+    with pytest.raises(AlignerError, match="refusing .*(lacks the steering interface|lacks the metadata|lacks io)"):
         Aligner.load(tmp_path / "mixed")
 
 
@@ -222,7 +222,7 @@ def test_missing_pieces_are_refused(llama_export, tmp_path):
         Aligner.load(path)
     path = _copy(llama_export[0], tmp_path / "c")
     (path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
-    with pytest.raises(AlignerError, match="chat_template_sha256"):
+    with pytest.raises(AlignerError, match="chat_template"):
         Aligner.load(path)
 
 

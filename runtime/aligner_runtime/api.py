@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 from .contract import GATE_IN, MODEL_FILE, STAMP_FILE
 from .errors import AlignerError
 from .generate import GenerationRun, RunTiming, SamplingConfig, check_token_ids
-from .manifest import ExportDir, load_export, read_manifest
+from .manifest import ExportDir, load_engine_export, load_export
 from .tokenizer import ChatTokenizer, IncrementalDecoder
 
 
@@ -117,17 +117,20 @@ class Aligner:
     @classmethod
     def load(cls, path: str | Path, backend: str = "onnxruntime", *, providers: Sequence | None = None,
              threads: int | None = None, plugins: str | Path | None = None,
-             allow_unsteered: bool = False) -> "Aligner":
+             allow_unsteered: bool = False, allow_legacy: bool = False, verify_weights: bool = True) -> "Aligner":
         """Loads an export dir (``onnxruntime``), or for ``tensorrt`` an engine file or a directory holding the engine
         and its ``ENGINE.json``. The export (manifest, tokenizer) is the stamp's ``export_dir``, else the engine's
-        directory. Refuses an unsteered or mismatched export unless ``allow_unsteered=True``."""
+        directory. Refuses an unsteered, mismatched or tampered export (``aligner_runtime.manifest``): an unsteered
+        one runs only with ``allow_unsteered=True``, an export of manifest format 1 (no integrity digests) only with
+        ``allow_legacy=True``. ``verify_weights=False`` skips the digest of the weight files (one read of them)."""
         from .backends import BACKENDS
 
         if backend not in BACKENDS:
             raise AlignerError(f"unknown backend '{backend}': use one of {', '.join(BACKENDS)}")
         path = Path(path)
         if backend == "onnxruntime":
-            export = load_export(path, allow_unsteered=allow_unsteered)
+            export = load_export(path, allow_unsteered=allow_unsteered, allow_legacy=allow_legacy,
+                                 verify_weights=verify_weights)
             from .backends.onnxruntime import OnnxRuntimeBackend
 
             engine = OnnxRuntimeBackend(export.model_path, providers=providers, intra_op_threads=threads)
@@ -147,11 +150,12 @@ class Aligner:
             if not export_dir.is_absolute():
                 export_dir = engine_path.parent / export_dir
             if (export_dir / MODEL_FILE).is_file():
-                export = load_export(export_dir, allow_unsteered=allow_unsteered)
+                export = load_export(export_dir, allow_unsteered=allow_unsteered, allow_legacy=allow_legacy,
+                                     verify_weights=verify_weights)
             else:  # a device deployment may ship the engine without the ONNX graph; the stamp binds the two
-                manifest, digest = read_manifest(export_dir)
-                export = ExportDir(export_dir, manifest, digest, graph=None, steered=True)
-            engine = TensorRTBackend(engine_path, export.manifest_sha256, plugin_library=plugins)
+                export = load_engine_export(export_dir)
+            engine = TensorRTBackend(engine_path, export.manifest_sha256, plugin_library=plugins,
+                                     integrity=export.manifest.get("integrity") if export.steered else None)
             if GATE_IN not in engine.input_names and not allow_unsteered:
                 raise AlignerError(f"refusing {engine_path}: the engine has no steering interface; pass "
                                    f"allow_unsteered=True only to run it without safety steering")

@@ -32,7 +32,7 @@ def run(args) -> int:
     from aligner_runtime.errors import AlignerError
     from aligner_runtime.prompts import load_prompt_items, load_templates
 
-    from aligner_export.evaluation.evaluate.evaluate import PromptSet, evaluate, jailbreak_prompts, make_judge, write_report
+    from aligner_export.evaluation.evaluate import PromptSet, evaluate, jailbreak_prompts, make_judge, write_report
 
     for name in ("limit", "max_new_tokens", "batch_size"):
         value = getattr(args, name)
@@ -68,7 +68,7 @@ def run(args) -> int:
                         "jailbreak_templates": args.jailbreak_templates,
                         "templates_used": min(len(templates), len(harmful)) if templates else 0}
     paths = write_report(report, args.report)
-    from aligner_export.evaluation.evaluate.evaluate import markdown
+    from aligner_export.evaluation.evaluate import markdown
 
     print(markdown(report))
     print(f"report: {paths['md']}, {paths['json']}, {paths['png']}")

@@ -291,6 +291,8 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
     from aligner_export.graph.rewrite import apply, check_unsteered, default_opset
     from aligner_export.hf.families import family_for, text_config
     from aligner_export.pack import file_sha256
+    from aligner_runtime import integrity
+    from aligner_runtime.onnx_graph import read_graph_summary
 
     family = family_for(model.config)
     lm = family.language_model(model)
@@ -359,5 +361,9 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
                 f"decode {result.decode_max_abs_diff:.2e} (tolerance {result.tolerance:g}); gates {result.gates}")
         else:
             log("validation skipped (--no-validate)")
+        t0 = time.perf_counter()
+        manifest["integrity"] = integrity.compute(tmp, read_graph_summary(model_path), config.gate.layers,
+                                                  config.steer_layers, config.steer_impl)
+        options.timings["integrity_s"] = time.perf_counter() - t0
         write_manifest(tmp, manifest)
     return manifest

@@ -18,6 +18,7 @@ Thread safety: one execution context serves every call, so ``run`` is serialised
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import threading
 from pathlib import Path
@@ -65,10 +66,41 @@ def _import_cuda_runtime():
     return cudart
 
 
+class _PluginDigests:
+    """The plugin library's registry of the constants digests of the plugins it created at run time
+    (``aligner_plugins_digest_*``, plugins/tensorrt/README: "Constant digests")."""
+
+    def __init__(self, library: ctypes.CDLL):
+        try:
+            self._reset, self._count, self._at = (library.aligner_plugins_digest_reset,
+                                                  library.aligner_plugins_digest_count,
+                                                  library.aligner_plugins_digest_at)
+        except AttributeError:
+            raise AlignerError("the plugin library has no digest registry: rebuild it from this version of the "
+                               "package") from None
+        self._count.restype = ctypes.c_int32
+        text = ctypes.POINTER(ctypes.c_char_p)
+        self._at.argtypes = [ctypes.c_int32, text, text, text, text]
+        self._at.restype = ctypes.c_int32
+
+    def reset(self) -> None:
+        self._reset()
+
+    def entries(self) -> list[tuple[str, str, str, str]]:
+        out = []
+        for i in range(self._count()):
+            fields = [ctypes.c_char_p() for _ in range(4)]
+            if self._at(i, *[ctypes.byref(f) for f in fields]) != 0:
+                raise AlignerError("the plugin library's digest registry changed while it was read")
+            out.append(tuple((f.value or b"").decode("utf-8", "replace") for f in fields))
+        return out
+
+
 class TensorRTBackend:
     name = "tensorrt"
 
-    def __init__(self, engine_path: str | Path, manifest_sha256: str, plugin_library: str | Path | None = None):
+    def __init__(self, engine_path: str | Path, manifest_sha256: str, plugin_library: str | Path | None = None,
+                 integrity: dict | None = None):
         try:
             import tensorrt as trt
         except ImportError:
@@ -93,6 +125,13 @@ class TensorRTBackend:
                                f"this GPU is {here} (rebuild it here)")
         if stamp["manifest_sha256"] != manifest_sha256:
             raise AlignerError(f"engine {engine_path} was built from another export (manifest_sha256 differs)")
+        engine_bytes = engine_path.read_bytes()
+        if "engine_sha256" not in stamp:
+            raise AlignerError(f"{engine_path.parent / STAMP_FILE} lacks engine_sha256 (rebuild the engine with this "
+                               f"version of aligner-export build)")
+        if hashlib.sha256(engine_bytes).hexdigest() != stamp["engine_sha256"]:
+            raise AlignerError(f"engine {engine_path} differs from the one its stamp was written for (tampered or "
+                               f"replaced engine)")
 
         plugin_library = plugin_library or stamp.get("plugin_library") or os.environ.get(PLUGIN_ENV)
         if plugin_library:
@@ -100,12 +139,24 @@ class TensorRTBackend:
                 raise AlignerError(f"plugin library not found: {plugin_library}")
             # RTLD_GLOBAL: the library registers SteerGate/SteerShift with TensorRT's plugin registry on load.
             self._plugin_handle = ctypes.CDLL(str(plugin_library), mode=ctypes.RTLD_GLOBAL)
+            digests = _PluginDigests(self._plugin_handle)
+            digests.reset()
+        else:
+            digests = None
         self._logger = trt.Logger(trt.Logger.WARNING)
         trt.init_libnvinfer_plugins(self._logger, "")
         self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        self.engine = self._runtime.deserialize_cuda_engine(engine_bytes)
         if self.engine is None:
             raise AlignerError(f"TensorRT cannot deserialize {engine_path} (plugin library missing or mismatched?)")
+        if integrity is not None:
+            # The plugins recorded the digest of the constants they deserialised (docs/contract.md).
+            from ..integrity import verify_plugin_constants
+
+            if digests is None:
+                raise AlignerError("the steering constants of the engine can only be checked with the plugin library "
+                                   "loaded by this backend (pass plugins=... or set ALIGNER_TRT_PLUGINS)")
+            verify_plugin_constants(digests.entries(), integrity)
         self.context = self.engine.create_execution_context()
         self._stream = self._call(cudart.cudaStreamCreate())
         self.context.set_optimization_profile_async(0, self._stream)
