@@ -25,9 +25,27 @@ def splitting_bias(model, tokenizer, gate_layer: int, direction: np.ndarray, pad
     return float(-score.mean())
 
 
+def splitting_linear_bias(model, tokenizer, gate, padding_side: str = "left") -> float:
+    """Minus the midpoint of the validation prompts' scores under a version-2 ``gate`` with bias 0."""
+    from dataclasses import replace
+
+    from aligner_export.hf.modeling import chat_texts, tokenize_batch
+    from aligner_export.hf.reference import score_prompts
+    from aligner_export.hf.validate import PROMPTS
+    from aligner_runtime.contract import SteerConfig
+
+    texts, _, _ = chat_texts(tokenizer, list(PROMPTS))
+    batch = tokenize_batch(tokenizer, texts, padding_side=padding_side)
+    config = SteerConfig(replace(gate, bias=0.0), {gate.last_layer: np.zeros(model.config.hidden_size, np.float32)})
+    _, score = score_prompts(model, config, batch["input_ids"], batch["attention_mask"])
+    return float(-score.mean())
+
+
 def make_pack(model_dir: Path, path: Path, gate_layer: int = 1, steer_layers=(1, 2), alpha: float = 4.0,
-              seed: int = 0, fingerprint: str | None = None, bias: float | None = None) -> Path:
-    """Writes a pack for ``model_dir`` whose ``paper`` bias splits the validation prompts; returns ``path``."""
+              seed: int = 0, fingerprint: str | None = None, bias: float | None = None,
+              linear_gate: tuple | None = None) -> Path:
+    """Writes a pack for ``model_dir`` whose ``paper`` bias splits the validation prompts; returns ``path``.
+    ``linear_gate=(layers, tokens, normalize)`` adds a random version-2 gate whose bias splits them too."""
     from aligner_export.hf.modeling import fingerprint as model_fingerprint
     from aligner_export.hf.modeling import load_model
     from aligner_export.pack import SteeringPack, save_pack
@@ -53,5 +71,17 @@ def make_pack(model_dir: Path, path: Path, gate_layer: int = 1, steer_layers=(1,
                             "bias_rule": "paper"},
             "created_by": "tests"}
     zeros = np.zeros((layers, hidden), np.float32)
-    save_pack(SteeringPack(target_srv, zeros, zeros, aligned_srv, meta), path)
+    gate_weight = None
+    if linear_gate is not None:
+        from aligner_runtime.contract import GateConfig
+
+        gate_layers, tokens, normalize = linear_gate
+        weights = rng.normal(size=(len(gate_layers), hidden)).astype(np.float32)
+        gate = GateConfig(layers=tuple(gate_layers), weights=dict(zip(gate_layers, weights)), bias=0.0,
+                          tokens=tokens, normalize=normalize, version=2, rule="linear")
+        meta["gate"] = {"version": 2, "layers": list(gate_layers), "tokens": tokens, "normalize": normalize,
+                        "bias": splitting_linear_bias(model, tokenizer, gate), "rule": "linear"}
+        meta["recommended"]["gate"] = "linear"
+        gate_weight = weights
+    save_pack(SteeringPack(target_srv, zeros, zeros, aligned_srv, meta, gate_weight), path)
     return path

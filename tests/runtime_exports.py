@@ -7,8 +7,11 @@ from pathlib import Path
 
 _CACHE: dict = {}
 
-# Layers 0-3 steered with the gate on layer 2: layer 0 and 1 lie below the gate, so the §5 two-pass rule applies.
+PROMPTS = Path(__file__).resolve().parents[1] / "export" / "aligner_export" / "data" / "prompts"
+# Layers 0-3 steered with the paper gate on layer 2: layer 0 and 1 lie below the gate, so the §5 two-pass rule applies.
 DEFAULT_OPTIONS = (("--steer-layers", "0-3"), ("--gate-layer", "2"), ("--alpha", "4"), ("--bias-rule", "paper"))
+# The pack's linear gate (§5.1, SteerGate version 2 chained over its layers), layers 0-3 steered.
+LINEAR_OPTIONS = (("--steer-layers", "0-3"), ("--alpha", "4"), ("--gate", "linear"))
 
 
 def _cli(*args: str) -> None:
@@ -30,7 +33,8 @@ def tiny_export(tmp_path_factory, tiny_model_dir, family: str = "llama", options
         pack = root / "pack.safetensors"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _cli("calibrate", "--target", model_dir, "-o", pack)
+            _cli("calibrate", "--target", model_dir, "-o", pack, "--harmful", PROMPTS / "harmful.txt",
+                 "--harmless", PROMPTS / "harmless.txt")
         out = root / "export"
         _cli("export", "--target", model_dir, "--pack", pack, "-o", out, *[x for pair in options for x in pair])
         _CACHE[key] = (out, model_dir, pack)

@@ -100,7 +100,11 @@ def test_pack_round_trip_and_metadata(tiny_model_dir, tmp_path):
     again = load_pack(path)
     for name, arr in pack.tensors().items():
         np.testing.assert_array_equal(again.tensors()[name], arr)
-        assert arr.dtype == np.float32 and arr.shape == (4, 64)
+        rows = len(pack.meta["gate"]["layers"]) if name == "gate.weight" else 4
+        assert arr.dtype == np.float32 and arr.shape == (rows, 64)
+    assert again.has_linear_gate and again.recommended["gate"] == "linear"
+    gate = again.linear_gate()
+    assert gate.version == 2 and gate.last_layer == max(pack.meta["gate"]["layers"])
     meta = again.meta
     assert meta["format_version"] == 2 and meta["mode"] == "cross-model"
     assert (meta["num_layers"], meta["hidden_size"]) == (4, 64)
@@ -116,7 +120,7 @@ def test_pack_round_trip_and_metadata(tiny_model_dir, tmp_path):
     assert [s["layer"] for s in meta["per_layer"]] == [0, 1, 2, 3]
     assert all(keys <= set(s) for s in meta["per_layer"])
     rec = meta["recommended"]
-    assert set(rec) == {"gate_layer", "steer_layers", "alpha", "bias_rule"}
+    assert set(rec) == {"gate_layer", "steer_layers", "alpha", "bias_rule", "gate"}
     assert 0 <= rec["gate_layer"] < 4 and rec["steer_layers"] and rec["alpha"] > 0
     assert rec["steer_layers"] == list(range(rec["steer_layers"][0], rec["steer_layers"][-1] + 1))
     assert meta["created_by"].startswith("inferaligner-edge ")
@@ -148,7 +152,9 @@ def test_cli_writes_pack_and_report(tiny_model_dir, prompt_files, tmp_path, caps
     png = (tmp_path / "rep" / "calibration.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "recommended" in json.loads((tmp_path / "rep" / "calibration.json").read_text())
-    assert "recommended: gate layer" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "recommended: linear gate" in out and "linear gate: layers" in out and "paper gate: layer" in out
+    assert (tmp_path / "rep" / "gate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_self_mode_warns_and_records(tiny_model_dir, prompt_files, tmp_path):
@@ -207,7 +213,7 @@ def test_cli_bad_input(tiny_model_dir, prompt_files, tmp_path, capsys):
         "cannot read prompt file": ["--target", target, "--harmful", binary, "--harmless", harmless, "-o", out],
         "unknown prompt file format": ["--target", target, "--harmful", unknown, "--harmless", harmless, "-o", out],
         "non-finite activations": ["--target", nan_dir, *base],
-        "output directory does not exist": ["--target", target, "--harmful", harmful, "--harmless", harmless,
+        "directory does not exist": ["--target", target, "--harmful", harmful, "--harmless", harmless,
                                             "-o", tmp_path / "nodir" / "p.safetensors"],
     }
     for needle, args in cases.items():

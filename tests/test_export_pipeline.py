@@ -127,6 +127,44 @@ def test_llama_matrix_against_reference(exports, packs, impl, gate_layer, paddin
     assert sorted(result.gates) == [0.0, 1.0]
 
 
+@pytest.fixture(scope="module")
+def linear_pack(tiny_model_dir, tmp_path_factory):
+    """A pack whose linear gate reads layers 0 and 2 over the last 2 tokens, unit-normalised; layers 1-3 steered, so
+    layer 1 lies below g* = 2 (two-pass prefill)."""
+    model_dir = tiny_model_dir("llama")
+    path = tmp_path_factory.mktemp("linear") / "pack.safetensors"
+    return model_dir, make_pack(model_dir, path, steer_layers=(1, 2, 3), linear_gate=((0, 2), 2, True))
+
+
+@pytest.mark.parametrize("impl", ["function", "inline"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_linear_gate_against_reference(linear_pack, tmp_path, impl, padding_side):
+    """SteerGate version 2 chained over two layers, mixed gates, prefill and 3 decode steps, both paddings, both
+    impls: ORT against the PyTorch hooks (ARCHITECTURE.md §5.1)."""
+    from aligner_export.hf.validate import validate
+
+    model_dir, pack = linear_pack
+    out = tmp_path / "out"
+    assert main(["export", "--target", str(model_dir), "--pack", str(pack), "-o", str(out), "--steer-impl", impl,
+                 "--no-validate"]) == 0
+    manifest = load_manifest(out)
+    assert manifest["gate"] == {"version": 2, "layers": [0, 2], "tokens": 2, "normalize": True,
+                                "bias": manifest["bias"], "rule": "linear"}
+    assert manifest["gate_layer"] == 2 and manifest["two_pass_prefill"] is True
+    model, tokenizer, spec = _reference(model_dir, pack, manifest)
+    result = validate(out / "model.onnx", model, tokenizer, spec, padding_side=padding_side)
+    assert result.prefill_max_abs_diff <= 1e-4 and result.decode_max_abs_diff <= 1e-4
+    assert result.score_max_abs_diff <= 1e-4
+    if padding_side == "left":
+        assert sorted(result.gates) == [0.0, 1.0], "the pack's bias must split the two validation prompts"
+    if impl == "function":
+        graph = onnx.load(str(out / "model.onnx"))
+        gates = [n for n in graph.graph.node if n.op_type == "SteerGate"]
+        assert [n.name for n in gates] == ["/model/layers.0/steer/SteerGate", "/model/layers.2/steer/SteerGate"]
+        assert gates[1].input[3] == gates[0].output[1]  # the chain: the second node's score_in is the first's score
+        assert {o.version for o in graph.opset_import if o.domain == "inferaligner"} == {2}
+
+
 @pytest.mark.parametrize("impl", ["function", "inline"])
 def test_ort_enable_all_gives_the_same_outputs(exports, packs, impl):
     from aligner_export.hf.validate import OrtLM, ort_session

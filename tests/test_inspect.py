@@ -35,7 +35,8 @@ def test_export_dir(exported, capsys):
     _, out, _ = exported
     text = inspect(capsys, out)
     assert "steered: yes" in text
-    assert "SteerShift after layers [1, 3]; SteerGate at layer 2 (function; plugin [inferaligner/1])" in text
+    assert "SteerShift after layers [1, 3]; SteerGate v1 at layer [2] (function; plugin [SteerGate/1, SteerShift/1])" \
+        in text
     assert "two-pass prefill" in text
     assert "vector norms (alpha * ssv): 1: 4, 3: 4" in text
     assert "alpha 4," in text and "(paper)" in text
@@ -48,7 +49,7 @@ def test_bare_onnx_inline_reads_graph_and_metadata(exported, capsys):
     _, _, inline = exported
     text = inspect(capsys, inline / "model.onnx")
     assert text.startswith("onnx: ")
-    assert "SteerGate at layer 2 (inline" in text
+    assert "SteerGate v1 at layer [2] (inline" in text
     assert "vector norms (alpha * ssv): 1: 2, 3: 2" in text
     assert "validation: not run" in text
     info = json.loads(inspect(capsys, inline / "model.onnx", "--json"))
@@ -70,7 +71,7 @@ def test_unsteered_onnx(tiny_model_dir, tmp_path, capsys):
 def test_pack(exported, capsys):
     pack, _, _ = exported
     text = inspect(capsys, pack)
-    assert "recommended: gate layer 2, steer layers [1, 3], alpha 4, bias rule paper" in text
+    assert "recommended: paper gate; paper gate layer 2, steer layers [1, 3], alpha 4, bias rule paper" in text
     assert "vector norms (alpha * ssv): 1: 4, 3: 4" in text
 
 

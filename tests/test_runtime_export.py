@@ -16,7 +16,7 @@ import pytest
 
 from aligner_runtime.api import Aligner
 from aligner_runtime.errors import AlignerError
-from runtime_exports import DEFAULT_OPTIONS, steer_config, tiny_export
+from runtime_exports import DEFAULT_OPTIONS, LINEAR_OPTIONS, steer_config, tiny_export
 
 PROMPT_DIR = Path(__file__).resolve().parents[1] / "export" / "aligner_export" / "data" / "prompts"
 NEW_TOKENS = 8
@@ -25,7 +25,7 @@ NEW_TOKENS = 8
 def candidate_prompts() -> list[str]:
     harmful = PROMPT_DIR.joinpath("harmful_heldout.txt").read_text().splitlines()
     harmless = PROMPT_DIR.joinpath("harmless_heldout.txt").read_text().splitlines()
-    lines = [p for p in harmful[:12] + harmless[:12] if p.strip() and not p.startswith("#")]
+    lines = [p for p in harmful[:30] + harmless[:30] if p.strip() and not p.startswith("#")]
     return lines
 
 
@@ -40,10 +40,14 @@ def mixed_prompts(aligner, count: int = 3) -> list[str]:
     return [p for pair in zip(fired_prompts, quiet_prompts) for p in pair]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3", "llama-inline"])
+@pytest.fixture(scope="module", params=["llama", "qwen3", "llama-inline", "llama-linear", "qwen3-linear-inline"])
 def export(request, tmp_path_factory, tiny_model_dir):
-    family, _, impl = request.param.partition("-")
-    options = DEFAULT_OPTIONS + ((("--steer-impl", impl),) if impl else ())
+    """Tiny exports with the paper gate (SteerGate v1) and with the pack's linear gate (v2 chained over its layers),
+    as functions and inlined."""
+    family, *variant = request.param.split("-")
+    options = LINEAR_OPTIONS if "linear" in variant else DEFAULT_OPTIONS
+    if "inline" in variant:
+        options = options + (("--steer-impl", "inline"),)
     return tiny_export(tmp_path_factory, tiny_model_dir, family, options)
 
 

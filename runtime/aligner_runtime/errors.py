@@ -72,3 +72,34 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """Fails fast, before any work, when ``path`` cannot be written: its directory is missing or read-only, or it is a
+    directory itself."""
+    path = Path(path)
+    if path.is_dir():
+        raise AlignerError(f"{what} {path} is a directory")
+    check_writable_dir(path.parent, f"{what}'s directory")
+    return path
+
+
+def check_writable_dir(path: str | os.PathLike, what: str = "output directory") -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise AlignerError(f"{what} does not exist: {path}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise AlignerError(f"{what} is not writable: {path}")
+    return path
+
+
+def check_count(value, what: str, low: int, high: int) -> int:
+    """An integer option within ``[low, high]``, or one line naming the option."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise AlignerError(f"{what} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def max_threads() -> int:
+    """The most threads a thread option accepts: four per core this machine has."""
+    return 4 * (os.cpu_count() or 1)

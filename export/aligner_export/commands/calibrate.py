@@ -1,43 +1,83 @@
-"""``aligner-export calibrate``: compute the steering pack (ARCHITECTURE.md §4, §7)."""
+"""``aligner-export calibrate``: compute the steering pack (ARCHITECTURE.md §4, §5.1, §7; docs/calibration.md)."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-DEFAULT_HARMFUL = "harmful.txt"
-DEFAULT_HARMLESS = "harmless.txt"
-
 
 def configure(parser) -> None:
     parser.add_argument("--target", required=True, help="HF model directory of the model to protect")
     parser.add_argument("--aligned", help="HF model directory of its safety-aligned sibling (omit: self mode)")
-    parser.add_argument("--harmful", help="harmful prompt file (.txt/.json/.jsonl/.csv); default: the shipped set")
-    parser.add_argument("--harmless", help="harmless prompt file; default: the shipped set")
+    parser.add_argument("--harmful", help="harmful prompt file (.txt/.json/.jsonl/.csv); with --harmless it replaces "
+                                          "the shipped corpus")
+    parser.add_argument("--harmless", help="harmless prompt file (with --harmful)")
+    parser.add_argument("--borderline", help="harmless prompts with alarming words (with --harmful/--harmless)")
+    parser.add_argument("--jailbreak-templates", help="templates holding {prompt}, to wrap harmful prompts as gate "
+                                                      "positives (with --harmful/--harmless)")
+    parser.add_argument("--corpus", help="a corpus directory in the shipped layout (default: the shipped corpus)")
     parser.add_argument("-o", "--output", required=True, help="steering pack to write (.safetensors)")
-    parser.add_argument("--report", help="directory for calibration.png and calibration.json")
+    parser.add_argument("--report", help="directory for calibration.png, gate.png and calibration.json")
+    parser.add_argument("--gate", choices=("linear", "paper"), default="linear",
+                        help="linear: the multi-layer gate of ARCHITECTURE.md §5.1 (default); paper: the paper's one "
+                             "direction at one layer only")
     parser.add_argument("--max-fpr", type=float, default=0.01,
-                        help="false-positive budget on harmless calibration prompts for the 'fpr' bias (default 0.01)")
+                        help="false-positive budget on generic harmless prompts (default 0.01)")
+    parser.add_argument("--max-fpr-borderline", type=float, default=0.10,
+                        help="false-positive budget of the linear gate on borderline-benign prompts (default 0.10)")
+    parser.add_argument("--wrapped", type=int, default=None,
+                        help="harmful prompts wrapped in jailbreak templates as gate positives (default 80)")
+    parser.add_argument("--rewrites", type=int, default=None,
+                        help="rewritten prompts per rewrite family and class, for the gate (default 40)")
     parser.add_argument("--val-fraction", type=float, default=0.25,
-                        help="share of each prompt set held out for validation (default 0.25)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration/validation split")
-    parser.add_argument("--batch-size", type=int, default=16)
+                        help="share of each prompt set held out for the per-layer validation (default 0.25)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the splits, wraps and rewrites")
+    parser.add_argument("--batch-size", type=int, default=64, help="most prompts per forward batch (default 64)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
+def _sets(args):
+    from aligner_runtime.errors import AlignerError, check_count
+    from aligner_runtime.prompts import load_prompts, load_templates
+
+    from aligner_export import corpus
+    from aligner_export.hf.calibrate import MIN_PROMPTS
+
+    wrapped = check_count(corpus.WRAPPED_DEFAULT if args.wrapped is None else args.wrapped, "--wrapped", 0, 100_000)
+    rewrites = check_count(corpus.REWRITES_DEFAULT if args.rewrites is None else args.rewrites, "--rewrites", 0,
+                           100_000)
+    if bool(args.harmful) != bool(args.harmless):
+        raise AlignerError("give --harmful and --harmless together (or neither, for the shipped corpus)")
+    if args.harmful:
+        if args.corpus:
+            raise AlignerError("--corpus and --harmful/--harmless are alternatives")
+        return corpus.file_sets(load_prompts(args.harmful, min_count=MIN_PROMPTS),
+                                load_prompts(args.harmless, min_count=MIN_PROMPTS),
+                                load_prompts(args.borderline) if args.borderline else [],
+                                load_templates(args.jailbreak_templates) if args.jailbreak_templates else [],
+                                seed=args.seed, wrapped=wrapped)
+    if args.borderline or args.jailbreak_templates:
+        raise AlignerError("--borderline and --jailbreak-templates go with --harmful/--harmless; the corpus has its own")
+    return corpus.calibration_sets(corpus.load_corpus(args.corpus), corpus.load_templates(args.corpus), args.seed,
+                                   wrapped, rewrites)
+
+
 def run(args) -> int:
-    from aligner_runtime.errors import AlignerError
-    from aligner_runtime.prompts import load_prompts
+    from aligner_runtime.errors import check_count, check_writable_dir, check_writable_file, max_threads
 
-    from aligner_export.hf.calibrate import DEFAULT_PROMPTS_DIR, MIN_PROMPTS
+    out = check_writable_file(args.output, "output pack")
+    if args.report:
+        report = Path(args.report)
+        check_writable_dir(report if report.is_dir() else report.parent, "report directory")
+    check_count(args.batch_size, "--batch-size", 1, 1024)
+    if args.threads is not None:
+        check_count(args.threads, "--threads", 1, max_threads())
+    from aligner_export.hf.families import family_for
+    from aligner_export.hf.modeling import load_config
 
-    out = Path(args.output)
-    if not out.parent.is_dir():
-        raise AlignerError(f"output directory does not exist: {out.parent}")
-    if out.is_dir():
-        raise AlignerError(f"output path is a directory: {out}")
-    harmful = load_prompts(args.harmful or DEFAULT_PROMPTS_DIR / DEFAULT_HARMFUL, min_count=MIN_PROMPTS)
-    harmless = load_prompts(args.harmless or DEFAULT_PROMPTS_DIR / DEFAULT_HARMLESS, min_count=MIN_PROMPTS)
+    for path in filter(None, (args.target, args.aligned)):  # an unusable model fails before any prompt is read
+        family_for(load_config(path))
+    sets = _sets(args)
 
     import torch
 
@@ -46,17 +86,28 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"calibration prompts: {sets.summary()}", flush=True)
     start = time.perf_counter()
-    pack = calibrate(args.target, harmful, harmless, args.aligned, val_fraction=args.val_fraction, seed=args.seed,
-                     max_fpr=args.max_fpr, batch_size=args.batch_size, report_dir=args.report)
+    pack = calibrate(args.target, sets.harmful, sets.harmless, args.aligned, extras=sets.extras, gate=args.gate,
+                     val_fraction=args.val_fraction, seed=args.seed, max_fpr=args.max_fpr,
+                     max_fpr_borderline=args.max_fpr_borderline, batch_size=args.batch_size,
+                     report_dir=args.report, log=lambda text: print(text, flush=True))
     save_pack(pack, out)
     rec = pack.recommended
     stats = pack.layer_stats(rec["gate_layer"])
     print(f"wrote {out} ({pack.mode}, {pack.num_layers} layers x {pack.hidden_size}) in "
           f"{time.perf_counter() - start:.1f}s")
-    print(f"recommended: gate layer {rec['gate_layer']} (validation accuracy {stats['target_val_accuracy']:.3f}, "
-          f"TPR {stats['val_tpr']:.3f}, FPR {stats['val_fpr']:.3f} with the fpr bias), steered layers "
-          f"{rec['steer_layers'][0]}-{rec['steer_layers'][-1]}, alpha {rec['alpha']}")
+    if pack.has_linear_gate:
+        gate = pack.meta["gate"]
+        held = gate["heldout"]
+        print(f"linear gate: layers {gate['layers']}, last {gate['tokens']} tokens"
+              f"{', unit-normalised' if gate['normalize'] else ''}; leave-one-source-out TPR "
+              f"{held['loso_mean_tpr']:.3f} (worst source {held['loso_min_tpr']:.3f}); held-out FPR generic "
+              f"{held.get('fpr_harmless', float('nan')):.3f}, borderline {held.get('fpr_borderline', float('nan')):.3f}")
+    print(f"paper gate: layer {rec['gate_layer']} (validation accuracy {stats['target_val_accuracy']:.3f}, "
+          f"TPR {stats['val_tpr']:.3f}, FPR {stats['val_fpr']:.3f} with the fpr bias)")
+    print(f"recommended: {rec.get('gate', 'paper')} gate, steered layers {rec['steer_layers'][0]}-"
+          f"{rec['steer_layers'][-1]}, alpha {rec['alpha']}")
     if args.report:
         print(f"report: {Path(args.report) / 'calibration.png'}")
     return 0

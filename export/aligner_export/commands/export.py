@@ -16,7 +16,8 @@ def configure(parser) -> None:
     parser.add_argument("--steer-layers", default="auto", help="steered layers: A-B, A,B,C or auto (pack's choice)")
     parser.add_argument("--gate", choices=("linear", "paper"), default=None,
                         help="linear: the pack's multi-layer gate (ARCHITECTURE.md §5.1); paper: one direction at one "
-                             "layer, as in the paper (default: the pack's recommendation)")
+                             "layer, as in the paper (default: the pack's recommendation; paper when --gate-layer or "
+                             "--bias-rule is given)")
     parser.add_argument("--gate-layer", default="auto", help="the paper gate's layer N, or auto (pack's choice)")
     parser.add_argument("--alpha", default=None, help="steering strength (default: the pack's recommendation)")
     parser.add_argument("--bias-rule", choices=("paper", "fpr"), default=None,
@@ -73,11 +74,13 @@ def resolve_options(args, pack, num_layers: int):
         raise AlignerError(f"--alpha: '{args.alpha}' is not a number") from None
     if not math.isfinite(alpha) or alpha <= 0:
         raise AlignerError(f"--alpha must be a finite number > 0, got {alpha}")
-    kind = args.gate or rec.get("gate", "paper")
+    paper_options = args.gate_layer != "auto" or args.bias_rule is not None
+    # --gate-layer and --bias-rule only mean something for the paper gate: giving one asks for it.
+    kind = args.gate or ("paper" if paper_options else rec.get("gate", "paper"))
     if kind == "linear":
-        if args.gate_layer != "auto" or args.bias_rule is not None:
+        if paper_options:
             raise AlignerError("--gate-layer and --bias-rule choose the paper gate's layer and bias; the linear gate "
-                               "reads the layers it was calibrated on (pass --gate paper to use them)")
+                               "reads the layers it was calibrated on (drop them, or pass --gate paper)")
         gate, bias_rule = pack.linear_gate(), "fpr"
     else:
         if args.gate_layer == "auto":

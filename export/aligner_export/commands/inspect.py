@@ -59,8 +59,9 @@ def describe_pack(path: Path) -> dict:
     rec = pack.recommended
     gate = int(rec["gate_layer"])
     stats = pack.layer_stats(gate)
-    return {
+    info = {
         "kind": "steering pack", "path": str(path), "sha256": file_sha256(path), "mode": pack.mode,
+        "format_version": pack.meta["format_version"],
         "num_layers": pack.num_layers, "hidden_size": pack.hidden_size, "site": pack.meta.get("site"),
         "recommended": rec, "gate_layer": gate,
         "bias": {"paper": stats["bias_paper"], "fpr": stats["bias_fpr"], "rule": rec["bias_rule"]},
@@ -71,52 +72,70 @@ def describe_pack(path: Path) -> dict:
                          "aligned": (pack.meta.get("aligned") or {}).get("fingerprint")},
         "prompts": {k: {"count": v.get("count")} for k, v in (pack.meta.get("prompts") or {}).items()},
     }
+    if pack.has_linear_gate:
+        meta = pack.meta["gate"]
+        info["linear_gate"] = {k: meta.get(k) for k in ("layers", "tokens", "normalize", "bias", "C", "max_fpr",
+                                                        "max_fpr_borderline", "heldout")}
+        info["linear_gate"]["weight_norms"] = [float(np.linalg.norm(w)) for w in pack.gate_weight]
+    return info
+
+
+def _node_constants(model, name: str) -> dict:
+    """A steering node's constants: its attributes (function form) or its inlined body's Constants ``{name}/{attr}``."""
+    from onnx import helper, numpy_helper
+
+    def value(attribute):
+        value = helper.get_attribute_value(attribute)
+        return numpy_helper.to_array(value) if hasattr(value, "dims") else value
+
+    for node in model.graph.node:
+        if node.name == name:
+            return {a.name: value(a) for a in node.attribute if a.name != "plugin_namespace"}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.name.startswith(name + "/") and node.output[0].startswith(name + "/"):
+            found[node.output[0][len(name) + 1:]] = value(node.attribute[0])
+    return found
 
 
 def _graph_facts(model) -> dict:
     """Steering facts read from the graph itself (nodes, attributes, interface), independent of the metadata."""
     import numpy as np
-    from onnx import numpy_helper
 
-    from aligner_export.graph.onnx_ops import node_attr
-
-    gate_layers, shift_layers, norms = set(), set(), {}
-    direction_norm = bias = None
-    plugin = set()
+    gate_layers, shift_layers = set(), set()
     for node in model.graph.node:
         parsed = parse_node_name(node.name)
-        if parsed is None:
-            continue
-        layer, op = parsed
-        (gate_layers if op == STEER_GATE else shift_layers).add(layer)
-        if node.name == node_name(layer, op):  # the function node itself
-            plugin.add((node_attr(node, "plugin_namespace"), node_attr(node, "plugin_version")))
-            if op == STEER_SHIFT:
-                norms[layer] = float(np.linalg.norm(node_attr(node, "vector")))
-            else:
-                direction_norm = float(np.linalg.norm(node_attr(node, "direction")))
-                bias = float(node_attr(node, "bias"))
-        elif node.op_type == "Constant":  # inline form: the constants sit in the body's Constant nodes
-            for attr in node.attribute:
-                if attr.name == "value" and len(attr.t.dims) == 1 and attr.t.data_type == attr.t.FLOAT:
-                    norm = float(np.linalg.norm(numpy_helper.to_array(attr.t)))
-                    if op == STEER_SHIFT:
-                        norms[layer] = norm
-                    else:
-                        direction_norm = norm
-                elif attr.name == "value_float" and op == STEER_GATE:
-                    bias = float(attr.f)
+        if parsed is not None:
+            (gate_layers if parsed[1] == STEER_GATE else shift_layers).add(parsed[0])
+    gates, norms, plugin = {}, {}, set()
+    for layer in sorted(gate_layers):
+        constants = _node_constants(model, node_name(layer, STEER_GATE))
+        weight = constants.get("weight", constants.get("direction"))
+        gates[layer] = {"version": 2 if "weight" in constants else 1,
+                        "weight_norm": float(np.linalg.norm(weight)) if weight is not None else None,
+                        "bias": float(constants["bias"]) if "bias" in constants else None,
+                        "tokens": int(constants.get("tokens", 1)), "normalize": bool(constants.get("normalize", 0))}
+        if "plugin_version" in constants:
+            plugin.add(f"SteerGate/{constants['plugin_version'].decode()}")
+    for layer in sorted(shift_layers):
+        constants = _node_constants(model, node_name(layer, STEER_SHIFT))
+        if "vector" in constants:
+            norms[layer] = float(np.linalg.norm(constants["vector"]))
+        if "plugin_version" in constants:
+            plugin.add(f"SteerShift/{constants['plugin_version'].decode()}")
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
     interface = GATE_IN in inputs and {GATE_OUT, SCORE_OUT} <= set(outputs)
     impl = "function" if any(n.domain == DOMAIN for n in model.graph.node) else \
         ("inline" if gate_layers or shift_layers else None)
+    last = max(gate_layers) if gate_layers else None
     return {
         "steered": bool(interface and gate_layers and shift_layers),
-        "gate_layer": sorted(gate_layers)[0] if len(gate_layers) == 1 else sorted(gate_layers),
-        "steer_layers": sorted(shift_layers), "steer_impl": impl, "bias": bias, "direction_norm": direction_norm,
+        "gate_layer": last, "gate_layers": sorted(gate_layers), "gates": gates,
+        "steer_layers": sorted(shift_layers), "steer_impl": impl,
+        "bias": gates[last]["bias"] if last is not None else None,
         "vector_norms": dict(sorted(norms.items())),
-        "plugin_attributes": sorted(f"{ns}/{v}" for ns, v in plugin),
+        "plugin_attributes": sorted(plugin),
         "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
         "inputs": inputs, "outputs": outputs,
     }
@@ -173,15 +192,23 @@ def render(info: dict) -> str:
     kind = info["kind"]
     if kind == "steering pack":
         rec = info["recommended"]
-        lines += [f"  mode {info['mode']}, {info['num_layers']} layers x {info['hidden_size']} hidden, "
-                  f"site {info['site']}",
-                  f"  recommended: gate layer {rec['gate_layer']}, steer layers {_fmt(rec['steer_layers'])}, "
-                  f"alpha {_fmt(float(rec['alpha']))}, bias rule {rec['bias_rule']}",
+        lines += [f"  format {info['format_version']}, mode {info['mode']}, {info['num_layers']} layers x "
+                  f"{info['hidden_size']} hidden, site {info['site']}",
+                  f"  recommended: {rec.get('gate', 'paper')} gate; paper gate layer {rec['gate_layer']}, steer layers "
+                  f"{_fmt(rec['steer_layers'])}, alpha {_fmt(float(rec['alpha']))}, bias rule {rec['bias_rule']}",
                   f"  gate bias: paper {_fmt(info['bias']['paper'])}, fpr {_fmt(info['bias']['fpr'])}; "
                   f"validation {_fmt(info['gate_val'])}",
                   f"  vector norms (alpha * ssv): {_fmt(info['vector_norms'])}",
                   f"  fingerprints: target {info['fingerprints']['target']}, aligned {info['fingerprints']['aligned']}",
                   f"  sha256 {info['sha256']}"]
+        linear = info.get("linear_gate")
+        if linear:
+            held = linear.get("heldout") or {}
+            lines.insert(3, f"  linear gate: layers {_fmt(linear['layers'])}, last {linear['tokens']} tokens"
+                            f"{', unit-normalised' if linear['normalize'] else ''}, |w_l| "
+                            f"{_fmt(linear['weight_norms'])}, bias {_fmt(linear['bias'])}; held-out FPR generic "
+                            f"{_fmt(held.get('fpr_harmless'))}, borderline {_fmt(held.get('fpr_borderline'))}; "
+                            f"leave-one-source-out TPR {_fmt(held.get('loso_mean_tpr'))}")
         return "\n".join(lines)
     if kind == "tensorrt engine":
         lines += [f"  {k}: {_fmt(v)}" for k, v in sorted(info["stamp"].items())]
@@ -192,14 +219,17 @@ def render(info: dict) -> str:
     if graph is not None:
         lines.append(f"  steered: {'yes' if graph['steered'] else 'NO (no steering nodes/interface)'}")
         if graph["steered"]:
-            lines += [f"  steering sites: SteerShift after layers {_fmt(graph['steer_layers'])}; SteerGate at layer "
-                      f"{_fmt(graph['gate_layer'])} ({graph['steer_impl']}; plugin "
+            last = graph["gates"][graph["gate_layer"]]
+            lines += [f"  steering sites: SteerShift after layers {_fmt(graph['steer_layers'])}; SteerGate "
+                      f"v{last['version']} at layer{'s' if len(graph['gate_layers']) > 1 else ''} "
+                      f"{_fmt(graph['gate_layers'])} ({graph['steer_impl']}; plugin "
                       f"{_fmt(graph['plugin_attributes']) if graph['plugin_attributes'] else '-'})",
-                      f"  gate bias (graph) {_fmt(graph['bias'])}, |direction| {_fmt(graph['direction_norm'])}",
+                      f"  gate (graph): bias {_fmt(graph['bias'])}, last {last['tokens']} token(s)"
+                      f"{', unit-normalised' if last['normalize'] else ''}, |weight| per layer "
+                      f"{_fmt({l: g['weight_norm'] for l, g in graph['gates'].items()})}",
                       f"  vector norms (alpha * ssv): {_fmt(graph['vector_norms'])}"]
-        gate_layers = graph["gate_layer"] if isinstance(graph["gate_layer"], list) else [graph["gate_layer"]]
-        if two_pass_prefill(graph["steer_layers"], gate_layers):
-            lines.append("  two-pass prefill: a steered layer lies below the gate layer (§5 runtime protocol)")
+        if graph["gate_layers"] and two_pass_prefill(graph["steer_layers"], graph["gate_layers"]):
+            lines.append("  two-pass prefill: a steered layer lies below the last gate layer (§5 runtime protocol)")
     if facts:
         lines += [f"  alpha {_fmt(facts.get('alpha'))}, bias {_fmt(facts.get('bias'))} ({facts.get('bias_rule')}), "
                   f"dtype {facts.get('dtype')}, opset {facts.get('opset')}, site {facts.get('site')}",

@@ -3,23 +3,30 @@
 For each decoder layer ``l``, the residual stream at the layer's output (ARCHITECTURE.md §3) is taken at the last
 prompt token of every chat-templated prompt. The SRV is the normalised difference of the harmful and harmless class
 means over the calibration part of each prompt set; the validation part (``val_indices``) is held out to measure the
-gate. See docs/calibration.md for the recommendation rules.
+paper's one-direction gate per layer. The linear gate (§5.1, issue 10) is fitted on the target's residuals at the last
+``K`` prompt tokens of candidate gate layers, over the prompt sets plus the wrapped and rewritten prompts
+(``aligner_export.gate``). The aligned model only supplies the steering vectors, so it sees a bounded share of the
+prompts. See docs/calibration.md for the rules.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from aligner_runtime.contract import position_ids
 from aligner_runtime.errors import AlignerError
 from aligner_runtime.prompts import prompts_sha256
 
 from aligner_export import __version__
+from aligner_export.corpus import Record
 from aligner_export.pack import BIAS_RULES, SteeringPack, save_pack
 
 MIN_PROMPTS = 8
@@ -30,15 +37,21 @@ STEER_ACCURACY_SLACK = 0.05  # ... where both models are within this of their be
 # The shifts accumulate along the residual stream: after k steered layers the residual has moved by k * alpha.
 # alpha is chosen so that the accumulated shift over the block is this fraction of the mean residual norm there.
 ALPHA_NORM_FRACTION = 0.4
+BATCH_TOKENS = 4096  # padded tokens per forward batch
+TAIL_TOKENS = 4  # residual positions kept per prompt at the candidate gate layers (the largest K searched)
+ALIGNED_MAX = 400  # prompts per class the aligned model sees (its class means only need to settle)
 
 
 @dataclass
 class Activations:
-    """Last-prompt-token residuals ``[N, L, H]`` of one model for one prompt set."""
+    """Per prompt: the last-token residual ``[N, L, H]`` at every layer, and the last ``TAIL_TOKENS`` positions at the
+    candidate gate layers ``[N, len(tail_layers), TAIL_TOKENS, H]`` (float16) when asked for."""
 
     values: np.ndarray
     chat_template_sha256: str
     used_fallback_template: bool
+    tails: np.ndarray | None = None
+    lengths: np.ndarray | None = None
 
 
 def split_indices(count: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -48,43 +61,60 @@ def split_indices(count: int, val_fraction: float, seed: int) -> tuple[np.ndarra
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def collect_activations(model, tokenizer, prompts, batch_size: int = 16, desc: str = "") -> Activations:
-    """Runs the prompts through ``model`` and returns the residual at every decoder layer's output."""
+def _batches(lengths: np.ndarray, max_rows: int, max_tokens: int):
+    """Index batches in ascending length with at most ``max_rows`` rows and ``max_tokens`` padded tokens."""
+    order = np.argsort(lengths, kind="stable")
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and end - start < max_rows and (end + 1 - start) * lengths[order[end]] <= max_tokens:
+            end += 1
+        yield order[start:end]
+        start = end
+
+
+def collect_activations(model, tokenizer, prompts, batch_size: int = 16, desc: str = "", tail_layers=(),
+                        systems=None, batch_tokens: int = BATCH_TOKENS) -> Activations:
+    """Runs the prompts through the decoder stack of ``model`` (no LM head) and returns the residual at every
+    decoder layer's output at the last token, and at ``tail_layers`` the last ``TAIL_TOKENS`` positions."""
     import torch
     from tqdm import tqdm
 
     from aligner_export.hf.families import family_for, text_config
     from aligner_export.hf.modeling import chat_texts, tokenize_batch
-    from aligner_export.hf.reference import last_positions
 
-    texts, template_sha, fallback = chat_texts(tokenizer, prompts)
-    layers = family_for(model.config).decoder_layers(model)
+    family = family_for(model.config)
+    texts, template_sha, fallback = chat_texts(tokenizer, prompts, systems=systems)
+    layers = family.decoder_layers(model)
     num_layers, hidden = len(layers), text_config(model.config).hidden_size
     out = np.zeros((len(texts), num_layers, hidden), dtype=np.float32)
-    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    order = np.argsort(lengths, kind="stable")  # similar lengths share a batch: less padding
+    tail_layers = list(tail_layers)
+    tails = np.zeros((len(texts), len(tail_layers), TAIL_TOKENS, hidden), np.float16) if tail_layers else None
+    lengths = np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
+    if tail_layers and lengths.min() < TAIL_TOKENS:
+        raise AlignerError(f"a chat-templated prompt has {lengths.min()} tokens; the gate needs {TAIL_TOKENS}")
+    decoder = family.language_model(model).model  # the decoder stack alone: the LM head's logits are not needed
     captured: dict[int, torch.Tensor] = {}
-    current: dict[str, torch.Tensor] = {}
 
     def make_hook(layer: int):
         def hook(_module, _args, output):
-            hidden_states = output[0] if isinstance(output, tuple) else output
-            batch, seq, _ = hidden_states.shape
-            pos = last_positions(current["mask"], batch, seq)
-            captured[layer] = hidden_states[torch.arange(batch), pos].float()
+            captured[layer] = output[0] if isinstance(output, tuple) else output
         return hook
 
     handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
+    batches = list(_batches(lengths, batch_size, batch_tokens))
     try:
-        with torch.no_grad():
-            for start in tqdm(range(0, len(texts), batch_size), desc=desc or "activations", unit="batch",
-                              file=sys.stderr, leave=False):
-                idx = order[start:start + batch_size]
+        with torch.inference_mode():
+            for idx in tqdm(batches, desc=desc or "activations", unit="batch", file=sys.stderr, leave=False):
                 batch = tokenize_batch(tokenizer, [texts[i] for i in idx], padding_side="left")
-                current["mask"] = batch["attention_mask"]
-                model(**batch, use_cache=False)
-                stacked = torch.stack([captured[l] for l in range(num_layers)], dim=1).numpy()
-                out[idx] = stacked
+                mask = batch["attention_mask"]
+                decoder(input_ids=batch["input_ids"], attention_mask=mask,
+                        position_ids=torch.from_numpy(position_ids(mask.numpy())), use_cache=False)
+                # Left padding: every row's last token is the last column.
+                out[idx] = torch.stack([captured[l][:, -1] for l in range(num_layers)], dim=1).float().numpy()
+                for j, layer in enumerate(tail_layers):
+                    tails[idx, j] = captured[layer][:, -TAIL_TOKENS:].float().numpy().astype(np.float16)
+                captured.clear()
     finally:
         for handle in handles:
             handle.remove()
@@ -93,7 +123,7 @@ def collect_activations(model, tokenizer, prompts, batch_size: int = 16, desc: s
         prompt_i, layer_i, _ = np.argwhere(bad)[0]
         raise AlignerError(f"non-finite activations (NaN or inf) at layer {layer_i} for prompt {prompt_i} "
                            f"({desc}); the model or its dtype is unusable for calibration")
-    return Activations(out, template_sha, fallback)
+    return Activations(out, template_sha, fallback, tails, lengths)
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -155,18 +185,50 @@ def recommend(per_layer: list[dict], residual_norm: np.ndarray) -> dict:
             "alpha": round(alpha, 4), "bias_rule": bias_rule}
 
 
-def calibrate(target_dir, harmful: list[str], harmless: list[str], aligned_dir=None, *, val_fraction: float = 0.25,
-              seed: int = 0, max_fpr: float = 0.01, batch_size: int = 16, report_dir=None) -> SteeringPack:
-    """Computes the steering pack. Loads one model at a time to bound memory."""
-    from aligner_export.hf.modeling import fingerprint, load_model, model_dims
+def _records(prompts, name: str, cls: str) -> list[Record]:
+    """Prompt sets given as strings (a user's files) become records of one source each."""
+    return [p if isinstance(p, Record) else Record(text=p, source=name, role="calibration", cls=cls) for p in prompts]
 
+
+def _cap(indices: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    return np.sort(rng.choice(indices, size=cap, replace=False)) if cap and indices.size > cap else indices
+
+
+def _texts(records) -> tuple[list[str], list[str | None]]:
+    return [r.prompt for r in records], [r.system for r in records]
+
+
+def _check_options(harmful, harmless, gate: str, max_fpr: float, max_fpr_borderline: float, val_fraction: float,
+                   batch_size: int) -> None:
     for name, prompts in (("harmful", harmful), ("harmless", harmless)):
         if len(prompts) < MIN_PROMPTS:
             raise AlignerError(f"{name} prompt set has {len(prompts)} prompts; at least {MIN_PROMPTS} are needed")
-    if not 0.0 <= max_fpr < 1.0:
-        raise AlignerError(f"--max-fpr must be in [0, 1), got {max_fpr}")
+    if gate not in ("linear", "paper"):
+        raise AlignerError(f"--gate must be linear or paper, got {gate!r}")
+    for flag, value in (("--max-fpr", max_fpr), ("--max-fpr-borderline", max_fpr_borderline)):
+        if not 0.0 <= value < 1.0:
+            raise AlignerError(f"{flag} must be in [0, 1), got {value}")
     if not 0.0 < val_fraction < 1.0:
         raise AlignerError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= 1024:
+        raise AlignerError(f"--batch-size must be an integer in [1, 1024], got {batch_size!r}")
+
+
+def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gate: str = "linear",
+              val_fraction: float = 0.25, seed: int = 0, max_fpr: float = 0.01, max_fpr_borderline: float = 0.10,
+              batch_size: int = 64, report_dir=None, candidates=None, aligned_max: int = ALIGNED_MAX,
+              log=lambda *_: None) -> SteeringPack:
+    """Computes the steering pack. Loads one model at a time to bound memory.
+
+    ``harmful`` and ``harmless`` (strings or :class:`~aligner_export.corpus.Record`) give the SRVs and the gate's
+    positives and negatives; ``extras`` (records: wrapped and rewritten prompts of both labels) train the linear gate
+    only. ``gate="paper"`` fits no linear gate (a format-1-style pack, exported with ``--gate paper``)."""
+    from aligner_export.hf.modeling import fingerprint, load_model, model_dims
+
+    harmful = _records(harmful, "harmful", "harmful")
+    harmless = _records(harmless, "harmless", "harmless")
+    extras = list(extras)
+    _check_options(harmful, harmless, gate, max_fpr, max_fpr_borderline, val_fraction, batch_size)
     # A vision-language target is compared by its language model: the aligned model may be a text-only LM.
     target_dims = model_dims(target_dir)
     if aligned_dir is not None:
@@ -177,30 +239,55 @@ def calibrate(target_dir, harmful: list[str], harmless: list[str], aligned_dir=N
     else:
         warnings.warn("no --aligned model: self mode, the target's own SRVs become the steering vectors "
                       "(the paper reports this works poorly)", stacklevel=2)
+    num_layers = target_dims[0]
+    if gate == "linear":
+        from aligner_export.gate import default_candidates
+
+        candidates = list(candidates) if candidates else default_candidates(num_layers)
+        tail_layers = sorted({l for c in candidates for l in c.layers})
+    else:
+        candidates, tail_layers = [], []
 
     harmful_cal, harmful_val = split_indices(len(harmful), val_fraction, seed)
     harmless_cal, harmless_val = split_indices(len(harmless), val_fraction, seed + 1)
-    models = [("target", target_dir)] + ([("aligned", aligned_dir)] if aligned_dir is not None else [])
-    acts: dict[str, tuple[Activations, Activations]] = {}
-    info: dict[str, dict] = {}
-    for role, path in models:
-        model, tokenizer = load_model(path)
-        h = collect_activations(model, tokenizer, harmful, batch_size, desc=f"{role} harmful")
-        b = collect_activations(model, tokenizer, harmless, batch_size, desc=f"{role} harmless")
-        acts[role] = (h, b)
-        info[role] = {"fingerprint": fingerprint(model), "source": str(Path(path).resolve()),
-                      "chat_template_sha256": h.chat_template_sha256,
-                      "chat_template_fallback": h.used_fallback_template}
+    everything = harmful + harmless + extras
+    n_h, n_b = len(harmful), len(harmless)
+
+    log(f"target: {len(everything)} prompts ({n_h} harmful, {n_b} harmless, {len(extras)} wrapped or rewritten)")
+    model, tokenizer = load_model(target_dir)
+    texts, systems = _texts(everything)
+    target = collect_activations(model, tokenizer, texts, batch_size, "target", tail_layers, systems)
+    info = {"target": {"fingerprint": fingerprint(model), "source": str(Path(target_dir).resolve()),
+                       "chat_template_sha256": target.chat_template_sha256,
+                       "chat_template_fallback": target.used_fallback_template}}
+    del model, tokenizer
+    gc.collect()
+    t_h, t_b = target.values[:n_h], target.values[n_h:n_h + n_b]
+
+    aligned_rows = None
+    if aligned_dir is not None:
+        rng = np.random.default_rng(seed + 2)
+        rows_h = np.concatenate([_cap(harmful_cal, aligned_max, rng), _cap(harmful_val, aligned_max // 2, rng)])
+        rows_b = np.concatenate([_cap(harmless_cal, aligned_max, rng), _cap(harmless_val, aligned_max // 2, rng)])
+        log(f"aligned: {len(rows_h) + len(rows_b)} prompts")
+        model, tokenizer = load_model(aligned_dir)
+        texts, systems = _texts([harmful[i] for i in rows_h] + [harmless[i] for i in rows_b])
+        aligned = collect_activations(model, tokenizer, texts, batch_size, "aligned", (), systems)
+        info["aligned"] = {"fingerprint": fingerprint(model), "source": str(Path(aligned_dir).resolve()),
+                           "chat_template_sha256": aligned.chat_template_sha256,
+                           "chat_template_fallback": aligned.used_fallback_template,
+                           "prompts": {"harmful": int(len(rows_h)), "harmless": int(len(rows_b))}}
         del model, tokenizer
         gc.collect()
+        aligned_rows = (rows_h, rows_b, aligned.values[:len(rows_h)], aligned.values[len(rows_h):])
 
-    stats = {}
-    for role, (h, b) in acts.items():
-        mean_h, mean_b, srv = srv_of(h.values[harmful_cal], b.values[harmless_cal])
-        stats[role] = (mean_h, mean_b, srv)
-    t_mean_h, t_mean_b, t_srv = stats["target"]
-    a_srv = stats["aligned"][2] if "aligned" in stats else t_srv.copy()
-    t_h, t_b = acts["target"][0].values, acts["target"][1].values
+    t_mean_h, t_mean_b, t_srv = srv_of(t_h[harmful_cal], t_b[harmless_cal])
+    if aligned_rows is not None:
+        rows_h, rows_b, a_h, a_b = aligned_rows
+        a_cal_h, a_cal_b = np.isin(rows_h, harmful_cal), np.isin(rows_b, harmless_cal)
+        a_srv = srv_of(a_h[a_cal_h], a_b[a_cal_b])[2]
+    else:
+        a_srv = t_srv.copy()
     residual_norm = np.linalg.norm(np.concatenate([t_h[harmful_cal], t_b[harmless_cal]]), axis=-1).mean(axis=0)
 
     per_layer = []
@@ -212,11 +299,10 @@ def calibrate(target_dir, harmful: list[str], harmless: list[str], aligned_dir=N
         b_fpr = fpr_bias(proj_b[harmless_cal], max_fpr)
         t_acc, tpr_paper, fpr_paper = _rates(proj_h[harmful_val] + b_paper, proj_b[harmless_val] + b_paper)
         acc_fpr, val_tpr, val_fpr = _rates(proj_h[harmful_val] + b_fpr, proj_b[harmless_val] + b_fpr)
-        if "aligned" in acts:
-            a_h, a_b = acts["aligned"][0].values, acts["aligned"][1].values
+        if aligned_rows is not None:
             ap_h, ap_b = a_h[:, layer] @ a_srv[layer], a_b[:, layer] @ a_srv[layer]
-            a_bias = paper_bias(ap_h[harmful_cal], ap_b[harmless_cal])
-            a_acc = _rates(ap_h[harmful_val] + a_bias, ap_b[harmless_val] + a_bias)[0]
+            a_bias = paper_bias(ap_h[a_cal_h], ap_b[a_cal_b])
+            a_acc = _rates(ap_h[~a_cal_h] + a_bias, ap_b[~a_cal_b] + a_bias)[0]
         else:
             a_acc = t_acc
         spread = np.sqrt(0.5 * (proj_h[harmful_cal].var() + proj_b[harmless_cal].var())) + 1e-12
@@ -229,15 +315,41 @@ def calibrate(target_dir, harmful: list[str], harmless: list[str], aligned_dir=N
         gate_scores[layer] = (proj_h, proj_b)
 
     recommended = recommend(per_layer, residual_norm)
+    gate_weight = gate_meta = gate_report = None
+    if gate == "linear":
+        from aligner_export.gate import Features, fit_gate
+
+        features = Features(tails=target.tails, layers=tuple(tail_layers),
+                            labels=np.array([r.label for r in everything]),
+                            classes=np.array([r.cls for r in everything]),
+                            sources=np.array([r.source for r in everything]))
+
+        def progress(done, total, candidate, result):
+            log(f"gate candidate {done}/{total}: {candidate.describe()}: leave-one-source-out TPR mean "
+                f"{result['mean_tpr']:.3f}, worst {result['min_tpr']:.3f}")
+
+        fitted, gate_report = fit_gate(features, candidates, max_fpr, max_fpr_borderline, seed=seed,
+                                       progress=progress)
+        gate_weight = np.stack([fitted.weights[l] for l in fitted.layers]).astype(np.float32)
+        chosen = gate_report.candidate
+        gate_meta = {"version": 2, "layers": list(fitted.layers), "tokens": fitted.tokens,
+                     "normalize": fitted.normalize, "bias": fitted.bias, "rule": "linear", "fit": "logistic-l2",
+                     "C": chosen.C, "max_fpr": max_fpr, "max_fpr_borderline": max_fpr_borderline,
+                     "heldout": gate_report.heldout,
+                     "loso": [{k: v for k, v in r.items() if k != "folds"} | {"folds": r["folds"]}
+                              for r in gate_report.loso],
+                     "sources": _source_counts(everything)}
+        recommended["gate"] = "linear"
     meta = {
-        "mode": "cross-model" if "aligned" in acts else "self",
+        "mode": "cross-model" if aligned_dir is not None else "self",
         "target": info["target"],
         "aligned": info.get("aligned", dict(info["target"], note="self mode: copy of the target")),
         "prompts": {
-            "harmful": {"count": len(harmful), "sha256": prompts_sha256(harmful),
+            "harmful": {"count": n_h, "sha256": prompts_sha256([r.prompt for r in harmful]),
                         "val_indices": [int(i) for i in harmful_val]},
-            "harmless": {"count": len(harmless), "sha256": prompts_sha256(harmless),
+            "harmless": {"count": n_b, "sha256": prompts_sha256([r.prompt for r in harmless]),
                          "val_indices": [int(i) for i in harmless_val]},
+            "extras": {"count": len(extras), "sha256": prompts_sha256([r.prompt for r in extras])},
         },
         "per_layer": per_layer,
         "recommended": recommended,
@@ -245,14 +357,24 @@ def calibrate(target_dir, harmful: list[str], harmless: list[str], aligned_dir=N
         "seed": seed,
         "created_by": f"inferaligner-edge {__version__}",
     }
-    pack = SteeringPack(t_srv, t_mean_h, t_mean_b, a_srv.astype(np.float32), meta)
+    if gate_meta is not None:
+        meta["gate"] = gate_meta
+    pack = SteeringPack(t_srv, t_mean_h, t_mean_b, a_srv.astype(np.float32), meta, gate_weight)
     if report_dir is not None:
         from aligner_export.hf.report import write_calibration_report
 
         g = recommended["gate_layer"]
         write_calibration_report(report_dir, pack, gate_scores[g], (harmful_cal, harmful_val),
-                                 (harmless_cal, harmless_val))
+                                 (harmless_cal, harmless_val), gate_report)
     return pack
+
+
+def _source_counts(records) -> dict:
+    counts: dict = {}
+    for r in records:
+        key = f"{r.cls}:{r.source}" + (f":{r.rewrite.split(':')[0]}" if r.rewrite else "")
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 __all__ = ["calibrate", "collect_activations", "save_pack", "BIAS_RULES", "split_indices"]

@@ -134,16 +134,23 @@ def chat_template_of(tokenizer) -> tuple[str, bool]:
     return PLAIN_TEMPLATE, True
 
 
-def chat_texts(tokenizer, prompts) -> tuple[list[str], str, bool]:
-    """Wraps each prompt as one user turn with the generation prompt appended.
+def chat_texts(tokenizer, prompts, systems=None) -> tuple[list[str], str, bool]:
+    """Wraps each prompt as one user turn (after its system prompt, where ``systems`` gives one) with the generation
+    prompt appended, as ``aligner_runtime.chat.render_chat`` does at run time.
 
     Returns ``(texts, chat_template_sha256, used_fallback)``.
     """
     template, fallback = chat_template_of(tokenizer)
     parts = is_multimodal_tokenizer(tokenizer)  # a VLM's template takes the user turn as content parts
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": p}] if parts
-                                             else p}], chat_template=template, add_generation_prompt=True,
-                                           tokenize=False) for p in prompts]
+    systems = list(systems) if systems is not None else [None] * len(prompts)
+
+    def content(text):
+        return [{"type": "text", "text": text}] if parts else text
+
+    texts = [tokenizer.apply_chat_template(([{"role": "system", "content": content(system)}] if system else [])
+                                           + [{"role": "user", "content": content(p)}], chat_template=template,
+                                           add_generation_prompt=True, tokenize=False)
+             for p, system in zip(prompts, systems)]
     return texts, template_sha256(template), fallback
 
 

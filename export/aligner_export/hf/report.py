@@ -19,8 +19,10 @@ def _pyplot():
     return plt
 
 
-def write_calibration_report(report_dir, pack, gate_projections, harmful_split, harmless_split) -> Path:
-    """Writes ``calibration.png`` and ``calibration.json`` into ``report_dir`` (created if missing)."""
+def write_calibration_report(report_dir, pack, gate_projections, harmful_split, harmless_split,
+                             gate_report=None) -> Path:
+    """Writes ``calibration.png`` and ``calibration.json`` into ``report_dir`` (created if missing), and for a linear
+    gate ``gate.png``."""
     report_dir = Path(report_dir)
     if not report_dir.parent.is_dir():
         raise AlignerError(f"report directory's parent does not exist: {report_dir.parent}")
@@ -66,7 +68,41 @@ def write_calibration_report(report_dir, pack, gate_projections, harmful_split, 
     with atomic_path(png, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+    if gate_report is not None:
+        _gate_figure(plt, report_dir / "gate.png", gate_report)
+    keys = ("mode", "recommended", "per_layer", "prompts", "gate")
     with atomic_path(report_dir / "calibration.json", suffix=".json") as tmp:
-        tmp.write_text(json.dumps({k: pack.meta[k] for k in ("mode", "recommended", "per_layer", "prompts")},
-                                  indent=2))
+        tmp.write_text(json.dumps({k: pack.meta[k] for k in keys if k in pack.meta}, indent=2))
     return png
+
+
+def _gate_figure(plt, path: Path, report) -> None:
+    """The linear gate's selection (leave-one-source-out TPR per candidate) and its held-out calibration scores."""
+    fig, (ax_sel, ax_scores) = plt.subplots(1, 2, figsize=(14, 0.32 * len(report.loso) + 3.2))
+    names = [r["candidate"] for r in report.loso]
+    means = [r["mean_tpr"] for r in report.loso]
+    worst = [r["min_tpr"] for r in report.loso]
+    chosen = report.candidate.describe()
+    y = np.arange(len(names))
+    ax_sel.barh(y, means, color=["tab:green" if n == chosen else "tab:gray" for n in names], label="mean")
+    ax_sel.plot(worst, y, "k|", markersize=12, label="worst held-out source")
+    for i, value in enumerate(means):
+        ax_sel.text(value + 0.005, i, f"{value:.3f}", va="center", fontsize=7)
+    ax_sel.set_yticks(y, names, fontsize=7)
+    ax_sel.set_xlim(min(0.5, min(worst) - 0.02), 1.05)
+    ax_sel.set_xlabel("TPR on the left-out harmful source at the operating threshold")
+    ax_sel.set_title("Gate selection: leave one harmful source out")
+    ax_sel.legend(fontsize=8, loc="lower left")
+    bins = np.linspace(min(min(v) for v in report.scores.values()), max(max(v) for v in report.scores.values()), 50)
+    for key, values in sorted(report.scores.items()):
+        ax_scores.hist(values, bins=bins, histtype="step", lw=1.3, label=f"{key} (n={len(values)})")
+    ax_scores.axvline(0.0, color="k", ls="--", label="threshold (score 0)")
+    fprs = ", ".join(f"{k[4:]} {v:.3f}" for k, v in report.heldout.items() if k.startswith("fpr_"))
+    ax_scores.set_title(f"Held-out calibration negatives: gate score (FPR {fprs})", fontsize=9)
+    ax_scores.set_xlabel("gate score (fires above 0)")
+    ax_scores.set_ylabel("prompts")
+    ax_scores.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
