@@ -73,9 +73,10 @@ def run(args) -> int:
     if args.threads is not None:
         check_count(args.threads, "--threads", 1, max_threads())
     from aligner_export.hf.families import family_for
-    from aligner_export.hf.modeling import load_config
+    from aligner_export.hf.modeling import check_model_dir, load_config
 
     for path in filter(None, (args.target, args.aligned)):  # an unusable model fails before any prompt is read
+        check_model_dir(path)
         family_for(load_config(path))
     sets = _sets(args)
 
