@@ -51,7 +51,7 @@ class ToyModel:
     def past_spec(self, name):
         return HEADS, HEAD_DIM, np.dtype(np.float32)
 
-    def run(self, feeds):
+    def _run(self, feeds):
         assert set(feeds) == set(self.input_names), sorted(feeds)
         self.calls.append({k: v.copy() for k, v in feeds.items()})
         ids, mask = feeds["input_ids"], feeds["attention_mask"]
@@ -123,7 +123,7 @@ def reference_greedy(model: ToyModel, prompt: list[int], max_new_tokens: int, st
                 feeds[f"past_key_values.{i}.{k}"] = np.zeros((1, HEADS, 0, HEAD_DIM), np.float32)
         if model.steered:
             feeds["steer_gate_in"] = np.asarray([gate_in], np.float32)
-        return model.run(feeds)
+        return model._run(feeds)
 
     first = forward(prompt, 0.0 if gate_off else -1.0)
     gate = float(first["steer_gate"][0]) if model.steered else 0.0

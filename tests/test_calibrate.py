@@ -210,7 +210,7 @@ def test_cli_bad_input(tiny_model_dir, prompt_files, tmp_path, capsys):
         "hidden_size": ["--target", target, "--aligned", small, *base],
         "prompt file is empty": ["--target", target, "--harmful", empty, "--harmless", harmless, "-o", out],
         "at least 8 are needed": ["--target", target, "--harmful", few, "--harmless", harmless, "-o", out],
-        "cannot read prompt file": ["--target", target, "--harmful", binary, "--harmless", harmless, "-o", out],
+        "is not UTF-8 text": ["--target", target, "--harmful", binary, "--harmless", harmless, "-o", out],
         "unknown prompt file format": ["--target", target, "--harmful", unknown, "--harmless", harmless, "-o", out],
         "non-finite activations": ["--target", nan_dir, *base],
         "directory does not exist": ["--target", target, "--harmful", harmful, "--harmless", harmless,

@@ -73,7 +73,6 @@ def test_vlm_export_validates_and_generates_like_the_reference(packs, smollm2_ll
     assert manifest["multimodal"]["image_seq_length"] == 16 and manifest["num_layers"] == 30
 
     pack = load_pack(packs["vlm"])
-    layers = manifest["steer_layers"]
     spec = pack.config_of_export(manifest)
     model = LlavaForConditionalGeneration.from_pretrained(smollm2_llava_dir, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(smollm2_llava_dir)

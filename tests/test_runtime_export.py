@@ -104,8 +104,8 @@ def test_steered_decode_logits_equal_reference(llama_export):
     aligner.stop_token_ids = ()  # no row stops early: every step has the whole batch
     prompts = mixed_prompts(aligner, 2)
     recorded = []
-    run_step = aligner.backend.run
-    aligner.backend.run = lambda feeds: recorded.append(run_step(feeds)) or recorded[-1]
+    run_step = aligner._backend._run
+    aligner._backend._run = lambda feeds: recorded.append(run_step(feeds)) or recorded[-1]
     results = aligner.generate(prompts, max_new_tokens=NEW_TOKENS, batch_size=len(prompts))
     decode_steps = recorded[2:]  # two prefill passes (the batch has fired rows)
     assert len(decode_steps) == NEW_TOKENS - 1
@@ -235,7 +235,7 @@ def test_bad_input_is_one_clear_error(llama_export):
     with pytest.raises(AlignerError, match="empty prompt"):
         aligner.generate("   ")
     with pytest.raises(AlignerError, match="out of range"):
-        aligner.generate_ids([[1, 2, aligner.backend.vocab_size]])
+        aligner.generate_ids([[1, 2, aligner._backend.vocab_size]])
     with pytest.raises(AlignerError, match="out of range"):
         aligner.generate("hi", stop_token_ids=[10 ** 6])
     with pytest.raises(AlignerError, match="invalid sampling parameter"):
@@ -341,7 +341,7 @@ def test_onnxruntime_providers_are_configurable(llama_export):
     import onnxruntime as ort
 
     aligner = Aligner.load(llama_export[0], providers=["cpu"], threads=1)
-    assert aligner.backend.providers == ["CPUExecutionProvider"]
+    assert aligner.providers == ["CPUExecutionProvider"]
     missing = [p for p in ("cuda", "tensorrt")
                if {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}[p]
                not in ort.get_available_providers()]

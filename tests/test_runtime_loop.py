@@ -23,8 +23,8 @@ class Recorder:
     def __getattr__(self, name):
         return getattr(self.backend, name)
 
-    def run(self, feeds):
-        out = self.backend.run(feeds)
+    def _run(self, feeds):
+        out = self.backend._run(feeds)
         self.outputs.append(out)
         return out
 
@@ -99,7 +99,7 @@ def test_without_the_second_pass_steered_rows_differ_from_the_oracle():
 def test_gate_override_zero_equals_unsteered_oracle():
     model = mixed_gate_model()
     generation = GenerationRun(model, PROMPTS, SamplingConfig(max_new_tokens=6), pad_token_id=0, two_pass=True,
-                               gate_override=0.0)
+                               _gate_override=0.0)
     results = generation.run()
     assert generation.timing.prefill_passes == 1
     for prompt, result in zip(PROMPTS, results):
@@ -134,7 +134,7 @@ def test_unsteered_graph_reports_no_gate():
     assert all(r.gate is None and r.score is None for r in results)
     assert results[0].token_ids == reference_greedy(model, PROMPTS[0], 8)[0]
     with pytest.raises(AlignerError, match="no steering interface"):
-        GenerationRun(model, PROMPTS, SamplingConfig(), pad_token_id=0, two_pass=False, gate_override=0.0)
+        GenerationRun(model, PROMPTS, SamplingConfig(), pad_token_id=0, two_pass=False, _gate_override=0.0)
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_batchmates():

@@ -202,7 +202,7 @@ def save_pack(pack: SteeringPack, path) -> Path:
 
 def load_pack(path) -> SteeringPack:
     """Reads and validates a pack; every problem is an :class:`AlignerError` naming the file."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():

@@ -26,14 +26,14 @@ import csv
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from aligner_runtime.errors import atomic_dir, atomic_path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -369,8 +369,7 @@ def train(model, tok, examples, args: argparse.Namespace) -> dict:
 
 def save_adapter(peft_model, out: Path) -> None:
     """Writes adapter_config.json + adapter_model.safetensors, replacing ``out`` only once both are written."""
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out.parent))
-    try:
+    with atomic_dir(out, replace=True) as tmp:
         peft_model.save_pretrained(tmp, safe_serialization=True)
         for extra in tmp.iterdir():  # peft also writes a generic model card; the recipe's README documents it
             if extra.name not in ("adapter_config.json", "adapter_model.safetensors"):
@@ -384,11 +383,6 @@ def save_adapter(peft_model, out: Path) -> None:
         cfg = json.loads((tmp / "adapter_config.json").read_text())
         cfg["base_model_name_or_path"] = "smollm2-135m-instruct"  # not the local cache path of whoever trained it
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------- evaluation
@@ -537,10 +531,8 @@ def main() -> int:
                      "base_generation_seconds_this_run": round(gen_seconds, 1)},
         "samples": {"harmbench": samples("harmbench", 4), "harmless_heldout": samples("harmless_heldout", 4)},
     }
-    with open(args.out / "results.json.tmp", "w", encoding="utf-8") as fh:
-        json.dump(results, fh, indent=2)
-        fh.write("\n")
-    os.replace(args.out / "results.json.tmp", args.out / "results.json")
+    with atomic_path(args.out / "results.json", suffix=".json") as tmp:
+        tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
     hb, hh, orf = figures["harmbench_val_refusal"], figures["harmful_heldout_refusal"], figures["over_refusal"]
     print(f"{'':36s}{'n':>5s}{'base':>9s}{'aligned':>9s}")

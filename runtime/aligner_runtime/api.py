@@ -19,11 +19,13 @@ backend runs calls concurrently, the TensorRT backend serialises forward steps (
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from . import schema
 from .contract import GATE_IN, MODEL_FILE, STAMP_FILE
 from .errors import AlignerError
 from .generate import GenerationRun, RunTiming, SamplingConfig, check_token_ids
@@ -45,10 +47,22 @@ class GenerationResult:
     prefill_seconds: float = 0.0
     prefill_passes: int = 1
 
+    @property
+    def warning(self) -> str | None:
+        """Set when the gate's score was not finite (corrupted weights or an overflow): the answer was steered."""
+        if self.score is not None and not math.isfinite(self.score):
+            return f"the gate score was {self.score} (not finite): the answer was steered (fail closed)"
+        return None
+
     def to_json(self) -> dict:
-        """The ``aligner-run --json`` object (ARCHITECTURE.md §7)."""
-        return {"text": self.text, "gate": self.gate, "score": self.score, "new_tokens": self.new_tokens,
-                "seconds": round(self.seconds, 4)}
+        """The ``aligner-run --json`` object (ARCHITECTURE.md §7); always valid JSON: a non-finite score is null and
+        the object gains a ``warning``."""
+        finite = self.score is None or math.isfinite(self.score)
+        out = {"text": self.text, "gate": self.gate, "score": self.score if finite else None,
+               "new_tokens": self.new_tokens, "seconds": round(self.seconds, 4)}
+        if not finite:
+            out["warning"] = self.warning
+        return out
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -62,10 +76,12 @@ def _read_json(file: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _as_ids(value) -> list[int]:
+def _as_ids(value, where: str) -> list[int]:
+    """Token ids given as one int or a list of ints (a generation config's ``eos_token_id``)."""
     if value is None:
         return []
-    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return schema.field({"eos_token_id": value if isinstance(value, list) else [value]}, "eos_token_id", "int_list",
+                        where, lo=0, hi=1 << 31, max_items=64)
 
 
 class TextStream:
@@ -100,7 +116,7 @@ class Aligner:
         self.export = export
         self.image_encoder = image_encoder  # aligner_runtime.multimodal.ImageEncoder for a vision-language export
         self.tokenizer = tokenizer
-        self.backend = backend
+        self._backend = backend  # private: its raw step takes any steer_gate_in (docs/integrity.md)
         self.context_length = context_length
         self.stop_token_ids = stop_token_ids
         vocab = backend.vocab_size or tokenizer.vocab_size
@@ -109,6 +125,15 @@ class Aligner:
     @property
     def steered(self) -> bool:
         return self.export.steered
+
+    @property
+    def backend_name(self) -> str:
+        return self._backend.name
+
+    @property
+    def providers(self) -> list[str]:
+        """ONNX Runtime's execution providers in use (empty for TensorRT)."""
+        return list(getattr(self._backend, "providers", []))
 
     @property
     def manifest(self) -> dict:
@@ -174,13 +199,17 @@ class Aligner:
         tokenizer = ChatTokenizer(export.path, expected_template_sha256=manifest.get("chat_template_sha256"),
                                   content_parts=multimodal is not None)
         config = _read_json(export.path / "config.json")
-        context = manifest.get("context_length") or manifest.get("max_position_embeddings") \
-            or config.get("max_position_embeddings")
+        context = manifest.get("context_length") or schema.field(
+            config, "max_position_embeddings", "int", str(export.path / "config.json"), default=None, lo=1,
+            hi=1 << 24)
         engine_context = getattr(engine, "context_length", None)
         if engine_context and (not context or engine_context < context):
             context = engine_context
-        stops = _as_ids(manifest.get("eos_token_ids")) or _as_ids(
-            _read_json(export.path / "generation_config.json").get("eos_token_id"))
+        if context:
+            tokenizer.max_prompt_tokens = int(context)
+        generation = _read_json(export.path / "generation_config.json")
+        stops = manifest.get("eos_token_ids") or _as_ids(generation.get("eos_token_id"),
+                                                         str(export.path / "generation_config.json"))
         return cls(export, tokenizer, engine, int(context) if context else None, tuple(dict.fromkeys(stops)),
                    image_encoder=encoder)
 
@@ -191,7 +220,7 @@ class Aligner:
     # --- generation -------------------------------------------------------------------------------------------------
     def _config(self, max_new_tokens=128, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=None,
                 stop_token_ids=None) -> SamplingConfig:
-        vocab = self.backend.vocab_size or self.tokenizer.vocab_size
+        vocab = self._backend.vocab_size or self.tokenizer.vocab_size
         if stop_token_ids is not None:
             check_token_ids(list(stop_token_ids), vocab, "stop token")
         stops = tuple(dict.fromkeys(self.stop_token_ids + tuple(stop_token_ids or ())))
@@ -201,9 +230,9 @@ class Aligner:
     def _run(self, prompt_ids: Sequence[Sequence[int]], config: SamplingConfig,
              gate_override: float | None = None, compact: bool = True, prompt_embeds=None) -> GenerationRun:
         encoder = self.image_encoder
-        return GenerationRun(self.backend, prompt_ids, config, pad_token_id=self.tokenizer.pad_token_id,
+        return GenerationRun(self._backend, prompt_ids, config, pad_token_id=self.tokenizer.pad_token_id,
                              two_pass=self.export.two_pass, context_length=self.context_length,
-                             gate_override=gate_override, compact=compact,
+                             _gate_override=gate_override, compact=compact,
                              embedder=encoder.embed if encoder is not None else None, prompt_embeds=prompt_embeds)
 
     def _results(self, run: GenerationRun, seconds: float) -> list[GenerationResult]:
@@ -296,9 +325,30 @@ class Aligner:
                               do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                               stop_token_ids=stop_token_ids)
 
+    def score(self, prompts: str | Sequence[str], *, system=None, batch_size: int = 8):
+        """The gate's decision and score for each prompt, from the scoring prefill alone (no generation): what
+        :meth:`generate` would decide. ``system``: one system prompt, or one per prompt. Returns ``(gate, score)``
+        pairs (one pair for a single prompt)."""
+        single = isinstance(prompts, str)
+        prompt_list = [prompts] if single else list(prompts)
+        if not prompt_list:
+            raise AlignerError("no prompts given")
+        systems = list(system) if isinstance(system, (list, tuple)) else [system] * len(prompt_list)
+        if len(systems) != len(prompt_list):
+            raise AlignerError(f"system: {len(systems)} entries for {len(prompt_list)} prompts")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise AlignerError(f"batch_size must be a positive integer, got {batch_size!r}")
+        ids = [self.encode(p, system=s) for p, s in zip(prompt_list, systems)]
+        out = []
+        for first in range(0, len(ids), batch_size):
+            gate, score = self._run(ids[first:first + batch_size], self._config(max_new_tokens=1)).score()
+            out += [(float(g), None if score is None else float(v))
+                    for g, v in zip(gate, score if score is not None else gate)]
+        return out[0] if single else out
+
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], *, batch_size: int = 1, **sampling):
         """Like :meth:`generate` for already tokenized prompts (no chat template is applied)."""
-        vocab = self.backend.vocab_size or self.tokenizer.vocab_size
+        vocab = self._backend.vocab_size or self.tokenizer.vocab_size
         for ids in prompt_ids:
             check_token_ids(list(ids), vocab, "prompt token")
         return self._generate_ids([list(ids) for ids in prompt_ids], self._config(**sampling), batch_size, None)

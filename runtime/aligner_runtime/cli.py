@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _gate_line(result) -> str:
     if result.gate is None:
         return f"[unsteered model] new_tokens={result.new_tokens} seconds={result.seconds:.2f}"
-    return (f"[gate={int(result.gate)} score={result.score:+.4f} new_tokens={result.new_tokens} "
+    line = (f"[gate={int(result.gate)} score={result.score:+.4f} new_tokens={result.new_tokens} "
             f"seconds={result.seconds:.2f}]")
+    return line + (f"\nwarning: {result.warning}" if result.warning else "")
 
 
 def _stream_one(aligner, prompt: str, options: dict, images=None) -> None:
@@ -116,7 +117,7 @@ def run(args) -> int:
                                images=prompt_images if any(prompt_images) else None, **sampling)
     for i, result in enumerate(results):
         if args.json:
-            print(json.dumps(result.to_json(), ensure_ascii=False))
+            print(json.dumps(result.to_json(), ensure_ascii=False, allow_nan=False))
         else:
             if len(results) > 1:
                 print(f"### {i + 1}: {prompts[i]}")
@@ -135,6 +136,8 @@ def _chat(aligner, options: dict) -> int:
             line = input("> " if interactive else "")
         except EOFError:
             return 0
+        except UnicodeDecodeError:
+            raise AlignerError("standard input is not UTF-8 text") from None
         if line.strip() in ("/quit", "/exit"):
             return 0
         if not line.strip():

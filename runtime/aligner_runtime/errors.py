@@ -21,8 +21,22 @@ class AlignerError(Exception):
     exit_code = 2
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every ``finally`` (temporary files, half-written outputs) runs."""
+
+
+def _terminate(_signum, _frame):
+    raise Terminated()
+
+
 def run_cli(main: Callable[[], int | None]) -> int:
-    """Runs a CLI entry point: user errors become one line on stderr and exit status 2."""
+    """Runs a CLI entry point: user errors become one line on stderr and exit status 2; SIGINT and SIGTERM unwind
+    the work (so atomic writes remove their temporary files) and exit with 130 and 143."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(main() or 0)
     except AlignerError as exc:
@@ -31,6 +45,20 @@ def run_cli(main: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
+    except BrokenPipeError:
+        # The reader went away (``... | head``): stop quietly, as a shell tool killed by SIGPIPE would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -47,6 +75,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; the result honours the umask like any file
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -54,20 +83,23 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary directory beside ``path``; moves it onto ``path`` only if the block succeeds."""
+def atomic_dir(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+    """Yields a temporary directory beside ``path``; moves it onto ``path`` only if the block succeeds. With
+    ``replace`` an existing ``path`` (a cache entry being rebuilt) is removed just before the move; without it an
+    existing non-empty ``path`` is refused before any work."""
     import shutil
 
     path = Path(path)
     if not path.parent.is_dir():
         raise AlignerError(f"output directory's parent does not exist: {path.parent}")
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if not replace and path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise AlignerError(f"output directory exists and is not empty: {path}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
-            path.rmdir()
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a service user must be able to read the export
+        if path.is_dir() and (replace or not any(path.iterdir())):
+            shutil.rmtree(path) if replace else path.rmdir()
         os.replace(tmp, path)
     finally:
         if tmp.exists():

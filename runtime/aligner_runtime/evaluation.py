@@ -1,9 +1,10 @@
 """Steered-versus-unsteered comparison, for evaluation only (ARCHITECTURE.md §5: "Evaluation code may compare with
 steering disabled only through an explicitly named switch").
 
-:class:`UnsteeredComparison` is that switch. It runs the same prompts through the same loaded graph twice: once as
-:meth:`Aligner.generate` does (the gate decides), once with ``steer_gate_in = 0`` on every step, which SteerGate
-passes through as the gate, so every SteerShift adds exactly zero. ``aligner-run`` does not expose it.
+:class:`UnsteeredComparison` is that switch. It runs the same prompts through the same loaded graph as
+:meth:`Aligner.generate` does (the gate decides), with ``steer_gate_in = 0`` on every step, which SteerGate passes
+through as the gate, so every SteerShift adds exactly zero, or with ``steer_gate_in = 1`` (the steering forced on,
+for the refusal figures). ``aligner-run`` and the serving endpoints do not expose it.
 
 Both runs keep every batch's shapes fixed until the whole batch is done (no compaction), so a gate-0 prompt's
 arithmetic is the same in both, bit for bit, whatever its batch-mates do.
@@ -29,3 +30,8 @@ class UnsteeredComparison:
     def unsteered(self, prompts: Sequence[str], **options) -> list[GenerationResult]:
         """The same generation with the gate forced to 0: the model as if it had no steering nodes."""
         return self.aligner._generate(list(prompts), gate_override=0.0, compact=False, **options)
+
+    def forced_open(self, prompts: Sequence[str], **options) -> list[GenerationResult]:
+        """The same generation with the gate forced to 1 on every row: how the steering itself answers, whatever the
+        gate would decide (the steering sweep's and the refusal-quality figures)."""
+        return self.aligner._generate(list(prompts), gate_override=1.0, compact=False, **options)

@@ -1,6 +1,7 @@
 """The one generation loop, shared by every backend (ARCHITECTURE.md §5, runtime protocol).
 
-A backend only runs one forward step: ``backend.run(feeds) -> outputs`` over the graph interface
+A backend only runs one forward step: ``backend._run(feeds) -> outputs`` over the graph interface (private: it takes
+any ``steer_gate_in``, so only this loop calls it)
 
     input_ids [B,S] i64, attention_mask [B,T] i64, position_ids [B,S] i64 (if the graph has it),
     past_key_values.{i}.key/.value [B,kvh,P,hd], steer_gate_in [B] f32
@@ -45,7 +46,7 @@ class Backend(Protocol):
     def past_spec(self, name: str) -> tuple[int, int, np.dtype]:
         """``(kv_heads, head_dim, dtype)`` of the past input ``name``."""
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ...
 
 
@@ -164,7 +165,8 @@ class GenerationRun:
     """One call's generation over a batch. Iterate it to get ``[(row, token_id), ...]`` per step; afterwards
     ``results`` holds one :class:`RowResult` per prompt, in order.
 
-    ``gate_override`` imposes a gate on every row (0.0 = unsteered); only the evaluation module passes it.
+    ``_gate_override`` imposes a gate on every row (0.0 = unsteered); private: only the evaluation module
+    (``aligner_runtime.evaluation``, the explicitly named switch) passes it.
 
     ``compact``: finished rows leave the batch (faster). Without it every step keeps the batch's shapes, so a row's
     arithmetic does not depend on when its batch-mates stop: ONNX Runtime's kernels pick their blocking by shape,
@@ -173,7 +175,7 @@ class GenerationRun:
 
     def __init__(self, backend: Backend, prompts: Sequence[Sequence[int]], config: SamplingConfig, *,
                  pad_token_id: int, two_pass: bool, context_length: int | None = None,
-                 gate_override: float | None = None, compact: bool = True, embedder=None,
+                 _gate_override: float | None = None, compact: bool = True, embedder=None,
                  prompt_embeds: Sequence[np.ndarray | None] | None = None):
         if not prompts:
             raise AlignerError("no prompts given")
@@ -191,10 +193,10 @@ class GenerationRun:
         self.pad_token_id = pad_token_id
         self.two_pass = two_pass
         self.context_length = context_length
-        self.gate_override = gate_override
+        self._gate_override = _gate_override
         self.compact = compact
         self.steered_graph = GATE_IN in backend.input_names
-        if gate_override is not None and not self.steered_graph:
+        if _gate_override is not None and not self.steered_graph:
             raise AlignerError("this graph has no steering interface to override")
         self.timing = RunTiming()
         self.results: list[RowResult] | None = None
@@ -225,7 +227,7 @@ class GenerationRun:
         feeds.update(past)
         if self.steered_graph:
             feeds[GATE_IN] = gate_in.astype(np.float32)
-        return self.backend.run(feeds)
+        return self.backend._run(feeds)
 
     def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
         past = {}
@@ -269,34 +271,57 @@ class GenerationRun:
         return {name: np.concatenate([part[name] for part in parts], axis=0) for name in parts[0]}
 
     # --- the loop -------------------------------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        config = self.config
+    def _batch(self):
+        """The left-padded prompt batch: ``(input_ids, attention_mask, position_ids, embeds)``; every row's last
+        token is in the last column."""
         batch = len(self.prompts)
         width = max(len(p) for p in self.prompts)
         input_ids = np.full((batch, width), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((batch, width), dtype=np.int64)
-        for b, ids in enumerate(self.prompts):  # left padding: every row's last token is in the last column
+        for b, ids in enumerate(self.prompts):
             input_ids[b, width - len(ids):] = ids
             attention_mask[b, width - len(ids):] = 1
-        positions = position_ids(attention_mask)
+        return input_ids, attention_mask, position_ids(attention_mask), self._prompt_embeds(input_ids)
 
-        first_gate = np.full(batch, GATE_DECIDE if self.gate_override is None else self.gate_override, np.float32)
+    def _decided(self, outputs, batch: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The gate and score of a scoring prefill. Fail closed: a row whose score is not finite is steered even
+        where an older graph's SteerGate let it through (docs/contract.md, issue 14)."""
+        if not self.steered_graph:
+            return np.zeros(batch, np.float32), None
+        gate = np.asarray(outputs[GATE_OUT], dtype=np.float32).reshape(batch).copy()
+        score = np.asarray(outputs[SCORE_OUT], dtype=np.float32).reshape(batch).copy()
+        if self._gate_override is None:
+            gate[~np.isfinite(score)] = 1.0
+        return gate, score
+
+    def score(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The scoring prefill alone (``steer_gate_in = -1``): the gate and score of every prompt, no generation."""
+        input_ids, attention_mask, positions, embeds = self._batch()
+        batch = len(self.prompts)
         start = time.perf_counter()
-        embeds = self._prompt_embeds(input_ids)
+        outputs = self._prefill(input_ids, attention_mask, positions, np.full(batch, GATE_DECIDE, np.float32),
+                                embeds)
+        self.timing.prefill_seconds, self.timing.prefill_passes = time.perf_counter() - start, 1
+        return self._decided(outputs, batch)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        config = self.config
+        batch = len(self.prompts)
+        input_ids, attention_mask, positions, embeds = self._batch()
+        first_gate = np.full(batch, GATE_DECIDE if self._gate_override is None else self._gate_override, np.float32)
+        start = time.perf_counter()
         outputs = self._prefill(input_ids, attention_mask, positions, first_gate, embeds)
         self.timing.prefill_passes = 1
         logits = outputs["logits"]
         past = self._presents(outputs)
-        if self.steered_graph:
-            gate = np.asarray(outputs[GATE_OUT], dtype=np.float32).reshape(batch).copy()
-            score = np.asarray(outputs[SCORE_OUT], dtype=np.float32).reshape(batch).copy()
-        else:
-            gate = np.zeros(batch, np.float32)
-            score = None
+        gate, score = self._decided(outputs, batch)
+        forced_by_runtime = self.steered_graph and bool(np.any(
+            (gate > 0.5) & (np.asarray(outputs[GATE_OUT]).reshape(batch) <= 0.5)))
 
         # §5 rule 2: rows whose gate fired are prefilled again with the gate imposed, so that layers below the gate
         # layer are shifted too. The scoring pass stays the reported score.
-        if self.two_pass and self.gate_override is None:
+        # A row the runtime forced to steer (non-finite score) needs the steered pass even with no layer below g*.
+        if (self.two_pass or forced_by_runtime) and self._gate_override is None:
             fired = np.flatnonzero(gate > 0.5)
             if fired.size:
                 again = self._prefill(input_ids[fired], attention_mask[fired], positions[fired],

@@ -138,8 +138,8 @@ def verify(directory: Path, integrity: dict, summary: GraphSummary, gate_layers,
     directory. ``integrity`` has been type-checked by the manifest loader."""
     expected = set(steering_node_names(gate_layers, steer_layers))
     if set(integrity["constants"]) != expected:
-        raise AlignerError(f"the manifest's integrity digests name other steering nodes than its layers "
-                           f"(tampered manifest)")
+        raise AlignerError("the manifest's integrity digests name other steering nodes than its layers "
+                           "(tampered manifest)")
     for name in sorted(expected):
         values = node_constants(summary, name)
         if values is None:

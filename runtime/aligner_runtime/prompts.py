@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Iterable
 
+from . import schema
 from .errors import AlignerError
 
-PROMPT_FIELDS = ("instruction", "prompt", "goal", "question")
+PROMPT_FIELDS = ("instruction", "prompt", "goal", "question", "text")
+MAX_PROMPT_FILE_BYTES = 256 << 20
+MAX_FIELD_BYTES = 16 << 20  # one CSV field (Python's csv module stops at 128 KiB unless told)
 IMAGE_FIELDS = ("image", "image_url", "image_path", "img")
 CSV_COLUMNS = ("goal", "Behavior", "prompt", "instruction", "question")
 TEMPLATE_SLOTS = ("{prompt}", "{{ prompt }}", "[INSERT PROMPT HERE]")
@@ -88,9 +90,13 @@ def load_prompt_items(path: str | os.PathLike, min_count: int = 1, images: bool 
             f"unknown prompt file format '{suffix or path.name}': use one of {', '.join(SUPPORTED_SUFFIXES)}"
         )
     try:
+        if path.stat().st_size > MAX_PROMPT_FILE_BYTES:
+            raise AlignerError(f"prompt file {path} is over {MAX_PROMPT_FILE_BYTES >> 20} MiB")
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AlignerError(f"cannot read prompt file {path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise AlignerError(f"prompt file {path} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise AlignerError(f"cannot read prompt file {path}: {exc.strerror}") from None
 
     def _item(obj: object, where: str) -> PromptItem:
         return PromptItem(_from_object(obj, where), _image_of(obj, path.parent, where) if images else ())
@@ -100,10 +106,7 @@ def load_prompt_items(path: str | os.PathLike, min_count: int = 1, images: bool 
         prompts = [line.strip() for line in text.splitlines()]
         prompts = [p for p in prompts if p and not p.startswith("#")]
     elif suffix == ".json":
-        try:
-            data = json.loads(text) if text.strip() else []
-        except json.JSONDecodeError as exc:
-            raise AlignerError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        data = schema.loads(text, str(path)) if text.strip() else []
         if isinstance(data, dict):
             data = next((v for v in data.values() if isinstance(v, list)), None)
             if data is None:
@@ -116,18 +119,17 @@ def load_prompt_items(path: str | os.PathLike, min_count: int = 1, images: bool 
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise AlignerError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            prompts.append(_item(obj, f"{path}:{lineno}"))
+            prompts.append(_item(schema.loads(line, f"{path}:{lineno}"), f"{path}:{lineno}"))
     else:
-        rows = list(csv.DictReader(text.splitlines()))
+        rows = _csv_rows(text, path)
         fields = rows[0].keys() if rows else []
         column = next((c for c in CSV_COLUMNS if c in fields), None)
         if rows and column is None:
             raise AlignerError(f"{path}: CSV has none of the columns {', '.join(CSV_COLUMNS)}")
-        prompts = [row[column] or "" for row in rows] if column else []
+        # HarmBench's contextual behaviours: the context goes above the request, as HarmBench prompts them.
+        context = "ContextString" if "ContextString" in fields else None
+        prompts = [(f"{row[context]}\n\n---\n\n{row[column] or ''}" if context and row.get(context) else
+                    row[column] or "") for row in rows] if column else []
 
     items = [p if isinstance(p, PromptItem) else PromptItem(p) for p in prompts]
     prompts = [PromptItem(p.text.strip(), p.images) for p in items if p.text and p.text.strip()]
@@ -138,12 +140,24 @@ def load_prompt_items(path: str | os.PathLike, min_count: int = 1, images: bool 
     return prompts
 
 
+def _csv_rows(text: str, path: Path) -> list[dict]:
+    csv.field_size_limit(MAX_FIELD_BYTES)
+    try:
+        rows = list(csv.DictReader(text.splitlines()))
+    except csv.Error as exc:
+        raise AlignerError(f"{path}: not a readable CSV file ({exc})") from None
+    for i, row in enumerate(rows):
+        if None in row or any(v is None for v in row.values()):  # a row with more or fewer fields than the header
+            raise AlignerError(f"{path}: CSV row {i + 2} does not match the header")
+    return rows
+
+
 def load_templates(path: str | os.PathLike) -> list[str]:
     """Reads jailbreak templates: any prompt-file format (CSV column ``text`` too), each holding a prompt slot."""
     path = Path(path)
     if path.suffix.lower() == ".csv" and path.is_file():
         try:
-            rows = list(csv.DictReader(path.read_text(encoding="utf-8").splitlines()))
+            rows = _csv_rows(path.read_text(encoding="utf-8"), path)
         except (OSError, UnicodeDecodeError) as exc:
             raise AlignerError(f"cannot read template file {path}: {exc}") from None
         if rows and "text" in rows[0]:

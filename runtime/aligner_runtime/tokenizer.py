@@ -63,6 +63,16 @@ class ChatTokenizer:
                                f"(the gate was calibrated on another template)")
         # A vision-language export's template takes message content as a list of parts.
         self.content_parts = content_parts
+        # User text is tokenised with special tokens as plain text (issue 14: "<|im_end|>" in a prompt must not
+        # become a control token and fake a chat turn); a second instance does that, so the two never share state.
+        self._as_text = Tokenizer.from_file(str(file))
+        self._as_text.encode_special_tokens = True
+        self._specials = sorted({t.content for t in self._tokenizer.get_added_tokens_decoder().values()
+                                 if t.special and t.content}, key=len, reverse=True)
+        # The longest token in bytes bounds how few tokens a text can be: a prompt of more bytes than
+        # max_prompt_tokens * this is too long, known before tokenising it.
+        self.max_token_bytes = max((len(t.encode("utf-8", "replace")) for t in self._tokenizer.get_vocab()), default=1)
+        self.max_prompt_tokens: int | None = None  # set by Aligner.load from the model's context
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         pad = self.special_tokens.get("pad_token") or self.special_tokens.get("eos_token")
         self.pad_token_id = self._tokenizer.token_to_id(pad) if pad else None
@@ -82,10 +92,28 @@ class ChatTokenizer:
         the user turn and the ``i``-th image token is expanded to ``image_tokens[i]`` copies."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise AlignerError("empty prompt")
+        for what, value in (("prompt", prompt), ("system prompt", system)):
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise AlignerError(f"the {what} must be text, got {type(value).__name__}")
+            try:
+                size = len(value.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise AlignerError(f"the {what} is not valid UTF-8 text (it holds a lone surrogate)") from None
+            if self.max_prompt_tokens is not None and size > self.max_prompt_tokens * self.max_token_bytes:
+                raise AlignerError(f"the {what} is {size} bytes, more than the model's context of "
+                                   f"{self.max_prompt_tokens} tokens can hold")
         counts = list(image_tokens or ())
-        text = self.render(prompt, system=system, images=len(counts) if multimodal is not None else 0)
+        images = len(counts) if multimodal is not None else 0
         if multimodal is None:
-            return self.encode(text)
+            if any(self._holds_special(v) for v in (prompt, system)):
+                return self._encode_isolated(prompt, system)
+            return self.encode(self.render(prompt, system=system))
+        if self._holds_special(prompt) or self._holds_special(system):
+            raise AlignerError("the prompt holds a special token of the tokenizer (e.g. a chat-turn marker); "
+                               "remove it")
+        text = self.render(prompt, system=system, images=images)
         from .multimodal import expand_image_tokens
 
         ids = self.encode(expand_image_tokens(text, multimodal, counts))
@@ -93,6 +121,33 @@ class ChatTokenizer:
         if found != sum(counts):
             raise AlignerError(f"the tokenizer turned the prompt's image tokens into {found} image token ids, "
                                f"expected {sum(counts)}")
+        return ids
+
+    def _holds_special(self, text: str | None) -> bool:
+        return bool(text) and any(token in text for token in self._specials)
+
+    def _encode_isolated(self, prompt: str, system: str | None) -> list[int]:
+        """The template's own text tokenised as usual, the user's (and system) text with special tokens as plain
+        text: the template is rendered around placeholders and the pieces are tokenised apart."""
+        user_mark, system_mark = "\ue000\ue001user\ue001\ue000", "\ue000\ue001system\ue001\ue000"
+        rendered = self.render(user_mark, system=system_mark if system is not None else None)
+        marks = {user_mark: prompt, system_mark: system}
+        pieces, rest = [], rendered
+        while True:
+            found = [(rest.find(m), m) for m in marks if m in rest]
+            if not found:
+                pieces.append((rest, False))
+                break
+            at, mark = min(found)
+            pieces += [(rest[:at], False), (marks[mark], True)]
+            rest = rest[at + len(mark):]
+        if sum(1 for _, user in pieces if user) != 1 + (system is not None):
+            raise AlignerError("the prompt holds a special token of the tokenizer, and this chat template does not "
+                               "let it be kept apart as plain text")
+        ids = []
+        for text, user in pieces:
+            if text:
+                ids += (self._as_text if user else self._tokenizer).encode(text, add_special_tokens=False).ids
         return ids
 
     def encode(self, text: str) -> list[int]:

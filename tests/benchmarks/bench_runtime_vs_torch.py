@@ -129,7 +129,7 @@ def main() -> int:
 
     summary = {
         "threads": args.threads, "new_tokens": n, "prompts": len(rows),
-        "torch_version": torch.__version__, "onnxruntime_providers": aligner.backend.providers,
+        "torch_version": torch.__version__, "onnxruntime_providers": aligner.providers,
         "median_prefill_ms": {s: 1e3 * median(s, "prefill_seconds") for s in sides},
         "median_decode_tokens_per_second": {s: median(s, "decode_tokens_per_second") for s in sides},
         "same_tokens": sum(r["same_tokens"] for r in rows),

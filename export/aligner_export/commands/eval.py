@@ -1,6 +1,11 @@
 """``aligner-export eval``: run an export steered and unsteered on prompt sets and write a report.
 
+    aligner-export eval --model OUTDIR --report DIR                      # the corpus's held-out sources
     aligner-export eval --model OUTDIR --harmful F --harmless F [--jailbreak-templates F] --report DIR
+
+Without prompt files, the shipped corpus's held-out sources are used (``aligner_export.evaluation.corpus_eval``): the
+gate per source with ROC curves, the bypass suite, and generation steered against unsteered, with issue 10's targets
+checked; ``gate.png`` is added to the report.
 
 Writes ``report.json`` (every figure and every prompt's answers), ``report.md`` (the summary table) and
 ``report.png`` (ASR bars, gate-score histograms with the threshold). See ``aligner_export/evaluation.py``.
@@ -14,11 +19,15 @@ from __future__ import annotations
 
 def configure(parser) -> None:
     parser.add_argument("--model", required=True, help="export directory (from aligner-export export)")
-    parser.add_argument("--harmful", required=True, help="harmful prompts (.txt/.json/.jsonl/.csv; JSONL with "
-                        "image + question for a vision-language export)")
-    parser.add_argument("--harmless", required=True, help="harmless prompts")
+    parser.add_argument("--harmful", help="harmful prompts (.txt/.json/.jsonl/.csv; JSONL with image + question for a "
+                        "vision-language export); without --harmful/--harmless: the corpus's held-out sources")
+    parser.add_argument("--harmless", help="harmless prompts")
+    parser.add_argument("--corpus", help="corpus directory for the held-out evaluation (default: the shipped one)")
+    parser.add_argument("--gate-limit", type=int, default=None,
+                        help="corpus mode: score at most N prompts of each held-out source (default: all)")
     parser.add_argument("--jailbreak-templates", help="jailbreak templates with a {prompt} slot (e.g. GPTFuzz CSV)")
-    parser.add_argument("--limit", type=int, default=None, help="use at most N prompts of each set")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="use at most N prompts of each set for generation (corpus mode default 40)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=1,
                         help="prompts generated together (left-padded); 1 keeps per-prompt latency exact")
@@ -28,17 +37,56 @@ def configure(parser) -> None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
+    from aligner_runtime.api import Aligner
+    from aligner_runtime.errors import AlignerError, check_count, check_writable_dir, max_threads
+
+    from aligner_export.evaluation.evaluate import make_judge, write_report
+
+    for name, high in (("limit", 1_000_000), ("gate_limit", 1_000_000), ("max_new_tokens", 4096),
+                       ("batch_size", 1024)):
+        if getattr(args, name) is not None:
+            check_count(getattr(args, name), f"--{name.replace('_', '-')}", 1, high)
+    if args.threads is not None:
+        check_count(args.threads, "--threads", 1, max_threads())
+    report_dir = Path(args.report)
+    if report_dir.exists() and not report_dir.is_dir():
+        raise AlignerError(f"--report must be a directory, and {report_dir} is a file")
+    check_writable_dir(report_dir if report_dir.is_dir() else report_dir.parent, "report directory")
+    if bool(args.harmful) != bool(args.harmless):
+        raise AlignerError("give --harmful and --harmless together (or neither, for the corpus's held-out sources)")
+    judge = make_judge(args.judge)
+    if args.harmful:
+        if args.corpus or args.gate_limit:
+            raise AlignerError("--corpus and --gate-limit are for the corpus evaluation (no --harmful/--harmless)")
+        report = _files_report(args, judge)
+    else:
+        if args.jailbreak_templates:
+            raise AlignerError("--jailbreak-templates goes with --harmful/--harmless; the corpus has its own")
+        from aligner_export.evaluation.corpus_eval import run_corpus_eval
+
+        aligner = Aligner.load(args.model, threads=args.threads)
+        aligner._config(max_new_tokens=args.max_new_tokens)
+        report = run_corpus_eval(aligner, judge, args.corpus, limit=args.limit if args.limit is not None else 40,
+                                 gate_limit=args.gate_limit, max_new_tokens=args.max_new_tokens,
+                                 batch_size=args.batch_size)
+        report["inputs"] = {"corpus": args.corpus or "shipped"}
+    paths = write_report(report, args.report)
+    from aligner_export.evaluation.evaluate import markdown
+
+    print(markdown(report))
+    print("report: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _files_report(args, judge) -> dict:
     from aligner_runtime.api import Aligner
     from aligner_runtime.errors import AlignerError
     from aligner_runtime.prompts import load_prompt_items, load_templates
 
-    from aligner_export.evaluation.evaluate import PromptSet, evaluate, jailbreak_prompts, make_judge, write_report
+    from aligner_export.evaluation.evaluate import PromptSet, evaluate, jailbreak_prompts
 
-    for name in ("limit", "max_new_tokens", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise AlignerError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    judge = make_judge(args.judge)
     harmful_items = load_prompt_items(args.harmful)[: args.limit]
     harmless_items = load_prompt_items(args.harmless)[: args.limit]
     harmful = [item.text for item in harmful_items]
@@ -67,9 +115,4 @@ def run(args) -> int:
     report["inputs"] = {"harmful": str(args.harmful), "harmless": str(args.harmless),
                         "jailbreak_templates": args.jailbreak_templates,
                         "templates_used": min(len(templates), len(harmful)) if templates else 0}
-    paths = write_report(report, args.report)
-    from aligner_export.evaluation.evaluate import markdown
-
-    print(markdown(report))
-    print(f"report: {paths['md']}, {paths['json']}, {paths['png']}")
-    return 0
+    return report

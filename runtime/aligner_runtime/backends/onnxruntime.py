@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import AlignerError
+from ..errors import AlignerError, check_count, max_threads
 
 # Short names accepted by the API and ``aligner-run --provider``.
 PROVIDERS = {
@@ -41,9 +41,9 @@ def session_for(model_path: str | Path, providers=None, intra_op_threads: int | 
     """An ``InferenceSession`` with full graph optimisation; a graph ORT cannot load is an :class:`AlignerError`."""
     import onnxruntime as ort
 
-    for what, value in (("intra_op_threads", intra_op_threads), ("inter_op_threads", inter_op_threads)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise AlignerError(f"{what} must be an integer >= 0 (0 = ONNX Runtime's default), got {value!r}")
+    for what, value in (("threads", intra_op_threads), ("inter_op_threads", inter_op_threads)):
+        if value is not None:
+            check_count(value, f"{what} (0 = ONNX Runtime's default)", 0, max_threads())
     options = ort.SessionOptions()
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
@@ -83,6 +83,6 @@ class OnnxRuntimeBackend:
             raise AlignerError(f"unsupported past input {name}: {info.type} {info.shape}")
         return heads, head_dim, np.dtype(dtype)
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.session.run(self.output_names, feeds)
         return dict(zip(self.output_names, outputs))
