@@ -57,7 +57,7 @@ def finished(handles, timeout=60):
     return handles
 
 
-# --- the toy model: exact bookkeeping ----------------------------------------------------------------------------------
+# --- the toy model: exact bookkeeping ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("prefill", ["alone", "together"])
 def test_rows_joining_and_leaving_mid_batch_match_the_oracle(prefill):
     model = toy_model()
@@ -253,7 +253,7 @@ def test_an_unsteered_graph_is_refused():
         Scheduler(ToyModel(steered=False), pad_token_id=0, two_pass=False)
 
 
-# --- tiny real exports: the scheduler against Aligner.generate alone ------------------------------------------------------
+# --- tiny real exports: the scheduler against Aligner.generate alone --------------------------------------------------
 @pytest.fixture(scope="module", params=["paper-gate", "linear-gate"])
 def aligner_and_prompts(request, tmp_path_factory, tiny_model_dir):
     from aligner_runtime.api import Aligner

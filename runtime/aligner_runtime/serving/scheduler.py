@@ -100,7 +100,7 @@ class RequestHandle:
         self._cancelled = False
         self._scheduler = scheduler
 
-    # --- client side ---------------------------------------------------------------------------------------------
+    # --- client side --------------------------------------------------------------------------------------------------
     @property
     def done(self) -> bool:
         return self._done.is_set()
@@ -133,7 +133,7 @@ class RequestHandle:
             if event.kind in ("done", "error"):
                 return
 
-    # --- scheduler side ------------------------------------------------------------------------------------------
+    # --- scheduler side -----------------------------------------------------------------------------------------------
     def _emit(self, event: Event) -> None:
         now = time.monotonic()
         if event.kind == "gate":
@@ -235,7 +235,7 @@ class Scheduler:
         return cls(aligner._backend, pad_token_id=aligner.tokenizer.pad_token_id, two_pass=aligner.export.two_pass,
                    context_length=aligner.context_length, **options)
 
-    # --- client side -------------------------------------------------------------------------------------------------
+    # --- client side --------------------------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], config: SamplingConfig, *, timeout: float | None = None,
                listener: Callable[[Event], None] | None = None) -> RequestHandle:
         """Queues one tokenized prompt. Bad input raises :class:`AlignerError` here, in the caller's thread;
@@ -315,7 +315,7 @@ class Scheduler:
         batches = (len(self._waiting) + len(self._rows) + self._joining) / self.max_batch_size
         return max(1, min(600, math.ceil(batches * self._mean_seconds)))
 
-    # --- the scheduler thread ----------------------------------------------------------------------------------------
+    # --- the scheduler thread -----------------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self._lock:
@@ -391,7 +391,7 @@ class Scheduler:
                 self._finish_handle(self._rows[i].handle, reason)
             self._keep([i for i in range(len(self._rows)) if i not in reasons])
 
-    # --- graph feeds ---------------------------------------------------------------------------------------------------
+    # --- graph feeds --------------------------------------------------------------------------------------------------
     def _empty_past(self, batch: int, length: int, name: str) -> np.ndarray:
         heads, head_dim, dtype = self._past_specs[name]
         return np.zeros((batch, heads, length, head_dim), dtype=dtype)
@@ -408,7 +408,7 @@ class Scheduler:
         feeds.update(past)
         return self.backend._run(feeds)
 
-    # --- joining -------------------------------------------------------------------------------------------------------
+    # --- joining ------------------------------------------------------------------------------------------------------
     def _join(self, handles: list[RequestHandle]) -> None:
         groups = [[h] for h in handles] if self.prefill == "alone" else [handles]
         for group in groups:
@@ -496,7 +496,7 @@ class Scheduler:
         self._positions = np.concatenate([self._positions, positions])
         self._rows = self._rows + rows
 
-    # --- decoding ------------------------------------------------------------------------------------------------------
+    # --- decoding -----------------------------------------------------------------------------------------------------
     def _pick(self, row: _Row, logits: np.ndarray) -> bool:
         """Picks the row's next token and emits it; False when the row is done."""
         token = pick_token(logits, row.handle.config, row.rng)

@@ -1,0 +1,114 @@
+"""``aligner-serve``: an OpenAI-compatible HTTP endpoint for one appliance, steering always on (issue 13).
+
+    aligner-serve --model OUTDIR [--host 127.0.0.1] [--port 8000] [--max-batch-size 16] [--max-queue 64]
+
+Serves ``/v1/chat/completions``, ``/v1/completions`` (streaming over SSE), ``/v1/models``, ``/health`` and
+``/metrics``; see docs/serving.md. There is deliberately no option to turn the gate off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import AlignerError, check_count, run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aligner-serve", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="export directory (or engine file / dir with --backend tensorrt)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", help="the model name clients give (default: the export directory's name)")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
+    p.add_argument("--provider", action="append", choices=("cpu", "cuda", "tensorrt"),
+                   help="ONNX Runtime execution provider, in order of preference (repeatable; default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
+    p.add_argument("--plugins", help="steering plugin library for --backend tensorrt")
+    p.add_argument("--max-batch-size", type=int, default=16, help="rows decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a row; past it, 503 with Retry-After (default 64)")
+    p.add_argument("--prefill", default="alone", choices=("alone", "together"),
+                   help="prefill each joining request alone (default; the same call as a run alone) or the joiners "
+                        "of one step together")
+    p.add_argument("--max-tokens", type=int, default=256, help="new tokens when a request gives no max_tokens")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request ends (504)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: run(args))
+
+
+def _listen(host: str, port: int):
+    """The listening socket, opened here so that a port in use is one error line, before the model loads."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise AlignerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    return sock
+
+
+def _quiet_sigterm() -> None:
+    """uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the previous handler: a
+    finished graceful shutdown is a clean exit (status 0), not ``run_cli``'s 143 for an interrupted command."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    check_count(args.port, "--port", 0, 65535)
+    check_count(args.max_batch_size, "--max-batch-size", 1, 4096)
+    check_count(args.max_queue, "--max-queue", 0, 1 << 20)
+    check_count(args.max_tokens, "--max-tokens", 1, 1 << 20)
+    if not args.request_timeout > 0:
+        raise AlignerError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
+    from .http import Server, _imports, create_app
+
+    _imports()
+    import uvicorn
+
+    from ..api import Aligner
+    from .scheduler import Scheduler
+
+    sock = _listen(args.host, args.port)
+    try:
+        aligner = Aligner.load(args.model, backend=args.backend, providers=args.provider, threads=args.threads,
+                               plugins=args.plugins)
+        scheduler = Scheduler.for_aligner(aligner, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                                          prefill=args.prefill)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        name = args.served_model_name or Path(args.model).resolve().name
+        server = Server(aligner, scheduler, model_name=name, default_max_tokens=args.max_tokens,
+                        request_timeout=args.request_timeout)
+        config = uvicorn.Config(create_app(server), log_level=args.log_level, timeout_graceful_shutdown=10)
+        host, port = sock.getsockname()[:2]
+        print(f"aligner-serve: {name} on http://{host}:{port} (steering on, gate at layer "
+              f"{aligner.export.gate_layer}, max batch {args.max_batch_size})", file=sys.stderr, flush=True)
+        _quiet_sigterm()
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        scheduler.close()
+        sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""What a client may ask the server for, checked into one clear error (issue 13).
+
+Shared by the OpenAI-compatible endpoint (:mod:`.http`) and the Triton model (``aligner_export.triton``): chat
+messages become the one user turn (and optional system message) that the gate was calibrated on, sampling values are
+checked before anything is queued, and generated tokens become text, with stop tokens dropped and stop strings
+honoured, while it streams.
+
+No field turns the gate off: an unknown field is an error, and none of the known ones touches steering
+(ARCHITECTURE.md §5).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+from ..errors import AlignerError
+from ..generate import SamplingConfig
+from ..tokenizer import IncrementalDecoder
+
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256
+MAX_SEED = 2 ** 63 - 1
+
+
+class BadRequest(AlignerError):
+    """A request the server refuses; ``status`` is its HTTP status, ``param`` the offending field."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.status = status
+        self.code = code
+
+
+@dataclass
+class Generation:
+    """One checked request: the user turn, the sampling values, how to answer."""
+
+    prompt: str
+    system: str | None = None
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+
+    def sampling(self, aligner, default_max_tokens: int) -> SamplingConfig:
+        """The :class:`SamplingConfig` (the model's EOS ids always stop); ``temperature == 0`` is greedy."""
+        config = SamplingConfig(max_new_tokens=self.max_tokens or default_max_tokens,
+                                do_sample=self.temperature > 0, temperature=self.temperature if self.temperature > 0
+                                else 1.0, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+                                stop_token_ids=tuple(aligner.stop_token_ids))
+        return config.validate(aligner._backend.vocab_size or aligner.tokenizer.vocab_size)
+
+
+# --- field checks -----------------------------------------------------------------------------------------------------
+def _number(body: dict, name: str, low: float, high: float, default, *, low_open: bool = False):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < low or value > high or (low_open and value == low):
+        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise BadRequest(f"'{name}' must be a number in {bound}, got {value!r}", name)
+    return float(value)
+
+
+def _integer(body: dict, name: str, low: int, high: int, default):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise BadRequest(f"'{name}' must be an integer in [{low}, {high}], got {value!r}", name)
+    return value
+
+
+def _boolean(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise BadRequest(f"'{name}' must be true or false, got {value!r}", name)
+    return value
+
+
+def _unsupported(body: dict, name: str, allowed) -> None:
+    """A field OpenAI defines that this server takes only at its neutral value."""
+    if name in body and body[name] is not None and body[name] not in allowed:
+        raise BadRequest(f"'{name}' is not supported by this server (only {allowed[0]!r})", name)
+
+
+def _stop(body: dict) -> list[str]:
+    value = body.get("stop")
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not stops or len(stops) > MAX_STOP_STRINGS or any(
+            not isinstance(s, str) or not s or len(s) > MAX_STOP_CHARS for s in stops):
+        raise BadRequest(f"'stop' must be a non-empty string or a list of up to {MAX_STOP_STRINGS} non-empty "
+                         f"strings of at most {MAX_STOP_CHARS} characters", "stop")
+    return stops
+
+
+def _check_fields(body, allowed: set[str]) -> None:
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise BadRequest(f"unknown field '{unknown[0]}'", unknown[0])
+
+
+COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream", "stream_options", "stop",
+                 "n", "user", "frequency_penalty", "presence_penalty", "logprobs"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
+
+
+def _common(body: dict, max_tokens_limit: int | None, generation: Generation) -> Generation:
+    limit = max_tokens_limit or 1 << 20
+    generation.max_tokens = _integer(body, "max_tokens", 1, limit, None)
+    generation.temperature = _number(body, "temperature", 0.0, 2.0, 1.0)
+    generation.top_p = _number(body, "top_p", 0.0, 1.0, 1.0, low_open=True)
+    generation.top_k = _integer(body, "top_k", 0, 1 << 20, 0)
+    generation.seed = _integer(body, "seed", 0, MAX_SEED, None)
+    generation.stream = _boolean(body, "stream", False)
+    generation.stop = _stop(body)
+    if _integer(body, "n", 1, 1, 1) != 1:
+        raise BadRequest("'n' must be 1", "n")
+    for name in ("frequency_penalty", "presence_penalty"):
+        _unsupported(body, name, (0, 0.0))
+    _unsupported(body, "logprobs", (False,))
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise BadRequest("'user' must be a string", "user")
+    options = body.get("stream_options")
+    if options is not None:
+        if not generation.stream:
+            raise BadRequest("'stream_options' is only allowed with 'stream': true", "stream_options")
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise BadRequest("'stream_options' takes only 'include_usage'", "stream_options")
+        generation.include_usage = _boolean(options, "include_usage", False)
+    return generation
+
+
+def _text_content(content, where: str) -> str:
+    """A message's content: a string, or a list of text parts (``{"type": "text", "text": ...}``)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str) \
+                    or set(part) - {"type", "text"}:
+                raise BadRequest(f"{where}: this server takes text parts only ({{\"type\": \"text\", \"text\": ...}})",
+                                 "messages")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise BadRequest(f"{where}: 'content' must be a string or a list of text parts", "messages")
+
+
+def prompt_from_messages(messages) -> tuple[str, str | None]:
+    """``(prompt, system)`` from chat messages: an optional system message, then one user message. The gate was
+    calibrated on a single user turn, so a conversation with earlier turns is refused rather than scored off its
+    calibration."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list of messages", "messages")
+    system, prompt = None, None
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest(f"{where} must be an object with a 'role' and a 'content'", "messages")
+        if set(message) - {"role", "content", "name"}:
+            raise BadRequest(f"{where}: unknown field '{sorted(set(message) - {'role', 'content', 'name'})[0]}'",
+                             "messages")
+        role = message["role"]
+        if role in ("system", "developer") and i == 0 and len(messages) > 1:
+            system = _text_content(message.get("content"), where)
+        elif role == "user" and i == len(messages) - 1:
+            prompt = _text_content(message.get("content"), where)
+        else:
+            raise BadRequest("only a single user turn (optionally after one system message) is accepted: the safety "
+                             "gate was calibrated on single-turn prompts", "messages")
+    if prompt is None or not prompt.strip():
+        raise BadRequest("the user message is empty", "messages")
+    return prompt, system
+
+
+def parse_chat(body, max_tokens_limit: int | None = None) -> Generation:
+    """A ``/v1/chat/completions`` body."""
+    _check_fields(body, CHAT_FIELDS)
+    prompt, system = prompt_from_messages(body.get("messages"))
+    generation = _common(body, max_tokens_limit, Generation(prompt=prompt, system=system))
+    completion_tokens = _integer(body, "max_completion_tokens", 1, max_tokens_limit or 1 << 20, None)
+    if completion_tokens is not None:
+        if generation.max_tokens is not None and generation.max_tokens != completion_tokens:
+            raise BadRequest("'max_tokens' and 'max_completion_tokens' disagree", "max_completion_tokens")
+        generation.max_tokens = completion_tokens
+    _unsupported(body, "top_logprobs", (0,))
+    return generation
+
+
+def parse_completion(body, max_tokens_limit: int | None = None) -> Generation:
+    """A ``/v1/completions`` body. The prompt is the user turn, wrapped in the export's chat template like every
+    prompt the runtime takes (the gate reads the template's last token); token-id prompts are refused for that
+    reason."""
+    _check_fields(body, COMPLETION_FIELDS)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise BadRequest("'prompt' must be one string (token ids and batches of prompts are not accepted)", "prompt")
+    if not prompt.strip():
+        raise BadRequest("'prompt' is empty", "prompt")
+    _unsupported(body, "echo", (False,))
+    _unsupported(body, "suffix", ("",))
+    _unsupported(body, "best_of", (1,))
+    return _common(body, max_tokens_limit, Generation(prompt=prompt))
+
+
+def parse_text_input(text: str) -> tuple[str, str | None]:
+    """Triton's ``text_input``: prompt text, or chat messages as a JSON list (``[{"role": ..., "content": ...}]``)."""
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            messages = json.loads(stripped)
+        except json.JSONDecodeError:
+            return text, None
+        if isinstance(messages, list) and messages and all(isinstance(m, dict) and "role" in m for m in messages):
+            return prompt_from_messages(messages)
+    return text, None
+
+
+# --- tokens to text ---------------------------------------------------------------------------------------------------
+class TextAssembler:
+    """Turns a request's tokens into text pieces as they come: stop tokens are dropped (as ``Aligner.generate``
+    drops them), incomplete UTF-8 is held back, and text that may be the start of a stop string is held back until
+    it is not; a stop string ends the text before it (``stopped`` becomes True)."""
+
+    def __init__(self, tokenizer, stop_token_ids, stop: list[str] | None = None):
+        self._decoder = IncrementalDecoder(tokenizer)
+        self._stop_ids = set(stop_token_ids)
+        self._stop = list(stop or ())
+        self._pending = ""
+        self.text = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        if self.stopped or token in self._stop_ids:
+            return ""
+        return self._release(self._decoder.push(token))
+
+    def flush(self) -> str:
+        if self.stopped:
+            return ""
+        piece = self._release(self._decoder.flush())
+        tail, self._pending = self._pending, ""
+        self.text += tail
+        return piece + tail
+
+    def _release(self, piece: str) -> str:
+        if not self._stop:
+            self.text += piece
+            return piece
+        pending = self._pending + piece
+        hits = [pending.find(s) for s in self._stop if s in pending]
+        if hits:
+            out = pending[:min(hits)]
+            self._pending, self.stopped = "", True
+            self.text += out
+            return out
+        # Hold back the longest tail that is a prefix of a stop string.
+        keep = 0
+        for s in self._stop:
+            for n in range(min(len(s) - 1, len(pending)), 0, -1):
+                if pending.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        out, self._pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
+        self.text += out
+        return out
