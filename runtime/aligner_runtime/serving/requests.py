@@ -234,6 +234,27 @@ def parse_text_input(text: str) -> tuple[str, str | None]:
     return text, None
 
 
+def parse_triton(text_input, *, max_tokens=None, stream=None, temperature=None, top_p=None, seed=None,
+                 max_tokens_limit: int | None = None) -> Generation:
+    """The inputs of the Triton model (``aligner-export triton``), named as Triton's LLM backends name them.
+    ``text_input`` is UTF-8 bytes or text: a prompt, or chat messages as JSON. Without ``temperature`` the answer is
+    greedy, as ``Aligner.generate`` is."""
+    if isinstance(text_input, bytes):
+        try:
+            text_input = text_input.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("'text_input' is not valid UTF-8", "text_input") from None
+    if not isinstance(text_input, str):
+        raise BadRequest("'text_input' must be text", "text_input")
+    prompt, system = parse_text_input(text_input)
+    if not prompt.strip():
+        raise BadRequest("'text_input' is empty", "text_input")
+    body = {"max_tokens": max_tokens, "stream": stream, "temperature": 0.0 if temperature is None else temperature,
+            "top_p": top_p, "seed": seed}
+    return _common({k: v for k, v in body.items() if v is not None}, max_tokens_limit,
+                   Generation(prompt=prompt, system=system))
+
+
 # --- tokens to text ---------------------------------------------------------------------------------------------------
 class TextAssembler:
     """Turns a request's tokens into text pieces as they come: stop tokens are dropped (as ``Aligner.generate``
