@@ -10,7 +10,12 @@ TensorRT_ROOT ?=
 TensorRT_INCLUDE_DIR ?=
 CMAKE_ARGS ?=
 
-.PHONY: venv native test test-python test-native demo models sibling bench clean
+# Triton Inference Server on CPU for tests/test_triton.py (docs/serving.md): nvidia-pytriton's tritonserver, and numpy < 2
+# for its Python backend stub, beside an editable install of this package. A failed install only skips those tests.
+TRITON_ENV   := $(BUILD)/triton-env
+TRITON_STAMP := $(TRITON_ENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: venv native test test-python test-native triton-env demo models sibling bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +25,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+$(TRITON_STAMP): pyproject.toml
+	-rm -rf $(TRITON_ENV) && $(PYTHON) -m venv $(TRITON_ENV) && $(TRITON_ENV)/bin/pip install --quiet --upgrade pip && \
+	  $(TRITON_ENV)/bin/pip install --quiet "nvidia-pytriton==0.7.0" "numpy<2" -e . && touch $@
+
+triton-env: $(TRITON_STAMP)
+
 native: $(STAMP)
 	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(if $(TensorRT_ROOT),-DTensorRT_ROOT=$(TensorRT_ROOT)) $(if $(TensorRT_INCLUDE_DIR),-DTensorRT_INCLUDE_DIR=$(TensorRT_INCLUDE_DIR)) $(CMAKE_ARGS)
 	cmake --build $(BUILD) -j $(JOBS)
@@ -27,7 +38,7 @@ native: $(STAMP)
 test-native: native
 	ctest --test-dir $(BUILD) --output-on-failure
 
-test-python: $(STAMP) native
+test-python: $(STAMP) native triton-env
 	ALIGNER_NATIVE_BUILD=$(abspath $(BUILD)) $(PY) -m pytest -q tests
 
 test: test-native test-python

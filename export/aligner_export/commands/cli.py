@@ -23,6 +23,7 @@ COMMANDS = {
     "eval": "evaluate an export steered and unsteered: ASR, gate TPR/FPR, over-refusal, latency",
     "inspect": "describe a steering pack, an export directory, a .onnx file or an engine",
     "models": "get the embedded SmolLM2 model and build its aligned sibling in the cache",
+    "triton": "write a Triton Inference Server model repository that serves an export (steering always on)",
 }
 
 
