@@ -5,9 +5,11 @@ tokens), each unit-normalised when ``normalize``. The weights come from L2-regul
 standardised features, with every class and, within it, every source weighted equally (so a large source does not
 decide the direction); the standardisation is folded into ``w_l`` and ``b``.
 
-- **Selection.** ``G``, ``K`` and the regularisation are chosen by leave-one-source-out validation: each calibration
-  harmful source in turn is held out of training, and the candidate is scored by its TPR on that source at the
-  operating threshold; the candidate with the best mean (ties: the best worst fold) wins.
+- **Selection.** ``G``, ``K`` and the regularisation are chosen by leave-one-out validation over groups: each
+  calibration harmful source in turn is held out of training (with its rewrites), and so is each rewrite family (its
+  rewritten prompts of both labels), and the candidate is scored by its TPR on the held-out positives at the
+  operating threshold; the candidate with the best mean (ties: the best worst fold) wins. Wrapped jailbreaks always
+  stay in training: a jailbreak template is a rewrite the gate must have seen the like of.
 - **Threshold (Neyman-Pearson).** A share of every harmless source is held out of the final fit; the bias is set so
   that the gate fires on at most ``max_fpr`` of the held-out generic instructions and at most ``max_fpr_borderline``
   of the held-out borderline-benign prompts.
@@ -50,6 +52,7 @@ class Features:
     labels: np.ndarray
     classes: np.ndarray
     sources: np.ndarray
+    rewrites: np.ndarray | None = None  # the rewrite family of each prompt, "" for none
 
     def pooled(self, layers, tokens: int, normalize: bool, rows=None) -> np.ndarray:
         """``[N, len(layers) * H]``: for each layer the mean of the (normalised) last ``tokens`` positions."""
@@ -143,35 +146,51 @@ def default_candidates(num_layers: int) -> list[Candidate]:
             if all(0 <= l < num_layers for l in s)]
 
 
+def _folds(features: Features, seed: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``(name, test rows, rows excluded from training besides the test rows)`` for every fold: each original harmful
+    source, each rewrite family; with a single harmful source and no rewrites, a random quarter of it."""
+    labels, sources = features.labels, features.sources
+    rewrites = features.rewrites if features.rewrites is not None else np.full(len(labels), "")
+    nothing = np.zeros(len(labels), bool)
+    folds = [(f"source {name}", (labels == 1) & (sources == name), nothing)
+             for name in np.unique(sources[labels == 1]) if not str(name).startswith("wrapped:")]
+    for family in np.unique(rewrites[rewrites != ""]):
+        if family == "wrapped":
+            continue
+        in_family = rewrites == family
+        if (in_family & (labels == 1)).any():
+            folds.append((f"rewrite {family}", in_family & (labels == 1), in_family & (labels == 0)))
+    if len(folds) < 2:
+        quarter = (labels == 1) & (np.random.default_rng(seed + 1).random(len(labels)) < 0.25)
+        folds = [("random quarter", quarter, nothing)]
+    return folds
+
+
 def fit_gate(features: Features, candidates: list[Candidate], max_fpr: float, max_fpr_borderline: float,
              holdout_share: float = 0.25, seed: int = 0, progress=None) -> tuple[GateConfig, GateReport]:
     """Selects a candidate by leave-one-source-out validation, fits it, and sets the threshold (module docstring)."""
     labels, classes, sources = features.labels, features.classes, features.sources
-    positive_sources = [s for s in np.unique(sources[labels == 1])]
     if (labels == 1).sum() < 8 or (labels == 0).sum() < 8:
         raise AlignerError("the linear gate needs at least 8 harmful and 8 harmless calibration prompts")
     held = _negative_holdout(classes, sources, holdout_share, seed)
     if not held.any():
         raise AlignerError("no harmless prompt could be held out to set the gate's threshold")
+    folds = _folds(features, seed)
     results = []
     for i, candidate in enumerate(candidates):
         X = features.pooled(candidate.layers, candidate.tokens, candidate.normalize)
-        folds = []
-        # With a single harmful source there is nothing to leave out: hold out a random quarter of it instead.
-        groups = positive_sources if len(positive_sources) > 1 else ["random quarter"]
-        for name in groups:
-            if name == "random quarter":
-                test = (labels == 1) & (np.random.default_rng(seed + 1).random(len(labels)) < 0.25)
-            else:
-                test = (labels == 1) & (sources == name)
-            train = ~test & ~held
+        scored = []
+        for name, test, excluded in folds:
+            train = ~test & ~excluded & ~held
             fit = fit_linear(X[train], labels[train], sources[train], candidate.C)
-            threshold = np_threshold(fit.score(X[held]), classes[held], max_fpr, max_fpr_borderline)
-            folds.append({"held_out": str(name), "count": int(test.sum()),
-                          "tpr": float((fit.score(X[test]) > threshold).mean())})
-        tprs = [f["tpr"] for f in folds]
+            threshold = np_threshold(fit.score(X[held & ~excluded]), classes[held & ~excluded], max_fpr,
+                                     max_fpr_borderline)
+            scored.append({"held_out": name, "count": int(test.sum()),
+                           "tpr": float((fit.score(X[test]) > threshold).mean())})
+        folds_result = scored
+        tprs = [f["tpr"] for f in folds_result]
         results.append({"candidate": candidate.describe(), "mean_tpr": float(np.mean(tprs)),
-                        "min_tpr": float(np.min(tprs)), "folds": folds})
+                        "min_tpr": float(np.min(tprs)), "folds": folds_result})
         if progress is not None:
             progress(i + 1, len(candidates), candidate, results[-1])
     best = max(range(len(candidates)), key=lambda i: (round(results[i]["mean_tpr"], 4), results[i]["min_tpr"]))

@@ -261,12 +261,22 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
     del model, tokenizer
     gc.collect()
     t_h, t_b = target.values[:n_h], target.values[n_h:n_h + n_b]
+    # The SRVs compare harmful with harmless prompts of the same lengths: harmful requests are short, and a
+    # difference of means over long harmless instructions points at "short prompt" as much as at "harmful" (the
+    # steering vectors of such a pack do not make the model refuse; docs/calibration.md).
+    length_h, length_b = target.lengths[:n_h], target.lengths[n_h:n_h + n_b]
+    length_cap = int(np.percentile(length_h[harmful_cal], 95))
+    srv_harmless = harmless_cal[length_b[harmless_cal] <= length_cap]
+    if srv_harmless.size < MIN_PROMPTS:
+        srv_harmless = harmless_cal
 
     aligned_rows = None
     if aligned_dir is not None:
         rng = np.random.default_rng(seed + 2)
+        val_short = harmless_val[length_b[harmless_val] <= length_cap]
         rows_h = np.concatenate([_cap(harmful_cal, aligned_max, rng), _cap(harmful_val, aligned_max // 2, rng)])
-        rows_b = np.concatenate([_cap(harmless_cal, aligned_max, rng), _cap(harmless_val, aligned_max // 2, rng)])
+        rows_b = np.concatenate([_cap(srv_harmless, aligned_max, rng),
+                                 _cap(val_short if val_short.size >= 2 else harmless_val, aligned_max // 2, rng)])
         log(f"aligned: {len(rows_h) + len(rows_b)} prompts")
         model, tokenizer = load_model(aligned_dir)
         texts, systems = _texts([harmful[i] for i in rows_h] + [harmless[i] for i in rows_b])
@@ -279,7 +289,7 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
         gc.collect()
         aligned_rows = (rows_h, rows_b, aligned.values[:len(rows_h)], aligned.values[len(rows_h):])
 
-    t_mean_h, t_mean_b, t_srv = srv_of(t_h[harmful_cal], t_b[harmless_cal])
+    t_mean_h, t_mean_b, t_srv = srv_of(t_h[harmful_cal], t_b[srv_harmless])
     if aligned_rows is not None:
         rows_h, rows_b, a_h, a_b = aligned_rows
         a_cal_h, a_cal_b = np.isin(rows_h, harmful_cal), np.isin(rows_b, harmless_cal)
@@ -320,7 +330,8 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
         features = Features(tails=target.tails, layers=tuple(tail_layers),
                             labels=np.array([r.label for r in everything]),
                             classes=np.array([r.cls for r in everything]),
-                            sources=np.array([r.source for r in everything]))
+                            sources=np.array([r.source for r in everything]),
+                            rewrites=np.array([(r.rewrite or ":").split(":")[0] for r in everything]))
 
         def progress(done, total, candidate, result):
             log(f"gate candidate {done}/{total}: {candidate.describe()}: leave-one-source-out TPR mean "
@@ -348,6 +359,7 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
             "harmless": {"count": n_b, "sha256": prompts_sha256([r.prompt for r in harmless]),
                          "val_indices": [int(i) for i in harmless_val]},
             "extras": {"count": len(extras), "sha256": prompts_sha256([r.prompt for r in extras])},
+            "srv_length_cap": length_cap, "srv_harmless_count": int(srv_harmless.size),
         },
         "per_layer": per_layer,
         "recommended": recommended,
