@@ -115,6 +115,40 @@ def test_past_is_trimmed_to_the_longest_live_row():
     assert decode_pasts[-1] == 2 + 10 - 2  # the prompt and all but the last two tokens (fed, then picked)
 
 
+class GateRecorder:
+    """Records ``steer_gate_in`` of every decode step (rows in batch order: the first submitted comes first)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.decode_gates = []
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def _run(self, feeds):
+        if feeds["input_ids"].shape[1] == 1:
+            self.decode_gates.append(feeds["steer_gate_in"].copy())
+        return self.backend._run(feeds)
+
+
+def test_strength_schedule_counts_each_rows_own_decode_steps():
+    model = toy_model()
+    recorder = GateRecorder(model)
+    fired = [p for p in TOY_PROMPTS if reference_greedy(model, p, 1)[1] == 1.0][:2]
+    handles = []
+    join = {4: lambda: handles.append(scheduler.submit(fired[1], SamplingConfig(max_new_tokens=4)))}
+    hooked = Hooked(recorder, join)
+    with toy_scheduler(hooked, strength=lambda step: 0.5 ** step) as scheduler:
+        handles.append(scheduler.submit(fired[0], SamplingConfig(max_new_tokens=8)))
+        while len(handles) < 2 or not all(h.done for h in handles):
+            time.sleep(0.01)
+    # The first row decodes steps 1, 2, ...; the joiner starts again at step 1 whatever the batch's age.
+    first_row = [float(g[0]) for g in recorder.decode_gates]
+    assert first_row == [0.5 ** t for t in range(1, 8)]
+    joiner = [float(g[1]) for g in recorder.decode_gates if g.size == 2]
+    assert joiner == [0.5 ** t for t in range(1, len(joiner) + 1)] and len(joiner) == 3
+
+
 def test_stop_token_ends_one_row_and_the_others_continue():
     model = toy_model()
     first = reference_greedy(model, TOY_PROMPTS[2], 3)[0]

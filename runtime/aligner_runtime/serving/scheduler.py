@@ -232,6 +232,10 @@ class Scheduler:
             raise AlignerError("serving needs a steered export (this one was loaded with allow_unsteered)")
         if getattr(aligner, "image_encoder", None) is not None:
             raise AlignerError("serving takes text-only exports; this is a vision-language export")
+        if aligner.manifest.get("strength") and "strength" not in options:
+            from ..contract import StrengthSchedule  # the export's strength schedule (docs/contract.md)
+
+            options["strength"] = StrengthSchedule.from_manifest(aligner.manifest["strength"]).at
         return cls(aligner._backend, pad_token_id=aligner.tokenizer.pad_token_id, two_pass=aligner.export.two_pass,
                    context_length=aligner.context_length, **options)
 
