@@ -12,10 +12,12 @@ from .errors import AlignerError
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 MISSING = object()
+MAX_DEPTH = 64  # nesting of arrays and objects; every file the package writes stays under 10
 
 
 def _fail(where: str, key: str, what: str):
-    raise AlignerError(f"{where}: '{key}' {what}")
+    # repr: a key read from the file stays on one line, whatever characters it holds
+    raise AlignerError(f"{where}: {key!r} {what}")
 
 
 def field(obj, key: str, kind: str, where: str, *, default=MISSING, lo=None, hi=None, choices=None,
@@ -70,29 +72,58 @@ def _number(value, kind: str, where: str, key: str, lo, hi):
     if kind == "int":
         if not isinstance(value, int):
             _fail(where, key, f"must be an integer, got {value!r:.40}")
-    elif not math.isfinite(value):
-        _fail(where, key, f"must be finite, got {value!r}")
+    else:
+        try:
+            value = float(value)  # an integer past the float range overflows here, not in a later use
+        except OverflowError:
+            _fail(where, key, "must be finite, got an integer beyond the float range")
+        if not math.isfinite(value):
+            _fail(where, key, f"must be finite, got {value!r}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         _fail(where, key, f"must be within [{lo}, {hi}], got {value!r:.40}")
-    return int(value) if kind == "int" else float(value)
+    return value
 
 
 def _no_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _too_deep(value) -> bool:
+    """Whether ``value`` nests arrays and objects more than :data:`MAX_DEPTH` deep (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > MAX_DEPTH:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def first_line(exc: BaseException, limit: int = 120) -> str:
+    """The first line of an exception's message (its type when the message is empty), for a one-line error."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__
+
+
 def loads(text, where: str):
-    """``json.loads`` for untrusted text: NaN and Infinity literals, invalid UTF-8 and nesting too deep for the
-    parser are one :class:`AlignerError`."""
+    """``json.loads`` for untrusted text: NaN and Infinity literals, invalid UTF-8, integers too long to convert and
+    nesting deeper than :data:`MAX_DEPTH` (which no file of the package holds, and which would make any recursive use
+    of the value, a ``repr`` included, overflow the stack) are one :class:`AlignerError`."""
     import json
 
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        return json.loads(text, parse_constant=_no_constant)
+        value = json.loads(text, parse_constant=_no_constant)
     except UnicodeDecodeError:
         raise AlignerError(f"{where}: not valid UTF-8") from None
     except RecursionError:
         raise AlignerError(f"{where}: JSON nested too deeply") from None
-    except ValueError as exc:  # json.JSONDecodeError is a ValueError, as is the NaN refusal
-        raise AlignerError(f"{where}: not valid JSON ({str(exc).splitlines()[0][:80]})") from None
+    except ValueError as exc:  # json.JSONDecodeError, the NaN refusal and the int-digits limit are ValueErrors
+        raise AlignerError(f"{where}: not valid JSON ({first_line(exc, 80)})") from None
+    if _too_deep(value):
+        raise AlignerError(f"{where}: JSON nested more than {MAX_DEPTH} deep")
+    return value
