@@ -43,6 +43,12 @@ def _from_object(obj: object, where: str) -> str:
     raise AlignerError(f"{where}: expected a string or an object, got {type(obj).__name__}")
 
 
+def _shown(text: str, limit: int = 200) -> str:
+    """``text`` from a prompt file as an error shows it: on one line (repr when it holds line breaks or other
+    unprintable characters) and at most ``limit`` characters."""
+    return text[:limit] if text.isprintable() else repr(text[:limit])
+
+
 @dataclass(frozen=True)
 class PromptItem:
     """One prompt of a prompt file and the images it names (resolved paths; empty for text)."""
@@ -61,13 +67,18 @@ def _image_of(obj: object, base: Path, where: str) -> tuple[Path, ...]:
     if not isinstance(value, str):
         raise AlignerError(f"{where}: field {key} must be a path string, got {type(value).__name__}")
     if value.startswith(("http://", "https://")):
-        raise AlignerError(f"{where}: {key} {value} is a web address; give a local path (nothing is downloaded)")
+        raise AlignerError(f"{where}: {key} {_shown(value)} is a web address; give a local path (nothing is "
+                           f"downloaded)")
     if value.startswith("file://"):
         value = value[len("file://"):]
-    image = Path(value).expanduser()
-    image = image if image.is_absolute() else base / image
-    if not image.is_file():
-        raise AlignerError(f"{where}: image not found: {image}")
+    try:
+        image = Path(value).expanduser()  # "~user/..." of an unknown user is a RuntimeError
+        image = image if image.is_absolute() else base / image
+        found = image.is_file()  # a name too long for the file system is an OSError
+    except (RuntimeError, OSError, ValueError):
+        raise AlignerError(f"{where}: {key} {_shown(value)} is not a usable image path") from None
+    if not found:
+        raise AlignerError(f"{where}: image not found: {_shown(str(image))}")
     return (image,)
 
 
@@ -157,9 +168,14 @@ def load_templates(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if path.suffix.lower() == ".csv" and path.is_file():
         try:
-            rows = _csv_rows(path.read_text(encoding="utf-8"), path)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise AlignerError(f"cannot read template file {path}: {exc}") from None
+            if path.stat().st_size > MAX_PROMPT_FILE_BYTES:
+                raise AlignerError(f"template file {path} is over {MAX_PROMPT_FILE_BYTES >> 20} MiB")
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise AlignerError(f"template file {path} is not UTF-8 text (byte {exc.start})") from None
+        except OSError as exc:
+            raise AlignerError(f"cannot read template file {path}: {exc.strerror}") from None
+        rows = _csv_rows(text, path)
         if rows and "text" in rows[0]:
             templates = [r["text"].strip() for r in rows if r.get("text") and r["text"].strip()]
         else:
