@@ -29,6 +29,7 @@ TENSORS = ("target.srv", "target.mean_harmful", "target.mean_harmless", "aligned
 GATE_WEIGHT = "gate.weight"
 MAX_LAYERS, MAX_HIDDEN, MAX_TOKENS = 4096, 1 << 20, 64
 MAX_METADATA_BYTES = 16 << 20
+MAX_TENSOR_ELEMENTS = 1 << 26  # per tensor; a 126-layer model of hidden size 16384 needs 2M
 
 
 @dataclass
@@ -200,6 +201,14 @@ def save_pack(pack: SteeringPack, path) -> Path:
     return path
 
 
+def _check_header_entry(entry, name: str, path: Path) -> None:
+    shape, dtype = list(entry.get_shape()), entry.get_dtype()
+    if dtype != "F32" or len(shape) != 2 or not (1 <= shape[0] <= MAX_LAYERS and 1 <= shape[1] <= MAX_HIDDEN) \
+            or shape[0] * shape[1] > MAX_TENSOR_ELEMENTS:
+        raise AlignerError(f"{path}: {name} must be a float32 [layers, hidden] tensor of at most "
+                           f"{MAX_TENSOR_ELEMENTS} values, the header says {dtype} {shape[:8]}")
+
+
 def load_pack(path) -> SteeringPack:
     """Reads and validates a pack; every problem is an :class:`AlignerError` naming the file."""
     from safetensors import safe_open
@@ -213,12 +222,20 @@ def load_pack(path) -> SteeringPack:
             names = list(fh.keys())
             unknown = sorted(set(names) - set(TENSORS) - {GATE_WEIGHT})
             if unknown:
-                raise AlignerError(f"{path}: unknown tensor {unknown[0]} in the steering pack")
+                raise AlignerError(f"{path}: unknown tensor {unknown[0][:80]!r} in the steering pack")
+            for name in names:  # shapes and types from the header, before anything is allocated for the values
+                _check_header_entry(fh.get_slice(name), name, path)
             tensors = {name: fh.get_tensor(name) for name in names}
     except AlignerError:
         raise
-    except Exception as exc:  # safetensors raises SafetensorError, OSError, ValueError or a Rust panic exception
-        raise AlignerError(f"{path}: not a safetensors steering pack ({str(exc).splitlines()[0][:120]})") from None
+    except Exception as exc:  # safetensors raises SafetensorError, OSError or ValueError
+        raise AlignerError(f"{path}: not a safetensors steering pack ({schema.first_line(exc)})") from None
+    except BaseException as exc:
+        # A Rust panic reaches Python as pyo3's PanicException, which derives from BaseException.
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise AlignerError(f"{path}: not a safetensors steering pack (the reader failed: "
+                           f"{schema.first_line(exc)})") from None
     if raw_meta is None:
         raise AlignerError(f"{path}: no 'inferaligner' metadata; not a steering pack")
     if len(raw_meta) > MAX_METADATA_BYTES:
