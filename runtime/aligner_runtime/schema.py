@@ -108,16 +108,17 @@ def first_line(exc: BaseException, limit: int = 120) -> str:
     return lines[0][:limit] if lines else type(exc).__name__
 
 
-def loads(text, where: str):
+def loads(text, where: str, *, constants: bool = False):
     """``json.loads`` for untrusted text: NaN and Infinity literals, invalid UTF-8, integers too long to convert and
     nesting deeper than :data:`MAX_DEPTH` (which no file of the package holds, and which would make any recursive use
-    of the value, a ``repr`` included, overflow the stack) are one :class:`AlignerError`."""
+    of the value, a ``repr`` included, overflow the stack) are one :class:`AlignerError`. ``constants`` lets NaN and
+    Infinity through, for third-party files that Python's ``json.dump`` may have written with them."""
     import json
 
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        value = json.loads(text, parse_constant=_no_constant)
+        value = json.loads(text, parse_constant=None if constants else _no_constant)
     except UnicodeDecodeError:
         raise AlignerError(f"{where}: not valid UTF-8") from None
     except RecursionError:

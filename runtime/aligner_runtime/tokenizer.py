@@ -8,13 +8,14 @@ difference here would move the gate's input; the manifest's ``chat_template_sha2
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from . import schema
 from .chat import PLAIN_TEMPLATE, render_chat, template_sha256
 from .errors import AlignerError
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+MAX_CONFIG_BYTES = 64 << 20  # tokenizer_config.json, chat_template.jinja
 
 
 def _token_text(value) -> str | None:
@@ -23,14 +24,27 @@ def _token_text(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _read_text(file: Path, limit: int = MAX_CONFIG_BYTES) -> str:
+    try:
+        if file.stat().st_size > limit:
+            raise AlignerError(f"{file} is over {limit >> 20} MiB")
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise AlignerError(f"{file} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise AlignerError(f"cannot read {file}: {exc.strerror}") from None
+
+
 def _read_json(file: Path) -> dict:
     if not file.is_file():
         return {}
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AlignerError(f"cannot read {file}: {exc}") from None
+    data = schema.loads(_read_text(file), str(file), constants=True)  # written by the tokenizer's own library
     return data if isinstance(data, dict) else {}
+
+
+def _is_panic(exc: BaseException) -> bool:
+    """pyo3 turns a Rust panic into ``PanicException``, a BaseException: a malformed file must not end the process."""
+    return type(exc).__name__ == "PanicException"
 
 
 class ChatTokenizer:
@@ -47,13 +61,18 @@ class ChatTokenizer:
         try:
             self._tokenizer = Tokenizer.from_file(str(file))
         except Exception as exc:  # the Rust side raises plain Exception for a malformed file
-            raise AlignerError(f"cannot load {file}: {str(exc).splitlines()[0]}") from None
+            raise AlignerError(f"cannot load {file}: {schema.first_line(exc)}") from None
+        except BaseException as exc:
+            if not _is_panic(exc):
+                raise
+            raise AlignerError(f"cannot load {file}: the tokenizer library failed ({schema.first_line(exc)})") \
+                from None
         config = _read_json(directory / "tokenizer_config.json")
         self.special_tokens = {k: t for k in SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k)))}
 
         template_file = directory / "chat_template.jinja"
         if template_file.is_file():
-            self.chat_template = template_file.read_text(encoding="utf-8")
+            self.chat_template = _read_text(template_file)
         elif isinstance(config.get("chat_template"), str):
             self.chat_template = config["chat_template"]
         else:
@@ -83,8 +102,13 @@ class ChatTokenizer:
         return self._tokenizer.token_to_id(token)
 
     def render(self, prompt: str, system: str | None = None, images: int = 0) -> str:
-        return render_chat(self.chat_template, prompt, self.special_tokens, system=system,
-                           parts=self.content_parts, images=images)
+        from jinja2 import TemplateError
+
+        try:
+            return render_chat(self.chat_template, prompt, self.special_tokens, system=system,
+                               parts=self.content_parts, images=images)
+        except TemplateError as exc:  # a template that does not compile, or that the sandbox stops
+            raise AlignerError(f"the chat template cannot be rendered: {schema.first_line(exc)}") from None
 
     def encode_prompt(self, prompt: str, system: str | None = None, image_tokens=None, multimodal=None) -> list[int]:
         """Token ids of one chat-templated prompt. With ``multimodal`` (a
