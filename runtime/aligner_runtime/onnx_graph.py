@@ -9,11 +9,13 @@ callers turn it into one :class:`~aligner_runtime.errors.AlignerError` (issue 14
 Field numbers from onnx.proto3: ModelProto.graph 7, .metadata_props 14, .functions 25; GraphProto.node 1, .input 11,
 .output 12; NodeProto.input 1, .output 2, .name 3, .op_type 4, .attribute 5, .domain 7; ValueInfoProto.name 1;
 StringStringEntryProto.key 1, .value 2; AttributeProto.name 1, .f 2, .i 3, .t 5, .floats 7, .ints 8, .type 20;
-TensorProto.dims 1, .data_type 2, .float_data 4, .int64_data 7, .raw_data 9; FunctionProto.name 1, .domain 10.
+TensorProto.dims 1, .data_type 2, .float_data 4, .int64_data 7, .raw_data 9; FunctionProto.name 1, .domain 10,
+.overload 13.
 """
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import struct
 from dataclasses import dataclass, field
@@ -50,6 +52,8 @@ def fields(buf, start: int, end: int):
     while pos < end:
         key, pos = _varint(buf, pos, end)
         number, wire = key >> 3, key & 7
+        if number == 0:  # no message has a field 0: a zeroed or foreign file stops here, not after a walk over it
+            raise ValueError("protobuf field number 0")
         if wire == 0:
             value, pos = _varint(buf, pos, end)
         elif wire == 1:
@@ -87,6 +91,9 @@ class Node:
     inputs: list[str]
     outputs: list[str]
     attributes: dict[str, Attribute] = field(default_factory=dict)
+    # sha256 of the NodeProto bytes as they lie in the file (steering nodes only): every attribute, the overload
+    # and the rest, for the integrity digest of the steering nodes
+    digest: str | None = None
 
     @property
     def is_steering(self) -> bool:
@@ -143,7 +150,11 @@ def _tensor(buf, span) -> tuple[str | None, np.ndarray | None]:
                     item, pos = _varint(buf, pos, v[1])
                     items.append(item - (1 << 64) if item >= 1 << 63 else item)
                 ints.append(np.array(items, np.int64))
-    count = int(np.prod(dims)) if dims else 1
+    count = 1
+    for d in dims:  # each value takes at least one byte of the file, so a larger count is malformed
+        count *= d
+        if count > len(buf):
+            raise ValueError(f"tensor attribute dims {dims[:8]} exceed the size of the file")
     if dtype == _TENSOR_FLOAT:
         values = np.frombuffer(raw, dtype="<f4") if raw is not None else \
             (np.concatenate(floats) if floats else np.zeros(0, np.float32))
@@ -155,7 +166,7 @@ def _tensor(buf, span) -> tuple[str | None, np.ndarray | None]:
     else:
         return None, None
     if values.size != count:
-        raise ValueError(f"tensor attribute holds {values.size} values for dims {dims}")
+        raise ValueError(f"tensor attribute holds {values.size} values for dims {dims[:8]}")
     return tag, values.reshape(-1)
 
 
@@ -196,13 +207,13 @@ def _node(buf, span) -> Node:
         for attribute_span in attribute_spans:
             attribute = _attribute(buf, attribute_span)
             node.attributes[attribute.name] = attribute
+        node.digest = hashlib.sha256(bytes(buf[span[0]:span[1]])).hexdigest()
     return node
 
 
 def summarise(buf) -> GraphSummary:
-    import hashlib
-
     summary = GraphSummary()
+    function_keys = set()
     graph_span = None
     for number, wire, value in fields(buf, 0, len(buf)):
         if number == 7 and wire == 2:
@@ -216,12 +227,22 @@ def summarise(buf) -> GraphSummary:
                     val = _string(buf, v)
             summary.metadata[key] = val
         elif number == 25 and wire == 2:
-            name = domain = ""
+            name = domain = overload = ""
             for n, w, v in fields(buf, *value):
                 if n == 1 and w == 2:
                     name = _string(buf, v)
                 elif n == 10 and w == 2:
                     domain = _string(buf, v)
+                elif n == 13 and w == 2:
+                    overload = _string(buf, v)
+            # Two bodies under one (domain, name, overload) leave it to the runtime which one runs, and the digest
+            # would see only one of them.
+            if (domain, name, overload) in function_keys:
+                raise ValueError(f"two model-local functions are named {domain}:{name}"
+                                 + (f" (overload {overload})" if overload else ""))
+            function_keys.add((domain, name, overload))
+            if overload:
+                continue  # not what a node without an overload calls (naming one changes that node's digest)
             summary.functions[(domain, name)] = hashlib.sha256(bytes(buf[value[0]:value[1]])).hexdigest()
     if graph_span is None:
         raise ValueError("no graph in the model")
@@ -245,4 +266,6 @@ def read_graph_summary(path: str | Path) -> GraphSummary:
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 return summarise(buf)
     except (OSError, ValueError, IndexError, struct.error, OverflowError, MemoryError) as exc:
-        raise AlignerError(f"cannot read the ONNX graph {path}: {str(exc)[:160]}") from None
+        detail = str(exc)[:160]
+        raise AlignerError(f"cannot read the ONNX graph {path}: "
+                           f"{detail if detail.isprintable() else repr(detail)}") from None
