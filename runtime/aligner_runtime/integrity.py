@@ -7,6 +7,8 @@ The exporter records, in the manifest's ``integrity`` object:
   computes from its fields too, so the C API checks an engine against the same values);
 - ``functions``: the sha256 of each steering function body (function form);
 - ``wiring``: the sha256 of how the steering nodes are connected to the rest of the graph;
+- ``nodes``: the sha256 of the steering nodes' own bytes (every attribute, the helper constants and the Constants of an
+  inlined body included);
 - ``files``: the sha256 of the tokenizer files, the chat template and the generation config;
 - ``model_files``: the sha256 of ``model.onnx``, its external data and the other graphs (checked unless the caller
   turns it off: it costs one read of the weights).
@@ -87,6 +89,15 @@ def wiring_digest(summary: GraphSummary) -> str:
     return hashlib.sha256("\n".join(lines + ["--"] + uses).encode("utf-8")).hexdigest()
 
 
+def nodes_digest(summary: GraphSummary) -> str:
+    """sha256 of the sorted lines ``name|sha256(NodeProto bytes)`` of every steering node: the values of every
+    attribute, which the constants digest leaves out for the helper nodes ``/model/steer/*`` (the zero that clamps
+    ``steer_gate_in``, the zero score the v2 chain starts from) and for the Constants of an inlined body other than the
+    operator's own (the decision's threshold among them)."""
+    lines = sorted(f"{n.name}|{n.digest}" for n in summary.nodes if n.is_steering)
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+
 def function_digests(summary: GraphSummary) -> dict[str, str]:
     return {name: digest for (domain, name), digest in summary.functions.items()
             if domain == DOMAIN and name in OP_TYPES}
@@ -127,6 +138,7 @@ def compute(directory: Path, summary: GraphSummary, gate_layers, steer_layers, s
         "constants": constants,
         "functions": functions,
         "wiring": wiring_digest(summary),
+        "nodes": nodes_digest(summary),
         "files": {name: file_sha256(directory / name) for name in GUARDED_FILES if (directory / name).is_file()},
         "model_files": {name: file_sha256(directory / name) for name in model_file_names(directory)},
     }
@@ -159,6 +171,9 @@ def verify(directory: Path, integrity: dict, summary: GraphSummary, gate_layers,
     if wiring_digest(summary) != integrity["wiring"]:
         raise AlignerError(f"the steering nodes of {MODEL_FILE} are wired differently from the export (tampered "
                            f"graph: a node replaced, rewired or its op changed)")
+    if nodes_digest(summary) != integrity["nodes"]:
+        raise AlignerError(f"an attribute of a steering node of {MODEL_FILE} differs from the export (tampered "
+                           f"graph: a helper constant, an inlined constant or an attribute changed)")
     verify_files(directory, integrity, verify_model_files)
 
 
@@ -174,18 +189,24 @@ def verify_files(directory: Path, integrity: dict, verify_model_files: bool = Tr
         listed = set(integrity["model_files"])
         extra = sorted(set(model_file_names(directory)) - listed)
         if extra:
-            raise AlignerError(f"{extra[0]} was added to the export after it was made (tampered export)")
+            shown = extra[0] if extra[0].isprintable() else repr(extra[0])
+            raise AlignerError(f"{shown} was added to the export after it was made (tampered export)")
         for name, digest in sorted(integrity["model_files"].items()):
             _check_file(directory, name, digest)
 
 
 def _check_file(directory: Path, name: str, digest: str) -> None:
-    if "/" in name or "\\" in name or name in ("", ".", "..", MANIFEST_FILE):
-        raise AlignerError(f"the manifest's integrity lists an invalid file name {name!r} (tampered manifest)")
+    if "/" in name or "\\" in name or name in ("", ".", "..", MANIFEST_FILE) or not name.isprintable() \
+            or len(name.encode("utf-8", "surrogatepass")) > 255:
+        raise AlignerError(f"the manifest's integrity lists an invalid file name {name[:80]!r} (tampered manifest)")
     path = directory / name
-    if not path.is_file():
-        raise AlignerError(f"{name} is missing from the export (it was there when the export was made)")
-    if file_sha256(path) != digest:
+    try:
+        if not path.is_file():
+            raise AlignerError(f"{name} is missing from the export (it was there when the export was made)")
+        actual = file_sha256(path)
+    except (OSError, ValueError) as exc:  # unreadable, or a name the file system refuses (a lone surrogate)
+        raise AlignerError(f"cannot read {name!r} of the export: {getattr(exc, 'strerror', None) or exc}") from None
+    if actual != digest:
         raise AlignerError(f"{name} differs from the one exported (tampered or replaced file)")
 
 

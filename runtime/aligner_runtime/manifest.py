@@ -173,7 +173,8 @@ def check_manifest(manifest, where: str) -> dict:
         here = f"{where}: integrity"
         for key in ("constants", "functions", "files", "model_files"):
             _digest_map(record, key, here)
-        schema.field(record, "wiring", "sha256", here)
+        for key in ("wiring", "nodes"):
+            schema.field(record, key, "sha256", here)
     schema.field(manifest, "multimodal", "dict", where, default=None)
     return manifest
 
