@@ -115,6 +115,32 @@ def _digest_map(obj: dict, key: str, where: str) -> dict:
     return values
 
 
+def _file_name(obj: dict, key: str, where: str) -> str:
+    """A file of the export directory named in the manifest: a plain name, never a path out of the directory."""
+    name = schema.field(obj, key, "str", where)
+    if not name or name in (".", "..") or "/" in name or "\\" in name or not name.isprintable() \
+            or len(name.encode("utf-8", "surrogatepass")) > 255:
+        raise AlignerError(f"{where}: {key!r} must be a file name of the export directory, got {name[:80]!r}")
+    return name
+
+
+def _check_multimodal(entry: dict, where: str) -> None:
+    """The kinds of what :class:`aligner_runtime.multimodal.MultimodalSpec` converts (docs/multimodal.md)."""
+    for key in ("vision_model", "embed_model"):
+        _file_name(entry, key, where)
+    schema.field(entry, "image_token", "str", where)
+    schema.field(entry, "image_token_id", "int", where, lo=0, hi=1 << 31)
+    schema.field(entry, "placement", "str", where)
+    schema.field(entry, "preprocessing", "dict", where)
+    # null where the architecture does not use them (LLaVA-NeXT has no fixed image_seq_length, LLaVA no anyres)
+    if entry.get("architecture") is not None:
+        schema.field(entry, "architecture", "str", where)
+    if entry.get("image_seq_length") is not None:
+        schema.field(entry, "image_seq_length", "int", where, lo=1, hi=MAX_CONTEXT)
+    if entry.get("anyres") is not None:
+        schema.field(entry, "anyres", "dict", where)
+
+
 def check_manifest(manifest, where: str) -> dict:
     """Checks the kind and range of every field the run-time uses (those present); returns ``manifest``."""
     if not isinstance(manifest, dict):
@@ -175,7 +201,9 @@ def check_manifest(manifest, where: str) -> dict:
             _digest_map(record, key, here)
         for key in ("wiring", "nodes"):
             schema.field(record, key, "sha256", here)
-    schema.field(manifest, "multimodal", "dict", where, default=None)
+    multimodal = schema.field(manifest, "multimodal", "dict", where, default=None)
+    if multimodal is not None:
+        _check_multimodal(multimodal, f"{where}: multimodal")
     return manifest
 
 
