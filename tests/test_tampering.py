@@ -241,6 +241,21 @@ def test_manifest_key_deleted_is_refused(exports, kind, key, tmp_path, capsys):
     assert key in cli_refusal(path, capsys)
 
 
+@pytest.mark.parametrize("change", [{"eos_token_ids": [0]}, {"context_length": 8}, {"two_pass_prefill": False},
+                                    {"alpha": 0.5}])
+def test_manifest_value_changed_is_refused(exports, change, tmp_path, capsys):
+    """A fact the runtime takes from the manifest, changed there alone: the graph's metadata (covered by the weights
+    digest) disagrees, or the layers contradict it."""
+    path = _copy(exports["function"], tmp_path)
+    manifest = _manifest(path)
+    manifest.update(change)
+    _write_manifest(path, manifest)
+    key = next(iter(change))
+    message = refusal(path)
+    assert key in message, message
+    assert key in cli_refusal(path, capsys)
+
+
 def test_validation_failed_is_refused(exports, tmp_path, capsys):
     path = _copy(exports["function"], tmp_path)
     manifest = _manifest(path)

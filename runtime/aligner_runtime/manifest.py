@@ -45,7 +45,7 @@ DTYPES = ("fp32", "fp16")
 # Facts that the manifest and the graph's metadata_props both hold and must agree on.
 KEY_FACTS = ("format_version", "pack_sha256", "target_fingerprint", "steer_layers", "gate_layer", "alpha", "bias",
              "bias_rule", "steer_impl", "dtype", "site", "chat_template_sha256", "num_layers", "hidden_size",
-             "multimodal", "gate", "two_pass_prefill", "steering_io")
+             "multimodal", "gate", "two_pass_prefill", "steering_io", "eos_token_ids", "context_length")
 # Without these the runtime cannot know where the graph steers: their absence counts as "unsteered".
 STEERING_FACTS = ("steer_layers", "gate_layer", "alpha", "bias")
 # Every key a format-2 manifest of a steered export must hold (besides the optional "multimodal").
