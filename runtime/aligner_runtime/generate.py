@@ -11,8 +11,15 @@ A vision-language export's language model takes ``inputs_embeds [B,S,H]`` instea
 embeds tokens with ``embedder`` (the export's embedding graph) and takes each prompt's embeddings, images merged,
 from ``prompt_embeds`` (``aligner_runtime.multimodal``).
 
-Everything else is here: left padding, the KV cache, the two-pass prefill, the gate fed back on every step, greedy or
+Everything else is here: padding, the KV cache, the two-pass prefill, the gate fed back on every step, greedy or
 seeded sampling, stop tokens and ``max_new_tokens``.
+
+The KV cache is an object of the run (:class:`NumpyKV` by default: the presents come back as numpy arrays and are fed
+as the next step's past). A backend with ``kv_cache(batch, capacity)`` (ONNX Runtime) gives its own: the cache stays
+in buffers that the backend binds as past and present (I/O binding), so nothing goes through numpy per step, and
+graphs whose attention shares past and present (GroupQueryAttention) write each step's keys into a buffer
+preallocated for the whole generation. Such a backend's ``_run`` finds the cache in ``feeds[KV_FEED]`` and updates
+it in place. A backend's ``padding_side`` (default ``left``) says how its graph wants a batch padded.
 
 Thread safety: all loop state lives in one :class:`GenerationRun` per call, so concurrent calls share nothing but the
 backend; each backend documents whether its ``run`` may be called concurrently (ONNX Runtime's may, the TensorRT
@@ -23,7 +30,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Protocol, Sequence
 
 import numpy as np
@@ -32,6 +39,7 @@ from .contract import GATE_DECIDE, GATE_IN, GATE_OUT, SCORE_OUT, position_ids
 from .errors import AlignerError
 
 PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+KV_FEED = "__kv_cache__"  # feeds key under which the loop hands a backend its own KV cache object
 # Upper bound on the prefill's logits array; a long prompt batch is prefilled in groups of rows below it.
 PREFILL_LOGITS_BYTES = 256 * 2 ** 20
 
@@ -145,6 +153,50 @@ def pick_token(logits: np.ndarray, config: SamplingConfig, rng: np.random.Genera
     return int(rng.choice(probs.shape[-1], p=probs))
 
 
+def present_name(past_name: str) -> str:
+    layer, kind = PAST.match(past_name).groups()
+    return f"present.{layer}.{kind}"
+
+
+class NumpyKV:
+    """The KV cache as numpy arrays ``[B, kv_heads, T, head_dim]``: fed as ``past_key_values.*``, replaced by the
+    ``present.*`` outputs after each step. For backends without a cache of their own (TensorRT, test doubles)."""
+
+    bound = False
+
+    def __init__(self, past: dict[str, np.ndarray]):
+        self.past = past
+
+    @classmethod
+    def empty(cls, backend, names: list[str], batch: int) -> "NumpyKV":
+        past = {}
+        for name in names:
+            heads, head_dim, dtype = backend.past_spec(name)
+            past[name] = np.zeros((batch, heads, 0, head_dim), dtype=dtype)
+        return cls(past)
+
+    def feed(self, feeds: dict) -> None:
+        feeds.update(self.past)
+
+    def take(self, outputs: dict) -> None:
+        self.past = {name: outputs[present_name(name)] for name in self.past}
+
+    def keep(self, rows) -> "NumpyKV":
+        idx = np.asarray(rows, dtype=np.int64)
+        return NumpyKV({k: v[idx] for k, v in self.past.items()})
+
+    def replace_rows(self, rows, other: "NumpyKV") -> None:
+        for name, value in other.past.items():
+            self.past[name] = self.past[name].copy()
+            self.past[name][rows] = value
+
+    @classmethod
+    def concat(cls, parts: list["NumpyKV"]) -> "NumpyKV":
+        if len(parts) == 1:
+            return parts[0]
+        return cls({k: np.concatenate([p.past[k] for p in parts], axis=0) for k in parts[0].past})
+
+
 @dataclass
 class _Active:
     """Rows still generating, in batch order; every array is indexed by these rows."""
@@ -153,12 +205,12 @@ class _Active:
     attention_mask: np.ndarray
     next_position: np.ndarray
     gate: np.ndarray
-    past: dict[str, np.ndarray] = field(default_factory=dict)
+    past: object = None  # the run's KV cache (NumpyKV or the backend's own)
 
     def keep(self, keep: list[int]) -> "_Active":
         idx = np.asarray(keep, dtype=np.int64)
         return _Active([self.rows[i] for i in keep], self.attention_mask[idx], self.next_position[idx],
-                       self.gate[idx], {k: v[idx] for k, v in self.past.items()})
+                       self.gate[idx], self.past.keep(keep))
 
 
 class GenerationRun:
@@ -201,6 +253,10 @@ class GenerationRun:
         self.timing = RunTiming()
         self.results: list[RowResult] | None = None
         self._past_inputs = [n for n in backend.input_names if PAST.match(n)]
+        # Graphs whose attention keeps each row's keys from position 0 (GroupQueryAttention) are padded on the right.
+        self.padding_side = getattr(backend, "padding_side", "left")
+        self._kv_factory = getattr(backend, "kv_cache", None)
+        self._capacity = None  # KV positions a shared buffer must hold: set when the run starts
         self.takes_embeds = "inputs_embeds" in backend.input_names
         if self.takes_embeds and embedder is None:
             raise AlignerError("this graph takes inputs_embeds: it needs the export's embedding graph")
@@ -213,10 +269,10 @@ class GenerationRun:
 
     # --- graph feeds ----------------------------------------------------------------------------------------------
     def _present_name(self, past_name: str) -> str:
-        layer, kind = PAST.match(past_name).groups()
-        return f"present.{layer}.{kind}"
+        return present_name(past_name)
 
     def _step(self, input_ids, attention_mask, positions, past, gate_in, embeds=None) -> dict[str, np.ndarray]:
+        """One forward step; ``past`` is the run's KV cache, updated in place to hold this step's keys."""
         feeds = {"attention_mask": attention_mask}
         if self.takes_embeds:
             feeds["inputs_embeds"] = embeds if embeds is not None else self.embedder(input_ids)
@@ -224,24 +280,27 @@ class GenerationRun:
             feeds["input_ids"] = input_ids
         if "position_ids" in self.backend.input_names:
             feeds["position_ids"] = positions
-        feeds.update(past)
+        past.feed(feeds)
         if self.steered_graph:
             feeds[GATE_IN] = gate_in.astype(np.float32)
-        return self.backend._run(feeds)
+        outputs = self.backend._run(feeds)
+        past.take(outputs)
+        outputs["kv"] = past
+        return outputs
 
-    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        past = {}
-        for name in self._past_inputs:
-            heads, head_dim, dtype = self.backend.past_spec(name)
-            past[name] = np.zeros((batch, heads, 0, head_dim), dtype=dtype)
-        return past
+    def _empty_past(self, batch: int):
+        """A new, empty KV cache for ``batch`` rows."""
+        if self._kv_factory is not None:
+            return self._kv_factory(batch, self._capacity)
+        return NumpyKV.empty(self.backend, self._past_inputs, batch)
 
-    def _presents(self, outputs) -> dict[str, np.ndarray]:
-        return {name: outputs[self._present_name(name)] for name in self._past_inputs}
+    def _presents(self, outputs):
+        """The KV cache after a step (:meth:`_step` has already moved the presents into it)."""
+        return outputs["kv"]
 
     def _prompt_embeds(self, input_ids: np.ndarray) -> np.ndarray | None:
-        """The left-padded batch's embeddings: the embedding graph's, with each prompt's own (images merged) in
-        its last positions."""
+        """The padded batch's embeddings: the embedding graph's, with each prompt's own (images merged) in its real
+        positions."""
         if not self.takes_embeds:
             return None
         embeds = np.array(self.embedder(input_ids), copy=True)
@@ -249,38 +308,56 @@ class GenerationRun:
             if own is not None:
                 if own.shape[0] != len(self.prompts[b]):
                     raise AlignerError(f"prompt {b}: {own.shape[0]} embeddings for {len(self.prompts[b])} tokens")
-                embeds[b, embeds.shape[1] - own.shape[0]:] = own
+                start = 0 if self.padding_side == "right" else embeds.shape[1] - own.shape[0]
+                embeds[b, start:start + own.shape[0]] = own
         return embeds
+
+    def _last_positions(self, attention_mask: np.ndarray) -> np.ndarray:
+        """Each row's last real position in the prompt batch (the last column when padded on the left)."""
+        width = attention_mask.shape[1]
+        return width - 1 - np.argmax(attention_mask[:, ::-1], axis=1)
 
     def _prefill(self, input_ids, attention_mask, positions, gate_in, embeds=None) -> dict[str, np.ndarray]:
         """Prefill in groups of rows, so that the graph's logits for every prompt position ([rows, S, V] float32)
-        stay under PREFILL_LOGITS_BYTES; rows are independent, so the groups' outputs are concatenated. Returns the
-        last position's logits [B, V] and the other outputs."""
+        stay under PREFILL_LOGITS_BYTES; rows are independent, so the groups' outputs are concatenated. Returns each
+        row's last prompt position's logits [B, V], the other outputs and the KV cache (``outputs["kv"]``)."""
         batch, width = input_ids.shape
         vocab = self.backend.vocab_size or 1
         rows = max(1, min(batch, PREFILL_LOGITS_BYTES // max(1, width * vocab * 4)))
-        parts = []
+        last = self._last_positions(attention_mask)
+        parts, caches = [], []
         for first in range(0, batch, rows):
             sl = slice(first, first + rows)
-            out = self._step(input_ids[sl], attention_mask[sl], positions[sl], self._empty_past(len(gate_in[sl])),
-                             gate_in[sl], None if embeds is None else embeds[sl])
-            out["logits"] = out["logits"][:, -1, :].copy()  # drop the [rows, S, V] array now
+            cache = self._empty_past(len(gate_in[sl]))
+            out = self._step(input_ids[sl], attention_mask[sl], positions[sl], cache, gate_in[sl],
+                             None if embeds is None else embeds[sl])
+            logits = out["logits"]
+            # drop the [rows, S, V] array now; keep each row's last real position
+            out = {k: v for k, v in out.items() if k != "kv" and not k.startswith("present.")}
+            out["logits"] = logits[np.arange(logits.shape[0]), last[sl] - (width - logits.shape[1])].copy()
             parts.append(out)
+            caches.append(cache)
+        cache = type(caches[0]).concat(caches)
         if len(parts) == 1:
-            return parts[0]
-        return {name: np.concatenate([part[name] for part in parts], axis=0) for name in parts[0]}
+            out = parts[0]
+        else:
+            out = {name: np.concatenate([part[name] for part in parts], axis=0) for name in parts[0]}
+        out["kv"] = cache
+        return out
 
     # --- the loop -------------------------------------------------------------------------------------------------
     def _batch(self):
-        """The left-padded prompt batch: ``(input_ids, attention_mask, position_ids, embeds)``; every row's last
-        token is in the last column."""
+        """The padded prompt batch: ``(input_ids, attention_mask, position_ids, embeds)``; padded on the left
+        (every row's last token in the last column) unless the backend's graph wants the right."""
         batch = len(self.prompts)
         width = max(len(p) for p in self.prompts)
         input_ids = np.full((batch, width), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((batch, width), dtype=np.int64)
+        right = self.padding_side == "right"
         for b, ids in enumerate(self.prompts):
-            input_ids[b, width - len(ids):] = ids
-            attention_mask[b, width - len(ids):] = 1
+            cols = slice(0, len(ids)) if right else slice(width - len(ids), width)
+            input_ids[b, cols] = ids
+            attention_mask[b, cols] = 1
         return input_ids, attention_mask, position_ids(attention_mask), self._prompt_embeds(input_ids)
 
     def _decided(self, outputs, batch: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -298,6 +375,7 @@ class GenerationRun:
         """The scoring prefill alone (``steer_gate_in = -1``): the gate and score of every prompt, no generation."""
         input_ids, attention_mask, positions, embeds = self._batch()
         batch = len(self.prompts)
+        self._capacity = input_ids.shape[1]
         start = time.perf_counter()
         outputs = self._prefill(input_ids, attention_mask, positions, np.full(batch, GATE_DECIDE, np.float32),
                                 embeds)
@@ -308,6 +386,11 @@ class GenerationRun:
         config = self.config
         batch = len(self.prompts)
         input_ids, attention_mask, positions, embeds = self._batch()
+        # A shared past/present buffer holds the padded prompt and the longest answer this run may produce.
+        self._capacity = input_ids.shape[1] + max(
+            config.max_new_tokens if self.context_length is None else min(config.max_new_tokens,
+                                                                          self.context_length - len(p))
+            for p in self.prompts)
         first_gate = np.full(batch, GATE_DECIDE if self._gate_override is None else self._gate_override, np.float32)
         start = time.perf_counter()
         outputs = self._prefill(input_ids, attention_mask, positions, first_gate, embeds)
@@ -329,9 +412,7 @@ class GenerationRun:
                 self.timing.prefill_passes = 2
                 logits = logits.copy()
                 logits[fired] = again["logits"]
-                for name, present in self._presents(again).items():
-                    past[name] = past[name].copy()
-                    past[name][fired] = present
+                past.replace_rows(fired, self._presents(again))
         self.timing.prefill_seconds = time.perf_counter() - start
 
         rngs = [np.random.default_rng(config.seed) for _ in range(batch)] if not config.greedy else [None] * batch

@@ -1,4 +1,17 @@
-"""ONNX Runtime backend. ``InferenceSession.run`` is thread-safe, so concurrent generations run unserialised."""
+"""ONNX Runtime backend. ``InferenceSession.run`` is thread-safe, so concurrent generations run unserialised.
+
+The KV cache (issue 11) never goes through numpy per step: each generation gets an :class:`OrtKV` whose buffers are
+bound with ORT's I/O binding, as the next step's past and, for graphs that allow it, as the present too.
+
+- **Shared buffer** (``GroupQueryAttention``, as the onnxruntime-genai builder emits it): one buffer per past input,
+  ``[B, kv_heads, capacity, head_dim]``, allocated once for the whole generation and bound as both
+  ``past_key_values.*`` and ``present.*``; the kernel writes each step's keys in place at each row's length
+  (``seqlens_k``), so a decode step costs the same whatever the context. Such graphs take right-padded batches.
+- **Growing** (optimum graphs, whose attention concatenates past and new keys): the presents stay ORT-allocated
+  ``OrtValue`` s that the next step binds as its past; no numpy copy, no host round trip on a GPU provider.
+
+Only the logits of the last position and the gate outputs come back to the host.
+"""
 
 from __future__ import annotations
 
@@ -17,13 +30,32 @@ PROVIDERS = {
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": None}
 
 
+def import_ort():
+    """``onnxruntime``, from whichever wheel is installed: ``onnxruntime`` (CPU) or ``onnxruntime-gpu`` (CUDA,
+    TensorRT EP); the two conflict, so the package takes one through its ``cpu`` or ``gpu`` extra."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise AlignerError("ONNX Runtime is not installed: pip install 'inferaligner-edge[cpu]' (onnxruntime) or "
+                           "'inferaligner-edge[gpu]' (onnxruntime-gpu)") from None
+    return onnxruntime
+
+
+def default_providers(available: list[str]) -> list[str]:
+    """With no providers asked for: the CUDA EP when this ONNX Runtime has it (onnxruntime-gpu on a GPU machine;
+    fp16 and int4 graphs run there), else the CPU. The TensorRT EP is used only when asked for: it builds an engine
+    per input shape at first use, and it has no kernels for MatMulNBits or GroupQueryAttention (those nodes fall
+    back to the CUDA EP), so it is not a silent default."""
+    return ["cuda"] if "CUDAExecutionProvider" in available else ["cpu"]
+
+
 def resolve_providers(providers) -> list:
     """Maps short names to ORT provider names; entries may be ``(name, options)`` pairs as ORT accepts them."""
-    import onnxruntime as ort
+    ort = import_ort()
 
     available = ort.get_available_providers()
     resolved = []
-    for entry in providers or ["cpu"]:
+    for entry in providers or default_providers(available):
         name, options = (entry if isinstance(entry, tuple) else (entry, None))
         full = PROVIDERS.get(str(name).lower(), name)
         if full not in available:
@@ -39,7 +71,7 @@ def resolve_providers(providers) -> list:
 def session_for(model_path: str | Path, providers=None, intra_op_threads: int | None = None,
                 inter_op_threads: int | None = None):
     """An ``InferenceSession`` with full graph optimisation; a graph ORT cannot load is an :class:`AlignerError`."""
-    import onnxruntime as ort
+    ort = import_ort()
 
     for what, value in (("threads", intra_op_threads), ("inter_op_threads", inter_op_threads)):
         if value is not None:
@@ -59,6 +91,89 @@ def session_for(model_path: str | Path, providers=None, intra_op_threads: int | 
         raise AlignerError(f"ONNX Runtime cannot load {model_path}: {str(exc).splitlines()[0]}") from None
 
 
+def _ort_device(providers: list[str]) -> tuple[str, int]:
+    """Where the KV cache lives: on the GPU when the first provider is CUDA or TensorRT, else on the host."""
+    first = providers[0] if providers else "CPUExecutionProvider"
+    return ("cuda", 0) if first in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else ("cpu", 0)
+
+
+class OrtKV:
+    """One generation's KV cache for :class:`OnnxRuntimeBackend` (see the module docstring).
+
+    ``values[past_name]`` is the ``OrtValue`` bound as that past input; on the host it wraps ``arrays[past_name]``
+    without a copy (shared mode) so that row edits (the two-pass prefill, compaction) are plain numpy on the same
+    memory. ``length`` is the number of positions written (the graph's past length in growing mode)."""
+
+    bound = True
+
+    def __init__(self, backend: "OnnxRuntimeBackend", batch: int, capacity: int | None,
+                 arrays: dict[str, np.ndarray] | None = None, length: int = 0):
+        ort = import_ort()
+
+        self.backend = backend
+        self.batch = batch
+        self.shared = backend.shares_kv_buffer
+        self.capacity = capacity
+        self.length = length
+        self.device = backend.kv_device
+        if arrays is None:
+            arrays = {}
+            for name in backend.past_names:
+                heads, head_dim, dtype = backend.past_spec(name)
+                width = (capacity or 0) if self.shared else 0
+                arrays[name] = np.zeros((batch, heads, width, head_dim), dtype=dtype)
+        self.arrays = arrays
+        self.values = {name: ort.OrtValue.ortvalue_from_numpy(array, *self.device) for name, array in arrays.items()}
+        self._binding = None
+
+    def binding(self, session):
+        """The I/O binding of this cache. A shared cache binds its buffers as past and present once, for every
+        step; a growing cache rebinds them each step (its presents are new tensors)."""
+        if self._binding is None or not self.shared:
+            self._binding = session.io_binding()
+            if self.shared:
+                for past, value in self.values.items():
+                    self._binding.bind_ortvalue_input(past, value)
+                    self._binding.bind_ortvalue_output(self.backend.present_of[past], value)
+        return self._binding
+
+    # --- the loop's cache protocol (aligner_runtime.generate) -----------------------------------------------------
+    def feed(self, feeds: dict) -> None:
+        from ..generate import KV_FEED
+
+        feeds[KV_FEED] = self
+
+    def take(self, outputs: dict) -> None:
+        """Nothing to do: :meth:`OnnxRuntimeBackend._run` updated the cache in place."""
+
+    def _host(self) -> dict[str, np.ndarray]:
+        """The cache as numpy arrays (a copy only for ORT-owned or device buffers)."""
+        if self.shared and self.device[0] == "cpu":
+            return self.arrays
+        return {name: value.numpy() for name, value in self.values.items()}
+
+    def keep(self, rows) -> "OrtKV":
+        idx = np.asarray(rows, dtype=np.int64)
+        return OrtKV(self.backend, len(idx), self.capacity, {k: np.ascontiguousarray(v[idx])
+                                                             for k, v in self._host().items()}, self.length)
+
+    def replace_rows(self, rows, other: "OrtKV") -> None:
+        if other.length != self.length and not self.shared:
+            raise ValueError("KV caches of different lengths")
+        host, theirs = self._host(), other._host()  # own memory on the host, or fresh copies of it
+        for name in host:
+            host[name][rows] = theirs[name]
+        self.__init__(self.backend, self.batch, self.capacity, host, self.length)
+
+    @classmethod
+    def concat(cls, parts: list["OrtKV"]) -> "OrtKV":
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        arrays = {name: np.concatenate([p._host()[name] for p in parts], axis=0) for name in first.arrays}
+        return cls(first.backend, sum(p.batch for p in parts), first.capacity, arrays, first.length)
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
@@ -69,11 +184,29 @@ class OnnxRuntimeBackend:
         self._inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = list(self._inputs)
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self._out_dtypes = {o.name: np.dtype(_DTYPES.get(o.type) or np.float32) for o in self.session.get_outputs()}
         logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
         if logits is None:
             raise AlignerError(f"{model_path} has no 'logits' output: not a causal LM export")
         vocab = logits.shape[-1]
         self.vocab_size = vocab if isinstance(vocab, int) else None
+        from ..generate import PAST, present_name
+
+        self.past_names = [n for n in self.input_names if PAST.match(n)]
+        self._present = {present_name(n): n for n in self.past_names if present_name(n) in self.output_names}
+        self.present_of = {past: present for present, past in self._present.items()}
+        ops = _op_types(model_path)
+        # GroupQueryAttention writes each step's keys into the past buffer at each row's length: past and present
+        # may be one buffer, and rows must be right-padded (their keys contiguous from position 0).
+        self.shares_kv_buffer = "GroupQueryAttention" in ops and len(self._present) == len(self.past_names)
+        self.padding_side = "right" if "GroupQueryAttention" in ops else "left"
+        self.kv_device = _ort_device(self.providers)
+
+    def kv_cache(self, batch: int, capacity: int | None = None) -> OrtKV:
+        """A new, empty KV cache for ``batch`` rows; ``capacity``: positions a shared buffer must hold."""
+        if self.shares_kv_buffer and not capacity:
+            raise AlignerError("a shared KV buffer needs its capacity (prompt width + new tokens)")
+        return OrtKV(self, batch, capacity)
 
     def past_spec(self, name: str) -> tuple[int, int, np.dtype]:
         info = self._inputs[name]
@@ -84,5 +217,75 @@ class OnnxRuntimeBackend:
         return heads, head_dim, np.dtype(dtype)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self.session.run(self.output_names, feeds)
-        return dict(zip(self.output_names, outputs))
+        from ..generate import KV_FEED
+
+        cache = feeds.get(KV_FEED)
+        if cache is None:
+            outputs = self.session.run(self.output_names, feeds)
+            return dict(zip(self.output_names, outputs))
+        return self._run_bound({k: v for k, v in feeds.items() if k != KV_FEED}, cache)
+
+    def _run_bound(self, feeds: dict[str, np.ndarray], cache: OrtKV) -> dict[str, np.ndarray]:
+        """One step with I/O binding: the cache's buffers as past (and, shared, as present: bound once for the whole
+        generation); the presents of a growing cache stay ORT-allocated on the cache's device and become its
+        buffers. The logits, gate and score are written straight into numpy arrays. Returns those outputs."""
+        ort = import_ort()
+        binding = cache.binding(self.session)
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        if not cache.shared:
+            for name, value in cache.values.items():
+                binding.bind_ortvalue_input(name, value)
+        rows, width = _call_shape(feeds)
+        result, fetched = {}, False
+        for name in self.output_names:
+            past = self._present.get(name)
+            if past is not None:
+                if not cache.shared:
+                    binding.bind_output(name, *cache.device)
+                    fetched = True
+                continue
+            shape = self._host_shape(name, rows, width)
+            if shape is None:
+                binding.bind_output(name, "cpu")
+                fetched = True
+            else:
+                result[name] = np.empty(shape, dtype=self._out_dtypes[name])
+                binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(result[name]))
+        self.session.run_with_iobinding(binding)
+        if fetched:
+            for name, value in zip(self.output_names, binding.get_outputs()):  # every output, in bound order
+                past = self._present.get(name)
+                if past is None:
+                    if name not in result:
+                        result[name] = value.numpy()
+                elif not cache.shared:  # growing cache: ORT's present becomes the next step's past, where it lies
+                    cache.values[past] = value
+                    cache.arrays.pop(past, None)
+        cache.length = feeds["attention_mask"].shape[1] if "attention_mask" in feeds else cache.length
+        return result
+
+    def _host_shape(self, name: str, rows: int, width: int) -> tuple | None:
+        """The shape of a host output known before the run (logits, the gate outputs), else None."""
+        if name == "logits" and self.vocab_size:
+            return (rows, width, self.vocab_size)
+        if name in ("steer_gate", "steer_score"):
+            return (rows,)
+        return None
+
+def _call_shape(feeds: dict) -> tuple[int, int]:
+    """``(rows, positions)`` of this call, from ``input_ids`` or ``inputs_embeds``."""
+    tokens = feeds.get("input_ids")
+    if tokens is None:
+        tokens = feeds["inputs_embeds"]
+    return int(tokens.shape[0]), int(tokens.shape[1])
+
+
+def _op_types(model_path) -> set[str]:
+    """The graph's op types, read from the protobuf headers (weights not loaded)."""
+    from ..onnx_graph import read_graph_summary
+
+    try:
+        return {node.op_type for node in read_graph_summary(model_path).nodes}
+    except AlignerError:
+        return set()
