@@ -25,12 +25,30 @@ def configure(parser) -> None:
                              "default: the pack's recommendation")
     parser.add_argument("--steer-impl", choices=("function", "inline"), default="function",
                         help="steering ops as ONNX model-local functions (default) or as plain inlined ops")
-    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="model precision of the graph; "
-                        "the steering math is float32 either way")
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default=None, help="activation precision of the graph "
+                        "(default fp32; fp16 with --weights fp16); the steering math is float32 either way")
+    parser.add_argument("--weights", choices=("fp32", "fp16", "int8", "int4"), default=None,
+                        help="weight format: fp32/fp16 (= --dtype), or int8/int4 weight-only block-wise MatMulNBits "
+                             "on the MatMuls, validated against the float graph; steering stays float32 "
+                             "(default: the --dtype)")
+    parser.add_argument("--block-size", type=int, default=None, help="int8/int4: quantization block along K "
+                        "(default 32, as the onnxruntime-genai builder)")
+    parser.add_argument("--accuracy-level", type=int, default=None, help="int8/int4: MatMulNBits accuracy_level "
+                        "(default 4: int8 compute on CPU, as the builder; 0 keeps float compute)")
+    parser.add_argument("--quant-method", choices=("hqq", "rtn"), default=None, help="int4: hqq (default; HQQ "
+                        "scales and zero points, no calibration data) or rtn (round to nearest, symmetric, as the "
+                        "onnxruntime-genai builder); int8 is always rtn")
+    parser.add_argument("--min-gate-agreement", type=float, default=0.99, help="int8/int4: least share of held-out "
+                        "prompts on which the quantized gate must equal the float graph's (default 0.99)")
     parser.add_argument("--onnx", default=None, metavar="FILE", help="steer this ONNX LLM (exported elsewhere, e.g. "
                         "by optimum or the onnxruntime-genai builder) instead of exporting --target")
-    parser.add_argument("--exporter", choices=("auto", "optimum", "torch"), default="auto",
-                        help="base exporter: optimum-onnx, falling back to torch.onnx.export(dynamo=True) (auto)")
+    parser.add_argument("--exporter", choices=("auto", "optimum", "torch", "genai"), default="auto",
+                        help="base exporter: optimum-onnx, falling back to torch.onnx.export(dynamo=True) (auto); "
+                             "genai: the onnxruntime-genai model builder's fused graph (GroupQueryAttention, fused "
+                             "norms; run from its own venv, --genai-python)")
+    parser.add_argument("--genai-python", default=None, metavar="PYTHON",
+                        help="python of the venv holding onnxruntime-genai and transformers 5 (default: "
+                             "$INFERALIGNER_HOME/venv-genai/bin/python; made by 'make genai-venv')")
     parser.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     parser.add_argument("--force", action="store_true", help="export even if the pack was made for another model")
 
@@ -93,9 +111,32 @@ def resolve_options(args, pack, num_layers: int):
         bias_rule = args.bias_rule or rec["bias_rule"]
         gate = pack.paper_gate(gate_layer, bias_rule)
     steering = pack.steer_config(steer_layers, alpha, gate, steer_impl=args.steer_impl)
-    return ExportOptions(steering=steering, alpha=alpha, bias_rule=bias_rule, dtype=args.dtype,
+    dtype, weights = resolve_precision(args)
+    if not 0.0 <= args.min_gate_agreement <= 1.0:
+        raise AlignerError(f"--min-gate-agreement must be in [0, 1], got {args.min_gate_agreement}")
+    return ExportOptions(steering=steering, alpha=alpha, bias_rule=bias_rule, dtype=dtype,
                          validate=not args.no_validate, onnx_file=Path(args.onnx) if args.onnx else None,
-                         exporter=args.exporter)
+                         exporter=args.exporter, weights=weights, gate_agreement=args.min_gate_agreement,
+                         genai_python=args.genai_python)
+
+
+def resolve_precision(args):
+    """``(dtype, WeightFormat)`` from ``--dtype`` and ``--weights``: fp32/fp16 weights are the dtype itself (so
+    ``--dtype fp16`` alone keeps working), int8/int4 weights run with fp32 activations unless ``--dtype fp16``."""
+    from aligner_export.graph.quantize import weight_format
+
+    weights_name = getattr(args, "weights", None)
+    dtype = args.dtype
+    if weights_name in ("fp32", "fp16"):
+        if dtype is not None and dtype != weights_name:
+            raise AlignerError(f"--weights {weights_name} contradicts --dtype {dtype} (float weights are the dtype)")
+        dtype = weights_name
+    dtype = dtype or "fp32"
+    name = weights_name or dtype
+    method = getattr(args, "quant_method", None)
+    if name in ("fp32", "fp16") and (args.block_size is not None or args.accuracy_level is not None or method):
+        raise AlignerError("--block-size, --accuracy-level and --quant-method apply to --weights int8|int4 only")
+    return dtype, weight_format(name, accuracy_level=args.accuracy_level, block_size=args.block_size, method=method)
 
 
 def _check_output(path: Path) -> None:
@@ -142,5 +183,5 @@ def run(args) -> int:
     manifest = export_steered(target, pack, Path(args.pack), out_dir, options, model, tokenizer, digest)
     print(f"wrote {out_dir}: steer_layers {manifest['steer_layers']}, gate_layer {manifest['gate_layer']}, "
           f"alpha {manifest['alpha']:g}, bias {manifest['bias']:.4g} ({manifest['bias_rule']}), "
-          f"{manifest['steer_impl']}, {manifest['dtype']}")
+          f"{manifest['steer_impl']}, {manifest['dtype']}, weights {manifest['weights']['format']}")
     return 0

@@ -138,7 +138,28 @@ def _graph_facts(model) -> dict:
         "plugin_attributes": sorted(plugin),
         "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
         "inputs": inputs, "outputs": outputs,
+        "weights": _weight_facts(model),
     }
+
+
+def _weight_facts(model) -> dict:
+    """The weight format as the graph itself shows it: quantized MatMulNBits nodes (bits, block size, count) and
+    the fused ORT operators present (issue 11)."""
+    from collections import Counter
+
+    from onnx import helper
+
+    ops = Counter(n.op_type for n in model.graph.node)
+    quantized = Counter()
+    for node in model.graph.node:
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            quantized[(node.op_type, int(attrs.get("bits", 4)), int(attrs.get("block_size", 0)))] += 1
+    fused = sorted(op for op in ("GroupQueryAttention", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
+                                 "MultiHeadAttention", "SimplifiedLayerNormalization") if ops.get(op))
+    return {"quantized_nodes": [{"op": op, "bits": bits, "block_size": block, "count": count}
+                                for (op, bits, block), count in sorted(quantized.items())],
+            "float_matmuls": ops.get("MatMul", 0), "fused_ops": fused}
 
 
 def describe_onnx(path: Path) -> dict:
@@ -187,6 +208,24 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _weights_line(recorded, graph) -> str:
+    """The manifest's ``weights`` (or fp32/fp16 from an older manifest's dtype) and what the graph holds."""
+    if isinstance(recorded, dict):
+        text = recorded.get("format", "?")
+        if recorded.get("bits"):
+            text += (f" (weight-only {recorded.get('op')}, block {recorded.get('block_size')}, "
+                     f"{recorded.get('method')}, accuracy level {recorded.get('accuracy_level')})")
+    else:
+        text = "not recorded (float weights in the graph's dtype)"
+    if graph is not None and graph.get("weights"):
+        facts = graph["weights"]
+        nodes = ", ".join(f"{q['count']} {q['op']} int{q['bits']}" for q in facts["quantized_nodes"])
+        text += f"; graph: {nodes or 'no quantized nodes'}, {facts['float_matmuls']} float MatMul"
+        if facts["fused_ops"]:
+            text += f", fused {', '.join(facts['fused_ops'])}"
+    return text
+
+
 def render(info: dict) -> str:
     lines = [f"{info['kind']}: {info['path']}"]
     kind = info["kind"]
@@ -233,6 +272,7 @@ def render(info: dict) -> str:
     if facts:
         lines += [f"  alpha {_fmt(facts.get('alpha'))}, bias {_fmt(facts.get('bias'))} ({facts.get('bias_rule')}), "
                   f"dtype {facts.get('dtype')}, opset {facts.get('opset')}, site {facts.get('site')}",
+                  f"  weights: {_weights_line(facts.get('weights'), graph)}",
                   f"  fingerprints: target {facts.get('target_fingerprint')}, pack sha256 {facts.get('pack_sha256')}"]
         validation = facts.get("validation")
         if validation:
@@ -240,6 +280,13 @@ def render(info: dict) -> str:
                          f"{_fmt(validation['prefill_max_abs_diff'])}, decode "
                          f"{_fmt(validation['decode_max_abs_diff'])} (tolerance {_fmt(validation['tolerance'])}); "
                          f"gates {_fmt(validation.get('gates'))}")
+            quantized = validation.get("weights")
+            if quantized:
+                lines.append(f"  {quantized['format']} vs the float graph: gates agree on {quantized['gates_agree']}/"
+                             f"{quantized['prompts']} prompts ({len(quantized['gate_disagreements'])} disagreements), "
+                             f"logit rel. RMS error mean {_fmt(quantized['logit_rel_rms_mean'])} (tolerance "
+                             f"{_fmt(quantized['logit_rel_rms_tolerance'])}), greedy top-1 agreement "
+                             f"{_fmt(quantized['top1_agreement'])}")
         else:
             lines.append("  validation: not run (--no-validate)")
         mm = facts.get("multimodal")

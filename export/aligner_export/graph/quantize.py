@@ -1,0 +1,271 @@
+"""Weight formats of an export (issue 11): ``fp32``, ``fp16``, and weight-only block-wise ``int8`` / ``int4``.
+
+int8 and int4 are applied to the *steered* graph, after the rewrite, with ONNX Runtime's ``MatMulNBitsQuantizer``
+(blocks of 32 along K; the kernels and block size the onnxruntime-genai builder emits for CPU). int8 rounds to
+nearest, symmetric. int4 uses HQQ (half-quadratic quantization: per-block scale and float zero point optimised
+against the weights, no calibration data; ``--quant-method rtn`` gives the builder's plain symmetric rounding),
+then rounds to nearest whatever HQQ leaves (the LM head when it reads a shared matrix). Chosen by measurement
+(docs/performance.md): on SmolLM2 the gate of an RTN int4 graph agreed with the float graph on 81% of the held-out
+prompts, HQQ's on 100%, at the same decode speed. Only the model's own MatMuls with a constant weight become
+``com.microsoft::MatMulNBits``:
+
+- every steering node (``/model/layers.{l}/steer/*``, ``/model/steer/*``) is excluded by name, and in the function
+  form the SteerGate/SteerShift bodies are model-local functions the quantizer does not enter; in the inline form
+  their MatMul reads a ``Constant`` node, never an initializer, so it is not a candidate either. The gate's
+  direction/weights, the shift vectors and the gate's arithmetic therefore stay float32 bit for bit
+  (:func:`steering_constants_unchanged` checks it);
+- activations stay in the graph's dtype (float32, or float16 with ``--dtype fp16``); ``accuracy_level`` 4 lets the
+  CPU kernel compute int4 x int8 (what the builder chooses for CPU), 0 keeps float compute.
+
+A tied embedding (the token-embedding ``Gather`` reads the same matrix as the LM head, directly or through a
+``Transpose``, as the builder writes it) is re-pointed at the quantized LM head through
+``com.microsoft::GatherBlockQuantized``: one copy of the matrix on disk, as the builder does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from aligner_runtime.contract import STEER_PREFIX
+from aligner_runtime.errors import AlignerError
+
+WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How the MatMul weights are stored: ``bits`` None for float formats."""
+
+    name: str
+    bits: int | None = None
+    block_size: int = 32
+    accuracy_level: int = 4
+    method: str = "rtn"  # rtn: round to nearest, symmetric; hqq: HQQ (asymmetric, float zero points)
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits is not None
+
+    def manifest(self) -> dict:
+        """The manifest's ``weights`` object."""
+        if not self.quantized:
+            return {"format": self.name}
+        return {"format": self.name, "op": "MatMulNBits", "bits": self.bits, "block_size": self.block_size,
+                "method": self.method, "accuracy_level": self.accuracy_level,
+                "quantizer": "onnxruntime.quantization.MatMulNBitsQuantizer"}
+
+
+METHODS = ("rtn", "hqq")
+
+
+def weight_format(name: str, accuracy_level: int | None = None, block_size: int | None = None,
+                  method: str | None = None) -> WeightFormat:
+    if name not in WEIGHT_FORMATS:
+        raise AlignerError(f"unknown weight format '{name}': use one of {', '.join(WEIGHT_FORMATS)}")
+    bits = {"int4": 4, "int8": 8}.get(name)
+    if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
+        raise AlignerError(f"--block-size must be a power of two >= 16, got {block_size}")
+    if accuracy_level is not None and accuracy_level not in (0, 1, 2, 3, 4):
+        raise AlignerError(f"--accuracy-level must be 0-4, got {accuracy_level}")
+    if method is not None and method not in METHODS:
+        raise AlignerError(f"--quant-method must be one of {', '.join(METHODS)}")
+    if method == "hqq" and bits != 4:
+        raise AlignerError("--quant-method hqq is for --weights int4 (int8 rounds to nearest)")
+    return WeightFormat(name, bits, block_size or 32, 4 if accuracy_level is None else accuracy_level,
+                        method or ("hqq" if bits == 4 else "rtn"))
+
+
+def is_steering_node(name: str) -> bool:
+    return name.startswith(STEER_PREFIX) or "/steer/" in name
+
+
+def quantize(model, fmt: WeightFormat):
+    """Returns the ``onnx.ModelProto`` ``model`` with its MatMul weights in ``fmt`` (a quantized format)."""
+    import logging
+
+    from onnx import helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer)
+
+    if not fmt.quantized:
+        raise AlignerError(f"{fmt.name} is not a quantized weight format")
+    excluded = [n.name for n in model.graph.node if is_steering_node(n.name)]
+    rtn = DefaultWeightOnlyQuantConfig(block_size=fmt.block_size, is_symmetric=True,
+                                       accuracy_level=fmt.accuracy_level, bits=fmt.bits)
+    passes = [(rtn, excluded)]
+    if fmt.method == "hqq":
+        # The LM head reads no residual the gate sees; it is rounded to nearest (symmetric, no zero points) so that
+        # a tied embedding can share it (GatherBlockQuantized takes packed integer zero points only).
+        producers = {o: n for n in model.graph.node for o in n.output}
+        head = [n.name for n in model.graph.node if n.op_type == "MatMul" and
+                n.output[0] in _logits_producers(model.graph, producers)]
+        passes.insert(0, (HQQWeightOnlyQuantConfig(block_size=fmt.block_size, bits=fmt.bits), excluded + head))
+    logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        for config, skip in passes:  # the RTN pass rounds what HQQ left (the LM head)
+            quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=skip)
+            quantizer.process()
+            model = quantizer.model.model
+    finally:
+        logger.setLevel(level)
+    count = 0
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            count += 1
+            if not any(a.name == "accuracy_level" for a in node.attribute):  # HQQ's nodes carry none
+                node.attribute.append(helper.make_attribute("accuracy_level", fmt.accuracy_level))
+    if count == 0:
+        raise AlignerError("weight quantization found no MatMul with a constant weight to quantize")
+    tie_embedding(model, fmt)
+    return model
+
+
+def _initializers(graph) -> dict:
+    return {i.name: i for i in graph.initializer}
+
+
+def tie_embedding(model, fmt: WeightFormat) -> bool:
+    """When the token-embedding Gather reads the LM head's matrix (tied weights), it reads the quantized LM head
+    instead through ``GatherBlockQuantized``; the float matrix leaves the file. Returns whether it did."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = _initializers(graph)
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    gather = next((n for n in graph.node if n.op_type == "Gather" and len(n.input) == 2
+                   and n.input[1] == "input_ids"), None)
+    to_logits = _logits_producers(graph, producers)
+    head = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0] in to_logits), None)
+    if gather is None or head is None:
+        return False
+    source = gather.input[0]
+    transpose = producers.get(source)
+    if transpose is not None and transpose.op_type == "Transpose":
+        source = transpose.input[0]
+    elif transpose is not None:
+        return False
+    if source not in inits:
+        return False
+    embed = numpy_helper.to_array(inits[source])
+    if transpose is None:
+        embed_rows = embed
+    else:
+        embed_rows = embed.T
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    n_out, k = int(attrs["N"]), int(attrs["K"])
+    if embed_rows.shape != (n_out, k) or int(attrs["block_size"]) != fmt.block_size or len(head.input) > 3 \
+            and head.input[3]:
+        return False
+    # The LM head's original float weight is gone; compare with its dequantized form to be sure the two are tied.
+    blob, scales = numpy_helper.to_array(inits[head.input[1]]), numpy_helper.to_array(inits[head.input[2]])
+    if not _is_tied(embed_rows, blob, scales, fmt, k):
+        return False
+    suffix = "/GatherBlockQuantized"
+    data_name = head.input[1] + "/gather_view"
+    shape_name = data_name + "/shape"
+    per_row = blob.shape[1] * blob.shape[2]
+    graph.initializer.append(numpy_helper.from_array(np.array([n_out, per_row], np.int64), shape_name))
+    reshape = helper.make_node("Reshape", [head.input[1], shape_name], [data_name], name=gather.name + "/Reshape")
+    scales_name = head.input[2]
+    quantized = helper.make_node("GatherBlockQuantized", [data_name, gather.input[1], scales_name], list(gather.output),
+                                 name=gather.name + suffix, domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
+                                 block_size=fmt.block_size, bits=fmt.bits)
+    index = list(graph.node).index(gather)
+    graph.node.remove(gather)
+    graph.node.insert(index, quantized)
+    graph.node.insert(index, reshape)
+    if transpose is not None and len(consumers.get(transpose.output[0], [])) == 1:
+        graph.node.remove(transpose)
+    if not any(source in n.input for n in graph.node):
+        graph.initializer.remove(inits[source])
+    return True
+
+
+def _logits_producers(graph, producers) -> set[str]:
+    """Outputs feeding ``logits`` through shape-only ops (an optional Reshape/Cast after the head)."""
+    found = set()
+    frontier = [o.name for o in graph.output if o.name == "logits"]
+    while frontier:
+        name = frontier.pop()
+        found.add(name)
+        node = producers.get(name)
+        if node is not None and node.op_type in ("Reshape", "Cast", "Identity", "Add"):
+            frontier.extend(node.input[:1])
+    return found
+
+
+def dequantize_blocks(blob: np.ndarray, scales: np.ndarray, bits: int, k: int,
+                      zero_points: np.ndarray | None = None) -> np.ndarray:
+    """MatMulNBits' ``B`` ``[N, k_blocks, blob]`` uint8, ``scales`` ``[N, k_blocks]`` (or flat) and optional
+    ``zero_points`` (packed uint8 like ``B``, or float per block as HQQ writes them; default: the middle of the
+    range) -> the float ``[N, K]`` matrix it stands for: ``(q - zero_point) * scale``."""
+    n, blocks, blob_size = blob.shape
+    if bits == 4:
+        low, high = blob & 0x0F, blob >> 4
+        values = np.stack([low, high], axis=-1).reshape(n, blocks, blob_size * 2).astype(np.float32)
+    else:
+        values = blob.astype(np.float32)
+    if zero_points is None:
+        zero = np.full((n, blocks), 2.0 ** (bits - 1), np.float32)
+    elif zero_points.dtype == np.uint8:
+        per_row = zero_points.reshape(n, -1)
+        if bits == 4:
+            zero = np.stack([per_row & 0x0F, per_row >> 4], axis=-1).reshape(n, -1)[:, :blocks]
+        else:
+            zero = per_row[:, :blocks]
+        zero = zero.astype(np.float32)
+    else:
+        zero = zero_points.reshape(n, blocks).astype(np.float32)
+    out = (values - zero[:, :, None]) * scales.reshape(n, blocks, 1).astype(np.float32)
+    return out.reshape(n, -1)[:, :k]
+
+
+def _is_tied(embed_rows: np.ndarray, blob, scales, fmt: WeightFormat, k: int) -> bool:
+    """The embedding equals the LM head's matrix up to the quantization step of each block."""
+    dequant = dequantize_blocks(blob, scales, fmt.bits, k)
+    step = np.repeat(scales.astype(np.float32).reshape(embed_rows.shape[0], -1), fmt.block_size, axis=1)[:, :k]
+    return bool(np.all(np.abs(dequant - embed_rows.astype(np.float32)) <= 0.5 * np.abs(step) + 1e-6))
+
+
+def relative_weight_error(reference, quantized) -> float:
+    """``||W_q - W|| / ||W||`` over every quantized MatMul weight (Frobenius, all matrices together): the error the
+    quantizer injects, from which the logit tolerance is derived (docs/performance.md)."""
+    from onnx import helper, numpy_helper
+
+    ref = _initializers(reference.graph)
+    q = _initializers(quantized.graph)
+    ref_weights = {n.name: n.input[1] for n in reference.graph.node if n.op_type == "MatMul" and n.input[1] in ref}
+    num = den = 0.0
+    for node in quantized.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        name = node.name.removesuffix(f"_Q{int(attrs['bits'])}")  # the quantizer renames MatMul X to X_Q4 / X_Q8
+        if name not in ref_weights:
+            continue
+        w = numpy_helper.to_array(ref[ref_weights[name]]).astype(np.float32)  # [K, N]
+        zero = numpy_helper.to_array(q[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
+        dq = dequantize_blocks(numpy_helper.to_array(q[node.input[1]]), numpy_helper.to_array(q[node.input[2]]),
+                               int(attrs["bits"]), int(attrs["K"]), zero)
+        num += float(np.sum((dq - w.T) ** 2))
+        den += float(np.sum(w.astype(np.float64) ** 2))
+    return float(np.sqrt(num / den)) if den else 0.0
+
+
+def steering_constants_unchanged(reference, quantized) -> bool:
+    """The steering nodes and functions are identical in both graphs (the quantizer did not touch them)."""
+    def steering(model):
+        nodes = sorted((n.SerializeToString() for n in model.graph.node if is_steering_node(n.name)))
+        functions = sorted(f.SerializeToString() for f in model.functions)
+        return nodes, functions
+
+    return steering(reference) == steering(quantized)
