@@ -282,9 +282,13 @@ def test_events_come_in_order_and_the_closed_scheduler_refuses():
         scheduler.submit(TOY_PROMPTS[0], SamplingConfig())
 
 
-def test_an_unsteered_graph_is_refused():
+def test_an_unsteered_graph_and_a_right_padded_graph_are_refused():
     with pytest.raises(AlignerError, match="steered export"):
         Scheduler(ToyModel(steered=False), pad_token_id=0, two_pass=False)
+    right_padded = ToyModel()
+    right_padded.padding_side = "right"  # what the ORT backend says of a GroupQueryAttention graph
+    with pytest.raises(AlignerError, match="GroupQueryAttention"):
+        Scheduler(right_padded, pad_token_id=0, two_pass=False)
 
 
 # --- tiny real exports: the scheduler against Aligner.generate alone --------------------------------------------------

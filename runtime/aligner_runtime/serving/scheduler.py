@@ -190,6 +190,10 @@ class Scheduler:
             raise AlignerError("serving needs a steered export: this graph has no steering interface")
         if "inputs_embeds" in backend.input_names:
             raise AlignerError("serving takes text-only exports; this language model takes inputs_embeds")
+        if getattr(backend, "padding_side", "left") != "left":
+            # GroupQueryAttention keeps each row's keys from position 0: the batch's masked left padding does not fit.
+            raise AlignerError("serving takes graphs padded on the left; this graph's attention (GroupQueryAttention) "
+                               "wants right padding, which the scheduler does not do yet")
         check_count(max_batch_size, "max_batch_size", 1, 4096)
         check_count(max_queue, "max_queue", 0, 1 << 20)
         if prefill not in PREFILL_MODES:
