@@ -6,10 +6,12 @@
 
 1. Sequential: each prompt through ``Aligner.generate`` alone, greedy (the reference tokens and the baseline).
 2. For each level of concurrent clients (default 1, 2, 4, 8, 16, 32): closed-loop clients, each submitting its next
-   prompt when its last one is done, through the scheduler in-process (``--http``: through ``aligner-serve``'s
-   endpoint on 127.0.0.1, with httpx). Throughput (generated tokens/s over the level's wall time), p50/p95 latency,
-   p50/p95 time to first token, and how many answers differ from the sequential ones (target 0).
-3. The sequential baseline again, so that a change of machine load during the run shows.
+   prompt when its last one is done, through the scheduler in-process and/or (``--modes http``) through
+   ``aligner-serve``'s endpoint on 127.0.0.1 with httpx, streaming. Throughput (generated tokens/s over the level's
+   wall time), p50/p95 latency, p50/p95 time to first token, and how many answers differ from the sequential ones
+   (target 0).
+3. The sequential baseline again; with ``--rounds N`` steps 2 and 3 repeat, and each level's ratio is taken against
+   the mean of the baselines just before and after it, so that a drift of the machine's load cancels.
 4. Soak (``--soak-seconds``): ``--soak-clients`` clients for that long; errors (target 0), and the resident set
    sampled every 10 s (target: flat after warm-up).
 
@@ -178,7 +180,10 @@ def main() -> int:
                    "--prompts)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--prefill", default="alone", choices=("alone", "together"))
-    p.add_argument("--http", action="store_true", help="through aligner-serve's endpoint instead of in-process")
+    p.add_argument("--modes", default="inprocess",
+                   help="inprocess (the scheduler directly) and/or http (aligner-serve's endpoint), comma-separated")
+    p.add_argument("--http", action="store_true", help="the same as --modes http")
+    p.add_argument("--rounds", type=int, default=1, help="rounds of all levels, each followed by a baseline")
     p.add_argument("--soak-seconds", type=float, default=0)
     p.add_argument("--soak-clients", type=int, default=8)
     p.add_argument("--out", help="write the figures here as JSON")
@@ -191,7 +196,7 @@ def main() -> int:
     prompts = load_prompts(args.prompts)
     report = {"model": str(args.model), "threads": args.threads, "new_tokens": args.new_tokens,
               "prompts": len(prompts), "max_batch_size": args.max_batch_size, "prefill": args.prefill,
-              "http": args.http, "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg()}
+              "modes": args.modes if not args.http else "http", "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg()}
     aligner.generate(prompts[0], max_new_tokens=4)  # warm-up
     print(f"sequential baseline over {len(prompts)} prompts ...", file=sys.stderr, flush=True)
     base = sequential(aligner, prompts, args.new_tokens)
@@ -202,53 +207,59 @@ def main() -> int:
 
     scheduler = Scheduler.for_aligner(aligner, max_batch_size=args.max_batch_size, max_queue=1024,
                                       prefill=args.prefill)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.http and "http" not in modes:
+        modes = ["http"]
     live = None
-    if args.http:
+    if "http" in modes:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from aligner_runtime.serving.http import Server, create_app
         from test_serve_http import LiveServer
 
         live = LiveServer(create_app(Server(aligner, scheduler, model_name="bench", request_timeout=3600)))
         live.__enter__()
+    # Per mode: a client factory, whether a record differs from the sequential answer, its generated tokens.
+    clients_of = {
+        "inprocess": (lambda: InProcessClient(aligner, scheduler, args.new_tokens),
+                      lambda record: record[1] != reference[record[0]], lambda record: len(record[1])),
+        "http": (lambda: HttpClient(live.url, args.new_tokens), lambda record: record[1] != texts[record[0]],
+                 lambda record: len(aligner.tokenizer.encode(record[1])) if record[1] else 0),
+    }
 
-        def make_client():
-            return HttpClient(live.url, args.new_tokens)
-
-        def mismatched(record):
-            return record[1] != texts[record[0]]
-
-        def tokens_of(record):
-            return len(aligner.tokenizer.encode(record[1])) if record[1] else 0
-    else:
-        def make_client():
-            return InProcessClient(aligner, scheduler, args.new_tokens)
-
-        def mismatched(record):
-            return record[1] != reference[record[0]]
-
-        def tokens_of(record):
-            return len(record[1])
-
-    levels = []
-    for clients in [int(c) for c in args.clients.split(",") if c.strip()]:
-        requests = max(args.requests_per_client * clients, len(prompts))
-        run = closed_loop(make_client, prompts, clients, requests)
-        level = {"clients": clients, **summarise(run, tokens_of),
-                 "mismatches": sum(mismatched(r) for r in run["records"])}
-        level["speedup_vs_before"] = round(level["tokens_per_s"] / base["tokens_per_s"], 2)
-        levels.append(level)
-        print(json.dumps(level), file=sys.stderr, flush=True)
-    report["levels"] = levels
-    if levels:
+    # Rounds of levels between sequential baselines: a level's ratio is against the mean of the baselines just
+    # before and just after it, which cancels most of a drift in the machine's load.
+    levels, baselines = [], [base]
+    counts = [int(c) for c in args.clients.split(",") if c.strip()]
+    for round_index in range(args.rounds if counts else 0):
+        this_round = []
+        for clients in counts:
+            for mode in modes:
+                make_client, mismatched, tokens_of = clients_of[mode]
+                requests = max(args.requests_per_client * clients, len(prompts))
+                run = closed_loop(make_client, prompts, clients, requests)
+                level = {"round": round_index, "mode": mode, "clients": clients, **summarise(run, tokens_of),
+                         "mismatches": sum(mismatched(r) for r in run["records"])}
+                level["speedup_vs_before"] = round(level["tokens_per_s"] / baselines[-1]["tokens_per_s"], 2)
+                this_round.append(level)
+                print(json.dumps(level), file=sys.stderr, flush=True)
         again = sequential(aligner, prompts, args.new_tokens)
         again.pop("_tokens")
-        report["sequential_after"] = {k: v for k, v in again.items() if k != "gates"}
-        # The machine's load may change during the run: the ratio is also given against the mean of both baselines.
-        mean = (base["tokens_per_s"] + again["tokens_per_s"]) / 2
-        for level in levels:
+        again.pop("gates")
+        mean = (baselines[-1]["tokens_per_s"] + again["tokens_per_s"]) / 2
+        for level in this_round:
             level["speedup_vs_after"] = round(level["tokens_per_s"] / again["tokens_per_s"], 2)
             level["speedup_vs_mean"] = round(level["tokens_per_s"] / mean, 2)
-        print(json.dumps({"sequential_after": report["sequential_after"]}), file=sys.stderr, flush=True)
+        baselines.append(again)
+        levels += this_round
+        print(json.dumps({"sequential_after": again}), file=sys.stderr, flush=True)
+    report["levels"] = levels
+    report["sequential_baselines"] = [{k: v for k, v in b.items() if k != "gates"} for b in baselines]
+    summary = {}
+    for level in levels:
+        summary.setdefault(f"{level['mode']}/{level['clients']}", []).append(level["speedup_vs_mean"])
+    report["speedup_vs_mean_median"] = {key: statistics.median(v) for key, v in summary.items()}
+    if summary:
+        print(json.dumps({"speedup_vs_mean_median": report["speedup_vs_mean_median"]}), file=sys.stderr, flush=True)
 
     if args.soak_seconds > 0:
         samples, last = [], [0.0]
@@ -260,6 +271,7 @@ def main() -> int:
                 last[0] = now
                 samples.append((round(now - start, 1), round(rss_mb(), 1)))
 
+        make_client, mismatched, tokens_of = clients_of[modes[0]]
         run = closed_loop(make_client, prompts, args.soak_clients, 0, deadline=start + args.soak_seconds,
                           on_sample=sample)
         soak = {"clients": args.soak_clients, "seconds_target": args.soak_seconds, **summarise(run, tokens_of),
