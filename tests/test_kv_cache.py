@@ -200,3 +200,32 @@ def test_gqa_decode_logits_equal_a_full_recompute(gqa_backend):
     expected = logits[len(PROMPTS[0]) - 1:-1].argmax(-1).tolist()
     assert expected == result.token_ids
     assert isinstance(session, ort.InferenceSession)
+
+
+# --- the onnxruntime-genai builder's graph of a tiny llama, steered (needs the builder's venv) ------------------------
+@pytest.fixture(scope="module")
+def builder_export(tmp_path_factory, tiny_model_dir):
+    from aligner_export.hf.export import genai_python
+
+    if not genai_python().is_file():
+        pytest.skip(f"the onnxruntime-genai builder's venv is absent ({genai_python()}; make genai-venv)")
+    return tiny_export(tmp_path_factory, tiny_model_dir, "llama", DEFAULT_OPTIONS + (("--exporter", "genai"),))[0]
+
+
+def test_builder_graph_is_steered_validated_and_shares_its_buffer(builder_export):
+    """GroupQueryAttention, fused skip-norms and the builder's tied embedding, steered: validated against the
+    PyTorch reference (right padding, mixed gates), then generated through the shared buffer, equal to the numpy
+    path."""
+    import json
+
+    manifest = json.loads((builder_export / "inferaligner.json").read_text())
+    assert manifest["exporter"] == "onnxruntime-genai" and manifest["validation"]["passed"]
+    assert sorted(set(manifest["validation"]["gates"])) == [0.0, 1.0]
+    aligner = Aligner.load(builder_export)
+    backend = aligner._backend
+    assert backend.shares_kv_buffer and backend.padding_side == "right"
+    aligner.stop_token_ids = ()
+    prompts = [aligner.encode(p) for p in mixed_prompts(aligner, 2)]
+    bound, plain = _runs(backend, prompts, "right", aligner.export.two_pass)
+    for a, b in zip(bound, plain):
+        assert (a.token_ids, a.gate) == (b.token_ids, b.gate)

@@ -114,3 +114,44 @@ def test_inspect_shows_the_weight_format(exports, capsys):
     text = capsys.readouterr().out
     assert "weights: int4 (weight-only MatMulNBits, block 32, hqq" in text
     assert "MatMulNBits int4" in text and "int4 vs the float graph: gates agree on" in text
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_tied_embedding_reads_the_quantized_head(weights):
+    """The builder's tied form, Gather(Transpose(W)) for the embedding and MatMul(h, W) for the LM head: after
+    quantization the embedding is a GatherBlockQuantized of the head's blocks (one copy of W), and each row it
+    gathers is the head's de-quantized column."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from aligner_export.graph.quantize import quantize, weight_format
+
+    hidden, vocab = 64, 96
+    w = np.random.default_rng(0).normal(size=(hidden, vocab)).astype(np.float32)
+    nodes = [helper.make_node("Transpose", ["W"], ["table"], perm=[1, 0]),
+             helper.make_node("Gather", ["table", "input_ids"], ["embeds"], name="/model/embed_tokens/Gather"),
+             helper.make_node("MatMul", ["embeds", "W"], ["logits"], name="/lm_head/MatMul")]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "s"])],
+                              [helper.make_tensor_value_info("embeds", TensorProto.FLOAT, [1, "s", hidden]),
+                               helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", vocab])],
+                              [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    quantized = quantize(model, weight_format(weights))
+    ops = [n.op_type for n in quantized.graph.node]
+    assert "GatherBlockQuantized" in ops and "Gather" not in ops and "Transpose" not in ops
+    assert "W" not in {i.name for i in quantized.graph.initializer}
+    session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.arange(vocab, dtype=np.int64)[None]
+    embeds, _ = session.run(None, {"input_ids": ids})
+    head = quantized.graph.node[[n.op_type for n in quantized.graph.node].index("MatMulNBits")]
+    probe = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMulNBits", ["x"] + list(head.input[1:]), ["y"], domain="com.microsoft",
+                          **{a.name: helper.get_attribute_value(a) for a in head.attribute})], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [hidden, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [hidden, vocab])],
+        [i for i in quantized.graph.initializer if i.name in head.input]),
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    columns = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": np.eye(hidden, dtype=np.float32)})[0]
+    np.testing.assert_allclose(embeds[0], columns.T, rtol=0, atol=1e-6)
+    assert np.abs(embeds[0] - w.T).max() <= np.abs(w).max() / {"int8": 100, "int4": 6}[weights]

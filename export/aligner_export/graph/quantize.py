@@ -230,10 +230,11 @@ def dequantize_blocks(blob: np.ndarray, scales: np.ndarray, bits: int, k: int,
 
 
 def _is_tied(embed_rows: np.ndarray, blob, scales, fmt: WeightFormat, k: int) -> bool:
-    """The embedding equals the LM head's matrix up to the quantization step of each block."""
+    """The embedding equals the LM head's matrix up to one quantization step of each block (half a step of
+    rounding; a whole one where symmetric quantization clips the block's largest positive value)."""
     dequant = dequantize_blocks(blob, scales, fmt.bits, k)
     step = np.repeat(scales.astype(np.float32).reshape(embed_rows.shape[0], -1), fmt.block_size, axis=1)[:, :k]
-    return bool(np.all(np.abs(dequant - embed_rows.astype(np.float32)) <= 0.5 * np.abs(step) + 1e-6))
+    return bool(np.all(np.abs(dequant - embed_rows.astype(np.float32)) <= np.abs(step) * (1 + 1e-5) + 1e-6))
 
 
 def relative_weight_error(reference, quantized) -> float:

@@ -241,8 +241,8 @@ def verify_sites(ir_model, sites, model, tokenizer, family, work_dir: Path, rel_
 # into a MatMul: the weights' own relative Frobenius error (measured on the export's tensors) plus, at accuracy level
 # 4, the int8 block quantization of the activations (ACTIVATION_ERROR: a rounding step of absmax/127 over
 # activations whose absmax is ~3x their RMS gives 3 / (127 * sqrt(12)) ~ 0.007). The gain covers the error's growth
-# through the depth of the network; docs/performance.md gives the measured ratios (1.5-2 on SmolLM2 and the tiny
-# models, int8 and int4), so 8 leaves a margin of 4 and still fails a broken graph (relative error ~1).
+# through the depth of the network; docs/performance.md gives the measured ratios (1.5-3.6 on SmolLM2 and the tiny
+# models, int8 and int4), so 8 leaves a margin of 2 or more and still fails a broken graph (relative error ~1).
 LOGIT_ERROR_GAIN = 8.0
 ACTIVATION_ERROR = 0.007
 HELDOUT_PROMPTS = ("harmful_heldout.txt", "harmless_heldout.txt")
