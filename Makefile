@@ -27,7 +27,7 @@ venv: $(STAMP)
 
 $(TRITON_STAMP): pyproject.toml
 	-rm -rf $(TRITON_ENV) && $(PYTHON) -m venv $(TRITON_ENV) && $(TRITON_ENV)/bin/pip install --quiet --upgrade pip && \
-	  $(TRITON_ENV)/bin/pip install --quiet "nvidia-pytriton==0.7.0" "numpy<2" -e . && touch $@
+	  $(TRITON_ENV)/bin/pip install --quiet "nvidia-pytriton==0.7.0" "numpy<2" "onnxruntime>=1.18" -e . && touch $@
 
 triton-env: $(TRITON_STAMP)
 
