@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from aligner_runtime.errors import AlignerError
-from aligner_runtime.vision import (AnyResSpec, ImageSpec, preprocess_anyres, preprocess_anyres_batch,
-                                    spec_from_processor_config)
+from aligner_runtime.vision import preprocess_anyres, preprocess_anyres_batch
+from aligner_runtime.vision_spec import AnyResSpec, ImageSpec, spec_from_processor_config
 
 PIL_Image = pytest.importorskip("PIL.Image", reason="Pillow is absent: image preprocessing needs it")
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from aligner_runtime.errors import AlignerError
-from aligner_runtime.vision import ImageSpec, load_image, preprocess
+from aligner_runtime.vision import load_image, preprocess
+from aligner_runtime.vision_spec import ImageSpec
 
 PIL_Image = pytest.importorskip("PIL.Image", reason="Pillow is absent: image preprocessing needs it")
 
@@ -345,7 +346,7 @@ def test_no_torch_import(tmp_path):
     make_image(40, 60, "RGB").save(path)
     code = (
         "import sys\n"
-        "from aligner_runtime.vision import ImageSpec, preprocess\n"
+        "from aligner_runtime.vision import preprocess\nfrom aligner_runtime.vision_spec import ImageSpec\n"
         "spec = ImageSpec.from_manifest(" + repr(ImageSpec.from_processor_config(TINY).to_manifest()) + ")\n"
         f"assert preprocess([{str(path)!r}], spec).shape == (1, 3, 32, 32)\n"
         "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from . import schema
-from .contract import GATE_IN, MODEL_FILE, STAMP_FILE
+from .contract import GATE_IN, MODEL_FILE, STAMP_FILE, StrengthSchedule
 from .errors import AlignerError
 from .generate import GenerationRun, RunTiming, SamplingConfig, check_token_ids
 from .manifest import ExportDir, load_engine_export, load_export
@@ -228,11 +228,14 @@ class Aligner:
                               top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stops).validate(vocab)
 
     def _run(self, prompt_ids: Sequence[Sequence[int]], config: SamplingConfig,
-             gate_override: float | None = None, compact: bool = True, prompt_embeds=None) -> GenerationRun:
+             gate_override: float | None = None, compact: bool = True, prompt_embeds=None,
+             strength: StrengthSchedule | None = None) -> GenerationRun:
         encoder = self.image_encoder
+        if strength is None:
+            strength = StrengthSchedule.from_manifest(self.manifest.get("strength"))
         return GenerationRun(self._backend, prompt_ids, config, pad_token_id=self.tokenizer.pad_token_id,
                              two_pass=self.export.two_pass, context_length=self.context_length,
-                             _gate_override=gate_override, compact=compact,
+                             _gate_override=gate_override, compact=compact, strength=strength,
                              embedder=encoder.embed if encoder is not None else None, prompt_embeds=prompt_embeds)
 
     def _results(self, run: GenerationRun, seconds: float) -> list[GenerationResult]:
@@ -271,7 +274,8 @@ class Aligner:
         return self.image_encoder.prompt_embeds(ids, sources)
 
     def _generate_ids(self, prompt_ids, config: SamplingConfig, batch_size: int,
-                      gate_override: float | None, compact: bool = True, images=None) -> list[GenerationResult]:
+                      gate_override: float | None, compact: bool = True, images=None,
+                      strength: StrengthSchedule | None = None) -> list[GenerationResult]:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise AlignerError(f"batch_size must be a positive integer, got {batch_size!r}")
         results: list[GenerationResult] = []
@@ -280,14 +284,14 @@ class Aligner:
             chunk = prompt_ids[first:first + batch_size]
             embeds = [self._prompt_embeds(ids, imgs) for ids, imgs in zip(chunk, images[first:first + batch_size])]
             run = self._run(chunk, config, gate_override, compact,
-                            prompt_embeds=embeds if any(e is not None for e in embeds) else None)
+                            prompt_embeds=embeds if any(e is not None for e in embeds) else None, strength=strength)
             start = time.perf_counter()
             run.run()
             results.extend(self._results(run, time.perf_counter() - start))
         return results
 
     def _generate(self, prompts, *, system=None, batch_size=1, gate_override=None, compact=True, images=None,
-                  **sampling):
+                  strength: StrengthSchedule | None = None, **sampling):
         single = isinstance(prompts, str)
         prompt_list = [prompts] if single else list(prompts)
         if not prompt_list:
@@ -307,7 +311,8 @@ class Aligner:
 
             per_prompt = [self.image_encoder.load(image_sources(imgs)) or None for imgs in per_prompt]
         ids = [self.encode(p, system=system, images=imgs) for p, imgs in zip(prompt_list, per_prompt)]
-        results = self._generate_ids(ids, config, batch_size, gate_override, compact, images=per_prompt)
+        results = self._generate_ids(ids, config, batch_size, gate_override, compact, images=per_prompt,
+                                     strength=strength)
         return results[0] if single else results
 
     def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int = 128, do_sample: bool = False,

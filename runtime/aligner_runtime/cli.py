@@ -16,11 +16,11 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import AlignerError, run_cli
+from .errors import AlignerError, argument_parser, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aligner-run", description=__doc__.splitlines()[0])
+    p = argument_parser(prog="aligner-run", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="export directory, or engine file / dir (--backend tensorrt)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="one prompt")

@@ -96,6 +96,42 @@ def shift_takes_decision(layer: int, gate_layers) -> bool:
     return int(layer) >= max(gate_layers)
 
 
+@dataclass(frozen=True)
+class StrengthSchedule:
+    """How strongly a steered row is shifted on each decode step (docs/contract.md "Strength schedule").
+
+    The runtime feeds ``steer_gate_in = decision × strength(step)`` on decode step ``step`` (1 for the first token
+    after the prompt; the prompt itself, step 0, gets the full strength 1). SteerShift adds ``gate · α_l·θ_l``, so the
+    strength scales α: ``floor + (1 − floor) · 0.5^(step / half_life)``. ``half_life=None`` is the paper's constant
+    shift. A harmless row's decision is 0 and stays 0 whatever the schedule."""
+
+    half_life: float | None = None
+    floor: float = 0.0
+
+    def __post_init__(self):
+        if self.half_life is not None and not (isinstance(self.half_life, (int, float)) and self.half_life > 0
+                                               and self.half_life == self.half_life):
+            raise ValueError(f"strength half_life must be a number > 0, got {self.half_life!r}")
+        if not (isinstance(self.floor, (int, float)) and 0.0 <= self.floor <= 1.0):
+            raise ValueError(f"strength floor must be in [0, 1], got {self.floor!r}")
+
+    def at(self, step: int) -> float:
+        if self.half_life is None or step <= 0:
+            return 1.0
+        return float(self.floor + (1.0 - self.floor) * 0.5 ** (step / self.half_life))
+
+    def manifest(self) -> dict | None:
+        return None if self.half_life is None else {"half_life": float(self.half_life), "floor": float(self.floor)}
+
+    @classmethod
+    def from_manifest(cls, value) -> "StrengthSchedule":
+        """From the manifest's ``strength`` (absent or null: constant); the manifest loader checked the kinds."""
+        return cls() if not value else cls(half_life=value["half_life"], floor=value.get("floor", 0.0))
+
+
+CONSTANT_STRENGTH = StrengthSchedule()
+
+
 # --- the steering configuration -------------------------------------------------------------------------------------
 GATE_RULES = ("paper", "fpr", "linear")
 

@@ -135,3 +135,15 @@ def check_count(value, what: str, low: int, high: int) -> int:
 def max_threads() -> int:
     """The most threads a thread option accepts: four per core this machine has."""
     return 4 * (os.cpu_count() or 1)
+
+
+def argument_parser(**kwargs):
+    """An ``argparse.ArgumentParser`` whose usage errors are one line, ``error: <prog>: <message>``, and exit 2 like
+    every other user error (argparse's own prints the whole usage text first)."""
+    import argparse
+
+    class OneLineParser(argparse.ArgumentParser):
+        def error(self, message):
+            self.exit(2, f"error: {self.prog}: {' '.join(message.split())}\n")
+
+    return OneLineParser(**kwargs)

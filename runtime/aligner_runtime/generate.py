@@ -35,7 +35,7 @@ from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
-from .contract import GATE_DECIDE, GATE_IN, GATE_OUT, SCORE_OUT, position_ids
+from .contract import CONSTANT_STRENGTH, GATE_DECIDE, GATE_IN, GATE_OUT, SCORE_OUT, StrengthSchedule, position_ids
 from .errors import AlignerError
 
 PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
@@ -228,7 +228,8 @@ class GenerationRun:
     def __init__(self, backend: Backend, prompts: Sequence[Sequence[int]], config: SamplingConfig, *,
                  pad_token_id: int, two_pass: bool, context_length: int | None = None,
                  _gate_override: float | None = None, compact: bool = True, embedder=None,
-                 prompt_embeds: Sequence[np.ndarray | None] | None = None):
+                 prompt_embeds: Sequence[np.ndarray | None] | None = None,
+                 strength: StrengthSchedule = CONSTANT_STRENGTH):
         if not prompts:
             raise AlignerError("no prompts given")
         for ids in prompts:
@@ -246,6 +247,7 @@ class GenerationRun:
         self.two_pass = two_pass
         self.context_length = context_length
         self._gate_override = _gate_override
+        self.strength = strength
         self.compact = compact
         self.steered_graph = GATE_IN in backend.input_names
         if _gate_override is not None and not self.steered_graph:
@@ -450,14 +452,13 @@ class GenerationRun:
             tokens = np.asarray([[generated[row][-1]] for row in active.rows], dtype=np.int64)
             active.attention_mask = np.concatenate(
                 [active.attention_mask, np.ones((len(active.rows), 1), np.int64)], axis=1)
-            # The gate is fed back on every decode step (§5 rule 3): harmless rows stay 0, steered rows stay 1.
-            outputs = self._step(tokens, active.attention_mask, active.next_position[:, None], active.past,
-                                 active.gate)
+            # The decision latched at prefill is fed back on every decode step (§5 rule 3), scaled by the strength
+            # schedule (docs/contract.md): harmless rows stay 0, steered rows get strength(step), 1 when constant.
             self.timing.decode_steps += 1
+            outputs = self._step(tokens, active.attention_mask, active.next_position[:, None], active.past,
+                                 active.gate * np.float32(self.strength.at(self.timing.decode_steps)))
             active.next_position = active.next_position + 1
             active.past = self._presents(outputs)
-            if self.steered_graph:
-                active.gate = np.asarray(outputs[GATE_OUT], dtype=np.float32).reshape(len(active.rows)).copy()
             logits = outputs["logits"][:, -1, :]
         self.timing.decode_seconds = time.perf_counter() - decode_start
         self.results = [

@@ -45,7 +45,7 @@ DTYPES = ("fp32", "fp16")
 # Facts that the manifest and the graph's metadata_props both hold and must agree on.
 KEY_FACTS = ("format_version", "pack_sha256", "target_fingerprint", "steer_layers", "gate_layer", "alpha", "bias",
              "bias_rule", "steer_impl", "dtype", "site", "chat_template_sha256", "num_layers", "hidden_size",
-             "multimodal", "gate", "two_pass_prefill", "steering_io", "eos_token_ids", "context_length")
+             "multimodal", "gate", "two_pass_prefill", "steering_io", "strength", "eos_token_ids", "context_length")
 # Without these the runtime cannot know where the graph steers: their absence counts as "unsteered".
 STEERING_FACTS = ("steer_layers", "gate_layer", "alpha", "bias")
 # Every key a format-2 manifest of a steered export must hold (besides the optional "multimodal").
@@ -204,6 +204,10 @@ def check_manifest(manifest, where: str) -> dict:
     multimodal = schema.field(manifest, "multimodal", "dict", where, default=None)
     if multimodal is not None:
         _check_multimodal(multimodal, f"{where}: multimodal")
+    strength = schema.field(manifest, "strength", "dict", where, default=None)
+    if strength is not None:
+        schema.field(strength, "half_life", "float", f"{where}: strength", lo=1e-3, hi=1e6)
+        schema.field(strength, "floor", "float", f"{where}: strength", lo=0.0, hi=1.0)
     return manifest
 
 

@@ -162,7 +162,7 @@ class ImageEncoder:
 
     def __init__(self, directory: str | Path, spec: MultimodalSpec, providers=None, threads: int | None = None):
         from .backends.onnxruntime import session_for
-        from .vision import AnyResSpec, ImageSpec
+        from .vision_spec import AnyResSpec, ImageSpec
 
         directory = Path(directory)
         spec.check_files(directory)

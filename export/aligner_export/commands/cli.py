@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from aligner_runtime.errors import run_cli
+from aligner_runtime.errors import argument_parser, run_cli
 
 from aligner_export import __version__
 
@@ -28,7 +28,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aligner-export", description=__doc__.splitlines()[0])
+    parser = argument_parser(prog="aligner-export", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in COMMANDS.items():

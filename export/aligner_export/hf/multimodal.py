@@ -11,7 +11,7 @@
 The runtime embeds the prompt, replaces the rows at the image-token positions by the image features (as
 ``LlavaModel.forward`` does with ``masked_scatter``), and drives ``model.onnx`` with the gate protocol of §5. The
 manifest's ``multimodal`` object describes the graphs, the image token, the number of features per image and the
-preprocessing (:class:`aligner_runtime.vision.ImageSpec`).
+preprocessing (:class:`aligner_runtime.vision_spec.ImageSpec`).
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def vision_module(vlm):
 
 
 def is_anyres(spec) -> bool:
-    """LLaVA-NeXT's preprocessing (:class:`aligner_runtime.vision.AnyResSpec`) rather than LLaVA's."""
-    from aligner_runtime.vision import AnyResSpec
+    """LLaVA-NeXT's preprocessing (:class:`aligner_runtime.vision_spec.AnyResSpec`) rather than LLaVA's."""
+    from aligner_runtime.vision_spec import AnyResSpec
 
     return isinstance(spec, AnyResSpec)
 
@@ -183,7 +183,7 @@ def image_token_of(tokenizer, vlm) -> tuple[str, int]:
 
 def image_spec_of(tokenizer):
     """:class:`ImageSpec` (LLaVA) or :class:`AnyResSpec` (LLaVA-NeXT) of the model's image processor."""
-    from aligner_runtime.vision import spec_from_processor_config
+    from aligner_runtime.vision_spec import spec_from_processor_config
 
     processor = getattr(tokenizer, "inferaligner_processor", None)
     image_processor = getattr(processor, "image_processor", None)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AlignerError, check_count, max_threads
+from ..schema import first_line
 
 # Short names accepted by the API and ``aligner-run --provider``.
 PROVIDERS = {
@@ -88,7 +89,7 @@ def session_for(model_path: str | Path, providers=None, intra_op_threads: int | 
     except AlignerError:
         raise
     except Exception as exc:  # ORT raises its own exception types for unreadable or invalid graphs
-        raise AlignerError(f"ONNX Runtime cannot load {model_path}: {str(exc).splitlines()[0]}") from None
+        raise AlignerError(f"ONNX Runtime cannot load {model_path}: {first_line(exc)}") from None
 
 
 def _ort_device(providers: list[str]) -> tuple[str, int]:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import AlignerError, check_count, run_cli
+from ..errors import AlignerError, argument_parser, check_count, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aligner-serve", description=__doc__.splitlines()[0])
+    p = argument_parser(prog="aligner-serve", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="export directory (or engine file / dir with --backend tensorrt)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
