@@ -91,6 +91,13 @@ void testGoodManifest()
     renamed["two_pass_prefill"] = false;
     Manifest const r = aligner::runtime::parseManifest(renamed.dump(), "x");
     check(r.io.gate == "gate_out" && !r.twoPassPrefill, "I/O names and the two-pass rule come from the manifest");
+    check(m.strengthHalfLife == 0.0, "no strength schedule: the constant shift");
+    json decaying = goodManifest();
+    decaying["strength"] = {{"half_life", 12.0}, {"floor", 0.25}};
+    Manifest const d = aligner::runtime::parseManifest(decaying.dump(), "x");
+    check(d.strengthHalfLife == 12.0 && d.strengthFloor == 0.25, "the strength schedule is read");
+    decaying["strength"] = {{"half_life", -1.0}, {"floor", 0.25}};
+    check(mentions(refusal(decaying), "'strength'"), "a bad strength schedule is refused");
 }
 
 void testRefusals()
@@ -265,6 +272,10 @@ void testPrefillGate()
     using aligner::runtime::prefillGate;
     using aligner::runtime::rowFlags;
     check(prefillGate(0.0f, -1.0f) == 0.0f && prefillGate(1.0f, 2.0f) == 1.0f, "finite scores keep the graph's gate");
+    using aligner::runtime::strengthAt;
+    check(strengthAt(0.0, 0.0, 7) == 1.0f && strengthAt(8.0, 0.2, 0) == 1.0f, "constant strength; the prompt at 1");
+    check(std::fabs(strengthAt(8.0, 0.0, 8) - 0.5f) < 1e-6f && std::fabs(strengthAt(8.0, 0.2, 16) - 0.4f) < 1e-6f,
+        "decay: one half-life halves, the floor holds (as aligner_runtime.contract.StrengthSchedule)");
     check(prefillGate(0.0f, nan) == 1.0f && prefillGate(1.0f, nan) == 1.0f, "a NaN score steers");
     check(prefillGate(0.0f, inf) == 1.0f && prefillGate(0.0f, -inf) == 1.0f, "an infinite score steers");
     check(prefillGate(nan, -1.0f) == 1.0f, "a NaN gate steers");

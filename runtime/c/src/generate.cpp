@@ -220,7 +220,7 @@ void generate(aligner_model& model, int32_t const* const* prompts, int32_t const
         gateIn = result.gate;
         prefill();
     }
-    gateIn = result.gate; // §5 step 3: the gate is fed back on every decode step
+    // §5 step 3: the decision is fed back on every decode step (times the strength schedule, below).
 
     std::vector<bool> done(batch, false);
     result.tokens.assign(batch, {});
@@ -258,6 +258,12 @@ void generate(aligner_model& model, int32_t const* const* prompts, int32_t const
         }
         upload(model.inputIds, stepIds.data(), batch * 8, model.stream);
         uploadMaskAndPositions(S + step + 1, 1);
+        // The decision, scaled by the strength schedule on this decode step (docs/contract.md).
+        float const strength = strengthAt(model.manifest.strengthHalfLife, model.manifest.strengthFloor, step + 1);
+        for (int32_t b = 0; b < batch; ++b)
+        {
+            gateIn[b] = result.gate[b] * strength;
+        }
         upload(model.gateIn, gateIn.data(), batch * 4, model.stream);
         forward(model, batch, 1, S + step);
         seq = 1;

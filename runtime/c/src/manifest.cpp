@@ -153,6 +153,24 @@ Manifest parseManifest(std::string const& text, std::string const& where)
     }
     manifest.steerLayers = requiredLayers(document, "steer_layers", "", where);
 
+    auto const strength = document.find("strength");
+    if (strength != document.end() && !strength->is_null())
+    {
+        if (!strength->is_object())
+        {
+            throw ManifestError(where + ": 'strength' must be an object");
+        }
+        json const& halfLife = required(*strength, "half_life", "strength.", where);
+        json const& floor = required(*strength, "floor", "strength.", where);
+        if (!halfLife.is_number() || !floor.is_number() || !(halfLife.get<double>() >= 1e-3)
+            || !(halfLife.get<double>() <= 1e6) || !(floor.get<double>() >= 0.0) || !(floor.get<double>() <= 1.0))
+        {
+            throw ManifestError(where + ": 'strength' needs half_life in [0.001, 1e6] and floor in [0, 1]");
+        }
+        manifest.strengthHalfLife = halfLife.get<double>();
+        manifest.strengthFloor = floor.get<double>();
+    }
+
     json const& integrity = requiredObject(document, "integrity", "", where);
     json const& constants = requiredObject(integrity, "constants", "integrity.", where);
     for (auto const& item : constants.items())

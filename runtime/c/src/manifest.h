@@ -37,6 +37,9 @@ struct Manifest
     int64_t gateLayer{-1};           // g* = the last gate layer
     std::vector<int64_t> steerLayers;
     std::map<std::string, std::string> constantDigests; // "integrity": {"constants": {node name: hex}}
+    // "strength": {"half_life", "floor"}, optional (docs/contract.md "Strength schedule"); half-life 0: constant.
+    double strengthHalfLife{0.0};
+    double strengthFloor{0.0};
 };
 
 // Parses and checks inferaligner.json; `where` names the file in messages. Every key above is required (a missing

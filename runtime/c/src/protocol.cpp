@@ -1,5 +1,7 @@
 #include "protocol.h"
 
+#include <cmath>
+
 #include "aligner_runtime.h"
 #include "steerOps.h"
 
@@ -28,6 +30,15 @@ void positionIdsForCall(int64_t const* mask, int64_t B, int64_t T, int64_t S, in
 float prefillGate(float gate, float score)
 {
     return (!ops::isFinite(score) || gate != 0.0f) ? 1.0f : 0.0f;
+}
+
+float strengthAt(double halfLife, double floor, int64_t step)
+{
+    if (halfLife <= 0.0 || step <= 0)
+    {
+        return 1.0f;
+    }
+    return static_cast<float>(floor + (1.0 - floor) * std::pow(0.5, static_cast<double>(step) / halfLife));
 }
 
 uint32_t rowFlags(float score)

@@ -20,6 +20,11 @@ void positionIdsForCall(int64_t const* mask, int64_t B, int64_t T, int64_t S, in
 // and so does any gate other than an exact 0.
 float prefillGate(float gate, float score);
 
+// The strength a steered row is shifted with on decode step `step` (1 for the first generated token; the prompt is
+// step 0): floor + (1 - floor) * 0.5^(step / halfLife), and 1 when halfLife is 0 (the constant shift). The loop feeds
+// steer_gate_in = decision * strength (docs/contract.md "Strength schedule"), as aligner_runtime.contract does.
+float strengthAt(double halfLife, double floor, int64_t step);
+
 // ALIGNER_FLAG_* bits (aligner_runtime.h) of a row whose prompt scored `score`.
 uint32_t rowFlags(float score);
 
