@@ -155,3 +155,43 @@ def test_tied_embedding_reads_the_quantized_head(weights):
         None, {"x": np.eye(hidden, dtype=np.float32)})[0]
     np.testing.assert_allclose(embeds[0], columns.T, rtol=0, atol=1e-6)
     assert np.abs(embeds[0] - w.T).max() <= np.abs(w).max() / {"int8": 100, "int4": 6}[weights]
+
+
+def test_float_zero_points_split_exactly():
+    """HQQ's float zero points, which ORT's CPU kernel serves only by de-quantizing per call, become the fast
+    kernel plus a block-sum correction: the same product (accuracy level 0: float compute on both sides), the same
+    weight error, and MatMulNBits without a float zero-point input."""
+    import copy
+
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from aligner_export.graph.quantize import relative_weight_error, split_float_zero_points
+
+    k, n = 96, 40
+    w = np.random.default_rng(0).normal(size=(k, n)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="/mm/MatMul"),
+                               helper.make_node("MatMul", ["x", "W2"], ["z"], name="/mm2/MatMul")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, "s", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, "s", n]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, "s", n])],
+                              [numpy_helper.from_array(w, "W"), numpy_helper.from_array(w[::-1].copy(), "W2")])
+    reference = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    quantizer = MatMulNBitsQuantizer(copy.deepcopy(reference), algo_config=HQQWeightOnlyQuantConfig(block_size=32,
+                                                                                                   bits=4))
+    quantizer.process()
+    hqq = quantizer.model.model
+    for node in hqq.graph.node:
+        node.attribute.append(helper.make_attribute("accuracy_level", 0))
+    split = copy.deepcopy(hqq)
+    assert split_float_zero_points(split) == 2
+    assert all(len(node.input) <= 3 for node in split.graph.node if node.op_type == "MatMulNBits")
+    assert [node.op_type for node in split.graph.node].count("MatMul") == 3  # shared block sums + 2 corrections
+    x = np.random.default_rng(1).normal(size=(2, 5, k)).astype(np.float32)
+    outs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+            for m in (hqq, split)]
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-4)
+    assert relative_weight_error(reference, split) == pytest.approx(relative_weight_error(reference, hqq), rel=1e-6)
+    assert 0.01 < relative_weight_error(reference, split) < 0.2
