@@ -91,6 +91,20 @@ def two_pass_prefill(steer_layers, gate_layers) -> bool:
     return bool(gates) and any(int(l) < max(gates) for l in steer_layers)
 
 
+def prefill_decision(raw_gate, score, two_pass: bool) -> tuple[np.ndarray, np.ndarray]:
+    """What a runtime does after the scoring prefill (§5 rules 1 and 2, failing closed): returns each row's gate
+    ``[B]`` float32 and the rows to prefill again with the gate imposed.
+
+    A row whose score is not finite is steered (docs/contract.md). Rows that fired are prefilled again when the
+    export needs it (``two_pass``), and so is every row the runtime forced: its scoring pass ran unsteered."""
+    gate = np.asarray(raw_gate, dtype=np.float32).reshape(-1).copy()
+    bad = ~np.isfinite(np.asarray(score, dtype=np.float32).reshape(-1))
+    forced = bad & (gate <= 0.5)
+    gate[bad] = 1.0
+    fired = np.flatnonzero(gate > 0.5)
+    return gate, fired if (two_pass or forced.any()) else fired[:0]
+
+
 def shift_takes_decision(layer: int, gate_layers) -> bool:
     """SteerShift at ``layer`` takes SteerGate's decision when ``layer >= g*``, else ``max(gate_in, 0)`` (§5)."""
     return int(layer) >= max(gate_layers)

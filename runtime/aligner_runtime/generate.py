@@ -35,7 +35,8 @@ from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
-from .contract import CONSTANT_STRENGTH, GATE_DECIDE, GATE_IN, GATE_OUT, SCORE_OUT, StrengthSchedule, position_ids
+from .contract import (CONSTANT_STRENGTH, GATE_DECIDE, GATE_IN, GATE_OUT, SCORE_OUT, StrengthSchedule,
+                       position_ids, prefill_decision)
 from .errors import AlignerError
 
 PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
@@ -362,16 +363,18 @@ class GenerationRun:
             attention_mask[b, cols] = 1
         return input_ids, attention_mask, position_ids(attention_mask), self._prompt_embeds(input_ids)
 
-    def _decided(self, outputs, batch: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """The gate and score of a scoring prefill. Fail closed: a row whose score is not finite is steered even
-        where an older graph's SteerGate let it through (docs/contract.md, issue 14)."""
+    def _decided(self, outputs, batch: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """The gate and score of a scoring prefill, and the rows to prefill again with the gate imposed
+        (``contract.prefill_decision``: fail closed, a row whose score is not finite is steered even where an older
+        graph's SteerGate let it through; docs/contract.md, issue 14)."""
+        nothing = np.zeros(0, np.int64)
         if not self.steered_graph:
-            return np.zeros(batch, np.float32), None
-        gate = np.asarray(outputs[GATE_OUT], dtype=np.float32).reshape(batch).copy()
+            return np.zeros(batch, np.float32), None, nothing
         score = np.asarray(outputs[SCORE_OUT], dtype=np.float32).reshape(batch).copy()
-        if self._gate_override is None:
-            gate[~np.isfinite(score)] = 1.0
-        return gate, score
+        if self._gate_override is not None:
+            return np.asarray(outputs[GATE_OUT], dtype=np.float32).reshape(batch).copy(), score, nothing
+        gate, again = prefill_decision(outputs[GATE_OUT], score, self.two_pass)
+        return gate, score, again
 
     def score(self) -> tuple[np.ndarray, np.ndarray | None]:
         """The scoring prefill alone (``steer_gate_in = -1``): the gate and score of every prompt, no generation."""
@@ -382,7 +385,7 @@ class GenerationRun:
         outputs = self._prefill(input_ids, attention_mask, positions, np.full(batch, GATE_DECIDE, np.float32),
                                 embeds)
         self.timing.prefill_seconds, self.timing.prefill_passes = time.perf_counter() - start, 1
-        return self._decided(outputs, batch)
+        return self._decided(outputs, batch)[:2]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         config = self.config
@@ -399,22 +402,17 @@ class GenerationRun:
         self.timing.prefill_passes = 1
         logits = outputs["logits"]
         past = self._presents(outputs)
-        gate, score = self._decided(outputs, batch)
-        forced_by_runtime = self.steered_graph and bool(np.any(
-            (gate > 0.5) & (np.asarray(outputs[GATE_OUT]).reshape(batch) <= 0.5)))
+        gate, score, fired = self._decided(outputs, batch)
 
         # §5 rule 2: rows whose gate fired are prefilled again with the gate imposed, so that layers below the gate
         # layer are shifted too. The scoring pass stays the reported score.
-        # A row the runtime forced to steer (non-finite score) needs the steered pass even with no layer below g*.
-        if (self.two_pass or forced_by_runtime) and self._gate_override is None:
-            fired = np.flatnonzero(gate > 0.5)
-            if fired.size:
-                again = self._prefill(input_ids[fired], attention_mask[fired], positions[fired],
-                                      np.ones(fired.size, np.float32), None if embeds is None else embeds[fired])
-                self.timing.prefill_passes = 2
-                logits = logits.copy()
-                logits[fired] = again["logits"]
-                past.replace_rows(fired, self._presents(again))
+        if fired.size:
+            again = self._prefill(input_ids[fired], attention_mask[fired], positions[fired],
+                                  np.ones(fired.size, np.float32), None if embeds is None else embeds[fired])
+            self.timing.prefill_passes = 2
+            logits = logits.copy()
+            logits[fired] = again["logits"]
+            past.replace_rows(fired, self._presents(again))
         self.timing.prefill_seconds = time.perf_counter() - start
 
         rngs = [np.random.default_rng(config.seed) for _ in range(batch)] if not config.greedy else [None] * batch

@@ -37,7 +37,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..contract import GATE_DECIDE, GATE_IN, GATE_OUT, SCORE_OUT, position_ids
+from ..contract import GATE_DECIDE, GATE_IN, GATE_OUT, SCORE_OUT, position_ids, prefill_decision
 from ..errors import AlignerError, check_count
 from ..generate import SamplingConfig, check_token_ids, pick_token
 
@@ -453,13 +453,9 @@ class Scheduler:
         self.counters["prefill_passes"] += 1
         logits = outputs["logits"][:, -1, :]
         past = {n: outputs[self._present_name(n)] for n in self._past_inputs}
-        raw_gate = np.asarray(outputs[GATE_OUT], dtype=np.float32).reshape(batch)
         score = np.asarray(outputs[SCORE_OUT], dtype=np.float32).reshape(batch).copy()
-        gate = raw_gate.copy()
-        forced = ~np.isfinite(score)  # fail closed: a score that is not finite steers (docs/contract.md)
-        gate[forced] = 1.0
-        fired = np.flatnonzero(gate > 0.5)
-        if fired.size and (self.two_pass or bool(np.any(forced & (raw_gate <= 0.5)))):
+        gate, fired = prefill_decision(outputs[GATE_OUT], score, self.two_pass)
+        if fired.size:
             again = self._run(input_ids[fired], mask[fired], positions[fired],
                               {n: self._empty_past(fired.size, 0, n) for n in self._past_inputs},
                               np.ones(fired.size, np.float32))
