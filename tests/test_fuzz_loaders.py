@@ -525,9 +525,11 @@ def _check_cli(main, argv: list[str], prog: str) -> None:
     assert "Traceback" not in err, (argv, err)
     hypothesis.event("argparse usage error" if usage and code else f"exit {code}")
     if usage:
-        # argparse's own refusal of the argument list: its usage text, then "prog: error: ..." (status 2)
+        # argparse's refusal of the argument list: one line, "error: prog: ..." (status 2); --help exits 0
         assert code in (0, 2), (argv, code, err)
-        assert code == 0 or err.strip().splitlines()[-1].startswith(f"{prog}"), (argv, err)
+        if code == 2:
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"error: {prog}"), (argv, err)
         return
     assert code in (0, 2), (argv, code, err)
     if code == 2:

@@ -134,7 +134,9 @@ class ChatTokenizer:
             if any(self._holds_special(v) for v in (prompt, system)):
                 return self._encode_isolated(prompt, system)
             return self.encode(self.render(prompt, system=system))
-        if self._holds_special(prompt) or self._holds_special(system):
+        # the image token is the one special token a user writes (where the template leaves its placement to them)
+        image = multimodal.image_token
+        if self._holds_special(prompt, allow=image) or self._holds_special(system, allow=image):
             raise AlignerError("the prompt holds a special token of the tokenizer (e.g. a chat-turn marker); "
                                "remove it")
         text = self.render(prompt, system=system, images=images)
@@ -147,7 +149,9 @@ class ChatTokenizer:
                                f"expected {sum(counts)}")
         return ids
 
-    def _holds_special(self, text: str | None) -> bool:
+    def _holds_special(self, text: str | None, allow: str | None = None) -> bool:
+        if text and allow:
+            text = text.replace(allow, "")
         return bool(text) and any(token in text for token in self._specials)
 
     def _encode_isolated(self, prompt: str, system: str | None) -> list[int]:
