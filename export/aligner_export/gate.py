@@ -8,8 +8,9 @@ decide the direction); the standardisation is folded into ``w_l`` and ``b``.
 - **Selection.** ``G``, ``K`` and the regularisation are chosen by leave-one-out validation over groups: each
   calibration harmful source in turn is held out of training (with its rewrites), and so is each rewrite family (its
   rewritten prompts of both labels), and the candidate is scored by its TPR on the held-out positives at the
-  operating threshold; the candidate with the best mean (ties: the best worst fold) wins. Wrapped jailbreaks always
-  stay in training: a jailbreak template is a rewrite the gate must have seen the like of.
+  operating threshold; the candidate with the best mean of its average and its worst fold wins
+  (``selection_key``). Wrapped jailbreaks always stay in training: a jailbreak template is a rewrite the gate must
+  have seen the like of.
 - **Threshold (Neyman-Pearson).** A share of every harmless source is held out of the final fit; the bias is set so
   that the gate fires on at most ``max_fpr`` of the held-out generic instructions and at most ``max_fpr_borderline``
   of the held-out borderline-benign prompts.
@@ -29,6 +30,7 @@ from aligner_runtime.errors import AlignerError
 
 NEGATIVE_CLASSES = ("harmless", "borderline")
 NORM_EPS = 1e-6
+DEFAULT_C = 0.01  # logistic regression's inverse L2 strength on standardised features (docs/calibration.md)
 
 
 @dataclass(frozen=True)
@@ -138,12 +140,22 @@ def _negative_holdout(classes: np.ndarray, sources: np.ndarray, share: float, se
 
 
 def default_candidates(num_layers: int) -> list[Candidate]:
-    """Layer sets over the upper two thirds of the model, every 3rd layer; K of 1, 2 or 4; two regularisations."""
+    """Three layer sets (every 3rd layer from a third of the way up, with the last layer; its upper six; its upper
+    four), each pooling the last token or the last four, at one regularisation: six candidates, so that the
+    leave-one-source-out search stays within minutes on two cores (docs/calibration.md gives the wider grid it was
+    drawn from)."""
     top = num_layers - 1
-    every_third = tuple(range(top - 2, num_layers // 3 - 1, -3))[::-1]
-    sets = {every_third, every_third[-4:], tuple(sorted({*every_third, top}))}
-    return [Candidate(tuple(s), k, True, c) for s in sorted(sets) for k in (1, 2, 4) for c in (0.1, 1.0)
-            if all(0 <= l < num_layers for l in s)]
+    every_third = tuple(range(top - 2, max(num_layers // 3 - 2, -1), -3))[::-1]
+    wide = tuple(sorted({*every_third, top}))
+    sets = {wide, every_third[-6:], every_third[-4:]}
+    return [Candidate(s, k, True, DEFAULT_C) for s in sorted(sets, key=lambda s: (-len(s), s)) for k in (1, 4)
+            if s and all(0 <= l < num_layers for l in s)]
+
+
+def selection_key(result: dict) -> float:
+    """A candidate's merit: the mean of its average fold and its worst fold. A gate is judged by the source or
+    rewrite it does worst on (the bypass target is a worst case), and the mean keeps one odd fold from deciding."""
+    return 0.5 * (result["mean_tpr"] + result["min_tpr"])
 
 
 def _folds(features: Features, seed: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -193,7 +205,7 @@ def fit_gate(features: Features, candidates: list[Candidate], max_fpr: float, ma
                         "min_tpr": float(np.min(tprs)), "folds": folds_result})
         if progress is not None:
             progress(i + 1, len(candidates), candidate, results[-1])
-    best = max(range(len(candidates)), key=lambda i: (round(results[i]["mean_tpr"], 4), results[i]["min_tpr"]))
+    best = max(range(len(candidates)), key=lambda i: (round(selection_key(results[i]), 4), results[i]["mean_tpr"]))
     chosen = candidates[best]
     X = features.pooled(chosen.layers, chosen.tokens, chosen.normalize)
     fit = fit_linear(X[~held], labels[~held], sources[~held], chosen.C)

@@ -213,7 +213,7 @@ def _check_options(harmful, harmless, gate: str, max_fpr: float, max_fpr_borderl
 
 
 def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gate: str = "linear",
-              val_fraction: float = 0.25, seed: int = 0, max_fpr: float = 0.01, max_fpr_borderline: float = 0.10,
+              val_fraction: float = 0.25, seed: int = 0, max_fpr: float = 0.02, max_fpr_borderline: float = 0.10,
               batch_size: int = 64, report_dir=None, candidates=None, aligned_max: int = ALIGNED_MAX,
               log=lambda *_: None) -> SteeringPack:
     """Computes the steering pack. Loads one model at a time to bound memory.
