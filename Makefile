@@ -15,7 +15,7 @@ CMAKE_ARGS ?=
 TRITON_ENV   := $(BUILD)/triton-env
 TRITON_STAMP := $(TRITON_ENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: venv native test test-python test-native triton-env demo models sibling bench clean
+.PHONY: venv native test test-python test-native triton-env demo models sibling bench bench-edge genai-venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,17 @@ bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_export_overhead.py
 	$(PY) tests/benchmarks/bench_runtime_vs_torch.py --threads 2
 	$(PY) tests/benchmarks/bench_multimodal.py --threads 2
+
+# The onnxruntime-genai builder's own venv (transformers 5.x; never the main one): --exporter genai and bench-edge.
+GENAI_VENV ?= $(HOME)/.cache/inferaligner-edge/venv-genai
+genai-venv: $(STAMP)
+	bash tests/benchmarks/make_genai_venv.sh $(GENAI_VENV) $(VENV)
+
+# Edge speed (issue 11): builds the contestants once, then runs them interleaved (docs/performance.md).
+bench-edge: genai-venv
+	$(PY) tests/benchmarks/prepare_edge.py --work $(HOME)/.cache/inferaligner-edge/bench-edge
+	$(PY) tests/benchmarks/bench_edge.py --config $(HOME)/.cache/inferaligner-edge/bench-edge/bench.json \
+		--out $(HOME)/.cache/inferaligner-edge/bench-edge/report.json
 
 clean:
 	rm -rf $(BUILD)
