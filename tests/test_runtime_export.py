@@ -351,3 +351,54 @@ def test_onnxruntime_providers_are_configurable(llama_export):
         Aligner.load(llama_export[0], providers=[missing[0]])
     with pytest.raises(AlignerError, match="threads"):
         Aligner.load(llama_export[0], threads=-1)
+
+
+def test_export_with_a_strength_schedule_feeds_the_decaying_gate(tmp_path_factory, tiny_model_dir, llama_export):
+    """``export --half-life H --strength-floor F``: the manifest and the graph's metadata carry the schedule, a fired
+    row is fed ``strength(step)`` on every decode step (the prompt at full strength), a quiet row 0 throughout, and
+    the quiet rows' answers are the constant-shift export's, token for token."""
+    from aligner_runtime.contract import StrengthSchedule
+    from aligner_runtime.onnx_graph import read_graph_summary
+
+    out = tiny_export(tmp_path_factory, tiny_model_dir, "llama",
+                      DEFAULT_OPTIONS + (("--half-life", "2"), ("--strength-floor", "0.25")))[0]
+    manifest = json.loads((out / "inferaligner.json").read_text())
+    assert manifest["strength"] == {"half_life": 2.0, "floor": 0.25}
+    assert json.loads(read_graph_summary(out / "model.onnx").metadata["inferaligner.strength"]) == manifest["strength"]
+    aligner = Aligner.load(out)
+    aligner.stop_token_ids = ()
+    prompts = mixed_prompts(aligner, 2)
+    fed = []
+    run_step = aligner._backend._run
+    aligner._backend._run = lambda feeds: fed.append(np.array(feeds["steer_gate_in"])) or run_step(feeds)
+    results = aligner.generate(prompts, max_new_tokens=NEW_TOKENS, batch_size=len(prompts))
+    schedule = StrengthSchedule(half_life=2.0, floor=0.25)
+    decode = fed[2:]  # the scoring prefill and the steered second prefill
+    assert len(decode) == NEW_TOKENS - 1
+    for step, gate_in in enumerate(decode, start=1):
+        expected = [schedule.at(step) if r.gate == 1.0 else 0.0 for r in results]
+        np.testing.assert_allclose(gate_in, expected, rtol=1e-6)
+    constant = Aligner.load(llama_export[0])
+    constant.stop_token_ids = ()
+    for prompt, result, plain in zip(prompts, results,
+                                     constant.generate(prompts, max_new_tokens=NEW_TOKENS, batch_size=len(prompts))):
+        assert result.gate == plain.gate
+        if result.gate == 0.0:
+            assert result.token_ids == plain.token_ids, prompt
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--strength-floor", "0.5"), "goes with --half-life"),
+    (("--half-life", "0"), "--half-life must be in"),
+    (("--half-life", "nan"), "--half-life must be in"),
+    (("--half-life", "4", "--strength-floor", "1.5"), "--strength-floor must be in"),
+])
+def test_bad_strength_options_are_one_line(llama_export, tmp_path, capsys, args, message):
+    from aligner_export.commands.cli import main
+
+    export_dir, model_dir, pack = llama_export
+    assert main(["export", "--target", str(model_dir), "--pack", str(pack), "-o", str(tmp_path / "out"),
+                 *DEFAULT_OPTIONS[0], *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "out").exists()

@@ -20,6 +20,11 @@ def configure(parser) -> None:
                              "--bias-rule is given)")
     parser.add_argument("--gate-layer", default="auto", help="the paper gate's layer N, or auto (pack's choice)")
     parser.add_argument("--alpha", default=None, help="steering strength (default: the pack's recommendation)")
+    parser.add_argument("--half-life", type=float, default=None,
+                        help="decay the shift of a steered answer: decode steps per halving of alpha (default: none, "
+                             "the paper's constant shift; docs/contract.md 'Strength schedule')")
+    parser.add_argument("--strength-floor", type=float, default=None,
+                        help="with --half-life: the share of alpha the decay never goes below (default 0)")
     parser.add_argument("--bias-rule", choices=("paper", "fpr"), default=None,
                         help="gate bias: paper (minus the mean projection) or fpr (false-positive budget); "
                              "default: the pack's recommendation")
@@ -114,10 +119,22 @@ def resolve_options(args, pack, num_layers: int):
     dtype, weights = resolve_precision(args)
     if not 0.0 <= args.min_gate_agreement <= 1.0:
         raise AlignerError(f"--min-gate-agreement must be in [0, 1], got {args.min_gate_agreement}")
+    strength = None
+    if args.half_life is not None or args.strength_floor is not None:
+        from aligner_runtime.contract import StrengthSchedule
+
+        if args.half_life is None:
+            raise AlignerError("--strength-floor goes with --half-life (the floor of a decaying shift)")
+        if not 0.5 <= args.half_life <= 1e6:
+            raise AlignerError(f"--half-life must be in [0.5, 1e6] decode steps, got {args.half_life:g}")
+        floor = 0.0 if args.strength_floor is None else args.strength_floor
+        if not 0.0 <= floor <= 1.0:
+            raise AlignerError(f"--strength-floor must be in [0, 1], got {floor:g}")
+        strength = StrengthSchedule(half_life=float(args.half_life), floor=float(floor))
     return ExportOptions(steering=steering, alpha=alpha, bias_rule=bias_rule, dtype=dtype,
                          validate=not args.no_validate, onnx_file=Path(args.onnx) if args.onnx else None,
                          exporter=args.exporter, weights=weights, gate_agreement=args.min_gate_agreement,
-                         genai_python=args.genai_python)
+                         genai_python=args.genai_python, strength=strength)
 
 
 def resolve_precision(args):

@@ -61,6 +61,7 @@ class ExportOptions:
     gate_agreement: float = 0.99  # least share of held-out prompts whose quantized gate equals the float graph's
     weight_prompts: tuple = ()  # prompts for the quantized-vs-float comparison (default: the shipped held-out sets)
     genai_python: str | None = None  # --exporter genai: the python of the builder's venv
+    strength: object = None  # aligner_runtime.contract.StrengthSchedule; None: the paper's constant shift
 
 
 def _quiet():
@@ -497,6 +498,8 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
             "chat_template_sha256": template_sha, "chat_template_fallback": fallback, "num_layers": num_layers,
             "hidden_size": int(lm_config.hidden_size), "eos_token_ids": eos_token_ids(target, tokenizer),
             "context_length": int(lm_config.max_position_embeddings),
+            **({"strength": options.strength.manifest()}
+               if options.strength is not None and options.strength.manifest() else {}),
             "io": {"inputs": [v.name for v in ir_model.graph.inputs],
                    "outputs": [v.name for v in ir_model.graph.outputs]},
             "validation": None, "weights": weights.manifest(),
