@@ -402,3 +402,21 @@ def test_bad_strength_options_are_one_line(llama_export, tmp_path, capsys, args,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_prefill_in_row_groups_matches_one_call(export, monkeypatch):
+    """Long prompts in a large batch are prefilled in groups of rows (the [rows, S, V] logits stay bounded) and the
+    groups' KV caches joined: the answers are those of one prefill call (a joined cache once lost its past inputs:
+    ORT's 'Missing Input: past_key_values.0.key')."""
+    import aligner_runtime.generate as generate
+
+    export_dir = export[0]
+    aligner = Aligner.load(export_dir)
+    prompts = mixed_prompts(aligner, 3)
+    whole = Aligner.load(export_dir)._generate(prompts, compact=False, max_new_tokens=NEW_TOKENS,
+                                                batch_size=len(prompts))
+    width = max(len(aligner.encode(p)) for p in prompts)
+    monkeypatch.setattr(generate, "PREFILL_LOGITS_BYTES", 2 * width * aligner._backend.vocab_size * 4)
+    grouped = Aligner.load(export_dir)._generate(prompts, compact=False, max_new_tokens=NEW_TOKENS,
+                                                  batch_size=len(prompts))
+    assert [(r.token_ids, r.gate) for r in grouped] == [(r.token_ids, r.gate) for r in whole]

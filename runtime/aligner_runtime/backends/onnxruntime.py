@@ -170,8 +170,10 @@ class OrtKV:
     def concat(cls, parts: list["OrtKV"]) -> "OrtKV":
         if len(parts) == 1:
             return parts[0]
-        first = parts[0]
-        arrays = {name: np.concatenate([p._host()[name] for p in parts], axis=0) for name in first.arrays}
+        # after a step a growing cache's buffers are ORT's presents (``values``), no longer ``arrays``: take every
+        # part's whole cache from the host view
+        first, hosts = parts[0], [p._host() for p in parts]
+        arrays = {name: np.concatenate([host[name] for host in hosts], axis=0) for name in hosts[0]}
         return cls(first.backend, sum(p.batch for p in parts), first.capacity, arrays, first.length)
 
 
