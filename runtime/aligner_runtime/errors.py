@@ -100,7 +100,11 @@ def atomic_dir(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a service user must be able to read the export
         if path.is_dir() and (replace or not any(path.iterdir())):
             shutil.rmtree(path) if replace else path.rmdir()
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:  # another process wrote the same output meanwhile
+            raise AlignerError(f"cannot move the finished output onto {path}: {exc.strerror} (was it written by "
+                               f"another run meanwhile?); nothing was changed there") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
