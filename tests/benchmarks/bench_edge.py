@@ -122,19 +122,25 @@ class LlamaCppWorker:
         self.llm = Llama(model_path=str(Path(spec["model"]).expanduser()), n_ctx=spec.get("n_ctx", 4096),
                          n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False, logits_all=False)
 
+    def _next(self) -> int:
+        """Greedy pick from the last evaluated position: with ``logits_all=False`` llama-cpp-python keeps no
+        ``scores`` rows (they stay zeros), so the logits are read from the context itself."""
+        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.llm.n_vocab(),))
+        return int(np.argmax(logits))
+
     def round(self, prompt: list[int], new: int) -> dict:
         llm = self.llm
         llm.reset()
         start = time.perf_counter()
         llm.eval(prompt)
         prefill = time.perf_counter() - start
-        tokens = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        tokens = [self._next()]
         ttft = time.perf_counter() - start
         decode_start = time.perf_counter()
         steps = 0
         while len(tokens) < new:
             llm.eval([tokens[-1]])
-            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            tokens.append(self._next())
             steps += 1
         return {"ttft_s": ttft, "prefill_s": prefill, "decode_steps": steps,
                 "decode_s": time.perf_counter() - decode_start, "tokens": tokens}
