@@ -420,3 +420,37 @@ def test_prefill_in_row_groups_matches_one_call(export, monkeypatch):
     grouped = Aligner.load(export_dir)._generate(prompts, compact=False, max_new_tokens=NEW_TOKENS,
                                                   batch_size=len(prompts))
     assert [(r.token_ids, r.gate) for r in grouped] == [(r.token_ids, r.gate) for r in whole]
+
+
+def test_kv_cache_rows_replaced_after_a_join_keep_their_memory(llama_export):
+    """A joined cache (``OrtKV.concat``, as after a row-grouped prefill) holds our own arrays; replacing the fired rows
+    (the steered second prefill) must not rebuild it on views of memory it then frees (it once did: garbage, then a
+    segmentation fault in the next decode step on SmolLM2)."""
+    import gc
+
+    from aligner_runtime.backends.onnxruntime import OrtKV
+
+    backend = Aligner.load(llama_export[0])._backend
+    rng = np.random.default_rng(0)
+
+    def cache(rows, seed):
+        arrays = {}
+        for name in backend.past_names:
+            heads, head_dim, dtype = backend.past_spec(name)
+            arrays[name] = np.random.default_rng(seed).standard_normal((rows, heads, 5, head_dim)).astype(dtype)
+        return OrtKV(backend, rows, None, arrays, 5)
+
+    joined = OrtKV.concat([cache(2, 1), cache(2, 2)])
+    expected = {k: v.copy() for k, v in joined._host().items()}
+    again = cache(2, 3)
+    fired = np.array([1, 3])
+    for name in expected:
+        expected[name][fired] = again._host()[name]
+    joined.replace_rows(fired, again)
+    del again
+    gc.collect()
+    junk = [rng.standard_normal(v.shape).astype(v.dtype) for v in expected.values() for _ in range(4)]  # reuse freed memory
+    for name, value in joined._host().items():
+        np.testing.assert_array_equal(value, expected[name])
+        np.testing.assert_array_equal(joined.values[name].numpy(), expected[name])
+    assert junk

@@ -148,10 +148,14 @@ class OrtKV:
         """Nothing to do: :meth:`OnnxRuntimeBackend._run` updated the cache in place."""
 
     def _host(self) -> dict[str, np.ndarray]:
-        """The cache as numpy arrays (a copy only for ORT-owned or device buffers)."""
-        if self.shared and self.device[0] == "cpu":
-            return self.arrays
-        return {name: value.numpy() for name, value in self.values.items()}
+        """The cache as numpy arrays: our own arrays where we hold them, else views of ORT's buffers (a copy for
+        device buffers). An ``OrtValue`` made from a numpy array does not own that memory, so its ``numpy()`` view
+        must never outlive ``arrays``: handing it out let ``replace_rows`` rebuild the cache on freed memory (a
+        segmentation fault in the next step after a row-grouped prefill with fired rows)."""
+        if self.device[0] != "cpu":
+            return {name: value.numpy() for name, value in self.values.items()}
+        return {name: self.arrays[name] if name in self.arrays else value.numpy()
+                for name, value in self.values.items()}
 
     def keep(self, rows) -> "OrtKV":
         idx = np.asarray(rows, dtype=np.int64)
