@@ -31,9 +31,9 @@ HARMLESS = [
 ]
 
 
-def _independent_residuals(model_dir, prompts) -> np.ndarray:
-    """[N, L, H] from output_hidden_states, one unpadded prompt at a time; the last layer with the final norm
-    removed."""
+def _independent_tails(model_dir, prompts, tokens: int) -> np.ndarray:
+    """``[N, L, tokens, H]``: the last ``tokens`` positions of every layer's output, each prompt alone and unpadded,
+    through ``output_hidden_states`` (the last layer with the final norm removed)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -45,13 +45,17 @@ def _independent_residuals(model_dir, prompts) -> np.ndarray:
                                       return_tensors="pt")
         with torch.no_grad():
             hs = model(ids, output_hidden_states=True).hidden_states
-            norm = model.model.norm
-            model.model.norm = torch.nn.Identity()
+            norm, model.model.norm = model.model.norm, torch.nn.Identity()
             last = model(ids, output_hidden_states=True).hidden_states[-1]
             model.model.norm = norm
-        per_layer = [hs[l + 1][0, -1] for l in range(num_layers - 1)] + [last[0, -1]]
+        per_layer = [hs[l + 1][0, -tokens:] for l in range(num_layers - 1)] + [last[0, -tokens:]]
         rows.append(torch.stack(per_layer).numpy())
     return np.stack(rows)
+
+
+def _independent_residuals(model_dir, prompts) -> np.ndarray:
+    """[N, L, H]: the last prompt token of every layer (``_independent_tails`` with one token)."""
+    return _independent_tails(model_dir, prompts, 1)[:, :, -1]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

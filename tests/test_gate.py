@@ -11,7 +11,7 @@ import torch
 from aligner_export.gate import (Candidate, Features, _folds, default_candidates, fit_gate, fit_linear, np_threshold,
                                  selection_key)
 
-from test_calibrate import HARMFUL, HARMLESS
+from test_calibrate import HARMFUL, HARMLESS, _independent_tails
 
 
 def _features(rng, n_per_source=60, layers=(1, 2, 3), k_max=4, hidden=16, signal=3.0, seed=0):
@@ -144,27 +144,6 @@ def test_default_candidates_are_valid_layer_sets(num_layers):
         assert all(0 <= l < num_layers for l in c.layers) and c.tokens in (1, 4)
     if num_layers == 30:
         assert candidates[0].layers == (9, 12, 15, 18, 21, 24, 27, 29)
-
-
-def _independent_tails(model_dir, prompts, tokens):
-    """``[N, L, tokens, H]``: each prompt alone, unpadded, through ``output_hidden_states`` (the last layer with the
-    final norm removed)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    rows = []
-    for prompt in prompts:
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt")
-        with torch.no_grad():
-            hs = model(ids, output_hidden_states=True).hidden_states
-            norm, model.model.norm = model.model.norm, torch.nn.Identity()
-            last = model(ids, output_hidden_states=True).hidden_states[-1]
-            model.model.norm = norm
-        per_layer = [hs[l + 1][0, -tokens:] for l in range(model.config.num_hidden_layers - 1)] + [last[0, -tokens:]]
-        rows.append(torch.stack(per_layer).numpy())
-    return np.stack(rows)
 
 
 @pytest.mark.parametrize("tokens", [1, 4])
