@@ -88,6 +88,19 @@ def load_prompts(path: str | os.PathLike, min_count: int = 1) -> list[str]:
     return [item.text for item in load_prompt_items(path, min_count, images=False)]
 
 
+def _read_text(path: Path, what: str) -> str:
+    """A prompt or template file's text: at most ``MAX_PROMPT_FILE_BYTES`` (checked before reading), UTF-8, or one
+    line naming the file."""
+    try:
+        if path.stat().st_size > MAX_PROMPT_FILE_BYTES:
+            raise AlignerError(f"{what} {path} is over {MAX_PROMPT_FILE_BYTES >> 20} MiB")
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise AlignerError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise AlignerError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
 def load_prompt_items(path: str | os.PathLike, min_count: int = 1, images: bool = True) -> list[PromptItem]:
     """Reads a prompt file with the images its JSON/JSONL objects name (checked to exist when ``images``)."""
     path = Path(path)
@@ -100,14 +113,7 @@ def load_prompt_items(path: str | os.PathLike, min_count: int = 1, images: bool 
         raise AlignerError(
             f"unknown prompt file format '{suffix or path.name}': use one of {', '.join(SUPPORTED_SUFFIXES)}"
         )
-    try:
-        if path.stat().st_size > MAX_PROMPT_FILE_BYTES:
-            raise AlignerError(f"prompt file {path} is over {MAX_PROMPT_FILE_BYTES >> 20} MiB")
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise AlignerError(f"prompt file {path} is not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise AlignerError(f"cannot read prompt file {path}: {exc.strerror}") from None
+    text = _read_text(path, "prompt file")
 
     def _item(obj: object, where: str) -> PromptItem:
         return PromptItem(_from_object(obj, where), _image_of(obj, path.parent, where) if images else ())
@@ -167,14 +173,7 @@ def load_templates(path: str | os.PathLike) -> list[str]:
     """Reads jailbreak templates: any prompt-file format (CSV column ``text`` too), each holding a prompt slot."""
     path = Path(path)
     if path.suffix.lower() == ".csv" and path.is_file():
-        try:
-            if path.stat().st_size > MAX_PROMPT_FILE_BYTES:
-                raise AlignerError(f"template file {path} is over {MAX_PROMPT_FILE_BYTES >> 20} MiB")
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise AlignerError(f"template file {path} is not UTF-8 text (byte {exc.start})") from None
-        except OSError as exc:
-            raise AlignerError(f"cannot read template file {path}: {exc.strerror}") from None
+        text = _read_text(path, "template file")
         rows = _csv_rows(text, path)
         if rows and "text" in rows[0]:
             templates = [r["text"].strip() for r in rows if r.get("text") and r["text"].strip()]
