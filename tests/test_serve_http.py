@@ -256,7 +256,8 @@ def test_full_queue_answers_503_with_retry_after(aligner):
 
 
 def test_timeout_ends_the_request(aligner):
-    server, live = serve(aligner, Slow(aligner._backend, 0.05), request_timeout=0.5)
+    # 0.2 s a step: no answer can reach its end of sequence before the 0.5 s timeout, however the machine is loaded
+    server, live = serve(aligner, Slow(aligner._backend, 0.2), request_timeout=0.5)
     with live:
         response = httpx.post(f"{live.url}/v1/chat/completions", json=chat("Tell me a story", max_tokens=200),
                               timeout=60)
