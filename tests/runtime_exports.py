@@ -9,9 +9,15 @@ _CACHE: dict = {}
 
 PROMPTS = Path(__file__).resolve().parents[1] / "export" / "aligner_export" / "data" / "prompts"
 # Layers 0-3 steered with the paper gate on layer 2: layer 0 and 1 lie below the gate, so the §5 two-pass rule applies.
-DEFAULT_OPTIONS = (("--steer-layers", "0-3"), ("--gate-layer", "2"), ("--alpha", "4"), ("--bias-rule", "paper"))
+# The reference comparisons built on these pin the shift alone (--no-end-rule); tests/test_end_rule.py checks the end
+# rule on ONNX Runtime against the reference with END_RULE_OPTIONS.
+DEFAULT_OPTIONS = (("--steer-layers", "0-3"), ("--gate-layer", "2"), ("--alpha", "4"), ("--bias-rule", "paper"),
+                   ("--no-end-rule",))
 # The pack's linear gate (§5.1, SteerGate version 2 chained over its layers), layers 0-3 steered.
-LINEAR_OPTIONS = (("--steer-layers", "0-3"), ("--alpha", "4"), ("--gate", "linear"))
+LINEAR_OPTIONS = (("--steer-layers", "0-3"), ("--alpha", "4"), ("--gate", "linear"), ("--no-end-rule",))
+# The linear gate with an end rule that bites within a few tokens of a tiny model's answer.
+END_RULE_OPTIONS = (("--steer-layers", "0-3"), ("--alpha", "4"), ("--gate", "linear"), ("--end-after", "2"),
+                    ("--end-slope", "3"))
 
 
 def _cli(*args: str) -> None:

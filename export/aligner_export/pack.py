@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from aligner_runtime import schema
-from aligner_runtime.contract import SITE, GateConfig, SteerConfig
+from aligner_runtime.contract import SITE, EndRule, GateConfig, SteerConfig
 from aligner_runtime.errors import AlignerError, atomic_path
 
 FORMAT_VERSION = 2
@@ -167,6 +167,13 @@ def check_meta(meta, layers: int, hidden: int, gate_rows: int | None, where: str
     schema.field(rec, "alpha", "float", here, lo=0.0)
     schema.field(rec, "bias_rule", "str", here, choices=BIAS_RULES)
     kind = schema.field(rec, "gate", "str", here, default="paper", choices=GATE_KINDS)
+    schema.field(rec, "ssv", "str", here, default="prompt", choices=("prompt", "response"))
+    end_rule = schema.field(rec, "end_rule", "dict", here, default=None)
+    if end_rule is not None:  # packs made before issue 17 have none
+        try:
+            EndRule.from_manifest(end_rule)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AlignerError(f"{here}: end_rule: {exc}") from None
     gate = schema.field(meta, "gate", "dict", where, default=None)
     if (gate is None) != (gate_rows is None):
         raise AlignerError(f"{where}: the 'gate' metadata and the {GATE_WEIGHT} tensor must come together")

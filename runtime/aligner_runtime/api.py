@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from . import schema
-from .contract import GATE_IN, MODEL_FILE, STAMP_FILE, StrengthSchedule
+from .contract import GATE_IN, MODEL_FILE, STAMP_FILE, EndRule, StrengthSchedule
 from .errors import AlignerError
 from .generate import GenerationRun, RunTiming, SamplingConfig, check_token_ids
 from .manifest import ExportDir, load_engine_export, load_export
@@ -236,6 +236,8 @@ class Aligner:
         return GenerationRun(self._backend, prompt_ids, config, pad_token_id=self.tokenizer.pad_token_id,
                              two_pass=self.export.two_pass, context_length=self.context_length,
                              _gate_override=gate_override, compact=compact, strength=strength,
+                             end_rule=EndRule.from_manifest(self.manifest.get("end_rule")),
+                             end_token_ids=self.stop_token_ids,
                              embedder=encoder.embed if encoder is not None else None, prompt_embeds=prompt_embeds)
 
     def _results(self, run: GenerationRun, seconds: float) -> list[GenerationResult]:

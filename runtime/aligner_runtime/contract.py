@@ -145,6 +145,66 @@ class StrengthSchedule:
 
 CONSTANT_STRENGTH = StrengthSchedule()
 
+END_RULE_LIMITS = {"after": (0, 4096), "slope": (0.0, 100.0)}
+
+
+@dataclass(frozen=True)
+class EndRule:
+    """How a steered answer ends (docs/contract.md "Ending a steered answer", issue 17).
+
+    When row ``b``'s decision is 1, the runtime adds ``slope · max(0, n − after)`` to the logit of every end-of-
+    sequence token before it picks the row's new token number ``n`` (0 for the first token after the prompt). The
+    refusal the shift brings back has no end-of-sequence habit of its own; a bonus that grows with the answer's length
+    lets the model end at the first point where ending is already plausible (a sentence end) instead of cutting it.
+    Rows whose decision is 0 are not touched at all, so harmless rows stay bit-identical. ``after=None``: no rule
+    (exports made before issue 17)."""
+
+    after: int | None = None
+    slope: float = 0.0
+
+    def __post_init__(self):
+        if self.after is None:
+            return
+        lo, hi = END_RULE_LIMITS["after"]
+        if isinstance(self.after, bool) or not isinstance(self.after, (int, np.integer)) or not lo <= self.after <= hi:
+            raise ValueError(f"end rule 'after' must be an integer in [{lo}, {hi}], got {self.after!r}")
+        lo, hi = END_RULE_LIMITS["slope"]
+        if isinstance(self.slope, bool) or not isinstance(self.slope, (int, float, np.floating)) \
+                or not lo < self.slope <= hi:
+            raise ValueError(f"end rule 'slope' must be a number in ({lo:g}, {hi:g}], got {self.slope!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.after is not None
+
+    def bonus(self, token_index: int) -> float:
+        """The logit bonus of the end-of-sequence tokens for new token ``token_index`` of a steered row."""
+        if self.after is None or token_index <= self.after:
+            return 0.0
+        return float(np.float32(self.slope) * np.float32(token_index - self.after))
+
+    def apply(self, logits: np.ndarray, token_index: int, decision: float, eos_ids) -> np.ndarray:
+        """``logits`` (one row, [V]) with the bonus added when the row is steered; the same array when not."""
+        if not decision > 0 or not eos_ids:
+            return logits
+        bonus = self.bonus(token_index)
+        if bonus == 0.0:
+            return logits
+        out = np.array(logits, dtype=np.float32, copy=True)
+        out[list(eos_ids)] += np.float32(bonus)
+        return out
+
+    def manifest(self) -> dict | None:
+        return None if self.after is None else {"after": int(self.after), "slope": float(self.slope)}
+
+    @classmethod
+    def from_manifest(cls, value) -> "EndRule":
+        """From the manifest's ``end_rule`` (absent or null: none); the manifest loader checked the kinds."""
+        return cls() if not value else cls(after=int(value["after"]), slope=float(value["slope"]))
+
+
+NO_END_RULE = EndRule()
+
 
 # --- the steering configuration -------------------------------------------------------------------------------------
 GATE_RULES = ("paper", "fpr", "linear")

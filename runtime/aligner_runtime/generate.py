@@ -35,8 +35,8 @@ from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
-from .contract import (CONSTANT_STRENGTH, GATE_DECIDE, GATE_IN, GATE_OUT, SCORE_OUT, StrengthSchedule,
-                       position_ids, prefill_decision)
+from .contract import (CONSTANT_STRENGTH, GATE_DECIDE, GATE_IN, GATE_OUT, NO_END_RULE, SCORE_OUT, EndRule,
+                       StrengthSchedule, position_ids, prefill_decision)
 from .errors import AlignerError
 
 PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
@@ -230,7 +230,8 @@ class GenerationRun:
                  pad_token_id: int, two_pass: bool, context_length: int | None = None,
                  _gate_override: float | None = None, compact: bool = True, embedder=None,
                  prompt_embeds: Sequence[np.ndarray | None] | None = None,
-                 strength: StrengthSchedule = CONSTANT_STRENGTH):
+                 strength: StrengthSchedule = CONSTANT_STRENGTH, end_rule: EndRule = NO_END_RULE,
+                 end_token_ids: Sequence[int] = ()):
         if not prompts:
             raise AlignerError("no prompts given")
         for ids in prompts:
@@ -249,6 +250,10 @@ class GenerationRun:
         self.context_length = context_length
         self._gate_override = _gate_override
         self.strength = strength
+        # The end rule (docs/contract.md "Ending a steered answer") raises these tokens' logits on steered rows.
+        self.end_rule = end_rule
+        self.end_token_ids = tuple(int(t) for t in end_token_ids)
+        check_token_ids(self.end_token_ids, backend.vocab_size, "end token")
         self.compact = compact
         self.steered_graph = GATE_IN in backend.input_names
         if _gate_override is not None and not self.steered_graph:
@@ -431,7 +436,11 @@ class GenerationRun:
             for i, row in enumerate(active.rows):
                 if done[row]:  # only without compaction: a finished row rides along, its outputs ignored
                     continue
-                token = pick_token(logits[i], config, rngs[row])
+                row_logits = logits[i]
+                if self.end_rule.active:
+                    row_logits = self.end_rule.apply(row_logits, len(generated[row]), float(active.gate[i]),
+                                                     self.end_token_ids)
+                token = pick_token(row_logits, config, rngs[row])
                 generated[row].append(token)
                 step_tokens.append((row, token))
                 if token in stop:

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import integrity, schema
-from .contract import (GATE_IN, GATE_OUT, MANIFEST_FILE, METADATA_PREFIX, MODEL_FILE, SCORE_OUT, SITE, STEER_GATE,
-                       STEER_SHIFT, STEERING_IO, two_pass_prefill)
+from .contract import (END_RULE_LIMITS, GATE_IN, GATE_OUT, MANIFEST_FILE, METADATA_PREFIX, MODEL_FILE, SCORE_OUT,
+                       SITE, STEER_GATE, STEER_SHIFT, STEERING_IO, two_pass_prefill)
 from .errors import AlignerError
 from .onnx_graph import GraphSummary, read_graph_summary
 
@@ -45,7 +45,8 @@ DTYPES = ("fp32", "fp16")
 # Facts that the manifest and the graph's metadata_props both hold and must agree on.
 KEY_FACTS = ("format_version", "pack_sha256", "target_fingerprint", "steer_layers", "gate_layer", "alpha", "bias",
              "bias_rule", "steer_impl", "dtype", "site", "chat_template_sha256", "num_layers", "hidden_size",
-             "multimodal", "gate", "two_pass_prefill", "steering_io", "strength", "eos_token_ids", "context_length")
+             "multimodal", "gate", "two_pass_prefill", "steering_io", "strength", "end_rule", "eos_token_ids",
+             "context_length")
 # Without these the runtime cannot know where the graph steers: their absence counts as "unsteered".
 STEERING_FACTS = ("steer_layers", "gate_layer", "alpha", "bias")
 # Every key a format-2 manifest of a steered export must hold (besides the optional "multimodal").
@@ -208,6 +209,14 @@ def check_manifest(manifest, where: str) -> dict:
     if strength is not None:
         schema.field(strength, "half_life", "float", f"{where}: strength", lo=1e-3, hi=1e6)
         schema.field(strength, "floor", "float", f"{where}: strength", lo=0.0, hi=1.0)
+    end_rule = schema.field(manifest, "end_rule", "dict", where, default=None)
+    if end_rule is not None:  # docs/contract.md "Ending a steered answer"
+        lo, hi = END_RULE_LIMITS["after"]
+        schema.field(end_rule, "after", "int", f"{where}: end_rule", lo=lo, hi=hi)
+        lo, hi = END_RULE_LIMITS["slope"]
+        slope = schema.field(end_rule, "slope", "float", f"{where}: end_rule", lo=lo, hi=hi)
+        if not slope > 0:
+            raise AlignerError(f"{where}: end_rule slope must be > 0, got {slope}")
     return manifest
 
 

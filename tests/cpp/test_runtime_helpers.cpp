@@ -98,6 +98,17 @@ void testGoodManifest()
     check(d.strengthHalfLife == 12.0 && d.strengthFloor == 0.25, "the strength schedule is read");
     decaying["strength"] = {{"half_life", -1.0}, {"floor", 0.25}};
     check(mentions(refusal(decaying), "'strength'"), "a bad strength schedule is refused");
+    check(m.endRuleAfter == -1, "no end rule");
+    json ending = goodManifest();
+    ending["end_rule"] = {{"after", 8}, {"slope", 1.5}};
+    ending["eos_token_ids"] = {2, 7};
+    Manifest const e = aligner::runtime::parseManifest(ending.dump(), "x");
+    check(e.endRuleAfter == 8 && e.endRuleSlope == 1.5 && e.eosTokenIds == std::vector<int64_t>{2, 7},
+        "the end rule and its end tokens are read");
+    ending["end_rule"] = {{"after", 8}, {"slope", 0.0}};
+    check(mentions(refusal(ending), "'end_rule'"), "an end rule with slope 0 is refused");
+    ending["end_rule"] = {{"after", 8.5}, {"slope", 1.0}};
+    check(mentions(refusal(ending), "'end_rule'"), "a fractional end rule 'after' is refused");
 }
 
 void testRefusals()
@@ -276,6 +287,11 @@ void testPrefillGate()
     check(strengthAt(0.0, 0.0, 7) == 1.0f && strengthAt(8.0, 0.2, 0) == 1.0f, "constant strength; the prompt at 1");
     check(std::fabs(strengthAt(8.0, 0.0, 8) - 0.5f) < 1e-6f && std::fabs(strengthAt(8.0, 0.2, 16) - 0.4f) < 1e-6f,
         "decay: one half-life halves, the floor holds (as aligner_runtime.contract.StrengthSchedule)");
+    using aligner::runtime::endBonus;
+    // The values of aligner_runtime.contract.EndRule(after=8, slope=0.7).bonus (tests/test_end_rule.py pins them too).
+    check(endBonus(-1, 1.0, 50) == 0.0f && endBonus(8, 0.7, 8) == 0.0f && endBonus(8, 0.7, 0) == 0.0f,
+        "no bonus without a rule or before 'after'");
+    check(endBonus(8, 0.7, 9) == 0.7f && endBonus(8, 0.7, 20) == 0.7f * 12.0f, "the bonus grows by slope per token");
     check(prefillGate(0.0f, nan) == 1.0f && prefillGate(1.0f, nan) == 1.0f, "a NaN score steers");
     check(prefillGate(0.0f, inf) == 1.0f && prefillGate(0.0f, -inf) == 1.0f, "an infinite score steers");
     check(prefillGate(nan, -1.0f) == 1.0f, "a NaN gate steers");

@@ -25,6 +25,13 @@ def configure(parser) -> None:
                              "the paper's constant shift; docs/contract.md 'Strength schedule')")
     parser.add_argument("--strength-floor", type=float, default=None,
                         help="with --half-life: the share of alpha the decay never goes below (default 0)")
+    parser.add_argument("--end-after", type=int, default=None,
+                        help="end rule: steered answers get an end-of-sequence bonus after this many tokens "
+                             "(default: the pack's recommendation; docs/contract.md 'Ending a steered answer')")
+    parser.add_argument("--end-slope", type=float, default=None,
+                        help="end rule: the bonus added per token after --end-after (default: the pack's)")
+    parser.add_argument("--no-end-rule", action="store_true",
+                        help="write no end rule: steered answers run to the token budget or the model's own end")
     parser.add_argument("--bias-rule", choices=("paper", "fpr"), default=None,
                         help="gate bias: paper (minus the mean projection) or fpr (false-positive budget); "
                              "default: the pack's recommendation")
@@ -131,10 +138,33 @@ def resolve_options(args, pack, num_layers: int):
         if not 0.0 <= floor <= 1.0:
             raise AlignerError(f"--strength-floor must be in [0, 1], got {floor:g}")
         strength = StrengthSchedule(half_life=float(args.half_life), floor=float(floor))
-    return ExportOptions(steering=steering, alpha=alpha, bias_rule=bias_rule, dtype=dtype,
+    return ExportOptions(end_rule=resolve_end_rule(args, rec), steering=steering, alpha=alpha, bias_rule=bias_rule, dtype=dtype,
                          validate=not args.no_validate, onnx_file=Path(args.onnx) if args.onnx else None,
                          exporter=args.exporter, weights=weights, gate_agreement=args.min_gate_agreement,
                          genai_python=args.genai_python, strength=strength)
+
+
+def resolve_end_rule(args, rec: dict):
+    """The end rule from --end-after/--end-slope/--no-end-rule over the pack's recommendation (none in packs made
+    before issue 17)."""
+    from aligner_runtime.contract import EndRule
+
+    given = args.end_after is not None or args.end_slope is not None
+    if args.no_end_rule:
+        if given:
+            raise AlignerError("--no-end-rule goes without --end-after and --end-slope")
+        return EndRule()
+    pack_rule = rec.get("end_rule") or {}
+    if not given and not pack_rule:
+        return EndRule()
+    after = args.end_after if args.end_after is not None else pack_rule.get("after")
+    slope = args.end_slope if args.end_slope is not None else pack_rule.get("slope")
+    if after is None or slope is None:
+        raise AlignerError("this pack recommends no end rule: give both --end-after and --end-slope")
+    try:
+        return EndRule(after=int(after), slope=float(slope))
+    except ValueError as exc:
+        raise AlignerError(f"--end-after/--end-slope: {exc}") from None
 
 
 def resolve_precision(args):

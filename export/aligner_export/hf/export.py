@@ -62,6 +62,7 @@ class ExportOptions:
     weight_prompts: tuple = ()  # prompts for the quantized-vs-float comparison (default: the shipped held-out sets)
     genai_python: str | None = None  # --exporter genai: the python of the builder's venv
     strength: object = None  # aligner_runtime.contract.StrengthSchedule; None: the paper's constant shift
+    end_rule: object = None  # aligner_runtime.contract.EndRule; None or inactive: no end rule in the manifest
 
 
 def _quiet():
@@ -500,6 +501,8 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
             "context_length": int(lm_config.max_position_embeddings),
             **({"strength": options.strength.manifest()}
                if options.strength is not None and options.strength.manifest() else {}),
+            **({"end_rule": options.end_rule.manifest()}
+               if options.end_rule is not None and options.end_rule.manifest() else {}),
             "io": {"inputs": [v.name for v in ir_model.graph.inputs],
                    "outputs": [v.name for v in ir_model.graph.outputs]},
             "validation": None, "weights": weights.manifest(),

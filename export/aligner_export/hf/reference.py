@@ -165,13 +165,40 @@ def score_prompts(model, config: SteerConfig, input_ids, attention_mask, **model
         return state.gate.clone(), state.score.clone()
 
 
+class EndRuleProcessor:
+    """docs/contract.md "Ending a steered answer", as a transformers logits processor: before new token ``n`` of a
+    row whose gate is > 0, ``slope · (n − after)`` (for ``n > after``) is added to the end-of-sequence logits."""
+
+    def __init__(self, after: int, slope: float, eos_token_ids, gate: torch.Tensor, prompt_length: int):
+        self.after, self.slope = int(after), float(slope)
+        self.eos = list(eos_token_ids)
+        self.steered = gate.reshape(-1) > 0
+        self.prompt_length = int(prompt_length)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        n = input_ids.shape[1] - self.prompt_length
+        if n <= self.after or not self.steered.any():
+            return scores
+        bonus = torch.tensor(np.float32(self.slope) * np.float32(n - self.after))
+        scores = scores.clone()
+        for eos in self.eos:
+            scores[self.steered, eos] = scores[self.steered, eos] + bonus
+        return scores
+
+
 @torch.no_grad()
 def reference_generate(model, config: SteerConfig, input_ids, attention_mask, max_new_tokens: int = 8,
-                       **generate_kwargs):
+                       end_rule: dict | None = None, eos_token_ids=(), **generate_kwargs):
     """Greedy generation with the gate latched at prefill. Returns ``(sequences, gate, score)``.
-    ``pixel_values`` (and ``image_sizes``) in ``generate_kwargs`` reach the scoring pass too."""
+    ``pixel_values`` (and ``image_sizes``) in ``generate_kwargs`` reach the scoring pass too. ``end_rule``: the
+    manifest's ``{after, slope}``, applied to steered rows with ``eos_token_ids``."""
     extra = {k: generate_kwargs[k] for k in ("pixel_values", "image_sizes") if k in generate_kwargs}
     gate, score = score_prompts(model, config, input_ids, attention_mask, **extra)
+    if end_rule:
+        from transformers import LogitsProcessorList
+
+        generate_kwargs["logits_processor"] = LogitsProcessorList(
+            [EndRuleProcessor(end_rule["after"], end_rule["slope"], eos_token_ids, gate, input_ids.shape[1])])
     with steered(model, config) as state:
         state.gate_in = gate
         generate_kwargs.setdefault("do_sample", False)

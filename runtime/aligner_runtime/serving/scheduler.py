@@ -37,7 +37,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..contract import GATE_DECIDE, GATE_IN, GATE_OUT, SCORE_OUT, position_ids, prefill_decision
+from ..contract import (GATE_DECIDE, GATE_IN, GATE_OUT, NO_END_RULE, SCORE_OUT, EndRule, position_ids,
+                        prefill_decision)
 from ..errors import AlignerError, check_count
 from ..generate import SamplingConfig, check_token_ids, pick_token
 
@@ -180,12 +181,14 @@ class Scheduler:
 
     ``max_batch_size``: rows decoded together. ``max_queue``: requests waiting for a row; past it :meth:`submit`
     raises :class:`QueueFull`. ``prefill``: ``"alone"`` or ``"together"``. ``strength``: the steering strength on a
-    row's decode step ``t`` (``t = 1`` for its first; docs/contract.md), constant 1 when None.
+    row's decode step ``t`` (``t = 1`` for its first; docs/contract.md), constant 1 when None. ``end_rule`` and
+    ``end_token_ids``: how a steered row's answer ends (docs/contract.md "Ending a steered answer").
     """
 
     def __init__(self, backend, *, pad_token_id: int, two_pass: bool, context_length: int | None = None,
                  max_batch_size: int = 16, max_queue: int = 64, prefill: str = "alone",
-                 strength: Callable[[int], float] | None = None, name: str = "aligner-scheduler"):
+                 strength: Callable[[int], float] | None = None, end_rule: EndRule = NO_END_RULE,
+                 end_token_ids: Sequence[int] = (), name: str = "aligner-scheduler"):
         if GATE_IN not in backend.input_names:
             raise AlignerError("serving needs a steered export: this graph has no steering interface")
         if "inputs_embeds" in backend.input_names:
@@ -207,6 +210,9 @@ class Scheduler:
         self.max_queue = max_queue
         self.prefill = prefill
         self.strength = strength
+        self.end_rule = end_rule
+        self.end_token_ids = tuple(int(t) for t in end_token_ids)
+        check_token_ids(self.end_token_ids, backend.vocab_size, "end token")
         self._past_inputs = [n for n in backend.input_names if PAST.match(n)]
         self._takes_positions = "position_ids" in backend.input_names
         self._past_specs = {n: backend.past_spec(n) for n in self._past_inputs}
@@ -240,6 +246,9 @@ class Scheduler:
             from ..contract import StrengthSchedule  # the export's strength schedule (docs/contract.md)
 
             options["strength"] = StrengthSchedule.from_manifest(aligner.manifest["strength"]).at
+        if aligner.manifest.get("end_rule") and "end_rule" not in options:
+            options["end_rule"] = EndRule.from_manifest(aligner.manifest["end_rule"])
+            options.setdefault("end_token_ids", aligner.stop_token_ids)
         return cls(aligner._backend, pad_token_id=aligner.tokenizer.pad_token_id, two_pass=aligner.export.two_pass,
                    context_length=aligner.context_length, **options)
 
@@ -503,6 +512,8 @@ class Scheduler:
     # --- decoding -----------------------------------------------------------------------------------------------------
     def _pick(self, row: _Row, logits: np.ndarray) -> bool:
         """Picks the row's next token and emits it; False when the row is done."""
+        if self.end_rule.active:  # the same rule as generate.GenerationRun: token index = tokens generated so far
+            logits = self.end_rule.apply(logits, row.generated, row.decision, self.end_token_ids)
         token = pick_token(logits, row.handle.config, row.rng)
         row.last_token = token
         row.generated += 1

@@ -241,6 +241,21 @@ void generate(aligner_model& model, int32_t const* const* prompts, int32_t const
             int32_t token = 0;
             if (!done[b])
             {
+                // The end rule raises the end-of-sequence logits of steered rows only; a gate-0 row is untouched.
+                float const bonus = result.gate[b] > 0.0f
+                    ? endBonus(model.manifest.endRuleAfter, model.manifest.endRuleSlope,
+                        static_cast<int64_t>(result.tokens[b].size()))
+                    : 0.0f;
+                if (bonus != 0.0f)
+                {
+                    for (int64_t eos : model.manifest.eosTokenIds)
+                    {
+                        if (eos < model.vocab)
+                        {
+                            logits[static_cast<size_t>(b) * model.vocab + static_cast<size_t>(eos)] += bonus;
+                        }
+                    }
+                }
                 token = pickToken(&logits[static_cast<size_t>(b) * model.vocab], model.vocab, options, rngs[b]);
                 result.tokens[b].push_back(token);
                 bool const stop = std::find(options.stop_token_ids, options.stop_token_ids + options.num_stop_token_ids,

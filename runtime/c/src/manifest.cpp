@@ -171,6 +171,38 @@ Manifest parseManifest(std::string const& text, std::string const& where)
         manifest.strengthFloor = floor.get<double>();
     }
 
+    auto const endRule = document.find("end_rule");
+    if (endRule != document.end() && !endRule->is_null())
+    {
+        if (!endRule->is_object())
+        {
+            throw ManifestError(where + ": 'end_rule' must be an object");
+        }
+        json const& after = required(*endRule, "after", "end_rule.", where);
+        json const& slope = required(*endRule, "slope", "end_rule.", where);
+        // The limits of aligner_runtime.contract.END_RULE_LIMITS.
+        if (!after.is_number_integer() || after.get<int64_t>() < 0 || after.get<int64_t>() > 4096
+            || !slope.is_number() || !(slope.get<double>() > 0.0) || !(slope.get<double>() <= 100.0))
+        {
+            throw ManifestError(where + ": 'end_rule' needs an integer after in [0, 4096] and slope in (0, 100]");
+        }
+        json const& eos = required(document, "eos_token_ids", "", where);
+        if (!eos.is_array() || eos.empty() || eos.size() > 64)
+        {
+            throw ManifestError(where + ": 'eos_token_ids' must be a list of 1 to 64 token ids with an end_rule");
+        }
+        for (json const& id : eos)
+        {
+            if (!id.is_number_integer() || id.get<int64_t>() < 0)
+            {
+                throw ManifestError(where + ": 'eos_token_ids' must hold token ids >= 0");
+            }
+            manifest.eosTokenIds.push_back(id.get<int64_t>());
+        }
+        manifest.endRuleAfter = after.get<int64_t>();
+        manifest.endRuleSlope = slope.get<double>();
+    }
+
     json const& integrity = requiredObject(document, "integrity", "", where);
     json const& constants = requiredObject(integrity, "constants", "integrity.", where);
     for (auto const& item : constants.items())

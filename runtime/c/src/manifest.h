@@ -40,6 +40,11 @@ struct Manifest
     // "strength": {"half_life", "floor"}, optional (docs/contract.md "Strength schedule"); half-life 0: constant.
     double strengthHalfLife{0.0};
     double strengthFloor{0.0};
+    // "end_rule": {"after", "slope"}, optional (docs/contract.md "Ending a steered answer"); after -1: no rule. The
+    // bonus goes to the manifest's eos_token_ids (read only with a rule).
+    int64_t endRuleAfter{-1};
+    double endRuleSlope{0.0};
+    std::vector<int64_t> eosTokenIds;
 };
 
 // Parses and checks inferaligner.json; `where` names the file in messages. Every key above is required (a missing

@@ -41,6 +41,15 @@ float strengthAt(double halfLife, double floor, int64_t step)
     return static_cast<float>(floor + (1.0 - floor) * std::pow(0.5, static_cast<double>(step) / halfLife));
 }
 
+float endBonus(int64_t after, double slope, int64_t tokenIndex)
+{
+    if (after < 0 || tokenIndex <= after)
+    {
+        return 0.0f;
+    }
+    return static_cast<float>(slope) * static_cast<float>(tokenIndex - after);
+}
+
 uint32_t rowFlags(float score)
 {
     return ops::isFinite(score) ? 0u : ALIGNER_FLAG_NONFINITE_SCORE;

@@ -25,6 +25,11 @@ float prefillGate(float gate, float score);
 // steer_gate_in = decision * strength (docs/contract.md "Strength schedule"), as aligner_runtime.contract does.
 float strengthAt(double halfLife, double floor, int64_t step);
 
+// The end rule's logit bonus for new token `tokenIndex` (0 for the first) of a steered row: slope * (tokenIndex -
+// after) in float32 past `after`, else 0; 0 when after < 0 (no rule). docs/contract.md "Ending a steered answer",
+// as aligner_runtime.contract.EndRule.bonus.
+float endBonus(int64_t after, double slope, int64_t tokenIndex);
+
 // ALIGNER_FLAG_* bits (aligner_runtime.h) of a row whose prompt scored `score`.
 uint32_t rowFlags(float score);
 
