@@ -34,6 +34,10 @@ def configure(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the splits, wraps and rewrites")
     parser.add_argument("--batch-size", type=int, default=64, help="most prompts per forward batch (default 64)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--ssv", choices=("response", "prompt"), default=None,
+                        help="steering vectors: response (the aligned model's own refusals minus its helpful "
+                             "answers; the default with --aligned, docs/calibration.md) or prompt (the paper's "
+                             "prompt activations; the default in self mode)")
 
 
 def _sets(args):
@@ -60,6 +64,19 @@ def _sets(args):
         raise AlignerError("--borderline and --jailbreak-templates go with --harmful/--harmless; the corpus has its own")
     return corpus.calibration_sets(corpus.load_corpus(args.corpus), corpus.load_templates(args.corpus), args.seed,
                                    wrapped, rewrites)
+
+
+def _response_cache(args) -> Path | None:
+    """Where the aligned model's calibration answers are kept between runs (``$INFERALIGNER_HOME/cache``); the file
+    names the aligned model's directory, and its content is checked against the prompts before it is used."""
+    if args.ssv == "prompt" or not args.aligned:
+        return None
+    import hashlib
+
+    from aligner_export.hf import zoo
+
+    key = hashlib.sha256(str(Path(args.aligned).resolve()).encode()).hexdigest()[:16]
+    return zoo.home() / "cache" / f"aligned-answers-{key}.json"
 
 
 def run(args) -> int:
@@ -92,7 +109,8 @@ def run(args) -> int:
     pack = calibrate(args.target, sets.harmful, sets.harmless, args.aligned, extras=sets.extras, gate=args.gate,
                      val_fraction=args.val_fraction, seed=args.seed, max_fpr=args.max_fpr,
                      max_fpr_borderline=args.max_fpr_borderline, batch_size=args.batch_size,
-                     report_dir=args.report, log=lambda text: print(text, flush=True))
+                     report_dir=args.report, ssv=args.ssv, response_cache=_response_cache(args),
+                     log=lambda text: print(text, flush=True))
     save_pack(pack, out)
     rec = pack.recommended
     stats = pack.layer_stats(rec["gate_layer"])
@@ -107,8 +125,15 @@ def run(args) -> int:
               f"{held.get('fpr_harmless', float('nan')):.3f}, borderline {held.get('fpr_borderline', float('nan')):.3f}")
     print(f"paper gate: layer {rec['gate_layer']} (validation accuracy {stats['target_val_accuracy']:.3f}, "
           f"TPR {stats['val_tpr']:.3f}, FPR {stats['val_fpr']:.3f} with the fpr bias)")
-    print(f"recommended: {rec.get('gate', 'paper')} gate, steered layers {rec['steer_layers'][0]}-"
-          f"{rec['steer_layers'][-1]}, alpha {rec['alpha']}")
+    print(f"recommended: {rec.get('gate', 'paper')} gate, {rec.get('ssv', 'prompt')} vectors on layers "
+          f"{rec['steer_layers'][0]}-{rec['steer_layers'][-1]}, alpha {rec['alpha']}"
+          + (f", end rule after {rec['end_rule']['after']} tokens (+{rec['end_rule']['slope']:g}/token)"
+             if rec.get("end_rule") else ""))
+    if pack.meta.get("ssv", {}).get("ssv") == "response":
+        info = pack.meta["ssv"]
+        print(f"response vectors: the aligned model refused {info['refused']}/{info['harmful']} harmful and answered "
+              f"{info['answered']}/{info['harmless']} harmless calibration prompts; {info['refusals_ended']} "
+              f"refusals ended within {info['max_new_tokens']} tokens")
     if args.report:
         print(f"report: {Path(args.report) / 'calibration.png'}")
     return 0
