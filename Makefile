@@ -15,7 +15,7 @@ CMAKE_ARGS ?=
 TRITON_ENV   := $(BUILD)/triton-env
 TRITON_STAMP := $(TRITON_ENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: venv native test test-python test-native triton-env demo models sibling bench bench-edge genai-venv clean
+.PHONY: venv native test test-python test-native triton-env demo eval models sibling bench bench-edge genai-venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ models: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m aligner_export.tools.demo
+
+# The full held-out evaluation of the demo's export (every held-out prompt scored, 80 answers per set; it prints its
+# expected duration first).
+eval: $(STAMP)
+	$(PY) -m aligner_export.tools.demo --full
 
 sibling: $(STAMP)
 	$(PY) models/smollm2-aligned/train.py

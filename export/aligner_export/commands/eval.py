@@ -4,8 +4,9 @@
     aligner-export eval --model OUTDIR --harmful F --harmless F [--jailbreak-templates F] --report DIR
 
 Without prompt files, the shipped corpus's held-out sources are used (``aligner_export.evaluation.corpus_eval``): the
-gate per source with ROC curves, the bypass suite, and generation steered against unsteered, with issue 10's targets
-checked; ``gate.png`` is added to the report.
+gate per source with ROC curves, the bypass suite, generation steered against unsteered, and the steering alone (gate
+forced open), with the open targets checked; ``gate.png`` is added to the report. The expected duration is printed
+before the run starts.
 
 Writes ``report.json`` (every figure and every prompt's answers), ``report.md`` (the summary table) and
 ``report.png`` (ASR bars, gate-score histograms with the threshold). See ``aligner_export/evaluation.py``.
@@ -70,7 +71,7 @@ def run(args) -> int:
         aligner._config(max_new_tokens=args.max_new_tokens)
         report = run_corpus_eval(aligner, judge, args.corpus, limit=args.limit if args.limit is not None else 40,
                                  gate_limit=args.gate_limit, max_new_tokens=args.max_new_tokens,
-                                 batch_size=args.batch_size)
+                                 batch_size=args.batch_size, log=lambda text: print(text, flush=True))
         report["inputs"] = {"corpus": args.corpus or "shipped"}
     paths = write_report(report, args.report)
     from aligner_export.evaluation.evaluate import markdown

@@ -5,8 +5,10 @@
    the linear gate of ARCHITECTURE.md §5.1;
 3. export the steered ONNX graph, validated against the PyTorch reference;
 4. answer one harmful and one harmless prompt, unsteered and steered, with the gate;
-5. evaluate on the corpus's held-out sources (never seen by calibration): the gate per source, the bypass suite,
-   and generation steered against unsteered on a sample; print the summary and issue 10's targets.
+5. evaluate on a sample of the corpus's held-out sources (never seen by calibration): the gate per source, the
+   bypass suite, generation steered against unsteered, and the steering alone (gate forced open); print the summary
+   and the targets. The sample keeps the demo within 20 minutes on two cores; ``make eval`` (``--full``) runs the
+   full evaluation (every held-out prompt scored, 80 answers per set).
 
 Everything goes under ``$INFERALIGNER_HOME/demo`` (default ``~/.cache/inferaligner-edge/demo``). A second run reuses
 the pack and the export when their inputs have not changed.
@@ -69,15 +71,22 @@ def show_examples(export_dir: Path, prompts: list[str], max_new_tokens: int, thr
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aligner_export.tools.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=None, help="working directory (default: $INFERALIGNER_HOME/demo)")
-    parser.add_argument("--eval-limit", type=int, default=40,
-                        help="generation: at most N prompts of each held-out set (default 40, to fit the 20-minute "
-                             "budget)")
-    parser.add_argument("--gate-limit", type=int, default=200,
-                        help="gate scores: at most N prompts of each held-out source (default 200; 0 for all)")
+    parser.add_argument("--eval-limit", type=int, default=None,
+                        help="generation: at most N prompts of each held-out set (default 16, to fit the 20-minute "
+                             "budget; 80 with --full)")
+    parser.add_argument("--gate-limit", type=int, default=None,
+                        help="gate scores: at most N prompts of each held-out source (default 40; 0 for all, the "
+                             "default with --full)")
+    parser.add_argument("--full", action="store_true",
+                        help="the full evaluation (make eval): every held-out prompt scored, 80 answers per set")
     parser.add_argument("--max-new-tokens", type=int, default=64,
                         help="new tokens per answer (64: the refusal-quality target counts answers that end within 64)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.eval_limit is None:
+        args.eval_limit = 80 if args.full else 16
+    if args.gate_limit is None:
+        args.gate_limit = 0 if args.full else 40
 
     def job() -> int:
         import torch
@@ -122,9 +131,11 @@ def main(argv: list[str] | None = None) -> int:
                     load_prompts(PROMPTS_DIR / "harmless_heldout.txt")[0]]
         show_examples(export_dir, examples, args.max_new_tokens, args.threads)
 
-        _banner("5/5 evaluate on the corpus's held-out sources (steered vs unsteered)")
+        _banner("5/5 evaluate on the corpus's held-out sources (steered vs unsteered; gate forced open)"
+                + ("" if args.full else ": a sample, `make eval` for the full evaluation"))
         eval_args = ["eval", "--model", export_dir, "--max-new-tokens", args.max_new_tokens, "--batch-size", 8,
-                     "--threads", args.threads, "--report", work / "eval", "--limit", args.eval_limit]
+                     "--threads", args.threads, "--report", work / ("eval-full" if args.full else "eval"),
+                     "--limit", args.eval_limit]
         if args.gate_limit:
             eval_args += ["--gate-limit", args.gate_limit]
         _export_cli(*eval_args)
