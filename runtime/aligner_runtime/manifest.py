@@ -30,31 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import integrity, schema
-from .contract import (END_RULE_LIMITS, GATE_IN, GATE_OUT, MANIFEST_FILE, METADATA_PREFIX, MODEL_FILE, SCORE_OUT,
-                       SITE, STEER_GATE, STEER_SHIFT, STEERING_IO, two_pass_prefill)
+from .contract import (GATE_IN, GATE_OUT, INPUTS_EMBEDS, MANIFEST_FILE, METADATA_PREFIX, MODEL_FILE, SCORE_OUT,
+                       STEER_GATE, STEER_SHIFT, two_pass_prefill)
+# The limits and key tuples are re-exported: callers and tests import them from here.
+from .contract.choices import (DTYPES, MAX_CONTEXT, MAX_HIDDEN, MAX_LAYERS, MAX_MANIFEST_BYTES,  # noqa: F401
+                               MAX_TOKENS, STEER_IMPLS)
+from .contract.manifest import (KEY_FACTS, LEGACY_FORMAT_VERSION, REQUIRED_V2, STEERING_FACTS,  # noqa: F401
+                                SUPPORTED_FORMAT_VERSIONS, Key, Manifest, check_manifest, manifest_gate_layers)
 from .errors import AlignerError
 from .onnx_graph import GraphSummary, read_graph_summary
-
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
-LEGACY_FORMAT_VERSION = 1
-MAX_MANIFEST_BYTES = 8 << 20
-MAX_LAYERS, MAX_HIDDEN, MAX_TOKENS, MAX_CONTEXT = 4096, 1 << 20, 64, 1 << 24
-STEER_IMPLS = ("function", "inline")
-DTYPES = ("fp32", "fp16")
-
-# Facts that the manifest and the graph's metadata_props both hold and must agree on.
-KEY_FACTS = ("format_version", "pack_sha256", "target_fingerprint", "steer_layers", "gate_layer", "alpha", "bias",
-             "bias_rule", "steer_impl", "dtype", "site", "chat_template_sha256", "num_layers", "hidden_size",
-             "multimodal", "gate", "two_pass_prefill", "steering_io", "strength", "end_rule", "eos_token_ids",
-             "context_length")
-# Without these the runtime cannot know where the graph steers: their absence counts as "unsteered".
-STEERING_FACTS = ("steer_layers", "gate_layer", "alpha", "bias")
-# Every key a format-2 manifest of a steered export must hold (besides the optional "multimodal").
-REQUIRED_V2 = ("format_version", "package_version", "pack_sha256", "target_fingerprint", "steer_layers", "gate_layer",
-               "alpha", "bias", "bias_rule", "steer_impl", "dtype", "opset", "site", "chat_template_sha256",
-               "num_layers", "hidden_size", "eos_token_ids", "context_length", "io", "gate", "two_pass_prefill",
-               "steering_io", "validation", "integrity")
-
 
 @dataclass
 class ExportDir:
@@ -74,7 +58,7 @@ class ExportDir:
     @property
     def gate_layer(self) -> int | None:
         """g*: the last gate layer, where the decision is taken."""
-        return self.manifest.get("gate_layer")
+        return self.manifest.get(Key.GATE_LAYER)
 
     @property
     def gate_layers(self) -> list[int]:
@@ -83,141 +67,15 @@ class ExportDir:
 
     @property
     def steer_layers(self) -> list[int]:
-        return list(self.manifest.get("steer_layers") or [])
+        return list(self.manifest.get(Key.STEER_LAYERS) or [])
 
     @property
     def two_pass(self) -> bool:
         """§5 rule 2, as the manifest records it (format 1 derives it with ``contract.two_pass_prefill``)."""
         if not self.steered or self.gate_layer is None:
             return False
-        recorded = self.manifest.get("two_pass_prefill")
+        recorded = self.manifest.get(Key.TWO_PASS_PREFILL)
         return recorded if isinstance(recorded, bool) else two_pass_prefill(self.steer_layers, self.gate_layers)
-
-
-def manifest_gate_layers(manifest: dict) -> list[int]:
-    """G from a manifest: format 2's ``gate.layers``; format 1 has the one ``gate_layer``."""
-    gate = manifest.get("gate")
-    if isinstance(gate, dict) and isinstance(gate.get("layers"), list):
-        return list(gate["layers"])
-    return [manifest["gate_layer"]] if isinstance(manifest.get("gate_layer"), int) else []
-
-
-def _layers(manifest: dict, key: str, where: str, num_layers: int) -> list[int]:
-    values = schema.field(manifest, key, "int_list", where, lo=0, hi=num_layers - 1, max_items=MAX_LAYERS)
-    if len(set(values)) != len(values) or values != sorted(values):
-        raise AlignerError(f"{where}: '{key}' must list distinct layers in ascending order")
-    return values
-
-
-def _digest_map(obj: dict, key: str, where: str) -> dict:
-    values = schema.field(obj, key, "dict", where)
-    for name in values:
-        schema.field(values, name, "sha256", f"{where}: {key}")
-    return values
-
-
-def _file_name(obj: dict, key: str, where: str) -> str:
-    """A file of the export directory named in the manifest: a plain name, never a path out of the directory."""
-    name = schema.field(obj, key, "str", where)
-    if not name or name in (".", "..") or "/" in name or "\\" in name or not name.isprintable() \
-            or len(name.encode("utf-8", "surrogatepass")) > 255:
-        raise AlignerError(f"{where}: {key!r} must be a file name of the export directory, got {name[:80]!r}")
-    return name
-
-
-def _check_multimodal(entry: dict, where: str) -> None:
-    """The kinds of what :class:`aligner_runtime.multimodal.MultimodalSpec` converts (docs/multimodal.md)."""
-    for key in ("vision_model", "embed_model"):
-        _file_name(entry, key, where)
-    schema.field(entry, "image_token", "str", where)
-    schema.field(entry, "image_token_id", "int", where, lo=0, hi=1 << 31)
-    schema.field(entry, "placement", "str", where)
-    schema.field(entry, "preprocessing", "dict", where)
-    # null where the architecture does not use them (LLaVA-NeXT has no fixed image_seq_length, LLaVA no anyres)
-    if entry.get("architecture") is not None:
-        schema.field(entry, "architecture", "str", where)
-    if entry.get("image_seq_length") is not None:
-        schema.field(entry, "image_seq_length", "int", where, lo=1, hi=MAX_CONTEXT)
-    if entry.get("anyres") is not None:
-        schema.field(entry, "anyres", "dict", where)
-
-
-def check_manifest(manifest, where: str) -> dict:
-    """Checks the kind and range of every field the run-time uses (those present); returns ``manifest``."""
-    if not isinstance(manifest, dict):
-        raise AlignerError(f"{where} is not a JSON object")
-    version = schema.field(manifest, "format_version", "int", where)
-    if version not in SUPPORTED_FORMAT_VERSIONS:
-        raise AlignerError(f"{where} has format_version {version}; this runtime reads "
-                           f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}")
-    num_layers = schema.field(manifest, "num_layers", "int", where, default=MAX_LAYERS, lo=1, hi=MAX_LAYERS)
-    schema.field(manifest, "hidden_size", "int", where, default=None, lo=1, hi=MAX_HIDDEN)
-    if "steer_layers" in manifest:
-        _layers(manifest, "steer_layers", where, num_layers)
-    schema.field(manifest, "gate_layer", "int", where, default=None, lo=0, hi=num_layers - 1)
-    schema.field(manifest, "alpha", "float", where, default=None, lo=0.0)
-    schema.field(manifest, "bias", "float", where, default=None)
-    for key in ("bias_rule", "package_version", "target_fingerprint", "exporter", "pack_mode"):
-        schema.field(manifest, key, "str", where, default=None)
-    schema.field(manifest, "steer_impl", "str", where, default=None, choices=STEER_IMPLS)
-    schema.field(manifest, "dtype", "str", where, default=None, choices=DTYPES)
-    schema.field(manifest, "site", "str", where, default=None, choices=(SITE,))
-    schema.field(manifest, "opset", "int", where, default=None, lo=1, hi=1000)
-    for key in ("chat_template_sha256", "pack_sha256"):
-        schema.field(manifest, key, "sha256", where, default=None)
-    schema.field(manifest, "eos_token_ids", "int_list", where, default=None, lo=0, hi=1 << 31, max_items=64)
-    schema.field(manifest, "context_length", "int", where, default=None, lo=1, hi=MAX_CONTEXT)
-    io = schema.field(manifest, "io", "dict", where, default=None)
-    if io is not None:
-        for kind in ("inputs", "outputs"):
-            schema.field(io, kind, "str_list", f"{where}: io", max_items=10_000)
-    validation = manifest.get("validation")
-    if validation is not None:
-        schema.field(manifest, "validation", "dict", where)
-        if schema.field(validation, "passed", "bool", f"{where}: validation") is not True:
-            raise AlignerError(f"{where}: the export failed its validation against the PyTorch reference")
-    gate = schema.field(manifest, "gate", "dict", where, default=None)
-    if gate is not None:
-        here = f"{where}: gate"
-        schema.field(gate, "version", "int", here, lo=1, hi=2)
-        gate_layers = _layers(gate, "layers", here, num_layers)
-        if not gate_layers:
-            raise AlignerError(f"{here}: 'layers' is empty")
-        schema.field(gate, "tokens", "int", here, lo=1, hi=MAX_TOKENS)
-        schema.field(gate, "normalize", "bool", here)
-        schema.field(gate, "bias", "float", here)
-        if manifest.get("gate_layer") != gate_layers[-1]:
-            raise AlignerError(f"{where}: 'gate_layer' must be the last of the gate layers")
-    two_pass = schema.field(manifest, "two_pass_prefill", "bool", where, default=None)
-    if two_pass is not None and "steer_layers" in manifest and gate is not None and \
-            two_pass != two_pass_prefill(manifest["steer_layers"], gate["layers"]):
-        raise AlignerError(f"{where}: 'two_pass_prefill' contradicts the gate and steered layers")
-    steering_io = schema.field(manifest, "steering_io", "dict", where, default=None)
-    if steering_io is not None and steering_io != STEERING_IO:
-        raise AlignerError(f"{where}: 'steering_io' must be {STEERING_IO}")
-    record = schema.field(manifest, "integrity", "dict", where, default=None)
-    if record is not None:
-        here = f"{where}: integrity"
-        for key in ("constants", "functions", "files", "model_files"):
-            _digest_map(record, key, here)
-        for key in ("wiring", "nodes"):
-            schema.field(record, key, "sha256", here)
-    multimodal = schema.field(manifest, "multimodal", "dict", where, default=None)
-    if multimodal is not None:
-        _check_multimodal(multimodal, f"{where}: multimodal")
-    strength = schema.field(manifest, "strength", "dict", where, default=None)
-    if strength is not None:
-        schema.field(strength, "half_life", "float", f"{where}: strength", lo=1e-3, hi=1e6)
-        schema.field(strength, "floor", "float", f"{where}: strength", lo=0.0, hi=1.0)
-    end_rule = schema.field(manifest, "end_rule", "dict", where, default=None)
-    if end_rule is not None:  # docs/contract.md "Ending a steered answer"
-        lo, hi = END_RULE_LIMITS["after"]
-        schema.field(end_rule, "after", "int", f"{where}: end_rule", lo=lo, hi=hi)
-        lo, hi = END_RULE_LIMITS["slope"]
-        slope = schema.field(end_rule, "slope", "float", f"{where}: end_rule", lo=lo, hi=hi)
-        if not slope > 0:
-            raise AlignerError(f"{where}: end_rule slope must be > 0, got {slope}")
-    return manifest
 
 
 def read_manifest(path: Path) -> tuple[dict, str]:
@@ -286,9 +144,9 @@ def _steering_problem(manifest: dict, graph: GraphSummary) -> str | None:
     if gate_layers != expected:
         return (f"the graph's SteerGate nodes sit on layers {sorted(gate_layers)} but the manifest says gate layers "
                 f"{sorted(expected)}")
-    if shift_layers != set(manifest["steer_layers"]):
+    if shift_layers != set(manifest[Key.STEER_LAYERS]):
         return (f"the graph's SteerShift nodes sit on layers {sorted(shift_layers)} but the manifest says "
-                f"steer_layers {sorted(manifest['steer_layers'])}")
+                f"steer_layers {sorted(manifest[Key.STEER_LAYERS])}")
     return None
 
 
@@ -299,7 +157,7 @@ def _check_graph(path: Path, manifest: dict, graph: GraphSummary, legacy: bool, 
     # A disagreement between the manifest and the graph's own record is refused even with allow_unsteered:
     # it means the directory was edited or mixed up, and nothing in it can be trusted.
     _check_key_facts(manifest, graph, strict=not legacy and steering_declared)
-    io = manifest.get("io")
+    io = manifest.get(Key.IO)
     if io is not None:
         for kind, names in (("inputs", graph.inputs), ("outputs", graph.outputs)):
             if io[kind] != names:
@@ -310,9 +168,9 @@ def _check_graph(path: Path, manifest: dict, graph: GraphSummary, legacy: bool, 
     multimodal = MultimodalSpec.from_manifest(manifest)
     if multimodal is not None:
         multimodal.check_files(path)
-        if "inputs_embeds" not in graph.inputs:
+        if INPUTS_EMBEDS not in graph.inputs:
             raise AlignerError(f"manifest and graph disagree: the manifest describes a vision-language export but "
-                               f"{MODEL_FILE} does not take inputs_embeds (tampered or mixed-up export)")
+                               f"{MODEL_FILE} does not take {INPUTS_EMBEDS} (tampered or mixed-up export)")
     problem = _steering_problem(manifest, graph)
     if problem is None and not any(k.startswith(METADATA_PREFIX) for k in graph.metadata):
         problem = f"the graph carries no {METADATA_PREFIX}* metadata"
@@ -325,8 +183,8 @@ def _check_graph(path: Path, manifest: dict, graph: GraphSummary, legacy: bool, 
     elif legacy:
         warnings.warn(f"{path}: a format-1 export, loaded without integrity checks (allow_legacy)", stacklevel=2)
     else:
-        integrity.verify(path, manifest["integrity"], graph, manifest_gate_layers(manifest), manifest["steer_layers"],
-                         manifest["steer_impl"], verify_model_files=verify_weights)
+        integrity.verify(path, manifest[Key.INTEGRITY], graph, manifest_gate_layers(manifest), manifest[Key.STEER_LAYERS],
+                         manifest[Key.STEER_IMPL], verify_model_files=verify_weights)
     return problem
 
 
@@ -342,7 +200,7 @@ def load_export(path: str | Path, allow_unsteered: bool = False, *, allow_legacy
     model = path / MODEL_FILE
     if not model.is_file():
         raise AlignerError(f"export directory has no {MODEL_FILE}: {path}")
-    legacy = manifest["format_version"] == LEGACY_FORMAT_VERSION
+    legacy = manifest[Key.FORMAT_VERSION] == LEGACY_FORMAT_VERSION
     steering_declared = all(k in manifest for k in STEERING_FACTS)
     if legacy and steering_declared and not allow_legacy:
         raise AlignerError(f"refusing {path}: it was exported by an older version (manifest format 1) and carries no "
@@ -369,8 +227,8 @@ def load_engine_export(path: str | Path) -> ExportDir:
     path = Path(path)
     manifest, digest = read_manifest(path)
     missing = [k for k in REQUIRED_V2 if k not in manifest]
-    if manifest["format_version"] == LEGACY_FORMAT_VERSION or missing:
+    if manifest[Key.FORMAT_VERSION] == LEGACY_FORMAT_VERSION or missing:
         raise AlignerError(f"refusing {path}: an engine's export needs a complete format-2 manifest "
                            f"({', '.join(missing) or 'format 1'} missing); export and build again")
-    integrity.verify_files(path, manifest["integrity"], verify_model_files=False)
+    integrity.verify_files(path, manifest[Key.INTEGRITY], verify_model_files=False)
     return ExportDir(path, manifest, digest, graph=None, steered=True)

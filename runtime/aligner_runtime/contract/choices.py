@@ -1,0 +1,35 @@
+"""The enumerations and numeric limits of the contract, defined once: the manifest loader checks against them, the
+exporter writes them, and the CLIs take their ``choices=`` from here."""
+
+from __future__ import annotations
+
+# --- what an export records (docs/contract.md "Manifest") -------------------------------------------------------------
+DTYPES = ("fp32", "fp16")  # activation precision of the graph
+STEER_IMPLS = ("function", "inline")  # steering ops as ONNX functions, or their bodies inlined
+WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
+QUANT_METHODS = ("rtn", "hqq")  # int4 weight quantisation
+EXPORTERS = ("auto", "optimum", "torch", "genai")
+BIAS_RULES = ("paper", "fpr")  # how calibration places the gate's bias
+GATE_RULES = ("paper", "fpr", "linear")  # the rule recorded with a gate (the linear gate's bias is fitted)
+PACK_GATES = ("linear", "paper")  # the pack's fitted §5.1 gate, or the paper's one direction at one layer
+PACK_MODES = ("cross-model", "self")
+
+# --- what a runtime offers ------------------------------------------------------------------------------------------
+BACKENDS = ("onnxruntime", "tensorrt")
+PROVIDERS = ("cpu", "cuda", "tensorrt")  # ONNX Runtime execution providers, by short name
+PREFILL_MODES = ("alone", "together")  # the server: a joining request prefilled alone or with the others joining
+ENGINE_PRECISIONS = ("fp16", "bf16", "fp32")  # TensorRT engine builds
+TRITON_INSTANCE_KINDS = ("cpu", "gpu")
+
+# --- limits (checked before anything is allocated) ------------------------------------------------------------------
+MAX_MANIFEST_BYTES = 8 << 20
+MAX_LAYERS = 4096
+MAX_HIDDEN = 1 << 20
+MAX_TOKENS = 64  # a gate's pooled prompt positions (K)
+MAX_CONTEXT = 1 << 24
+MAX_EOS_IDS = 64
+MAX_TOKEN_ID = 1 << 31
+MAX_OPSET = 1000
+MAX_IO_NAMES = 10_000
+STRENGTH_HALF_LIFE = (1e-3, 1e6)
+END_RULE_LIMITS = {"after": (0, 4096), "slope": (0.0, 100.0)}  # docs/contract.md "Ending a steered answer"

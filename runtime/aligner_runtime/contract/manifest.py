@@ -1,0 +1,279 @@
+"""The manifest ``inferaligner.json`` (docs/contract.md "Manifest"): its key names, defined once, the facts it shares
+with the graph's ``metadata_props``, the kind and range check of every field (:func:`check_manifest`) and the typed
+view of a checked manifest (:class:`Manifest`). Numpy-free: it runs on a device with no torch and no onnx.
+
+The C runtime reads the same keys in ``runtime/c/src/manifest.cpp``; ``tests/test_contract_sync.py`` keeps the two in
+step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field as dc_field
+from typing import Any
+
+from .. import schema
+from ..errors import AlignerError
+from .choices import (DTYPES, MAX_CONTEXT, MAX_EOS_IDS, MAX_HIDDEN, MAX_IO_NAMES, MAX_LAYERS, MAX_OPSET, MAX_TOKEN_ID,
+                      MAX_TOKENS, STEER_IMPLS, STRENGTH_HALF_LIFE, END_RULE_LIMITS)
+from .names import SITE, STEERING_IO
+from .steering import GATE_KINDS
+from .protocol import EndRule, StrengthSchedule, two_pass_prefill
+
+FORMAT_VERSION = 2  # what the exporter writes
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
+LEGACY_FORMAT_VERSION = 1  # no integrity digests
+
+
+class Key:
+    """The manifest's top-level keys (a key fact is also ``inferaligner.<key>`` in the graph's metadata_props)."""
+
+    FORMAT_VERSION = "format_version"
+    PACKAGE_VERSION = "package_version"
+    PACK_SHA256 = "pack_sha256"
+    PACK_MODE = "pack_mode"
+    TARGET_FINGERPRINT = "target_fingerprint"
+    STEER_LAYERS = "steer_layers"
+    GATE_LAYER = "gate_layer"
+    ALPHA = "alpha"
+    BIAS = "bias"
+    BIAS_RULE = "bias_rule"
+    STEER_IMPL = "steer_impl"
+    GATE = "gate"
+    TWO_PASS_PREFILL = "two_pass_prefill"
+    STEERING_IO = "steering_io"
+    DTYPE = "dtype"
+    OPSET = "opset"
+    SITE = "site"
+    EXPORTER = "exporter"
+    CHAT_TEMPLATE_SHA256 = "chat_template_sha256"
+    CHAT_TEMPLATE_FALLBACK = "chat_template_fallback"
+    NUM_LAYERS = "num_layers"
+    HIDDEN_SIZE = "hidden_size"
+    EOS_TOKEN_IDS = "eos_token_ids"
+    CONTEXT_LENGTH = "context_length"
+    STRENGTH = "strength"
+    END_RULE = "end_rule"
+    IO = "io"
+    VALIDATION = "validation"
+    WEIGHTS = "weights"
+    INTEGRITY = "integrity"
+    MULTIMODAL = "multimodal"
+
+
+class GateKey:
+    """The keys of the manifest's ``gate`` object (:meth:`GateConfig.manifest`)."""
+
+    VERSION = "version"
+    LAYERS = "layers"
+    TOKENS = "tokens"
+    NORMALIZE = "normalize"
+    BIAS = "bias"
+    RULE = "rule"
+
+
+class IntegrityKey:
+    """The keys of the manifest's ``integrity`` object (:mod:`aligner_runtime.integrity`)."""
+
+    CONSTANTS = "constants"
+    FUNCTIONS = "functions"
+    FILES = "files"
+    MODEL_FILES = "model_files"
+    WIRING = "wiring"
+    NODES = "nodes"
+
+
+# Facts that the manifest and the graph's metadata_props both hold and must agree on.
+KEY_FACTS = (Key.FORMAT_VERSION, Key.PACK_SHA256, Key.TARGET_FINGERPRINT, Key.STEER_LAYERS, Key.GATE_LAYER, Key.ALPHA,
+             Key.BIAS, Key.BIAS_RULE, Key.STEER_IMPL, Key.DTYPE, Key.SITE, Key.CHAT_TEMPLATE_SHA256, Key.NUM_LAYERS,
+             Key.HIDDEN_SIZE, Key.MULTIMODAL, Key.GATE, Key.TWO_PASS_PREFILL, Key.STEERING_IO, Key.STRENGTH,
+             Key.END_RULE, Key.EOS_TOKEN_IDS, Key.CONTEXT_LENGTH)
+# Facts that also go into metadata_props beyond KEY_FACTS: enough to inspect a bare .onnx file.
+METADATA_EXTRA = (Key.PACKAGE_VERSION, Key.OPSET, Key.VALIDATION, Key.EXPORTER, Key.PACK_MODE)
+# Without these the runtime cannot know where the graph steers: their absence counts as "unsteered".
+STEERING_FACTS = (Key.STEER_LAYERS, Key.GATE_LAYER, Key.ALPHA, Key.BIAS)
+# Every key a format-2 manifest of a steered export must hold (besides the optional "multimodal").
+REQUIRED_V2 = (Key.FORMAT_VERSION, Key.PACKAGE_VERSION, Key.PACK_SHA256, Key.TARGET_FINGERPRINT, Key.STEER_LAYERS,
+               Key.GATE_LAYER, Key.ALPHA, Key.BIAS, Key.BIAS_RULE, Key.STEER_IMPL, Key.DTYPE, Key.OPSET, Key.SITE,
+               Key.CHAT_TEMPLATE_SHA256, Key.NUM_LAYERS, Key.HIDDEN_SIZE, Key.EOS_TOKEN_IDS, Key.CONTEXT_LENGTH, Key.IO,
+               Key.GATE, Key.TWO_PASS_PREFILL, Key.STEERING_IO, Key.VALIDATION, Key.INTEGRITY)
+
+
+def manifest_gate_layers(manifest: dict) -> list[int]:
+    """G from a manifest: format 2's ``gate.layers``; format 1 has the one ``gate_layer``."""
+    gate = manifest.get(Key.GATE)
+    if isinstance(gate, dict) and isinstance(gate.get(GateKey.LAYERS), list):
+        return list(gate[GateKey.LAYERS])
+    return [manifest[Key.GATE_LAYER]] if isinstance(manifest.get(Key.GATE_LAYER), int) else []
+
+
+def _layers(manifest: dict, key: str, where: str, num_layers: int) -> list[int]:
+    values = schema.field(manifest, key, "int_list", where, lo=0, hi=num_layers - 1, max_items=MAX_LAYERS)
+    if len(set(values)) != len(values) or values != sorted(values):
+        raise AlignerError(f"{where}: '{key}' must list distinct layers in ascending order")
+    return values
+
+
+def _digest_map(obj: dict, key: str, where: str) -> dict:
+    values = schema.field(obj, key, "dict", where)
+    for name in values:
+        schema.field(values, name, "sha256", f"{where}: {key}")
+    return values
+
+
+def _file_name(obj: dict, key: str, where: str) -> str:
+    """A file of the export directory named in the manifest: a plain name, never a path out of the directory."""
+    name = schema.field(obj, key, "str", where)
+    if not name or name in (".", "..") or "/" in name or "\\" in name or not name.isprintable() \
+            or len(name.encode("utf-8", "surrogatepass")) > 255:
+        raise AlignerError(f"{where}: {key!r} must be a file name of the export directory, got {name[:80]!r}")
+    return name
+
+
+def _check_multimodal(entry: dict, where: str) -> None:
+    """The kinds of what :class:`aligner_runtime.multimodal.MultimodalSpec` converts (docs/multimodal.md)."""
+    for key in ("vision_model", "embed_model"):
+        _file_name(entry, key, where)
+    schema.field(entry, "image_token", "str", where)
+    schema.field(entry, "image_token_id", "int", where, lo=0, hi=MAX_TOKEN_ID)
+    schema.field(entry, "placement", "str", where)
+    schema.field(entry, "preprocessing", "dict", where)
+    # null where the architecture does not use them (LLaVA-NeXT has no fixed image_seq_length, LLaVA no anyres)
+    if entry.get("architecture") is not None:
+        schema.field(entry, "architecture", "str", where)
+    if entry.get("image_seq_length") is not None:
+        schema.field(entry, "image_seq_length", "int", where, lo=1, hi=MAX_CONTEXT)
+    if entry.get("anyres") is not None:
+        schema.field(entry, "anyres", "dict", where)
+
+
+def check_manifest(manifest, where: str) -> dict:
+    """Checks the kind and range of every field the run-time uses (those present); returns ``manifest``."""
+    if not isinstance(manifest, dict):
+        raise AlignerError(f"{where} is not a JSON object")
+    version = schema.field(manifest, Key.FORMAT_VERSION, "int", where)
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise AlignerError(f"{where} has format_version {version}; this runtime reads "
+                           f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}")
+    num_layers = schema.field(manifest, Key.NUM_LAYERS, "int", where, default=MAX_LAYERS, lo=1, hi=MAX_LAYERS)
+    schema.field(manifest, Key.HIDDEN_SIZE, "int", where, default=None, lo=1, hi=MAX_HIDDEN)
+    if Key.STEER_LAYERS in manifest:
+        _layers(manifest, Key.STEER_LAYERS, where, num_layers)
+    schema.field(manifest, Key.GATE_LAYER, "int", where, default=None, lo=0, hi=num_layers - 1)
+    schema.field(manifest, Key.ALPHA, "float", where, default=None, lo=0.0)
+    schema.field(manifest, Key.BIAS, "float", where, default=None)
+    for key in (Key.BIAS_RULE, Key.PACKAGE_VERSION, Key.TARGET_FINGERPRINT, Key.EXPORTER, Key.PACK_MODE):
+        schema.field(manifest, key, "str", where, default=None)
+    schema.field(manifest, Key.STEER_IMPL, "str", where, default=None, choices=STEER_IMPLS)
+    schema.field(manifest, Key.DTYPE, "str", where, default=None, choices=DTYPES)
+    schema.field(manifest, Key.SITE, "str", where, default=None, choices=(SITE,))
+    schema.field(manifest, Key.OPSET, "int", where, default=None, lo=1, hi=MAX_OPSET)
+    for key in (Key.CHAT_TEMPLATE_SHA256, Key.PACK_SHA256):
+        schema.field(manifest, key, "sha256", where, default=None)
+    schema.field(manifest, Key.EOS_TOKEN_IDS, "int_list", where, default=None, lo=0, hi=MAX_TOKEN_ID,
+                 max_items=MAX_EOS_IDS)
+    schema.field(manifest, Key.CONTEXT_LENGTH, "int", where, default=None, lo=1, hi=MAX_CONTEXT)
+    io = schema.field(manifest, Key.IO, "dict", where, default=None)
+    if io is not None:
+        for kind in ("inputs", "outputs"):
+            schema.field(io, kind, "str_list", f"{where}: io", max_items=MAX_IO_NAMES)
+    validation = manifest.get(Key.VALIDATION)
+    if validation is not None:
+        schema.field(manifest, Key.VALIDATION, "dict", where)
+        if schema.field(validation, "passed", "bool", f"{where}: validation") is not True:
+            raise AlignerError(f"{where}: the export failed its validation against the PyTorch reference")
+    gate = schema.field(manifest, Key.GATE, "dict", where, default=None)
+    if gate is not None:
+        here = f"{where}: gate"
+        schema.field(gate, GateKey.VERSION, "int", here, lo=1, hi=max(GATE_KINDS))
+        gate_layers = _layers(gate, GateKey.LAYERS, here, num_layers)
+        if not gate_layers:
+            raise AlignerError(f"{here}: 'layers' is empty")
+        schema.field(gate, GateKey.TOKENS, "int", here, lo=1, hi=MAX_TOKENS)
+        schema.field(gate, GateKey.NORMALIZE, "bool", here)
+        schema.field(gate, GateKey.BIAS, "float", here)
+        if manifest.get(Key.GATE_LAYER) != gate_layers[-1]:
+            raise AlignerError(f"{where}: 'gate_layer' must be the last of the gate layers")
+    two_pass = schema.field(manifest, Key.TWO_PASS_PREFILL, "bool", where, default=None)
+    if two_pass is not None and Key.STEER_LAYERS in manifest and gate is not None and \
+            two_pass != two_pass_prefill(manifest[Key.STEER_LAYERS], gate[GateKey.LAYERS]):
+        raise AlignerError(f"{where}: 'two_pass_prefill' contradicts the gate and steered layers")
+    steering_io = schema.field(manifest, Key.STEERING_IO, "dict", where, default=None)
+    if steering_io is not None and steering_io != STEERING_IO:
+        raise AlignerError(f"{where}: 'steering_io' must be {STEERING_IO}")
+    record = schema.field(manifest, Key.INTEGRITY, "dict", where, default=None)
+    if record is not None:
+        here = f"{where}: integrity"
+        for key in (IntegrityKey.CONSTANTS, IntegrityKey.FUNCTIONS, IntegrityKey.FILES,
+                    IntegrityKey.MODEL_FILES):
+            _digest_map(record, key, here)
+        for key in (IntegrityKey.WIRING, IntegrityKey.NODES):
+            schema.field(record, key, "sha256", here)
+    multimodal = schema.field(manifest, Key.MULTIMODAL, "dict", where, default=None)
+    if multimodal is not None:
+        _check_multimodal(multimodal, f"{where}: multimodal")
+    strength = schema.field(manifest, Key.STRENGTH, "dict", where, default=None)
+    if strength is not None:
+        low, high = STRENGTH_HALF_LIFE
+        schema.field(strength, "half_life", "float", f"{where}: strength", lo=low, hi=high)
+        schema.field(strength, "floor", "float", f"{where}: strength", lo=0.0, hi=1.0)
+    end_rule = schema.field(manifest, Key.END_RULE, "dict", where, default=None)
+    if end_rule is not None:  # docs/contract.md "Ending a steered answer"
+        low, high = END_RULE_LIMITS["after"]
+        schema.field(end_rule, "after", "int", f"{where}: end_rule", lo=low, hi=high)
+        low, high = END_RULE_LIMITS["slope"]
+        slope = schema.field(end_rule, "slope", "float", f"{where}: end_rule", lo=low, hi=high)
+        if not slope > 0:
+            raise AlignerError(f"{where}: end_rule slope must be > 0, got {slope}")
+    return manifest
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A checked manifest, typed. ``raw`` is the JSON object itself (what digests and the metadata comparison read);
+    the fields are the facts a runtime acts on. Build it with :meth:`from_json`, which runs :func:`check_manifest`."""
+
+    raw: dict = dc_field(repr=False)
+    format_version: int
+    steer_layers: tuple[int, ...]
+    gate_layers: tuple[int, ...]
+    gate_layer: int | None
+    alpha: float | None
+    bias: float | None
+    steer_impl: str | None
+    dtype: str | None
+    num_layers: int | None
+    hidden_size: int | None
+    eos_token_ids: tuple[int, ...]
+    context_length: int | None
+    strength: StrengthSchedule
+    two_pass: bool
+    end_rule: EndRule = EndRule()
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> "Manifest":
+        raw = check_manifest(obj, where)
+        steer_layers = tuple(raw.get(Key.STEER_LAYERS) or ())
+        gate_layers = tuple(manifest_gate_layers(raw))
+        recorded = raw.get(Key.TWO_PASS_PREFILL)
+        two_pass = recorded if isinstance(recorded, bool) else two_pass_prefill(steer_layers, gate_layers)
+        return cls(raw=raw, format_version=raw[Key.FORMAT_VERSION], steer_layers=steer_layers,
+                   gate_layers=gate_layers, gate_layer=raw.get(Key.GATE_LAYER), alpha=raw.get(Key.ALPHA),
+                   bias=raw.get(Key.BIAS), steer_impl=raw.get(Key.STEER_IMPL), dtype=raw.get(Key.DTYPE),
+                   num_layers=raw.get(Key.NUM_LAYERS), hidden_size=raw.get(Key.HIDDEN_SIZE),
+                   eos_token_ids=tuple(raw.get(Key.EOS_TOKEN_IDS) or ()), context_length=raw.get(Key.CONTEXT_LENGTH),
+                   strength=StrengthSchedule.from_manifest(raw.get(Key.STRENGTH)), two_pass=bool(two_pass),
+                   end_rule=EndRule.from_manifest(raw.get(Key.END_RULE)))
+
+    @property
+    def legacy(self) -> bool:
+        return self.format_version == LEGACY_FORMAT_VERSION
+
+    @property
+    def steering_declared(self) -> bool:
+        return all(k in self.raw for k in STEERING_FACTS)
+
+    def missing_required(self) -> list[str]:
+        """The keys a format-2 manifest must hold that this one lacks."""
+        return [k for k in REQUIRED_V2 if k not in self.raw]
+
+    def to_json(self) -> dict:
+        return dict(self.raw)

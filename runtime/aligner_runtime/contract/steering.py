@@ -1,0 +1,195 @@
+"""The steering configuration (docs/contract.md): the gate baked into a graph and the vectors added at each steered
+layer. Numpy only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from .choices import GATE_RULES  # noqa: F401  (re-exported by the package)
+from .protocol import two_pass_prefill
+
+# --- the steering configuration -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GateKind:
+    """One kind of gate: the SteerGate operator version that computes it and the shape rules of its configuration.
+
+    A new kind (a token-pooled gate, an MLP head) is one :func:`register_gate_kind` call here plus its operator:
+    the ONNX function (``aligner_export.graph.onnx_ops``), the PyTorch reference and the C++/CUDA plugin, each keyed
+    by ``version``. ``pack_name`` is how a steering pack names it (``None``: a pack cannot select it)."""
+
+    name: str
+    version: int
+    pack_name: str | None
+    max_layers: int | None = None  # None: any number of gate layers
+    fixed_tokens: int | None = None  # None: K is configurable
+    normalizes: bool = True  # may pool normalised residuals
+
+    def check(self, gate: "GateConfig") -> None:
+        if self.max_layers is not None and len(gate.layers) > self.max_layers:
+            raise ValueError(f"a {self.name} gate (version {self.version}) reads at most {self.max_layers} layer(s), "
+                             f"got {len(gate.layers)}")
+        if self.fixed_tokens is not None and gate.tokens != self.fixed_tokens:
+            raise ValueError(f"a {self.name} gate (version {self.version}) reads {self.fixed_tokens} token(s), "
+                             f"got {gate.tokens}")
+        if gate.normalize and not self.normalizes:
+            raise ValueError(f"a {self.name} gate (version {self.version}) has no normalisation")
+
+
+@dataclass(frozen=True)
+class ShiftMode:
+    """One kind of SteerShift: the operator version that implements it (docs/contract.md "Operators")."""
+
+    name: str
+    version: int
+
+
+GATE_KINDS: dict[int, GateKind] = {}
+SHIFT_MODES: dict[int, ShiftMode] = {}
+
+
+def register_gate_kind(kind: GateKind) -> GateKind:
+    if kind.version in GATE_KINDS:
+        raise ValueError(f"gate version {kind.version} is registered already ({GATE_KINDS[kind.version].name})")
+    GATE_KINDS[kind.version] = kind
+    return kind
+
+
+def register_shift_mode(mode: ShiftMode) -> ShiftMode:
+    if mode.version in SHIFT_MODES:
+        raise ValueError(f"shift version {mode.version} is registered already ({SHIFT_MODES[mode.version].name})")
+    SHIFT_MODES[mode.version] = mode
+    return mode
+
+
+# The paper's gate: one direction at one layer, the last prompt token, no normalisation.
+register_gate_kind(GateKind("paper", 1, pack_name="paper", max_layers=1, fixed_tokens=1, normalizes=False))
+# §5.1's linear gate: weights over several layers, pooled over the last K prompt tokens.
+register_gate_kind(GateKind("linear", 2, pack_name="linear"))
+# The paper's shift: h + gate·α_l·θ_l.
+register_shift_mode(ShiftMode("add", 1))
+
+
+def gate_kind(version: int) -> GateKind:
+    """The registered kind of SteerGate ``version``; ValueError when none is."""
+    try:
+        return GATE_KINDS[version]
+    except (KeyError, TypeError):
+        raise ValueError(f"gate version {version!r} is not one of {tuple(GATE_KINDS)}") from None
+
+
+def gate_kind_named(pack_name: str) -> GateKind:
+    """The kind a steering pack names ``pack_name``."""
+    for kind in GATE_KINDS.values():
+        if kind.pack_name == pack_name:
+            return kind
+    raise ValueError(f"unknown gate kind {pack_name!r}: use one of "
+                     f"{', '.join(k.pack_name for k in GATE_KINDS.values() if k.pack_name)}")
+
+
+
+@dataclass
+class GateConfig:
+    """The gate baked into a graph (docs/contract.md).
+
+    ``version`` 1: one layer, ``weights[layer]`` the unit direction, one token, no normalisation.
+    ``version`` 2 (§5.1): ``score = Σ_{l∈layers} weights[l]·f_l + bias`` where ``f_l`` pools ``n(h_l)`` over the last
+    ``tokens`` valid prompt positions and ``n`` is ``x/‖x‖`` when ``normalize``.
+    """
+
+    layers: tuple[int, ...]
+    weights: Mapping[int, np.ndarray]
+    bias: float
+    tokens: int = 1
+    normalize: bool = False
+    version: int = 1
+    rule: str = "fpr"
+
+    def __post_init__(self):
+        self.layers = tuple(sorted(int(l) for l in self.layers))
+        self.weights = {int(l): np.asarray(w, dtype=np.float32) for l, w in self.weights.items()}
+        self.bias = float(self.bias)
+
+    @property
+    def last_layer(self) -> int:
+        """g*: where the decision is taken."""
+        return self.layers[-1]
+
+    def check(self, num_layers: int, hidden_size: int) -> "GateConfig":
+        """Raises ValueError naming the first thing that is not a valid gate for this model."""
+        kind = gate_kind(self.version)
+        if not self.layers:
+            raise ValueError("the gate has no layer")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"gate layers repeat: {list(self.layers)}")
+        for layer in self.layers:
+            if not 0 <= layer < num_layers:
+                raise ValueError(f"gate layer {layer} out of range; the model has layers 0-{num_layers - 1}")
+        if set(self.weights) != set(self.layers):
+            raise ValueError(f"gate weights given for layers {sorted(self.weights)}, gate layers are "
+                             f"{list(self.layers)}")
+        for layer, weight in self.weights.items():
+            if weight.shape != (hidden_size,):
+                raise ValueError(f"gate weight of layer {layer} has shape {list(weight.shape)}, expected "
+                                 f"[{hidden_size}]")
+            if not np.all(np.isfinite(weight)):
+                raise ValueError(f"gate weight of layer {layer} holds NaN or inf")
+        if not np.isfinite(self.bias):
+            raise ValueError(f"gate bias is not finite: {self.bias}")
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, (int, np.integer)) or self.tokens < 1:
+            raise ValueError(f"gate tokens (K) must be an integer >= 1, got {self.tokens!r}")
+        kind.check(self)
+        return self
+
+    def manifest(self) -> dict:
+        """The manifest's ``gate`` object (weights are recorded by digest, not value)."""
+        return {"version": self.version, "layers": list(self.layers), "tokens": int(self.tokens),
+                "normalize": bool(self.normalize), "bias": self.bias, "rule": self.rule}
+
+
+@dataclass
+class SteerConfig:
+    """What steering does to one model: the gate, and the vectors ``α_l·θ_l`` added at each steered layer. The one
+    configuration type of the package (calibration's recommendation, the PyTorch reference, the graph rewrite and the
+    export validation all take it)."""
+
+    gate: GateConfig
+    vectors: Mapping[int, np.ndarray]
+    steer_impl: str = "function"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.vectors = {int(l): np.asarray(v, dtype=np.float32) for l, v in self.vectors.items()}
+
+    @property
+    def steer_layers(self) -> list[int]:
+        return sorted(self.vectors)
+
+    @property
+    def gate_layer(self) -> int:
+        return self.gate.last_layer
+
+    @property
+    def two_pass(self) -> bool:
+        return two_pass_prefill(self.steer_layers, self.gate.layers)
+
+    def check(self, num_layers: int, hidden_size: int) -> "SteerConfig":
+        self.gate.check(num_layers, hidden_size)
+        if not self.vectors:
+            raise ValueError("the steered set is empty")
+        for layer, vector in self.vectors.items():
+            if not 0 <= layer < num_layers:
+                raise ValueError(f"steered layer {layer} out of range; the model has layers 0-{num_layers - 1}")
+            if vector.shape != (hidden_size,) or not np.all(np.isfinite(vector)):
+                raise ValueError(f"steering vector of layer {layer} must be a finite float32 [{hidden_size}]")
+        return self
+
+    @classmethod
+    def single_layer(cls, gate_layer: int, direction, bias: float, vectors: Mapping[int, np.ndarray],
+                     steer_impl: str = "function", rule: str = "fpr") -> "SteerConfig":
+        """A version-1 gate (the paper's: one layer, one direction) with these vectors."""
+        gate = GateConfig(layers=(gate_layer,), weights={gate_layer: direction}, bias=bias, rule=rule)
+        return cls(gate=gate, vectors=vectors, steer_impl=steer_impl)
