@@ -211,7 +211,7 @@ def prompt_from_messages(messages) -> tuple[str, str | None]:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise BadRequest(f"{where} must be an object with a 'role' and a 'content'", "messages")
         if set(message) - {"role", "content", "name"}:
-            raise BadRequest(f"{where}: unknown field '{sorted(set(message) - {'role', 'content', 'name'})[0]}'",
+            raise BadRequest(f"{where}: unknown field {_shown(sorted(set(message) - {'role', 'content', 'name'})[0])}",
                              "messages")
         role = message["role"]
         if role in ("system", "developer") and i == 0 and len(messages) > 1:
