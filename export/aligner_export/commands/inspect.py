@@ -59,7 +59,7 @@ def run(args) -> int:
             from None
     # a file name or manifest string may hold lone surrogates, which no terminal encoding takes
     print(text.encode("utf-8", "backslashreplace").decode("utf-8"))
-    return 1 if not args.json and info.get("verdict") == "REFUSED" and False else 0
+    return 0
 
 
 def describe(path: Path, trusted_keys=None, expect_sha256: str | None = None) -> dict:
