@@ -567,3 +567,18 @@ def test_harness_mutators_are_deterministic():
     seed = json.loads(harness.PROMPT_SEEDS[".json"])
     first = [dumps(harness.mutate_json(random.Random(7), seed)) for _ in range(3)]
     assert first == [dumps(harness.mutate_json(random.Random(7), seed)) for _ in range(3)]
+
+
+# --- issue 21: inspect, the server's request bodies and the signature loader (the campaign's targets, small count) ---
+@pytest.mark.parametrize("target", ["inspect-manifest", "inspect-pack", "inspect-export", "requests", "signature"])
+def test_issue21_targets_never_crash(target):
+    import warnings
+
+    from fuzz import campaign
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        row = campaign.run(target, mutations=60, seed=21)
+    assert row["crashed"] == 0, next(iter(row["crashes"].values()))
+    # the mutations reach the checks (inspect describes a broken graph or template with warnings, it does not refuse)
+    assert row["refused"] > 0 or target == "inspect-export"

@@ -101,7 +101,12 @@ BAD = {
                             "invalid sampling parameter"),
     "invalid top-p": (["--model", "{export}", "--prompt", "hi", "--top-p", "2"], "invalid sampling parameter"),
     "invalid max-new-tokens": (["--model", "{export}", "--prompt", "hi", "--max-new-tokens", "0"],
-                               "invalid sampling parameter"),
+                               "--max-new-tokens must be in [1, 32768]"),
+    # issue 21: a documented limit, then the export's context (prompt and answer share it)
+    "huge max-new-tokens": (["--model", "{export}", "--prompt", "hi", "--max-new-tokens", "1000000000"],
+                            "--max-new-tokens must be in [1, 32768]"),
+    "max-new-tokens over the context": (["--model", "{export}", "--prompt", "hi", "--max-new-tokens", "32768"],
+                                        "over the export's context length"),
     "tensorrt absent": (["--model", "{tmp}/engine/model.engine", "--backend", "tensorrt", "--prompt", "hi"],
                         "needs TensorRT"),
 }

@@ -213,6 +213,17 @@ LONG = "word " * 5000
     (chat(LONG), 400, "context"),
     ({"prompt": [1, 2, 3]}, 400, "token ids"),
     ({"prompt": "hi", "echo": True}, 400, "'echo'"),
+    # issue 21: bodies that were 500s (a 5001-digit integer, nesting 100 000 deep, a field nested 50 000 deep)
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1' + b"0" * 5000 + b"}", 400, "not valid JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "nested"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", 400,
+     "nested"),
+    (b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', 400, "surrogate"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "\\ud800": 1}', 400, "unknown field"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1' + b"0" * 400 + b"}", 400,
+     "'temperature'"),
+    (chat("hi", model=[[[["x"]]]]), 404, "does not exist"),
+    (chat("hi", max_tokens=1 << 16), 400, "'max_tokens'"),
 ], ids=lambda v: v if isinstance(v, (int, str)) else None)
 def test_bad_requests_get_a_clear_4xx_and_the_worker_survives(live, payload, status, fragment):
     server, url = live
@@ -313,6 +324,28 @@ def test_health_and_metrics(live, aligner, prompts):
         assert series in text, series
     rate = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("aligner_gate_rate ")))
     assert 0.0 < rate < 1.0
+
+
+def test_unexpected_failures_are_counted_as_500(aligner):
+    """An internal failure answers 500 for that request only, and /metrics counts it (issue 21)."""
+
+    class Broken:
+        def __getattr__(self, name):
+            return getattr(aligner.tokenizer, name)
+
+        def encode_prompt(self, *args, **kwargs):
+            raise RuntimeError("a bug")
+
+    server, live = serve(aligner)
+    server.aligner = type("A", (), {"tokenizer": Broken(), "context_length": aligner.context_length,
+                                    "stop_token_ids": aligner.stop_token_ids, "_backend": aligner._backend})()
+    with live:
+        response = httpx.post(f"{live.url}/v1/chat/completions", json=chat("Hello", max_tokens=2), timeout=60)
+        assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+        text = httpx.get(f"{live.url}/metrics", timeout=10).text
+        assert 'aligner_requests_total{endpoint="/v1/chat/completions",status="500"} 1.0' in text, text
+        assert httpx.get(f"{live.url}/health", timeout=10).status_code == 200
+    server.scheduler.close()
 
 
 def test_aligner_serve_command(aligner, tmp_path):

@@ -119,6 +119,7 @@ class Aligner:
         self._backend = backend  # private: its raw step takes any steer_gate_in (docs/integrity.md)
         self.context_length = context_length
         self.stop_token_ids = stop_token_ids
+        self.self_test = None  # the load-time steering self-test's report (aligner_runtime.selftest.CanaryReport)
         vocab = backend.vocab_size or tokenizer.vocab_size
         check_token_ids(stop_token_ids, vocab, "stop token")
 
@@ -142,20 +143,33 @@ class Aligner:
     @classmethod
     def load(cls, path: str | Path, backend: str = "onnxruntime", *, providers: Sequence | None = None,
              threads: int | None = None, plugins: str | Path | None = None,
-             allow_unsteered: bool = False, allow_legacy: bool = False, verify_weights: bool = True) -> "Aligner":
+             allow_unsteered: bool = False, allow_legacy: bool = False, verify_weights: bool = True,
+             trusted_keys=None, expect_sha256: str | None = None, self_test: str | None = None) -> "Aligner":
         """Loads an export dir (``onnxruntime``), or for ``tensorrt`` an engine file or a directory holding the engine
         and its ``ENGINE.json``. The export (manifest, tokenizer) is the stamp's ``export_dir``, else the engine's
         directory. Refuses an unsteered, mismatched or tampered export (``aligner_runtime.manifest``): an unsteered
         one runs only with ``allow_unsteered=True``, an export of manifest format 1 (no integrity digests) only with
-        ``allow_legacy=True``. ``verify_weights=False`` skips the digest of the weight files (one read of them)."""
+        ``allow_legacy=True``. ``verify_weights=False`` skips the digest of the weight files (one read of them).
+
+        ``trusted_keys`` (public key files or directories; default ``$INFERALIGNER_TRUSTED_KEYS`` or the config
+        directory, :mod:`aligner_runtime.signing`): when any key is configured only an export signed by one of them
+        loads. ``expect_sha256`` pins the export's manifest digest. A steered export then passes the steering
+        self-test (:mod:`aligner_runtime.selftest`); ``self_test="no-canary-gate"`` (or ``$INFERALIGNER_SELFTEST``)
+        skips only its gate-firing part, for test models with an uncalibrated gate."""
+        from . import selftest, signing
         from .backends import BACKENDS
 
         if backend not in BACKENDS:
             raise AlignerError(f"unknown backend '{backend}': use one of {', '.join(BACKENDS)}")
+        mode = selftest.resolve_mode(self_test)
+        keys = signing.trusted_keys(trusted_keys)
         path = Path(path)
+        facts = None  # the graph's steering constants, for the self-test
         if backend == "onnxruntime":
             export = load_export(path, allow_unsteered=allow_unsteered, allow_legacy=allow_legacy,
-                                 verify_weights=verify_weights)
+                                 verify_weights=verify_weights, trusted_keys=keys, expect_sha256=expect_sha256)
+            if export.steered:
+                facts = selftest.check_constants(export.graph, f"refusing {path}")
             from .backends.onnxruntime import OnnxRuntimeBackend
 
             engine = OnnxRuntimeBackend(export.model_path, providers=providers, intra_op_threads=threads)
@@ -176,9 +190,11 @@ class Aligner:
                 export_dir = engine_path.parent / export_dir
             if (export_dir / MODEL_FILE).is_file():
                 export = load_export(export_dir, allow_unsteered=allow_unsteered, allow_legacy=allow_legacy,
-                                     verify_weights=verify_weights)
+                                     verify_weights=verify_weights, trusted_keys=keys, expect_sha256=expect_sha256)
+                if export.steered:
+                    facts = selftest.check_constants(export.graph, f"refusing {export_dir}")
             else:  # a device deployment may ship the engine without the ONNX graph; the stamp binds the two
-                export = load_engine_export(export_dir)
+                export = load_engine_export(export_dir, trusted_keys=keys, expect_sha256=expect_sha256)
             engine = TensorRTBackend(engine_path, export.manifest_sha256, plugin_library=plugins,
                                      integrity=export.manifest.get("integrity") if export.steered else None)
             if GATE_IN not in engine.input_names and not allow_unsteered:
@@ -210,8 +226,11 @@ class Aligner:
         generation = _read_json(export.path / "generation_config.json")
         stops = manifest.get("eos_token_ids") or _as_ids(generation.get("eos_token_id"),
                                                          str(export.path / "generation_config.json"))
-        return cls(export, tokenizer, engine, int(context) if context else None, tuple(dict.fromkeys(stops)),
-                   image_encoder=encoder)
+        aligner = cls(export, tokenizer, engine, int(context) if context else None, tuple(dict.fromkeys(stops)),
+                      image_encoder=encoder)
+        if export.steered:
+            aligner.self_test = selftest.check_behaviour(aligner, mode, facts)
+        return aligner
 
     @property
     def multimodal(self) -> bool:
@@ -221,6 +240,12 @@ class Aligner:
     def _config(self, max_new_tokens=128, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=None,
                 stop_token_ids=None) -> SamplingConfig:
         vocab = self._backend.vocab_size or self.tokenizer.vocab_size
+        if self.context_length and isinstance(max_new_tokens, int) and max_new_tokens > self.context_length:
+            raise AlignerError(f"invalid sampling parameter: max_new_tokens {max_new_tokens:.0f} is over the export's "
+                               f"context length {self.context_length} (prompt and answer share it)"
+                               if max_new_tokens < 10 ** 30 else
+                               f"invalid sampling parameter: max_new_tokens is over the export's context length "
+                               f"{self.context_length}")
         if stop_token_ids is not None:
             check_token_ids(list(stop_token_ids), vocab, "stop token")
         stops = tuple(dict.fromkeys(self.stop_token_ids + tuple(stop_token_ids or ())))

@@ -34,7 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX Runtime execution provider, in order of preference (repeatable; default cpu)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
     p.add_argument("--plugins", help="steering plugin library for --backend tensorrt (default: the engine stamp's)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="new tokens per answer (at most 32768 and the export's context length; default 128)")
+    p.add_argument("--trusted-key", action="append", default=None, metavar="KEY",
+                   help="a trusted public key (.pub) or a directory of them: only an export signed by one loads "
+                        "(repeatable; default: $INFERALIGNER_TRUSTED_KEYS or /etc/inferaligner/trusted_keys)")
+    p.add_argument("--expect-sha256", default=None, metavar="HEX",
+                   help="refuse the export unless its manifest's sha256 is this (pins one export)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -91,8 +97,12 @@ def run(args) -> int:
 
     from .api import Aligner
 
+    from .generate import MAX_NEW_TOKENS
+
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:  # before the model is loaded
+        raise AlignerError(f"--max-new-tokens must be in [1, {MAX_NEW_TOKENS}], got {args.max_new_tokens}")
     aligner = Aligner.load(args.model, backend=args.backend, providers=args.provider, threads=args.threads,
-                           plugins=args.plugins)
+                           plugins=args.plugins, trusted_keys=args.trusted_key, expect_sha256=args.expect_sha256)
     sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_token_ids=args.stop_token_id)
     aligner._config(**sampling)  # invalid sampling options fail before any output

@@ -59,6 +59,11 @@ class Backend(Protocol):
         ...
 
 
+# The most new tokens one call may ask for (docs/contract.md "Limits"); the context bounds it further
+# (``Aligner._config``: a prompt's answer never runs past the export's context length).
+MAX_NEW_TOKENS = 32768
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How to pick each new token. ``temperature == 0`` or ``do_sample=False`` means greedy."""
@@ -77,7 +82,9 @@ class SamplingConfig:
 
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, (int, np.integer)) \
                 or self.max_new_tokens < 1:
-            bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+            bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r:.40}")
+        if self.max_new_tokens > MAX_NEW_TOKENS:
+            bad(f"max_new_tokens must be at most {MAX_NEW_TOKENS}, got {self.max_new_tokens!r:.40}")
         if not isinstance(self.temperature, (int, float)) or not np.isfinite(self.temperature) \
                 or self.temperature < 0:
             bad(f"temperature must be a finite number >= 0, got {self.temperature!r}")

@@ -29,7 +29,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import integrity, schema
+from . import integrity, schema, signing
 from .contract import (GATE_IN, GATE_OUT, INPUTS_EMBEDS, MANIFEST_FILE, METADATA_PREFIX, MODEL_FILE, SCORE_OUT,
                        STEER_GATE, STEER_SHIFT, two_pass_prefill)
 # The limits and key tuples are re-exported: callers and tests import them from here.
@@ -50,6 +50,7 @@ class ExportDir:
     graph: GraphSummary | None
     steered: bool
     unsteered_reason: str | None = None
+    signature: "signing.SignatureCheck | None" = None  # the signature check's outcome (aligner_runtime.signing)
 
     @property
     def model_path(self) -> Path:
@@ -100,7 +101,10 @@ def _same(a, b) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
         return a == b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
+        try:
+            return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
+        except OverflowError:  # an integer beyond the float range (from an untrusted side) equals only itself
+            return a == b
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict) and isinstance(b, dict):
@@ -188,15 +192,25 @@ def _check_graph(path: Path, manifest: dict, graph: GraphSummary, legacy: bool, 
     return problem
 
 
+def _check_signature(path: Path, digest: str, trusted_keys, expect_sha256) -> "signing.SignatureCheck":
+    try:
+        return signing.check_export(path, digest, trusted_keys=trusted_keys, expect_sha256=expect_sha256)
+    except AlignerError as exc:
+        raise AlignerError(f"refusing {path}: {exc}") from None
+
+
 def load_export(path: str | Path, allow_unsteered: bool = False, *, allow_legacy: bool = False,
-                verify_weights: bool = True) -> ExportDir:
-    """Reads and checks an export directory; see the module docstring for what is refused."""
+                verify_weights: bool = True, trusted_keys=None, expect_sha256: str | None = None) -> ExportDir:
+    """Reads and checks an export directory; see the module docstring for what is refused. ``trusted_keys`` and
+    ``expect_sha256``: :func:`aligner_runtime.signing.check_export` (with a trusted key configured, only a signed
+    export loads)."""
     path = Path(path)
     if not path.exists():
         raise AlignerError(f"export directory not found: {path}")
     if not path.is_dir():
         raise AlignerError(f"not an export directory: {path}")
     manifest, digest = read_manifest(path)
+    signature = _check_signature(path, digest, trusted_keys, expect_sha256)
     model = path / MODEL_FILE
     if not model.is_file():
         raise AlignerError(f"export directory has no {MODEL_FILE}: {path}")
@@ -217,18 +231,19 @@ def load_export(path: str | Path, allow_unsteered: bool = False, *, allow_legacy
     except AlignerError as exc:
         raise AlignerError(f"refusing {path}: {exc}") from None
     return ExportDir(path=path, manifest=manifest, manifest_sha256=digest, graph=graph, steered=problem is None,
-                     unsteered_reason=problem)
+                     unsteered_reason=problem, signature=signature)
 
 
-def load_engine_export(path: str | Path) -> ExportDir:
+def load_engine_export(path: str | Path, *, trusted_keys=None, expect_sha256: str | None = None) -> ExportDir:
     """The export beside a TensorRT engine shipped without its ONNX graph: a complete format-2 manifest whose
     tokenizer, template and config files match their digests. The engine's own checks (stamp, engine digest, the
     plugins' constants digests) are the TensorRT backend's."""
     path = Path(path)
     manifest, digest = read_manifest(path)
+    signature = _check_signature(path, digest, trusted_keys, expect_sha256)
     missing = [k for k in REQUIRED_V2 if k not in manifest]
     if manifest[Key.FORMAT_VERSION] == LEGACY_FORMAT_VERSION or missing:
         raise AlignerError(f"refusing {path}: an engine's export needs a complete format-2 manifest "
                            f"({', '.join(missing) or 'format 1'} missing); export and build again")
     integrity.verify_files(path, manifest[Key.INTEGRITY], verify_model_files=False)
-    return ExportDir(path, manifest, digest, graph=None, steered=True)
+    return ExportDir(path, manifest, digest, graph=None, steered=True, signature=signature)

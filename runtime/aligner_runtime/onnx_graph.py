@@ -28,6 +28,7 @@ from .errors import AlignerError
 
 MAX_DEPTH = 8  # messages nest at most this deep in what we read (Model > Graph > Node > Attribute > Tensor)
 _TENSOR_FLOAT, _TENSOR_INT64 = 1, 7  # TensorProto.DataType
+QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized")  # ONNX Runtime's weight-only quantized operators
 
 
 def _varint(buf, pos: int, end: int) -> tuple[int, int]:
@@ -81,6 +82,7 @@ class Attribute:
     name: str
     tag: str | None
     values: np.ndarray | None
+    text: str | None = None  # a string attribute (``plugin_version``), for ``aligner-export inspect``
 
 
 @dataclass
@@ -171,17 +173,19 @@ def _tensor(buf, span) -> tuple[str | None, np.ndarray | None]:
 
 
 def _attribute(buf, span) -> Attribute:
-    name, tag, values = "", None, None
+    name, tag, values, text = "", None, None, None
     for n, w, v in fields(buf, *span):
         if n == 1 and w == 2:
             name = _string(buf, v)
+        elif n == 4 and w == 2 and v[1] - v[0] <= 256:
+            text = _string(buf, v)
         elif n == 2 and w == 5:
             tag, values = "f", np.frombuffer(bytes(buf[v:v + 4]), dtype="<f4").copy()
         elif n == 3 and w == 0:
             tag, values = "i", np.array([v - (1 << 64) if v >= 1 << 63 else v], np.int64)
         elif n == 5 and w == 2:
             tag, values = _tensor(buf, v)
-    return Attribute(name, tag, values)
+    return Attribute(name, tag, values, text)
 
 
 def _node(buf, span) -> Node:
@@ -202,11 +206,13 @@ def _node(buf, span) -> Node:
             node.domain = _string(buf, v)
         elif n == 5:
             attribute_spans.append(v)
-    # Attributes are read only where integrity needs them: steering nodes and the Constants of inlined bodies.
-    if node.is_steering:
+    # Attributes are read only where integrity needs them (steering nodes and the Constants of inlined bodies) and
+    # for the weight format ``aligner-export inspect`` reports (the quantized operators' bits and block size).
+    if node.is_steering or node.op_type in QUANTIZED_OPS:
         for attribute_span in attribute_spans:
             attribute = _attribute(buf, attribute_span)
             node.attributes[attribute.name] = attribute
+    if node.is_steering:
         node.digest = hashlib.sha256(bytes(buf[span[0]:span[1]])).hexdigest()
     return node
 

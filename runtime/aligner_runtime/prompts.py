@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import os
 from pathlib import Path
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from . import schema
 from .errors import AlignerError
 
 PROMPT_FIELDS = ("instruction", "prompt", "goal", "question", "text")
-MAX_PROMPT_FILE_BYTES = 256 << 20
+MAX_PROMPT_FILE_BYTES = 64 << 20  # checked on the file's size, before it is read
+MAX_PROMPTS = 100_000  # prompts (or templates) one file may hold; counted as the file is parsed
 MAX_FIELD_BYTES = 16 << 20  # one CSV field (Python's csv module stops at 128 KiB unless told)
 IMAGE_FIELDS = ("image", "image_url", "image_path", "img")
 CSV_COLUMNS = ("goal", "Behavior", "prompt", "instruction", "question")
@@ -118,10 +120,18 @@ def load_prompt_items(path: str | os.PathLike, min_count: int = 1, images: bool 
     def _item(obj: object, where: str) -> PromptItem:
         return PromptItem(_from_object(obj, where), _image_of(obj, path.parent, where) if images else ())
 
+    def too_many():
+        raise AlignerError(f"prompt file {path} holds more than {MAX_PROMPTS} prompts (split it)")
+
     prompts: list
     if suffix == ".txt":
-        prompts = [line.strip() for line in text.splitlines()]
-        prompts = [p for p in prompts if p and not p.startswith("#")]
+        prompts = []
+        for line in text.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                if len(prompts) >= MAX_PROMPTS:
+                    too_many()
+                prompts.append(line)
     elif suffix == ".json":
         data = schema.loads(text, str(path)) if text.strip() else []
         if isinstance(data, dict):
@@ -130,12 +140,16 @@ def load_prompt_items(path: str | os.PathLike, min_count: int = 1, images: bool 
                 raise AlignerError(f"{path}: a JSON prompt file holds a list (or an object with one list)")
         if not isinstance(data, list):
             raise AlignerError(f"{path}: a JSON prompt file holds a list")
+        if len(data) > MAX_PROMPTS:
+            too_many()
         prompts = [_item(item, f"{path}[{i}]") for i, item in enumerate(data)]
     elif suffix == ".jsonl":
         prompts = []
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
+            if len(prompts) >= MAX_PROMPTS:
+                too_many()
             prompts.append(_item(schema.loads(line, f"{path}:{lineno}"), f"{path}:{lineno}"))
     else:
         rows = _csv_rows(text, path)
@@ -160,9 +174,11 @@ def load_prompt_items(path: str | os.PathLike, min_count: int = 1, images: bool 
 def _csv_rows(text: str, path: Path) -> list[dict]:
     csv.field_size_limit(MAX_FIELD_BYTES)
     try:
-        rows = list(csv.DictReader(text.splitlines()))
+        rows = list(itertools.islice(csv.DictReader(text.splitlines()), MAX_PROMPTS + 1))
     except csv.Error as exc:
         raise AlignerError(f"{path}: not a readable CSV file ({exc})") from None
+    if len(rows) > MAX_PROMPTS:
+        raise AlignerError(f"{path} holds more than {MAX_PROMPTS} rows (split it)")
     for i, row in enumerate(rows):
         if None in row or any(v is None for v in row.values()):  # a row with more or fewer fields than the header
             raise AlignerError(f"{path}: CSV row {i + 2} does not match the header")

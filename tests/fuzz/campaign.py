@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for "fuz
 
 from fuzz import harness  # noqa: E402
 
-LOADERS = ("pack", "manifest", "graph", "prompts")
+LOADERS = ("pack", "manifest", "graph", "prompts", "inspect-manifest", "inspect-pack", "inspect-export", "requests",
+           "signature")
 EXPORT_KINDS = (("function", 1), ("inline", 1), ("function", 2))
 
 
@@ -76,7 +77,65 @@ def _prompts(rng: random.Random, root: Path):
     return one
 
 
-TARGETS = {"pack": _pack, "manifest": _manifest, "graph": _graph, "prompts": _prompts}
+def _inspect_manifest(rng: random.Random, root: Path):
+    exports, seeds = _exports(root)
+
+    def one():
+        kind = rng.choice(EXPORT_KINDS)
+        try:
+            return harness.inspect_manifest_target(exports[kind], harness.mutate_manifest(rng, seeds[kind][0]))
+        finally:
+            (exports[kind] / "inferaligner.json").write_text(seeds[kind][0])
+    return one
+
+
+def _inspect_pack(rng: random.Random, root: Path):
+    seeds = [harness.seed_pack(root / f"seed-{linear}.safetensors", linear=linear).read_bytes()
+             for linear in (True, False)]
+    target = root / "mutated.safetensors"
+    return lambda: harness.inspect_pack_target(target, harness.mutate_pack(rng, rng.choice(seeds)))
+
+
+def _inspect_export(rng: random.Random, root: Path):
+    """Export directories: the graph's bytes, or a whole-file swap (tokenizer, template, signature) mutated."""
+    exports, seeds = _exports(root)
+    others = {kind: {name: (path / name).read_bytes() for name in ("tokenizer_config.json", "chat_template.jinja")}
+              for kind, path in exports.items()}
+
+    def one():
+        kind = rng.choice(EXPORT_KINDS)
+        path = exports[kind]
+        try:
+            if rng.random() < 0.7:
+                return harness.inspect_graph_target(path, harness.mutate_bytes(rng, seeds[kind][1]))
+            name = rng.choice(sorted(others[kind]))
+            (path / name).write_bytes(harness.mutate_bytes(rng, others[kind][name]))
+            return harness.inspect_target(path)
+        finally:
+            (path / "model.onnx").write_bytes(seeds[kind][1])
+            for name, data in others[kind].items():
+                (path / name).write_bytes(data)
+    return one
+
+
+def _requests(rng: random.Random, root: Path):
+    return lambda: harness.request_target(harness.mutate_request(rng))
+
+
+def _signature(rng: random.Random, root: Path):
+    path = harness.seed_export(root / "export-signed")
+    seed, public = harness.seed_signature(path, root)
+    key_seed = public.read_bytes()
+
+    def one():
+        key_data = harness.mutate_bytes(rng, key_seed) if rng.random() < 0.2 else None
+        return harness.signature_target(path, harness.mutate_signature(rng, seed), public, key_data)
+    return one
+
+
+TARGETS = {"pack": _pack, "manifest": _manifest, "graph": _graph, "prompts": _prompts,
+           "inspect-manifest": _inspect_manifest, "inspect-pack": _inspect_pack, "inspect-export": _inspect_export,
+           "requests": _requests, "signature": _signature}
 
 
 def run(loader: str, mutations: int, seed: int, keep: int = 3) -> dict:
@@ -121,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
           f"Python {sys.version.split()[0]}")
     for row in rows:
         for first, text in row["crashes"].items():
-            print(f"\n### crash in {row['loader']}: {first}\n{text}")
+            print(f"\n### crash in {row['loader']}: {first}\n{text}".encode("utf-8", "backslashreplace").decode())
     return 1 if any(row["crashed"] for row in rows) else 0
 
 

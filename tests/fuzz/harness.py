@@ -523,3 +523,115 @@ def prompt_target(directory: Path, suffix: str, data: bytes) -> str:
     items = outcome(load_prompt_items, path)
     outcome(load_templates, path)  # a template file must hold a slot in every line: mostly refused, never a crash
     return items
+
+
+# --- issue 21: inspect, the server's request bodies, the signature loader --------------------------------------------
+def inspect_target(path: Path) -> str:
+    """``aligner-export inspect``'s describe and render, without the command's last-resort guard (so that a missed
+    case counts as a crash here, not as a refusal)."""
+    from aligner_export.commands.inspect import describe, render
+
+    def both():
+        info = describe(path)
+        text = render(info)
+        text.encode("utf-8", "backslashreplace")
+        json.dumps(info, default=str)
+    return outcome(both)
+
+
+def inspect_manifest_target(directory: Path, data: bytes) -> str:
+    (directory / "inferaligner.json").write_bytes(data)
+    return inspect_target(directory)
+
+
+def inspect_graph_target(directory: Path, data: bytes) -> str:
+    (directory / "model.onnx").write_bytes(data)
+    return inspect_target(directory)
+
+
+def inspect_pack_target(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return inspect_target(path)
+
+
+REQUEST_SEEDS = (
+    {"model": "tiny", "messages": [{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": [{"type": "text", "text": "Hello"}]}],
+     "max_tokens": 8, "temperature": 0.5, "top_p": 0.9, "top_k": 4, "seed": 3, "stream": True,
+     "stream_options": {"include_usage": True}, "stop": ["\n", "END"], "n": 1, "user": "u"},
+    {"model": "tiny", "prompt": "Write a poem", "max_tokens": 4, "echo": False, "suffix": "", "best_of": 1,
+     "logprobs": False, "frequency_penalty": 0, "presence_penalty": 0.0, "stop": "x"},
+)
+
+
+def mutate_request(rng: random.Random) -> bytes:
+    seed = rng.choice(REQUEST_SEEDS)
+    mode = rng.randrange(6)
+    if mode <= 2:
+        return dumps(mutate_json(rng, seed)).encode("utf-8", "surrogatepass")
+    if mode == 3:
+        return mutate_bytes(rng, json.dumps(seed).encode())
+    if mode == 4:  # a field nested deep, or a huge integer, where the parser reads a number
+        key = rng.choice(("max_tokens", "temperature", "stop", "messages", "prompt", "seed", "model"))
+        value = rng.choice((deep(rng.choice((100, 5000, 50_000)), rng.choice(("list", "dict"))),
+                            Raw("1" + "0" * rng.choice((400, 4300, 5000))), Raw("-1e400")))
+        return dumps({**seed, key: value}).encode("utf-8", "surrogatepass")
+    return rng.choice((dumps(random_json(rng)).encode("utf-8", "surrogatepass"), rng.randbytes(rng.randint(0, 64)),
+                       deep(rng.choice((1000, 100_000)), rng.choice(("list", "dict"))).text.encode()))
+
+
+def request_target(data: bytes, context_length: int = 256) -> str:
+    """What the server does with a body before the tokenizer: ``schema.loads`` (as ``http._read_json``), the chat or
+    completion parser, the model-name check, and the error object Starlette serialises (``ensure_ascii=False``,
+    UTF-8). A :class:`BadRequest` is an AlignerError: a refusal; anything else would be a 500."""
+    from aligner_runtime import schema
+    from aligner_runtime.serving.requests import BadRequest, _shown, parse_chat, parse_completion
+
+    def serve():
+        try:
+            body = schema.loads(data, "the request body")
+            kind = "completion" if isinstance(body, dict) and "prompt" in body else "chat"
+            generation = parse_chat(body, context_length) if kind == "chat" else parse_completion(body, context_length)
+            if "model" in body and body["model"] not in (None, "tiny"):
+                raise BadRequest(f"the model {_shown(body['model'])} does not exist here", "model", status=404)
+            generation.prompt.encode("utf-8")
+        except AlignerError as exc:
+            param = getattr(exc, "param", None)
+            json.dumps({"error": {"message": str(exc), "param": param}}, ensure_ascii=False).encode("utf-8")
+            raise
+    return outcome(serve)
+
+
+def seed_signature(directory: Path, key_dir: Path) -> tuple[bytes, Path]:
+    """A signed copy's signature file and the trusted public key."""
+    from aligner_runtime import signing
+
+    private, public, _ = signing.keygen(key_dir / "fuzz.key", force=True)
+    signing.sign_export(directory, private)
+    return (directory / signing.SIGNATURE_FILE).read_bytes(), public
+
+
+def mutate_signature(rng: random.Random, seed: bytes) -> bytes:
+    mode = rng.randrange(5)
+    if mode <= 2:
+        return dumps(mutate_json(rng, json.loads(seed))).encode("utf-8", "surrogatepass")
+    if mode == 3:
+        return mutate_bytes(rng, seed)
+    return rng.choice((dumps(random_json(rng)).encode("utf-8", "surrogatepass"), rng.randbytes(rng.randint(0, 96)),
+                       deep(rng.choice((100, 5000)), "dict").text.encode()))
+
+
+def signature_target(directory: Path, data: bytes, public_key: Path, key_data: bytes | None = None) -> str:
+    """The signature file (and, with ``key_data``, the trusted key file) mutated, checked against the trusted key as
+    every load does, then by ``load_export`` itself."""
+    from aligner_runtime import signing
+    from aligner_runtime.manifest import load_export, manifest_sha256
+
+    (directory / signing.SIGNATURE_FILE).write_bytes(data)
+    key = public_key
+    if key_data is not None:
+        key = public_key.with_name("mutated.pub")
+        key.write_bytes(key_data)
+    checked = outcome(signing.check_export, directory, manifest_sha256(directory), trusted_keys=[key])
+    loaded = outcome(load_export, directory, verify_weights=False, trusted_keys=[key])
+    return "accepted" if checked == loaded == "accepted" else "refused"

@@ -21,7 +21,9 @@ COMMANDS = {
     "build": "build a TensorRT engine from an export directory (needs TensorRT and the plugin library)",
     "compare": "compare ONNX Runtime and TensorRT outputs for an export directory and its engine",
     "eval": "evaluate an export steered and unsteered: ASR, gate TPR/FPR, over-refusal, latency",
-    "inspect": "describe a steering pack, an export directory, a .onnx file or an engine",
+    "inspect": "verify and describe a steering pack, an export directory, a .onnx file or an engine",
+    "keygen": "make an Ed25519 key pair for signing exports",
+    "sign": "sign an export directory with an Ed25519 key (after checking it as the device does)",
     "models": "get the embedded SmolLM2 model and build its aligned sibling in the cache",
     "triton": "write a Triton Inference Server model repository that serves an export (steering always on)",
 }

@@ -63,6 +63,8 @@ def configure(parser) -> None:
                              "$INFERALIGNER_HOME/venv-genai/bin/python; made by 'make genai-venv')")
     parser.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     parser.add_argument("--force", action="store_true", help="export even if the pack was made for another model")
+    parser.add_argument("--sign", default=None, metavar="KEY",
+                        help="sign the finished export with this Ed25519 private key (as 'aligner-export sign')")
 
 
 def parse_layers(text: str, num_layers: int, what: str) -> list[int]:
@@ -200,6 +202,10 @@ def run(args) -> int:
 
     target, out_dir = Path(args.target), Path(args.output)
     _check_output(out_dir)
+    if args.sign:
+        from aligner_runtime.signing import load_private_key
+
+        load_private_key(args.sign)  # a bad key fails before any work
     num_layers, hidden = model_dims(target)
     family = family_for(load_config(target))
     if family.is_multimodal and args.onnx:
@@ -231,4 +237,8 @@ def run(args) -> int:
     print(f"wrote {out_dir}: steer_layers {manifest['steer_layers']}, gate_layer {manifest['gate_layer']}, "
           f"alpha {manifest['alpha']:g}, bias {manifest['bias']:.4g} ({manifest['bias_rule']}), "
           f"{manifest['steer_impl']}, {manifest['dtype']}, weights {manifest['weights']['format']}")
+    if args.sign:
+        from aligner_export.commands.sign import sign
+
+        print(sign(out_dir, Path(args.sign)))
     return 0

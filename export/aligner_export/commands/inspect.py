@@ -1,46 +1,78 @@
 """``aligner-export inspect PATH``: a steering pack, an export directory, a bare ``.onnx`` file or a TensorRT engine.
 
-Prints the steering sites and the gate layer, alpha and the bias, vector norms, fingerprints, the validation result
-and whether the graph is steered at all. It reads metadata and graphs only: no torch import (STYLE.md), and the
-graph is loaded without its external weight files.
+A verifier, not an echo of the manifest (issue 21). For an export directory it reports
+
+- the load check: whether ``aligner_runtime.manifest.load_export`` accepts the directory (the manifest's kinds, the
+  manifest/graph key facts, every integrity digest, the weights included), or its refusal;
+- the signature check against the trusted keys configured (``--trusted-key``, ``$INFERALIGNER_TRUSTED_KEYS`` or the
+  runtime's config file; ``aligner_runtime.signing``), and ``--expect-sha256``;
+- the steering self-test's constants part (``aligner_runtime.selftest``: zero, non-finite or lopsided vectors, a gate
+  that can never fire), read from the graph itself;
+- what the graph holds (read with the runtime's torch- and onnx-free walker, so it runs in a device install), and
+  every disagreement with what the manifest says: layers, gate bias, α against the vector norms, the validation.
+
+Malformed input of any kind is one line on stderr and exit status 2, never a traceback. No torch import (STYLE.md);
+graphs are read without their external weight files (the load check hashes those files, it does not load them).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from pathlib import Path
 
-from aligner_runtime.contract import (DOMAIN, GATE_IN, GATE_OUT, MANIFEST_FILE, MODEL_FILE, SCORE_OUT, STAMP_FILE,
-                                      STEER_GATE, STEER_SHIFT, node_name, parse_node_name, two_pass_prefill)
+from aligner_runtime import schema
+from aligner_runtime.contract import (GATE_IN, GATE_OUT, MANIFEST_FILE, METADATA_PREFIX, MODEL_FILE, SCORE_OUT,
+                                      STAMP_FILE, two_pass_prefill)
 from aligner_runtime.errors import AlignerError
+
+MAX_STAMP_BYTES = 1 << 20
+MAX_SHOWN = 24  # list items and characters of a value a line shows
 
 
 def configure(parser) -> None:
     parser.add_argument("path", help="a steering pack (.safetensors), an export directory, a .onnx file or an engine")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--trusted-key", action="append", default=None, metavar="KEY",
+                        help="a trusted public key (.pub) or a directory of them, for the signature check "
+                             "(repeatable; default: $INFERALIGNER_TRUSTED_KEYS or the runtime's config file)")
+    parser.add_argument("--expect-sha256", default=None, metavar="HEX",
+                        help="the sha256 the export's manifest must have (pins one export)")
 
 
 def run(args) -> int:
     path = Path(args.path)
     if not path.exists():
         raise AlignerError(f"not found: {path}")
-    info = describe(path)
-    if args.json:
-        print(json.dumps(info, indent=2, sort_keys=True, default=str))
-    else:
-        print(render(info))
+    try:
+        info = describe(path, trusted_keys=args.trusted_key, expect_sha256=args.expect_sha256)
+        text = json.dumps(info, indent=2, sort_keys=True, default=str) if args.json else render(info)
+    except AlignerError:
+        raise
+    except RecursionError:
+        raise AlignerError(f"{path}: nested too deeply to describe") from None
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, OSError) as exc:
+        # Every field is type-checked before use (tests/fuzz covers describe() without this guard); this keeps a
+        # missed case a one-line error instead of a traceback.
+        raise AlignerError(f"{path}: cannot describe it ({type(exc).__name__}: {schema.first_line(exc, 100)})") \
+            from None
+    # a file name or manifest string may hold lone surrogates, which no terminal encoding takes
+    print(text.encode("utf-8", "backslashreplace").decode("utf-8"))
     return 0
 
 
-def describe(path: Path) -> dict:
+def describe(path: Path, trusted_keys=None, expect_sha256: str | None = None) -> dict:
     if path.is_dir():
         if (path / MANIFEST_FILE).is_file():
-            return describe_export_dir(path)
+            return describe_export_dir(path, trusted_keys, expect_sha256)
         if (path / STAMP_FILE).is_file():
             return describe_engine(path / STAMP_FILE)
         raise AlignerError(f"{path}: neither an export directory ({MANIFEST_FILE}) nor an engine directory "
                            f"({STAMP_FILE})")
     suffix = path.suffix.lower()
+    if path.name == MANIFEST_FILE:
+        return describe_export_dir(path.parent, trusted_keys, expect_sha256)
     if suffix == ".safetensors":
         return describe_pack(path)
     if suffix == ".onnx":
@@ -50,171 +82,307 @@ def describe(path: Path) -> dict:
     raise AlignerError(f"{path}: unknown kind of file (expected .safetensors, .onnx, an engine or a directory)")
 
 
+# --- typed reads of untrusted values ---------------------------------------------------------------------------------
+def _get(obj, key, kind: str):
+    """``obj[key]`` when ``obj`` is a dict and the value is of ``kind``, else None (inspect reports, it does not
+    refuse: a value of the wrong kind is shown as missing and the load check names it)."""
+    if not isinstance(obj, dict) or key not in obj:
+        return None
+    value = obj[key]
+    if kind == "dict":
+        return value if isinstance(value, dict) else None
+    if kind == "list":
+        return value if isinstance(value, list) else None
+    if kind == "str":
+        return value if isinstance(value, str) else None
+    if kind == "bool":
+        return value if isinstance(value, bool) else None
+    if kind == "int":
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        try:
+            value = float(value)
+        except OverflowError:
+            return None
+        return value if math.isfinite(value) else None
+    if kind == "int_list":
+        return value if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                        for v in value) else None
+    raise ValueError(kind)
+
+
+def _fmt(value, depth: int = 0) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if depth > 3:
+        return "…"
+    if isinstance(value, dict):
+        items = list(value.items())
+        text = ", ".join(f"{_short(k)}: {_fmt(v, depth + 1)}" for k, v in items[:MAX_SHOWN])
+        return text + (f", … ({len(items)} entries)" if len(items) > MAX_SHOWN else "")
+    if isinstance(value, (list, tuple)):
+        text = ", ".join(_fmt(v, depth + 1) for v in value[:MAX_SHOWN])
+        return "[" + text + (f", … ({len(value)} items)" if len(value) > MAX_SHOWN else "") + "]"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** 30:
+        return "(an integer of more than 30 digits)"
+    return _short(value)
+
+
+def _short(value, limit: int = 200) -> str:
+    text = str(value)
+    text = text if len(text) <= limit else text[:limit] + "…"
+    return text if text.isprintable() else repr(text)
+
+
+def _close(a: float, b: float, rel: float = 1e-5) -> bool:
+    return math.isclose(a, b, rel_tol=rel, abs_tol=1e-6)
+
+
+# --- packs -----------------------------------------------------------------------------------------------------------
 def describe_pack(path: Path) -> dict:
     import numpy as np
 
     from aligner_export.pack import file_sha256, load_pack
 
-    pack = load_pack(path)
+    pack = load_pack(path)  # validates the tensors and the metadata the exporter uses (one AlignerError otherwise)
+    meta = pack.meta
     rec = pack.recommended
     gate = int(rec["gate_layer"])
     stats = pack.layer_stats(gate)
+    alpha = _get(rec, "alpha", "float")
+    steer = _get(rec, "steer_layers", "int_list") or []
     info = {
-        "kind": "steering pack", "path": str(path), "sha256": file_sha256(path), "mode": pack.mode,
-        "format_version": pack.meta["format_version"],
-        "num_layers": pack.num_layers, "hidden_size": pack.hidden_size, "site": pack.meta.get("site"),
-        "recommended": rec, "gate_layer": gate,
-        "bias": {"paper": stats["bias_paper"], "fpr": stats["bias_fpr"], "rule": rec["bias_rule"]},
-        "gate_val": {k: stats.get(k) for k in ("target_val_accuracy", "val_tpr", "val_fpr")},
-        "vector_norms": {int(l): float(np.linalg.norm(float(rec["alpha"]) * pack.aligned_srv[int(l)]))
-                         for l in rec["steer_layers"]},
-        "fingerprints": {"target": (pack.meta.get("target") or {}).get("fingerprint"),
-                         "aligned": (pack.meta.get("aligned") or {}).get("fingerprint")},
-        "prompts": {k: {"count": v.get("count")} for k, v in (pack.meta.get("prompts") or {}).items()},
+        "kind": "steering pack", "path": str(path), "sha256": file_sha256(path), "mode": _get(meta, "mode", "str"),
+        "format_version": _get(meta, "format_version", "int"),
+        "num_layers": pack.num_layers, "hidden_size": pack.hidden_size, "site": _get(meta, "site", "str"),
+        "recommended": {k: rec.get(k) for k in ("gate", "gate_layer", "steer_layers", "alpha", "bias_rule")},
+        "gate_layer": gate,
+        "bias": {"paper": _get(stats, "bias_paper", "float"), "fpr": _get(stats, "bias_fpr", "float"),
+                 "rule": _get(rec, "bias_rule", "str")},
+        "gate_val": {k: _get(stats, k, "float") for k in ("target_val_accuracy", "val_tpr", "val_fpr")},
+        "vector_norms": {int(l): float(np.linalg.norm(alpha * pack.aligned_srv[int(l)]))
+                         for l in steer if alpha is not None and 0 <= l < pack.num_layers},
+        "fingerprints": {"target": _get(_get(meta, "target", "dict"), "fingerprint", "str"),
+                         "aligned": _get(_get(meta, "aligned", "dict"), "fingerprint", "str")},
+        "prompts": {_short(k): {"count": _get(v, "count", "int")}
+                    for k, v in (_get(meta, "prompts", "dict") or {}).items()},
     }
     if pack.has_linear_gate:
-        meta = pack.meta["gate"]
-        info["linear_gate"] = {k: meta.get(k) for k in ("layers", "tokens", "normalize", "bias", "C", "max_fpr",
-                                                        "max_fpr_borderline", "heldout")}
+        gate_meta = _get(meta, "gate", "dict") or {}
+        info["linear_gate"] = {k: gate_meta.get(k) for k in ("layers", "tokens", "normalize", "bias", "C", "max_fpr",
+                                                             "max_fpr_borderline")}
+        info["linear_gate"]["heldout"] = _get(gate_meta, "heldout", "dict") or {}
         info["linear_gate"]["weight_norms"] = [float(np.linalg.norm(w)) for w in pack.gate_weight]
     return info
 
 
-def _node_constants(model, name: str) -> dict:
-    """A steering node's constants: its attributes (function form) or its inlined body's Constants ``{name}/{attr}``."""
-    from onnx import helper, numpy_helper
+# --- graphs ----------------------------------------------------------------------------------------------------------
+def _graph_facts(summary) -> dict:
+    """Steering facts read from the graph itself (node names, constants, interface), independent of the metadata."""
+    from collections import Counter
 
-    def value(attribute):
-        value = helper.get_attribute_value(attribute)
-        return numpy_helper.to_array(value) if hasattr(value, "dims") else value
+    from aligner_runtime.onnx_graph import QUANTIZED_OPS
+    from aligner_runtime.selftest import constant_problems, steering_facts
 
-    for node in model.graph.node:
-        if node.name == name:
-            return {a.name: value(a) for a in node.attribute if a.name != "plugin_namespace"}
-    found = {}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.name.startswith(name + "/") and node.output[0].startswith(name + "/"):
-            found[node.output[0][len(name) + 1:]] = value(node.attribute[0])
-    return found
-
-
-def _graph_facts(model) -> dict:
-    """Steering facts read from the graph itself (nodes, attributes, interface), independent of the metadata."""
-    import numpy as np
-
-    gate_layers, shift_layers = set(), set()
-    for node in model.graph.node:
-        parsed = parse_node_name(node.name)
-        if parsed is not None:
-            (gate_layers if parsed[1] == STEER_GATE else shift_layers).add(parsed[0])
-    gates, norms, plugin = {}, {}, set()
-    for layer in sorted(gate_layers):
-        constants = _node_constants(model, node_name(layer, STEER_GATE))
-        weight = constants.get("weight", constants.get("direction"))
-        gates[layer] = {"version": 2 if "weight" in constants else 1,
-                        "weight_norm": float(np.linalg.norm(weight)) if weight is not None else None,
-                        "bias": float(constants["bias"]) if "bias" in constants else None,
-                        "tokens": int(constants.get("tokens", 1)), "normalize": bool(constants.get("normalize", 0))}
-        if "plugin_version" in constants:
-            plugin.add(f"SteerGate/{constants['plugin_version'].decode()}")
-    for layer in sorted(shift_layers):
-        constants = _node_constants(model, node_name(layer, STEER_SHIFT))
-        if "vector" in constants:
-            norms[layer] = float(np.linalg.norm(constants["vector"]))
-        if "plugin_version" in constants:
-            plugin.add(f"SteerShift/{constants['plugin_version'].decode()}")
-    inputs = [i.name for i in model.graph.input]
-    outputs = [o.name for o in model.graph.output]
-    interface = GATE_IN in inputs and {GATE_OUT, SCORE_OUT} <= set(outputs)
-    impl = "function" if any(n.domain == DOMAIN for n in model.graph.node) else \
-        ("inline" if gate_layers or shift_layers else None)
-    last = max(gate_layers) if gate_layers else None
+    facts = steering_facts(summary)
+    interface = GATE_IN in summary.inputs and {GATE_OUT, SCORE_OUT} <= set(summary.outputs)
+    impl = "function" if any(n.domain and n.domain not in ("", "ai.onnx", "com.microsoft") and
+                             (n.op_type in ("SteerGate", "SteerShift")) for n in summary.nodes) else \
+        ("inline" if facts.gate_layers or facts.steer_layers else None)
+    ops = Counter(n.op_type for n in summary.nodes)
+    quantized = Counter()
+    for node in summary.nodes:
+        if node.op_type in QUANTIZED_OPS:
+            bits, block = node.attributes.get("bits"), node.attributes.get("block_size")
+            quantized[(node.op_type, int(bits.values[0]) if bits is not None and bits.tag == "i" else 4,
+                       int(block.values[0]) if block is not None and block.tag == "i" else 0)] += 1
+    fused = sorted(op for op in ("GroupQueryAttention", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
+                                 "MultiHeadAttention", "SimplifiedLayerNormalization") if ops.get(op))
     return {
-        "steered": bool(interface and gate_layers and shift_layers),
-        "gate_layer": last, "gate_layers": sorted(gate_layers), "gates": gates,
-        "steer_layers": sorted(shift_layers), "steer_impl": impl,
-        "bias": gates[last]["bias"] if last is not None else None,
-        "vector_norms": dict(sorted(norms.items())),
-        "plugin_attributes": sorted(plugin),
-        "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
-        "inputs": inputs, "outputs": outputs,
-        "weights": _weight_facts(model),
+        "steered": bool(interface and facts.gate_layers and facts.steer_layers),
+        "interface": interface,
+        "gate_layer": facts.gate_layer, "gate_layers": facts.gate_layers, "gates": facts.gates,
+        "steer_layers": facts.steer_layers, "steer_impl": impl, "bias": facts.bias,
+        "vector_norms": facts.vector_norms, "plugin_attributes": facts.plugin_versions,
+        "inputs": summary.inputs, "outputs": summary.outputs,
+        "weights": {"quantized_nodes": [{"op": op, "bits": bits, "block_size": block, "count": count}
+                                        for (op, bits, block), count in sorted(quantized.items())],
+                    "float_matmuls": ops.get("MatMul", 0), "fused_ops": fused},
+        "self_test_constants": constant_problems(facts) if facts.gate_layers or facts.steer_layers else [],
     }
 
 
-def _weight_facts(model) -> dict:
-    """The weight format as the graph itself shows it: quantized MatMulNBits nodes (bits, block size, count) and
-    the fused ORT operators present (issue 11)."""
-    from collections import Counter
-
-    from onnx import helper
-
-    ops = Counter(n.op_type for n in model.graph.node)
-    quantized = Counter()
-    for node in model.graph.node:
-        if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            quantized[(node.op_type, int(attrs.get("bits", 4)), int(attrs.get("block_size", 0)))] += 1
-    fused = sorted(op for op in ("GroupQueryAttention", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
-                                 "MultiHeadAttention", "SimplifiedLayerNormalization") if ops.get(op))
-    return {"quantized_nodes": [{"op": op, "bits": bits, "block_size": block, "count": count}
-                                for (op, bits, block), count in sorted(quantized.items())],
-            "float_matmuls": ops.get("MatMul", 0), "fused_ops": fused}
+def _metadata(summary) -> dict:
+    facts = {}
+    for key, value in summary.metadata.items():
+        if key.startswith(METADATA_PREFIX):
+            try:
+                facts[key[len(METADATA_PREFIX):]] = schema.loads(value, key)
+            except AlignerError:
+                facts[key[len(METADATA_PREFIX):]] = value
+    return facts
 
 
 def describe_onnx(path: Path) -> dict:
-    import onnx
+    from aligner_runtime.onnx_graph import read_graph_summary
 
-    from aligner_export.graph.manifest import read_metadata
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError and friends: the file is not an ONNX model
-        raise AlignerError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
-    metadata = read_metadata(model)
-    graph = _graph_facts(model)
+    summary = read_graph_summary(path)  # malformed: one AlignerError
+    metadata = _metadata(summary)
+    graph = _graph_facts(summary)
     info = {"kind": "onnx", "path": str(path), "graph": graph, "metadata": metadata}
     if metadata:
-        info["metadata_matches_graph"] = (metadata.get("steer_layers") == graph["steer_layers"]
-                                          and metadata.get("gate_layer") == graph["gate_layer"])
+        info["disagreements"] = disagreements(metadata, graph, "metadata")
+        info["metadata_matches_graph"] = not info["disagreements"]
     return info
 
 
-def describe_export_dir(path: Path) -> dict:
-    manifest = json.loads((path / MANIFEST_FILE).read_text())
-    info = describe_onnx(path / MODEL_FILE) if (path / MODEL_FILE).is_file() else {"graph": None}
-    info.update(kind="export directory", path=str(path), manifest=manifest)
+def disagreements(claims: dict, graph: dict, source: str) -> list[str]:
+    """What ``claims`` (the manifest, or the graph's metadata) says about the steering that the graph does not do."""
+    out = []
+    gate = _get(claims, "gate", "dict")
+    claimed_gates = _get(gate, "layers", "int_list")
+    if claimed_gates is None and _get(claims, "gate_layer", "int") is not None:
+        claimed_gates = [claims["gate_layer"]]
+    if claimed_gates is not None and sorted(claimed_gates) != graph["gate_layers"]:
+        out.append(f"the {source} says gate layers {_fmt(claimed_gates)}, the graph's SteerGate nodes sit on "
+                   f"{_fmt(graph['gate_layers'])}")
+    claimed_steer = _get(claims, "steer_layers", "int_list")
+    if claimed_steer is not None and sorted(claimed_steer) != graph["steer_layers"]:
+        out.append(f"the {source} says steer layers {_fmt(claimed_steer)}, the graph's SteerShift nodes sit on "
+                   f"{_fmt(graph['steer_layers'])}")
+    bias = _get(gate, "bias", "float")
+    bias = bias if bias is not None else _get(claims, "bias", "float")
+    if bias is not None and graph["bias"] is not None and not (math.isfinite(graph["bias"])
+                                                             and _close(bias, graph["bias"])):
+        out.append(f"the {source} says gate bias {_fmt(bias)}, the graph's gate has bias {_fmt(graph['bias'])}")
+    alpha = _get(claims, "alpha", "float")
+    if alpha is not None:
+        # the exporter writes alpha times a unit safety vector (aligner_export.pack.SteeringPack.steer_config)
+        off = {l: n for l, n in graph["vector_norms"].items() if not (math.isfinite(n) and _close(n, alpha, 1e-3))}
+        if off:
+            layer = next(iter(off))
+            out.append(f"the {source} says alpha {_fmt(alpha)}, but the graph's steering vector"
+                       f"{'s' if len(off) > 1 else ''} of layer{'s' if len(off) > 1 else ''} "
+                       f"{_fmt(list(off)[:8])} {'have norms' if len(off) > 1 else 'has norm'} "
+                       f"{_fmt(off[layer])}{'…' if len(off) > 1 else ''} (the exporter writes alpha × a unit vector)")
+    if claims.get("format_version") is not None and _get(claims, "steer_layers", "int_list") and not graph["steered"]:
+        out.append(f"the {source} describes a steered export, the graph has no complete steering interface")
+    return out
+
+
+def _key_fact_disagreements(manifest: dict, metadata: dict) -> list[str]:
+    from aligner_runtime.manifest import KEY_FACTS, _same
+
+    out = []
+    for key in KEY_FACTS:
+        if key in manifest and key in metadata and not _same(manifest[key], metadata[key]):
+            out.append(f"the manifest and the graph's metadata disagree on {key}: {_fmt(manifest[key])} vs "
+                       f"{_fmt(metadata[key])}")
+    return out
+
+
+def _read_manifest(path: Path) -> tuple[object, str]:
+    from aligner_runtime.manifest import MAX_MANIFEST_BYTES
+
+    file = path / MANIFEST_FILE
+    try:
+        if file.stat().st_size > MAX_MANIFEST_BYTES:
+            raise AlignerError(f"the manifest {file} is over {MAX_MANIFEST_BYTES >> 20} MiB")
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise AlignerError(f"cannot read the manifest {file}: {exc.strerror}") from None
+    return schema.loads(raw, f"the manifest {file}"), hashlib.sha256(raw).hexdigest()
+
+
+def _validation(manifest: dict) -> dict:
+    validation = manifest.get("validation")
+    if validation is None:
+        return {"state": "not run"}
+    passed = _get(validation, "passed", "bool") if isinstance(validation, dict) else None
+    state = "passed" if passed is True else "FAILED" if passed is False else "unreadable"
+    return {"state": state, "record": validation if isinstance(validation, dict) else None}
+
+
+def describe_export_dir(path: Path, trusted_keys=None, expect_sha256: str | None = None) -> dict:
+    from aligner_runtime.manifest import load_export
+    from aligner_runtime.onnx_graph import read_graph_summary
+
+    manifest, digest = _read_manifest(path)
+    if not isinstance(manifest, dict):
+        raise AlignerError(f"the manifest {path / MANIFEST_FILE} is not a JSON object")
+    info: dict = {"kind": "export directory", "path": str(path), "manifest_sha256": digest, "manifest": manifest,
+                  "graph": None, "metadata": {}, "warnings": []}
+    try:
+        load_export(path)
+        info["load_check"] = {"passed": True, "detail": "manifest, key facts, every digest and the weights agree"}
+    except AlignerError as exc:
+        info["load_check"] = {"passed": False, "detail": str(exc)}
+    info["signature"] = _signature_check(path, digest, trusted_keys, expect_sha256)
+    model = path / MODEL_FILE
+    if model.is_file():
+        try:
+            summary = read_graph_summary(model)
+        except AlignerError as exc:
+            info["warnings"].append(str(exc))
+        else:
+            info["graph"] = _graph_facts(summary)
+            info["metadata"] = _metadata(summary)
+    else:
+        info["warnings"].append(f"the export has no {MODEL_FILE}")
+    graph = info["graph"]
+    if graph is not None:
+        info["warnings"] += disagreements(manifest, graph, "manifest")
+        info["warnings"] += _key_fact_disagreements(manifest, info["metadata"])
+        info["warnings"] += [f"steering self-test: {p}" for p in graph["self_test_constants"]]
+    info["validation"] = _validation(manifest)
+    if info["validation"]["state"] != "passed":
+        info["warnings"].append(f"validation against the PyTorch reference: {info['validation']['state']} "
+                                f"(aligner-run refuses such an export)")
+    refused = not info["load_check"]["passed"] or info["signature"]["state"] in ("REFUSED",)
+    info["verdict"] = "REFUSED" if refused else ("loads, with warnings" if info["warnings"] else "loads")
     return info
+
+
+def _signature_check(path: Path, digest: str, trusted_keys, expect_sha256) -> dict:
+    try:
+        from aligner_runtime import signing
+    except ImportError:  # the signing module needs `cryptography` (a runtime dependency)
+        return {"state": "not checked", "detail": "the cryptography package is not installed"}
+    try:
+        result = signing.check_export(path, manifest_sha256=digest, trusted_keys=trusted_keys,
+                                      expect_sha256=expect_sha256)
+    except AlignerError as exc:
+        return {"state": "REFUSED", "detail": str(exc)}
+    return {"state": result.state, "detail": result.detail}
 
 
 def describe_engine(stamp_path: Path) -> dict:
     if not stamp_path.is_file():
         raise AlignerError(f"no engine stamp {stamp_path.name} beside the engine in {stamp_path.parent}")
     try:
-        stamp = json.loads(stamp_path.read_text())
-    except json.JSONDecodeError:
-        raise AlignerError(f"{stamp_path}: not valid JSON") from None
-    return {"kind": "tensorrt engine", "path": str(stamp_path.parent / stamp.get("engine_file", "?")),
+        if stamp_path.stat().st_size > MAX_STAMP_BYTES:
+            raise AlignerError(f"{stamp_path}: over {MAX_STAMP_BYTES >> 20} MiB")
+        raw = stamp_path.read_bytes()
+    except OSError as exc:
+        raise AlignerError(f"cannot read {stamp_path}: {exc.strerror}") from None
+    stamp = schema.loads(raw, str(stamp_path))
+    if not isinstance(stamp, dict):
+        raise AlignerError(f"{stamp_path}: not a JSON object")
+    engine = _get(stamp, "engine_file", "str") or "?"
+    return {"kind": "tensorrt engine", "path": str(stamp_path.parent / engine) if "/" not in engine else engine,
             "stamp": stamp}
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_fmt(v) for v in value) + "]"
-    return str(value)
-
-
+# --- text ------------------------------------------------------------------------------------------------------------
 def _weights_line(recorded, graph) -> str:
     """The manifest's ``weights`` (or fp32/fp16 from an older manifest's dtype) and what the graph holds."""
     if isinstance(recorded, dict):
-        text = recorded.get("format", "?")
+        text = _short(recorded.get("format", "?"))
         if recorded.get("bits"):
-            text += (f" (weight-only {recorded.get('op')}, block {recorded.get('block_size')}, "
-                     f"{recorded.get('method')}, accuracy level {recorded.get('accuracy_level')})")
+            text += (f" (weight-only {_short(recorded.get('op'))}, block {_short(recorded.get('block_size'))}, "
+                     f"{_short(recorded.get('method'))}, accuracy level {_short(recorded.get('accuracy_level'))})")
     else:
         text = "not recorded (float weights in the graph's dtype)"
     if graph is not None and graph.get("weights"):
@@ -226,93 +394,128 @@ def _weights_line(recorded, graph) -> str:
     return text
 
 
+def _render_pack(info: dict, lines: list[str]) -> None:
+    rec = info["recommended"]
+    lines += [f"  format {info['format_version']}, mode {_short(info['mode'])}, {info['num_layers']} layers x "
+              f"{info['hidden_size']} hidden, site {_short(info['site'])}",
+              f"  recommended: {_short(rec.get('gate') or 'paper')} gate; paper gate layer {_fmt(rec.get('gate_layer'))}"
+              f", steer layers {_fmt(rec.get('steer_layers'))}, alpha {_fmt(rec.get('alpha'))}, bias rule "
+              f"{_fmt(rec.get('bias_rule'))}",
+              f"  gate bias: paper {_fmt(info['bias']['paper'])}, fpr {_fmt(info['bias']['fpr'])}; "
+              f"validation {_fmt(info['gate_val'])}",
+              f"  vector norms (alpha * ssv): {_fmt(info['vector_norms'])}",
+              f"  fingerprints: target {_short(info['fingerprints']['target'])}, aligned "
+              f"{_short(info['fingerprints']['aligned'])}",
+              f"  sha256 {info['sha256']}"]
+    linear = info.get("linear_gate")
+    if linear:
+        held = linear.get("heldout") or {}
+        lines.insert(3, f"  linear gate: layers {_fmt(linear.get('layers'))}, last {_fmt(linear.get('tokens'))} "
+                        f"tokens{', unit-normalised' if linear.get('normalize') is True else ''}, |w_l| "
+                        f"{_fmt(linear['weight_norms'])}, bias {_fmt(linear.get('bias'))}; held-out FPR generic "
+                        f"{_fmt(held.get('fpr_harmless'))}, borderline {_fmt(held.get('fpr_borderline'))}; "
+                        f"leave-one-source-out TPR {_fmt(held.get('loso_mean_tpr'))}")
+
+
+def _render_graph(graph: dict, lines: list[str]) -> None:
+    lines.append(f"  steered: {'yes' if graph['steered'] else 'NO (no steering nodes/interface)'}")
+    if graph["steered"]:
+        last = graph["gates"][graph["gate_layer"]]
+        lines += [f"  steering sites: SteerShift after layers {_fmt(graph['steer_layers'])}; SteerGate "
+                  f"v{last['version']} at layer{'s' if len(graph['gate_layers']) > 1 else ''} "
+                  f"{_fmt(graph['gate_layers'])} ({graph['steer_impl']}; plugin "
+                  f"{_fmt(graph['plugin_attributes']) if graph['plugin_attributes'] else '-'})",
+                  f"  gate (graph): bias {_fmt(graph['bias'])}, last {last['tokens']} token(s)"
+                  f"{', unit-normalised' if last['normalize'] else ''}, |weight| per layer "
+                  f"{_fmt({l: g['weight_norm'] for l, g in graph['gates'].items()})}",
+                  f"  vector norms (alpha * ssv): {_fmt(graph['vector_norms'])}"]
+    if graph["gate_layers"] and two_pass_prefill(graph["steer_layers"], graph["gate_layers"]):
+        lines.append("  two-pass prefill: a steered layer lies below the last gate layer (§5 runtime protocol)")
+
+
+def _render_facts(facts: dict, graph, validation: dict, lines: list[str]) -> None:
+    lines += [f"  alpha {_fmt(facts.get('alpha'))}, bias {_fmt(facts.get('bias'))} ({_fmt(facts.get('bias_rule'))}), "
+              f"dtype {_fmt(facts.get('dtype'))}, opset {_fmt(facts.get('opset'))}, site {_fmt(facts.get('site'))}",
+              f"  weights: {_weights_line(facts.get('weights'), graph)}",
+              f"  fingerprints: target {_fmt(facts.get('target_fingerprint'))}, pack sha256 "
+              f"{_fmt(facts.get('pack_sha256'))}"]
+    record = validation.get("record") or {}
+    state = validation["state"]
+    if state == "not run":
+        lines.append("  validation: not run (--no-validate)")
+    else:
+        lines.append(f"  validation: {state}, max |logit diff| prefill {_fmt(record.get('prefill_max_abs_diff'))}, "
+                     f"decode {_fmt(record.get('decode_max_abs_diff'))} (tolerance {_fmt(record.get('tolerance'))}); "
+                     f"gates {_fmt(record.get('gates'))}")
+        quantized = _get(record, "weights", "dict")
+        if quantized:
+            lines.append(f"  {_fmt(quantized.get('format'))} vs the float graph: gates agree on "
+                         f"{_fmt(quantized.get('gates_agree'))}/{_fmt(quantized.get('prompts'))} prompts "
+                         f"({len(quantized.get('gate_disagreements') or [])} disagreements), logit rel. RMS error "
+                         f"mean {_fmt(quantized.get('logit_rel_rms_mean'))} (tolerance "
+                         f"{_fmt(quantized.get('logit_rel_rms_tolerance'))}), greedy top-1 agreement "
+                         f"{_fmt(quantized.get('top1_agreement'))}")
+    mm = _get(facts, "multimodal", "dict")
+    if mm:
+        pre = _get(mm, "preprocessing", "dict") or {}
+        anyres = _get(mm, "anyres", "dict")
+        if anyres:  # LLaVA-NeXT: the base-image steps sit under "base"
+            tile = _get(pre, "tile_size", "list") or ["?", "?"]
+            tile = tile if len(tile) == 2 else ["?", "?"]
+            what = (f"{_fmt(anyres.get('features_per_tile'))} features per {_fmt(tile[1])}x{_fmt(tile[0])} tile, "
+                    f"any-resolution grids {_fmt(pre.get('grid_pinpoints'))} + base image + newlines")
+            pre = _get(pre, "base", "dict") or {}
+        else:
+            size = _get(pre, "output_size", "list") or ["?", "?"]
+            size = size if len(size) == 2 else ["?", "?"]
+            what = f"{_fmt(mm.get('image_seq_length'))} features per {_fmt(size[1])}x{_fmt(size[0])} image"
+        lines += [f"  vision-language ({_fmt(mm.get('architecture'))}): {_fmt(mm.get('vision_model'))} -> {what}, "
+                  f"{_fmt(mm.get('embed_model'))}; image token {_fmt(mm.get('image_token'))} (id "
+                  f"{_fmt(mm.get('image_token_id'))}, {_fmt(mm.get('placement'))} placement)",
+                  f"  preprocessing: resize {_fmt(pre.get('resize_rule'))} "
+                  f"{_fmt(pre.get('resize_shortest_edge') or pre.get('resize_height_width'))} "
+                  f"({_fmt(pre.get('resample'))}), crop "
+                  f"{_fmt(pre.get('crop_height_width')) if pre.get('do_center_crop') else 'none'}, "
+                  f"mean {_fmt(pre.get('image_mean'))}, std {_fmt(pre.get('image_std'))}"]
+        rounds = _get(record, "rounds", "list") or []
+        graphs = next((r["graphs"] for r in rounds if isinstance(r, dict) and "graphs" in r), None)
+        if graphs:
+            lines.append(f"  vision/embedding graphs vs PyTorch: {_fmt(graphs)}")
+
+
 def render(info: dict) -> str:
-    lines = [f"{info['kind']}: {info['path']}"]
+    lines = [f"{info['kind']}: {_short(info['path'], 1000)}"]
     kind = info["kind"]
     if kind == "steering pack":
-        rec = info["recommended"]
-        lines += [f"  format {info['format_version']}, mode {info['mode']}, {info['num_layers']} layers x "
-                  f"{info['hidden_size']} hidden, site {info['site']}",
-                  f"  recommended: {rec.get('gate', 'paper')} gate; paper gate layer {rec['gate_layer']}, steer layers "
-                  f"{_fmt(rec['steer_layers'])}, alpha {_fmt(float(rec['alpha']))}, bias rule {rec['bias_rule']}",
-                  f"  gate bias: paper {_fmt(info['bias']['paper'])}, fpr {_fmt(info['bias']['fpr'])}; "
-                  f"validation {_fmt(info['gate_val'])}",
-                  f"  vector norms (alpha * ssv): {_fmt(info['vector_norms'])}",
-                  f"  fingerprints: target {info['fingerprints']['target']}, aligned {info['fingerprints']['aligned']}",
-                  f"  sha256 {info['sha256']}"]
-        linear = info.get("linear_gate")
-        if linear:
-            held = linear.get("heldout") or {}
-            lines.insert(3, f"  linear gate: layers {_fmt(linear['layers'])}, last {linear['tokens']} tokens"
-                            f"{', unit-normalised' if linear['normalize'] else ''}, |w_l| "
-                            f"{_fmt(linear['weight_norms'])}, bias {_fmt(linear['bias'])}; held-out FPR generic "
-                            f"{_fmt(held.get('fpr_harmless'))}, borderline {_fmt(held.get('fpr_borderline'))}; "
-                            f"leave-one-source-out TPR {_fmt(held.get('loso_mean_tpr'))}")
+        _render_pack(info, lines)
         return "\n".join(lines)
     if kind == "tensorrt engine":
-        lines += [f"  {k}: {_fmt(v)}" for k, v in sorted(info["stamp"].items())]
+        lines += [f"  {_short(k)}: {_fmt(v)}" for k, v in sorted(info["stamp"].items())]
         return "\n".join(lines)
-    graph, meta = info.get("graph"), info.get("metadata") or {}
+    graph = info.get("graph")
+    if kind == "export directory":
+        check = info["load_check"]
+        lines.append(f"  verdict: {info['verdict']}")
+        lines.append(f"  load check (manifest, key facts, digests, weights): "
+                     f"{'passed' if check['passed'] else 'REFUSED: ' + _short(check['detail'], 400)}")
+        signature = info["signature"]
+        lines.append(f"  signature: {signature['state']}" + (f" ({_short(signature['detail'], 400)})"
+                                                             if signature.get("detail") else ""))
+        lines.append(f"  manifest sha256 {info['manifest_sha256']}")
+    if graph is not None:
+        _render_graph(graph, lines)
+    meta = info.get("metadata") or {}
     manifest = info.get("manifest") or {}
     facts = {**meta, **manifest}
-    if graph is not None:
-        lines.append(f"  steered: {'yes' if graph['steered'] else 'NO (no steering nodes/interface)'}")
-        if graph["steered"]:
-            last = graph["gates"][graph["gate_layer"]]
-            lines += [f"  steering sites: SteerShift after layers {_fmt(graph['steer_layers'])}; SteerGate "
-                      f"v{last['version']} at layer{'s' if len(graph['gate_layers']) > 1 else ''} "
-                      f"{_fmt(graph['gate_layers'])} ({graph['steer_impl']}; plugin "
-                      f"{_fmt(graph['plugin_attributes']) if graph['plugin_attributes'] else '-'})",
-                      f"  gate (graph): bias {_fmt(graph['bias'])}, last {last['tokens']} token(s)"
-                      f"{', unit-normalised' if last['normalize'] else ''}, |weight| per layer "
-                      f"{_fmt({l: g['weight_norm'] for l, g in graph['gates'].items()})}",
-                      f"  vector norms (alpha * ssv): {_fmt(graph['vector_norms'])}"]
-        if graph["gate_layers"] and two_pass_prefill(graph["steer_layers"], graph["gate_layers"]):
-            lines.append("  two-pass prefill: a steered layer lies below the last gate layer (§5 runtime protocol)")
     if facts:
-        lines += [f"  alpha {_fmt(facts.get('alpha'))}, bias {_fmt(facts.get('bias'))} ({facts.get('bias_rule')}), "
-                  f"dtype {facts.get('dtype')}, opset {facts.get('opset')}, site {facts.get('site')}",
-                  f"  weights: {_weights_line(facts.get('weights'), graph)}",
-                  f"  fingerprints: target {facts.get('target_fingerprint')}, pack sha256 {facts.get('pack_sha256')}"]
-        validation = facts.get("validation")
-        if validation:
-            lines.append(f"  validation: passed, max |logit diff| prefill "
-                         f"{_fmt(validation['prefill_max_abs_diff'])}, decode "
-                         f"{_fmt(validation['decode_max_abs_diff'])} (tolerance {_fmt(validation['tolerance'])}); "
-                         f"gates {_fmt(validation.get('gates'))}")
-            quantized = validation.get("weights")
-            if quantized:
-                lines.append(f"  {quantized['format']} vs the float graph: gates agree on {quantized['gates_agree']}/"
-                             f"{quantized['prompts']} prompts ({len(quantized['gate_disagreements'])} disagreements), "
-                             f"logit rel. RMS error mean {_fmt(quantized['logit_rel_rms_mean'])} (tolerance "
-                             f"{_fmt(quantized['logit_rel_rms_tolerance'])}), greedy top-1 agreement "
-                             f"{_fmt(quantized['top1_agreement'])}")
-        else:
-            lines.append("  validation: not run (--no-validate)")
-        mm = facts.get("multimodal")
-        if mm:
-            pre = mm.get("preprocessing", {})
-            anyres = mm.get("anyres")
-            if anyres:  # LLaVA-NeXT: the base-image steps sit under "base"
-                tile = pre.get("tile_size") or ["?", "?"]
-                what = (f"{anyres.get('features_per_tile')} features per {tile[1]}x{tile[0]} tile, any-resolution "
-                        f"grids {_fmt(pre.get('grid_pinpoints'))} + base image + newlines")
-                pre = pre.get("base", {})
-            else:
-                size = pre.get("output_size") or ["?", "?"]
-                what = f"{mm.get('image_seq_length')} features per {size[1]}x{size[0]} image"
-            lines += [f"  vision-language ({mm.get('architecture')}): {mm.get('vision_model')} -> {what}, "
-                      f"{mm.get('embed_model')}; image token {mm.get('image_token')} (id {mm.get('image_token_id')}, "
-                      f"{mm.get('placement')} placement)",
-                      f"  preprocessing: resize {pre.get('resize_rule')} "
-                      f"{pre.get('resize_shortest_edge') or pre.get('resize_height_width')} ({pre.get('resample')}), "
-                      f"crop {_fmt(pre.get('crop_height_width')) if pre.get('do_center_crop') else 'none'}, "
-                      f"mean {_fmt(pre.get('image_mean'))}, std {_fmt(pre.get('image_std'))}"]
-            graphs = next((r["graphs"] for r in (validation or {}).get("rounds", []) if "graphs" in r), None)
-            if graphs:
-                lines.append(f"  vision/embedding graphs vs PyTorch: {_fmt(graphs)}")
+        validation = info.get("validation") or _validation(facts)
+        _render_facts(facts, graph, validation, lines)
     else:
         lines.append("  no inferaligner metadata")
-    if info.get("metadata_matches_graph") is False:
-        lines.append("  WARNING: the metadata and the graph disagree on the steering sites")
+    warnings = list(info.get("warnings") or ())
+    if kind == "onnx":
+        warnings += info.get("disagreements") or []
+        if graph is not None:
+            warnings += [f"steering self-test: {p}" for p in graph["self_test_constants"]]
+    lines += [f"  WARNING: {_short(w, 400)}" for w in warnings]
     return "\n".join(lines)

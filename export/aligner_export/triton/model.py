@@ -118,6 +118,10 @@ class TritonPythonModel:
         providers = [p for p in params.get("providers", "").split(",") if p] or None
         threads = int(params.get("threads") or 0) or None
         engine = params.get("engine") or None
+        # docs/integrity.md "Signatures": the trusted keys (comma-separated paths; default: the environment's or the
+        # config directory's) and a pinned manifest digest
+        keys = [p for p in params.get("trusted_keys", "").split(",") if p] or None
+        pin = params.get("expect_sha256") or None
         try:
             if engine:
                 if importlib.util.find_spec("tensorrt") is None:
@@ -125,9 +129,11 @@ class TritonPythonModel:
                                              f"{export_dir} on ONNX Runtime instead of the engine {engine}")
                     engine = None
             if engine:
-                self.aligner = Aligner.load(engine, backend="tensorrt", plugins=params.get("plugins") or None)
+                self.aligner = Aligner.load(engine, backend="tensorrt", plugins=params.get("plugins") or None,
+                                            trusted_keys=keys, expect_sha256=pin)
             else:
-                self.aligner = Aligner.load(export_dir, providers=providers, threads=threads)
+                self.aligner = Aligner.load(export_dir, providers=providers, threads=threads, trusted_keys=keys,
+                                            expect_sha256=pin)
             rows = max(1, int(model_config.get("max_batch_size") or 1))
             self.scheduler = Scheduler.for_aligner(self.aligner, max_batch_size=rows,
                                                    max_queue=int(params.get("max_queue") or 64),

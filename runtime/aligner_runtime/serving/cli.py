@@ -31,7 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill", default="alone", choices=("alone", "together"),
                    help="prefill each joining request alone (default; the same call as a run alone) or the joiners "
                         "of one step together")
-    p.add_argument("--max-tokens", type=int, default=256, help="new tokens when a request gives no max_tokens")
+    p.add_argument("--max-tokens", type=int, default=256,
+                   help="new tokens when a request gives no max_tokens (at most 32768 and the context length)")
+    p.add_argument("--trusted-key", action="append", default=None, metavar="KEY",
+                   help="a trusted public key (.pub) or a directory of them: only an export signed by one loads "
+                        "(repeatable; default: $INFERALIGNER_TRUSTED_KEYS or /etc/inferaligner/trusted_keys)")
+    p.add_argument("--expect-sha256", default=None, metavar="HEX",
+                   help="refuse the export unless its manifest's sha256 is this (pins one export)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request ends (504)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
@@ -74,7 +80,9 @@ def run(args) -> int:
     check_count(args.port, "--port", 0, 65535)
     check_count(args.max_batch_size, "--max-batch-size", 1, 4096)
     check_count(args.max_queue, "--max-queue", 0, 1 << 20)
-    check_count(args.max_tokens, "--max-tokens", 1, 1 << 20)
+    from ..generate import MAX_NEW_TOKENS
+
+    check_count(args.max_tokens, "--max-tokens", 1, MAX_NEW_TOKENS)
     if not args.request_timeout > 0:
         raise AlignerError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
     from .http import Server, _imports, create_app
@@ -88,7 +96,10 @@ def run(args) -> int:
     sock = _listen(args.host, args.port)
     try:
         aligner = Aligner.load(args.model, backend=args.backend, providers=args.provider, threads=args.threads,
-                               plugins=args.plugins)
+                               plugins=args.plugins, trusted_keys=args.trusted_key, expect_sha256=args.expect_sha256)
+        if aligner.context_length and args.max_tokens > aligner.context_length:
+            raise AlignerError(f"--max-tokens {args.max_tokens} is over the export's context length "
+                               f"{aligner.context_length}")
         scheduler = Scheduler.for_aligner(aligner, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                                           prefill=args.prefill)
     except BaseException:

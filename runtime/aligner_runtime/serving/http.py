@@ -25,13 +25,15 @@ import math
 import time
 import uuid
 
+from .. import schema
 from ..errors import AlignerError
-from .requests import BadRequest, Generation, TextAssembler, parse_chat, parse_completion
+from .requests import BadRequest, Generation, TextAssembler, _shown, parse_chat, parse_completion
 from .scheduler import CANCELLED, TIMEOUT, Event, QueueFull, SchedulerClosed
 
 log = logging.getLogger("aligner_runtime.serving.http")
 
 MAX_BODY_BYTES = 1 << 20
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 
 
@@ -130,9 +132,11 @@ async def _read_json(request, limit: int):
             raise BadRequest(f"the request body is over {limit} bytes", status=413)
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+        # schema.loads: invalid UTF-8, NaN/Infinity, integers past Python's digit limit and nesting deeper than 64
+        # are one refusal here, not an exception later (a RecursionError, a ValueError from int()) that would be a 500
+        return schema.loads(b"".join(chunks), "the request body")
+    except AlignerError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 async def _disconnected(request) -> None:
@@ -193,7 +197,7 @@ class Server:
             limit = self.aligner.context_length
             generation = parse_chat(body, limit) if kind == "chat" else parse_completion(body, limit)
             if "model" in body and body["model"] not in (None, self.model_name):
-                raise BadRequest(f"the model '{body['model']}' does not exist here (this server runs "
+                raise BadRequest(f"the model {_shown(body['model'])} does not exist here (this server runs "
                                  f"'{self.model_name}')", "model", status=404, code="model_not_found")
             config = generation.sampling(self.aligner, self.default_max_tokens)
             from starlette.concurrency import run_in_threadpool
@@ -382,6 +386,8 @@ def create_app(server: Server):
 
     async def failed(request, exc):
         log.exception("request failed", exc_info=exc)
+        # counted like every other answer, so that a 5xx shows in /metrics (issue 21)
+        server.metrics.requests.labels(request.url.path if request.url.path in ENDPOINTS else "other", "500").inc()
         return _error(500, "internal error", kind="server_error")
 
     routes = [

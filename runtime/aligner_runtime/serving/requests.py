@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import AlignerError
-from ..generate import SamplingConfig
+from ..generate import MAX_NEW_TOKENS, SamplingConfig
 from ..tokenizer import IncrementalDecoder
 
 MAX_STOP_STRINGS = 4
@@ -59,14 +59,32 @@ class Generation:
 
 
 # --- field checks -----------------------------------------------------------------------------------------------------
+def _shown(value) -> str:
+    """A request value as an error message shows it: short, and never a ``repr`` that could fail (an integer past
+    Python's digit limit) or recurse (a deeply nested list)."""
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if abs(value) < 10 ** 30 else "an integer of more than 30 digits"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value[:40]) + ("…" if len(value) > 40 else "")
+    return f"a JSON {'array' if isinstance(value, list) else 'object' if isinstance(value, dict) else 'value'}"
+
+
 def _number(body: dict, name: str, low: float, high: float, default, *, low_open: bool = False):
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < low or value > high or (low_open and value == low):
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    try:
+        ok = ok and math.isfinite(value) and low <= value <= high and not (low_open and value == low)
+    except OverflowError:  # an integer beyond the float range
+        ok = False
+    if not ok:
         bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-        raise BadRequest(f"'{name}' must be a number in {bound}, got {value!r}", name)
+        raise BadRequest(f"'{name}' must be a number in {bound}, got {_shown(value)}", name)
     return float(value)
 
 
@@ -75,7 +93,7 @@ def _integer(body: dict, name: str, low: int, high: int, default):
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise BadRequest(f"'{name}' must be an integer in [{low}, {high}], got {value!r}", name)
+        raise BadRequest(f"'{name}' must be an integer in [{low}, {high}], got {_shown(value)}", name)
     return value
 
 
@@ -84,7 +102,7 @@ def _boolean(body: dict, name: str, default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise BadRequest(f"'{name}' must be true or false, got {value!r}", name)
+        raise BadRequest(f"'{name}' must be true or false, got {_shown(value)}", name)
     return value
 
 
@@ -100,10 +118,19 @@ def _stop(body: dict) -> list[str]:
         return []
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not stops or len(stops) > MAX_STOP_STRINGS or any(
-            not isinstance(s, str) or not s or len(s) > MAX_STOP_CHARS for s in stops):
+            not isinstance(s, str) or not s or len(s) > MAX_STOP_CHARS or not s.isprintable() and not
+            _encodable(s) for s in stops):
         raise BadRequest(f"'stop' must be a non-empty string or a list of up to {MAX_STOP_STRINGS} non-empty "
                          f"strings of at most {MAX_STOP_CHARS} characters", "stop")
     return stops
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_fields(body, allowed: set[str]) -> None:
@@ -111,7 +138,8 @@ def _check_fields(body, allowed: set[str]) -> None:
         raise BadRequest("the request body must be a JSON object")
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise BadRequest(f"unknown field '{unknown[0]}'", unknown[0])
+        raise BadRequest(f"unknown field {_shown(unknown[0])}",
+                         unknown[0] if unknown[0].isprintable() and len(unknown[0]) <= 64 else None)
 
 
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream", "stream_options", "stop",
@@ -121,7 +149,7 @@ COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
 
 
 def _common(body: dict, max_tokens_limit: int | None, generation: Generation) -> Generation:
-    limit = max_tokens_limit or 1 << 20
+    limit = min(max_tokens_limit or MAX_NEW_TOKENS, MAX_NEW_TOKENS)
     generation.max_tokens = _integer(body, "max_tokens", 1, limit, None)
     generation.temperature = _number(body, "temperature", 0.0, 2.0, 1.0)
     generation.top_p = _number(body, "top_p", 0.0, 1.0, 1.0, low_open=True)
@@ -134,7 +162,7 @@ def _common(body: dict, max_tokens_limit: int | None, generation: Generation) ->
     for name in ("frequency_penalty", "presence_penalty"):
         _unsupported(body, name, (0, 0.0))
     _unsupported(body, "logprobs", (False,))
-    if body.get("user") is not None and not isinstance(body["user"], str):
+    if body.get("user") is not None and not (isinstance(body["user"], str) and _encodable(body["user"])):
         raise BadRequest("'user' must be a string", "user")
     options = body.get("stream_options")
     if options is not None:
@@ -146,10 +174,19 @@ def _common(body: dict, max_tokens_limit: int | None, generation: Generation) ->
     return generation
 
 
+def _utf8(text: str, where: str, param: str) -> str:
+    """JSON's ``\\ud800`` escapes give strings no UTF-8 can hold (lone surrogates); the tokenizer cannot take them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{where} holds a lone UTF-16 surrogate (not text)", param) from None
+    return text
+
+
 def _text_content(content, where: str) -> str:
     """A message's content: a string, or a list of text parts (``{"type": "text", "text": ...}``)."""
     if isinstance(content, str):
-        return content
+        return _utf8(content, where, "messages")
     if isinstance(content, list) and content:
         texts = []
         for part in content:
@@ -157,7 +194,7 @@ def _text_content(content, where: str) -> str:
                     or set(part) - {"type", "text"}:
                 raise BadRequest(f"{where}: this server takes text parts only ({{\"type\": \"text\", \"text\": ...}})",
                                  "messages")
-            texts.append(part["text"])
+            texts.append(_utf8(part["text"], where, "messages"))
         return "".join(texts)
     raise BadRequest(f"{where}: 'content' must be a string or a list of text parts", "messages")
 
@@ -174,7 +211,7 @@ def prompt_from_messages(messages) -> tuple[str, str | None]:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise BadRequest(f"{where} must be an object with a 'role' and a 'content'", "messages")
         if set(message) - {"role", "content", "name"}:
-            raise BadRequest(f"{where}: unknown field '{sorted(set(message) - {'role', 'content', 'name'})[0]}'",
+            raise BadRequest(f"{where}: unknown field {_shown(sorted(set(message) - {'role', 'content', 'name'})[0])}",
                              "messages")
         role = message["role"]
         if role in ("system", "developer") and i == 0 and len(messages) > 1:
@@ -194,7 +231,8 @@ def parse_chat(body, max_tokens_limit: int | None = None) -> Generation:
     _check_fields(body, CHAT_FIELDS)
     prompt, system = prompt_from_messages(body.get("messages"))
     generation = _common(body, max_tokens_limit, Generation(prompt=prompt, system=system))
-    completion_tokens = _integer(body, "max_completion_tokens", 1, max_tokens_limit or 1 << 20, None)
+    completion_tokens = _integer(body, "max_completion_tokens", 1,
+                                 min(max_tokens_limit or MAX_NEW_TOKENS, MAX_NEW_TOKENS), None)
     if completion_tokens is not None:
         if generation.max_tokens is not None and generation.max_tokens != completion_tokens:
             raise BadRequest("'max_tokens' and 'max_completion_tokens' disagree", "max_completion_tokens")
@@ -213,6 +251,7 @@ def parse_completion(body, max_tokens_limit: int | None = None) -> Generation:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise BadRequest("'prompt' must be one string (token ids and batches of prompts are not accepted)", "prompt")
+    _utf8(prompt, "'prompt'", "prompt")
     if not prompt.strip():
         raise BadRequest("'prompt' is empty", "prompt")
     _unsupported(body, "echo", (False,))
