@@ -1,5 +1,5 @@
-"""Measures what docs/layout.md reports: contract literals spelled outside ``aligner_runtime/contract/`` and
-function-level imports. ``python tests/contract_counts.py`` from the repository root (not a pytest module).
+"""Measures what docs/layout.md reports: contract literals spelled outside ``aligner_runtime/contract/``,
+function-level imports and import circles. ``python tests/contract_counts.py`` from the repository root (not a pytest module).
 
 A literal is a whole Python string token (implicit concatenations included), so words inside messages do not count.
 Manifest keys are counted twice: the keys no other format shares (``steer_layers``, ``format_version``, ...) and every
@@ -49,6 +49,66 @@ def function_imports(path: Path) -> int:
     return sum(isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in top for n in ast.walk(tree))
 
 
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("").parts[1:]  # drop export/ or runtime/
+    return ".".join(rel[:-1] if rel[-1] == "__init__" else rel)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports, at module or function level (``from . import x`` resolved)."""
+    paths = [p for top in ("export/aligner_export", "runtime/aligner_runtime") for p in (ROOT / top).rglob("*.py")]
+    modules = {module_name(p): p for p in paths}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != name and not name.startswith(target + "."):
+                    edges.add(target)
+        graph[name] = edges
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v); on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w); low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop(); on.discard(w); comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    sys.setrecursionlimit(10_000)
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
 def main() -> None:
     io_sites, key_sites, distinct_sites, imports = Counter(), Counter(), Counter(), Counter()
     for path in sources():
@@ -70,6 +130,10 @@ def main() -> None:
     print(f"manifest-key literals (every key, generic words included): {sum(key_sites.values())} in "
           f"{len(key_sites)} files")
     print(f"function-level imports: export {imports['export']}, runtime {imports['runtime']}")
+    found = cycles(import_graph())
+    print(f"import circles (module or function level): {len(found)}")
+    for comp in found:
+        print("  " + " <-> ".join(comp))
 
 
 if __name__ == "__main__":
