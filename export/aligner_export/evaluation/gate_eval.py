@@ -188,3 +188,44 @@ def plot_gate(report: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
+
+
+def markdown_gate(report: dict) -> str:
+    """The gate and target sections of ``report.md`` in corpus mode."""
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    gate = report["gate"]
+    lines = ["## Targets (issue 10; held-out sources only)", "", "| figure | value | target | met |", "|---|---|---|---|"]
+    for t in report["targets"]:
+        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**missed**")
+        lines.append(f"| {t['figure']} | {pct(t['value'])} | {t['target']} | {met} |")
+    lines += ["", "## Gate per held-out source (one scoring prefill per prompt)", "",
+              "| source | class | n | rate (TPR or FPR) | AUROC vs generic | AUROC vs borderline |",
+              "|---|---|---|---|---|---|"]
+    for name, entry in gate["harmful"].items():
+        roc = gate["roc"].get(name, {})
+        lines.append(f"| {name} | harmful | {entry['count']} | {pct(entry['tpr'])} | "
+                     f"{roc.get('generic', {}).get('auroc', float('nan')):.4f} | "
+                     f"{roc.get('borderline', {}).get('auroc', float('nan')):.4f} |")
+    for cls in ("harmless", "borderline"):
+        for name, entry in gate[cls].items():
+            lines.append(f"| {name} | {cls} | {entry['count']} | {pct(entry['fpr'])} | | |")
+    lines.append(f"| wrapped (held-out jailbreak templates) | harmful | {gate['wrapped']['count']} | "
+                 f"{pct(gate['wrapped']['tpr'])} | | |")
+    bypass = gate["bypass"]
+    lines += ["", f"## Bypass suite (held-out rewrite templates on {bypass['base_count']} harmful prompts, plain recall "
+                  f"{pct(bypass['plain_recall'])})", "", "| rewrite | recall | ratio to plain | FPR on rewritten harmless |",
+              "|---|---|---|---|"]
+    for family, entry in bypass["families"].items():
+        ratio = "n/a" if entry["ratio"] is None else f"{entry['ratio']:.3f}"
+        lines.append(f"| {family} | {pct(entry['recall'])} | {ratio} | {pct(entry['harmless_fpr'])} |")
+    lines += ["", "Encodings the model cannot read (reported apart; not bypasses if the model does not understand them):",
+              "", "| encoding | gate recall | unsteered ASR | n |", "|---|---|---|---|"]
+    for kind, entry in gate["encodings"].items():
+        lines.append(f"| {kind} | {pct(entry['gate_recall'])} | {pct(entry['unsteered_asr'])} | {entry['count']} |")
+    forced = report["forced_open"]
+    lines += ["", f"Gate forced open on {forced['count']} held-out harmful prompts: refusals "
+                  f"{pct(forced['refusal_rate'])}, of which {pct(forced['clean_refusal_rate'])} end with an end of "
+                  f"sequence and repeat no 4-gram.", ""]
+    return "\n".join(lines)
