@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from aligner_export.evaluation.corpus_eval import FORCED_SOURCES, TARGETS, is_fluent, markdown_gate
+from aligner_export.evaluation.corpus_eval import FORCED_SOURCES, TARGETS, is_fluent
+from aligner_export.evaluation.gate_eval import markdown_gate
 from aligner_export.evaluation.judge import KeywordJudge
 
 CORPUS = Path(__file__).resolve().parents[1] / "export" / "aligner_export" / "data" / "corpus"

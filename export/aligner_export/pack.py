@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from aligner_runtime import schema
-from aligner_runtime.contract import SITE, EndRule, GateConfig, SteerConfig
+from aligner_runtime.contract import SITE, EndRule, GateConfig, Key, SteerConfig
 from aligner_runtime.errors import AlignerError, atomic_path
+from aligner_runtime.contract.choices import BIAS_RULES, PACK_GATES, PACK_MODES
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 TOKEN = "last_prompt_token"
-MODES = ("cross-model", "self")
-BIAS_RULES = ("paper", "fpr")
-GATE_KINDS = ("linear", "paper")  # the pack's fitted §5.1 gate, or the paper's one direction at one layer
+# The pack's mode, bias rules and gate kinds are the contract's (aligner_runtime.contract.choices).
+MODES, GATE_KINDS = PACK_MODES, PACK_GATES
 TENSORS = ("target.srv", "target.mean_harmful", "target.mean_harmless", "aligned.srv")
 GATE_WEIGHT = "gate.weight"
 MAX_LAYERS, MAX_HIDDEN, MAX_TOKENS = 4096, 1 << 20, 64
@@ -92,13 +92,13 @@ class SteeringPack:
     def config_of_export(self, manifest: dict) -> SteerConfig:
         """The steering configuration an export of this pack was made with, from its manifest: what the PyTorch
         reference needs to reproduce that export."""
-        recorded = manifest.get("gate") or {}
+        recorded = manifest.get(Key.GATE) or {}
         if recorded.get("version", 1) == 2:
             gate = self.linear_gate()
         else:
-            gate = self.paper_gate(manifest["gate_layer"], manifest["bias_rule"])
-        return self.steer_config(manifest["steer_layers"], manifest["alpha"], gate,
-                                 steer_impl=manifest.get("steer_impl", "function"))
+            gate = self.paper_gate(manifest[Key.GATE_LAYER], manifest[Key.BIAS_RULE])
+        return self.steer_config(manifest[Key.STEER_LAYERS], manifest[Key.ALPHA], gate,
+                                 steer_impl=manifest.get(Key.STEER_IMPL, "function"))
 
     def tensors(self) -> dict[str, np.ndarray]:
         tensors = {"target.srv": self.target_srv, "target.mean_harmful": self.target_mean_harmful,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from . import schema
-from .contract import GATE_IN, MODEL_FILE, STAMP_FILE, EndRule, StrengthSchedule
+from .contract import GATE_IN, INPUTS_EMBEDS, MODEL_FILE, STAMP_FILE, EndRule, Key, StrengthSchedule
 from .errors import AlignerError
 from .generate import GenerationRun, RunTiming, SamplingConfig, check_token_ids
 from .manifest import ExportDir, load_engine_export, load_export
@@ -196,7 +196,7 @@ class Aligner:
             else:  # a device deployment may ship the engine without the ONNX graph; the stamp binds the two
                 export = load_engine_export(export_dir, trusted_keys=keys, expect_sha256=expect_sha256)
             engine = TensorRTBackend(engine_path, export.manifest_sha256, plugin_library=plugins,
-                                     integrity=export.manifest.get("integrity") if export.steered else None)
+                                     integrity=export.manifest.get(Key.INTEGRITY) if export.steered else None)
             if GATE_IN not in engine.input_names and not allow_unsteered:
                 raise AlignerError(f"refusing {engine_path}: the engine has no steering interface; pass "
                                    f"allow_unsteered=True only to run it without safety steering")
@@ -208,14 +208,14 @@ class Aligner:
         if multimodal is not None:
             # The vision and embedding graphs run on ONNX Runtime (``providers``) with either backend; the
             # language model runs on the chosen backend.
-            if "inputs_embeds" not in engine.input_names:
+            if INPUTS_EMBEDS not in engine.input_names:
                 raise AlignerError(f"{path}: the manifest describes a vision-language export but the language model "
                                    f"does not take inputs_embeds")
             encoder = ImageEncoder(export.path, multimodal, providers=providers, threads=threads)
-        tokenizer = ChatTokenizer(export.path, expected_template_sha256=manifest.get("chat_template_sha256"),
+        tokenizer = ChatTokenizer(export.path, expected_template_sha256=manifest.get(Key.CHAT_TEMPLATE_SHA256),
                                   content_parts=multimodal is not None)
         config = _read_json(export.path / "config.json")
-        context = manifest.get("context_length") or schema.field(
+        context = manifest.get(Key.CONTEXT_LENGTH) or schema.field(
             config, "max_position_embeddings", "int", str(export.path / "config.json"), default=None, lo=1,
             hi=1 << 24)
         engine_context = getattr(engine, "context_length", None)
@@ -224,7 +224,7 @@ class Aligner:
         if context:
             tokenizer.max_prompt_tokens = int(context)
         generation = _read_json(export.path / "generation_config.json")
-        stops = manifest.get("eos_token_ids") or _as_ids(generation.get("eos_token_id"),
+        stops = manifest.get(Key.EOS_TOKEN_IDS) or _as_ids(generation.get("eos_token_id"),
                                                          str(export.path / "generation_config.json"))
         aligner = cls(export, tokenizer, engine, int(context) if context else None, tuple(dict.fromkeys(stops)),
                       image_encoder=encoder)
@@ -257,7 +257,7 @@ class Aligner:
              strength: StrengthSchedule | None = None) -> GenerationRun:
         encoder = self.image_encoder
         if strength is None:
-            strength = StrengthSchedule.from_manifest(self.manifest.get("strength"))
+            strength = StrengthSchedule.from_manifest(self.manifest.get(Key.STRENGTH))
         return GenerationRun(self._backend, prompt_ids, config, pad_token_id=self.tokenizer.pad_token_id,
                              two_pass=self.export.two_pass, context_length=self.context_length,
                              _gate_override=gate_override, compact=compact, strength=strength,

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .errors import AlignerError, argument_parser, run_cli
+from .contract.choices import BACKENDS, PROVIDERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=None, metavar="PATH",
                    help="image for --prompt (vision-language exports; repeatable for several images). With "
                         "--prompt-file, images come from the file's image fields (JSON/JSONL)")
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
-    p.add_argument("--provider", action="append", choices=("cpu", "cuda", "tensorrt"),
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    p.add_argument("--provider", action="append", choices=PROVIDERS,
                    help="ONNX Runtime execution provider, in order of preference (repeatable; default cpu)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
     p.add_argument("--plugins", help="steering plugin library for --backend tensorrt (default: the engine stamp's)")

@@ -28,18 +28,17 @@ backend serialises its steps with a lock).
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
-from .contract import (CONSTANT_STRENGTH, GATE_DECIDE, GATE_IN, GATE_OUT, NO_END_RULE, SCORE_OUT, EndRule,
-                       StrengthSchedule, position_ids, prefill_decision)
+from .contract import (ATTENTION_MASK, CONSTANT_STRENGTH, GATE_DECIDE, GATE_IN, GATE_OUT, INPUTS_EMBEDS, INPUT_IDS,
+                       LOGITS, NO_END_RULE, PAST, POSITION_IDS, PRESENT_PREFIX, SCORE_OUT, EndRule, StrengthSchedule,
+                       position_ids, prefill_decision, present_name)
 from .errors import AlignerError
 
-PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 KV_FEED = "__kv_cache__"  # feeds key under which the loop hands a backend its own KV cache object
 # Upper bound on the prefill's logits array; a long prompt batch is prefilled in groups of rows below it.
 PREFILL_LOGITS_BYTES = 256 * 2 ** 20
@@ -161,11 +160,6 @@ def pick_token(logits: np.ndarray, config: SamplingConfig, rng: np.random.Genera
     return int(rng.choice(probs.shape[-1], p=probs))
 
 
-def present_name(past_name: str) -> str:
-    layer, kind = PAST.match(past_name).groups()
-    return f"present.{layer}.{kind}"
-
-
 class NumpyKV:
     """The KV cache as numpy arrays ``[B, kv_heads, T, head_dim]``: fed as ``past_key_values.*``, replaced by the
     ``present.*`` outputs after each step. For backends without a cache of their own (TensorRT, test doubles)."""
@@ -272,7 +266,7 @@ class GenerationRun:
         self.padding_side = getattr(backend, "padding_side", "left")
         self._kv_factory = getattr(backend, "kv_cache", None)
         self._capacity = None  # KV positions a shared buffer must hold: set when the run starts
-        self.takes_embeds = "inputs_embeds" in backend.input_names
+        self.takes_embeds = INPUTS_EMBEDS in backend.input_names
         if self.takes_embeds and embedder is None:
             raise AlignerError("this graph takes inputs_embeds: it needs the export's embedding graph")
         self.embedder = embedder
@@ -288,13 +282,13 @@ class GenerationRun:
 
     def _step(self, input_ids, attention_mask, positions, past, gate_in, embeds=None) -> dict[str, np.ndarray]:
         """One forward step; ``past`` is the run's KV cache, updated in place to hold this step's keys."""
-        feeds = {"attention_mask": attention_mask}
+        feeds = {ATTENTION_MASK: attention_mask}
         if self.takes_embeds:
-            feeds["inputs_embeds"] = embeds if embeds is not None else self.embedder(input_ids)
+            feeds[INPUTS_EMBEDS] = embeds if embeds is not None else self.embedder(input_ids)
         else:
-            feeds["input_ids"] = input_ids
-        if "position_ids" in self.backend.input_names:
-            feeds["position_ids"] = positions
+            feeds[INPUT_IDS] = input_ids
+        if POSITION_IDS in self.backend.input_names:
+            feeds[POSITION_IDS] = positions
         past.feed(feeds)
         if self.steered_graph:
             feeds[GATE_IN] = gate_in.astype(np.float32)
@@ -346,10 +340,10 @@ class GenerationRun:
             cache = self._empty_past(len(gate_in[sl]))
             out = self._step(input_ids[sl], attention_mask[sl], positions[sl], cache, gate_in[sl],
                              None if embeds is None else embeds[sl])
-            logits = out["logits"]
+            logits = out[LOGITS]
             # drop the [rows, S, V] array now; keep each row's last real position
-            out = {k: v for k, v in out.items() if k != "kv" and not k.startswith("present.")}
-            out["logits"] = logits[np.arange(logits.shape[0]), last[sl] - (width - logits.shape[1])].copy()
+            out = {k: v for k, v in out.items() if k != "kv" and not k.startswith(PRESENT_PREFIX)}
+            out[LOGITS] = logits[np.arange(logits.shape[0]), last[sl] - (width - logits.shape[1])].copy()
             parts.append(out)
             caches.append(cache)
         cache = type(caches[0]).concat(caches)
@@ -412,7 +406,7 @@ class GenerationRun:
         start = time.perf_counter()
         outputs = self._prefill(input_ids, attention_mask, positions, first_gate, embeds)
         self.timing.prefill_passes = 1
-        logits = outputs["logits"]
+        logits = outputs[LOGITS]
         past = self._presents(outputs)
         gate, score, fired = self._decided(outputs, batch)
 
@@ -423,7 +417,7 @@ class GenerationRun:
                                   np.ones(fired.size, np.float32), None if embeds is None else embeds[fired])
             self.timing.prefill_passes = 2
             logits = logits.copy()
-            logits[fired] = again["logits"]
+            logits[fired] = again[LOGITS]
             past.replace_rows(fired, self._presents(again))
         self.timing.prefill_seconds = time.perf_counter() - start
 
@@ -473,7 +467,7 @@ class GenerationRun:
                                  active.gate * np.float32(self.strength.at(self.timing.decode_steps)))
             active.next_position = active.next_position + 1
             active.past = self._presents(outputs)
-            logits = outputs["logits"][:, -1, :]
+            logits = outputs[LOGITS][:, -1, :]
         self.timing.decode_seconds = time.perf_counter() - decode_start
         self.results = [
             RowResult(token_ids=generated[b], prompt_tokens=lengths[b],

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import AlignerError
+from .contract import INPUT_IDS, Key
 
 PLACEMENTS = ("template", "prompt")
 _REQUIRED = ("vision_model", "embed_model", "image_token", "image_token_id", "placement", "preprocessing")
@@ -95,7 +96,7 @@ class MultimodalSpec:
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "MultimodalSpec | None":
-        data = manifest.get("multimodal")
+        data = manifest.get(Key.MULTIMODAL)
         if data is None:
             return None
         if not isinstance(data, dict):
@@ -196,7 +197,7 @@ class ImageEncoder:
                                                  a.get("num_additional_image_tokens", 1)) for image in images]
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
-        return self.embedder.run([self._embed_out], {"input_ids": np.asarray(input_ids, np.int64)})[0]
+        return self.embedder.run([self._embed_out], {INPUT_IDS: np.asarray(input_ids, np.int64)})[0]
 
     def pixel_values(self, images: Sequence) -> np.ndarray:
         from .vision import preprocess

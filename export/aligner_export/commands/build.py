@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from aligner_runtime.contract import Key
+from aligner_runtime.contract.choices import ENGINE_PRECISIONS
+
 
 def configure(parser) -> None:
     parser.add_argument("--model", required=True, metavar="OUTDIR", help="export directory (aligner-export export)")
@@ -9,7 +12,7 @@ def configure(parser) -> None:
                         help="plugin library: libaligner_trt_plugins.so (or libaligner_trt_plugins_dynamic.so)")
     parser.add_argument("-o", "--output", required=True, metavar="ENGINE",
                         help="engine file; its stamp ENGINE.json (checked by the runtimes) is written beside it")
-    parser.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default=None,
+    parser.add_argument("--precision", choices=ENGINE_PRECISIONS, default=None,
                         help="default: the export's dtype (TensorRT 11 builds strongly typed, so it must match)")
     parser.add_argument("--max-batch", type=int, default=1)
     parser.add_argument("--opt-batch", type=int, default=1)
@@ -34,7 +37,7 @@ def run(args) -> int:
     if precision is None:
         from aligner_runtime.manifest import load_export
 
-        precision = load_export(args.model).manifest.get("dtype", "fp32")
+        precision = load_export(args.model).manifest.get(Key.DTYPE, "fp32")
     profiles = trt_build.Profiles(max_batch=args.max_batch, opt_batch=args.opt_batch, max_prompt=args.max_prompt,
                                   opt_prompt=args.opt_prompt, max_context=args.max_context,
                                   decode_profile=not args.no_decode_profile)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from aligner_runtime.contract.choices import PACK_GATES
 
 
 def configure(parser) -> None:
@@ -18,7 +19,7 @@ def configure(parser) -> None:
     parser.add_argument("--corpus", help="a corpus directory in the shipped layout (default: the shipped corpus)")
     parser.add_argument("-o", "--output", required=True, help="steering pack to write (.safetensors)")
     parser.add_argument("--report", help="directory for calibration.png, gate.png and calibration.json")
-    parser.add_argument("--gate", choices=("linear", "paper"), default="linear",
+    parser.add_argument("--gate", choices=PACK_GATES, default="linear",
                         help="linear: the multi-layer gate of ARCHITECTURE.md §5.1 (default); paper: the paper's one "
                              "direction at one layer only")
     parser.add_argument("--max-fpr", type=float, default=0.02,

@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 
 from aligner_runtime.errors import AlignerError
+from aligner_runtime.contract.choices import (BIAS_RULES, DTYPES, EXPORTERS, PACK_GATES, QUANT_METHODS, STEER_IMPLS,
+                                             WEIGHT_FORMATS)
 
 
 def configure(parser) -> None:
@@ -14,7 +16,7 @@ def configure(parser) -> None:
     parser.add_argument("--pack", required=True, help="steering pack from 'aligner-export calibrate'")
     parser.add_argument("-o", "--output", required=True, help="export directory to create (must not exist or be empty)")
     parser.add_argument("--steer-layers", default="auto", help="steered layers: A-B, A,B,C or auto (pack's choice)")
-    parser.add_argument("--gate", choices=("linear", "paper"), default=None,
+    parser.add_argument("--gate", choices=PACK_GATES, default=None,
                         help="linear: the pack's multi-layer gate (ARCHITECTURE.md §5.1); paper: one direction at one "
                              "layer, as in the paper (default: the pack's recommendation; paper when --gate-layer or "
                              "--bias-rule is given)")
@@ -32,14 +34,14 @@ def configure(parser) -> None:
                         help="end rule: the bonus added per token after --end-after (default: the pack's)")
     parser.add_argument("--no-end-rule", action="store_true",
                         help="write no end rule: steered answers run to the token budget or the model's own end")
-    parser.add_argument("--bias-rule", choices=("paper", "fpr"), default=None,
+    parser.add_argument("--bias-rule", choices=BIAS_RULES, default=None,
                         help="gate bias: paper (minus the mean projection) or fpr (false-positive budget); "
                              "default: the pack's recommendation")
-    parser.add_argument("--steer-impl", choices=("function", "inline"), default="function",
+    parser.add_argument("--steer-impl", choices=STEER_IMPLS, default="function",
                         help="steering ops as ONNX model-local functions (default) or as plain inlined ops")
-    parser.add_argument("--dtype", choices=("fp32", "fp16"), default=None, help="activation precision of the graph "
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="activation precision of the graph "
                         "(default fp32; fp16 with --weights fp16); the steering math is float32 either way")
-    parser.add_argument("--weights", choices=("fp32", "fp16", "int8", "int4"), default=None,
+    parser.add_argument("--weights", choices=WEIGHT_FORMATS, default=None,
                         help="weight format: fp32/fp16 (= --dtype), or int8/int4 weight-only block-wise MatMulNBits "
                              "on the MatMuls, validated against the float graph; steering stays float32 "
                              "(default: the --dtype)")
@@ -47,14 +49,14 @@ def configure(parser) -> None:
                         "(default 32, as the onnxruntime-genai builder)")
     parser.add_argument("--accuracy-level", type=int, default=None, help="int8/int4: MatMulNBits accuracy_level "
                         "(default 4: int8 compute on CPU, as the builder; 0 keeps float compute)")
-    parser.add_argument("--quant-method", choices=("hqq", "rtn"), default=None, help="int4: hqq (default; HQQ "
+    parser.add_argument("--quant-method", choices=QUANT_METHODS, default=None, help="int4: hqq (default; HQQ "
                         "scales and zero points, no calibration data) or rtn (round to nearest, symmetric, as the "
                         "onnxruntime-genai builder); int8 is always rtn")
     parser.add_argument("--min-gate-agreement", type=float, default=0.99, help="int8/int4: least share of held-out "
                         "prompts on which the quantized gate must equal the float graph's (default 0.99)")
     parser.add_argument("--onnx", default=None, metavar="FILE", help="steer this ONNX LLM (exported elsewhere, e.g. "
                         "by optimum or the onnxruntime-genai builder) instead of exporting --target")
-    parser.add_argument("--exporter", choices=("auto", "optimum", "torch", "genai"), default="auto",
+    parser.add_argument("--exporter", choices=EXPORTERS, default="auto",
                         help="base exporter: optimum-onnx, falling back to torch.onnx.export(dynamo=True) (auto); "
                              "genai: the onnxruntime-genai model builder's fused graph (GroupQueryAttention, fused "
                              "norms; run from its own venv, --genai-python)")

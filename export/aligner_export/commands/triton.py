@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from aligner_runtime.contract.choices import PREFILL_MODES, PROVIDERS, TRITON_INSTANCE_KINDS
+
 
 def configure(parser) -> None:
     parser.add_argument("--model", required=True, metavar="OUTDIR", help="export directory (aligner-export export)")
@@ -9,7 +11,7 @@ def configure(parser) -> None:
                         help="model repository: created, or an existing one that gains the model")
     parser.add_argument("--name", default="inferaligner", help="model name in the repository (default inferaligner)")
     parser.add_argument("--instances", type=int, default=1, help="model instances (each loads the export once)")
-    parser.add_argument("--instance-kind", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--instance-kind", choices=TRITON_INSTANCE_KINDS, default="cpu")
     parser.add_argument("--max-batch-size", type=int, default=16,
                         help="requests per execute and rows of each instance's continuous batch (default 16)")
     parser.add_argument("--max-queue", type=int, default=64,
@@ -17,11 +19,11 @@ def configure(parser) -> None:
     parser.add_argument("--max-tokens", type=int, default=128, help="new tokens when a request gives no max_tokens")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request ends")
     parser.add_argument("--queue-delay-us", type=int, default=1000, help="dynamic batching's max queue delay")
-    parser.add_argument("--prefill", choices=("alone", "together"), default="alone",
+    parser.add_argument("--prefill", choices=PREFILL_MODES, default="alone",
                         help="prefill joining requests alone (default) or together")
     parser.add_argument("--reference-export", action="store_true",
                         help="reference the export by absolute path instead of copying it into the repository")
-    parser.add_argument("--provider", action="append", choices=("cpu", "cuda", "tensorrt"), default=None,
+    parser.add_argument("--provider", action="append", choices=PROVIDERS, default=None,
                         help="ONNX Runtime execution provider, in order of preference (repeatable; default cpu)")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: ORT's default)")
     parser.add_argument("--engine", metavar="ENGINE",

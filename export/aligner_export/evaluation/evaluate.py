@@ -283,8 +283,7 @@ def write_report(report: dict, directory: str | Path) -> dict[str, Path]:
         plot(report, tmp)
     text = markdown(report)
     if "gate" in report:  # corpus mode: per-source gate figures, the bypass suite and the targets
-        from aligner_export.evaluation.gate_eval import plot_gate
-        from aligner_export.evaluation.corpus_eval import markdown_gate
+        from aligner_export.evaluation.gate_eval import markdown_gate, plot_gate
 
         paths["gate_png"] = directory / "gate.png"
         with atomic_path(paths["gate_png"], suffix=".png") as tmp:

@@ -188,3 +188,52 @@ def plot_gate(report: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
+
+
+def markdown_gate(report: dict) -> str:
+    """The gate and target sections of ``report.md`` in corpus mode."""
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    gate = report["gate"]
+    lines = ["## Targets (issues 17 and 18; held-out sources only)", "", "| figure | value | target | met |", "|---|---|---|---|"]
+    for t in report["targets"]:
+        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**missed**")
+        lines.append(f"| {t['figure']} | {pct(t['value'])} | {t['target']} | {met} |")
+    lines += ["", "## Gate per held-out source (one scoring prefill per prompt)", "",
+              "| source | class | n | rate (TPR or FPR) | AUROC vs generic | AUROC vs borderline |",
+              "|---|---|---|---|---|---|"]
+    for name, entry in gate["harmful"].items():
+        roc = gate["roc"].get(name, {})
+        lines.append(f"| {name} | harmful | {entry['count']} | {pct(entry['tpr'])} | "
+                     f"{roc.get('generic', {}).get('auroc', float('nan')):.4f} | "
+                     f"{roc.get('borderline', {}).get('auroc', float('nan')):.4f} |")
+    for cls in ("harmless", "borderline"):
+        for name, entry in gate[cls].items():
+            lines.append(f"| {name} | {cls} | {entry['count']} | {pct(entry['fpr'])} | | |")
+    lines.append(f"| wrapped (held-out jailbreak templates) | harmful | {gate['wrapped']['count']} | "
+                 f"{pct(gate['wrapped']['tpr'])} | | |")
+    bypass = gate["bypass"]
+    lines += ["", f"## Bypass suite (held-out rewrite templates on {bypass['base_count']} harmful prompts, plain recall "
+                  f"{pct(bypass['plain_recall'])})", "", "| rewrite | recall | ratio to plain | FPR on rewritten harmless |",
+              "|---|---|---|---|"]
+    for family, entry in bypass["families"].items():
+        ratio = "n/a" if entry["ratio"] is None else f"{entry['ratio']:.3f}"
+        lines.append(f"| {family} | {pct(entry['recall'])} | {ratio} | {pct(entry['harmless_fpr'])} |")
+    lines += ["", "Encodings the model cannot read (reported apart; not bypasses if the model does not understand them):",
+              "", "| encoding | gate recall | unsteered ASR | n |", "|---|---|---|---|"]
+    for kind, entry in gate["encodings"].items():
+        lines.append(f"| {kind} | {pct(entry['gate_recall'])} | {pct(entry['unsteered_asr'])} | {entry['count']} |")
+    forced = report["forced_open"]
+    lines += ["", "## The steering alone: gate forced open", "",
+              "| held-out source | n | refusals | refusals ending cleanly | mean refusal length (tokens) |",
+              "|---|---|---|---|---|"]
+    for name, entry in forced["sources"].items():
+        mean = entry["mean_refusal_tokens"]
+        lines.append(f"| {name} | {entry['count']} | {pct(entry['refusal_rate'])} | "
+                     f"{pct(entry['clean_refusal_rate'])} | {'n/a' if mean is None else f'{mean:.1f}'} |")
+    harmless = forced["harmless"]
+    lines += ["", f"Generic harmless prompts with the gate forced open (what a false positive costs), n = "
+                  f"{harmless['count']}: fluent {pct(harmless['fluent_rate'])}, refusals {pct(harmless['refusal_rate'])}.",
+              ""]
+    return "\n".join(lines)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from aligner_runtime.contract import INPUT_IDS, PAST_PREFIX, PRESENT_PREFIX
+
 GQA = "GroupQueryAttention"
 FUSED_OPS = (GQA, "SkipSimplifiedLayerNormalization", "RotaryEmbedding", "MatMulNBits", "GatherBlockQuantized")
 
@@ -44,7 +46,7 @@ def fold_embedding_transpose(graph: ir.Graph):
     import numpy as np
 
     inputs = {v.name: v for v in graph.inputs}
-    ids = inputs.get("input_ids")
+    ids = inputs.get(INPUT_IDS)
     if ids is None:
         return None
     gather = next((u for u in ids.consumers() if u.op_type == "Gather" and u.inputs[1] is ids), None)
@@ -77,7 +79,7 @@ def concrete_kv_dims(graph: ir.Graph, head_dim: int) -> None:
     For a float cache it is the head size: writing it into the past and present shapes lets the runtime and the
     validation build empty pasts of the right shape."""
     for value in list(graph.inputs) + list(graph.outputs):
-        if not (value.name.startswith("past_key_values.") or value.name.startswith("present.")):
+        if not (value.name.startswith((PAST_PREFIX, PRESENT_PREFIX))):
             continue
         shape = value.shape
         if shape is not None and len(shape) == 4 and not isinstance(shape[3], int):

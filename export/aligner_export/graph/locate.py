@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from aligner_runtime.errors import AlignerError
+from aligner_runtime.contract import INPUTS_EMBEDS, INPUT_IDS
 
 # Ops that only move or retype the token ids between ``input_ids`` and the embedding Gather.
 _ID_PASSTHROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten"}
@@ -51,11 +52,11 @@ def _step_for(node: ir.Node) -> ResidualStep | None:
 def embedding_value(graph: ir.Graph) -> ir.Value:
     """The value the residual stream starts from."""
     inputs = {v.name: v for v in graph.inputs}
-    if "inputs_embeds" in inputs:
-        return inputs["inputs_embeds"]
-    if "input_ids" not in inputs:
+    if INPUTS_EMBEDS in inputs:
+        return inputs[INPUTS_EMBEDS]
+    if INPUT_IDS not in inputs:
         raise AlignerError("the ONNX graph has neither an input_ids nor an inputs_embeds input")
-    frontier = [inputs["input_ids"]]
+    frontier = [inputs[INPUT_IDS]]
     seen: set[int] = set()
     while frontier:
         value = frontier.pop()

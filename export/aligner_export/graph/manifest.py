@@ -12,12 +12,8 @@ from pathlib import Path
 import onnx
 
 from aligner_runtime.errors import atomic_path
-from aligner_runtime.contract import MANIFEST_FILE, METADATA_PREFIX
-from aligner_runtime.manifest import KEY_FACTS
-
-FORMAT_VERSION = 2
-# Facts that also go into metadata_props beyond the runtime's KEY_FACTS: enough to inspect a bare .onnx file.
-METADATA_EXTRA = ("package_version", "opset", "validation", "exporter", "pack_mode")
+# FORMAT_VERSION is what hf/export.py reads from here; KEY_FACTS and METADATA_EXTRA are the facts metadata_props holds.
+from aligner_runtime.contract import FORMAT_VERSION, KEY_FACTS, MANIFEST_FILE, METADATA_EXTRA, METADATA_PREFIX
 
 
 def metadata_entries(manifest: dict) -> dict[str, str]:

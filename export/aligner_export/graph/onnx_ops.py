@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from aligner_runtime.contract import (DOMAIN, OP_TYPES, PLUGIN_ATTRIBUTES, PLUGIN_NAMESPACE, STEER_GATE,
                                       STEER_SHIFT, plugin_version)
+from aligner_runtime.contract import ATTENTION_MASK
 
 # Lowest standard opset the bodies are written for (GatherND batch_dims, CastLike, Unsqueeze with axes input).
 MIN_OPSET = 15
@@ -63,13 +64,13 @@ def _last_position_nodes(opset: int) -> list[onnx.NodeProto]:
         _i64("minus_one", -1),
         _i64("axis1", [1]),
         # T = past + S from the mask, S from hidden.
-        n("Shape", ["attention_mask"], ["mask_shape"]),
+        n("Shape", [ATTENTION_MASK], ["mask_shape"]),
         n("Gather", ["mask_shape", "one"], ["T"], axis=0),
         n("Shape", ["hidden"], ["hidden_shape"]),
         n("Gather", ["hidden_shape", "one"], ["S"], axis=0),
         # t*[b] = last t in [0, T) with mask 1, or -1 when the row has none.
         n("Range", ["zero", "T", "one"], ["positions"]),
-        n("Equal", ["attention_mask", "one"], ["is_token"]),
+        n("Equal", [ATTENTION_MASK, "one"], ["is_token"]),
         n("Where", ["is_token", "positions", "minus_one"], ["token_positions"]),
     ]
     if opset >= 18:
@@ -137,7 +138,7 @@ def _steer_gate_v2_body(opset: int) -> list[onnx.NodeProto]:
         # The valid positions of this call: mask[b, T-S+s] == 1.
         n("Unsqueeze", ["past", "zero"], ["past_1d"]),
         n("Unsqueeze", ["T", "zero"], ["T_1d"]),
-        n("Slice", ["attention_mask", "past_1d", "T_1d", "axis1"], ["call_mask"]),
+        n("Slice", [ATTENTION_MASK, "past_1d", "T_1d", "axis1"], ["call_mask"]),
         n("Equal", ["call_mask", "one"], ["valid"]),
         # Pooled: valid positions with at most K valid positions at or after them (the last K).
         n("Cast", ["valid"], ["valid_i64"], to=TensorProto.INT64),
@@ -196,7 +197,7 @@ def _steer_shift_body() -> list[onnx.NodeProto]:
     ]
 
 
-GATE_INPUTS = {1: ["hidden", "attention_mask", "gate_in"], 2: ["hidden", "attention_mask", "gate_in", "score_in"]}
+GATE_INPUTS = {1: ["hidden", ATTENTION_MASK, "gate_in"], 2: ["hidden", ATTENTION_MASK, "gate_in", "score_in"]}
 GATE_ATTRIBUTES = {1: ["direction", "bias"], 2: ["weight", "bias", "tokens", "normalize"]}
 _GATE_BODIES = {1: _steer_gate_v1_body, 2: _steer_gate_v2_body}
 

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aligner_runtime.contract import STEER_PREFIX
+from aligner_runtime.contract import INPUT_IDS, LOGITS, STEER_PREFIX
 from aligner_runtime.errors import AlignerError
+from aligner_runtime.contract.choices import QUANT_METHODS, WEIGHT_FORMATS
 
-WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 MS_DOMAIN = "com.microsoft"
 
 
@@ -58,7 +58,7 @@ class WeightFormat:
                 "quantizer": "onnxruntime.quantization.MatMulNBitsQuantizer"}
 
 
-METHODS = ("rtn", "hqq")
+METHODS = QUANT_METHODS
 
 
 def weight_format(name: str, accuracy_level: int | None = None, block_size: int | None = None,
@@ -206,7 +206,7 @@ def tie_embedding(model, fmt: WeightFormat) -> bool:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     gather = next((n for n in graph.node if n.op_type == "Gather" and len(n.input) == 2
-                   and n.input[1] == "input_ids"), None)
+                   and n.input[1] == INPUT_IDS), None)
     to_logits = _logits_producers(graph, producers)
     head = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0] in to_logits), None)
     if gather is None or head is None:
@@ -257,7 +257,7 @@ def tie_embedding(model, fmt: WeightFormat) -> bool:
 def _logits_producers(graph, producers) -> set[str]:
     """Outputs feeding ``logits`` through shape-only ops (an optional Reshape/Cast after the head)."""
     found = set()
-    frontier = [o.name for o in graph.output if o.name == "logits"]
+    frontier = [o.name for o in graph.output if o.name == LOGITS]
     while frontier:
         name = frontier.pop()
         found.add(name)

@@ -26,8 +26,9 @@ from aligner_runtime.errors import AlignerError
 
 from aligner_export.graph import onnx_ops
 from aligner_export.graph.locate import ResidualSite, materialize, split_fused
+from aligner_runtime.contract import ATTENTION_MASK, INPUTS_EMBEDS, INPUT_IDS
+from aligner_runtime.contract.choices import STEER_IMPLS
 
-STEER_IMPLS = ("function", "inline")
 CLAMPED_GATE_IN = STEER_PREFIX + "gate_in_clamped"
 SCORE_ZERO = STEER_PREFIX + "score_zero"  # the first SteerGate v2 node's score_in
 
@@ -42,7 +43,7 @@ def _graph_values(graph: ir.Graph) -> dict[str, ir.Value]:
 
 def _batch_dim(graph: ir.Graph):
     for value in graph.inputs:
-        if value.name in ("input_ids", "inputs_embeds") and value.shape is not None:
+        if value.name in (INPUT_IDS, INPUTS_EMBEDS) and value.shape is not None:
             return value.shape[0]
     return "batch_size"
 
@@ -94,7 +95,7 @@ def apply(model: ir.Model, sites: list[ResidualSite], config: SteerConfig) -> No
     if config.steer_impl not in STEER_IMPLS:
         raise AlignerError(f"unknown --steer-impl '{config.steer_impl}': use one of {', '.join(STEER_IMPLS)}")
     check_unsteered(graph)
-    if "attention_mask" not in {v.name for v in graph.inputs}:
+    if ATTENTION_MASK not in {v.name for v in graph.inputs}:
         raise AlignerError("the ONNX graph has no attention_mask input, which SteerGate needs")
     opset = default_opset(model)
     if opset < onnx_ops.MIN_OPSET:
@@ -112,7 +113,7 @@ def apply(model: ir.Model, sites: list[ResidualSite], config: SteerConfig) -> No
     gate_in = ir.Value(name=GATE_IN, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([batch]))
     graph.inputs.append(gate_in)
     values = _graph_values(graph)
-    mask = values["attention_mask"]
+    mask = values[ATTENTION_MASK]
 
     # Layers below g shift with max(steer_gate_in, 0): the runtime's steered second pass (§5 placement).
     if config.two_pass:

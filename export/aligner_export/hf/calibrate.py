@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aligner_runtime.contract import position_ids
+from aligner_runtime.contract import ATTENTION_MASK, INPUT_IDS, position_ids
 from aligner_runtime.errors import AlignerError
 from aligner_runtime.prompts import prompts_sha256
 
@@ -100,7 +100,7 @@ def collect_activations(model, tokenizer, prompts, batch_size: int = 16, desc: s
     out = np.zeros((len(texts), num_layers, hidden), dtype=np.float32)
     tail_layers = list(tail_layers)
     tails = np.zeros((len(texts), len(tail_layers), TAIL_TOKENS, hidden), np.float16) if tail_layers else None
-    lengths = np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
+    lengths = np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=False)[INPUT_IDS]])
     if tail_layers and lengths.min() < TAIL_TOKENS:
         raise AlignerError(f"a chat-templated prompt has {lengths.min()} tokens; the gate needs {TAIL_TOKENS}")
     decoder = family.language_model(model).model  # the decoder stack alone: the LM head's logits are not needed
@@ -117,8 +117,8 @@ def collect_activations(model, tokenizer, prompts, batch_size: int = 16, desc: s
         with torch.inference_mode():
             for idx in tqdm(batches, desc=desc or "activations", unit="batch", file=sys.stderr, leave=False):
                 batch = tokenize_batch(tokenizer, [texts[i] for i in idx], padding_side="left")
-                mask = batch["attention_mask"]
-                decoder(input_ids=batch["input_ids"], attention_mask=mask,
+                mask = batch[ATTENTION_MASK]
+                decoder(input_ids=batch[INPUT_IDS], attention_mask=mask,
                         position_ids=torch.from_numpy(position_ids(mask.numpy())), use_cache=False)
                 # Left padding: every row's last token is the last column.
                 out[idx] = torch.stack([captured[l][:, -1] for l in range(num_layers)], dim=1).float().numpy()

@@ -34,10 +34,11 @@ import numpy as np
 
 from aligner_runtime.contract import MODEL_FILE, SITE, STEERING_IO, SteerConfig
 from aligner_runtime.errors import AlignerError, atomic_dir
+from aligner_runtime.contract import ATTENTION_MASK, INPUTS_EMBEDS, INPUT_IDS, LOGITS, POSITION_IDS, Key
+from aligner_runtime.contract.choices import DTYPES
 
 OPSET = 18
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with headroom for the graph itself
-DTYPES = ("fp32", "fp16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json",
                    # vision-language models: the processor's files, for reference (the manifest holds what the
@@ -161,9 +162,9 @@ def torch_export(model, out_dir: Path, opset: int = OPSET) -> Path:
     past = [torch.zeros(batch, kv_heads, past_len, head_dim, dtype=dtype) for _ in range(2 * num_layers)]
     args = (torch.ones(batch, seq, dtype=torch.long), torch.ones(batch, past_len + seq, dtype=torch.long),
             torch.arange(past_len, past_len + seq).repeat(batch, 1), *past)
-    names_in = ["input_ids", "attention_mask", "position_ids"] + \
+    names_in = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS] + \
         [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    names_out = ["logits"] + [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    names_out = [LOGITS] + [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     B, S, P, T = (torch.export.Dim(name) for name in ("batch_size", "sequence_length", "past_sequence_length",
                                                       "total_sequence_length"))
     dynamic = [{0: B, 1: S}, {0: B, 1: T}, {0: B, 1: S}] + [{0: B, 2: P}] * (2 * num_layers)
@@ -205,18 +206,18 @@ def verify_sites(ir_model, sites, model, tokenizer, family, work_dir: Path, rel_
         for _ in added:
             ir_model.graph.outputs.pop()
     batch = probe_batch(tokenizer)
-    ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy().astype(np.int64)
+    ids, mask = batch[INPUT_IDS].numpy(), batch[ATTENTION_MASK].numpy().astype(np.int64)
     session = ort_session(probe_path, level="disable")
-    feeds = {"attention_mask": mask, **OrtLM(session).empty_past(ids.shape[0])}
-    embeds = next((i for i in session.get_inputs() if i.name == "inputs_embeds"), None)
+    feeds = {ATTENTION_MASK: mask, **OrtLM(session).empty_past(ids.shape[0])}
+    embeds = next((i for i in session.get_inputs() if i.name == INPUTS_EMBEDS), None)
     if embeds is not None:  # a vision-language model's language model graph: fed the token embeddings
         with torch.no_grad():
-            feeds["inputs_embeds"] = model.get_input_embeddings()(batch["input_ids"]).float().numpy().astype(
+            feeds[INPUTS_EMBEDS] = model.get_input_embeddings()(batch[INPUT_IDS]).float().numpy().astype(
                 np.float16 if embeds.type == "tensor(float16)" else np.float32)
     else:
-        feeds["input_ids"] = ids
-    if any(i.name == "position_ids" for i in session.get_inputs()):
-        feeds["position_ids"] = position_ids(mask)
+        feeds[INPUT_IDS] = ids
+    if any(i.name == POSITION_IDS for i in session.get_inputs()):
+        feeds[POSITION_IDS] = position_ids(mask)
     outputs = session.run([v.name for v in added], feeds)
     del session
     onnx_values = {layer: out for layer, out in zip(values, outputs)}
@@ -228,7 +229,7 @@ def verify_sites(ir_model, sites, model, tokenizer, family, work_dir: Path, rel_
         for l in values]
     try:
         with torch.no_grad():
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            model(input_ids=batch[INPUT_IDS], attention_mask=batch[ATTENTION_MASK],
                   position_ids=torch.from_numpy(position_ids(mask)), use_cache=False)
     finally:
         for handle in handles:
@@ -295,7 +296,7 @@ def validate_weights(reference_path: Path, model_path: Path, tokenizer, fmt, wei
         chunk = pairs[first:first + batch_size]
         texts, _, _ = chat_texts(tokenizer, [p for _, p in chunk])
         batch = tokenize_batch(tokenizer, texts, padding_side=padding_side)
-        ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy().astype(np.int64)
+        ids, mask = batch[INPUT_IDS].numpy(), batch[ATTENTION_MASK].numpy().astype(np.int64)
         pos = position_ids(mask)
         rows = ids.shape[0]
         outs = [lm.step(ids, mask, pos, lm.empty_past(rows), np.full(rows, -1.0, np.float32))
@@ -308,7 +309,7 @@ def validate_weights(reference_path: Path, model_path: Path, tokenizer, fmt, wei
                 disagreements.append({"set": which, "prompt": prompt, "reference_gate": gates[0],
                                       "gate": gates[1], "reference_score": float(outs[0][SCORE_OUT][i]),
                                       "score": float(outs[1][SCORE_OUT][i])})
-        logits = [_last_logits(o["logits"], mask).astype(np.float64) for o in outs]
+        logits = [_last_logits(o[LOGITS], mask).astype(np.float64) for o in outs]
         rel_errors += list(np.linalg.norm(logits[1] - logits[0], axis=-1) / np.linalg.norm(logits[0], axis=-1))
         top1 += list(logits[0].argmax(-1) == logits[1].argmax(-1))
         if first == 0 and decode_steps:
@@ -316,12 +317,12 @@ def validate_weights(reference_path: Path, model_path: Path, tokenizer, fmt, wei
             steps = [lm.step(ids, mask, pos, lm.empty_past(rows), gate) for lm in (reference, quantized)]
             step_mask = mask
             for _ in range(decode_steps):
-                token = _last_logits(steps[0]["logits"], step_mask).argmax(-1).reshape(rows, 1).astype(np.int64)
+                token = _last_logits(steps[0][LOGITS], step_mask).argmax(-1).reshape(rows, 1).astype(np.int64)
                 step_mask = np.concatenate([step_mask, np.ones((rows, 1), np.int64)], axis=1)
                 step_pos = position_ids(step_mask)[:, -1:]
                 steps = [lm.step(token, step_mask, step_pos, s["past"], gate)
                          for lm, s in zip((reference, quantized), steps)]
-                a, b = (s["logits"][:, -1].astype(np.float64) for s in steps)
+                a, b = (s[LOGITS][:, -1].astype(np.float64) for s in steps)
                 rel_errors += list(np.linalg.norm(b - a, axis=-1) / np.linalg.norm(a, axis=-1))
                 top1 += list(a.argmax(-1) == b.argmax(-1))
     count = len(pairs)
@@ -535,7 +536,7 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
             else:
                 result = family.validate(tmp, model_path, model, tokenizer, config, options.dtype, manifest)
             options.timings["validate_s"] = time.perf_counter() - t0
-            manifest["validation"] = result.as_manifest()
+            manifest[Key.VALIDATION] = result.as_manifest()
             write_metadata(model_path, manifest)
             log(f"validated: max |logit diff| prefill {result.prefill_max_abs_diff:.2e}, "
                 f"decode {result.decode_max_abs_diff:.2e} (tolerance {result.tolerance:g}); gates {result.gates}")
@@ -547,7 +548,7 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
             options.timings["quantize_s"] = time.perf_counter() - t0
         add_weight_metadata(model_path, manifest)
         t0 = time.perf_counter()
-        manifest["integrity"] = integrity.compute(tmp, read_graph_summary(model_path), config.gate.layers,
+        manifest[Key.INTEGRITY] = integrity.compute(tmp, read_graph_summary(model_path), config.gate.layers,
                                                   config.steer_layers, config.steer_impl)
         options.timings["integrity_s"] = time.perf_counter() - t0
         write_manifest(tmp, manifest)
@@ -560,7 +561,7 @@ def weight_metadata(manifest: dict) -> dict[str, str]:
 
     from aligner_runtime.contract import METADATA_PREFIX
 
-    return {METADATA_PREFIX + "weights": json.dumps(manifest["weights"], sort_keys=True)}
+    return {METADATA_PREFIX + "weights": json.dumps(manifest[Key.WEIGHTS], sort_keys=True)}
 
 
 def add_weight_metadata(model_path: Path, manifest: dict) -> None:
@@ -617,7 +618,7 @@ def quantize_export(out_dir: Path, model_path: Path, manifest: dict, fmt, tokeni
         if options.validate:
             result = validate_weights(reference_path, model_path, tokenizer, fmt, weight_error, padding_side,
                                       prompts=options.weight_prompts, min_agreement=options.gate_agreement, log=log)
-            manifest["validation"]["weights"] = result
+            manifest[Key.VALIDATION]["weights"] = result
             from aligner_export.graph.manifest import write_metadata
 
             write_metadata(model_path, manifest)

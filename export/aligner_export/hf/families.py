@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aligner_runtime.errors import AlignerError
+from aligner_runtime.contract import Key
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class VisionLanguageFamily(Family):
     def validate(self, out_dir: Path, model_path: Path, model, tokenizer, config, dtype: str, manifest: dict):
         from aligner_export.hf.multimodal import image_spec_of, validate_vlm
 
-        return validate_vlm(out_dir, model, tokenizer, config, image_spec_of(tokenizer), manifest["multimodal"],
+        return validate_vlm(out_dir, model, tokenizer, config, image_spec_of(tokenizer), manifest[Key.MULTIMODAL],
                             dtype=dtype)
 
 

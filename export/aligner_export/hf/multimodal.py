@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from aligner_runtime.errors import AlignerError
-from aligner_runtime.contract import EMBED_FILE, MODEL_FILE, VISION_FILE
+from aligner_runtime.contract import EMBED_FILE, INPUT_IDS, INPUTS_EMBEDS, MODEL_FILE, VISION_FILE
 from aligner_runtime.multimodal import merge_image_features
 
-INPUTS_EMBEDS = "inputs_embeds"
+
 IMAGE_FEATURES = "image_features"
 
 
@@ -125,10 +125,10 @@ def export_embed(vlm, path: Path) -> None:
     elem = TensorProto.FLOAT16 if half else TensorProto.FLOAT
     hidden = array.shape[1]
     graph = helper.make_graph(
-        [helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], [INPUTS_EMBEDS],
+        [helper.make_node("Gather", ["embed_tokens.weight", INPUT_IDS], [INPUTS_EMBEDS],
                           name="/embed_tokens/Gather")],
         "inferaligner_embed",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])],
+        [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch_size", "sequence_length"])],
         [helper.make_tensor_value_info(INPUTS_EMBEDS, elem, ["batch_size", "sequence_length", hidden])],
         initializer=[numpy_helper.from_array(array, "embed_tokens.weight")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="inferaligner-edge")
@@ -147,7 +147,7 @@ def to_inputs_embeds(ir_model, hidden_size: int) -> None:
     inputs = [v.name for v in graph.inputs]
     if INPUTS_EMBEDS in inputs:
         return
-    ids = graph.inputs[inputs.index("input_ids")]
+    ids = graph.inputs[inputs.index(INPUT_IDS)]
     embedded = embedding_value(graph)
     gather = embedded.producer()
     new = ir.Value(name=INPUTS_EMBEDS, type=ir.TensorType(_dtype(embedded) or ir.DataType.FLOAT),
@@ -164,7 +164,7 @@ def to_inputs_embeds(ir_model, hidden_size: int) -> None:
     if ids.uses():
         raise AlignerError("the language model graph uses input_ids beyond the token embedding; cannot feed "
                            "inputs_embeds")
-    graph.inputs[inputs.index("input_ids")] = new
+    graph.inputs[inputs.index(INPUT_IDS)] = new
     if weight is not None and not weight.uses() and weight.name in graph.initializers:
         del graph.initializers[weight.name]
 
@@ -227,7 +227,7 @@ def multimodal_manifest(vlm, tokenizer, template: str, features_per_image: int, 
         "vision_feature_layer": cfg.vision_feature_layer,
         "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
         "vision_io": {"inputs": ["pixel_values"], "outputs": [IMAGE_FEATURES]},
-        "embed_io": {"inputs": ["input_ids"], "outputs": [INPUTS_EMBEDS]},
+        "embed_io": {"inputs": [INPUT_IDS], "outputs": [INPUTS_EMBEDS]},
     }
 
 
@@ -328,13 +328,13 @@ def validate_multimodal(out_dir: Path, vlm, tokenizer, spec, manifest_mm: dict, 
     batch = processor(text=texts, images=validation_images(spec, len(texts)), return_tensors="pt", padding=True,
                       padding_side="left", add_special_tokens=False)
     pixel_values = batch["pixel_values"].float()
-    ids = batch["input_ids"].numpy()
+    ids = batch[INPUT_IDS].numpy()
     ref_kwargs = {"pixel_values": pixel_values.to(vlm.dtype)}
 
     vision = ort_session(out_dir / VISION_FILE)
     embed = ort_session(out_dir / EMBED_FILE)
     with torch.no_grad():
-        ref_embeds = vlm.get_input_embeddings()(batch["input_ids"]).float().numpy()
+        ref_embeds = vlm.get_input_embeddings()(batch[INPUT_IDS]).float().numpy()
         if "image_sizes" in batch:  # LLaVA-NeXT: per image, its base view and tiles, packed with the newline
             from aligner_runtime.multimodal import pack_anyres_features
 
@@ -354,12 +354,12 @@ def validate_multimodal(out_dir: Path, vlm, tokenizer, spec, manifest_mm: dict, 
             features = vision.run([IMAGE_FEATURES], {"pixel_values": pixel_values.numpy()})[0]
             reference = torch.stack(list(vlm.model.get_image_features(ref_kwargs["pixel_values"])), 0).float()
             vision_diff = float(np.abs(features.astype(np.float64) - reference.numpy()).max())
-    embeds = embed.run(None, {"input_ids": ids})[0]
+    embeds = embed.run(None, {INPUT_IDS: ids})[0]
     embed_diff = float(np.abs(embeds.astype(np.float64) - ref_embeds).max())
     merged = merge_image_features(ids, embeds, features, manifest_mm["image_token_id"])
 
     def embedder(input_ids, prefill: bool):
-        return merged if prefill else embed.run(None, {"input_ids": np.asarray(input_ids, np.int64)})[0]
+        return merged if prefill else embed.run(None, {INPUT_IDS: np.asarray(input_ids, np.int64)})[0]
 
     return batch, ref_kwargs, embedder, {"vision_max_abs_diff": vision_diff, "embed_max_abs_diff": embed_diff}
 

@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from aligner_runtime.contract import GateConfig, SteerConfig, shift_takes_decision
+from aligner_runtime.contract import ATTENTION_MASK, GateConfig, SteerConfig, shift_takes_decision
 
 from aligner_export.hf.families import family_for
 
@@ -118,7 +118,7 @@ def steered(model, config: SteerConfig) -> Iterator[SteerState]:
         return torch.as_tensor(state.gate_in, dtype=torch.float32).reshape(batch)
 
     def pre_hook(_module, args, kwargs):
-        state.attention_mask = kwargs.get("attention_mask")
+        state.attention_mask = kwargs.get(ATTENTION_MASK)
         if state.attention_mask is None and len(args) > 1:
             state.attention_mask = args[1]
         state.gate = state.score = None

@@ -23,8 +23,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aligner_runtime.contract import (DOMAIN, GATE_IN, OP_TYPES, PLUGIN_NAMESPACE, STAMP_FILE, STEER_GATE, STEER_SHIFT,
-                                      parse_node_name, plugin_version)
+from aligner_runtime.contract import (ATTENTION_MASK, DOMAIN, GATE_IN, INPUTS_EMBEDS, INPUT_IDS, Key, OP_TYPES,
+                                      PAST_PREFIX, PLUGIN_NAMESPACE, POSITION_IDS, STAMP_FILE, STEER_GATE, STEER_SHIFT,
+                                      StampKey, parse_node_name, plugin_version)
 from aligner_runtime.errors import AlignerError, atomic_path
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -73,17 +74,17 @@ class Profiles:
             S = (1, self.opt_prompt, self.max_prompt)
             past = (0, 0, self.max_context - self.max_prompt)
         total = (S[0] + past[0], S[1] + past[1], S[2] + past[2])
-        if name in ("input_ids", "position_ids"):
+        if name in (INPUT_IDS, POSITION_IDS):
             dims = [B, S]
-        elif name == "inputs_embeds":  # a vision-language export's language model (issue 6)
+        elif name == INPUTS_EMBEDS:  # a vision-language export's language model (issue 6)
             if len(shape) != 3 or not isinstance(shape[2], int) or shape[2] < 1:
                 raise AlignerError(f"graph input {name} has shape {shape}; expected [batch, sequence, hidden]")
             dims = [B, S, (shape[2],) * 3]
-        elif name == "attention_mask":
+        elif name == ATTENTION_MASK:
             dims = [B, total]
         elif name == GATE_IN:
             dims = [B]
-        elif name.startswith("past_key_values."):
+        elif name.startswith(PAST_PREFIX):
             if len(shape) != 4:
                 raise AlignerError(f"graph input {name} has shape {shape}; expected [batch, heads, past, head_dim]")
             dims = [B, (shape[1],) * 3, past, (shape[3],) * 3]
@@ -202,11 +203,11 @@ def build_engine(model_dir: Path, plugins: Path, output: Path, precision: str = 
     plugins = plugins.resolve()
     export = load_export(model_dir)
     manifest = export.manifest
-    if manifest.get("steer_impl", "function") != "function":
+    if manifest.get(Key.STEER_IMPL, "function") != "function":
         raise AlignerError(f"{export.path} was exported with --steer-impl {manifest.get('steer_impl')}: the "
                            "TensorRT plugins replace SteerGate/SteerShift functions only; re-export with "
                            "--steer-impl function")
-    export_dtype = manifest.get("dtype", "fp32")
+    export_dtype = manifest.get(Key.DTYPE, "fp32")
     strongly_typed = trt_major(trt) >= 11 or precision == export_dtype
     if trt_major(trt) >= 11 and precision != export_dtype:
         raise AlignerError(f"TensorRT {trt.__version__} builds strongly typed networks, so the precision is the "
@@ -217,7 +218,7 @@ def build_engine(model_dir: Path, plugins: Path, output: Path, precision: str = 
         raise AlignerError(f"{export.model_path} has no SteerGate/SteerShift nodes")
 
     LoadPlugins(plugins=[str(plugins)])()
-    check_creators(trt, plugins, int((manifest.get("gate") or {}).get("version", 1)))
+    check_creators(trt, plugins, int((manifest.get(Key.GATE) or {}).get("version", 1)))
     from polygraphy.exception import PolygraphyException
 
     try:  # TensorRT 11 networks are always strongly typed; on 10.x it is a network flag.
@@ -245,14 +246,14 @@ def build_engine(model_dir: Path, plugins: Path, output: Path, precision: str = 
         raise AlignerError("TensorRT failed to build the engine (see the TensorRT messages above)")
     engine = bytes(engine)
     stamp = {
-        "format_version": 2,
-        "trt_version": trt.__version__,
-        "compute_capability": compute_capability(),
-        "manifest_sha256": export.manifest_sha256,
-        "engine_file": Path(output).name,
-        "engine_sha256": hashlib.sha256(engine).hexdigest(),
-        "precision": precision,
-        "strongly_typed": strongly_typed,
+        StampKey.FORMAT_VERSION: 2,
+        StampKey.TRT_VERSION: trt.__version__,
+        StampKey.COMPUTE_CAPABILITY: compute_capability(),
+        StampKey.MANIFEST_SHA256: export.manifest_sha256,
+        StampKey.ENGINE_FILE: Path(output).name,
+        StampKey.ENGINE_SHA256: hashlib.sha256(engine).hexdigest(),
+        StampKey.PRECISION: precision,
+        StampKey.STRONGLY_TYPED: strongly_typed,
         "plugin_library": str(plugins),
         "plugins_used": report.plugins_used,
         "profiles": described,

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aligner_runtime.contract import GATE_DECIDE, GATE_IN, GATE_OUT, position_ids
+from aligner_runtime.contract import (ATTENTION_MASK, GATE_DECIDE, GATE_IN, GATE_OUT, INPUT_IDS, Key, PAST_PREFIX,
+                                      POSITION_IDS, StampKey, position_ids)
 from aligner_runtime.errors import AlignerError
 
 
@@ -36,15 +37,15 @@ def prefill_feeds(input_names, batch: int, length: int, seed: int) -> dict:
     mask[1:, : length // 4] = 0  # left padding on all rows but the first
     feeds = {}
     for name in input_names:
-        if name == "input_ids":
+        if name == INPUT_IDS:
             feeds[name] = rng.integers(0, 100, size=(batch, length), dtype=np.int64)
-        elif name == "attention_mask":
+        elif name == ATTENTION_MASK:
             feeds[name] = mask
-        elif name == "position_ids":
+        elif name == POSITION_IDS:
             feeds[name] = position_ids(mask)
         elif name == GATE_IN:
             feeds[name] = np.full(batch, GATE_DECIDE, dtype=np.float32)
-        elif name.startswith("past_key_values."):
+        elif name.startswith(PAST_PREFIX):
             feeds[name] = None
         else:
             raise AlignerError(f"graph input {name} is not part of the steered decoder interface (ARCHITECTURE.md §5)")
@@ -65,7 +66,7 @@ def compare_engine(model_dir: Path, engine_path: Path, plugins: Path | None = No
     if not engine_path.is_file():
         raise AlignerError(f"engine not found: {engine_path}")
     stamp = read_stamp(engine_path)
-    if stamp.get("manifest_sha256") != export.manifest_sha256:
+    if stamp.get(StampKey.MANIFEST_SHA256) != export.manifest_sha256:
         raise AlignerError(f"engine {engine_path} was built from another export (manifest_sha256 differs)")
     plugins = plugins or stamp.get("plugin_library")
     if not plugins:
@@ -83,7 +84,7 @@ def compare_engine(model_dir: Path, engine_path: Path, plugins: Path | None = No
             shape = list(engine.get_tensor_shape(name))
             shape[0], shape[2] = batch, 0
             feeds[name] = np.zeros(shape, dtype=trt.nptype(engine.get_tensor_dtype(name)))
-    atol = atol if atol is not None else (1e-3 if export.manifest.get("dtype") == "fp32" else 5e-2)
+    atol = atol if atol is not None else (1e-3 if export.manifest.get(Key.DTYPE) == "fp32" else 5e-2)
     rtol = rtol if rtol is not None else atol
     runners = [OnnxrtRunner(SessionFromOnnx(str(export.model_path), providers=["CPUExecutionProvider"])),
                TrtRunner(engine)]

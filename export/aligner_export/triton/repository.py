@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aligner_runtime.errors import AlignerError, atomic_dir, check_count
+from aligner_runtime.contract import Key
 
 MODEL_FILE = Path(__file__).with_name("model.py")
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -125,7 +126,7 @@ def write_repository(export_dir: str | Path, repository: str | Path, options: Re
     if not export_dir.is_dir():
         raise AlignerError(f"export directory not found: {export_dir}")
     export = load_export(export_dir)  # refuses an unsteered, mismatched or tampered export, as Aligner.load does
-    if export.manifest.get("multimodal"):
+    if export.manifest.get(Key.MULTIMODAL):
         raise AlignerError(f"{export_dir} is a vision-language export; the Triton model serves text-only exports")
     repository = Path(repository)
     if repository.exists() and not repository.is_dir():

@@ -4,4 +4,4 @@
 - ``tensorrt``: a serialized engine built by ``aligner-export build`` (imports ``tensorrt`` only there).
 """
 
-BACKENDS = ("onnxruntime", "tensorrt")
+from ..contract.choices import BACKENDS  # noqa: F401  (the names callers import from here)

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import AlignerError, check_count, max_threads
 from ..schema import first_line
+from ..contract import PAST, present_name, ATTENTION_MASK, INPUTS_EMBEDS, INPUT_IDS, LOGITS
 
 # Short names accepted by the API and ``aligner-run --provider``.
 PROVIDERS = {
@@ -192,13 +193,11 @@ class OnnxRuntimeBackend:
         self.input_names = list(self._inputs)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._out_dtypes = {o.name: np.dtype(_DTYPES.get(o.type) or np.float32) for o in self.session.get_outputs()}
-        logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
+        logits = next((o for o in self.session.get_outputs() if o.name == LOGITS), None)
         if logits is None:
             raise AlignerError(f"{model_path} has no 'logits' output: not a causal LM export")
         vocab = logits.shape[-1]
         self.vocab_size = vocab if isinstance(vocab, int) else None
-        from ..generate import PAST, present_name
-
         self.past_names = [n for n in self.input_names if PAST.match(n)]
         self._present = {present_name(n): n for n in self.past_names if present_name(n) in self.output_names}
         self.present_of = {past: present for present, past in self._present.items()}
@@ -269,12 +268,12 @@ class OnnxRuntimeBackend:
                 elif not cache.shared:  # growing cache: ORT's present becomes the next step's past, where it lies
                     cache.values[past] = value
                     cache.arrays.pop(past, None)
-        cache.length = feeds["attention_mask"].shape[1] if "attention_mask" in feeds else cache.length
+        cache.length = feeds[ATTENTION_MASK].shape[1] if ATTENTION_MASK in feeds else cache.length
         return result
 
     def _host_shape(self, name: str, rows: int, width: int) -> tuple | None:
         """The shape of a host output known before the run (logits, the gate outputs), else None."""
-        if name == "logits" and self.vocab_size:
+        if name == LOGITS and self.vocab_size:
             return (rows, width, self.vocab_size)
         if name in ("steer_gate", "steer_score"):
             return (rows,)
@@ -282,9 +281,9 @@ class OnnxRuntimeBackend:
 
 def _call_shape(feeds: dict) -> tuple[int, int]:
     """``(rows, positions)`` of this call, from ``input_ids`` or ``inputs_embeds``."""
-    tokens = feeds.get("input_ids")
+    tokens = feeds.get(INPUT_IDS)
     if tokens is None:
-        tokens = feeds["inputs_embeds"]
+        tokens = feeds[INPUTS_EMBEDS]
     return int(tokens.shape[0]), int(tokens.shape[1])
 
 

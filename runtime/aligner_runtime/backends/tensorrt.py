@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract import STAMP_FILE
+from ..contract import ATTENTION_MASK, LOGITS, STAMP_FILE, StampKey
 from ..errors import AlignerError
 
 PLUGIN_ENV = "ALIGNER_TRT_PLUGINS"
@@ -39,7 +39,8 @@ def read_stamp(engine_path: Path) -> dict:
         stamp = json.loads(stamp_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AlignerError(f"cannot read {stamp_file}: {exc}") from None
-    missing = [k for k in ("trt_version", "compute_capability", "manifest_sha256") if k not in stamp]
+    required = (StampKey.TRT_VERSION, StampKey.COMPUTE_CAPABILITY, StampKey.MANIFEST_SHA256)
+    missing = [k for k in required if k not in stamp]
     if missing:
         raise AlignerError(f"{stamp_file} lacks {', '.join(missing)}")
     return stamp
@@ -114,22 +115,22 @@ class TensorRTBackend:
         if not engine_path.is_file():
             raise AlignerError(f"engine not found: {engine_path}")
         stamp = read_stamp(engine_path)
-        if stamp["trt_version"] != trt.__version__:
+        if stamp[StampKey.TRT_VERSION] != trt.__version__:
             raise AlignerError(f"engine {engine_path} was built with TensorRT {stamp['trt_version']}; this is "
                                f"TensorRT {trt.__version__} (rebuild it here)")
         device = self._call(cudart.cudaGetDevice())
         props = self._call(cudart.cudaGetDeviceProperties(device))
         here = f"{props.major}.{props.minor}"
-        if _normalise_cc(stamp["compute_capability"]) != here:
+        if _normalise_cc(stamp[StampKey.COMPUTE_CAPABILITY]) != here:
             raise AlignerError(f"engine {engine_path} was built for compute capability {stamp['compute_capability']}; "
                                f"this GPU is {here} (rebuild it here)")
-        if stamp["manifest_sha256"] != manifest_sha256:
+        if stamp[StampKey.MANIFEST_SHA256] != manifest_sha256:
             raise AlignerError(f"engine {engine_path} was built from another export (manifest_sha256 differs)")
         engine_bytes = engine_path.read_bytes()
-        if "engine_sha256" not in stamp:
+        if StampKey.ENGINE_SHA256 not in stamp:
             raise AlignerError(f"{engine_path.parent / STAMP_FILE} lacks engine_sha256 (rebuild the engine with this "
                                f"version of aligner-export build)")
-        if hashlib.sha256(engine_bytes).hexdigest() != stamp["engine_sha256"]:
+        if hashlib.sha256(engine_bytes).hexdigest() != stamp[StampKey.ENGINE_SHA256]:
             raise AlignerError(f"engine {engine_path} differs from the one its stamp was written for (tampered or "
                                f"replaced engine)")
 
@@ -168,9 +169,9 @@ class TensorRTBackend:
         self._dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
         self._shapes = {n: tuple(self.engine.get_tensor_shape(n)) for n in names}
         self._profile_max = {n: tuple(self.engine.get_tensor_profile_shape(n, 0)[2]) for n in self.input_names}
-        vocab = self._shapes.get("logits", (None,))[-1]
+        vocab = self._shapes.get(LOGITS, (None,))[-1]
         self.vocab_size = vocab if isinstance(vocab, int) and vocab > 0 else None
-        mask_max = self._profile_max.get("attention_mask")
+        mask_max = self._profile_max.get(ATTENTION_MASK)
         self.context_length = mask_max[1] if mask_max else None
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, capacity in bytes)
         self._lock = threading.Lock()

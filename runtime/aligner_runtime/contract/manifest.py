@@ -81,6 +81,26 @@ class IntegrityKey:
     NODES = "nodes"
 
 
+class StrengthKey:
+    """The keys of the manifest's ``strength`` object (:meth:`StrengthSchedule.manifest`)."""
+
+    HALF_LIFE = "half_life"
+    FLOOR = "floor"
+
+
+class StampKey:
+    """The keys of an engine's stamp ``ENGINE.json`` (written by ``aligner-export build``, read by both runtimes)."""
+
+    FORMAT_VERSION = "format_version"
+    MANIFEST_SHA256 = "manifest_sha256"
+    ENGINE_FILE = "engine_file"
+    PRECISION = "precision"
+    STRONGLY_TYPED = "strongly_typed"
+    TRT_VERSION = "trt_version"
+    COMPUTE_CAPABILITY = "compute_capability"
+    ENGINE_SHA256 = "engine_sha256"
+
+
 # Facts that the manifest and the graph's metadata_props both hold and must agree on.
 KEY_FACTS = (Key.FORMAT_VERSION, Key.PACK_SHA256, Key.TARGET_FINGERPRINT, Key.STEER_LAYERS, Key.GATE_LAYER, Key.ALPHA,
              Key.BIAS, Key.BIAS_RULE, Key.STEER_IMPL, Key.DTYPE, Key.SITE, Key.CHAT_TEMPLATE_SHA256, Key.NUM_LAYERS,
@@ -213,8 +233,8 @@ def check_manifest(manifest, where: str) -> dict:
     strength = schema.field(manifest, Key.STRENGTH, "dict", where, default=None)
     if strength is not None:
         low, high = STRENGTH_HALF_LIFE
-        schema.field(strength, "half_life", "float", f"{where}: strength", lo=low, hi=high)
-        schema.field(strength, "floor", "float", f"{where}: strength", lo=0.0, hi=1.0)
+        schema.field(strength, StrengthKey.HALF_LIFE, "float", f"{where}: strength", lo=low, hi=high)
+        schema.field(strength, StrengthKey.FLOOR, "float", f"{where}: strength", lo=0.0, hi=1.0)
     end_rule = schema.field(manifest, Key.END_RULE, "dict", where, default=None)
     if end_rule is not None:  # docs/contract.md "Ending a steered answer"
         low, high = END_RULE_LIMITS["after"]

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from ..errors import AlignerError, argument_parser, check_count, run_cli
+from ..contract.choices import BACKENDS, PREFILL_MODES, PROVIDERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,15 +21,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", help="the model name clients give (default: the export directory's name)")
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
-    p.add_argument("--provider", action="append", choices=("cpu", "cuda", "tensorrt"),
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    p.add_argument("--provider", action="append", choices=PROVIDERS,
                    help="ONNX Runtime execution provider, in order of preference (repeatable; default cpu)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
     p.add_argument("--plugins", help="steering plugin library for --backend tensorrt")
     p.add_argument("--max-batch-size", type=int, default=16, help="rows decoded together (default 16)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a row; past it, 503 with Retry-After (default 64)")
-    p.add_argument("--prefill", default="alone", choices=("alone", "together"),
+    p.add_argument("--prefill", default="alone", choices=PREFILL_MODES,
                    help="prefill each joining request alone (default; the same call as a run alone) or the joiners "
                         "of one step together")
     p.add_argument("--max-tokens", type=int, default=256,

@@ -29,7 +29,6 @@ import collections
 import logging
 import math
 import queue
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -37,15 +36,14 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..contract import (GATE_DECIDE, GATE_IN, GATE_OUT, NO_END_RULE, SCORE_OUT, EndRule, position_ids,
-                        prefill_decision)
+from ..contract import (ATTENTION_MASK, GATE_DECIDE, GATE_IN, GATE_OUT, INPUT_IDS, INPUTS_EMBEDS, LOGITS,
+                        NO_END_RULE, PAST, POSITION_IDS, PREFILL_MODES, SCORE_OUT, EndRule, Key, StrengthSchedule,
+                        position_ids, prefill_decision, present_name)
 from ..errors import AlignerError, check_count
 from ..generate import SamplingConfig, check_token_ids, pick_token
 
 log = logging.getLogger("aligner_runtime.serving")
 
-PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-PREFILL_MODES = ("alone", "together")
 # Finish reasons: the two of the generation loop, and the two a server adds.
 STOP, LENGTH, CANCELLED, TIMEOUT = "stop", "length", "cancelled", "timeout"
 
@@ -191,7 +189,7 @@ class Scheduler:
                  end_token_ids: Sequence[int] = (), name: str = "aligner-scheduler"):
         if GATE_IN not in backend.input_names:
             raise AlignerError("serving needs a steered export: this graph has no steering interface")
-        if "inputs_embeds" in backend.input_names:
+        if INPUTS_EMBEDS in backend.input_names:
             raise AlignerError("serving takes text-only exports; this language model takes inputs_embeds")
         if getattr(backend, "padding_side", "left") != "left":
             # GroupQueryAttention keeps each row's keys from position 0: the batch's masked left padding does not fit.
@@ -214,7 +212,7 @@ class Scheduler:
         self.end_token_ids = tuple(int(t) for t in end_token_ids)
         check_token_ids(self.end_token_ids, backend.vocab_size, "end token")
         self._past_inputs = [n for n in backend.input_names if PAST.match(n)]
-        self._takes_positions = "position_ids" in backend.input_names
+        self._takes_positions = POSITION_IDS in backend.input_names
         self._past_specs = {n: backend.past_spec(n) for n in self._past_inputs}
 
         # The batch: rows in order, and arrays indexed by them.
@@ -242,12 +240,10 @@ class Scheduler:
             raise AlignerError("serving needs a steered export (this one was loaded with allow_unsteered)")
         if getattr(aligner, "image_encoder", None) is not None:
             raise AlignerError("serving takes text-only exports; this is a vision-language export")
-        if aligner.manifest.get("strength") and "strength" not in options:
-            from ..contract import StrengthSchedule  # the export's strength schedule (docs/contract.md)
-
-            options["strength"] = StrengthSchedule.from_manifest(aligner.manifest["strength"]).at
-        if aligner.manifest.get("end_rule") and "end_rule" not in options:
-            options["end_rule"] = EndRule.from_manifest(aligner.manifest["end_rule"])
+        if aligner.manifest.get(Key.STRENGTH) and "strength" not in options:
+            options["strength"] = StrengthSchedule.from_manifest(aligner.manifest[Key.STRENGTH]).at
+        if aligner.manifest.get(Key.END_RULE) and "end_rule" not in options:
+            options["end_rule"] = EndRule.from_manifest(aligner.manifest[Key.END_RULE])
             options.setdefault("end_token_ids", aligner.stop_token_ids)
         return cls(aligner._backend, pad_token_id=aligner.tokenizer.pad_token_id, two_pass=aligner.export.two_pass,
                    context_length=aligner.context_length, **options)
@@ -413,15 +409,10 @@ class Scheduler:
         heads, head_dim, dtype = self._past_specs[name]
         return np.zeros((batch, heads, length, head_dim), dtype=dtype)
 
-    @staticmethod
-    def _present_name(past_name: str) -> str:
-        layer, kind = PAST.match(past_name).groups()
-        return f"present.{layer}.{kind}"
-
     def _run(self, input_ids, attention_mask, positions, past, gate_in) -> dict[str, np.ndarray]:
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, GATE_IN: gate_in.astype(np.float32)}
+        feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, GATE_IN: gate_in.astype(np.float32)}
         if self._takes_positions:
-            feeds["position_ids"] = positions
+            feeds[POSITION_IDS] = positions
         feeds.update(past)
         return self.backend._run(feeds)
 
@@ -460,8 +451,8 @@ class Scheduler:
         empty = {n: self._empty_past(batch, 0, n) for n in self._past_inputs}
         outputs = self._run(input_ids, mask, positions, empty, np.full(batch, GATE_DECIDE, np.float32))
         self.counters["prefill_passes"] += 1
-        logits = outputs["logits"][:, -1, :]
-        past = {n: outputs[self._present_name(n)] for n in self._past_inputs}
+        logits = outputs[LOGITS][:, -1, :]
+        past = {n: outputs[present_name(n)] for n in self._past_inputs}
         score = np.asarray(outputs[SCORE_OUT], dtype=np.float32).reshape(batch).copy()
         gate, fired = prefill_decision(outputs[GATE_OUT], score, self.two_pass)
         if fired.size:
@@ -470,10 +461,10 @@ class Scheduler:
                               np.ones(fired.size, np.float32))
             self.counters["prefill_passes"] += 1
             logits = logits.copy()
-            logits[fired] = again["logits"][:, -1, :]
+            logits[fired] = again[LOGITS][:, -1, :]
             for name in self._past_inputs:
                 past[name] = past[name].copy()
-                past[name][fired] = again[self._present_name(name)]
+                past[name][fired] = again[present_name(name)]
 
         keep, rows = [], []
         for b, handle in enumerate(group):
@@ -544,9 +535,9 @@ class Scheduler:
         self.counters["decode_steps"] += 1
         self.counters["decode_rows"] += batch
         self._mask = mask
-        self._past = {n: outputs[self._present_name(n)] for n in self._past_inputs}
+        self._past = {n: outputs[present_name(n)] for n in self._past_inputs}
         self._positions = self._positions + 1
-        logits = outputs["logits"][:, -1, :]
+        logits = outputs[LOGITS][:, -1, :]
         keep = [i for i, row in enumerate(self._rows) if self._pick(row, logits[i])]
         if len(keep) < batch:
             self._keep(keep)
