@@ -1,4 +1,4 @@
-"""The CMake configuration says what it skipped and why (ARCHITECTURE.md §2: each part switches itself off with a
+"""The CMake configuration says what it skipped and why (docs/architecture.md §2: each part switches itself off with a
 message). Configures only (no build): a few seconds, most of it CUDA compiler detection."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``aligner-run`` (ARCHITECTURE.md §7): JSON output, prompt files, chat, and every bad input -> one line, exit 2."""
+"""``aligner-run`` (docs/architecture.md §7): JSON, prompt files, chat, and every bad input -> one line, exit 2."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Steered-versus-unsteered evaluation of an export dir (issue 4, ARCHITECTURE.md §7 ``eval``).
+"""Steered-versus-unsteered evaluation of an export dir (issue 4, docs/architecture.md §7 ``eval``).
 
 The same prompts run through the same ONNX graph twice, with the gate deciding (steered, as ``aligner-run``) and with
 the gate forced to 0 through the runtime's explicitly named switch
