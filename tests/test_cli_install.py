@@ -39,6 +39,10 @@ BOOT = textwrap.dedent("""
 """)
 
 
+# The same bootstrap running a piece of code instead of a module.
+BOOT_CODE = BOOT.replace('runpy.run_module(module, run_name="__main__", alter_sys=True)', "exec(module)")
+
+
 def run_device(module: str, *args, hidden=HIDDEN, cwd=None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "export"), str(REPO / "runtime")]))
     return subprocess.run([sys.executable, "-c", BOOT, ",".join(hidden), module, *map(str, args)],
@@ -61,9 +65,8 @@ def test_the_hook_hides_the_export_side():
             f"for n in {HIDDEN!r} + ('numpy', 'onnxruntime', 'tokenizers', 'jinja2', 'PIL'):\n"
             "    try:\n        importlib.import_module(n); print('present', n)\n"
             "    except ModuleNotFoundError:\n        print('hidden', n)\n")
-    proc = subprocess.run([sys.executable, "-c", BOOT.replace("runpy.run_module(module, run_name=\"__main__\", "
-                                                              "alter_sys=True)", "exec(module)"),
-                           ",".join(HIDDEN), code], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", BOOT_CODE, ",".join(HIDDEN), code], capture_output=True, text=True,
+                          timeout=300)
     words = proc.stdout.split()
     assert words == [w for n in HIDDEN for w in ("hidden", n)] + \
         [w for n in ("numpy", "onnxruntime", "tokenizers", "jinja2", "PIL") for w in ("present", n)], proc.stderr
