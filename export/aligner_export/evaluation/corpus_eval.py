@@ -48,7 +48,8 @@ def run_corpus_eval(aligner, judge, corpus_dir=None, limit: int | None = 40, gat
     records, templates = corpus.load_corpus(corpus_dir), corpus.load_templates(corpus_dir)
     sets = gate_eval.heldout_sets(records, templates, seed, gate_limit)
     unique = list({id(r): r for r in sets.all_records()}.values())
-    with tqdm(total=len(unique), desc="gate scores", unit="prompt", file=sys.stderr, leave=False) as bar:
+    with tqdm(total=len(unique), desc="gate scores", unit="prompt", file=sys.stderr, leave=False,
+              disable=None) as bar:
         values = gate_eval.score_records(aligner, unique, batch_size, progress=bar.update)
     gate = gate_eval.gate_report(sets, {id(r): v for r, v in zip(unique, values)})
 

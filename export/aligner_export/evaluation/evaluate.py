@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -61,7 +62,7 @@ def _generate(fn, prompts: list[str], options: dict, batch_size: int, desc: str,
     from tqdm import tqdm
 
     results = []
-    with tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar:
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", file=sys.stderr, leave=False, disable=None) as bar:
         for first in range(0, len(prompts), batch_size):
             chunk = prompts[first:first + batch_size]
             extra = {"images": images[first:first + batch_size]} if images is not None and any(images) else {}

@@ -103,7 +103,8 @@ def collect_activations(model, tokenizer, prompts, batch_size: int = 16, desc: s
     batches = list(_batches(lengths, batch_size, batch_tokens))
     try:
         with torch.inference_mode():
-            for idx in tqdm(batches, desc=desc or "activations", unit="batch", file=sys.stderr, leave=False):
+            for idx in tqdm(batches, desc=desc or "activations", unit="batch", file=sys.stderr, leave=False,
+                            disable=None):
                 batch = tokenize_batch(tokenizer, [texts[i] for i in idx], padding_side="left")
                 mask = batch["attention_mask"]
                 decoder(input_ids=batch["input_ids"], attention_mask=mask,
