@@ -259,7 +259,7 @@ def test_tensorrt_backend_without_tensorrt(llama_export, tmp_path):
     (tmp_path / "ENGINE.json").write_text(json.dumps({
         "trt_version": "10.3.0", "compute_capability": "8.7", "export_dir": str(llama_export[0]),
         "manifest_sha256": "0" * 64}))
-    with pytest.raises(AlignerError, match="needs TensorRT"):
+    with pytest.raises(AlignerError, match="TensorRT is not installed here"):
         Aligner.load(engine, backend="tensorrt")
 
 
