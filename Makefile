@@ -18,6 +18,7 @@ TRITON_STAMP := $(TRITON_ENV)/.installed-$(shell cat pyproject.toml | sha256sum 
 .PHONY: venv native test test-python test-native triton-env demo eval models sibling bench bench-edge genai-venv clean
 
 $(STAMP): pyproject.toml
+	@echo "make: installing $(VENV) with .[export,dev] (torch and the rest; a few minutes the first time)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[export,dev]"
@@ -26,12 +27,14 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 $(TRITON_STAMP): pyproject.toml
+	@echo "make: building $(TRITON_ENV), a second environment with PyPI's Triton server (nvidia-pytriton) for tests/test_triton.py; once, and again when pyproject.toml changes"
 	-rm -rf $(TRITON_ENV) && $(PYTHON) -m venv $(TRITON_ENV) && $(TRITON_ENV)/bin/pip install --quiet --upgrade pip && \
 	  $(TRITON_ENV)/bin/pip install --quiet "nvidia-pytriton==0.7.0" "numpy<2" "onnxruntime>=1.18" -e . && touch $@
 
 triton-env: $(TRITON_STAMP)
 
 native: $(STAMP)
+	@echo "make: building the native parts in $(BUILD)/ (operator reference; CUDA kernels, plugins and C API where their toolchains exist)"
 	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(if $(TensorRT_ROOT),-DTensorRT_ROOT=$(TensorRT_ROOT)) $(if $(TensorRT_INCLUDE_DIR),-DTensorRT_INCLUDE_DIR=$(TensorRT_INCLUDE_DIR)) $(CMAKE_ARGS)
 	cmake --build $(BUILD) -j $(JOBS)
 
@@ -39,6 +42,7 @@ test-native: native
 	ctest --test-dir $(BUILD) --output-on-failure
 
 test-python: $(STAMP) native triton-env
+	@echo "make: running pytest (about 1150 tests: 4-5 minutes on a quiet 2-core machine, longer when the cores are shared)"
 	ALIGNER_NATIVE_BUILD=$(abspath $(BUILD)) $(PY) -m pytest -q tests
 
 test: test-native test-python

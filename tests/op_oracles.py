@@ -1,4 +1,4 @@
-"""Numpy oracles of the two steering operators, written from the contract (ARCHITECTURE.md §5 and §5.1,
+"""Numpy oracles of the two steering operators, written from the contract (docs/architecture.md §5 and §5.1,
 docs/contract.md), as plain loops with float64 sums. Every test that checks an implementation of SteerGate or
 SteerShift (the ONNX functions and their inline form, the C++ reference, the CUDA kernels, the PyTorch reference,
 the runtimes) compares it with these, never with a second copy of its own code.

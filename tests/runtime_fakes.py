@@ -1,4 +1,4 @@
-"""TEST DOUBLE: a toy numpy "model" that honours the exported graph's I/O contract (ARCHITECTURE.md §5).
+"""TEST DOUBLE: a toy numpy "model" that honours the exported graph's I/O contract (docs/architecture.md §5).
 
 It exists only to test the run-time's generation loop (padding, KV cache, positions, the two-pass prefill, the gate
 fed back) without an exporter or ONNX Runtime. It is not a transformer: each of its two "layers" is a causal masked

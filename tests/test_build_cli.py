@@ -1,5 +1,5 @@
 """``aligner-export build`` / ``compare`` without TensorRT, and the parts of the engine builder that need no GPU:
-profile shapes and the graph rewrite that hands the steering nodes to the plugins (ARCHITECTURE.md §5, §7)."""
+profile shapes and the graph rewrite that hands the steering nodes to the plugins (docs/architecture.md §5, §7)."""
 
 from __future__ import annotations
 

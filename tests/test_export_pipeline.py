@@ -1,4 +1,4 @@
-"""``aligner-export export`` on tiny random models: ORT against the PyTorch reference (ARCHITECTURE.md §5, §6)."""
+"""``aligner-export export`` on tiny random models: ORT against the PyTorch reference (docs/architecture.md §5)."""
 
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def linear_pack(tiny_model_dir, tmp_path_factory):
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_linear_gate_against_reference(linear_pack, tmp_path, impl, padding_side):
     """SteerGate version 2 chained over two layers, mixed gates, prefill and 3 decode steps, both paddings, both
-    impls: ORT against the PyTorch hooks (ARCHITECTURE.md §5.1)."""
+    impls: ORT against the PyTorch hooks (docs/architecture.md §5.1)."""
     from aligner_export.hf.validate import validate
 
     model_dir, pack = linear_pack

@@ -1,6 +1,6 @@
 """plugins/common CPU reference (libaligner_ops_ref, via ctypes) against the numpy oracles of ``tests/op_oracles.py``
 and against the ONNX functions of ``aligner_export.graph.onnx_ops`` run by ONNX Runtime (docs/contract.md;
-ARCHITECTURE.md §5, §5.1, §8).
+docs/architecture.md §5, §5.1, §8).
 
 SteerGate versions 1 and 2 and SteerShift, in float32, float16 and bfloat16, with left and right padding, in prefill
 (past 0), in a decode step (S = 1) and in a chunk after a past (S = 4, past 3), with rows that have no valid token;

@@ -1,4 +1,4 @@
-"""``aligner-run`` (ARCHITECTURE.md §7): JSON output, prompt files, chat, and every bad input -> one line, exit 2."""
+"""``aligner-run`` (docs/architecture.md §7): JSON, prompt files, chat, and every bad input -> one line, exit 2."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ BAD = {
     "max-new-tokens over the context": (["--model", "{export}", "--prompt", "hi", "--max-new-tokens", "32768"],
                                         "over the export's context length"),
     "tensorrt absent": (["--model", "{tmp}/engine/model.engine", "--backend", "tensorrt", "--prompt", "hi"],
-                        "needs TensorRT"),
+                        "TensorRT is not installed here"),
 }
 
 

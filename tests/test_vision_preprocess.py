@@ -341,7 +341,7 @@ def test_pillow_missing_is_one_line(monkeypatch):
 
 
 def test_no_torch_import(tmp_path):
-    """The runtime side preprocesses without importing torch or transformers (ARCHITECTURE.md §2)."""
+    """The runtime side preprocesses without importing torch or transformers (docs/architecture.md §2)."""
     path = tmp_path / "a.png"
     make_image(40, 60, "RGB").save(path)
     code = (

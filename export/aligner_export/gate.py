@@ -1,4 +1,4 @@
-"""Fitting the linear gate of ARCHITECTURE.md §5.1 (issue 10): ``score = Σ_{l∈G} w_l·f_l + b``.
+"""Fitting the linear gate of docs/architecture.md §5.1 (issue 10): ``score = Σ_{l∈G} w_l·f_l + b``.
 
 ``f_l`` pools the residual of layer ``l`` over the last ``K`` prompt tokens (the chat template's generation-prompt
 tokens), each unit-normalised when ``normalize``. The weights come from L2-regularised logistic regression on the

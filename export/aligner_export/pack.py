@@ -1,4 +1,4 @@
-"""The steering pack: one safetensors file (ARCHITECTURE.md §4, docs/contract.md).
+"""The steering pack: one safetensors file (docs/architecture.md §4, docs/contract.md).
 
 Format 2 adds a linear gate (§5.1) beside format 1's per-layer statistics: the tensor ``gate.weight``
 ``[len(G), H]`` (one row per gate layer, in the order of ``gate.layers``) and the metadata object ``gate``

@@ -397,7 +397,7 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data",
-                        help="AdvBench, TDC 2023, self-instruct, GSM8K and HarmBench files (default ../shared/data)")
+                        help="AdvBench, TDC 2023, self-instruct, GSM8K and HarmBench files (default: shared/data in the directory above the checkout)")
     parser.add_argument("--out", type=Path, default=HERE, help="where adapter/ and results.json go")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2,

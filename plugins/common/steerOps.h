@@ -1,4 +1,4 @@
-// The operator math of ARCHITECTURE.md §5 and §5.1 in the precise form of docs/contract.md, shared by the CPU
+// The operator math of docs/architecture.md §5 and §5.1 in the precise form of docs/contract.md, shared by the CPU
 // reference, the CUDA kernels, the TensorRT plugins and the C runtime (the fp16/bf16 conversions). One header, usable
 // from host and device code; storage may be fp32, fp16 or bf16, accumulation is always float32.
 #pragma once
@@ -235,7 +235,7 @@ ALIGNER_HD float gateFromScore(float gateIn, float score)
     return (score > 0.0f || !isFinite(score)) ? 1.0f : 0.0f;
 }
 
-// --- SteerGate version 2 (docs/contract.md "SteerGate version 2", ARCHITECTURE.md §5.1) ---------------------------
+// --- SteerGate version 2 (docs/contract.md "SteerGate version 2", docs/architecture.md §5.1) ----------------------
 
 // n(x) = x / max(||x||, kNormEpsilon) when normalising.
 constexpr float kNormEpsilon = 1e-6f;

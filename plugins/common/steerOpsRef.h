@@ -1,5 +1,5 @@
-/* CPU reference of SteerGate (versions 1 and 2) and SteerShift (ARCHITECTURE.md §5, §5.1; docs/contract.md), built on
- * steerOps.h.
+/* CPU reference of SteerGate (versions 1 and 2) and SteerShift (docs/architecture.md §5, §5.1; docs/contract.md),
+ * built on steerOps.h.
  * A plain C ABI so that Python (ctypes), the C++ tests and the GPU verification script can call it.
  * Every function returns 0 on success and a negative value for invalid arguments. */
 #ifndef ALIGNER_STEER_OPS_REF_H

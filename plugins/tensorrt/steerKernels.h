@@ -1,4 +1,4 @@
-// Launchers for the SteerGate (versions 1 and 2) and SteerShift CUDA kernels (ARCHITECTURE.md §5, §5.1;
+// Launchers for the SteerGate (versions 1 and 2) and SteerShift CUDA kernels (docs/architecture.md §5, §5.1;
 // docs/contract.md). The plugins call them from enqueue; tests/gpu/verify_kernels.py calls the C entry points through
 // ctypes, without TensorRT.
 #pragma once

@@ -1,6 +1,6 @@
 """Thin InferAligner run-time: runs an export directory on ONNX Runtime or an engine on TensorRT.
 
-Never imports torch (ARCHITECTURE.md §2): a Jetson installs this package without the ``export`` extra.
+Never imports torch (docs/architecture.md §2): a Jetson installs this package without the ``export`` extra.
 ``Aligner`` is imported lazily so that ``aligner_runtime.errors`` etc. stay import-light.
 """
 

@@ -9,7 +9,7 @@
     vlm = Aligner.load("out/llava-export")                      # a vision-language export (issue 6)
     vlm.generate("What is in this picture?", images="cat.png")  # a path, a PIL image or an HxWxC array
 
-The safe API has no way to turn the gate off (ARCHITECTURE.md §5). Evaluation compares with steering disabled only
+The safe API has no way to turn the gate off (docs/architecture.md §5). Evaluation compares with steering disabled only
 through :class:`aligner_runtime.evaluation.UnsteeredComparison`.
 
 Thread safety: an :class:`Aligner` may be shared by threads. Each call keeps its own loop state; the ONNX Runtime
@@ -55,8 +55,8 @@ class GenerationResult:
         return None
 
     def to_json(self) -> dict:
-        """The ``aligner-run --json`` object (ARCHITECTURE.md §7); always valid JSON: a non-finite score is null and
-        the object gains a ``warning``."""
+        """The ``aligner-run --json`` object (docs/architecture.md §7); always valid JSON: a non-finite score is null
+        and the object gains a ``warning``."""
         finite = self.score is None or math.isfinite(self.score)
         out = {"text": self.text, "gate": self.gate, "score": self.score if finite else None,
                "new_tokens": self.new_tokens, "seconds": round(self.seconds, 4)}
@@ -174,15 +174,17 @@ class Aligner:
 
             engine = OnnxRuntimeBackend(export.model_path, providers=providers, intra_op_threads=threads)
         else:
-            from .backends.tensorrt import TensorRTBackend, read_stamp
+            from .backends.tensorrt import TensorRTBackend, import_tensorrt, read_stamp
 
+            import_tensorrt()
             engine_path = path
             if path.is_dir():  # a directory holding the engine and its stamp (``engine_file`` names the engine)
                 stamp_file = path / STAMP_FILE
                 name = _read_json(stamp_file).get("engine_file") if stamp_file.is_file() else None
                 engine_path = path / (name or "model.engine")
             if not engine_path.exists():
-                raise AlignerError(f"engine not found: {engine_path}")
+                raise AlignerError(f"engine not found: {engine_path} (build one from an export directory with "
+                                   f"aligner-export build --model OUTDIR --plugins LIB -o ENGINE)")
 
             stamp = read_stamp(engine_path)
             export_dir = Path(stamp.get("export_dir") or engine_path.parent)

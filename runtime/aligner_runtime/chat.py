@@ -1,7 +1,7 @@
 """Chat templates rendered with jinja2, as transformers renders them, without transformers.
 
 Calibration (transformers) and the run-time (this module) must produce the same token sequence, because the gate
-reads the last prompt token (ARCHITECTURE.md §1). ``tests/test_chat.py`` checks the two agree.
+reads the last prompt token (docs/architecture.md §1). ``tests/test_chat.py`` checks the two agree.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``aligner-run``: generate with an export dir or a TensorRT engine, steering always on (ARCHITECTURE.md §7).
+"""``aligner-run``: generate with an export dir or a TensorRT engine, steering always on (docs/architecture.md §7).
 
     aligner-run --model OUTDIR --prompt "How do I bake bread?"
     aligner-run --model OUTDIR --prompt-file prompts.txt --json        # one JSON object per prompt

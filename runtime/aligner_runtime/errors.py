@@ -2,7 +2,7 @@
 
 Every error a user can cause (a wrong path, a mismatched pack, a malformed prompt file, an out-of-range layer)
 is raised as :class:`AlignerError`. The CLIs print its message on one line and exit with status 2
-(ARCHITECTURE.md §7).
+(docs/architecture.md §7).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _umask() -> int:
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yields a temporary path beside ``path``; renames it onto ``path`` only if the block succeeds.
 
-    A failed run leaves nothing behind (ARCHITECTURE.md §4).
+    A failed run leaves nothing behind (docs/architecture.md §4).
     """
     path = Path(path)
     if not path.parent.is_dir():

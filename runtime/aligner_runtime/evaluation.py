@@ -1,4 +1,4 @@
-"""Steered-versus-unsteered comparison, for evaluation only (ARCHITECTURE.md §5: "Evaluation code may compare with
+"""Steered-versus-unsteered comparison, for evaluation only (docs/architecture.md §5: "Evaluation code may compare with
 steering disabled only through an explicitly named switch").
 
 :class:`UnsteeredComparison` is that switch. It runs the same prompts through the same loaded graph as

@@ -1,4 +1,4 @@
-"""The one generation loop, shared by every backend (ARCHITECTURE.md §5, runtime protocol).
+"""The one generation loop, shared by every backend (docs/architecture.md §5, runtime protocol).
 
 A backend only runs one forward step: ``backend._run(feeds) -> outputs`` over the graph interface (private: it takes
 any ``steer_gate_in``, so only this loop calls it)

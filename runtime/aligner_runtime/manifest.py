@@ -1,4 +1,4 @@
-"""Loading and checking an export directory (ARCHITECTURE.md §6, docs/contract.md, issue 14).
+"""Loading and checking an export directory (docs/architecture.md §6, docs/contract.md, issue 14).
 
 An export dir holds ``model.onnx`` (+ external data), the tokenizer files, the chat template,
 ``generation_config.json`` and the manifest ``inferaligner.json``. The same key facts sit in the graph's

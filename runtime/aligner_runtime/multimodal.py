@@ -5,7 +5,7 @@ A LLaVA export holds three graphs (``aligner_export.multimodal``): ``vision.onnx
 This module reads the manifest's ``multimodal`` object, turns a prompt with images into token ids (each image token
 expanded to ``image_seq_length`` copies, as the HF processor does), and builds the prompt's embeddings: the token
 embeddings with the image features written at the image-token positions, in order (``masked_scatter`` in
-``LlavaModel.forward``). The gate then reads the last prompt token as for text (ARCHITECTURE.md §5).
+``LlavaModel.forward``). The gate then reads the last prompt token as for text (docs/architecture.md §5).
 """
 
 from __future__ import annotations

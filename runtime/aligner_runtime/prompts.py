@@ -1,4 +1,4 @@
-"""Prompt files and jailbreak templates (ARCHITECTURE.md §7).
+"""Prompt files and jailbreak templates (docs/architecture.md §7).
 
 Formats: ``.txt`` (one prompt per line; blank lines and lines starting with ``#`` are skipped), ``.json`` (a list of
 strings or of objects), ``.jsonl`` (one object per line), ``.csv`` (column ``goal`` as in AdvBench or ``Behavior`` as
@@ -215,7 +215,7 @@ def apply_template(template: str, prompt: str) -> str:
 
 
 def prompts_sha256(prompts: Iterable[str]) -> str:
-    """sha256 of a prompt list, as the pack records it (ARCHITECTURE.md §4): UTF-8, one prompt per line."""
+    """sha256 of a prompt list, as the pack records it (docs/architecture.md §4): UTF-8, one prompt per line."""
     digest = hashlib.sha256()
     for prompt in prompts:
         digest.update(prompt.encode("utf-8"))

@@ -2,7 +2,7 @@
 
 Prompts are wrapped in the chat template exactly as calibration wrapped them (one user turn, generation prompt
 appended) and encoded with no extra special tokens, because the template already holds them
-(``aligner_export.modeling.tokenize_batch``). The gate reads the last prompt token (ARCHITECTURE.md §1), so any
+(``aligner_export.modeling.tokenize_batch``). The gate reads the last prompt token (docs/architecture.md §1), so any
 difference here would move the gate's input; the manifest's ``chat_template_sha256`` is checked for that reason.
 """
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Hand-run GPU check of the SteerGate (versions 1 and 2) and SteerShift CUDA kernels, without TensorRT
-(ARCHITECTURE.md §8, docs/contract.md).
+(docs/architecture.md §8, docs/contract.md).
 
     make native && python tests/gpu/verify_kernels.py [--build build] [--dry-run]
 

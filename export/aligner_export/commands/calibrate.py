@@ -1,4 +1,5 @@
-"""``aligner-export calibrate``: compute the steering pack (ARCHITECTURE.md §4, §5.1, §7; docs/calibration.md)."""
+"""``aligner-export calibrate``: compute the steering pack (docs/architecture.md §4, §5.1, §7; docs/calibration.md).
+"""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ def configure(parser) -> None:
     parser.add_argument("-o", "--output", required=True, help="steering pack to write (.safetensors)")
     parser.add_argument("--report", help="directory for calibration.png, gate.png and calibration.json")
     parser.add_argument("--gate", choices=PACK_GATES, default="linear",
-                        help="linear: the multi-layer gate of ARCHITECTURE.md §5.1 (default); paper: the paper's one "
-                             "direction at one layer only")
+                        help="linear: the multi-layer gate of docs/architecture.md §5.1 (default); paper: the paper's "
+                             "one direction at one layer only")
     parser.add_argument("--max-fpr", type=float, default=0.02,
                         help="false-positive budget on generic harmless prompts (default 0.02, issue 10's target)")
     parser.add_argument("--max-fpr-borderline", type=float, default=0.10,

@@ -120,7 +120,8 @@ def run_corpus_eval(aligner, judge, corpus_dir=None, limit: int | None = 40, gat
                                    max_new_tokens, batch_size)
         log(f"corpus evaluation: {len(unique)} prompts to score, about {generations} answers of up to "
             f"{max_new_tokens} tokens; estimated {seconds / 60:.0f} min on this machine")
-    with tqdm(total=len(unique), desc="gate scores", unit="prompt", file=sys.stderr, leave=False) as bar:
+    with tqdm(total=len(unique), desc="gate scores", unit="prompt", file=sys.stderr, leave=False,
+              disable=None) as bar:
         values = gate_eval.score_records(aligner, unique, batch_size, progress=bar.update)
     gate = gate_eval.gate_report(sets, {id(r): v for r, v in zip(unique, values)})
 

@@ -1,4 +1,4 @@
-"""Steered-versus-unsteered evaluation of an export dir (issue 4, ARCHITECTURE.md §7 ``eval``).
+"""Steered-versus-unsteered evaluation of an export dir (issue 4, docs/architecture.md §7 ``eval``).
 
 The same prompts run through the same ONNX graph twice, with the gate deciding (steered, as ``aligner-run``) and with
 the gate forced to 0 through the runtime's explicitly named switch
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -61,7 +62,7 @@ def _generate(fn, prompts: list[str], options: dict, batch_size: int, desc: str,
     from tqdm import tqdm
 
     results = []
-    with tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar:
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", file=sys.stderr, leave=False, disable=None) as bar:
         for first in range(0, len(prompts), batch_size):
             chunk = prompts[first:first + batch_size]
             extra = {"images": images[first:first + batch_size]} if images is not None and any(images) else {}

@@ -8,7 +8,7 @@ it at steered sites). Two facts of such graphs matter to the pipeline and live h
 - **Padding.** ``GroupQueryAttention`` derives each row's length from the attention mask (``seqlens_k =
   sum(mask) - 1``) and keeps each row's keys contiguous from position 0, so a batch must be padded on the right
   (the rotary position of a token is its index among the row's real tokens, HF's convention). SteerGate finds each
-  row's last real token under either padding (ARCHITECTURE.md §5), so steering is unaffected.
+  row's last real token under either padding (docs/architecture.md §5), so steering is unaffected.
 - **Tied embedding.** The builder reads the token embedding as ``Gather(Transpose(lm_head weight))``. The residual
   locator recognises a ``Gather`` of a 2-D constant; :func:`fold_embedding_transpose` gives it one for the time of the
   rewrite and :func:`restore_embedding_transpose` puts the shared form back, so the export keeps a single copy.

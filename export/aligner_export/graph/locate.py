@@ -1,4 +1,4 @@
-"""The residual locator: which tensor of an ONNX LLM holds each decoder layer's output (ARCHITECTURE.md §3).
+"""The residual locator: which tensor of an ONNX LLM holds each decoder layer's output (docs/architecture.md §3).
 
 The rule is structural and exporter-independent: start at the token embedding (the ``Gather`` fed by ``input_ids``,
 or the ``inputs_embeds`` input) and follow the chain of residual adds. Every decoder layer adds twice to the residual

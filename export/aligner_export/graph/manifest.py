@@ -1,4 +1,5 @@
-"""The export manifest ``inferaligner.json`` and the graph's ``inferaligner.*`` metadata_props (ARCHITECTURE.md §6).
+"""The export manifest ``inferaligner.json`` and the graph's ``inferaligner.*`` metadata_props
+(docs/architecture.md §6).
 
 The run-time (``aligner_runtime.manifest.load_export``) compares the key facts of both and refuses a directory whose
 manifest and graph disagree, so both are written from the same dict here. Metadata values are JSON text.

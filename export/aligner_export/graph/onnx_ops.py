@@ -1,4 +1,4 @@
-"""The two steering operators as ONNX model-local functions (ARCHITECTURE.md §5, §5.1, docs/contract.md).
+"""The two steering operators as ONNX model-local functions (docs/architecture.md §5, §5.1, docs/contract.md).
 
 ``SteerGate`` (version 1, or version 2 for the multi-layer pooled gate) and ``SteerShift`` live in domain
 ``inferaligner``. Each node carries its constants as node attributes (``direction``/``bias`` for SteerGate v1,
@@ -215,7 +215,7 @@ def function_protos(opset: int, gate_version: int = 1) -> list[onnx.FunctionProt
                                 [*GATE_ATTRIBUTES[gate_version], *PLUGIN_ATTRIBUTES],
                                 doc_string=f"docs/contract.md SteerGate version {gate_version}")
     shift = helper.make_function(DOMAIN, STEER_SHIFT, ["hidden", "gate"], ["out"], _steer_shift_body(), imports,
-                                 ["vector", *PLUGIN_ATTRIBUTES], doc_string="ARCHITECTURE.md §5 SteerShift")
+                                 ["vector", *PLUGIN_ATTRIBUTES], doc_string="docs/architecture.md §5 SteerShift")
     return [gate, shift]
 
 

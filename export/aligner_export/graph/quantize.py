@@ -24,6 +24,7 @@ A tied embedding (the token-embedding ``Gather`` reads the same matrix as the LM
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,10 +108,14 @@ def quantize(model, fmt: WeightFormat):
     level = logger.level
     logger.setLevel(logging.WARNING)
     try:
-        for config, skip in passes:  # the RTN pass rounds what HQQ left (the LM head)
-            quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=skip)
-            quantizer.process()
-            model = quantizer.model.model
+        with warnings.catch_warnings():
+            # ORT's quantizer wraps read-only weight arrays in torch tensors that it only reads; torch's warning about
+            # non-writable arrays names ORT's code and is nothing a user can act on.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+            for config, skip in passes:  # the RTN pass rounds what HQQ left (the LM head)
+                quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=skip)
+                quantizer.process()
+                model = quantizer.model.model
     finally:
         logger.setLevel(level)
     count = 0

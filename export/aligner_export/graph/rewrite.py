@@ -1,5 +1,5 @@
-"""The graph rewrite: SteerGate and SteerShift placed into a base ONNX LLM with onnx-ir (ARCHITECTURE.md §5, §5.1,
-docs/contract.md).
+"""The graph rewrite: SteerGate and SteerShift placed into a base ONNX LLM with onnx-ir (docs/architecture.md §5,
+§5.1, docs/contract.md).
 
 - ``SteerGate`` reads each gate layer's output before any shift there. A version-1 gate is one node at ``g``; a
   version-2 gate is a chain of nodes over the gate layers ``G``, each adding its layer's term to the previous

@@ -1,6 +1,6 @@
 """Calibration: safety related vectors (SRVs) of the target and the aligned model, the gate, and a recommendation.
 
-For each decoder layer ``l``, the residual stream at the layer's output (ARCHITECTURE.md §3) is taken at the last
+For each decoder layer ``l``, the residual stream at the layer's output (docs/architecture.md §3) is taken at the last
 prompt token of every chat-templated prompt. The SRV is the normalised difference of the harmful and harmless class
 means over the calibration part of each prompt set; the validation part (``val_indices``) is held out to measure the
 paper's one-direction gate per layer. The linear gate (§5.1, issue 10) is fitted on the target's residuals at the last
@@ -115,7 +115,8 @@ def collect_activations(model, tokenizer, prompts, batch_size: int = 16, desc: s
     batches = list(_batches(lengths, batch_size, batch_tokens))
     try:
         with torch.inference_mode():
-            for idx in tqdm(batches, desc=desc or "activations", unit="batch", file=sys.stderr, leave=False):
+            for idx in tqdm(batches, desc=desc or "activations", unit="batch", file=sys.stderr, leave=False,
+                            disable=None):
                 batch = tokenize_batch(tokenizer, [texts[i] for i in idx], padding_side="left")
                 mask = batch[ATTENTION_MASK]
                 decoder(input_ids=batch[INPUT_IDS], attention_mask=mask,

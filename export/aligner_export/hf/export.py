@@ -290,9 +290,11 @@ def validate_weights(reference_path: Path, model_path: Path, tokenizer, fmt, wei
 
     pairs = list(prompts) if prompts else weight_validation_prompts()
     reference, quantized = OrtLM(ort_session(reference_path)), OrtLM(ort_session(model_path))
+    from aligner_export import progress
+
     disagreements, rel_errors, top1 = [], [], []
     agree = 0
-    for first in range(0, len(pairs), batch_size):
+    for first in progress.iterate(range(0, len(pairs), batch_size), f"{fmt.name} vs float", "batch"):
         chunk = pairs[first:first + batch_size]
         texts, _, _ = chat_texts(tokenizer, [p for _, p in chunk])
         batch = tokenize_batch(tokenizer, texts, padding_side=padding_side)
@@ -441,7 +443,7 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
     import onnx_ir as ir
     import onnx_ir.external_data  # noqa: F401  (ir.external_data)
 
-    from aligner_export import __version__
+    from aligner_export import __version__, progress
     from aligner_export.graph import fused, quantize
     from aligner_export.graph.locate import locate_residuals
     from aligner_export.graph.manifest import FORMAT_VERSION, set_metadata, write_manifest, write_metadata
@@ -457,9 +459,14 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
     num_layers = lm_config.num_hidden_layers
     config = options.steering
     weights = options.weights or quantize.weight_format(options.dtype)
-    with atomic_dir(out_dir) as tmp:
+    names = ["base export", "residual stream", "steering nodes", *(["vision and embedding graphs"]
+             if family.is_multimodal else []), "save and check", *(["validation"] if options.validate else []),
+             *(["quantisation"] if weights.quantized else []), "integrity digests"]
+    with atomic_dir(out_dir) as tmp, progress.Stages(names, "export", log) as stages:
+        log = stages.log
         work = Path(tempfile.mkdtemp(prefix=".work.", dir=tmp))
         t0 = time.perf_counter()
+        stages.start("base export")
         if options.onnx_file is not None:
             base_path, exporter = Path(options.onnx_file), "external"
         elif options.exporter == "genai":
@@ -469,6 +476,7 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
             base_path, exporter = base_export(lm, work / "base", family.text_family, exporter=options.exporter)
         options.timings["base_export_s"] = time.perf_counter() - t0
         log(f"base export ({exporter}): {base_path.name}")
+        stages.start("residual stream")
         try:
             ir_model = ir.load(str(base_path))
         except Exception as exc:  # protobuf and onnx-ir raise several kinds for a file that is not a model
@@ -486,6 +494,7 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
         verify_sites(ir_model, sites, lm, tokenizer, family.text_family, work,
                      1e-3 if options.dtype == "fp32" else 2e-2)
         log(f"residual stream located and verified on {num_layers} layers")
+        stages.start("steering nodes")
         apply(ir_model, sites, config)
         if restore_embedding is not None:
             restore_embedding()
@@ -509,6 +518,8 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
             "validation": None, "weights": weights.manifest(),
         }
         t0 = time.perf_counter()
+        if family.is_multimodal:
+            stages.start("vision and embedding graphs")
         manifest.update(family.write_extra_graphs(model, tokenizer, tmp, OPSET, log))
         options.timings["extra_graphs_s"] = time.perf_counter() - t0
         proto_meta = onnx.ModelProto()
@@ -517,6 +528,7 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
         ir_model.metadata_props.update(weight_metadata(manifest))
         model_path = tmp / MODEL_FILE
         t0 = time.perf_counter()
+        stages.start("save and check")
         _save(ir_model, model_path)
         del ir_model
         if exporter not in ("external", "onnxruntime-genai") or _passes_checker(base_path):
@@ -528,6 +540,7 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
         shutil.rmtree(work)
         if options.validate:
             t0 = time.perf_counter()
+            stages.start("validation")
             if padding_side == "right" and not family.is_multimodal:
                 # GroupQueryAttention graphs take right-padded batches (aligner_export.graph.fused).
                 from aligner_export.hf.validate import validate
@@ -544,10 +557,12 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
             log("validation skipped (--no-validate)")
         if weights.quantized:
             t0 = time.perf_counter()
+            stages.start("quantisation")
             quantize_export(tmp, model_path, manifest, weights, tokenizer, padding_side, options, log)
             options.timings["quantize_s"] = time.perf_counter() - t0
         add_weight_metadata(model_path, manifest)
         t0 = time.perf_counter()
+        stages.start("integrity digests")
         manifest[Key.INTEGRITY] = integrity.compute(tmp, read_graph_summary(model_path), config.gate.layers,
                                                   config.steer_layers, config.steer_impl)
         options.timings["integrity_s"] = time.perf_counter() - t0

@@ -1,10 +1,10 @@
-"""What differs between model families, in one place (see ../shared/STYLE.md, onnxruntime-genai's builders).
+"""What differs between model families, in one place (as onnxruntime-genai's builders do).
 
 The pipeline asks the family object, never ``if family == ...`` or ``if multimodal``. Every supported text family
 keeps its decoder layers in ``model.model.layers`` and its residual stream at each decoder layer's output
-(ARCHITECTURE.md §3). A vision-language family (LLaVA, LLaVA-NeXT) wraps one of them: its language model's layers sit
-at ``model.language_model.layers``, steering works on that residual stream, and its hooks add the vision and
-embedding graphs to the export and validate all three graphs (issue 6, docs/multimodal.md).
+(docs/architecture.md §3). A vision-language family (LLaVA, LLaVA-NeXT) wraps one of them: its language model's
+layers sit at ``model.language_model.layers``, steering works on that residual stream, and its hooks add the vision
+and embedding graphs to the export and validate all three graphs (issue 6, docs/multimodal.md).
 
 The hooks import torch, onnx and the multimodal module inside their bodies, so this module stays import-light.
 """

@@ -106,7 +106,7 @@ def is_multimodal_tokenizer(tokenizer) -> bool:
 
 
 def fingerprint(model) -> str:
-    """sha256 over the architecture config and the embedding matrix's shape and bytes (ARCHITECTURE.md §4)."""
+    """sha256 over the architecture config and the embedding matrix's shape and bytes (docs/architecture.md §4)."""
     import numpy as np
 
     from aligner_export.hf.families import text_config

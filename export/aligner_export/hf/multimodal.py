@@ -6,7 +6,7 @@
   row separator; the runtime packs them (``aligner_runtime.multimodal.pack_anyres_features``);
 - ``embed.onnx``: ``input_ids [B,S] int64 -> inputs_embeds [B,S,hidden]``: the language model's embedding matrix;
 - ``model.onnx``: the language model with ``inputs_embeds`` instead of ``input_ids``, KV cache and the steering
-  nodes of ARCHITECTURE.md §5, exactly as for a text model.
+  nodes of docs/architecture.md §5, exactly as for a text model.
 
 The runtime embeds the prompt, replaces the rows at the image-token positions by the image features (as
 ``LlavaModel.forward`` does with ``masked_scatter``), and drives ``model.onnx`` with the gate protocol of §5. The

@@ -1,4 +1,4 @@
-"""The PyTorch reference: InferAligner steering of an HF model with forward hooks (ARCHITECTURE.md §5, §5.1).
+"""The PyTorch reference: InferAligner steering of an HF model with forward hooks (docs/architecture.md §5, §5.1).
 
 It is the oracle for the exporter's and the runtime's tests and the baseline for the benchmarks, so it is written
 directly from the contract (docs/contract.md), independently of the ONNX rewrite:

@@ -1,7 +1,7 @@
 """ONNX Runtime against the PyTorch reference: prefill and decode with KV cache (issue 3, step 6).
 
 One batch of two prompts runs through the steered graph and through the HF model with the reference hooks
-(``reference.steered``), following the runtime protocol of ARCHITECTURE.md §5:
+(``reference.steered``), following the runtime protocol of docs/architecture.md §5:
 
 1. a scoring prefill with ``steer_gate_in = -1``;
 2. the steered prefill with ``steer_gate_in`` = the latched gate (identical to 1. unless a steered layer lies below

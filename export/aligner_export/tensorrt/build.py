@@ -1,4 +1,5 @@
-"""Build a TensorRT engine from an export directory with the SteerGate/SteerShift plugins (ARCHITECTURE.md §5, §7).
+"""Build a TensorRT engine from an export directory with the SteerGate/SteerShift plugins (docs/architecture.md
+§5, §7).
 
 Polygraphy's loaders do the TensorRT work, each one step: ``LoadPlugins`` -> ``NetworkFromOnnxBytes`` (the graph with
 the steering functions removed, so the parser must map those nodes to our plugins) -> ``CreateConfig`` (precision,
@@ -65,7 +66,7 @@ class Profiles:
             raise AlignerError(f"--max-context ({self.max_context}) must be at least --max-prompt ({self.max_prompt})")
 
     def ranges(self, name: str, shape: tuple, decode: bool) -> tuple[tuple, tuple, tuple]:
-        """(min, opt, max) for one graph input, from its name (ARCHITECTURE.md §5 graph interface)."""
+        """(min, opt, max) for one graph input, from its name (docs/architecture.md §5 graph interface)."""
         B = (1, self.opt_batch, self.max_batch)
         if decode:
             S = (1, 1, 1)
@@ -89,7 +90,8 @@ class Profiles:
                 raise AlignerError(f"graph input {name} has shape {shape}; expected [batch, heads, past, head_dim]")
             dims = [B, (shape[1],) * 3, past, (shape[3],) * 3]
         else:
-            raise AlignerError(f"graph input {name} is not part of the steered decoder interface (ARCHITECTURE.md §5)")
+            raise AlignerError(f"graph input {name} is not part of the steered decoder interface "
+                               f"(docs/architecture.md §5)")
         return tuple(tuple(d[i] for d in dims) for i in range(3))
 
 

@@ -48,7 +48,8 @@ def prefill_feeds(input_names, batch: int, length: int, seed: int) -> dict:
         elif name.startswith(PAST_PREFIX):
             feeds[name] = None
         else:
-            raise AlignerError(f"graph input {name} is not part of the steered decoder interface (ARCHITECTURE.md §5)")
+            raise AlignerError(f"graph input {name} is not part of the steered decoder interface "
+                               f"(docs/architecture.md §5)")
     return feeds
 
 

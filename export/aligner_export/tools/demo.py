@@ -2,7 +2,7 @@
 
 1. get SmolLM2-135M-Instruct (the target) and merge its aligned sibling's safety adapter;
 2. calibrate the steering pack on the shipped corpus (``aligner_export/data/corpus``: calibration sources only), with
-   the linear gate of ARCHITECTURE.md §5.1;
+   the linear gate of docs/architecture.md §5.1;
 3. export the steered ONNX graph, validated against the PyTorch reference;
 4. answer one harmful and one harmless prompt, unsteered and steered, with the gate;
 5. evaluate on a sample of the corpus's held-out sources (never seen by calibration): the gate per source, the

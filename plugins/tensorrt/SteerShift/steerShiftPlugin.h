@@ -1,4 +1,4 @@
-// TensorRT IPluginV3 plugin for SteerShift (ARCHITECTURE.md §5; README.md in this folder is its specification).
+// TensorRT IPluginV3 plugin for SteerShift (docs/architecture.md §5; README.md in this folder is its specification).
 // Uses IPluginV3OneBuildV2 so that the output may alias the hidden input (in place), which TensorRT honours when the
 // builder enables PreviewFeature::kALIASED_PLUGIN_IO_10_03 (present in TensorRT 10.3 and 11.x alike).
 #pragma once

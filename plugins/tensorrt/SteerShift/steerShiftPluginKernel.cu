@@ -1,5 +1,5 @@
-// SteerShift kernel: out = hidden + gate[b] * vector[h] (ARCHITECTURE.md §5). Memory-bound: one read and one write of
-// hidden, 16-byte accesses when the rows allow it. In place, rows whose gate is 0 are skipped entirely.
+// SteerShift kernel: out = hidden + gate[b] * vector[h] (docs/architecture.md §5). Memory-bound: one read and one
+// write of hidden, 16-byte accesses when the rows allow it. In place, rows whose gate is 0 are skipped entirely.
 #include "steerKernels.h"
 #include "steerOps.h"
 

@@ -31,6 +31,19 @@ from ..errors import AlignerError
 PLUGIN_ENV = "ALIGNER_TRT_PLUGINS"
 
 
+def import_tensorrt():
+    """The ``tensorrt`` module, or one line saying that TensorRT is missing and what to do instead. Checked before the
+    engine path, so that a machine without TensorRT hears that first, not that some engine file is absent."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise AlignerError("TensorRT is not installed here: --backend tensorrt runs an engine that 'aligner-export "
+                           "build --model OUTDIR --plugins LIB -o ENGINE' builds on a machine with TensorRT and an "
+                           "NVIDIA GPU (JetPack ships both; elsewhere pip install \"inferaligner-edge[tensorrt]\"); "
+                           "without TensorRT, run the export directory with --backend onnxruntime") from None
+    return trt
+
+
 def read_stamp(engine_path: Path) -> dict:
     stamp_file = engine_path.parent / STAMP_FILE
     if not stamp_file.is_file():
@@ -102,11 +115,7 @@ class TensorRTBackend:
 
     def __init__(self, engine_path: str | Path, manifest_sha256: str, plugin_library: str | Path | None = None,
                  integrity: dict | None = None):
-        try:
-            import tensorrt as trt
-        except ImportError:
-            raise AlignerError("the tensorrt backend needs TensorRT, which is not installed here (install JetPack or "
-                               "the 'tensorrt' extra, or use --backend onnxruntime)") from None
+        trt = import_tensorrt()
         import os
 
         self._trt = trt

@@ -1,4 +1,4 @@
-"""The contract of ARCHITECTURE.md §5-§6 and docs/contract.md, defined once for the exporter and both runtimes.
+"""The contract of docs/architecture.md §5-§6 and docs/contract.md, defined once for the exporter and both runtimes.
 
 Everything that more than one part of the package must agree on lives in this package, and nowhere else:
 

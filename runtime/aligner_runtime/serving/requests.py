@@ -6,7 +6,7 @@ checked before anything is queued, and generated tokens become text, with stop t
 honoured, while it streams.
 
 No field turns the gate off: an unknown field is an error, and none of the known ones touches steering
-(ARCHITECTURE.md §5).
+(docs/architecture.md §5).
 """
 
 from __future__ import annotations

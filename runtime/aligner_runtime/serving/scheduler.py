@@ -1,6 +1,6 @@
 """Continuous batching: one decode batch that requests join at step boundaries and leave when done (issue 13).
 
-One scheduler thread owns the backend and drives it over the graph interface of ARCHITECTURE.md §5
+One scheduler thread owns the backend and drives it over the graph interface of docs/architecture.md §5
 (``backend._run(feeds) -> outputs``); clients submit from any thread or event loop and receive :class:`Event` s.
 
 Every decode step runs the whole batch. Between two steps the scheduler

@@ -1,6 +1,6 @@
 /* InferAligner Edge C API: run an exported, steered model (a TensorRT engine built by `aligner-export build`).
  *
- * Conventions (ARCHITECTURE.md §5 and §8):
+ * Conventions (docs/architecture.md §5 and §8):
  *  - Opaque handles, one prefix (aligner_), create/destroy pairs.
  *  - Every call returns an aligner_status; on failure aligner_last_error() returns a one-line message that stays
  *    valid until the next call on the same thread. No C++ exception crosses this boundary.

@@ -1,4 +1,4 @@
-// The generation loop: the runtime protocol of ARCHITECTURE.md §5 / §5.1 over a left-padded batch. The KV cache
+// The generation loop: the runtime protocol of docs/architecture.md §5 / §5.1 over a left-padded batch. The KV cache
 // stays on the device; only the last position's logits come back to the host for sampling.
 #include "runtimeInternal.h"
 

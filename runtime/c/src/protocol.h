@@ -1,4 +1,4 @@
-// The host-side rules of the runtime protocol that the C generation loop applies (ARCHITECTURE.md §5,
+// The host-side rules of the runtime protocol that the C generation loop applies (docs/architecture.md §5,
 // docs/contract.md): the position ids of a padded batch, and the gate the loop keeps for a row after the scoring
 // prefill. Host-only, so ctest runtime_helpers covers them without TensorRT.
 #pragma once
