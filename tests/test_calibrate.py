@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,7 +125,10 @@ def test_pack_round_trip_and_metadata(tiny_model_dir, tmp_path):
     assert [s["layer"] for s in meta["per_layer"]] == [0, 1, 2, 3]
     assert all(keys <= set(s) for s in meta["per_layer"])
     rec = meta["recommended"]
-    assert set(rec) == {"gate_layer", "steer_layers", "alpha", "bias_rule", "gate"}
+    assert set(rec) == {"gate_layer", "steer_layers", "alpha", "bias_rule", "gate", "ssv", "end_rule"}
+    # a random "aligned" model refuses nothing: the default falls back to the prompt vectors and says why
+    assert rec["ssv"] == "prompt" and "fallback" in meta["ssv"]
+    assert rec["end_rule"] == {"after": 8, "slope": 1.0}
     assert 0 <= rec["gate_layer"] < 4 and rec["steer_layers"] and rec["alpha"] > 0
     assert rec["steer_layers"] == list(range(rec["steer_layers"][0], rec["steer_layers"][-1] + 1))
     assert meta["created_by"].startswith("inferaligner-edge ")
@@ -259,3 +263,38 @@ def test_recommendation_rules():
     assert rec["alpha"] == pytest.approx(0.4 * norms[6:].mean() / 4)
     per_layer[6]["target_val_accuracy"] = 0.5  # a weak layer at the bottom of the block is trimmed
     assert recommend(per_layer, norms)["steer_layers"] == [7, 8, 9]
+
+
+def test_answer_residuals_equal_an_unpadded_forward(tiny_model_dir):
+    """Response vectors' residuals (issue 17): each layer's output averaged over the answer's tokens, in a
+    right-padded batch, against one unpadded forward per prompt with output_hidden_states."""
+    import torch
+
+    from aligner_export.hf.calibrate import answer_residuals
+    from aligner_export.hf.modeling import chat_texts, load_model
+
+    model, tokenizer = load_model(tiny_model_dir("llama"))
+    prompts = ["How do I bake bread?", "Name three colours of the rainbow, please."]
+    answers = ["Mix flour and water.", "Red, orange and yellow are three of them, and there are more."]
+    got = answer_residuals(model, tokenizer, prompts, answers)
+    heads = chat_texts(tokenizer, prompts)[0]
+    for b, (head, answer) in enumerate(zip(heads, answers)):
+        start = len(tokenizer(head, add_special_tokens=False)["input_ids"])
+        ids = tokenizer(head + answer, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            states = model(input_ids=ids, output_hidden_states=True).hidden_states
+        # hidden_states[l + 1] is layer l's output (the last one has the final norm applied: left out)
+        for layer in range(len(states) - 2):
+            want = states[layer + 1][0, start:].mean(0).numpy()
+            np.testing.assert_allclose(got[b, layer], want, rtol=1e-4, atol=1e-5)
+
+
+def test_explicit_response_vectors_need_refusals(tiny_model_dir):
+    from aligner_runtime.errors import AlignerError
+    from aligner_runtime.prompts import load_prompts
+
+    prompts = Path(__file__).resolve().parents[1] / "export" / "aligner_export" / "data" / "prompts"
+    with pytest.raises(AlignerError, match="response vectors need"):
+        calibrate(tiny_model_dir("llama", seed=0), load_prompts(prompts / "harmful.txt")[:12],
+                  load_prompts(prompts / "harmless.txt")[:12], tiny_model_dir("llama", seed=1), gate="paper",
+                  ssv="response")

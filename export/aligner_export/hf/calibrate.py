@@ -357,6 +357,8 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
     harmless = _records(harmless, "harmless", "harmless")
     extras = list(extras)
     _check_options(harmful, harmless, gate, max_fpr, max_fpr_borderline, val_fraction, batch_size)
+    # Default: response vectors where the aligned model refuses in words the judge knows; else the prompt vectors.
+    auto = ssv is None
     if ssv is None:
         ssv = "response" if aligned_dir is not None else "prompt"
     if ssv not in SSV_MODES:
@@ -424,9 +426,16 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
         if ssv == "response":
             pick_h = _cap(harmful_cal, RESPONSE_PROMPTS, np.random.default_rng(seed + 3))
             pick_b = _cap(srv_harmless, RESPONSE_PROMPTS, np.random.default_rng(seed + 4))
-            response_steer, info["response_ssv"] = response_srv(
-                model, tokenizer, [harmful[i].prompt for i in pick_h], [harmless[i].prompt for i in pick_b],
-                tokenizer.eos_token or "", response_cache, log)
+            try:
+                response_steer, info["response_ssv"] = response_srv(
+                    model, tokenizer, [harmful[i].prompt for i in pick_h], [harmless[i].prompt for i in pick_b],
+                    tokenizer.eos_token or "", response_cache, log)
+            except AlignerError as exc:
+                if not auto:
+                    raise
+                warnings.warn(f"{exc}; the prompt vectors are used instead", stacklevel=2)
+                ssv = "prompt"
+                info["response_ssv"] = {"ssv": "prompt", "fallback": str(exc)}
         del model, tokenizer
         gc.collect()
         aligned_rows = (rows_h, rows_b, aligned.values[:len(rows_h)], aligned.values[len(rows_h):])
