@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from aligner_runtime import contract
-from aligner_runtime.contract import (STEERING_IO, GateKey, IntegrityKey, Key, StampKey, StrengthKey, node_name)
+from aligner_runtime.contract import (STEERING_IO, EndRuleKey, GateKey, IntegrityKey, Key, StampKey, StrengthKey, node_name)
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = ROOT / "plugins" / "common" / "steerContract.h"
@@ -43,7 +43,7 @@ def _values(namespace) -> set[str]:
 
 # The keys the C reader may ask for, by the path prefix it reports them under.
 MANIFEST_KEYS = {"": _values(Key), "steering_io.": set(STEERING_IO), "gate.": _values(GateKey),
-                 "strength.": _values(StrengthKey), "integrity.": _values(IntegrityKey)}
+                 "strength.": _values(StrengthKey), "end_rule.": _values(EndRuleKey), "integrity.": _values(IntegrityKey)}
 STAMP_KEYS = {"": _values(StampKey)}
 
 _CONSTANT = re.compile(r"constexpr\s+(?:char\s+const\s*\*|int64_t)\s+(k\w+)\s*=\s*(\"(?:[^\"\\]|\\.)*\"|-?\d+)\s*;")

@@ -50,6 +50,9 @@ NEEDS = {
     "inspect": (),
     "models": ("torch", "transformers", "safetensors", "peft"),
     "triton": ("onnxruntime",),
+    # signing runs on the runtime's own dependencies (cryptography is a core one): no extra to name
+    "keygen": (),
+    "sign": (),
 }
 
 

@@ -36,7 +36,7 @@ from .protocol import (CONSTANT_STRENGTH, NO_END_RULE, EndRule, StrengthSchedule
 from .steering import (GATE_KINDS, SHIFT_MODES, GateConfig, GateKind, ShiftMode, SteerConfig, gate_kind,
                        gate_kind_named, register_gate_kind, register_shift_mode)
 from .manifest import (FORMAT_VERSION, KEY_FACTS, LEGACY_FORMAT_VERSION, METADATA_EXTRA, REQUIRED_V2,
-                       STEERING_FACTS, SUPPORTED_FORMAT_VERSIONS, GateKey, IntegrityKey, Key, Manifest, StampKey,
+                       STEERING_FACTS, SUPPORTED_FORMAT_VERSIONS, EndRuleKey, GateKey, IntegrityKey, Key, Manifest, StampKey,
                        StrengthKey, check_manifest, manifest_gate_layers)
 
 # The SteerGate operator versions, one per registered gate kind.

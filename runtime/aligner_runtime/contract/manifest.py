@@ -88,6 +88,13 @@ class StrengthKey:
     FLOOR = "floor"
 
 
+class EndRuleKey:
+    """The keys of the manifest's ``end_rule`` object (:meth:`EndRule.manifest`)."""
+
+    AFTER = "after"
+    SLOPE = "slope"
+
+
 class StampKey:
     """The keys of an engine's stamp ``ENGINE.json`` (written by ``aligner-export build``, read by both runtimes)."""
 
@@ -238,9 +245,9 @@ def check_manifest(manifest, where: str) -> dict:
     end_rule = schema.field(manifest, Key.END_RULE, "dict", where, default=None)
     if end_rule is not None:  # docs/contract.md "Ending a steered answer"
         low, high = END_RULE_LIMITS["after"]
-        schema.field(end_rule, "after", "int", f"{where}: end_rule", lo=low, hi=high)
+        schema.field(end_rule, EndRuleKey.AFTER, "int", f"{where}: end_rule", lo=low, hi=high)
         low, high = END_RULE_LIMITS["slope"]
-        slope = schema.field(end_rule, "slope", "float", f"{where}: end_rule", lo=low, hi=high)
+        slope = schema.field(end_rule, EndRuleKey.SLOPE, "float", f"{where}: end_rule", lo=low, hi=high)
         if not slope > 0:
             raise AlignerError(f"{where}: end_rule slope must be > 0, got {slope}")
     return manifest
