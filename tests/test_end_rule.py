@@ -15,31 +15,10 @@ import pytest
 from aligner_runtime.contract import EndRule
 from aligner_runtime.generate import GenerationRun, SamplingConfig
 from aligner_runtime.serving.scheduler import Scheduler
-from runtime_fakes import VOCAB, ToyModel, reference_greedy
+from runtime_fakes import VOCAB, ToyModel
+from test_runtime_loop import PROMPTS, Recorder, mixed_gate_model
 
-PROMPTS = [[3, 7, 1, 9, 4], [12, 5], [8, 8, 30, 2, 17, 21, 6], [33, 1, 14], [25, 19, 11, 2]]
 EOS = 39
-
-
-def mixed_gate_model() -> ToyModel:
-    model = ToyModel()
-    scores = sorted(reference_greedy(model, p, 1)[2] for p in PROMPTS)
-    model.bias = np.float32(-(scores[1] + scores[2]) / 2)
-    return model
-
-
-class Recorder:
-    def __init__(self, backend):
-        self.backend = backend
-        self.outputs = []
-
-    def __getattr__(self, name):
-        return getattr(self.backend, name)
-
-    def _run(self, feeds):
-        out = self.backend._run(feeds)
-        self.outputs.append(out)
-        return out
 
 
 def generate(backend, rule: EndRule, max_new_tokens=12, stops=(EOS,)):
