@@ -7,7 +7,6 @@ and gate-0 rows are token for token what they are without any rule."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
