@@ -10,6 +10,7 @@ import torch
 
 from aligner_export.gate import (Candidate, Features, _folds, default_candidates, fit_gate, fit_linear, np_threshold,
                                  selection_key)
+from aligner_runtime.errors import AlignerError
 
 from test_calibrate import HARMFUL, HARMLESS, _independent_tails
 
@@ -112,7 +113,8 @@ def test_fit_gate_recovers_a_planted_direction_within_budget():
     features, direction = _features(rng, signal=4.5)
     candidates = [Candidate((1,), 1, False, 0.01), Candidate((1, 2, 3), 1, False, 0.01),
                   Candidate((2,), 4, False, 0.01)]
-    gate, report = fit_gate(features, candidates, max_fpr=0.05, max_fpr_borderline=0.10, seed=0)
+    gate, report = fit_gate(features, candidates, max_fpr=0.05, max_fpr_borderline=0.10, seed=0,
+                            threshold_rule="budgets")
     assert report.candidate == candidates[1]  # the only one that reads layer 2's last token alone
     assert gate.layers == (1, 2, 3) and gate.version == 2 and gate.tokens == 1
     assert report.heldout["fpr_harmless"] <= 0.05 and report.heldout["fpr_borderline"] <= 0.10
@@ -176,3 +178,35 @@ def test_fitted_gate_matches_reference_hooks_and_independent_scores(tiny_model_d
     fired, score = score_prompts(model, config, batch["input_ids"], batch["attention_mask"])
     np.testing.assert_allclose(score.numpy().reshape(-1), expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(fired.numpy().reshape(-1) > 0.5, expected > 0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_generic_threshold_rule_binds_only_the_plain_generic_budget(seed):
+    rng = np.random.default_rng(seed)
+    scores = rng.standard_normal(400)
+    classes = rng.choice(["harmless", "borderline"], size=400, p=[0.7, 0.3])
+    rewritten = rng.random(400) < 0.3
+    scores[classes == "borderline"] += 1.0  # hard negatives: under "budgets" they set the threshold
+    scores[rewritten] += 0.5
+    plain = (classes == "harmless") & ~rewritten
+    generic = np_threshold(scores, classes, 0.02, 0.10, "generic", rewritten)
+    budgets = np_threshold(scores, classes, 0.02, 0.10, "budgets", rewritten)
+    assert generic == np_threshold(scores[plain], classes[plain], 0.02, 1.0)
+    assert (scores[plain] > generic).mean() <= 0.02
+    assert generic < budgets  # it spends the budget where the other rule leaves it unspent
+    with pytest.raises(ValueError, match="threshold rule"):
+        np_threshold(scores, classes, 0.02, 0.10, "oracle")
+
+
+def test_fit_gate_reports_the_rule_and_the_rewritten_negatives():
+    rng = np.random.default_rng(3)
+    features, _ = _features(rng, signal=4.5)
+    candidates = [Candidate((1, 2, 3), 1, False, 0.01)]
+    _, budgets = fit_gate(features, candidates, max_fpr=0.05, max_fpr_borderline=0.10, seed=0,
+                          threshold_rule="budgets")
+    _, generic = fit_gate(features, candidates, max_fpr=0.05, max_fpr_borderline=0.10, seed=0,
+                          threshold_rule="generic")
+    assert generic.threshold <= budgets.threshold
+    assert "fpr_rewritten" in generic.heldout
+    with pytest.raises(AlignerError, match="--threshold-rule"):
+        fit_gate(features, candidates, max_fpr=0.05, max_fpr_borderline=0.10, threshold_rule="oracle")

@@ -13,7 +13,10 @@ decide the direction); the standardisation is folded into ``w_l`` and ``b``.
   have seen the like of.
 - **Threshold (Neyman-Pearson).** A share of every harmless source is held out of the final fit; the bias is set so
   that the gate fires on at most ``max_fpr`` of the held-out generic instructions and at most ``max_fpr_borderline``
-  of the held-out borderline-benign prompts.
+  of the held-out borderline-benign prompts (rule ``budgets``). Rule ``generic`` (the default) binds only ``max_fpr`` on the plain
+  held-out generic instructions (their rewrites apart) and reports the other classes: XSTest's contrast prompts and
+  the rewritten negatives are harder than what users send, and the ``budgets`` rule spends the generic budget on
+  them (docs/calibration.md, the gate frontier study).
 
 Torch-free: numpy and scikit-learn on the features that ``hf.calibrate`` collected.
 """
@@ -116,8 +119,19 @@ def fit_linear(X: np.ndarray, labels: np.ndarray, sources: np.ndarray, C: float)
                scale=scale)
 
 
-def np_threshold(scores: np.ndarray, classes: np.ndarray, max_fpr: float, max_fpr_borderline: float) -> float:
-    """The smallest threshold that keeps each negative class within its false-positive budget."""
+THRESHOLD_RULES = ("generic", "budgets")
+
+
+def np_threshold(scores: np.ndarray, classes: np.ndarray, max_fpr: float, max_fpr_borderline: float,
+                 rule: str = "budgets", rewritten: np.ndarray | None = None) -> float:
+    """The smallest threshold that keeps each negative class within its false-positive budget (``budgets``), or the
+    plain generic instructions alone within ``max_fpr`` (``generic``; ``rewritten`` marks the rewrites)."""
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"threshold rule must be one of {THRESHOLD_RULES}, got {rule!r}")
+    if rule == "generic":
+        plain = (classes == "harmless") & (~rewritten if rewritten is not None else True)
+        if plain.any():
+            return np_threshold(scores[plain], classes[plain], max_fpr, max_fpr_borderline)
     threshold = -np.inf
     for cls, budget in (("harmless", max_fpr), ("borderline", max_fpr_borderline)):
         values = np.sort(scores[classes == cls])[::-1]
@@ -179,9 +193,13 @@ def _folds(features: Features, seed: int) -> list[tuple[str, np.ndarray, np.ndar
 
 
 def fit_gate(features: Features, candidates: list[Candidate], max_fpr: float, max_fpr_borderline: float,
-             holdout_share: float = 0.25, seed: int = 0, progress=None) -> tuple[GateConfig, GateReport]:
+             holdout_share: float = 0.25, seed: int = 0, progress=None,
+             threshold_rule: str = "generic") -> tuple[GateConfig, GateReport]:
     """Selects a candidate by leave-one-source-out validation, fits it, and sets the threshold (module docstring)."""
     labels, classes, sources = features.labels, features.classes, features.sources
+    if threshold_rule not in THRESHOLD_RULES:
+        raise AlignerError(f"--threshold-rule must be one of {', '.join(THRESHOLD_RULES)}, got {threshold_rule!r}")
+    rewritten = (features.rewrites != "") if features.rewrites is not None else np.zeros(len(labels), bool)
     if (labels == 1).sum() < 8 or (labels == 0).sum() < 8:
         raise AlignerError("the linear gate needs at least 8 harmful and 8 harmless calibration prompts")
     held = _negative_holdout(classes, sources, holdout_share, seed)
@@ -195,8 +213,9 @@ def fit_gate(features: Features, candidates: list[Candidate], max_fpr: float, ma
         for name, test, excluded in folds:
             train = ~test & ~excluded & ~held
             fit = fit_linear(X[train], labels[train], sources[train], candidate.C)
-            threshold = np_threshold(fit.score(X[held & ~excluded]), classes[held & ~excluded], max_fpr,
-                                     max_fpr_borderline)
+            rows = held & ~excluded
+            threshold = np_threshold(fit.score(X[rows]), classes[rows], max_fpr, max_fpr_borderline, threshold_rule,
+                                     rewritten[rows])
             scored.append({"held_out": name, "count": int(test.sum()),
                            "tpr": float((fit.score(X[test]) > threshold).mean())})
         folds_result = scored
@@ -210,7 +229,8 @@ def fit_gate(features: Features, candidates: list[Candidate], max_fpr: float, ma
     X = features.pooled(chosen.layers, chosen.tokens, chosen.normalize)
     fit = fit_linear(X[~held], labels[~held], sources[~held], chosen.C)
     held_scores = fit.score(X[held])
-    threshold = np_threshold(held_scores, classes[held], max_fpr, max_fpr_borderline)
+    threshold = np_threshold(held_scores, classes[held], max_fpr, max_fpr_borderline, threshold_rule,
+                             rewritten[held])
     hidden = features.tails.shape[-1]
     weights = {layer: fit.weights[i * hidden:(i + 1) * hidden] for i, layer in enumerate(chosen.layers)}
     gate = GateConfig(layers=chosen.layers, weights=weights, bias=fit.bias - threshold, tokens=chosen.tokens,
@@ -221,6 +241,9 @@ def fit_gate(features: Features, candidates: list[Candidate], max_fpr: float, ma
         if rows.any():
             report.heldout[f"fpr_{cls}"] = float((held_scores[classes[held] == cls] > threshold).mean())
             report.heldout[f"count_{cls}"] = int(rows.sum())
+    rewritten_held = rewritten[held] & (labels[held] == 0)
+    if rewritten_held.any():
+        report.heldout["fpr_rewritten"] = float((held_scores[rewritten_held] > threshold).mean())
     for name in np.unique(sources[held]):
         rows = held & (sources == name)
         report.scores[f"{classes[rows][0]}:{name}"] = (fit.score(X[rows]) - threshold).tolist()

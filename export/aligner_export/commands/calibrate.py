@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from aligner_runtime.contract.choices import PACK_GATES
 
+from aligner_export.gate import THRESHOLD_RULES
+
 
 def configure(parser) -> None:
     parser.add_argument("--target", required=True, help="HF model directory of the model to protect")
@@ -27,6 +29,11 @@ def configure(parser) -> None:
                         help="false-positive budget on generic harmless prompts (default 0.02, issue 10's target)")
     parser.add_argument("--max-fpr-borderline", type=float, default=0.10,
                         help="false-positive budget of the linear gate on borderline-benign prompts (default 0.10)")
+    parser.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default="generic",
+                        help="generic (default): the threshold keeps --max-fpr on the held-out plain generic "
+                             "calibration prompts, and the borderline and rewritten ones are reported; budgets: "
+                             "--max-fpr (rewrites included) and --max-fpr-borderline both bind, which leaves recall "
+                             "unspent (docs/calibration.md, the gate frontier study)")
     parser.add_argument("--wrapped", type=int, default=None,
                         help="harmful prompts wrapped in jailbreak templates as gate positives (default 80)")
     parser.add_argument("--rewrites", type=int, default=None,
@@ -112,7 +119,7 @@ def run(args) -> int:
                      val_fraction=args.val_fraction, seed=args.seed, max_fpr=args.max_fpr,
                      max_fpr_borderline=args.max_fpr_borderline, batch_size=args.batch_size,
                      report_dir=args.report, ssv=args.ssv, response_cache=_response_cache(args),
-                     log=lambda text: print(text, flush=True))
+                     threshold_rule=args.threshold_rule, log=lambda text: print(text, flush=True))
     save_pack(pack, out)
     rec = pack.recommended
     stats = pack.layer_stats(rec["gate_layer"])
@@ -124,7 +131,9 @@ def run(args) -> int:
         print(f"linear gate: layers {gate['layers']}, last {gate['tokens']} tokens"
               f"{', unit-normalised' if gate['normalize'] else ''}; leave-one-source-out TPR "
               f"{held['loso_mean_tpr']:.3f} (worst source {held['loso_min_tpr']:.3f}); held-out FPR generic "
-              f"{held.get('fpr_harmless', float('nan')):.3f}, borderline {held.get('fpr_borderline', float('nan')):.3f}")
+              f"{held.get('fpr_harmless', float('nan')):.3f}, borderline {held.get('fpr_borderline', float('nan')):.3f}"
+              f", rewritten {held.get('fpr_rewritten', float('nan')):.3f} (threshold rule: "
+              f"{gate.get('threshold_rule', 'budgets')})")
     print(f"paper gate: layer {rec['gate_layer']} (validation accuracy {stats['target_val_accuracy']:.3f}, "
           f"TPR {stats['val_tpr']:.3f}, FPR {stats['val_fpr']:.3f} with the fpr bias)")
     print(f"recommended: {rec.get('gate', 'paper')} gate, {rec.get('ssv', 'prompt')} vectors on layers "

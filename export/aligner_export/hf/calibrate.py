@@ -343,7 +343,8 @@ def _check_options(harmful, harmless, gate: str, max_fpr: float, max_fpr_borderl
 def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gate: str = "linear",
               val_fraction: float = 0.25, seed: int = 0, max_fpr: float = 0.02, max_fpr_borderline: float = 0.10,
               batch_size: int = 64, report_dir=None, candidates=None, aligned_max: int = ALIGNED_MAX,
-              ssv: str | None = None, response_cache: Path | None = None, log=lambda *_: None) -> SteeringPack:
+              ssv: str | None = None, response_cache: Path | None = None, threshold_rule: str = "generic",
+              log=lambda *_: None) -> SteeringPack:
     """Computes the steering pack. Loads one model at a time to bound memory.
 
     ``harmful`` and ``harmless`` (strings or :class:`~aligner_export.corpus.Record`) give the SRVs and the gate's
@@ -357,6 +358,10 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
     harmless = _records(harmless, "harmless", "harmless")
     extras = list(extras)
     _check_options(harmful, harmless, gate, max_fpr, max_fpr_borderline, val_fraction, batch_size)
+    from aligner_export.gate import THRESHOLD_RULES
+
+    if threshold_rule not in THRESHOLD_RULES:
+        raise AlignerError(f"--threshold-rule must be one of {', '.join(THRESHOLD_RULES)}, got {threshold_rule!r}")
     # Default: response vectors where the aligned model refuses in words the judge knows; else the prompt vectors.
     auto = ssv is None
     if ssv is None:
@@ -501,12 +506,13 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
                 f"{result['mean_tpr']:.3f}, worst {result['min_tpr']:.3f}")
 
         fitted, gate_report = fit_gate(features, candidates, max_fpr, max_fpr_borderline, seed=seed,
-                                       progress=progress)
+                                       progress=progress, threshold_rule=threshold_rule)
         gate_weight = np.stack([fitted.weights[l] for l in fitted.layers]).astype(np.float32)
         chosen = gate_report.candidate
         gate_meta = {"version": 2, "layers": list(fitted.layers), "tokens": fitted.tokens,
                      "normalize": fitted.normalize, "bias": fitted.bias, "rule": "linear", "fit": "logistic-l2",
                      "C": chosen.C, "max_fpr": max_fpr, "max_fpr_borderline": max_fpr_borderline,
+                     "threshold_rule": threshold_rule,
                      "heldout": gate_report.heldout,
                      "loso": [{k: v for k, v in r.items() if k != "folds"} | {"folds": r["folds"]}
                               for r in gate_report.loso],
