@@ -263,37 +263,37 @@ def run_canaries(aligner, gate_checked: bool = True, bias: float | None = None, 
     probes = list(range(k, k + SHIFT_CANARIES))
     encoder = aligner.image_encoder
 
-    def new_run(rows: list[int]) -> GenerationRun:
-        return GenerationRun(aligner._backend, [ids[r] for r in rows], SamplingConfig(max_new_tokens=1),
+    def new_run(prompts: list[list[int]]) -> GenerationRun:
+        return GenerationRun(aligner._backend, prompts, SamplingConfig(max_new_tokens=1),
                              pad_token_id=aligner.tokenizer.pad_token_id, two_pass=False,
                              context_length=aligner.context_length,
                              embedder=encoder.embed if encoder is not None else None)
 
-    probe = new_run([0])
+    probe = new_run([ids[0]])
     shared = 0
     if gate_tokens is not None and probe._past_inputs and probe.padding_side == "left" and not probe.takes_embeds:
         shared = _shared_prefix(ids, max(int(gate_tokens), MIN_SHARED_PREFIX))
         if shared < MIN_SHARED_PREFIX:
             shared = 0
     opening = None
+    capacity = max(len(r) for r in ids)
     if shared:
-        probe.prompts = [ids[0][:shared]]
-        probe._capacity = max(len(r) for r in ids)
-        opening_ids, opening_mask, opening_positions, _ = probe._batch()
-        opening = probe._empty_past(1)
-        probe._step(opening_ids, opening_mask, opening_positions, opening, np.zeros(1, np.float32))
+        first = new_run([ids[0][:shared]])
+        first._capacity = capacity
+        opening_ids, opening_mask, opening_positions, _ = first._batch()
+        opening = first._empty_past(1)
+        first._step(opening_ids, opening_mask, opening_positions, opening, np.zeros(1, np.float32))
 
     def prefill(rows: list[int], gate_in: list[float]) -> dict:
         gate_in = np.asarray(gate_in, np.float32)
         if opening is None:
-            run = new_run(rows)
+            run = new_run([ids[r] for r in rows])
             input_ids, mask, positions, embeds = run._batch()
             run._capacity = input_ids.shape[1]
             return run._prefill(input_ids, mask, positions, gate_in, embeds)
         # each row's own tokens after the shared opening, padded on the left of its own part
-        run = new_run(rows)
-        run.prompts = [ids[r][shared:] for r in rows]
-        run._capacity = probe._capacity
+        run = new_run([ids[r][shared:] for r in rows])
+        run._capacity = capacity
         own_ids, own_mask, _, _ = run._batch()
         mask = np.concatenate([np.ones((len(rows), shared), np.int64), own_mask], axis=1)
         out = run._step(own_ids, mask, position_ids(mask)[:, shared:], opening.keep([0] * len(rows)), gate_in)
