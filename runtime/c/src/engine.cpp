@@ -1,5 +1,6 @@
-// Loading a model: the export's signature (signature.h), the manifest, the ENGINE.json stamp, the plugin library, the engine and the integrity check of its
-// steering constants (docs/contract.md "Integrity digests"), then the execution context and the device buffers.
+// Loading a model: the export's signature (signature.h), the manifest, the ENGINE.json stamp, the plugin library, the
+// engine and the integrity check of its steering constants (docs/contract.md "Integrity digests"), then the execution
+// context and the device buffers.
 #include "runtimeInternal.h"
 
 #include "pluginDigestRegistry.h"

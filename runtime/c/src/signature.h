@@ -1,7 +1,8 @@
 // Signed exports on the C path (issue 21, docs/integrity.md "Signatures", docs/contract.md "Signature file"): the
 // trusted Ed25519 keys (the caller's, else $INFERALIGNER_TRUSTED_KEYS, else the config directory's trusted_keys/) and
 // the check of an export's inferaligner.sig against them, the same rules as aligner_runtime/signing.py. Host-only
-// (OpenSSL libcrypto and nlohmann/json, no TensorRT), so ctest and tests/test_capi_signatures.py cover it without a GPU.
+// (OpenSSL libcrypto and nlohmann/json, no TensorRT), so ctest and tests/test_capi_signatures.py cover it without a
+// GPU.
 #pragma once
 
 #include "aligner_runtime.h"
