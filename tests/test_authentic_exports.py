@@ -296,3 +296,34 @@ def test_canaries_on_a_tiny_model_are_reported(exports):
     assert len(report.logit_shifts) == selftest.SHIFT_CANARIES and report.threshold is not None
     with pytest.raises(AlignerError, match="self_test must be one of"):
         Aligner.load(exports["linear"], self_test="off")
+
+
+@pytest.mark.parametrize("kind", ["function", "linear"])
+def test_shared_opening_gives_the_whole_prompts_scores(exports, kind, monkeypatch):
+    """The canaries' shared opening (the chat template's system prompt) is prefilled once, gate shut (issue 21's
+    0.5 s budget). The whole-prompt prefill is the reference: the same gates and scores (nothing shifts in a deciding
+    row's opening below g*, and the gate reads the row's own last tokens), and a gate-open shift within a few per cent
+    (only the shared opening goes unsteered)."""
+    aligner = Aligner.load(exports[kind], self_test="no-canary-gate")
+    facts = selftest.steering_facts(aligner.export.graph)
+    tokens = max(g["tokens"] for g in facts.gates.values())
+    ids = [aligner.tokenizer.encode_prompt(p) for p in selftest.HARMFUL_CANARIES + selftest.HARMLESS_CANARIES]
+    prefix = selftest._shared_prefix(ids, max(tokens, selftest.MIN_SHARED_PREFIX))
+    if prefix < selftest.MIN_SHARED_PREFIX:
+        pytest.skip(f"the tiny model's template gives the canaries only {prefix} shared tokens")
+    whole = selftest.run_canaries(aligner, True, facts.bias, gate_tokens=None)
+    # the shared path really runs: a chunk after a past of the opening's length
+    steps = []
+    original = type(aligner._backend)._run
+
+    def spy(backend, feeds):
+        steps.append(feeds["input_ids"].shape)
+        return original(backend, feeds)
+
+    monkeypatch.setattr(type(aligner._backend), "_run", spy)
+    shared = selftest.run_canaries(aligner, True, facts.bias, gate_tokens=tokens)
+    assert steps[0] == (1, prefix) and steps[1][1] == max(len(r) for r in ids) - prefix, steps
+    assert shared.harmful_gates == whole.harmful_gates and shared.harmless_gates == whole.harmless_gates
+    np.testing.assert_allclose(shared.projections, whole.projections, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(shared.logit_shifts, whole.logit_shifts, rtol=0.1)
+    assert min(shared.logit_shifts) >= selftest.MIN_LOGIT_SHIFT

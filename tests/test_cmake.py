@@ -74,3 +74,15 @@ def test_configure_without_nlohmann_json_switches_the_c_runtime_off(tmp_path):
     skipped = [line for line in out.splitlines() if "inferaligner: skipping the C runtime" in line]
     assert len(skipped) == 1, out
     assert "nlohmann/json not found" in skipped[0] and "pip install nlohmann-json" in skipped[0]
+
+
+def test_configure_without_openssl_switches_the_c_runtime_off(tmp_path):
+    """The C API verifies signed exports with OpenSSL's libcrypto (issue 21); without it the C runtime is not built at
+    all (a C API that could not verify would load unsigned exports where a key is configured), and the configure step
+    says what to install."""
+    out = _configure(tmp_path / "build", f"-DALIGNER_PYTHON={sys.executable}",
+                     "-DCMAKE_DISABLE_FIND_PACKAGE_OpenSSL=ON")
+    skipped = [line for line in out.splitlines() if "inferaligner: skipping the C runtime" in line]
+    assert len(skipped) == 1, out
+    if "nlohmann/json not found" not in skipped[0]:
+        assert "OpenSSL libcrypto" in skipped[0] and "apt-get install libssl-dev" in skipped[0], skipped[0]

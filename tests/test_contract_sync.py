@@ -18,6 +18,7 @@ from aligner_runtime.contract import (STEERING_IO, EndRuleKey, GateKey, Integrit
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = ROOT / "plugins" / "common" / "steerContract.h"
 MANIFEST_CPP = ROOT / "runtime" / "c" / "src" / "manifest.cpp"
+SIGNATURE_H = ROOT / "runtime" / "c" / "src" / "signature.h"
 
 # Every constant of the header, and the Python value it must equal.
 HEADER_TWINS = {
@@ -104,6 +105,27 @@ def test_c_reader_strength_bounds_match():
     low, high = contract.STRENGTH_HALF_LIFE
     assert float(re.search(r"halfLife\.get<double>\(\)\s*<=\s*([0-9.e+-]+)", text).group(1)) == high
     assert float(re.search(r"halfLife\.get<double>\(\)\s*>=\s*([0-9.e+-]+)", text).group(1)) == low
+
+
+def test_c_signature_names_equal_the_python_signing_module():
+    """runtime/c/src/signature.h spells the signature file, the signed bytes' prefix, the environment variables, the
+    config directory and the limits of aligner_runtime.signing once for the C API (issue 21)."""
+    from aligner_runtime import signing
+
+    twins = {"kSignatureFile": signing.SIGNATURE_FILE, "kSignatureFormat": signing.SIGNATURE_FORMAT,
+             "kSignatureAlgorithm": "ed25519", "kSignatureDomainTag": signing.DOMAIN_TAG.decode("ascii"),
+             "kTrustedKeysEnv": signing.TRUSTED_KEYS_ENV, "kConfigDirEnv": signing.CONFIG_DIR_ENV,
+             "kDefaultConfigDir": signing.DEFAULT_CONFIG_DIR, "kTrustedKeysSubdir": "trusted_keys",
+             "kPublicKeySuffix": ".pub", "kMaxKeyBytes": signing.MAX_KEY_BYTES,
+             "kMaxSignatureBytes": signing.MAX_SIGNATURE_BYTES, "kMaxKeys": signing.MAX_KEYS}
+    found = {k: v.encode("ascii").decode("unicode_escape") if isinstance(v, str) else v
+             for k, v in header_constants(SIGNATURE_H.read_text()).items()}
+    assert set(found) == set(twins), "signature.h gained or lost a constant: map it to its Python name here"
+    for name, value in twins.items():
+        assert found[name] == value, f"signature.h {name} = {found[name]!r}, aligner_runtime.signing says {value!r}"
+    # the names Python spells inline rather than as constants
+    source = Path(signing.__file__).read_text()
+    assert '"trusted_keys"' in source and '".pub"' in source and '("ed25519",)' in source
 
 
 def test_the_parsers_catch_a_drift():

@@ -30,6 +30,8 @@ int main(int argc, char** argv)
     model_options.engine_path = argv[1];
     model_options.plugin_library_path = argv[2];
     model_options.export_dir = argv[3];
+    /* Signed exports: with INFERALIGNER_TRUSTED_KEYS set (or /etc/inferaligner/trusted_keys/), only an export signed by
+     * one of those keys loads; model_options.trusted_keys and .expect_sha256 name a key or pin a manifest here. */
 
     aligner_model* model = NULL;
     aligner_status status = aligner_model_create(&model_options, &model);

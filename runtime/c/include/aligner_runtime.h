@@ -29,8 +29,11 @@ extern "C" {
 #endif
 
 /* 2: aligner_result_flags and ALIGNER_FLAG_*; the manifest (format 2) and the constants digests are checked on load.
- * Every declaration of version 1 is unchanged, so programs built against version 1 keep working. */
-#define ALIGNER_API_VERSION 2
+ * 3: signed exports (aligner_model_options.trusted_keys and .expect_sha256, ALIGNER_ERROR_SIGNATURE); a trusted key
+ * configured in the environment or the config directory applies to every load, whatever the program was built with.
+ * Every declaration of versions 1 and 2 is unchanged, so programs built against them keep working (their smaller
+ * aligner_model_options is accepted: struct_size says which fields it has). */
+#define ALIGNER_API_VERSION 3
 
 typedef enum aligner_status
 {
@@ -44,7 +47,10 @@ typedef enum aligner_status
     ALIGNER_ERROR_TENSORRT = 5,         /* TensorRT refused to deserialise or run the engine */
     ALIGNER_ERROR_CUDA = 6,             /* a CUDA call failed */
     ALIGNER_ERROR_CAPACITY = 7,         /* batch or sequence beyond the engine's optimization profiles */
-    ALIGNER_ERROR_INTERNAL = 8
+    ALIGNER_ERROR_INTERNAL = 8,
+    ALIGNER_ERROR_SIGNATURE = 9         /* trusted keys are configured and the export is unsigned, its signature file
+                                           is malformed, made for another manifest, by a key that is not trusted or
+                                           does not verify; or expect_sha256 is not the manifest's sha256 */
 } aligner_status;
 
 typedef struct aligner_model aligner_model;
@@ -63,15 +69,25 @@ typedef struct aligner_model_options
     const char* plugin_library_path; /* libaligner_trt_plugins.so (or the _dynamic variant) */
     const char* export_dir;          /* the export directory holding inferaligner.json */
     int32_t device;                  /* CUDA device ordinal */
+    /* Since version 3. The trusted Ed25519 public keys (PEM, `aligner-export keygen`'s KEY.pub): files or directories
+     * of *.pub, separated by ':'. NULL or "": $INFERALIGNER_TRUSTED_KEYS (the same form), else the directory
+     * $INFERALIGNER_CONFIG_DIR/trusted_keys/ (default /etc/inferaligner/trusted_keys/) when it exists, else none.
+     * With any key configured only an export signed by one of them loads (docs/integrity.md "Signatures"). */
+    const char* trusted_keys;
+    /* Since version 3. The sha256 of the export's inferaligner.json (64 hex digits) that must match, with or without
+     * keys; NULL: none. */
+    const char* expect_sha256;
 } aligner_model_options;
 
 ALIGNER_API aligner_status aligner_model_options_init(aligner_model_options* options);
 
-/* Reads the export's manifest (inferaligner.json, format 2: any other format or a missing key is refused), checks
- * the ENGINE.json stamp against the manifest's sha256, the engine file's sha256, the TensorRT version and the GPU's
- * compute capability, loads the plugin library, deserialises the engine and compares the constants of every steering
- * plugin TensorRT created with the manifest's integrity.constants (ALIGNER_ERROR_MISMATCH naming the node on a
- * difference, a missing node or an unexpected one). Refuses an engine without the steering I/O. */
+/* Checks the export's signature first (trusted_keys above; ALIGNER_ERROR_SIGNATURE, or ALIGNER_ERROR_FILE for a
+ * trusted key that is missing or not an Ed25519 public key), then reads the export's manifest (inferaligner.json,
+ * format 2: any other format or a missing key is refused), checks the ENGINE.json stamp against the manifest's
+ * sha256, the engine file's sha256, the TensorRT version and the GPU's compute capability, loads the plugin library,
+ * deserialises the engine and compares the constants of every steering plugin TensorRT created with the manifest's
+ * integrity.constants (ALIGNER_ERROR_MISMATCH naming the node on a difference, a missing node or an unexpected one).
+ * Refuses an engine without the steering I/O. */
 ALIGNER_API aligner_status aligner_model_create(const aligner_model_options* options, aligner_model** model);
 ALIGNER_API aligner_status aligner_model_destroy(aligner_model* model);
 

@@ -68,6 +68,7 @@ const char* aligner_status_name(aligner_status status)
     case ALIGNER_ERROR_CUDA: return "ALIGNER_ERROR_CUDA";
     case ALIGNER_ERROR_CAPACITY: return "ALIGNER_ERROR_CAPACITY";
     case ALIGNER_ERROR_INTERNAL: return "ALIGNER_ERROR_INTERNAL";
+    case ALIGNER_ERROR_SIGNATURE: return "ALIGNER_ERROR_SIGNATURE";
     }
     return "ALIGNER_ERROR_UNKNOWN";
 }
@@ -95,7 +96,8 @@ aligner_status aligner_model_create(const aligner_model_options* options, aligne
         return invalid("aligner_model_create: options and model must not be NULL");
     }
     *model = nullptr;
-    if (options->struct_size < sizeof(aligner_model_options) || options->engine_path == nullptr
+    // A program built against version 2 passes the smaller struct of that version (runtimeInternal.h).
+    if (options->struct_size < aligner::runtime::kModelOptionsV2Size || options->engine_path == nullptr
         || options->plugin_library_path == nullptr || options->export_dir == nullptr)
     {
         return invalid("aligner_model_create: set struct_size (aligner_model_options_init), engine_path, "

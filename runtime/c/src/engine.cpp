@@ -1,9 +1,11 @@
-// Loading a model: the manifest, the ENGINE.json stamp, the plugin library, the engine and the integrity check of its
-// steering constants (docs/contract.md "Integrity digests"), then the execution context and the device buffers.
+// Loading a model: the export's signature (signature.h), the manifest, the ENGINE.json stamp, the plugin library, the
+// engine and the integrity check of its steering constants (docs/contract.md "Integrity digests"), then the execution
+// context and the device buffers.
 #include "runtimeInternal.h"
 
 #include "pluginDigestRegistry.h"
 #include "sha256.h"
+#include "signature.h"
 #include "steerContract.h"
 
 #include "NvInferVersion.h"
@@ -270,6 +272,15 @@ void createModel(aligner_model_options const& options, aligner_model& model)
     std::string const manifestPath = std::string(options.export_dir) + "/" + contract::kManifestFile;
     std::string const stampPath = directoryOf(enginePath) + "/" + contract::kEngineStampFile;
     std::string const manifestText = readFile(manifestPath, "export manifest");
+    // The signature before anything else reads the export (issue 21): the bytes checked are the bytes parsed below.
+    try
+    {
+        verifyExport(options.export_dir, manifestText, trustedKeysOption(options), expectSha256Option(options));
+    }
+    catch (SignatureError const& refused)
+    {
+        throw Failure(refused.status, refused.what());
+    }
     std::string const stampText = readFile(stampPath, "engine stamp (written by aligner-export build)");
     EngineStamp stamp;
     try

@@ -12,6 +12,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <fstream>
 #include <memory>
 #include <mutex>
@@ -42,6 +43,30 @@ inline void cudaCheck(cudaError_t status, char const* what)
     {
         throw Failure(ALIGNER_ERROR_CUDA, std::string(what) + ": " + cudaGetErrorString(status));
     }
+}
+
+// The options of API version 2, the smallest aligner_model_create accepts (its struct_size).
+constexpr size_t kModelOptionsV2Size = offsetof(aligner_model_options, device) + sizeof(int32_t);
+
+// Whether the caller's aligner_model_options (struct_size) holds the field that ends `end` bytes in: the fields added
+// after version 2 read as NULL from an older program's smaller struct.
+inline bool hasModelOption(aligner_model_options const& options, size_t end)
+{
+    return options.struct_size >= end;
+}
+
+inline char const* trustedKeysOption(aligner_model_options const& options)
+{
+    return hasModelOption(options, offsetof(aligner_model_options, trusted_keys) + sizeof(char const*))
+        ? options.trusted_keys
+        : nullptr;
+}
+
+inline char const* expectSha256Option(aligner_model_options const& options)
+{
+    return hasModelOption(options, offsetof(aligner_model_options, expect_sha256) + sizeof(char const*))
+        ? options.expect_sha256
+        : nullptr;
 }
 
 inline std::string readFile(std::string const& path, char const* what)
