@@ -285,3 +285,30 @@ def test_default_and_old_packs_shift_add(norm_pack, tmp_path):
     pack.meta["recommended"]["shift_mode"] = "scale"
     with pytest.raises(AlignerError, match="shift_mode.*must be one of add, norm"):
         save_pack(pack, tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("impl", ["function", "inline"])
+def test_inspect_shows_the_mode_and_a_contradiction(norm_pack, tmp_path, capsys, impl):
+    from aligner_export.commands.cli import main
+
+    model_dir, pack = norm_pack
+    out = tmp_path / "out"
+    _export(model_dir, pack, out, "--shift-mode", "norm", "--steer-impl", impl)
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "shift (graph): norm (SteerShift v2" in text
+    if impl == "function":
+        assert "SteerShift/2" in text
+    assert "says shift mode" not in text
+    # a claim of another mode than the graph's nodes is reported
+    assert main(["inspect", str(out / "model.onnx"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["graph"]["shift_modes"] == {"1": "norm", "2": "norm", "3": "norm"}  # JSON object keys
+    assert info["metadata_matches_graph"]
+    from aligner_export.commands.inspect import disagreements
+
+    claims = dict(info["metadata"], shift_mode="add")
+    graph = dict(info["graph"], shift_modes={1: "norm", 2: "norm", 3: "norm"})
+    assert any("says shift mode add" in line for line in disagreements(claims, graph, "manifest"))
+    del claims["shift_mode"]  # an export from before issue 17 claims add
+    assert any("says shift mode add" in line for line in disagreements(claims, graph, "manifest"))
