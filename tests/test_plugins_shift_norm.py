@@ -111,8 +111,8 @@ def test_reference_matches_onnx_function(ref_v2, dtype, H, S):
         [helper.make_tensor_value_info("hidden", elem, ["B", "S", H]),
          helper.make_tensor_value_info("gate", TensorProto.FLOAT, ["B"])],
         [helper.make_tensor_value_info("out_f32", TensorProto.FLOAT, ["B", "S", H])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(onnx_ops.DOMAIN, 2)],
-                              functions=onnx_ops.function_protos(18, 1, 2))
+    imports = [helper.make_opsetid("", 18), helper.make_opsetid(onnx_ops.DOMAIN, 2)]
+    model = helper.make_model(graph, opset_imports=imports, functions=onnx_ops.function_protos(18, 1, 2))
     model.ir_version = 10
     onnx.checker.check_model(model)
     (ort_out,) = _ort_run(model, {"hidden": hidden, "gate": GATES})

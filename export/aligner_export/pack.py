@@ -87,7 +87,7 @@ class SteeringPack:
     @property
     def shift_mode(self) -> str:
         """The recommended SteerShift mode ("add" for packs made before issue 17, which record none)."""
-        return self.recommended.get("shift_mode", DEFAULT_SHIFT_MODE)
+        return self.recommended.get(Key.SHIFT_MODE, DEFAULT_SHIFT_MODE)
 
     def steer_config(self, steer_layers, alpha: float, gate: GateConfig, steer_impl: str = "function",
                      shift_mode: str | None = None) -> SteerConfig:
@@ -177,7 +177,7 @@ def check_meta(meta, layers: int, hidden: int, gate_rows: int | None, where: str
     schema.field(rec, "bias_rule", "str", here, choices=BIAS_RULES)
     kind = schema.field(rec, "gate", "str", here, default="paper", choices=GATE_KINDS)
     schema.field(rec, "ssv", "str", here, default="prompt", choices=("prompt", "response"))
-    schema.field(rec, "shift_mode", "str", here, default=DEFAULT_SHIFT_MODE, choices=SHIFT_MODE_NAMES)
+    schema.field(rec, Key.SHIFT_MODE, "str", here, default=DEFAULT_SHIFT_MODE, choices=SHIFT_MODE_NAMES)
     end_rule = schema.field(rec, "end_rule", "dict", here, default=None)
     if end_rule is not None:  # packs made before issue 17 have none
         try:

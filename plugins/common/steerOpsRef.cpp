@@ -1,5 +1,5 @@
-// CPU reference of SteerGate (versions 1 and 2) and SteerShift (versions 1 and 2). The math is steerOps.h; this file only loops over the
-// tensors.
+// CPU reference of SteerGate (versions 1 and 2) and SteerShift (versions 1 and 2). The math is steerOps.h; this file
+// only loops over the tensors.
 #include "steerOpsRef.h"
 
 #include "steerOps.h"

@@ -1,7 +1,7 @@
 // The one file that registers the inferaligner plugins with TensorRT. It is compiled twice (CMakeLists.txt):
 //
-// Four creators: SteerGate versions 1 and 2, SteerShift versions 1 and 2 (docs/contract.md). Both libraries also export the
-// constants-digest registry (pluginDigestRegistry.h), which lives in the plugin objects.
+// Four creators: SteerGate versions 1 and 2, SteerShift versions 1 and 2 (docs/contract.md). Both libraries also export
+// the constants-digest registry (pluginDigestRegistry.h), which lives in the plugin objects.
 //
 //  * libaligner_trt_plugins (ALIGNER_STATIC_REGISTRATION): registers the creators with the global plugin registry
 //    when the library is loaded, so ctypes.CDLL(path), Polygraphy --plugins and dlopen() need nothing else.

@@ -141,8 +141,8 @@ int main(int argc, char** argv)
         "SteerGate versions 1 and 2, SteerShift versions 1 and 2");
 
     // The registry holds one entry per runtime-phase plugin, in creation order, each with a 64-digit lowercase hex
-    // digest; the gates' constants differ from each other and from the shifts', so do the digests, and the two SteerShift
-    // versions, given the same field, digest it alike.
+    // digest; the gates' constants differ from each other and from the shifts', so do the digests, and the two
+    // SteerShift versions, given the same field, digest it alike.
     check(digestCount() == static_cast<int32_t>(runtimeNames.size()), "one registry entry per runtime-phase plugin");
     std::vector<std::string> hexes;
     for (int32_t i = 0; i < digestCount(); ++i)

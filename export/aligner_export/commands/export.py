@@ -243,7 +243,8 @@ def run(args) -> int:
     manifest = export_steered(target, pack, Path(args.pack), out_dir, options, model, tokenizer, digest)
     print(f"wrote {out_dir}: steer_layers {manifest['steer_layers']}, gate_layer {manifest['gate_layer']}, "
           f"alpha {manifest['alpha']:g}, bias {manifest['bias']:.4g} ({manifest['bias_rule']}), "
-          f"shift {manifest['shift_mode']}, {manifest['steer_impl']}, {manifest['dtype']}, weights {manifest['weights']['format']}")
+          f"shift {manifest['shift_mode']}, {manifest['steer_impl']}, {manifest['dtype']}, "
+          f"weights {manifest['weights']['format']}")
     if args.sign:
         from aligner_export.commands.sign import sign
 

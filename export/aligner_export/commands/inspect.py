@@ -24,7 +24,7 @@ from pathlib import Path
 
 from aligner_runtime import schema
 from aligner_runtime.contract import (GATE_IN, GATE_OUT, MANIFEST_FILE, METADATA_PREFIX, MODEL_FILE, SCORE_OUT,
-                                      STAMP_FILE, two_pass_prefill)
+                                      STAMP_FILE, Key, two_pass_prefill)
 from aligner_runtime.contract.choices import DEFAULT_SHIFT_MODE
 from aligner_runtime.errors import AlignerError
 
@@ -270,7 +270,7 @@ def disagreements(claims: dict, graph: dict, source: str) -> list[str]:
                        f"{_fmt(list(off)[:8])} {'have norms' if len(off) > 1 else 'has norm'} "
                        f"{_fmt(off[layer])}{'…' if len(off) > 1 else ''} (the exporter writes alpha × a unit vector)")
     if claimed_steer is not None and graph["shift_modes"]:
-        claimed_mode = _get(claims, "shift_mode", "str") or DEFAULT_SHIFT_MODE  # absent: every export before issue 17
+        claimed_mode = _get(claims, Key.SHIFT_MODE, "str") or DEFAULT_SHIFT_MODE  # absent: every export before issue 17
         off = sorted(l for l, mode in graph["shift_modes"].items() if mode != claimed_mode)
         if off:
             plural = len(off) > 1
@@ -410,7 +410,7 @@ def _render_pack(info: dict, lines: list[str]) -> None:
               f"{info['hidden_size']} hidden, site {_short(info['site'])}",
               f"  recommended: {_short(rec.get('gate') or 'paper')} gate; paper gate layer {_fmt(rec.get('gate_layer'))}"
               f", steer layers {_fmt(rec.get('steer_layers'))}, alpha {_fmt(rec.get('alpha'))}, bias rule "
-              f"{_fmt(rec.get('bias_rule'))}, shift mode {_short(rec.get('shift_mode') or DEFAULT_SHIFT_MODE)}",
+              f"{_fmt(rec.get('bias_rule'))}, shift mode {_short(rec.get(Key.SHIFT_MODE) or DEFAULT_SHIFT_MODE)}",
               f"  gate bias: paper {_fmt(info['bias']['paper'])}, fpr {_fmt(info['bias']['fpr'])}; "
               f"validation {_fmt(info['gate_val'])}",
               f"  vector norms (alpha * ssv): {_fmt(info['vector_norms'])}",

@@ -1,7 +1,8 @@
 """The two steering operators as ONNX model-local functions (docs/architecture.md §5, §5.1, docs/contract.md).
 
 ``SteerGate`` (version 1, or version 2 for the multi-layer pooled gate) and ``SteerShift`` (version 1, "add", or
-version 2, "norm": rescaled to the norm before the shift) live in domain ``inferaligner``. Each node carries its constants as node attributes (``direction``/``bias`` for SteerGate v1,
+version 2, "norm": rescaled to the norm before the shift) live in domain
+``inferaligner``. Each node carries its constants as node attributes (``direction``/``bias`` for SteerGate v1,
 ``weight``/``bias``/``tokens``/``normalize`` for v2, ``vector`` for SteerShift) that the function body reads through
 ``Constant(ref_attr_name=...)``, plus ``plugin_namespace`` / ``plugin_version`` so that TensorRT can map the node to
 our plugin of the same name and version. The bodies use only standard ONNX ops and do their math in float32 whatever
