@@ -312,3 +312,27 @@ def test_inspect_shows_the_mode_and_a_contradiction(norm_pack, tmp_path, capsys,
     assert any("says shift mode add" in line for line in disagreements(claims, graph, "manifest"))
     del claims["shift_mode"]  # an export from before issue 17 claims add
     assert any("says shift mode add" in line for line in disagreements(claims, graph, "manifest"))
+
+
+@pytest.mark.parametrize("variant", ["function", "inline"])
+def test_runtime_greedy_equals_reference_in_norm_mode(tmp_path_factory, tiny_model_dir, variant):
+    """aligner_runtime on a calibrated tiny export in mode norm (the linear gate, layers 0-3 steered): greedy tokens,
+    gates and scores of a batch with mixed gates equal the PyTorch reference's."""
+    from aligner_runtime.api import Aligner
+    from runtime_exports import LINEAR_OPTIONS, steer_config, tiny_export
+    from test_runtime_export import NEW_TOKENS, _reference, mixed_prompts
+
+    options = LINEAR_OPTIONS + (("--shift-mode", "norm"),) + ((("--steer-impl", "inline"),) if variant == "inline"
+                                                               else ())
+    export_dir, model_dir, pack = tiny_export(tmp_path_factory, tiny_model_dir, "llama", options)
+    aligner = Aligner.load(export_dir)
+    assert aligner.manifest[Key.SHIFT_MODE] == "norm"
+    prompts = mixed_prompts(aligner)
+    results = aligner.generate(prompts, max_new_tokens=NEW_TOKENS, batch_size=len(prompts))
+    spec = steer_config(export_dir, pack)
+    assert spec.shift_mode == "norm"
+    _, _, expected, gates, scores = _reference(model_dir, spec, prompts, NEW_TOKENS)
+    for prompt, result, tokens, gate, score in zip(prompts, results, expected, gates, scores):
+        assert result.gate == gate
+        assert result.score == pytest.approx(score, abs=1e-4)
+        assert result.token_ids == tokens, prompt

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .contract import (DOMAIN, GATE_OUT, SCORE_OUT, SHIFT_MODES, SHIFT_VERSION, STEER_GATE, STEER_SHIFT, node_name,
-                       prefill_decision)
+from .contract import (DOMAIN, GATE_OUT, SCORE_OUT, SHIFT_VERSION, STEER_GATE, STEER_SHIFT, node_name,
+                       prefill_decision, shift_mode_of_version)
 from .errors import AlignerError
 from .integrity import node_constants
 from .onnx_graph import GraphSummary
@@ -131,8 +131,10 @@ def _shift_mode(summary: GraphSummary, name: str) -> str:
         if node.name == name and node.domain == DOMAIN:
             version = node.attributes.get("plugin_version")
             text = version.text if version is not None and version.text else str(SHIFT_VERSION)
-            mode = SHIFT_MODES.get(int(text)) if text.isdigit() else None
-            return mode.name if mode else "?"
+            try:
+                return shift_mode_of_version(int(text)).name
+            except ValueError:  # not a number, or a version this package does not know
+                return "?"
     prefix = name + "/"
     inlined = [n for n in summary.nodes if n.name.startswith(prefix)]
     return "norm" if any(n.op_type == "Sqrt" for n in inlined) else "add"
