@@ -77,6 +77,26 @@ def steer_shift(hidden, gate, vector):
     return out
 
 
+def steer_shift_norm(hidden, gate, vector):
+    """SteerShift version 2 ("norm"): per position ``n · y / max(‖y‖, 1e-6)`` with ``y = h + gate[b] * vector``
+    and ``n = ‖h‖``, in float64 from the float32 values, cast to hidden's dtype; gate-0 rows are hidden itself."""
+    B, S, _ = hidden.shape
+    v = np.asarray(vector, np.float64)
+    out = np.empty_like(hidden)
+    for b in range(B):
+        g = float(np.float32(gate[b]))
+        for s in range(S):
+            h = hidden[b, s].astype(np.float32).astype(np.float64)
+            if g == 0.0:
+                out[b, s] = hidden[b, s]
+                continue
+            y = h + g * v
+            norm_before = math.sqrt(float(h @ h))
+            norm_after = max(math.sqrt(float(y @ y)), NORM_EPS)
+            out[b, s] = (y * (norm_before / norm_after)).astype(np.float32).astype(hidden.dtype)
+    return out
+
+
 def multi_layer_score(hiddens: dict, mask, gate_in, weights: dict, bias, tokens: int, normalize: bool):
     """The §5.1 gate over several layers, chained as the export chains SteerGate version 2 nodes: the first layer's
     score_in is 0, each node adds its layer's term, the last one adds the bias and decides."""

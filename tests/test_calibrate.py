@@ -125,7 +125,8 @@ def test_pack_round_trip_and_metadata(tiny_model_dir, tmp_path):
     assert [s["layer"] for s in meta["per_layer"]] == [0, 1, 2, 3]
     assert all(keys <= set(s) for s in meta["per_layer"])
     rec = meta["recommended"]
-    assert set(rec) == {"gate_layer", "steer_layers", "alpha", "bias_rule", "gate", "ssv", "end_rule"}
+    assert set(rec) == {"gate_layer", "steer_layers", "alpha", "bias_rule", "gate", "ssv", "end_rule", "shift_mode"}
+    assert rec["shift_mode"] == "add"  # the paper's shift; --shift-mode norm is the exporter's choice (issue 17)
     # a random "aligned" model refuses nothing: the default falls back to the prompt vectors and says why
     assert rec["ssv"] == "prompt" and "fallback" in meta["ssv"]
     assert rec["end_rule"] == {"after": 8, "slope": 1.0}

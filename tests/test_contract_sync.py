@@ -28,7 +28,8 @@ HEADER_TWINS = {
     "kSteerShift": contract.STEER_SHIFT,
     "kSteerGateVersion1": contract.plugin_version(contract.STEER_GATE, 1),
     "kSteerGateVersion2": contract.plugin_version(contract.STEER_GATE, 2),
-    "kSteerShiftVersion": contract.plugin_version(contract.STEER_SHIFT),
+    "kSteerShiftVersion1": contract.plugin_version(contract.STEER_SHIFT, shift_version=1),
+    "kSteerShiftVersion2": contract.plugin_version(contract.STEER_SHIFT, shift_version=2),
     "kModelFile": contract.MODEL_FILE,
     "kManifestFile": contract.MANIFEST_FILE,
     "kEngineStampFile": contract.STAMP_FILE,
@@ -77,7 +78,8 @@ def test_header_versions_cover_the_registered_kinds():
     found = header_constants(HEADER.read_text())
     gate_versions = {v for k, v in found.items() if k.startswith("kSteerGateVersion")}
     assert gate_versions == {str(v) for v in contract.GATE_VERSIONS}
-    assert found["kSteerShiftVersion"] == str(max(contract.SHIFT_MODES))
+    shift_versions = {v for k, v in found.items() if k.startswith("kSteerShiftVersion")}
+    assert shift_versions == {str(v) for v in contract.SHIFT_VERSIONS}
 
 
 def test_header_node_name_builder_matches():
@@ -134,3 +136,10 @@ def test_the_parsers_catch_a_drift():
     keys = reader_keys('requiredInt(document, "gate_layers", "", where); document.find("strenght");')
     assert ("", "gate_layers") in keys and ("", "strenght") in keys
     assert "gate_layers" not in MANIFEST_KEYS[""] and "strenght" not in MANIFEST_KEYS[""]
+
+
+def test_c_reader_shift_modes_match():
+    """runtime/c/src/manifest.cpp maps every registered shift mode to its SteerShift version, and nothing else."""
+    pairs = re.findall(r'\*shiftMode == "(\w+)"\)\s*\{\s*manifest\.shiftVersion = (\d+);', MANIFEST_CPP.read_text())
+    assert {name: int(version) for name, version in pairs} == \
+        {mode.name: version for version, mode in contract.SHIFT_MODES.items()}

@@ -18,7 +18,7 @@ import numpy as np
 from aligner_runtime import schema
 from aligner_runtime.contract import SITE, EndRule, GateConfig, Key, SteerConfig
 from aligner_runtime.errors import AlignerError, atomic_path
-from aligner_runtime.contract.choices import BIAS_RULES, PACK_GATES, PACK_MODES
+from aligner_runtime.contract.choices import BIAS_RULES, DEFAULT_SHIFT_MODE, PACK_GATES, PACK_MODES, SHIFT_MODE_NAMES
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -84,10 +84,18 @@ class SteeringPack:
         return GateConfig(layers=(int(gate_layer),), weights={int(gate_layer): self.target_srv[int(gate_layer)]},
                           bias=self.bias(int(gate_layer), bias_rule), rule=bias_rule)
 
-    def steer_config(self, steer_layers, alpha: float, gate: GateConfig, steer_impl: str = "function") -> SteerConfig:
-        """``gate`` and the vectors ``alpha * theta_l`` of the steered layers."""
+    @property
+    def shift_mode(self) -> str:
+        """The recommended SteerShift mode ("add" for packs made before issue 17, which record none)."""
+        return self.recommended.get(Key.SHIFT_MODE, DEFAULT_SHIFT_MODE)
+
+    def steer_config(self, steer_layers, alpha: float, gate: GateConfig, steer_impl: str = "function",
+                     shift_mode: str | None = None) -> SteerConfig:
+        """``gate`` and the vectors ``alpha * theta_l`` of the steered layers, shifted in ``shift_mode`` (default:
+        the pack's recommendation)."""
         vectors = {int(l): np.float32(alpha) * self.aligned_srv[int(l)] for l in steer_layers}
-        return SteerConfig(gate=gate, vectors=vectors, steer_impl=steer_impl)
+        return SteerConfig(gate=gate, vectors=vectors, steer_impl=steer_impl,
+                           shift_mode=self.shift_mode if shift_mode is None else shift_mode)
 
     def config_of_export(self, manifest: dict) -> SteerConfig:
         """The steering configuration an export of this pack was made with, from its manifest: what the PyTorch
@@ -98,7 +106,8 @@ class SteeringPack:
         else:
             gate = self.paper_gate(manifest[Key.GATE_LAYER], manifest[Key.BIAS_RULE])
         return self.steer_config(manifest[Key.STEER_LAYERS], manifest[Key.ALPHA], gate,
-                                 steer_impl=manifest.get(Key.STEER_IMPL, "function"))
+                                 steer_impl=manifest.get(Key.STEER_IMPL, "function"),
+                                 shift_mode=manifest.get(Key.SHIFT_MODE, DEFAULT_SHIFT_MODE))
 
     def tensors(self) -> dict[str, np.ndarray]:
         tensors = {"target.srv": self.target_srv, "target.mean_harmful": self.target_mean_harmful,
@@ -168,6 +177,7 @@ def check_meta(meta, layers: int, hidden: int, gate_rows: int | None, where: str
     schema.field(rec, "bias_rule", "str", here, choices=BIAS_RULES)
     kind = schema.field(rec, "gate", "str", here, default="paper", choices=GATE_KINDS)
     schema.field(rec, "ssv", "str", here, default="prompt", choices=("prompt", "response"))
+    schema.field(rec, Key.SHIFT_MODE, "str", here, default=DEFAULT_SHIFT_MODE, choices=SHIFT_MODE_NAMES)
     end_rule = schema.field(rec, "end_rule", "dict", here, default=None)
     if end_rule is not None:  # packs made before issue 17 have none
         try:

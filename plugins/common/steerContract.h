@@ -22,7 +22,9 @@ constexpr char const* kSteerShift = "SteerShift";
 // SteerGate 1: (hidden, attention_mask, gate_in); SteerGate 2 adds score_in and pools K tokens (§5.1).
 constexpr char const* kSteerGateVersion1 = "1";
 constexpr char const* kSteerGateVersion2 = "2";
-constexpr char const* kSteerShiftVersion = "1";
+// SteerShift 1: h + gate·v ("add"); SteerShift 2 rescales to the norm before the shift ("norm", issue 17).
+constexpr char const* kSteerShiftVersion1 = "1";
+constexpr char const* kSteerShiftVersion2 = "2";
 
 constexpr char const* kModelFile = "model.onnx";
 constexpr char const* kManifestFile = "inferaligner.json";

@@ -309,5 +309,48 @@ ALIGNER_HD float shiftValue(float hidden, float gate, float vector)
 #endif
 }
 
+// --- SteerShift version 2, "norm" (docs/contract.md "SteerShift version 2", issue 17) -------------------------------
+//
+// Per position: y_h = shiftValue(h_h, gate, vector_h) (rounded as version 1), the float32 sums of squares
+// sum_h h_h*h_h and sum_h y_h*y_h (each product rounded, then added in order), scale = ||h|| / max(||y||, 1e-6), and
+// out_h = y_h * scale. A zero gate returns the row unchanged (the caller copies it, or skips it in place).
+
+// ||h|| / max(||y||, kNormEpsilon) from the two sums of squares. A NaN sum stays NaN: it is not floored.
+ALIGNER_HD float normShiftScale(float squaresBefore, float squaresAfter)
+{
+#if defined(__CUDA_ARCH__)
+    float const before = __fsqrt_rn(squaresBefore);
+    float after = __fsqrt_rn(squaresAfter);
+    after = after < kNormEpsilon ? kNormEpsilon : after;
+    return __fdiv_rn(before, after);
+#else
+    float const before = __builtin_sqrtf(squaresBefore);
+    float after = __builtin_sqrtf(squaresAfter);
+    after = after < kNormEpsilon ? kNormEpsilon : after;
+    return before / after;
+#endif
+}
+
+// One square added to a running sum, product and sum rounded separately (no fused multiply-add) on both sides.
+ALIGNER_HD float addSquare(float sum, float x)
+{
+#if defined(__CUDA_ARCH__)
+    return __fadd_rn(sum, __fmul_rn(x, x));
+#else
+    float const square = x * x;
+    return sum + square;
+#endif
+}
+
+// out_h = y_h * scale.
+ALIGNER_HD float normShiftValue(float shifted, float scale)
+{
+#if defined(__CUDA_ARCH__)
+    return __fmul_rn(shifted, scale);
+#else
+    return shifted * scale;
+#endif
+}
+
 } // namespace ops
 } // namespace aligner

@@ -1,5 +1,5 @@
-// CPU reference of SteerGate (versions 1 and 2) and SteerShift. The math is steerOps.h; this file only loops over the
-// tensors.
+// CPU reference of SteerGate (versions 1 and 2) and SteerShift (versions 1 and 2). The math is steerOps.h; this file
+// only loops over the tensors.
 #include "steerOpsRef.h"
 
 #include "steerOps.h"
@@ -83,6 +83,46 @@ void steerShift(void const* hidden, int64_t B, int64_t seq, int64_t H, float con
         for (int64_t i = b * seq * H; i < (b + 1) * seq * H; ++i)
         {
             dst[i] = Traits::store(aligner::ops::shiftValue(Traits::load(in[i]), gate[b], vector[i % H]));
+        }
+    }
+}
+
+// SteerShift version 2: two passes over each steered row (the sums, then the outputs), both reading the input, so
+// out may equal hidden.
+template <Storage S>
+void steerShiftNorm(void const* hidden, int64_t B, int64_t seq, int64_t H, float const* gate, float const* vector,
+    void* out)
+{
+    using Traits = StorageTraits<S>;
+    auto const* in = static_cast<typename Traits::Element const*>(hidden);
+    auto* dst = static_cast<typename Traits::Element*>(out);
+    for (int64_t b = 0; b < B; ++b)
+    {
+        float const g = gate[b];
+        for (int64_t row = b * seq * H; row < (b + 1) * seq * H; row += H)
+        {
+            if (g == 0.0f)
+            {
+                for (int64_t h = 0; h < H; ++h)
+                {
+                    dst[row + h] = in[row + h]; // the element's bits, whatever they hold
+                }
+                continue;
+            }
+            float before = 0.0f;
+            float after = 0.0f;
+            for (int64_t h = 0; h < H; ++h)
+            {
+                float const x = Traits::load(in[row + h]);
+                before = aligner::ops::addSquare(before, x);
+                after = aligner::ops::addSquare(after, aligner::ops::shiftValue(x, g, vector[h]));
+            }
+            float const scale = aligner::ops::normShiftScale(before, after);
+            for (int64_t h = 0; h < H; ++h)
+            {
+                float const y = aligner::ops::shiftValue(Traits::load(in[row + h]), g, vector[h]);
+                dst[row + h] = Traits::store(aligner::ops::normShiftValue(y, scale));
+            }
         }
     }
 }
@@ -190,6 +230,27 @@ extern "C" int32_t aligner_ref_steer_shift(int32_t storage, void const* hidden, 
     case Storage::kFP32: steerShift<Storage::kFP32>(hidden, B, S, H, gate, vector, out); break;
     case Storage::kFP16: steerShift<Storage::kFP16>(hidden, B, S, H, gate, vector, out); break;
     case Storage::kBF16: steerShift<Storage::kBF16>(hidden, B, S, H, gate, vector, out); break;
+    default: return ALIGNER_REF_BAD_STORAGE;
+    }
+    return ALIGNER_REF_OK;
+}
+
+extern "C" int32_t aligner_ref_steer_shift_v2(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,
+    float const* gate, float const* vector, void* out)
+{
+    if (badShape(B, S, H))
+    {
+        return ALIGNER_REF_BAD_SHAPE;
+    }
+    if (!hidden || !gate || !vector || !out)
+    {
+        return ALIGNER_REF_NULL_POINTER;
+    }
+    switch (static_cast<Storage>(storage))
+    {
+    case Storage::kFP32: steerShiftNorm<Storage::kFP32>(hidden, B, S, H, gate, vector, out); break;
+    case Storage::kFP16: steerShiftNorm<Storage::kFP16>(hidden, B, S, H, gate, vector, out); break;
+    case Storage::kBF16: steerShiftNorm<Storage::kBF16>(hidden, B, S, H, gate, vector, out); break;
     default: return ALIGNER_REF_BAD_STORAGE;
     }
     return ALIGNER_REF_OK;

@@ -1,5 +1,5 @@
-/* CPU reference of SteerGate (versions 1 and 2) and SteerShift (docs/architecture.md §5, §5.1; docs/contract.md),
- * built on steerOps.h.
+/* CPU reference of SteerGate (versions 1 and 2) and SteerShift (versions 1 and 2; docs/architecture.md §5, §5.1;
+ * docs/contract.md), built on steerOps.h.
  * A plain C ABI so that Python (ctypes), the C++ tests and the GPU verification script can call it.
  * Every function returns 0 on success and a negative value for invalid arguments. */
 #ifndef ALIGNER_STEER_OPS_REF_H
@@ -51,6 +51,11 @@ ALIGNER_REF_API int32_t aligner_ref_steer_gate_v2(int32_t storage, void const* h
 
 /* hidden [B,S,H] (storage), gate [B], vector [H] -> out [B,S,H] (storage). out may equal hidden (in place). */
 ALIGNER_REF_API int32_t aligner_ref_steer_shift(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,
+    float const* gate, float const* vector, void* out);
+
+/* SteerShift version 2 ("norm", issue 17): the same arguments; per position out = y * (||h|| / max(||y||, 1e-6)) with
+ * y = hidden + gate[b] * vector (steerOps.h), gate-0 rows copied unchanged. out may equal hidden (in place). */
+ALIGNER_REF_API int32_t aligner_ref_steer_shift_v2(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,
     float const* gate, float const* vector, void* out);
 
 /* Element conversions, exposed so tests can check them against independent implementations. */

@@ -1,7 +1,7 @@
 // The one file that registers the inferaligner plugins with TensorRT. It is compiled twice (CMakeLists.txt):
 //
-// Three creators: SteerGate versions 1 and 2, SteerShift version 1 (docs/contract.md). Both libraries also export the
-// constants-digest registry (pluginDigestRegistry.h), which lives in the plugin objects.
+// Four creators: SteerGate versions 1 and 2, SteerShift versions 1 and 2 (docs/contract.md). Both libraries also export
+// the constants-digest registry (pluginDigestRegistry.h), which lives in the plugin objects.
 //
 //  * libaligner_trt_plugins (ALIGNER_STATIC_REGISTRATION): registers the creators with the global plugin registry
 //    when the library is loaded, so ctypes.CDLL(path), Polygraphy --plugins and dlopen() need nothing else.
@@ -22,7 +22,8 @@ namespace
 {
 aligner::trt::SteerGatePluginCreator gSteerGateCreator{1};
 aligner::trt::SteerGatePluginCreator gSteerGateV2Creator{2};
-aligner::trt::SteerShiftPluginCreator gSteerShiftCreator;
+aligner::trt::SteerShiftPluginCreator gSteerShiftCreator{1};
+aligner::trt::SteerShiftPluginCreator gSteerShiftV2Creator{2};
 
 #if !defined(ALIGNER_STATIC_REGISTRATION)
 std::atomic<ILoggerFinder*> gLoggerFinder{nullptr};
@@ -49,6 +50,7 @@ struct StaticRegistration
             registry->registerCreator(gSteerGateCreator, aligner::contract::kPluginNamespace);
             registry->registerCreator(gSteerGateV2Creator, aligner::contract::kPluginNamespace);
             registry->registerCreator(gSteerShiftCreator, aligner::contract::kPluginNamespace);
+            registry->registerCreator(gSteerShiftV2Creator, aligner::contract::kPluginNamespace);
         }
     }
 };
@@ -79,8 +81,9 @@ extern "C" __attribute__((visibility("default"))) void setLoggerFinder(ILoggerFi
 
 extern "C" __attribute__((visibility("default"))) IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
 {
-    static IPluginCreatorInterface* const creators[] = {&gSteerGateCreator, &gSteerGateV2Creator, &gSteerShiftCreator};
-    nbCreators = 3;
+    static IPluginCreatorInterface* const creators[]
+        = {&gSteerGateCreator, &gSteerGateV2Creator, &gSteerShiftCreator, &gSteerShiftV2Creator};
+    nbCreators = static_cast<int32_t>(sizeof(creators) / sizeof(creators[0]));
     return creators;
 }
 #endif

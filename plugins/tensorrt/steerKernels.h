@@ -1,6 +1,6 @@
-// Launchers for the SteerGate (versions 1 and 2) and SteerShift CUDA kernels (docs/architecture.md §5, §5.1;
-// docs/contract.md). The plugins call them from enqueue; tests/gpu/verify_kernels.py calls the C entry points through
-// ctypes, without TensorRT.
+// Launchers for the SteerGate (versions 1 and 2) and SteerShift (versions 1 and 2) CUDA kernels (docs/architecture.md
+// §5, §5.1; docs/contract.md). The plugins call them from enqueue; tests/gpu/verify_kernels.py calls the C entry points
+// through ctypes, without TensorRT.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -27,6 +27,11 @@ ALIGNER_KERNEL_API int32_t aligner_kernel_steer_gate_v2(int32_t storage, void co
 
 /* out may equal hidden: in place, rows whose gate is 0 are neither read nor written. */
 ALIGNER_KERNEL_API int32_t aligner_kernel_steer_shift(int32_t storage, void const* hidden, int64_t B, int64_t S,
+    int64_t H, float const* gate, float const* vector, void* out, cudaStream_t stream);
+
+/* SteerShift version 2 ("norm"): the same arguments; one block per position. In place, gate-0 rows are neither read
+ * nor written. */
+ALIGNER_KERNEL_API int32_t aligner_kernel_steer_shift_v2(int32_t storage, void const* hidden, int64_t B, int64_t S,
     int64_t H, float const* gate, float const* vector, void* out, cudaStream_t stream);
 
 #ifdef __cplusplus

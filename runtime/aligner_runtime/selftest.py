@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .contract import GATE_OUT, SCORE_OUT, STEER_GATE, STEER_SHIFT, node_name, prefill_decision
+from .contract import (DOMAIN, GATE_OUT, SCORE_OUT, SHIFT_VERSION, STEER_GATE, STEER_SHIFT, node_name,
+                       prefill_decision, shift_mode_of_version)
 from .errors import AlignerError
 from .integrity import node_constants
 from .onnx_graph import GraphSummary
@@ -70,6 +71,7 @@ class SteeringFacts:
     gates: dict[int, dict] = field(default_factory=dict)  # layer -> version, weight_norm, bias, tokens, normalize
     vector_norms: dict[int, float] = field(default_factory=dict)
     plugin_versions: list[str] = field(default_factory=list)
+    shift_modes: dict[int, str] = field(default_factory=dict)  # layer -> SteerShift mode ("add", "norm"; "?" unknown)
 
     @property
     def gate_layer(self) -> int | None:
@@ -120,7 +122,24 @@ def steering_facts(summary: GraphSummary) -> SteeringFacts:
         if node.domain and version is not None and version.text:
             plugins.add(f"{node.op_type}/{version.text}")
     facts.plugin_versions = sorted(plugins)
+    facts.shift_modes = {layer: _shift_mode(summary, node_name(layer, STEER_SHIFT)) for layer in facts.steer_layers}
     return facts
+
+
+def _shift_mode(summary: GraphSummary, name: str) -> str:
+    """The mode of SteerShift node ``name``: its plugin_version (function form), or, inlined, "norm" when the body
+    takes a square root (only version 2's does: the norms before and after the shift), else "add"."""
+    for node in summary.nodes:
+        if node.name == name and node.domain == DOMAIN:
+            version = node.attributes.get("plugin_version")
+            text = version.text if version is not None and version.text else str(SHIFT_VERSION)
+            try:
+                return shift_mode_of_version(int(text)).name
+            except ValueError:  # not a number, or a version this package does not know
+                return "?"
+    prefix = name + "/"
+    inlined = [n for n in summary.nodes if n.name.startswith(prefix)]
+    return "norm" if any(n.op_type == "Sqrt" for n in inlined) else "add"
 
 
 def constant_problems(facts: SteeringFacts) -> list[str]:

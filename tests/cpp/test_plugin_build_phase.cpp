@@ -412,10 +412,13 @@ void testSteerGateV2()
         "SteerGate v2 clone");
 }
 
-void testSteerShift()
+// Versions 1 ("add") and 2 ("norm") share the interface: every check holds for both.
+void testSteerShift(int32_t version)
 {
-    SteerShiftPluginCreator creator;
+    SteerShiftPluginCreator creator{version};
+    std::string const expectVersion = std::to_string(version);
     check(std::strcmp(creator.getPluginName(), "SteerShift") == 0, "SteerShift creator name");
+    check(creator.getPluginVersion() == expectVersion, "SteerShift creator version " + expectVersion);
     PluginFieldCollection const* names = creator.getFieldNames();
     check(names->nbFields == 1 && std::strcmp(names->fields[0].name, "vector") == 0, "SteerShift field names");
 
@@ -432,6 +435,9 @@ void testSteerShift()
     {
         return;
     }
+    auto* core = static_cast<IPluginV3OneCore*>(plugin->getCapabilityInterface(PluginCapabilityType::kCORE));
+    check(core->getPluginVersion() == expectVersion && static_cast<SteerShiftPlugin*>(plugin.get())->version() == version,
+        "SteerShift plugin version " + expectVersion);
     auto* build = static_cast<IPluginV3OneBuildV2*>(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
     auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
     InterfaceInfo const info = build->getInterfaceInfo();
@@ -470,7 +476,11 @@ void testSteerShift()
     PluginFieldCollection const* serial = runtime->getFieldsToSerialize();
     std::vector<PluginField> fields(serial->fields, serial->fields + serial->nbFields);
     auto restored = create(creator, fields, TensorRTPhase::kRUNTIME);
-    check(restored && static_cast<SteerShiftPlugin*>(restored.get())->vector() == vector, "SteerShift round trip");
+    check(restored && static_cast<SteerShiftPlugin*>(restored.get())->vector() == vector
+            && static_cast<SteerShiftPlugin*>(restored.get())->version() == version,
+        "SteerShift round trip");
+    std::unique_ptr<IPluginV3> cloned(plugin->clone());
+    check(cloned && static_cast<SteerShiftPlugin*>(cloned.get())->version() == version, "SteerShift clone keeps its version");
 
     check(!create(creator, {}) && errorMentions("'vector'"), "SteerShift without the field is refused, naming 'vector'");
     std::vector<float> withInf = vector;
@@ -492,7 +502,8 @@ void testDigestRegistry()
 
     SteerGatePluginCreator gateV1{1};
     SteerGatePluginCreator gateV2{2};
-    SteerShiftPluginCreator shift;
+    SteerShiftPluginCreator shift{1};
+    SteerShiftPluginCreator shiftV2{2};
     std::vector<float> direction{0.6f, 0.8f};
     float biasV1 = -0.25f;
     std::vector<float> weight{0.5f, -1.0f, 2.0f};
@@ -513,8 +524,9 @@ void testDigestRegistry()
     std::unique_ptr<IPluginV3> a(gateV1.createPlugin("/model/layers.4/steer/SteerGate", &fc1, TensorRTPhase::kRUNTIME));
     std::unique_ptr<IPluginV3> b(gateV2.createPlugin("/model/layers.6/steer/SteerGate", &fc2, TensorRTPhase::kRUNTIME));
     std::unique_ptr<IPluginV3> c(shift.createPlugin("/model/layers.2/steer/SteerShift", &fc3, TensorRTPhase::kRUNTIME));
-    check(a && b && c, "runtime-phase plugins created");
-    check(aligner_plugins_digest_count() == 3, "three entries");
+    std::unique_ptr<IPluginV3> d(shiftV2.createPlugin("/model/layers.3/steer/SteerShift", &fc3, TensorRTPhase::kRUNTIME));
+    check(a && b && c && d, "runtime-phase plugins created");
+    check(aligner_plugins_digest_count() == 4, "four entries");
     struct Want
     {
         char const* name;
@@ -522,13 +534,16 @@ void testDigestRegistry()
         char const* version;
         char const* hex;
     };
-    Want const wants[3] = {{"/model/layers.4/steer/SteerGate", "SteerGate", "1",
+    // SteerShift version 2 digests its one field 'vector' as version 1 does (the version is recorded beside it).
+    Want const wants[4] = {{"/model/layers.4/steer/SteerGate", "SteerGate", "1",
                                "b0057596c32d442b0a130e9e40d267154855fa87ff9fe118f853a3c27c0983a7"},
         {"/model/layers.6/steer/SteerGate", "SteerGate", "2",
             "66cebb332c45ba8f535373ef10ebb5ade244571eac75e6dfec51177c490e94e2"},
         {"/model/layers.2/steer/SteerShift", "SteerShift", "1",
+            "69f4dda777635309aec90b8413590655b5779c987749d1f003350241300ed52a"},
+        {"/model/layers.3/steer/SteerShift", "SteerShift", "2",
             "69f4dda777635309aec90b8413590655b5779c987749d1f003350241300ed52a"}};
-    for (int32_t i = 0; i < 3; ++i)
+    for (int32_t i = 0; i < 4; ++i)
     {
         char const *name = nullptr, *op = nullptr, *version = nullptr, *hex = nullptr;
         check(aligner_plugins_digest_at(i, &name, &op, &version, &hex) == 0, "entry " + std::to_string(i));
@@ -538,7 +553,7 @@ void testDigestRegistry()
     }
     check(static_cast<SteerGatePlugin*>(a.get())->constantsDigest() == wants[0].hex, "v1 plugin's own digest");
     char const *name = nullptr, *op = nullptr, *version = nullptr, *hex = nullptr;
-    check(aligner_plugins_digest_at(3, &name, &op, &version, &hex) == -1, "index out of range refused");
+    check(aligner_plugins_digest_at(4, &name, &op, &version, &hex) == -1, "index out of range refused");
     check(aligner_plugins_digest_at(0, nullptr, &op, &version, &hex) == -1, "NULL pointer refused");
     // A refused plugin records nothing; a clone (attachToContext) records nothing.
     std::vector<PluginField> const badShift{{"vector", nullptr, PluginFieldType::kFLOAT32, 0}};
@@ -547,7 +562,7 @@ void testDigestRegistry()
         "refused in the runtime phase");
     gErrors.clear();
     std::unique_ptr<IPluginV3> cloned(c->clone());
-    check(aligner_plugins_digest_count() == 3, "refusals and clones record nothing");
+    check(aligner_plugins_digest_count() == 4, "refusals and clones record nothing");
     aligner_plugins_digest_reset();
     check(aligner_plugins_digest_count() == 0, "reset empties the registry");
 }
@@ -569,7 +584,8 @@ int main()
     std::printf("TensorRT headers %d.%d.%d\n", NV_TENSORRT_MAJOR, NV_TENSORRT_MINOR, NV_TENSORRT_PATCH);
     testSteerGateV1();
     testSteerGateV2();
-    testSteerShift();
+    testSteerShift(1);
+    testSteerShift(2);
     testDigestRegistry();
     std::printf("%s: %d failure(s)\n", gFailures ? "FAILED" : "OK", gFailures);
     return gFailures ? 1 : 0;

@@ -97,7 +97,7 @@ int main(int argc, char** argv)
 
     int32_t count = 0;
     IPluginCreatorInterface* const* creators = getCreators(count);
-    check(count == 3, "three creators");
+    check(count == 4, "four creators");
     std::vector<std::string> found;
     std::vector<std::string> runtimeNames;
     for (int32_t i = 0; i < count; ++i)
@@ -137,11 +137,12 @@ int main(int argc, char** argv)
         delete plugin;
         runtimeNames.push_back(nodeName + " " + name + " " + version);
     }
-    check(found == std::vector<std::string>{"SteerGate/1", "SteerGate/2", "SteerShift/1"},
-        "SteerGate versions 1 and 2, SteerShift version 1");
+    check(found == std::vector<std::string>{"SteerGate/1", "SteerGate/2", "SteerShift/1", "SteerShift/2"},
+        "SteerGate versions 1 and 2, SteerShift versions 1 and 2");
 
     // The registry holds one entry per runtime-phase plugin, in creation order, each with a 64-digit lowercase hex
-    // digest; the three constants differ, so do the digests.
+    // digest; the gates' constants differ from each other and from the shifts', so do the digests, and the two
+    // SteerShift versions, given the same field, digest it alike.
     check(digestCount() == static_cast<int32_t>(runtimeNames.size()), "one registry entry per runtime-phase plugin");
     std::vector<std::string> hexes;
     for (int32_t i = 0; i < digestCount(); ++i)
@@ -154,7 +155,8 @@ int main(int argc, char** argv)
             "digest is lowercase hex sha256");
         hexes.push_back(digest);
     }
-    check(hexes.size() == 3 && hexes[0] != hexes[1] && hexes[1] != hexes[2], "different constants, different digests");
+    check(hexes.size() == 4 && hexes[0] != hexes[1] && hexes[1] != hexes[2] && hexes[2] == hexes[3],
+        "different constants, different digests; the same vector, the same digest");
     digestReset();
     check(digestCount() == 0, "reset through dlsym");
     std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "OK", failures);

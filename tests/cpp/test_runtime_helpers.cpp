@@ -109,6 +109,16 @@ void testGoodManifest()
     check(mentions(refusal(ending), "'end_rule'"), "an end rule with slope 0 is refused");
     ending["end_rule"] = {{"after", 8.5}, {"slope", 1.0}};
     check(mentions(refusal(ending), "'end_rule'"), "a fractional end rule 'after' is refused");
+    check(m.shiftVersion == 1, "no shift_mode: SteerShift version 1 (add)");
+    json shifting = goodManifest();
+    shifting["shift_mode"] = "norm";
+    check(aligner::runtime::parseManifest(shifting.dump(), "x").shiftVersion == 2, "shift_mode norm: version 2");
+    shifting["shift_mode"] = "add";
+    check(aligner::runtime::parseManifest(shifting.dump(), "x").shiftVersion == 1, "shift_mode add: version 1");
+    shifting["shift_mode"] = "scale";
+    check(mentions(refusal(shifting), "'shift_mode'"), "an unknown shift_mode is refused");
+    shifting["shift_mode"] = 2;
+    check(mentions(refusal(shifting), "'shift_mode'"), "a shift_mode that is not a string is refused");
 }
 
 void testRefusals()

@@ -12,7 +12,9 @@
      per row (the oracle run on |hidden|, |weight|, |score_in|, |bias|), the gate equal to the decision on the kernel's
      own score and to the reference's gate except within that bound of 0, every gate written (NaN sentinels);
    - non-finite scores (NaN, +inf, -inf in the hidden state, in score_in, a NaN bias): every deciding row steers;
-   - SteerShift bit for bit against the reference and the oracle, out of place and in place.
+   - SteerShift bit for bit against the reference and the oracle, out of place and in place;
+   - SteerShift version 2 ("norm") against the reference and the oracle within a rounding bound (the kernel reduces
+     the sums of squares in another order), gate-0 rows bit for bit, in place equal to out of place.
 2. Figures: SteerShift bandwidth against a device-to-device copy of the same bytes (target >= 80%), and the time of
    one SteerGate call (versions 1 and 2).
 
@@ -68,7 +70,9 @@ def load_reference(build: Path):
     lib.aligner_ref_steer_gate.argtypes = [I32, P, I64, I64, I64, P, I64, P, P, F32, P, P]
     lib.aligner_ref_steer_gate_v2.argtypes = [I32, P, I64, I64, I64, P, I64, P, P, P, F32, I64, I32, P, P]
     lib.aligner_ref_steer_shift.argtypes = [I32, P, I64, I64, I64, P, P, P]
-    for fn in (lib.aligner_ref_steer_gate, lib.aligner_ref_steer_gate_v2, lib.aligner_ref_steer_shift):
+    lib.aligner_ref_steer_shift_v2.argtypes = [I32, P, I64, I64, I64, P, P, P]
+    for fn in (lib.aligner_ref_steer_gate, lib.aligner_ref_steer_gate_v2, lib.aligner_ref_steer_shift,
+               lib.aligner_ref_steer_shift_v2):
         fn.restype = I32
     return lib
 
@@ -81,7 +85,9 @@ def load_kernels(build: Path):
     lib.aligner_kernel_steer_gate.argtypes = [I32, P, I64, I64, I64, P, I64, P, P, F32, P, P, P]
     lib.aligner_kernel_steer_gate_v2.argtypes = [I32, P, I64, I64, I64, P, I64, P, P, P, F32, I64, I32, P, P, P]
     lib.aligner_kernel_steer_shift.argtypes = [I32, P, I64, I64, I64, P, P, P, P]
-    for fn in (lib.aligner_kernel_steer_gate, lib.aligner_kernel_steer_gate_v2, lib.aligner_kernel_steer_shift):
+    lib.aligner_kernel_steer_shift_v2.argtypes = [I32, P, I64, I64, I64, P, P, P, P]
+    for fn in (lib.aligner_kernel_steer_gate, lib.aligner_kernel_steer_gate_v2, lib.aligner_kernel_steer_shift,
+               lib.aligner_kernel_steer_shift_v2):
         fn.restype = I32
     return lib
 
@@ -178,12 +184,12 @@ class Reference:
                                                   ptr(gate), ptr(score)) == 0
         return gate, score
 
-    def shift(self, dtype, hidden, gate, vector, misalign=False, in_place=False):
+    def shift(self, dtype, hidden, gate, vector, misalign=False, in_place=False, version=1):
         B, S, H = hidden.shape
         out = hidden.copy() if in_place else np.empty_like(hidden)
         source = out if in_place else hidden
-        assert self.lib.aligner_ref_steer_shift(STORAGE[dtype], ptr(source), B, S, H, ptr(gate), ptr(vector),
-                                                ptr(out)) == 0
+        launch = self.lib.aligner_ref_steer_shift if version == 1 else self.lib.aligner_ref_steer_shift_v2
+        assert launch(STORAGE[dtype], ptr(source), B, S, H, ptr(gate), ptr(vector), ptr(out)) == 0
         return out
 
 
@@ -225,15 +231,15 @@ class Kernels:
         cuda.free(*d)
         return result
 
-    def shift(self, dtype, hidden, gate, vector, misalign=False, in_place=False):
+    def shift(self, dtype, hidden, gate, vector, misalign=False, in_place=False, version=1):
         cuda = self.cuda
         B, S, H = hidden.shape
         offset = hidden.itemsize if misalign else 0
         d_hidden, d_gate, d_vector = cuda.upload(hidden, offset), cuda.upload(gate), cuda.upload(vector)
         d_out = d_hidden if in_place else cuda.upload(np.full(hidden.shape, np.nan, np.float32).astype(hidden.dtype),
                                                       offset)
-        cuda.check(self.lib.aligner_kernel_steer_shift(STORAGE[dtype], d_hidden, B, S, H, d_gate, d_vector, d_out,
-                                                       None), "steer_shift launch")
+        launch = self.lib.aligner_kernel_steer_shift if version == 1 else self.lib.aligner_kernel_steer_shift_v2
+        cuda.check(launch(STORAGE[dtype], d_hidden, B, S, H, d_gate, d_vector, d_out, None), "steer_shift launch")
         cuda.sync("steer_shift")
         out = cuda.download(d_out, hidden)
         cuda.free(d_hidden, d_gate, d_vector, *(() if in_place else (d_out,)))
@@ -333,7 +339,35 @@ def check_case(device, reference, rng, dtype, B, S, H, past, padding, misalign):
         np.array_equal(out.view(np.uint8), oracle.view(np.uint8))
     in_place_exact = np.array_equal(in_place.view(np.uint8), want.view(np.uint8))
     ok &= shift_exact and in_place_exact
-    return ok, max(v1_ref, v1_oracle), v2_worst, shift_exact, in_place_exact
+
+    norm_out = device.shift(dtype, hidden, shift_gate, vector, misalign, version=2)
+    norm_in_place = device.shift(dtype, hidden, shift_gate, vector, misalign, in_place=True, version=2)
+    norm_ok, norm_worst = compare_norm_shift(norm_out, reference.shift(dtype, hidden, shift_gate, vector, version=2),
+                                             op_oracles.steer_shift_norm(hidden, shift_gate, vector), hidden,
+                                             shift_gate, dtype)
+    norm_ok &= np.array_equal(norm_in_place.view(np.uint8), norm_out.view(np.uint8))
+    ok &= norm_ok
+    return ok, max(v1_ref, v1_oracle), v2_worst, shift_exact, in_place_exact, norm_worst, norm_ok
+
+
+# Half an ulp of the storage dtype, relative: a rescaled value may round to either neighbour.
+STORAGE_ULP = {"fp32": 2.0 ** -23, "fp16": 2.0 ** -10, "bf16": 2.0 ** -7}
+
+
+def compare_norm_shift(got, want_ref, want_oracle, hidden, gate, dtype):
+    """(ok, worst difference in units of the bound): per row, (2H float32 roundings of the sums + one storage ulp)
+    times the row's largest value; gate-0 rows must be the input's bytes."""
+    H = hidden.shape[-1]
+    zero = np.asarray(gate) == 0
+    ok = np.array_equal(got[zero].view(np.uint8), hidden[zero].view(np.uint8))
+    worst = 0.0
+    g = got.astype(np.float32)
+    for want in (want_ref, want_oracle):
+        w = np.asarray(want).astype(np.float32)
+        bound = ((2 * H + 8) * EPS32 + STORAGE_ULP[dtype]) * np.abs(w).max(axis=-1, keepdims=True) + 1e-30
+        with np.errstate(invalid="ignore"):
+            worst = max(worst, float(np.nanmax(np.abs(g - w) / bound)) if g.size else 0.0)
+    return ok and worst <= 1.0, worst
 
 
 def check_nonfinite(device, reference, dtype):
@@ -366,17 +400,16 @@ def check_nonfinite(device, reference, dtype):
 
 # --- figures -----------------------------------------------------------------------------------------------------------
 
-def shift_bandwidth(cuda, kernels, dtype, B, S, H):
+def shift_bandwidth(cuda, kernels, dtype, B, S, H, version=1):
     nbytes = B * S * H * dtype_of(dtype).itemsize
     d_in, d_out = cuda.malloc(nbytes), cuda.malloc(nbytes)
     cuda.lib.cudaMemset(d_in, 0, nbytes)
     d_gate, d_vector = cuda.upload(np.ones(B, np.float32)), cuda.upload(np.ones(H, np.float32))
     repeats = 20
     copy_ms = cuda.time_ms(lambda: cuda.lib.cudaMemcpyAsync(d_out, d_in, nbytes, D2D, None), repeats)
-    shift_ms = cuda.time_ms(lambda: kernels.aligner_kernel_steer_shift(STORAGE[dtype], d_in, B, S, H, d_gate,
-                                                                       d_vector, d_out, None), repeats)
-    inplace_ms = cuda.time_ms(lambda: kernels.aligner_kernel_steer_shift(STORAGE[dtype], d_in, B, S, H, d_gate,
-                                                                         d_vector, d_in, None), repeats)
+    launch = kernels.aligner_kernel_steer_shift if version == 1 else kernels.aligner_kernel_steer_shift_v2
+    shift_ms = cuda.time_ms(lambda: launch(STORAGE[dtype], d_in, B, S, H, d_gate, d_vector, d_out, None), repeats)
+    inplace_ms = cuda.time_ms(lambda: launch(STORAGE[dtype], d_in, B, S, H, d_gate, d_vector, d_in, None), repeats)
     cuda.free(d_in, d_out, d_gate, d_vector)
     gbps = lambda ms: 2 * nbytes / (ms * 1e-3) / 1e9  # one read and one write
     return gbps(copy_ms), gbps(shift_ms), gbps(inplace_ms)
@@ -437,22 +470,22 @@ def main() -> int:
         for (B, S, H, past) in SHAPES:
             for padding in ("left", "right"):
                 for misalign in (False, True):
-                    ok, v1, v2, shift, in_place = check_case(device, reference, rng, dtype, B, S, H, past, padding,
-                                                             misalign)
+                    ok, v1, v2, shift, in_place, norm, _ = check_case(device, reference, rng, dtype, B, S, H, past,
+                                                                      padding, misalign)
                     failures += not ok
                     rows.append((f"{dtype} B{B} S{S} H{H} past{past} {padding}{' misaligned' if misalign else ''}",
                                  f"{v1:.2f}", f"{v2:.2f}", "yes" if shift else "NO", "yes" if in_place else "NO",
-                                 "ok" if ok else "FAIL"))
+                                 f"{norm:.2f}", "ok" if ok else "FAIL"))
         ok = check_nonfinite(device, reference, dtype)
         failures += not ok
-        rows.append((f"{dtype} NaN/inf scores and NaN bias steer", "-", "-", "-", "-", "ok" if ok else "FAIL"))
+        rows.append((f"{dtype} NaN/inf scores and NaN bias steer", "-", "-", "-", "-", "-", "ok" if ok else "FAIL"))
     if BF16 is None:
-        rows.append(("bf16", "-", "-", "-", "-", "skipped: pip install ml_dtypes"))
+        rows.append(("bf16", "-", "-", "-", "-", "-", "skipped: pip install ml_dtypes"))
 
-    print("score columns: worst |kernel - (reference, oracle)| in units of the float32 rounding bound (<= 1 passes)")
-    print(f"{'case':<46} {'v1 score':>8} {'v2 score':>8} {'shift':>6} {'inplace':>7}  result")
+    print("score and norm columns: worst |kernel - (reference, oracle)| in units of the rounding bound (<= 1 passes)")
+    print(f"{'case':<46} {'v1 score':>8} {'v2 score':>8} {'shift':>6} {'inplace':>7} {'norm':>6}  result")
     for row in rows:
-        print(f"{row[0]:<46} {row[1]:>8} {row[2]:>8} {row[3]:>6} {row[4]:>7}  {row[5]}")
+        print(f"{row[0]:<46} {row[1]:>8} {row[2]:>8} {row[3]:>6} {row[4]:>7} {row[5]:>6}  {row[6]}")
 
     if cuda is not None:
         print(f"\n{'SteerShift bandwidth (GB/s, read+write)':<46} {'D2D copy':>9} {'shift':>9} {'in place':>9}  "
@@ -460,10 +493,11 @@ def main() -> int:
         for dtype, (B, S, H) in (("fp16", (8, 2048, 4096)), ("bf16", (8, 2048, 4096)), ("fp32", (4, 2048, 4096))):
             if dtype_of(dtype) is None:
                 continue
-            copy, shift, in_place = shift_bandwidth(cuda, kernels, dtype, B, S, H)
-            verdict = "meets 80%" if shift >= 0.8 * copy else "BELOW 80%"
-            print(f"{dtype + f' B{B} S{S} H{H}':<46} {copy:>9.1f} {shift:>9.1f} {in_place:>9.1f}  "
-                  f"{shift / copy:>5.0%} {verdict}")
+            for version in (1, 2):
+                copy, shift, in_place = shift_bandwidth(cuda, kernels, dtype, B, S, H, version)
+                verdict = "meets 80%" if shift >= 0.8 * copy else "BELOW 80%"
+                label = f"{dtype} B{B} S{S} H{H}" + (" norm (v2)" if version == 2 else "")
+                print(f"{label:<46} {copy:>9.1f} {shift:>9.1f} {in_place:>9.1f}  {shift / copy:>5.0%} {verdict}")
         print(f"\n{'SteerGate time per call (us), fp16 B8 S2048 H4096':<46} {'us':>9}")
         for label, tokens, normalize in (("version 1", None, 0), ("version 2, K=1", 1, 0),
                                          ("version 2, K=8, normalize", 8, 1), ("version 2, K=64, normalize", 64, 1)):

@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 
 from aligner_runtime.errors import AlignerError
-from aligner_runtime.contract.choices import (BIAS_RULES, DTYPES, EXPORTERS, PACK_GATES, QUANT_METHODS, STEER_IMPLS,
-                                             WEIGHT_FORMATS)
+from aligner_runtime.contract.choices import (BIAS_RULES, DTYPES, EXPORTERS, PACK_GATES, QUANT_METHODS,
+                                             SHIFT_MODE_NAMES, STEER_IMPLS, WEIGHT_FORMATS)
 
 
 def configure(parser) -> None:
@@ -37,6 +37,10 @@ def configure(parser) -> None:
     parser.add_argument("--bias-rule", choices=BIAS_RULES, default=None,
                         help="gate bias: paper (minus the mean projection) or fpr (false-positive budget); "
                              "default: the pack's recommendation")
+    parser.add_argument("--shift-mode", choices=SHIFT_MODE_NAMES, default=None,
+                        help="how SteerShift applies the vectors: add (h + gate·v, the paper's) or norm (the sum "
+                             "rescaled to the norm of h before the shift); default: the pack's recommendation, add "
+                             "for packs that record none")
     parser.add_argument("--steer-impl", choices=STEER_IMPLS, default="function",
                         help="steering ops as ONNX model-local functions (default) or as plain inlined ops")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="activation precision of the graph "
@@ -126,7 +130,8 @@ def resolve_options(args, pack, num_layers: int):
             gate_layer = layers[0]
         bias_rule = args.bias_rule or rec["bias_rule"]
         gate = pack.paper_gate(gate_layer, bias_rule)
-    steering = pack.steer_config(steer_layers, alpha, gate, steer_impl=args.steer_impl)
+    steering = pack.steer_config(steer_layers, alpha, gate, steer_impl=args.steer_impl,
+                                 shift_mode=args.shift_mode)
     dtype, weights = resolve_precision(args)
     if not 0.0 <= args.min_gate_agreement <= 1.0:
         raise AlignerError(f"--min-gate-agreement must be in [0, 1], got {args.min_gate_agreement}")
@@ -238,7 +243,8 @@ def run(args) -> int:
     manifest = export_steered(target, pack, Path(args.pack), out_dir, options, model, tokenizer, digest)
     print(f"wrote {out_dir}: steer_layers {manifest['steer_layers']}, gate_layer {manifest['gate_layer']}, "
           f"alpha {manifest['alpha']:g}, bias {manifest['bias']:.4g} ({manifest['bias_rule']}), "
-          f"{manifest['steer_impl']}, {manifest['dtype']}, weights {manifest['weights']['format']}")
+          f"shift {manifest['shift_mode']}, {manifest['steer_impl']}, {manifest['dtype']}, "
+          f"weights {manifest['weights']['format']}")
     if args.sign:
         from aligner_export.commands.sign import sign
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from aligner_runtime import schema
 from aligner_runtime.contract import (GATE_IN, GATE_OUT, MANIFEST_FILE, METADATA_PREFIX, MODEL_FILE, SCORE_OUT,
-                                      STAMP_FILE, two_pass_prefill)
+                                      STAMP_FILE, Key, two_pass_prefill)
+from aligner_runtime.contract.choices import DEFAULT_SHIFT_MODE
 from aligner_runtime.errors import AlignerError
 
 MAX_STAMP_BYTES = 1 << 20
@@ -206,6 +207,7 @@ def _graph_facts(summary) -> dict:
         "gate_layer": facts.gate_layer, "gate_layers": facts.gate_layers, "gates": facts.gates,
         "steer_layers": facts.steer_layers, "steer_impl": impl, "bias": facts.bias,
         "vector_norms": facts.vector_norms, "plugin_attributes": facts.plugin_versions,
+        "shift_modes": facts.shift_modes,
         "inputs": summary.inputs, "outputs": summary.outputs,
         "weights": {"quantized_nodes": [{"op": op, "bits": bits, "block_size": block, "count": count}
                                         for (op, bits, block), count in sorted(quantized.items())],
@@ -267,6 +269,14 @@ def disagreements(claims: dict, graph: dict, source: str) -> list[str]:
                        f"{'s' if len(off) > 1 else ''} of layer{'s' if len(off) > 1 else ''} "
                        f"{_fmt(list(off)[:8])} {'have norms' if len(off) > 1 else 'has norm'} "
                        f"{_fmt(off[layer])}{'…' if len(off) > 1 else ''} (the exporter writes alpha × a unit vector)")
+    if claimed_steer is not None and graph["shift_modes"]:
+        claimed_mode = _get(claims, Key.SHIFT_MODE, "str") or DEFAULT_SHIFT_MODE  # absent: every export before issue 17
+        off = sorted(l for l, mode in graph["shift_modes"].items() if mode != claimed_mode)
+        if off:
+            plural = len(off) > 1
+            out.append(f"the {source} says shift mode {claimed_mode}, the graph's SteerShift of layer"
+                       f"{'s' if plural else ''} {_fmt(off[:8])} {'shift' if plural else 'shifts'} "
+                       f"{graph['shift_modes'][off[0]]}")
     if claims.get("format_version") is not None and _get(claims, "steer_layers", "int_list") and not graph["steered"]:
         out.append(f"the {source} describes a steered export, the graph has no complete steering interface")
     return out
@@ -400,7 +410,7 @@ def _render_pack(info: dict, lines: list[str]) -> None:
               f"{info['hidden_size']} hidden, site {_short(info['site'])}",
               f"  recommended: {_short(rec.get('gate') or 'paper')} gate; paper gate layer {_fmt(rec.get('gate_layer'))}"
               f", steer layers {_fmt(rec.get('steer_layers'))}, alpha {_fmt(rec.get('alpha'))}, bias rule "
-              f"{_fmt(rec.get('bias_rule'))}",
+              f"{_fmt(rec.get('bias_rule'))}, shift mode {_short(rec.get(Key.SHIFT_MODE) or DEFAULT_SHIFT_MODE)}",
               f"  gate bias: paper {_fmt(info['bias']['paper'])}, fpr {_fmt(info['bias']['fpr'])}; "
               f"validation {_fmt(info['gate_val'])}",
               f"  vector norms (alpha * ssv): {_fmt(info['vector_norms'])}",
@@ -428,9 +438,21 @@ def _render_graph(graph: dict, lines: list[str]) -> None:
                   f"  gate (graph): bias {_fmt(graph['bias'])}, last {last['tokens']} token(s)"
                   f"{', unit-normalised' if last['normalize'] else ''}, |weight| per layer "
                   f"{_fmt({l: g['weight_norm'] for l, g in graph['gates'].items()})}",
-                  f"  vector norms (alpha * ssv): {_fmt(graph['vector_norms'])}"]
+                  f"  vector norms (alpha * ssv): {_fmt(graph['vector_norms'])}",
+                  f"  shift (graph): {_shift_line(graph['shift_modes'])}"]
     if graph["gate_layers"] and two_pass_prefill(graph["steer_layers"], graph["gate_layers"]):
         lines.append("  two-pass prefill: a steered layer lies below the last gate layer (§5 runtime protocol)")
+
+
+SHIFT_MEANINGS = {"add": "SteerShift v1, h + gate·v", "norm": "SteerShift v2, h + gate·v rescaled to ‖h‖"}
+
+
+def _shift_line(modes: dict) -> str:
+    """One mode for every steered layer (what the exporter writes), or the modes per layer."""
+    kinds = sorted(set(modes.values()))
+    if len(kinds) == 1:
+        return f"{kinds[0]} ({SHIFT_MEANINGS.get(kinds[0], 'unknown version')})"
+    return "per layer " + _fmt(modes)
 
 
 def _render_facts(facts: dict, graph, validation: dict, lines: list[str]) -> None:

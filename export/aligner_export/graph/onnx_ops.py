@@ -1,6 +1,7 @@
 """The two steering operators as ONNX model-local functions (docs/architecture.md §5, §5.1, docs/contract.md).
 
-``SteerGate`` (version 1, or version 2 for the multi-layer pooled gate) and ``SteerShift`` live in domain
+``SteerGate`` (version 1, or version 2 for the multi-layer pooled gate) and ``SteerShift`` (version 1, "add", or
+version 2, "norm": rescaled to the norm before the shift) live in domain
 ``inferaligner``. Each node carries its constants as node attributes (``direction``/``bias`` for SteerGate v1,
 ``weight``/``bias``/``tokens``/``normalize`` for v2, ``vector`` for SteerShift) that the function body reads through
 ``Constant(ref_attr_name=...)``, plus ``plugin_namespace`` / ``plugin_version`` so that TensorRT can map the node to
@@ -197,25 +198,74 @@ def _steer_shift_body() -> list[onnx.NodeProto]:
     ]
 
 
+def _steer_shift_v2_body() -> list[onnx.NodeProto]:
+    """SteerShift version 2 ("norm", issue 17): (hidden, gate) -> out; with ``y = h + gate[b]·vector`` in float32,
+    ``out = y · (‖h‖ / max(‖y‖, 1e-6))`` cast back, and ``out = hidden`` itself on a row whose gate is 0
+    (docs/contract.md "SteerShift version 2")."""
+    n = helper.make_node
+    return [
+        _ref_constant("vector", "vector", "value"),
+        _i64("axes", [1, 2]),
+        _i64("axis_hidden", [-1]),
+        n("Cast", ["hidden"], ["hidden_f32"], to=TensorProto.FLOAT),
+        n("Unsqueeze", ["gate", "axes"], ["gate_b11"]),
+        n("Mul", ["gate_b11", "vector"], ["shift"]),
+        n("Add", ["hidden_f32", "shift"], ["shifted"]),
+        # The norm of each position before the shift and after it, [B, S, 1].
+        n("Mul", ["hidden_f32", "hidden_f32"], ["squares_before"]),
+        n("ReduceSum", ["squares_before", "axis_hidden"], ["norm_sq_before"], keepdims=1),
+        n("Sqrt", ["norm_sq_before"], ["norm_before"]),
+        n("Mul", ["shifted", "shifted"], ["squares_after"]),
+        n("ReduceSum", ["squares_after", "axis_hidden"], ["norm_sq_after"], keepdims=1),
+        n("Sqrt", ["norm_sq_after"], ["norm_after"]),
+        _f32_scalar("norm_eps", NORM_EPS),
+        n("Max", ["norm_after", "norm_eps"], ["norm_after_floor"]),
+        n("Div", ["norm_before", "norm_after_floor"], ["scale"]),
+        n("Mul", ["shifted", "scale"], ["rescaled"]),
+        n("CastLike", ["rescaled", "hidden"], ["rescaled_cast"]),
+        # A gate-0 row is the input itself, not the (inexact) rescaling of an unshifted state. The rows are picked
+        # with Gather from [hidden; rescaled] (row b, or B + b where the gate is not 0), which moves bytes: ONNX
+        # Runtime's Where on floats turns -0.0 into +0.0.
+        _f32_scalar("zero_gate", 0.0),
+        _i64("zero_row", 0),
+        _i64("one_row", 1),
+        n("Equal", ["gate", "zero_gate"], ["gate_off"]),
+        n("Not", ["gate_off"], ["gate_on"]),
+        n("Cast", ["gate_on"], ["gate_on_i64"], to=TensorProto.INT64),
+        n("Shape", ["gate"], ["gate_shape"]),
+        n("Gather", ["gate_shape", "zero_row"], ["rows"], axis=0),
+        n("Range", ["zero_row", "rows", "one_row"], ["row_index"]),
+        n("Mul", ["gate_on_i64", "rows"], ["row_offset"]),
+        n("Add", ["row_index", "row_offset"], ["picked_rows"]),
+        n("Concat", ["hidden", "rescaled_cast"], ["both"], axis=0),
+        n("Gather", ["both", "picked_rows"], ["out"], axis=0),
+    ]
+
+
 GATE_INPUTS = {1: ["hidden", ATTENTION_MASK, "gate_in"], 2: ["hidden", ATTENTION_MASK, "gate_in", "score_in"]}
 GATE_ATTRIBUTES = {1: ["direction", "bias"], 2: ["weight", "bias", "tokens", "normalize"]}
 _GATE_BODIES = {1: _steer_gate_v1_body, 2: _steer_gate_v2_body}
+_SHIFT_BODIES = {1: _steer_shift_body, 2: _steer_shift_v2_body}  # by contract.SHIFT_MODES' versions
 
 
-def function_protos(opset: int, gate_version: int = 1) -> list[onnx.FunctionProto]:
-    """The SteerGate (of ``gate_version``) and SteerShift functions for a model whose default-domain opset is
-    ``opset``."""
+def function_protos(opset: int, gate_version: int = 1, shift_version: int = 1) -> list[onnx.FunctionProto]:
+    """The SteerGate (of ``gate_version``) and SteerShift (of ``shift_version``) functions for a model whose
+    default-domain opset is ``opset``."""
     if opset < MIN_OPSET:
         raise ValueError(f"the steering functions need opset >= {MIN_OPSET}, the model has {opset}")
     if gate_version not in _GATE_BODIES:
         raise ValueError(f"unknown SteerGate version {gate_version}")
+    if shift_version not in _SHIFT_BODIES:
+        raise ValueError(f"unknown SteerShift version {shift_version}")
     imports = [helper.make_opsetid("", opset)]
     gate = helper.make_function(DOMAIN, STEER_GATE, GATE_INPUTS[gate_version], ["gate", "score"],
                                 _GATE_BODIES[gate_version](opset), imports,
                                 [*GATE_ATTRIBUTES[gate_version], *PLUGIN_ATTRIBUTES],
                                 doc_string=f"docs/contract.md SteerGate version {gate_version}")
-    shift = helper.make_function(DOMAIN, STEER_SHIFT, ["hidden", "gate"], ["out"], _steer_shift_body(), imports,
-                                 ["vector", *PLUGIN_ATTRIBUTES], doc_string="docs/architecture.md §5 SteerShift")
+    shift = helper.make_function(DOMAIN, STEER_SHIFT, ["hidden", "gate"], ["out"], _SHIFT_BODIES[shift_version](),
+                                 imports, ["vector", *PLUGIN_ATTRIBUTES],
+                                 doc_string="docs/architecture.md §5 SteerShift" if shift_version == 1 else
+                                 f"docs/contract.md SteerShift version {shift_version}")
     return [gate, shift]
 
 
@@ -250,10 +300,14 @@ def make_steer_gate_v2_node(hidden: str, attention_mask: str, gate_in: str, scor
                             plugin_version=plugin_version(STEER_GATE, 2))
 
 
-def make_steer_shift_node(hidden: str, gate: str, out: str, vector: np.ndarray, name: str) -> onnx.NodeProto:
+def make_steer_shift_node(hidden: str, gate: str, out: str, vector: np.ndarray, name: str,
+                          version: int = 1) -> onnx.NodeProto:
+    """A SteerShift node of ``version`` (1: "add", 2: "norm"; the same inputs, outputs and constant)."""
+    if version not in _SHIFT_BODIES:
+        raise ValueError(f"unknown SteerShift version {version}")
     return helper.make_node(STEER_SHIFT, [hidden, gate], [out], name=name, domain=DOMAIN,
                             vector=_vector_attr(vector, "vector"), plugin_namespace=PLUGIN_NAMESPACE,
-                            plugin_version=plugin_version(STEER_SHIFT))
+                            plugin_version=plugin_version(STEER_SHIFT, shift_version=version))
 
 
 def node_attr(node: onnx.NodeProto, name: str):
@@ -275,8 +329,9 @@ def inline_nodes(node: onnx.NodeProto, opset: int) -> list[onnx.NodeProto]:
     """
     if node.domain != DOMAIN or node.op_type not in OP_TYPES:
         raise ValueError(f"not a steering node: {node.domain}:{node.op_type}")
-    version = int(node_attr(node, "plugin_version") or 1) if node.op_type == STEER_GATE else 1
-    function = {f.name: f for f in function_protos(opset, version)}[node.op_type]
+    version = int(node_attr(node, "plugin_version") or 1)
+    versions = {"gate_version": version} if node.op_type == STEER_GATE else {"shift_version": version}
+    function = {f.name: f for f in function_protos(opset, **versions)}[node.op_type]
     rename = dict(zip(function.input, node.input))
     rename.update(zip(function.output, node.output))
     attrs = {a.name: a for a in node.attribute}

@@ -5,7 +5,8 @@
   version-2 gate is a chain of nodes over the gate layers ``G``, each adding its layer's term to the previous
   node's score (the first starts from zeros), the last one (at ``g* = max G``) adding the bias and deciding. The
   node at ``g*`` produces the graph outputs ``steer_gate`` and ``steer_score``.
-- ``SteerShift`` follows each steered layer ``l`` and every consumer of that residual tensor reads its output
+- ``SteerShift`` (of the configuration's shift mode: version 1 "add" or version 2 "norm") follows each steered layer
+  ``l`` and every consumer of that residual tensor reads its output
   instead. Its gate is ``steer_gate`` for ``l >= g*`` and ``max(steer_gate_in, 0)`` for ``l < g*`` (the runtime's
   two-pass rule).
 - The graph gains the input ``steer_gate_in`` float32 ``[batch]``; nothing else changes.
@@ -133,7 +134,7 @@ def apply(model: ir.Model, sites: list[ResidualSite], config: SteerConfig) -> No
         row_gate = GATE_OUT if shift_takes_decision(layer, gate.layers) else CLAMPED_GATE_IN
         out_name = f"{node_name(layer, STEER_SHIFT)}_output_0"
         shift_proto = onnx_ops.make_steer_shift_node(hidden.name, row_gate, out_name, config.vectors[layer],
-                                                     node_name(layer, STEER_SHIFT))
+                                                     node_name(layer, STEER_SHIFT), config.shift_version)
         # After SteerGate when both sit at the same layer, so SteerGate reads the unshifted output.
         anchor = gate_nodes.get(layer) or hidden.producer()
         _emit(graph, shift_proto, config.steer_impl, opset, values, anchor)
@@ -147,8 +148,9 @@ def apply(model: ir.Model, sites: list[ResidualSite], config: SteerConfig) -> No
         graph.outputs.append(out)
 
     if config.steer_impl == "function":
-        model.opset_imports[onnx_ops.DOMAIN] = config.gate.version
-        for proto in onnx_ops.function_protos(opset, config.gate.version):
+        # The domain's version covers the highest operator version the graph uses.
+        model.opset_imports[onnx_ops.DOMAIN] = max(config.gate.version, config.shift_version)
+        for proto in onnx_ops.function_protos(opset, config.gate.version, config.shift_version):
             function = ir.serde.deserialize_function(proto)
             model.functions[function.identifier()] = function
     graph.sort()

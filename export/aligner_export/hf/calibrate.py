@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aligner_runtime.contract import ATTENTION_MASK, INPUT_IDS, position_ids
+from aligner_runtime.contract import ATTENTION_MASK, DEFAULT_SHIFT_MODE, INPUT_IDS, Key, position_ids
 from aligner_runtime.errors import AlignerError
 from aligner_runtime.prompts import prompts_sha256
 
@@ -491,6 +491,8 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
         recommended["steer_layers"] = block
         recommended["alpha"] = round(float(ALPHA_NORM_FRACTION * residual_norm[block].mean() / len(block)), 4)
     recommended["end_rule"] = {"after": END_AFTER, "slope": END_SLOPE}
+    # The paper's additive shift; `aligner-export export --shift-mode norm` rescales instead (docs/calibration.md).
+    recommended[Key.SHIFT_MODE] = DEFAULT_SHIFT_MODE  # the pack names it as the manifest does
     gate_weight = gate_meta = gate_report = None
     if gate == "linear":
         from aligner_export.gate import Features, fit_gate

@@ -504,6 +504,7 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
             "pack_sha256": file_sha256(pack_path), "pack_mode": pack.mode, "target_fingerprint": fingerprint,
             "steer_layers": config.steer_layers, "gate_layer": config.gate_layer, "alpha": float(options.alpha),
             "bias": config.gate.bias, "bias_rule": options.bias_rule, "steer_impl": config.steer_impl,
+            Key.SHIFT_MODE: config.shift_mode,
             "gate": config.gate.manifest(), "two_pass_prefill": config.two_pass, "steering_io": dict(STEERING_IO),
             "dtype": options.dtype, "opset": default_opset(ir_model), "site": SITE, "exporter": exporter,
             "chat_template_sha256": template_sha, "chat_template_fallback": fallback, "num_layers": num_layers,

@@ -9,7 +9,8 @@ directly from the contract (docs/contract.md), independently of the ONNX rewrite
   valid positions of this call of ``n(h_l[b, s]) · w_l``. At ``g* = max G`` the bias is added and the gate decided:
   ``gate_in`` if ``gate_in >= 0``, else 1 when the score is > 0 or not finite;
 - a forward hook on each steered layer ``l`` adds ``gate · vector_l`` at every position, with the decided gate for
-  ``l >= g*`` and ``max(gate_in, 0)`` for ``l < g*``.
+  ``l >= g*`` and ``max(gate_in, 0)`` for ``l < g*``; in shift mode "norm" (SteerShift version 2) the sum is then
+  rescaled to the position's norm before the shift, and a gate-0 row is returned as it came.
 
 ``reference_generate`` latches the gate at prefill: a clean scoring pass decides it, then ``generate()`` runs with
 ``gate_in`` fixed to it, which is what the runtime protocol's feedback of ``steer_gate`` amounts to.
@@ -24,7 +25,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from aligner_runtime.contract import ATTENTION_MASK, GateConfig, SteerConfig, shift_takes_decision
+from aligner_runtime.contract import (ATTENTION_MASK, GateConfig, SteerConfig, shift_mode_named,
+                                      shift_takes_decision)
 
 from aligner_export.hf.families import family_for
 
@@ -90,6 +92,23 @@ def decide(gate_in: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     return torch.where(gate_in >= 0, gate_in, fires.float())
 
 
+def shift_hidden(hidden: torch.Tensor, row_gate: torch.Tensor, vector: torch.Tensor, mode: str) -> torch.Tensor:
+    """SteerShift of ``mode`` on one layer's output (docs/contract.md): "add", ``h + gate·v``; "norm",
+    ``y · (‖h‖ / max(‖y‖, 1e-6))`` with ``y = h + gate·v``; float32 math, cast back to ``hidden``'s dtype."""
+    batch = hidden.shape[0]
+    h = hidden.float()
+    shifted = h + row_gate.view(batch, 1, 1) * vector
+    if mode == "add":
+        return shifted.to(hidden.dtype)
+    if mode != "norm":
+        raise ValueError(f"unknown shift mode {mode!r}")
+    before = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+    after = torch.linalg.vector_norm(shifted, dim=-1, keepdim=True).clamp(min=NORM_EPS)
+    out = (shifted * (before / after)).to(hidden.dtype)
+    # Gate-0 rows are the input itself, whatever the rounding of the rescaling.
+    return torch.where((row_gate == 0).view(batch, 1, 1), hidden, out)
+
+
 def _hidden_of(output):
     return output[0] if isinstance(output, tuple) else output
 
@@ -108,6 +127,8 @@ def steered(model, config: SteerConfig) -> Iterator[SteerState]:
     weights = {l: torch.as_tensor(np.asarray(w, dtype=np.float32)) for l, w in gate.weights.items()}
     vectors = {int(l): torch.as_tensor(np.asarray(v, dtype=np.float32)) for l, v in config.vectors.items()}
     gate_layers, last_gate = set(gate.layers), gate.last_layer
+    shift_mode = config.shift_mode
+    shift_mode_named(shift_mode)  # an unknown mode is refused before any hook is placed
     if any(not 0 <= l < num_layers for l in gate_layers | set(vectors)):
         raise ValueError(f"layers out of range for a model with {num_layers} layers")
     partial: dict[str, torch.Tensor] = {}
@@ -141,8 +162,7 @@ def steered(model, config: SteerConfig) -> Iterator[SteerState]:
             if layer not in vectors:
                 return output
             row_gate = state.gate if shift_takes_decision(layer, gate.layers) else gate_in.clamp(min=0.0)
-            shifted = (hidden.float() + row_gate.view(batch, 1, 1) * vectors[layer]).to(hidden.dtype)
-            return _replace_hidden(output, shifted)
+            return _replace_hidden(output, shift_hidden(hidden, row_gate, vectors[layer], shift_mode))
         return hook
 
     handles = [model.register_forward_pre_hook(pre_hook, with_kwargs=True)]

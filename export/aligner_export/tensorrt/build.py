@@ -26,7 +26,8 @@ from pathlib import Path
 
 from aligner_runtime.contract import (ATTENTION_MASK, DOMAIN, GATE_IN, INPUTS_EMBEDS, INPUT_IDS, Key, OP_TYPES,
                                       PAST_PREFIX, PLUGIN_NAMESPACE, POSITION_IDS, STAMP_FILE, STEER_GATE, STEER_SHIFT,
-                                      StampKey, parse_node_name, plugin_version)
+                                      StampKey, parse_node_name, plugin_version, shift_mode_named)
+from aligner_runtime.contract.choices import DEFAULT_SHIFT_MODE
 from aligner_runtime.errors import AlignerError, atomic_path
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -102,19 +103,20 @@ class BuildReport:
     strongly_typed: bool = False
 
 
-def required_creators(gate_version: int) -> list[tuple[str, str]]:
-    """(op, plugin version) pairs an export with a gate of ``gate_version`` needs."""
-    return [(STEER_GATE, plugin_version(STEER_GATE, gate_version)), (STEER_SHIFT, plugin_version(STEER_SHIFT))]
+def required_creators(gate_version: int, shift_version: int = 1) -> list[tuple[str, str]]:
+    """(op, plugin version) pairs an export with a gate of ``gate_version`` and a shift of ``shift_version`` needs."""
+    return [(STEER_GATE, plugin_version(STEER_GATE, gate_version)),
+            (STEER_SHIFT, plugin_version(STEER_SHIFT, shift_version=shift_version))]
 
 
-def check_creators(trt, library: Path, gate_version: int) -> None:
+def check_creators(trt, library: Path, gate_version: int, shift_version: int = 1) -> None:
     """After Polygraphy's ``LoadPlugins`` ran: the creators this export needs are registered under our namespace.
     The ``_dynamic`` variant registers nothing on load; TensorRT's own loader calls its ``getCreators()``."""
     registry = trt.get_plugin_registry()
     handle = ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
     if hasattr(handle, "getCreators") and registry.load_library(str(library)) is None:
         raise AlignerError(f"TensorRT could not load plugin library {library}")
-    missing = [f"{op} v{version}" for op, version in required_creators(gate_version)
+    missing = [f"{op} v{version}" for op, version in required_creators(gate_version, shift_version)
                if registry.get_creator(op, version, PLUGIN_NAMESPACE) is None]
     if missing:
         raise AlignerError(f"plugin library {library} does not provide {', '.join(missing)} "
@@ -220,7 +222,8 @@ def build_engine(model_dir: Path, plugins: Path, output: Path, precision: str = 
         raise AlignerError(f"{export.model_path} has no SteerGate/SteerShift nodes")
 
     LoadPlugins(plugins=[str(plugins)])()
-    check_creators(trt, plugins, int((manifest.get(Key.GATE) or {}).get("version", 1)))
+    shift_version = shift_mode_named(manifest.get(Key.SHIFT_MODE, DEFAULT_SHIFT_MODE)).version
+    check_creators(trt, plugins, int((manifest.get(Key.GATE) or {}).get("version", 1)), shift_version)
     from polygraphy.exception import PolygraphyException
 
     try:  # TensorRT 11 networks are always strongly typed; on 10.x it is a network flag.

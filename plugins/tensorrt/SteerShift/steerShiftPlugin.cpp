@@ -15,10 +15,16 @@ namespace trt
 namespace
 {
 constexpr char const* kName = contract::kSteerShift;
+
+char const* versionString(int32_t version) noexcept
+{
+    return version == 1 ? contract::kSteerShiftVersion1 : contract::kSteerShiftVersion2;
+}
 } // namespace
 
-SteerShiftPlugin::SteerShiftPlugin(std::vector<float> vector)
-    : mVector(std::move(vector))
+SteerShiftPlugin::SteerShiftPlugin(int32_t version, std::vector<float> vector)
+    : mVersion(version)
+    , mVector(std::move(vector))
 {
     mSerialFields.emplace_back(
         "vector", mVector.data(), PluginFieldType::kFLOAT32, static_cast<int32_t>(mVector.size()));
@@ -48,7 +54,7 @@ IPluginV3* SteerShiftPlugin::clone() noexcept
 {
     try
     {
-        return new SteerShiftPlugin(mVector);
+        return new SteerShiftPlugin(mVersion, mVector);
     }
     catch (...)
     {
@@ -64,7 +70,7 @@ char const* SteerShiftPlugin::getPluginName() const noexcept
 
 char const* SteerShiftPlugin::getPluginVersion() const noexcept
 {
-    return contract::kSteerShiftVersion;
+    return versionString(mVersion);
 }
 
 char const* SteerShiftPlugin::getPluginNamespace() const noexcept
@@ -192,8 +198,9 @@ int32_t SteerShiftPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTenso
         return -1;
     }
     Dims const& hidden = inputDesc[0].dims;
-    int32_t const status = aligner_kernel_steer_shift(static_cast<int32_t>(storage), inputs[0], hidden.d[0],
-        hidden.d[1], hidden.d[2], static_cast<float const*>(inputs[1]), mDeviceConstants.data(), outputs[0], stream);
+    auto const kernel = mVersion == 1 ? aligner_kernel_steer_shift : aligner_kernel_steer_shift_v2;
+    int32_t const status = kernel(static_cast<int32_t>(storage), inputs[0], hidden.d[0], hidden.d[1], hidden.d[2],
+        static_cast<float const*>(inputs[1]), mDeviceConstants.data(), outputs[0], stream);
     if (status != cudaSuccess)
     {
         reportError(std::string("SteerShift: kernel launch failed: ")
@@ -213,7 +220,8 @@ PluginFieldCollection const* SteerShiftPlugin::getFieldsToSerialize() noexcept
     return &mSerialCollection;
 }
 
-SteerShiftPluginCreator::SteerShiftPluginCreator()
+SteerShiftPluginCreator::SteerShiftPluginCreator(int32_t version)
+    : mVersion(version == 1 ? 1 : 2)
 {
     mFields.emplace_back("vector", nullptr, PluginFieldType::kFLOAT32, 0);
     mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
@@ -230,10 +238,10 @@ IPluginV3* SteerShiftPluginCreator::createPlugin(
         {
             return nullptr;
         }
-        std::unique_ptr<SteerShiftPlugin> plugin(new SteerShiftPlugin(std::move(vector)));
+        std::unique_ptr<SteerShiftPlugin> plugin(new SteerShiftPlugin(mVersion, std::move(vector)));
         if (phase == TensorRTPhase::kRUNTIME)
         {
-            recordConstantsDigest(name, kName, contract::kSteerShiftVersion, plugin->constantsDigest());
+            recordConstantsDigest(name, kName, versionString(mVersion), plugin->constantsDigest());
         }
         return plugin.release();
     }
@@ -256,7 +264,7 @@ char const* SteerShiftPluginCreator::getPluginName() const noexcept
 
 char const* SteerShiftPluginCreator::getPluginVersion() const noexcept
 {
-    return contract::kSteerShiftVersion;
+    return versionString(mVersion);
 }
 
 char const* SteerShiftPluginCreator::getPluginNamespace() const noexcept

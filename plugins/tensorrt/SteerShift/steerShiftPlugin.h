@@ -1,4 +1,6 @@
-// TensorRT IPluginV3 plugin for SteerShift (docs/architecture.md §5; README.md in this folder is its specification).
+// TensorRT IPluginV3 plugin for SteerShift, versions 1 ("add") and 2 ("norm", issue 17) (docs/contract.md; README.md
+// in this folder is its specification). One class serves both: they share the inputs, the output and the one field
+// 'vector', and differ only in the kernel.
 // Uses IPluginV3OneBuildV2 so that the output may alias the hidden input (in place), which TensorRT honours when the
 // builder enables PreviewFeature::kALIASED_PLUGIN_IO_10_03 (present in TensorRT 10.3 and 11.x alike).
 #pragma once
@@ -23,7 +25,8 @@ public:
     // Inputs: hidden, gate.
     static constexpr int32_t kNbInputs = 2;
 
-    explicit SteerShiftPlugin(std::vector<float> vector);
+    // version 1 or 2 (the creator checks it).
+    SteerShiftPlugin(int32_t version, std::vector<float> vector);
     ~SteerShiftPlugin() override = default;
 
     // IPluginV3
@@ -60,6 +63,10 @@ public:
     {
         return mVector;
     }
+    int32_t version() const noexcept
+    {
+        return mVersion;
+    }
     // The sha256 of the constants in the canonical form of docs/contract.md (plugins/common/steerDigest.h).
     std::string constantsDigest() const;
 
@@ -67,6 +74,7 @@ private:
     bool checkHiddenSize(int64_t hiddenSize) const noexcept;
     bool checkInputCount(int32_t nbInputs) const noexcept;
 
+    int32_t mVersion;
     std::vector<float> mVector;
     DeviceConstants mDeviceConstants;
     std::vector<nvinfer1::PluginField> mSerialFields;
@@ -76,7 +84,8 @@ private:
 class SteerShiftPluginCreator : public nvinfer1::IPluginCreatorV3One
 {
 public:
-    SteerShiftPluginCreator();
+    // One creator per version; both are registered (version 1 stays registered, docs/contract.md).
+    explicit SteerShiftPluginCreator(int32_t version);
     ~SteerShiftPluginCreator() override = default;
 
     // Refuses, naming 'vector': a missing, mistyped, empty or non-finite vector, and an unknown field. In the runtime
@@ -89,6 +98,7 @@ public:
     char const* getPluginNamespace() const noexcept override;
 
 private:
+    int32_t mVersion;
     std::vector<nvinfer1::PluginField> mFields;
     nvinfer1::PluginFieldCollection mFieldCollection{};
 };

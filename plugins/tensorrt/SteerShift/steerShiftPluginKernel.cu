@@ -1,5 +1,7 @@
-// SteerShift kernel: out = hidden + gate[b] * vector[h] (docs/architecture.md §5). Memory-bound: one read and one
-// write of hidden, 16-byte accesses when the rows allow it. In place, rows whose gate is 0 are skipped entirely.
+// SteerShift kernels. Version 1: out = hidden + gate[b] * vector[h] (docs/architecture.md §5). Memory-bound: one read
+// and one write of hidden, 16-byte accesses when the rows allow it. In place, rows whose gate is 0 are skipped
+// entirely. Version 2 ("norm", docs/contract.md "SteerShift version 2"): one block per position, which reduces the two
+// sums of squares over H, then rescales; the per-element math is steerOps.h, shared with the CPU reference.
 #include "steerKernels.h"
 #include "steerOps.h"
 
@@ -61,6 +63,85 @@ __global__ void __launch_bounds__(kBlock) steerShiftScalarKernel(typename Storag
     }
 }
 
+constexpr int kWarps = kBlock / 32;
+
+// Sum over the block, valid in thread 0. Ends with a barrier, so the next reduction may reuse `shared`.
+__device__ float blockSum(float value, float* shared)
+{
+    for (int offset = 16; offset > 0; offset /= 2)
+    {
+        value = __fadd_rn(value, __shfl_down_sync(0xffffffffu, value, offset));
+    }
+    int const lane = threadIdx.x % 32;
+    int const warp = threadIdx.x / 32;
+    if (lane == 0)
+    {
+        shared[warp] = value;
+    }
+    __syncthreads();
+    value = threadIdx.x < kWarps ? shared[threadIdx.x] : 0.0f;
+    if (warp == 0)
+    {
+        for (int offset = 16; offset > 0; offset /= 2)
+        {
+            value = __fadd_rn(value, __shfl_down_sync(0xffffffffu, value, offset));
+        }
+    }
+    __syncthreads();
+    return value;
+}
+
+// Version 2: block r (grid-stride) handles position r = b * S + s. The gate is the same for the whole block, so the
+// gate-0 branch never splits it around a barrier.
+template <Storage S>
+__global__ void __launch_bounds__(kBlock) steerShiftNormKernel(typename StorageTraits<S>::Element const* hidden,
+    float const* gate, float const* vector, typename StorageTraits<S>::Element* out, int64_t positions, int64_t seq,
+    int64_t H, bool inPlace)
+{
+    using Traits = StorageTraits<S>;
+    __shared__ float shared[kWarps];
+    __shared__ float scaleShared;
+    for (int64_t r = blockIdx.x; r < positions; r += gridDim.x)
+    {
+        float const g = __ldg(gate + r / seq);
+        typename Traits::Element const* in = hidden + r * H;
+        typename Traits::Element* dst = out + r * H;
+        if (g == 0.0f)
+        {
+            if (!inPlace)
+            {
+                for (int64_t h = threadIdx.x; h < H; h += kBlock)
+                {
+                    dst[h] = in[h];
+                }
+            }
+            continue;
+        }
+        float before = 0.0f;
+        float after = 0.0f;
+        for (int64_t h = threadIdx.x; h < H; h += kBlock)
+        {
+            float const x = Traits::load(in[h]);
+            before = aligner::ops::addSquare(before, x);
+            after = aligner::ops::addSquare(after, aligner::ops::shiftValue(x, g, __ldg(vector + h)));
+        }
+        before = blockSum(before, shared);
+        after = blockSum(after, shared);
+        if (threadIdx.x == 0)
+        {
+            scaleShared = aligner::ops::normShiftScale(before, after);
+        }
+        __syncthreads();
+        float const scale = scaleShared;
+        for (int64_t h = threadIdx.x; h < H; h += kBlock)
+        {
+            float const y = aligner::ops::shiftValue(Traits::load(in[h]), g, __ldg(vector + h));
+            dst[h] = Traits::store(aligner::ops::normShiftValue(y, scale));
+        }
+        __syncthreads(); // every thread has read scaleShared before the next position writes it
+    }
+}
+
 unsigned gridFor(int64_t work)
 {
     // Enough blocks to fill any of the target GPUs several times over; the loops are grid-stride.
@@ -91,7 +172,38 @@ cudaError_t launch(void const* hidden, int64_t B, int64_t seq, int64_t H, float 
     }
     return cudaGetLastError();
 }
+template <Storage S>
+cudaError_t launchNorm(void const* hidden, int64_t B, int64_t seq, int64_t H, float const* gate, float const* vector,
+    void* out, cudaStream_t stream)
+{
+    using Element = typename StorageTraits<S>::Element;
+    int64_t const positions = B * seq;
+    unsigned const blocks = static_cast<unsigned>(positions < 65535 ? positions : 65535);
+    steerShiftNormKernel<S><<<blocks, kBlock, 0, stream>>>(static_cast<Element const*>(hidden), gate, vector,
+        static_cast<Element*>(out), positions, seq, H, hidden == out);
+    return cudaGetLastError();
+}
 } // namespace
+
+extern "C" int32_t aligner_kernel_steer_shift_v2(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,
+    float const* gate, float const* vector, void* out, cudaStream_t stream)
+{
+    if (B == 0)
+    {
+        return cudaSuccess;
+    }
+    if (B < 0 || S < 1 || H < 1)
+    {
+        return cudaErrorInvalidValue;
+    }
+    switch (static_cast<Storage>(storage))
+    {
+    case Storage::kFP32: return launchNorm<Storage::kFP32>(hidden, B, S, H, gate, vector, out, stream);
+    case Storage::kFP16: return launchNorm<Storage::kFP16>(hidden, B, S, H, gate, vector, out, stream);
+    case Storage::kBF16: return launchNorm<Storage::kBF16>(hidden, B, S, H, gate, vector, out, stream);
+    }
+    return cudaErrorInvalidValue;
+}
 
 extern "C" int32_t aligner_kernel_steer_shift(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,
     float const* gate, float const* vector, void* out, cudaStream_t stream)

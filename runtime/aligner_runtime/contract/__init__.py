@@ -34,12 +34,15 @@ from .names import (ATTENTION_MASK, CHAT_TEMPLATE_FILE, DOMAIN, EMBED_FILE, GATE
 from .protocol import (CONSTANT_STRENGTH, NO_END_RULE, EndRule, StrengthSchedule, position_ids, prefill_decision, shift_takes_decision,
                        two_pass_prefill)
 from .steering import (GATE_KINDS, SHIFT_MODES, GateConfig, GateKind, ShiftMode, SteerConfig, gate_kind,
-                       gate_kind_named, register_gate_kind, register_shift_mode)
+                       gate_kind_named, register_gate_kind, register_shift_mode, shift_mode_named,
+                       shift_mode_of_version)
 from .manifest import (FORMAT_VERSION, KEY_FACTS, LEGACY_FORMAT_VERSION, METADATA_EXTRA, REQUIRED_V2,
                        STEERING_FACTS, SUPPORTED_FORMAT_VERSIONS, EndRuleKey, GateKey, IntegrityKey, Key, Manifest, StampKey,
                        StrengthKey, check_manifest, manifest_gate_layers)
 
 # The SteerGate operator versions, one per registered gate kind.
 GATE_VERSIONS = tuple(sorted(GATE_KINDS))
+# The SteerShift operator versions, one per registered shift mode.
+SHIFT_VERSIONS = tuple(sorted(SHIFT_MODES))
 
 __all__ = [name for name in dir() if not name.startswith("_") and name != "annotations"]

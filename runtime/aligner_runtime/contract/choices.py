@@ -13,6 +13,10 @@ BIAS_RULES = ("paper", "fpr")  # how calibration places the gate's bias
 GATE_RULES = ("paper", "fpr", "linear")  # the rule recorded with a gate (the linear gate's bias is fitted)
 PACK_GATES = ("linear", "paper")  # the pack's fitted §5.1 gate, or the paper's one direction at one layer
 PACK_MODES = ("cross-model", "self")
+# SteerShift's modes (docs/contract.md "Operators"): "add" is version 1 (the paper's h + gate·v), "norm" version 2
+# (the shifted state rescaled to the norm it had before the shift). The registry in .steering maps them to versions.
+SHIFT_MODE_NAMES = ("add", "norm")
+DEFAULT_SHIFT_MODE = "add"  # what an export or pack that records no mode was made with
 
 # --- what a runtime offers ------------------------------------------------------------------------------------------
 BACKENDS = ("onnxruntime", "tensorrt")

@@ -13,7 +13,8 @@ from typing import Any
 from .. import schema
 from ..errors import AlignerError
 from .choices import (DTYPES, MAX_CONTEXT, MAX_EOS_IDS, MAX_HIDDEN, MAX_IO_NAMES, MAX_LAYERS, MAX_OPSET, MAX_TOKEN_ID,
-                      MAX_TOKENS, STEER_IMPLS, STRENGTH_HALF_LIFE, END_RULE_LIMITS)
+                      MAX_TOKENS, STEER_IMPLS, STRENGTH_HALF_LIFE, END_RULE_LIMITS, DEFAULT_SHIFT_MODE,
+                      SHIFT_MODE_NAMES)
 from .names import SITE, STEERING_IO
 from .steering import GATE_KINDS
 from .protocol import EndRule, StrengthSchedule, two_pass_prefill
@@ -37,6 +38,7 @@ class Key:
     BIAS = "bias"
     BIAS_RULE = "bias_rule"
     STEER_IMPL = "steer_impl"
+    SHIFT_MODE = "shift_mode"  # SteerShift's mode (issue 17); absent: "add", what every older export did
     GATE = "gate"
     TWO_PASS_PREFILL = "two_pass_prefill"
     STEERING_IO = "steering_io"
@@ -112,7 +114,7 @@ class StampKey:
 KEY_FACTS = (Key.FORMAT_VERSION, Key.PACK_SHA256, Key.TARGET_FINGERPRINT, Key.STEER_LAYERS, Key.GATE_LAYER, Key.ALPHA,
              Key.BIAS, Key.BIAS_RULE, Key.STEER_IMPL, Key.DTYPE, Key.SITE, Key.CHAT_TEMPLATE_SHA256, Key.NUM_LAYERS,
              Key.HIDDEN_SIZE, Key.MULTIMODAL, Key.GATE, Key.TWO_PASS_PREFILL, Key.STEERING_IO, Key.STRENGTH,
-             Key.END_RULE, Key.EOS_TOKEN_IDS, Key.CONTEXT_LENGTH)
+             Key.END_RULE, Key.EOS_TOKEN_IDS, Key.CONTEXT_LENGTH, Key.SHIFT_MODE)
 # Facts that also go into metadata_props beyond KEY_FACTS: enough to inspect a bare .onnx file.
 METADATA_EXTRA = (Key.PACKAGE_VERSION, Key.OPSET, Key.VALIDATION, Key.EXPORTER, Key.PACK_MODE)
 # Without these the runtime cannot know where the graph steers: their absence counts as "unsteered".
@@ -190,6 +192,7 @@ def check_manifest(manifest, where: str) -> dict:
     for key in (Key.BIAS_RULE, Key.PACKAGE_VERSION, Key.TARGET_FINGERPRINT, Key.EXPORTER, Key.PACK_MODE):
         schema.field(manifest, key, "str", where, default=None)
     schema.field(manifest, Key.STEER_IMPL, "str", where, default=None, choices=STEER_IMPLS)
+    schema.field(manifest, Key.SHIFT_MODE, "str", where, default=None, choices=SHIFT_MODE_NAMES)
     schema.field(manifest, Key.DTYPE, "str", where, default=None, choices=DTYPES)
     schema.field(manifest, Key.SITE, "str", where, default=None, choices=(SITE,))
     schema.field(manifest, Key.OPSET, "int", where, default=None, lo=1, hi=MAX_OPSET)
@@ -274,6 +277,7 @@ class Manifest:
     strength: StrengthSchedule
     two_pass: bool
     end_rule: EndRule = EndRule()
+    shift_mode: str = DEFAULT_SHIFT_MODE
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> "Manifest":
@@ -288,7 +292,8 @@ class Manifest:
                    num_layers=raw.get(Key.NUM_LAYERS), hidden_size=raw.get(Key.HIDDEN_SIZE),
                    eos_token_ids=tuple(raw.get(Key.EOS_TOKEN_IDS) or ()), context_length=raw.get(Key.CONTEXT_LENGTH),
                    strength=StrengthSchedule.from_manifest(raw.get(Key.STRENGTH)), two_pass=bool(two_pass),
-                   end_rule=EndRule.from_manifest(raw.get(Key.END_RULE)))
+                   end_rule=EndRule.from_manifest(raw.get(Key.END_RULE)),
+                   shift_mode=raw.get(Key.SHIFT_MODE, DEFAULT_SHIFT_MODE))
 
     @property
     def legacy(self) -> bool:

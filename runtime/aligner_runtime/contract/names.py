@@ -12,14 +12,15 @@ PLUGIN_NAMESPACE = "inferaligner"
 STEER_GATE = "SteerGate"
 STEER_SHIFT = "SteerShift"
 OP_TYPES = (STEER_GATE, STEER_SHIFT)
-SHIFT_VERSION = 1
+SHIFT_VERSION = 1  # SteerShift's first version ("add"); version 2 is "norm" (contract.steering.SHIFT_MODES)
 # Attributes every steering node carries for TensorRT's plugin lookup; they are not constants of the operator.
 PLUGIN_ATTRIBUTES = ("plugin_namespace", "plugin_version")
 
 
-def plugin_version(op_type: str, gate_version: int = 1) -> str:
-    """The ``plugin_version`` attribute of a node of ``op_type`` (SteerGate's is its gate version)."""
-    return str(gate_version if op_type == STEER_GATE else SHIFT_VERSION)
+def plugin_version(op_type: str, gate_version: int = 1, shift_version: int = SHIFT_VERSION) -> str:
+    """The ``plugin_version`` attribute of a node of ``op_type``: its operator version (SteerGate's is its gate
+    version, SteerShift's its shift mode's)."""
+    return str(gate_version if op_type == STEER_GATE else shift_version)
 
 
 # --- graph interface (§5) ---------------------------------------------------------------------------------------------

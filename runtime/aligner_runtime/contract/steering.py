@@ -8,6 +8,7 @@ from typing import Mapping
 
 import numpy as np
 
+from .choices import DEFAULT_SHIFT_MODE, SHIFT_MODE_NAMES
 from .choices import GATE_RULES  # noqa: F401  (re-exported by the package)
 from .protocol import two_pass_prefill
 
@@ -61,6 +62,9 @@ def register_gate_kind(kind: GateKind) -> GateKind:
 def register_shift_mode(mode: ShiftMode) -> ShiftMode:
     if mode.version in SHIFT_MODES:
         raise ValueError(f"shift version {mode.version} is registered already ({SHIFT_MODES[mode.version].name})")
+    if mode.name not in SHIFT_MODE_NAMES:
+        raise ValueError(f"shift mode {mode.name!r} is not one of contract.choices.SHIFT_MODE_NAMES "
+                         f"{SHIFT_MODE_NAMES}: add it there too")
     SHIFT_MODES[mode.version] = mode
     return mode
 
@@ -71,6 +75,24 @@ register_gate_kind(GateKind("paper", 1, pack_name="paper", max_layers=1, fixed_t
 register_gate_kind(GateKind("linear", 2, pack_name="linear"))
 # The paper's shift: h + gate·α_l·θ_l.
 register_shift_mode(ShiftMode("add", 1))
+# Issue 17: the shifted state rescaled to its norm before the shift, ‖h‖·y/‖y‖ with y = h + gate·α_l·θ_l.
+register_shift_mode(ShiftMode("norm", 2))
+
+
+def shift_mode_named(name: str) -> ShiftMode:
+    """The registered SteerShift mode ``name``; ValueError naming the modes when none is."""
+    for mode in SHIFT_MODES.values():
+        if mode.name == name:
+            return mode
+    raise ValueError(f"unknown shift mode {name!r}: use one of {', '.join(m.name for m in SHIFT_MODES.values())}")
+
+
+def shift_mode_of_version(version: int) -> ShiftMode:
+    """The registered mode of SteerShift ``version``; ValueError when none is."""
+    try:
+        return SHIFT_MODES[version]
+    except (KeyError, TypeError):
+        raise ValueError(f"shift version {version!r} is not one of {tuple(SHIFT_MODES)}") from None
 
 
 def gate_kind(version: int) -> GateKind:
@@ -152,7 +174,8 @@ class GateConfig:
 
 @dataclass
 class SteerConfig:
-    """What steering does to one model: the gate, and the vectors ``α_l·θ_l`` added at each steered layer. The one
+    """What steering does to one model: the gate, the vectors ``α_l·θ_l`` of each steered layer and how SteerShift
+    applies them (``shift_mode``: "add", version 1, or "norm", version 2; one mode for every steered layer). The one
     configuration type of the package (calibration's recommendation, the PyTorch reference, the graph rewrite and the
     export validation all take it)."""
 
@@ -160,6 +183,7 @@ class SteerConfig:
     vectors: Mapping[int, np.ndarray]
     steer_impl: str = "function"
     extra: dict = field(default_factory=dict)
+    shift_mode: str = DEFAULT_SHIFT_MODE
 
     def __post_init__(self):
         self.vectors = {int(l): np.asarray(v, dtype=np.float32) for l, v in self.vectors.items()}
@@ -176,8 +200,14 @@ class SteerConfig:
     def two_pass(self) -> bool:
         return two_pass_prefill(self.steer_layers, self.gate.layers)
 
+    @property
+    def shift_version(self) -> int:
+        """The SteerShift operator version of ``shift_mode``."""
+        return shift_mode_named(self.shift_mode).version
+
     def check(self, num_layers: int, hidden_size: int) -> "SteerConfig":
         self.gate.check(num_layers, hidden_size)
+        shift_mode_named(self.shift_mode)
         if not self.vectors:
             raise ValueError("the steered set is empty")
         for layer, vector in self.vectors.items():
@@ -189,7 +219,8 @@ class SteerConfig:
 
     @classmethod
     def single_layer(cls, gate_layer: int, direction, bias: float, vectors: Mapping[int, np.ndarray],
-                     steer_impl: str = "function", rule: str = "fpr") -> "SteerConfig":
+                     steer_impl: str = "function", rule: str = "fpr",
+                     shift_mode: str = DEFAULT_SHIFT_MODE) -> "SteerConfig":
         """A version-1 gate (the paper's: one layer, one direction) with these vectors."""
         gate = GateConfig(layers=(gate_layer,), weights={gate_layer: direction}, bias=bias, rule=rule)
-        return cls(gate=gate, vectors=vectors, steer_impl=steer_impl)
+        return cls(gate=gate, vectors=vectors, steer_impl=steer_impl, shift_mode=shift_mode)

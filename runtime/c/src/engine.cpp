@@ -101,9 +101,11 @@ DigestRegistry loadPlugins(aligner_model& model, std::string const& path)
         char const* op;
         char const* version;
     };
+    // SteerShift: the version of the manifest's shift_mode, so a library from before version 2 still runs "add".
+    char const* const shiftVersion
+        = model.manifest.shiftVersion == 2 ? contract::kSteerShiftVersion2 : contract::kSteerShiftVersion1;
     for (Wanted const wanted : {Wanted{contract::kSteerGate, contract::kSteerGateVersion1},
-             Wanted{contract::kSteerGate, contract::kSteerGateVersion2},
-             Wanted{contract::kSteerShift, contract::kSteerShiftVersion}})
+             Wanted{contract::kSteerGate, contract::kSteerGateVersion2}, Wanted{contract::kSteerShift, shiftVersion}})
     {
         if (registry.getCreator(wanted.op, wanted.version, contract::kPluginNamespace) == nullptr)
         {

@@ -203,6 +203,24 @@ Manifest parseManifest(std::string const& text, std::string const& where)
         manifest.endRuleSlope = slope.get<double>();
     }
 
+    // aligner_runtime.contract.SHIFT_MODE_NAMES, by their SteerShift versions; exports before issue 17 have none.
+    auto const shiftMode = document.find("shift_mode");
+    if (shiftMode != document.end() && !shiftMode->is_null())
+    {
+        if (*shiftMode == "add")
+        {
+            manifest.shiftVersion = 1;
+        }
+        else if (*shiftMode == "norm")
+        {
+            manifest.shiftVersion = 2;
+        }
+        else
+        {
+            throw ManifestError(where + ": 'shift_mode' must be \"add\" or \"norm\"");
+        }
+    }
+
     json const& integrity = requiredObject(document, "integrity", "", where);
     json const& constants = requiredObject(integrity, "constants", "integrity.", where);
     for (auto const& item : constants.items())

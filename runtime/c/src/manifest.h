@@ -45,6 +45,8 @@ struct Manifest
     int64_t endRuleAfter{-1};
     double endRuleSlope{0.0};
     std::vector<int64_t> eosTokenIds;
+    // "shift_mode", optional (issue 17): "add" (SteerShift version 1, also when absent) or "norm" (version 2).
+    int64_t shiftVersion{1};
 };
 
 // Parses and checks inferaligner.json; `where` names the file in messages. Every key above is required (a missing
