@@ -135,3 +135,14 @@ def test_bad_input_one_line_exit_2(case, export_dir, tampered, stripped, tmp_pat
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     assert proc.stdout == ""
+
+
+def test_an_error_quoting_a_newline_stays_one_line(capsys):
+    from aligner_runtime.errors import AlignerError, run_cli
+
+    def fails():
+        raise AlignerError("signing key not found: <|im_end|>\nstep 1\r")
+
+    assert run_cli(fails) == 2
+    err = capsys.readouterr().err
+    assert err == "error: signing key not found: <|im_end|>\\nstep 1\\r\n"

@@ -40,7 +40,9 @@ def run_cli(main: Callable[[], int | None]) -> int:
     try:
         return int(main() or 0)
     except AlignerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # One line whatever the message quotes: a path or a prompt with a newline in it must not split it.
+        message = str(exc).replace("\r", "\\r").replace("\n", "\\n")
+        print(f"error: {message}", file=sys.stderr)
         return AlignerError.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
