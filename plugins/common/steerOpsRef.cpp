@@ -151,6 +151,49 @@ bool badShape(int64_t B, int64_t S, int64_t H)
 {
     return B < 0 || S < 1 || H < 1;
 }
+
+// The two SteerShift versions, as types, so that one entry point checks and dispatches them both.
+struct AddShift
+{
+    template <Storage S>
+    static void run(void const* hidden, int64_t B, int64_t seq, int64_t H, float const* gate, float const* vector,
+        void* out)
+    {
+        steerShift<S>(hidden, B, seq, H, gate, vector, out);
+    }
+};
+
+struct NormShift
+{
+    template <Storage S>
+    static void run(void const* hidden, int64_t B, int64_t seq, int64_t H, float const* gate, float const* vector,
+        void* out)
+    {
+        steerShiftNorm<S>(hidden, B, seq, H, gate, vector, out);
+    }
+};
+
+template <typename Shift>
+int32_t refShift(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H, float const* gate,
+    float const* vector, void* out)
+{
+    if (badShape(B, S, H))
+    {
+        return ALIGNER_REF_BAD_SHAPE;
+    }
+    if (!hidden || !gate || !vector || !out)
+    {
+        return ALIGNER_REF_NULL_POINTER;
+    }
+    switch (static_cast<Storage>(storage))
+    {
+    case Storage::kFP32: Shift::template run<Storage::kFP32>(hidden, B, S, H, gate, vector, out); break;
+    case Storage::kFP16: Shift::template run<Storage::kFP16>(hidden, B, S, H, gate, vector, out); break;
+    case Storage::kBF16: Shift::template run<Storage::kBF16>(hidden, B, S, H, gate, vector, out); break;
+    default: return ALIGNER_REF_BAD_STORAGE;
+    }
+    return ALIGNER_REF_OK;
+}
 } // namespace
 
 extern "C" int64_t aligner_ref_last_valid_position(int64_t const* mask_row, int64_t T, int64_t S)
@@ -217,43 +260,13 @@ extern "C" int32_t aligner_ref_steer_gate_v2(int32_t storage, void const* hidden
 extern "C" int32_t aligner_ref_steer_shift(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,
     float const* gate, float const* vector, void* out)
 {
-    if (badShape(B, S, H))
-    {
-        return ALIGNER_REF_BAD_SHAPE;
-    }
-    if (!hidden || !gate || !vector || !out)
-    {
-        return ALIGNER_REF_NULL_POINTER;
-    }
-    switch (static_cast<Storage>(storage))
-    {
-    case Storage::kFP32: steerShift<Storage::kFP32>(hidden, B, S, H, gate, vector, out); break;
-    case Storage::kFP16: steerShift<Storage::kFP16>(hidden, B, S, H, gate, vector, out); break;
-    case Storage::kBF16: steerShift<Storage::kBF16>(hidden, B, S, H, gate, vector, out); break;
-    default: return ALIGNER_REF_BAD_STORAGE;
-    }
-    return ALIGNER_REF_OK;
+    return refShift<AddShift>(storage, hidden, B, S, H, gate, vector, out);
 }
 
 extern "C" int32_t aligner_ref_steer_shift_v2(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,
     float const* gate, float const* vector, void* out)
 {
-    if (badShape(B, S, H))
-    {
-        return ALIGNER_REF_BAD_SHAPE;
-    }
-    if (!hidden || !gate || !vector || !out)
-    {
-        return ALIGNER_REF_NULL_POINTER;
-    }
-    switch (static_cast<Storage>(storage))
-    {
-    case Storage::kFP32: steerShiftNorm<Storage::kFP32>(hidden, B, S, H, gate, vector, out); break;
-    case Storage::kFP16: steerShiftNorm<Storage::kFP16>(hidden, B, S, H, gate, vector, out); break;
-    case Storage::kBF16: steerShiftNorm<Storage::kBF16>(hidden, B, S, H, gate, vector, out); break;
-    default: return ALIGNER_REF_BAD_STORAGE;
-    }
-    return ALIGNER_REF_OK;
+    return refShift<NormShift>(storage, hidden, B, S, H, gate, vector, out);
 }
 
 extern "C" void aligner_ref_float_to_storage(int32_t storage, float const* src, int64_t n, void* dst)

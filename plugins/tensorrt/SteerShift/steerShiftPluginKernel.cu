@@ -183,44 +183,58 @@ cudaError_t launchNorm(void const* hidden, int64_t B, int64_t seq, int64_t H, fl
         static_cast<Element*>(out), positions, seq, H, hidden == out);
     return cudaGetLastError();
 }
+
+// The two SteerShift versions, as types, so that one entry point checks and dispatches them both.
+struct AddLaunch
+{
+    template <Storage S>
+    static cudaError_t run(void const* hidden, int64_t B, int64_t seq, int64_t H, float const* gate,
+        float const* vector, void* out, cudaStream_t stream)
+    {
+        return launch<S>(hidden, B, seq, H, gate, vector, out, stream);
+    }
+};
+
+struct NormLaunch
+{
+    template <Storage S>
+    static cudaError_t run(void const* hidden, int64_t B, int64_t seq, int64_t H, float const* gate,
+        float const* vector, void* out, cudaStream_t stream)
+    {
+        return launchNorm<S>(hidden, B, seq, H, gate, vector, out, stream);
+    }
+};
+
+template <typename Launch>
+int32_t kernelShift(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H, float const* gate,
+    float const* vector, void* out, cudaStream_t stream)
+{
+    if (B == 0)
+    {
+        return cudaSuccess;
+    }
+    if (B < 0 || S < 1 || H < 1)
+    {
+        return cudaErrorInvalidValue;
+    }
+    switch (static_cast<Storage>(storage))
+    {
+    case Storage::kFP32: return Launch::template run<Storage::kFP32>(hidden, B, S, H, gate, vector, out, stream);
+    case Storage::kFP16: return Launch::template run<Storage::kFP16>(hidden, B, S, H, gate, vector, out, stream);
+    case Storage::kBF16: return Launch::template run<Storage::kBF16>(hidden, B, S, H, gate, vector, out, stream);
+    }
+    return cudaErrorInvalidValue;
+}
 } // namespace
 
 extern "C" int32_t aligner_kernel_steer_shift_v2(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,
     float const* gate, float const* vector, void* out, cudaStream_t stream)
 {
-    if (B == 0)
-    {
-        return cudaSuccess;
-    }
-    if (B < 0 || S < 1 || H < 1)
-    {
-        return cudaErrorInvalidValue;
-    }
-    switch (static_cast<Storage>(storage))
-    {
-    case Storage::kFP32: return launchNorm<Storage::kFP32>(hidden, B, S, H, gate, vector, out, stream);
-    case Storage::kFP16: return launchNorm<Storage::kFP16>(hidden, B, S, H, gate, vector, out, stream);
-    case Storage::kBF16: return launchNorm<Storage::kBF16>(hidden, B, S, H, gate, vector, out, stream);
-    }
-    return cudaErrorInvalidValue;
+    return kernelShift<NormLaunch>(storage, hidden, B, S, H, gate, vector, out, stream);
 }
 
 extern "C" int32_t aligner_kernel_steer_shift(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,
     float const* gate, float const* vector, void* out, cudaStream_t stream)
 {
-    if (B == 0)
-    {
-        return cudaSuccess;
-    }
-    if (B < 0 || S < 1 || H < 1)
-    {
-        return cudaErrorInvalidValue;
-    }
-    switch (static_cast<Storage>(storage))
-    {
-    case Storage::kFP32: return launch<Storage::kFP32>(hidden, B, S, H, gate, vector, out, stream);
-    case Storage::kFP16: return launch<Storage::kFP16>(hidden, B, S, H, gate, vector, out, stream);
-    case Storage::kBF16: return launch<Storage::kBF16>(hidden, B, S, H, gate, vector, out, stream);
-    }
-    return cudaErrorInvalidValue;
+    return kernelShift<AddLaunch>(storage, hidden, B, S, H, gate, vector, out, stream);
 }
