@@ -83,12 +83,7 @@ def read_manifest(path: Path) -> tuple[dict, str]:
     file = Path(path) / MANIFEST_FILE
     if not file.is_file():
         raise AlignerError(f"not an export directory (no {MANIFEST_FILE}): {path}")
-    try:
-        if file.stat().st_size > MAX_MANIFEST_BYTES:
-            raise AlignerError(f"the manifest {file} is over {MAX_MANIFEST_BYTES >> 20} MiB")
-        raw = file.read_bytes()
-    except OSError as exc:
-        raise AlignerError(f"cannot read the manifest {file}: {exc.strerror}") from None
+    raw = schema.read_bounded(file, MAX_MANIFEST_BYTES, "the manifest")
     manifest = check_manifest(schema.loads(raw, f"the manifest {file}"), f"the manifest {file}")
     return manifest, hashlib.sha256(raw).hexdigest()
 

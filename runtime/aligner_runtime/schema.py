@@ -108,6 +108,21 @@ def first_line(exc: BaseException, limit: int = 120) -> str:
     return lines[0][:limit] if lines else type(exc).__name__
 
 
+def read_bounded(path, limit: int, what: str) -> bytes:
+    """The bytes of an untrusted file, refused from its size before anything is read when it is over ``limit``
+    (``what`` names it in the one-line error: "the manifest", "signing key")."""
+    from pathlib import Path
+
+    path = Path(path)
+    size = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit >> 10} KiB"
+    try:
+        if path.stat().st_size > limit:
+            raise AlignerError(f"{what} {path} is over {size}")
+        return path.read_bytes()
+    except OSError as exc:
+        raise AlignerError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
 def loads(text, where: str, *, constants: bool = False):
     """``json.loads`` for untrusted text: NaN and Infinity literals, invalid UTF-8, integers too long to convert and
     nesting deeper than :data:`MAX_DEPTH` (which no file of the package holds, and which would make any recursive use

@@ -64,15 +64,6 @@ def key_id(public_key) -> str:
     return hashlib.sha256(_raw_public(public_key)).hexdigest()
 
 
-def _read_small(path: Path, limit: int, what: str) -> bytes:
-    try:
-        if path.stat().st_size > limit:
-            raise AlignerError(f"{what} {path} is over {limit >> 10} KiB")
-        return path.read_bytes()
-    except OSError as exc:
-        raise AlignerError(f"cannot read {what} {path}: {exc.strerror}") from None
-
-
 # --- keys ------------------------------------------------------------------------------------------------------------
 def keygen(private_path: str | os.PathLike, force: bool = False) -> tuple[Path, Path, str]:
     """Writes a new Ed25519 private key (PEM PKCS#8, mode 0600) and its public key ``<private>.pub``; returns the
@@ -101,7 +92,7 @@ def load_private_key(path: str | os.PathLike):
     path = Path(path)
     if not path.is_file():
         raise AlignerError(f"signing key not found: {path}")
-    raw = _read_small(path, MAX_KEY_BYTES, "signing key")
+    raw = schema.read_bounded(path, MAX_KEY_BYTES, "signing key")
     try:
         key = serialization.load_pem_private_key(raw, password=None)
     except (ValueError, TypeError) as exc:
@@ -115,7 +106,7 @@ def load_private_key(path: str | os.PathLike):
 
 def load_public_key(path: Path):
     serialization, ed25519, _ = _crypto()
-    raw = _read_small(path, MAX_KEY_BYTES, "trusted key")
+    raw = schema.read_bounded(path, MAX_KEY_BYTES, "trusted key")
     try:
         key = serialization.load_pem_public_key(raw)
     except (ValueError, TypeError) as exc:
@@ -209,7 +200,7 @@ def read_signature(directory: Path) -> dict | None:
     if not file.exists():
         return None
     where = f"the signature {file}"
-    record = schema.loads(_read_small(file, MAX_SIGNATURE_BYTES, "signature"), where)
+    record = schema.loads(schema.read_bounded(file, MAX_SIGNATURE_BYTES, "signature"), where)
     if not isinstance(record, dict):
         raise AlignerError(f"{where} is not a JSON object")
     if schema.field(record, "format", "int", where) != SIGNATURE_FORMAT:

@@ -297,12 +297,7 @@ def _read_manifest(path: Path) -> tuple[object, str]:
     from aligner_runtime.manifest import MAX_MANIFEST_BYTES
 
     file = path / MANIFEST_FILE
-    try:
-        if file.stat().st_size > MAX_MANIFEST_BYTES:
-            raise AlignerError(f"the manifest {file} is over {MAX_MANIFEST_BYTES >> 20} MiB")
-        raw = file.read_bytes()
-    except OSError as exc:
-        raise AlignerError(f"cannot read the manifest {file}: {exc.strerror}") from None
+    raw = schema.read_bounded(file, MAX_MANIFEST_BYTES, "the manifest")
     return schema.loads(raw, f"the manifest {file}"), hashlib.sha256(raw).hexdigest()
 
 
@@ -371,12 +366,7 @@ def _signature_check(path: Path, digest: str, trusted_keys, expect_sha256) -> di
 def describe_engine(stamp_path: Path) -> dict:
     if not stamp_path.is_file():
         raise AlignerError(f"no engine stamp {stamp_path.name} beside the engine in {stamp_path.parent}")
-    try:
-        if stamp_path.stat().st_size > MAX_STAMP_BYTES:
-            raise AlignerError(f"{stamp_path}: over {MAX_STAMP_BYTES >> 20} MiB")
-        raw = stamp_path.read_bytes()
-    except OSError as exc:
-        raise AlignerError(f"cannot read {stamp_path}: {exc.strerror}") from None
+    raw = schema.read_bounded(stamp_path, MAX_STAMP_BYTES, "the engine stamp")
     stamp = schema.loads(raw, str(stamp_path))
     if not isinstance(stamp, dict):
         raise AlignerError(f"{stamp_path}: not a JSON object")
