@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .errors import AlignerError, argument_parser, run_cli
+from .signing import add_trust_options
 from .contract.choices import BACKENDS, PROVIDERS
 
 
@@ -37,11 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plugins", help="steering plugin library for --backend tensorrt (default: the engine stamp's)")
     p.add_argument("--max-new-tokens", type=int, default=128,
                    help="new tokens per answer (at most 32768 and the export's context length; default 128)")
-    p.add_argument("--trusted-key", action="append", default=None, metavar="KEY",
-                   help="a trusted public key (.pub) or a directory of them: only an export signed by one loads "
-                        "(repeatable; default: $INFERALIGNER_TRUSTED_KEYS or /etc/inferaligner/trusted_keys)")
-    p.add_argument("--expect-sha256", default=None, metavar="HEX",
-                   help="refuse the export unless its manifest's sha256 is this (pins one export)")
+    add_trust_options(p)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")

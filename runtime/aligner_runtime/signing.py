@@ -45,6 +45,15 @@ MAX_SIGNATURE_BYTES = 16 << 10
 MAX_KEYS = 1024
 
 
+def add_trust_options(parser, purpose: str = "only an export signed by one loads") -> None:
+    """``--trusted-key`` and ``--expect-sha256``, the same in every command that loads or checks an export."""
+    parser.add_argument("--trusted-key", action="append", default=None, metavar="KEY",
+                        help=f"a trusted public key (.pub) or a directory of them: {purpose} (repeatable; default: "
+                             f"${TRUSTED_KEYS_ENV} or {DEFAULT_CONFIG_DIR}/trusted_keys)")
+    parser.add_argument("--expect-sha256", default=None, metavar="HEX",
+                        help="refuse the export unless its manifest's sha256 is this (pins one export)")
+
+
 def _crypto():
     try:
         from cryptography.exceptions import InvalidSignature

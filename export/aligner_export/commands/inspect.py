@@ -23,6 +23,7 @@ import math
 from pathlib import Path
 
 from aligner_runtime import schema
+from aligner_runtime.signing import add_trust_options
 from aligner_runtime.contract import (GATE_IN, GATE_OUT, MANIFEST_FILE, METADATA_PREFIX, MODEL_FILE, SCORE_OUT,
                                       STAMP_FILE, Key, two_pass_prefill)
 from aligner_runtime.contract.choices import DEFAULT_SHIFT_MODE
@@ -35,11 +36,7 @@ MAX_SHOWN = 24  # list items and characters of a value a line shows
 def configure(parser) -> None:
     parser.add_argument("path", help="a steering pack (.safetensors), an export directory, a .onnx file or an engine")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    parser.add_argument("--trusted-key", action="append", default=None, metavar="KEY",
-                        help="a trusted public key (.pub) or a directory of them, for the signature check "
-                             "(repeatable; default: $INFERALIGNER_TRUSTED_KEYS or the runtime's config file)")
-    parser.add_argument("--expect-sha256", default=None, metavar="HEX",
-                        help="the sha256 the export's manifest must have (pins one export)")
+    add_trust_options(parser, "the signature check passes only for an export signed by one")
 
 
 def run(args) -> int:

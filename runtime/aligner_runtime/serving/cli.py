@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from ..errors import AlignerError, argument_parser, check_count, run_cli
+from ..signing import add_trust_options
 from ..contract.choices import BACKENDS, PREFILL_MODES, PROVIDERS
 
 
@@ -34,11 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "of one step together")
     p.add_argument("--max-tokens", type=int, default=256,
                    help="new tokens when a request gives no max_tokens (at most 32768 and the context length)")
-    p.add_argument("--trusted-key", action="append", default=None, metavar="KEY",
-                   help="a trusted public key (.pub) or a directory of them: only an export signed by one loads "
-                        "(repeatable; default: $INFERALIGNER_TRUSTED_KEYS or /etc/inferaligner/trusted_keys)")
-    p.add_argument("--expect-sha256", default=None, metavar="HEX",
-                   help="refuse the export unless its manifest's sha256 is this (pins one export)")
+    add_trust_options(p)
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request ends (504)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
