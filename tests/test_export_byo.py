@@ -14,7 +14,7 @@ from export_packs import make_pack
 
 @pytest.fixture(scope="module")
 def llama(tiny_model_dir, tmp_path_factory):
-    from aligner_export.hf.export import base_export
+    from aligner_export.hf.base_export import base_export
     from aligner_export.hf.families import family_for
     from aligner_export.hf.modeling import load_model
 

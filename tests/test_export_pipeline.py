@@ -167,7 +167,7 @@ def test_linear_gate_against_reference(linear_pack, tmp_path, impl, padding_side
 
 @pytest.mark.parametrize("impl", ["function", "inline"])
 def test_ort_enable_all_gives_the_same_outputs(exports, packs, impl):
-    from aligner_export.hf.validate import OrtLM, ort_session
+    from aligner_export.ort import OrtLM, ort_session
     from aligner_runtime.contract import position_ids
 
     out = exports("llama", "--steer-impl", impl)
@@ -186,10 +186,10 @@ def test_ort_enable_all_gives_the_same_outputs(exports, packs, impl):
 
 def test_gate_forced_off_equals_unsteered_export(exports, packs, tmp_path):
     """With steer_gate_in = 0 the steered graph computes exactly what the plain optimum export computes."""
-    from aligner_export.hf.export import base_export
+    from aligner_export.hf.base_export import base_export
     from aligner_export.hf.families import family_for
     from aligner_export.hf.modeling import load_model
-    from aligner_export.hf.validate import OrtLM, ort_session
+    from aligner_export.ort import OrtLM, ort_session
     from aligner_runtime.contract import position_ids
 
     model_dir, _ = packs("llama")

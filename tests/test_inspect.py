@@ -58,7 +58,7 @@ def test_bare_onnx_inline_reads_graph_and_metadata(exported, capsys):
 
 
 def test_unsteered_onnx(tiny_model_dir, tmp_path, capsys):
-    from aligner_export.hf.export import base_export
+    from aligner_export.hf.base_export import base_export
     from aligner_export.hf.families import family_for
     from aligner_export.hf.modeling import load_model
 

@@ -205,7 +205,7 @@ def test_gqa_decode_logits_equal_a_full_recompute(gqa_backend):
 # --- the onnxruntime-genai builder's graph of a tiny llama, steered (needs the builder's venv) ------------------------
 @pytest.fixture(scope="module")
 def builder_export(tmp_path_factory, tiny_model_dir):
-    from aligner_export.hf.export import genai_python
+    from aligner_export.hf.base_export import genai_python
 
     if not genai_python().is_file():
         pytest.skip(f"the onnxruntime-genai builder's venv is absent ({genai_python()}; make genai-venv)")

@@ -202,7 +202,7 @@ def test_three_graphs_against_pytorch_hooks(vlm, hf, padding_side):
     gates decided by the graph and forced to a harmful-gated and a harmless-gated row; left and right padding."""
     import onnxruntime as ort
     from aligner_export.hf.reference import last_positions, steered
-    from aligner_export.hf.validate import OrtLM
+    from aligner_export.ort import OrtLM
     from aligner_runtime.contract import position_ids
     from aligner_runtime import Aligner
 

@@ -189,7 +189,7 @@ def unsteered_export(llama_export, tmp_path_factory):
 
     with warnings.catch_warnings():
         # optimum's TorchScript tracing warns about its own trace (the steered exporter silences the same in
-        # aligner_export.hf.export._quiet); the graph is checked by the loads below, not by these warnings.
+        # aligner_export.hf.base_export._quiet); the graph is checked by the loads below, not by these warnings.
         warnings.simplefilter("ignore")
         main_export(str(model_dir), output=str(out), task="text-generation-with-past", no_post_process=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):

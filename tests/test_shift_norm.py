@@ -240,10 +240,10 @@ def test_norm_export_fp16_against_reference(norm_pack, tmp_path):
 
 def test_gate_zero_rows_equal_the_unsteered_export(norm_pack, tmp_path):
     """steer_gate_in [0, 1] in one batch: row 0 is bit for bit the plain optimum export's, row 1 is steered."""
-    from aligner_export.hf.export import base_export
+    from aligner_export.hf.base_export import base_export
     from aligner_export.hf.families import family_for
     from aligner_export.hf.modeling import load_model
-    from aligner_export.hf.validate import OrtLM, ort_session
+    from aligner_export.ort import OrtLM, ort_session
     from aligner_runtime.contract import position_ids
 
     model_dir, pack = norm_pack

@@ -3,20 +3,19 @@
 The pipeline asks the family object, never ``if family == ...`` or ``if multimodal``. Every supported text family
 keeps its decoder layers in ``model.model.layers`` and its residual stream at each decoder layer's output
 (docs/architecture.md §3). A vision-language family (LLaVA, LLaVA-NeXT) wraps one of them: its language model's
-layers sit at ``model.language_model.layers``, steering works on that residual stream, and its hooks add the vision
-and embedding graphs to the export and validate all three graphs (issue 6, docs/multimodal.md).
+layers sit at ``model.language_model.layers`` and steering works on that residual stream (issue 6,
+docs/multimodal.md).
 
-The hooks import torch, onnx and the multimodal module inside their bodies, so this module stays import-light.
+This is the bottom table of ``hf/``: it imports no other module of the package. What the export pipeline does
+differently for a family kind (the vision and embedding graphs of a vision-language model, its validation over three
+graphs) is that kind's entry in :mod:`aligner_export.hf.hooks`, one level up.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 from aligner_runtime.errors import AlignerError
-from aligner_runtime.contract import Key
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,6 @@ class Family:
             module = getattr(module, part)
         return module
 
-    # --- export hooks ----------------------------------------------------------------------------------------------
     def language_model(self, model):
         """The causal LM whose graph is exported and steered."""
         return model
@@ -44,19 +42,6 @@ class Family:
     def text_family(self) -> "Family":
         """The family of :meth:`language_model`."""
         return self
-
-    def prepare_graph(self, ir_model, hidden_size: int) -> None:
-        """Adapts the base export before the residual stream is located (nothing for a text model)."""
-
-    def write_extra_graphs(self, model, tokenizer, out_dir: Path, opset: int, log) -> dict:
-        """Writes the graphs beside ``model.onnx`` and returns the manifest entries describing them."""
-        return {}
-
-    def validate(self, out_dir: Path, model_path: Path, model, tokenizer, config, dtype: str, manifest: dict):
-        """ONNX Runtime against the PyTorch reference (``aligner_export.hf.validate``)."""
-        from aligner_export.hf.validate import validate
-
-        return validate(model_path, model, tokenizer, config, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -68,40 +53,21 @@ class VisionLanguageFamily(Family):
     is_multimodal = True
 
     def language_model(self, model):
-        from aligner_export.hf.multimodal import text_lm_of
+        """A ``*ForCausalLM`` that shares the VLM's language model and LM head modules (no weights are copied)."""
+        # deferred: torch and transformers, only once a model is loaded
+        import torch
+        from transformers import AutoModelForCausalLM
 
-        return text_lm_of(model)
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(model.config.text_config)
+        lm.model = model.model.language_model
+        lm.lm_head = model.lm_head
+        lm.eval()
+        return lm
 
     @property
     def text_family(self) -> Family:
         return self.language
-
-    def prepare_graph(self, ir_model, hidden_size: int) -> None:
-        from aligner_export.hf.multimodal import to_inputs_embeds
-
-        to_inputs_embeds(ir_model, hidden_size)
-
-    def write_extra_graphs(self, model, tokenizer, out_dir: Path, opset: int, log) -> dict:
-        from aligner_export.hf.modeling import chat_template_of
-        from aligner_export.hf.multimodal import image_spec_of, multimodal_manifest, vision_input_size, write_graphs
-
-        image_spec = image_spec_of(tokenizer)
-        features = write_graphs(model, out_dir, image_spec, opset)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            template = chat_template_of(tokenizer)[0]
-        facts = multimodal_manifest(model, tokenizer, template, features, image_spec)
-        tile_h, tile_w = vision_input_size(image_spec)
-        unit = "tile (any-resolution grid)" if facts.get("anyres") else "image"
-        log(f"vision graph: {features} features per {tile_w}x{tile_h} {unit}; embedding graph; image token "
-            f"{facts['image_token']} ({facts['placement']} placement)")
-        return {"multimodal": facts}
-
-    def validate(self, out_dir: Path, model_path: Path, model, tokenizer, config, dtype: str, manifest: dict):
-        from aligner_export.hf.multimodal import image_spec_of, validate_vlm
-
-        return validate_vlm(out_dir, model, tokenizer, config, image_spec_of(tokenizer), manifest[Key.MULTIMODAL],
-                            dtype=dtype)
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (

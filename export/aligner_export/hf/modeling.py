@@ -12,10 +12,12 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from aligner_runtime.chat import PLAIN_TEMPLATE, template_sha256
 from aligner_runtime.errors import AlignerError
 
-from aligner_export.hf.families import family_for
+from aligner_export.hf.families import family_for, text_config
 
 # Vision-language architectures this package exports, by the ``architectures`` entry of config.json.
 VLM_ARCHITECTURES = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next"}
@@ -51,6 +53,7 @@ def is_vlm_dir(config: dict) -> bool:
 
 
 def load_config(path):
+    # deferred: transformers, only once a model directory is read
     from transformers import AutoConfig
 
     try:
@@ -61,8 +64,6 @@ def load_config(path):
 
 def model_dims(path) -> tuple[int, int]:
     """``(num_layers, hidden_size)`` of the (language) model in ``path``, without loading weights."""
-    from aligner_export.hf.families import text_config
-
     check_model_dir(path)
     config = text_config(load_config(path))
     return int(config.num_hidden_layers), int(config.hidden_size)
@@ -74,8 +75,9 @@ def load_model(path, dtype=None):
     A vision-language model comes back whole; its tokenizer carries the processor's chat template and is marked
     (``is_multimodal_tokenizer``) so that prompts are given to the template as content parts.
     """
+    # deferred: torch and transformers, only once a model is loaded
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -85,8 +87,6 @@ def load_model(path, dtype=None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if vlm:
-            from transformers import AutoModelForImageTextToText, AutoProcessor
-
             processor = AutoProcessor.from_pretrained(path, local_files_only=True)
             if getattr(processor, "chat_template", None):
                 tokenizer.chat_template = processor.chat_template
@@ -107,10 +107,6 @@ def is_multimodal_tokenizer(tokenizer) -> bool:
 
 def fingerprint(model) -> str:
     """sha256 over the architecture config and the embedding matrix's shape and bytes (docs/architecture.md §4)."""
-    import numpy as np
-
-    from aligner_export.hf.families import text_config
-
     cfg = text_config(model.config)  # a vision-language model: its language model part (issue 6)
     arch = {k: getattr(cfg, k, None) for k in (
         "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",

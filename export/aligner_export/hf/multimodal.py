@@ -16,34 +16,35 @@ preprocessing (:class:`aligner_runtime.vision_spec.ImageSpec`).
 
 from __future__ import annotations
 
+import contextlib
+import io
+import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper, numpy_helper
 
+from aligner_runtime.chat import render_chat
+from aligner_runtime.contract import EMBED_FILE, INPUT_IDS, INPUTS_EMBEDS, MODEL_FILE, VISION_FILE, Key
 from aligner_runtime.errors import AlignerError
-from aligner_runtime.contract import EMBED_FILE, INPUT_IDS, INPUTS_EMBEDS, MODEL_FILE, VISION_FILE
-from aligner_runtime.multimodal import merge_image_features
+from aligner_runtime.multimodal import merge_image_features, pack_anyres_features
+from aligner_runtime.tokenizer import SPECIAL_TOKEN_KEYS
+from aligner_runtime.vision_spec import AnyResSpec, spec_from_processor_config
+
+from aligner_export.graph.locate import _dtype, embedding_value
+from aligner_export.hf.validate import PROMPTS, check_rounds, run_rounds
+from aligner_export.ort import ort_session
 
 
 IMAGE_FEATURES = "image_features"
 
 
-def text_lm_of(vlm):
-    """A ``*ForCausalLM`` that shares the VLM's language model and LM head modules (no weights are copied)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(vlm.config.text_config)
-    lm.model = vlm.model.language_model
-    lm.lm_head = vlm.lm_head
-    lm.eval()
-    return lm
-
-
 def vision_module(vlm):
     """The vision graph's module: pixel_values -> projected image features, one row per image (or tile); for
     LLaVA-NeXT also the learned image_newline vector."""
+    # deferred: torch, only when a vision-language model is exported
     import torch
 
     class Vision(torch.nn.Module):
@@ -69,8 +70,6 @@ def vision_module(vlm):
 
 def is_anyres(spec) -> bool:
     """LLaVA-NeXT's preprocessing (:class:`aligner_runtime.vision_spec.AnyResSpec`) rather than LLaVA's."""
-    from aligner_runtime.vision_spec import AnyResSpec
-
     return isinstance(spec, AnyResSpec)
 
 
@@ -81,10 +80,7 @@ def vision_input_size(spec) -> tuple[int, int]:
 
 def export_vision(vlm, path: Path, image_size: tuple[int, int], opset: int) -> None:
     """TorchScript-traced export (the vision tower has no cache and no data-dependent control flow)."""
-    import contextlib
-    import io
-    import warnings
-
+    # deferred: torch, only when a vision-language model is exported
     import torch
 
     dummy = torch.zeros(2, 3, *image_size, dtype=torch.float32)
@@ -98,9 +94,6 @@ def export_vision(vlm, path: Path, image_size: tuple[int, int], opset: int) -> N
     except Exception as exc:  # the tracer raises many kinds; all mean "this vision tower does not export"
         raise AlignerError(f"the vision tower does not export to ONNX: {str(exc).splitlines()[0]}") from None
     if len(outputs) > 1:
-        import onnx
-        from onnx import helper
-
         # The tracer folds the constant image_newline into an initializer and names the output after it.
         model = onnx.load(str(path))
         output = model.graph.output[1]
@@ -114,9 +107,7 @@ def export_vision(vlm, path: Path, image_size: tuple[int, int], opset: int) -> N
 
 def export_embed(vlm, path: Path) -> None:
     """``input_ids -> inputs_embeds``: one Gather over the language model's embedding matrix."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
+    # deferred: torch, only when a vision-language model is exported
     import torch
 
     weight = vlm.get_input_embeddings().weight.detach()
@@ -139,10 +130,6 @@ def export_embed(vlm, path: Path) -> None:
 
 def to_inputs_embeds(ir_model, hidden_size: int) -> None:
     """Replaces the token embedding (the ``Gather`` fed by ``input_ids``) by a graph input ``inputs_embeds``."""
-    import onnx_ir as ir
-
-    from aligner_export.graph.locate import _dtype, embedding_value
-
     graph = ir_model.graph
     inputs = [v.name for v in graph.inputs]
     if INPUTS_EMBEDS in inputs:
@@ -183,8 +170,6 @@ def image_token_of(tokenizer, vlm) -> tuple[str, int]:
 
 def image_spec_of(tokenizer):
     """:class:`ImageSpec` (LLaVA) or :class:`AnyResSpec` (LLaVA-NeXT) of the model's image processor."""
-    from aligner_runtime.vision_spec import spec_from_processor_config
-
     processor = getattr(tokenizer, "inferaligner_processor", None)
     image_processor = getattr(processor, "image_processor", None)
     if image_processor is None:
@@ -195,15 +180,11 @@ def image_spec_of(tokenizer):
 def placement_of(template: str, image_token: str, special_tokens: dict) -> str:
     """``template`` when the chat template writes the image token for an image part, ``prompt`` when the user must
     write it in the prompt text (LLaVA-1.5's ``USER: <image>\\n...`` convention)."""
-    from aligner_runtime.chat import render_chat
-
     text = render_chat(template, "probe", special_tokens, parts=True, images=1)
     return "template" if image_token in text else "prompt"
 
 
 def multimodal_manifest(vlm, tokenizer, template: str, features_per_image: int, spec) -> dict:
-    from aligner_runtime.tokenizer import SPECIAL_TOKEN_KEYS
-
     token, token_id = image_token_of(tokenizer, vlm)
     processor = tokenizer.inferaligner_processor
     cfg = vlm.config
@@ -274,8 +255,6 @@ def _check_image_seq_length(processor, spec, features_per_image: int) -> None:
 
 def write_graphs(vlm, out_dir: Path, spec, opset: int) -> int:
     """Writes ``vision.onnx`` and ``embed.onnx`` into ``out_dir``; returns the number of features per image."""
-    from aligner_export.hf.validate import ort_session
-
     export_vision(vlm, out_dir / VISION_FILE, vision_input_size(spec), opset)
     export_embed(vlm, out_dir / EMBED_FILE)
     probe = np.zeros((1, 3, *vision_input_size(spec)), np.float32)
@@ -308,9 +287,8 @@ def validate_multimodal(out_dir: Path, vlm, tokenizer, spec, manifest_mm: dict, 
     carry an image, left-padded: prefill with the images, then ``decode_steps`` decode steps, with a harmful-gated
     and a harmless-gated row (forced when the natural gates agree). Inputs come from the HF processor; the runtime's
     own prompt encoding and preprocessing are compared with the processor in the tests."""
+    # deferred: torch, only when a vision-language model is exported
     import torch
-
-    from aligner_export.hf.validate import ort_session
 
     processor = tokenizer.inferaligner_processor
     token = manifest_mm["image_token"]
@@ -336,8 +314,6 @@ def validate_multimodal(out_dir: Path, vlm, tokenizer, spec, manifest_mm: dict, 
     with torch.no_grad():
         ref_embeds = vlm.get_input_embeddings()(batch[INPUT_IDS]).float().numpy()
         if "image_sizes" in batch:  # LLaVA-NeXT: per image, its base view and tiles, packed with the newline
-            from aligner_runtime.multimodal import pack_anyres_features
-
             sizes = batch["image_sizes"]
             ref_kwargs["image_sizes"] = sizes
             reference = [f.float().numpy() for f in vlm.model.get_image_features(ref_kwargs["pixel_values"], sizes)]
@@ -369,8 +345,6 @@ def validate_vlm(out_dir: Path, vlm, tokenizer, config, image_spec, manifest_mm:
     """The three graphs of a vision-language export against ``vlm`` with the reference hooks (see
     :func:`validate_multimodal`): prefill with an image per row, then decode steps, with
     a harmful-gated and a harmless-gated row. Raises :class:`AlignerError` above the tolerance."""
-    from aligner_export.hf.validate import PROMPTS, check_rounds, ort_session, run_rounds
-
     prompts = PROMPTS if prompts is None else prompts
     batch, ref_kwargs, embedder, graph_diffs = validate_multimodal(out_dir, vlm, tokenizer, image_spec,
                                                                    manifest_mm, dtype, prompts)
