@@ -29,6 +29,7 @@ from pathlib import Path
 
 from aligner_runtime import schema
 from aligner_runtime.errors import AlignerError
+from aligner_runtime.prompts import apply_template, load_prompts
 
 DATA = Path(__file__).resolve().parent / "data"
 CORPUS_DIR = DATA / "corpus"
@@ -99,8 +100,6 @@ def _records(path: Path) -> list[dict]:
 
 
 def _project_prompts(name: str) -> list[str]:
-    from aligner_runtime.prompts import load_prompts
-
     return load_prompts(PROMPTS_DIR / name)
 
 
@@ -331,6 +330,4 @@ def file_sets(harmful: list[str], harmless: list[str], borderline: list[str] = (
 
 
 def _normalise_slot(template: str) -> str:
-    from aligner_runtime.prompts import apply_template
-
     return apply_template(template, PLACEHOLDER)

@@ -9,6 +9,7 @@ import sys
 
 
 def bar(total: int, desc: str, unit: str):
+    # deferred: tqdm is of the [export] extra; inspect, sign and triton run without it
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, disable=None)
@@ -16,6 +17,7 @@ def bar(total: int, desc: str, unit: str):
 
 def iterate(iterable, desc: str, unit: str):
     """``iterable`` with a bar (its length known)."""
+    # deferred: tqdm is of the [export] extra; inspect, sign and triton run without it
     from tqdm import tqdm
 
     return tqdm(iterable, desc=desc, unit=unit, file=sys.stderr, leave=False, disable=None)
@@ -40,6 +42,7 @@ class Stages:
         self._bar.set_postfix_str(name)
 
     def log(self, message: str) -> None:
+        # deferred: tqdm is of the [export] extra; inspect, sign and triton run without it
         from tqdm import tqdm
 
         with tqdm.external_write_mode():

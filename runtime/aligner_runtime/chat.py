@@ -9,6 +9,12 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 
+import jinja2.ext  # not imported by "import jinja2" alone (transformers happens to import it)
+from jinja2 import nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .errors import AlignerError
+
 # Used when a tokenizer has no chat template; the pack and the manifest record that it was used.
 PLAIN_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n{% endfor %}"
@@ -28,33 +34,25 @@ def _raise_exception(message: str):
     raise _TemplateError(message)
 
 
-def _generation_extension():
+class _Generation(jinja2.ext.Extension):
     """``{% generation %}...{% endgeneration %}`` (transformers' assistant-mask tag, used by LLaVA templates):
     renders its body unchanged, as transformers does when no assistant mask is asked for."""
-    import jinja2.ext
-    from jinja2 import nodes
 
-    class Generation(jinja2.ext.Extension):
-        tags = {"generation"}
+    tags = {"generation"}
 
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
 
-        def _render(self, caller):
-            return caller()
-
-    return Generation
+    def _render(self, caller):
+        return caller()
 
 
 @lru_cache(maxsize=8)
 def _compile(template: str):
-    import jinja2.ext  # not imported by "import jinja2" alone (transformers happens to import it)
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols, _generation_extension()])
+                                        extensions=[jinja2.ext.loopcontrols, _Generation])
     env.globals["raise_exception"] = _raise_exception
     return env.from_string(template)
 
@@ -65,8 +63,6 @@ def render_chat(template: str, prompt: str, special_tokens: dict[str, str] | Non
 
     ``parts``: the template takes message content as a list of parts (vision-language templates): the user turn is
     ``images`` image parts, then the text part, as ``processor.apply_chat_template`` is given them."""
-    from .errors import AlignerError
-
     def content(text: str, num_images: int = 0):
         if not parts:
             return text

@@ -7,9 +7,13 @@ is raised as :class:`AlignerError`. The CLIs print its message on one line and e
 
 from __future__ import annotations
 
+import argparse
 import os
+import shutil
+import signal
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -32,9 +36,6 @@ def _terminate(_signum, _frame):
 def run_cli(main: Callable[[], int | None]) -> int:
     """Runs a CLI entry point: user errors become one line on stderr and exit status 2; SIGINT and SIGTERM unwind
     the work (so atomic writes remove their temporary files) and exit with 130 and 143."""
-    import signal
-    import threading
-
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -89,8 +90,6 @@ def atomic_dir(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]
     """Yields a temporary directory beside ``path``; moves it onto ``path`` only if the block succeeds. With
     ``replace`` an existing ``path`` (a cache entry being rebuilt) is removed just before the move; without it an
     existing non-empty ``path`` is refused before any work."""
-    import shutil
-
     path = Path(path)
     if not path.parent.is_dir():
         raise AlignerError(f"output directory's parent does not exist: {path.parent}")
@@ -146,8 +145,6 @@ def max_threads() -> int:
 def argument_parser(**kwargs):
     """An ``argparse.ArgumentParser`` whose usage errors are one line, ``error: <prog>: <message>``, and exit 2 like
     every other user error (argparse's own prints the whole usage text first)."""
-    import argparse
-
     class OneLineParser(argparse.ArgumentParser):
         def error(self, message):
             self.exit(2, f"error: {self.prog}: {' '.join(message.split())}\n")

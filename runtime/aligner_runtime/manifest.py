@@ -38,6 +38,7 @@ from .contract.choices import (DTYPES, MAX_CONTEXT, MAX_HIDDEN, MAX_LAYERS, MAX_
 from .contract.manifest import (KEY_FACTS, LEGACY_FORMAT_VERSION, REQUIRED_V2, STEERING_FACTS,  # noqa: F401
                                 SUPPORTED_FORMAT_VERSIONS, Key, Manifest, check_manifest, manifest_gate_layers)
 from .errors import AlignerError
+from .multimodal import MultimodalSpec
 from .onnx_graph import GraphSummary, read_graph_summary
 
 @dataclass
@@ -161,8 +162,6 @@ def _check_graph(path: Path, manifest: dict, graph: GraphSummary, legacy: bool, 
         for kind, names in (("inputs", graph.inputs), ("outputs", graph.outputs)):
             if io[kind] != names:
                 raise AlignerError(f"manifest and graph disagree on the graph {kind} (tampered or mixed-up export)")
-
-    from .multimodal import MultimodalSpec
 
     multimodal = MultimodalSpec.from_manifest(manifest)
     if multimodal is not None:

@@ -17,8 +17,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import AlignerError
+from .backends.onnxruntime import session_for
 from .contract import INPUT_IDS, Key
+from .errors import AlignerError
+from .vision import load_image, preprocess, preprocess_anyres
+from .vision_spec import AnyResSpec, ImageSpec
 
 PLACEMENTS = ("template", "prompt")
 _REQUIRED = ("vision_model", "embed_model", "image_token", "image_token_id", "placement", "preprocessing")
@@ -162,9 +165,6 @@ class ImageEncoder:
     """The vision and embedding graphs of a multimodal export on ONNX Runtime. Thread-safe (ORT sessions are)."""
 
     def __init__(self, directory: str | Path, spec: MultimodalSpec, providers=None, threads: int | None = None):
-        from .backends.onnxruntime import session_for
-        from .vision_spec import AnyResSpec, ImageSpec
-
         directory = Path(directory)
         spec.check_files(directory)
         self.spec = spec
@@ -184,8 +184,6 @@ class ImageEncoder:
 
     def load(self, images: Sequence) -> list:
         """The images as decoded PIL images (each source read once; a bad one is a one-line error)."""
-        from .vision import load_image
-
         return [load_image(image) for image in images]
 
     def tokens_per_image(self, images: Sequence) -> list[int]:
@@ -200,8 +198,6 @@ class ImageEncoder:
         return self.embedder.run([self._embed_out], {INPUT_IDS: np.asarray(input_ids, np.int64)})[0]
 
     def pixel_values(self, images: Sequence) -> np.ndarray:
-        from .vision import preprocess
-
         return preprocess(list(images), self.image_spec)
 
     def features(self, images: Sequence):
@@ -217,8 +213,6 @@ class ImageEncoder:
         return features
 
     def _anyres_features(self, image) -> np.ndarray:
-        from .vision import load_image, preprocess_anyres
-
         image = load_image(image)
         pixels, (height, width) = preprocess_anyres(image, self.image_spec)
         tiles = self.vision.run([self._vision_out], {"pixel_values": pixels})[0]

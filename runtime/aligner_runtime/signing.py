@@ -56,6 +56,7 @@ def add_trust_options(parser, purpose: str = "only an export signed by one loads
 
 def _crypto():
     try:
+        # deferred: cryptography loads OpenSSL; only signed exports, trusted keys and signing need it
         from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jinja2 import TemplateError
+from tokenizers import Tokenizer
+
 from . import schema
 from .chat import PLAIN_TEMPLATE, render_chat, template_sha256
 from .errors import AlignerError
+from .multimodal import expand_image_tokens
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 MAX_CONFIG_BYTES = 64 << 20  # tokenizer_config.json, chat_template.jinja
@@ -52,8 +56,6 @@ class ChatTokenizer:
 
     def __init__(self, directory: str | Path, expected_template_sha256: str | None = None,
                  content_parts: bool = False):
-        from tokenizers import Tokenizer
-
         directory = Path(directory)
         file = directory / "tokenizer.json"
         if not file.is_file():
@@ -102,8 +104,6 @@ class ChatTokenizer:
         return self._tokenizer.token_to_id(token)
 
     def render(self, prompt: str, system: str | None = None, images: int = 0) -> str:
-        from jinja2 import TemplateError
-
         try:
             return render_chat(self.chat_template, prompt, self.special_tokens, system=system,
                                parts=self.content_parts, images=images)
@@ -140,8 +140,6 @@ class ChatTokenizer:
             raise AlignerError("the prompt holds a special token of the tokenizer (e.g. a chat-turn marker); "
                                "remove it")
         text = self.render(prompt, system=system, images=images)
-        from .multimodal import expand_image_tokens
-
         ids = self.encode(expand_image_tokens(text, multimodal, counts))
         found = sum(1 for i in ids if i == multimodal.image_token_id)
         if found != sum(counts):

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 def _pil():
     try:
+        # deferred: Pillow, only when a prompt comes with an image
         from PIL import Image, ImageOps
     except ImportError:
         raise AlignerError("image input needs Pillow: pip install pillow") from None

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from aligner_runtime.contract import Key
+from pathlib import Path
+
+from aligner_runtime.contract import STAMP_FILE, Key
 from aligner_runtime.contract.choices import ENGINE_PRECISIONS
+from aligner_runtime.manifest import load_export
+
+from aligner_export.tensorrt import build as trt_build
 
 
 def configure(parser) -> None:
@@ -27,16 +32,9 @@ def configure(parser) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from aligner_export.tensorrt import build as trt_build
-    from aligner_runtime.contract import STAMP_FILE
-
     trt_build.import_tensorrt()  # one clear line before anything else when TensorRT is absent
     precision = args.precision
     if precision is None:
-        from aligner_runtime.manifest import load_export
-
         precision = load_export(args.model).manifest.get(Key.DTYPE, "fp32")
     profiles = trt_build.Profiles(max_batch=args.max_batch, opt_batch=args.opt_batch, max_prompt=args.max_prompt,
                                   opt_prompt=args.opt_prompt, max_context=args.max_context,

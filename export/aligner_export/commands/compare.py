@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from aligner_export.tensorrt.compare import compare_engine
+
 
 def configure(parser) -> None:
     parser.add_argument("--model", required=True, metavar="OUTDIR", help="export directory")
@@ -17,10 +21,6 @@ def configure(parser) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from aligner_export.tensorrt.compare import compare_engine
-
     result = compare_engine(Path(args.model), Path(args.engine), Path(args.plugins) if args.plugins else None,
                             batch=args.batch, prompt_length=args.prompt_length, atol=args.atol, rtol=args.rtol,
                             seed=args.seed)

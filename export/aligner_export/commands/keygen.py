@@ -7,6 +7,9 @@ Writes the private key ``KEY`` (PEM PKCS#8, unencrypted, mode 0600: keep it off 
 
 from __future__ import annotations
 
+from aligner_runtime.errors import check_writable_file
+from aligner_runtime.signing import keygen
+
 
 def configure(parser) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="KEY",
@@ -15,9 +18,6 @@ def configure(parser) -> None:
 
 
 def run(args) -> int:
-    from aligner_runtime.errors import check_writable_file
-    from aligner_runtime.signing import keygen
-
     check_writable_file(args.output, "key file")
     private, public, key_id = keygen(args.output, force=args.force)
     print(f"wrote {private} (private: keep it secret) and {public} (trust this one on the devices); key id {key_id}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from aligner_export.hf import zoo
+
 
 def configure(parser) -> None:
     parser.add_argument("--adapter", default=None, help="safety LoRA adapter directory (default: the committed one)")
@@ -9,8 +11,6 @@ def configure(parser) -> None:
 
 
 def run(args) -> int:
-    from aligner_export.hf import zoo
-
     print(f"target:  {zoo.ensure_target()}")
     if not args.target_only:
         print(f"aligned: {zoo.ensure_aligned(args.adapter)}")

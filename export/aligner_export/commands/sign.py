@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from aligner_runtime.manifest import load_export
+from aligner_runtime.signing import SIGNATURE_FILE, TrustedKeys, load_private_key, sign_export
+
 
 def configure(parser) -> None:
     parser.add_argument("export", help="the export directory to sign")
@@ -21,9 +24,6 @@ def run(args) -> int:
 
 
 def sign(export: Path, key: Path) -> str:
-    from aligner_runtime.manifest import load_export
-    from aligner_runtime.signing import SIGNATURE_FILE, TrustedKeys, load_private_key, sign_export
-
     load_private_key(key)  # a bad key fails before the export is read
     # the signer's own trusted keys do not apply: the export is not signed yet
     checked = load_export(export, trusted_keys=TrustedKeys({}, "signing"))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from aligner_runtime.contract.choices import PREFILL_MODES, PROVIDERS, TRITON_INSTANCE_KINDS
+
+from aligner_export.triton.repository import RepositoryOptions, write_repository
 
 
 def configure(parser) -> None:
@@ -36,10 +40,6 @@ def configure(parser) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from aligner_export.triton.repository import RepositoryOptions, write_repository
-
     options = RepositoryOptions(
         name=args.name, instances=args.instances, instance_kind=args.instance_kind,
         max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_tokens=args.max_tokens,

@@ -15,7 +15,11 @@ Two layers, so that the expensive part stays small:
 from __future__ import annotations
 
 import random
+import re
 import sys
+import time
+
+from aligner_runtime.evaluation import UnsteeredComparison
 
 from aligner_export import corpus
 from aligner_export.evaluation import gate_eval
@@ -42,8 +46,6 @@ FORCED_SOURCES = ("harmbench_val", "catqa", "simple_safety_tests")
 
 def is_fluent(text: str) -> bool:
     """An answer a user can read: at least three words and no repeated 4-gram (no loop, no garbage run)."""
-    import re
-
     return len(re.findall(r"\w+", text)) >= 3 and not repeated_ngram(text)
 
 
@@ -88,10 +90,6 @@ def _sample(records, limit, rng):
 def estimate_seconds(aligner, prompts: list[str], scores: int, generations: int, max_new_tokens: int,
                      batch_size: int) -> float:
     """A rough duration of the evaluation from one timed scoring batch and one timed generation batch here."""
-    import time
-
-    from aligner_runtime.evaluation import UnsteeredComparison
-
     sample = prompts[:batch_size]
     start = time.perf_counter()
     aligner.score(sample, batch_size=len(sample))
@@ -106,9 +104,8 @@ def estimate_seconds(aligner, prompts: list[str], scores: int, generations: int,
 
 def run_corpus_eval(aligner, judge, corpus_dir=None, limit: int | None = 40, gate_limit: int | None = None,
                     max_new_tokens: int = 64, batch_size: int = 8, seed: int = 0, log=None) -> dict:
+    # deferred: tqdm (the [export] extra), only while an evaluation runs
     from tqdm import tqdm
-
-    from aligner_runtime.evaluation import UnsteeredComparison
 
     records, templates = corpus.load_corpus(corpus_dir), corpus.load_templates(corpus_dir)
     sets = gate_eval.heldout_sets(records, templates, seed, gate_limit)

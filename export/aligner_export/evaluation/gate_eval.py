@@ -152,9 +152,11 @@ def gate_report(sets: GateSets, scores: dict[int, float]) -> dict:
 
 def plot_gate(report: dict, path) -> None:
     """ROC per harmful source (against generic and borderline negatives) and the bypass suite's recall ratios."""
+    # deferred: matplotlib (the [export] extra), only when a plot is drawn
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: pyplot after the Agg backend is chosen
     import matplotlib.pyplot as plt
 
     fig, (ax_g, ax_b, ax_bypass) = plt.subplots(1, 3, figsize=(17, 5))

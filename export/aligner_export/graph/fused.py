@@ -16,6 +16,8 @@ it at steered sites). Two facts of such graphs matter to the pipeline and live h
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import onnx_ir as ir
 
 from aligner_runtime.contract import INPUT_IDS, PAST_PREFIX, PRESENT_PREFIX
@@ -34,8 +36,6 @@ def padding_side(graph: ir.Graph) -> str:
 
 
 def padding_side_of_file(path) -> str:
-    import onnx
-
     model = onnx.load(str(path), load_external_data=False)
     return "right" if any(n.op_type == GQA for n in model.graph.node) else "left"
 
@@ -43,8 +43,6 @@ def padding_side_of_file(path) -> str:
 def fold_embedding_transpose(graph: ir.Graph):
     """If the token embedding is ``Gather(Transpose(W), input_ids)`` with ``W`` a 2-D initializer, gives the Gather a
     folded constant ``W^T`` and returns a callable that restores the shared form; else returns None."""
-    import numpy as np
-
     inputs = {v.name: v for v in graph.inputs}
     ids = inputs.get(INPUT_IDS)
     if ids is None:

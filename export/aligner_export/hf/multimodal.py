@@ -27,7 +27,7 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from aligner_runtime.chat import render_chat
-from aligner_runtime.contract import EMBED_FILE, INPUT_IDS, INPUTS_EMBEDS, MODEL_FILE, VISION_FILE, Key
+from aligner_runtime.contract import EMBED_FILE, INPUT_IDS, INPUTS_EMBEDS, MODEL_FILE, VISION_FILE
 from aligner_runtime.errors import AlignerError
 from aligner_runtime.multimodal import merge_image_features, pack_anyres_features
 from aligner_runtime.tokenizer import SPECIAL_TOKEN_KEYS

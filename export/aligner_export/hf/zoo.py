@@ -95,6 +95,7 @@ def ensure_target() -> Path:
         return out
     gguf = fetch_gguf()
     _log(f"converting {gguf.name} to a Hugging Face model directory (float32)")
+    # deferred: torch, transformers and peft, only when the model is converted or merged
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -125,6 +126,7 @@ def ensure_aligned(adapter: str | os.PathLike | None = None) -> Path:
         return out
     target = ensure_target()
     _log(f"merging the safety adapter {adapter} into {TARGET_NAME}")
+    # deferred: torch, transformers and peft, only when the model is converted or merged
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -29,12 +29,14 @@ from aligner_runtime.contract import (ATTENTION_MASK, DOMAIN, GATE_IN, INPUTS_EM
                                       StampKey, parse_node_name, plugin_version, shift_mode_named)
 from aligner_runtime.contract.choices import DEFAULT_SHIFT_MODE
 from aligner_runtime.errors import AlignerError, atomic_path
+from aligner_runtime.manifest import load_export
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 def import_tensorrt():
     try:
+        # deferred: tensorrt (its own extra, or JetPack's): one clear line when absent
         import tensorrt as trt
     except ImportError:
         raise AlignerError("TensorRT is not installed here (no `tensorrt` Python module): aligner-export build needs "
@@ -126,6 +128,7 @@ def check_creators(trt, library: Path, gate_version: int, shift_version: int = 1
 def plugin_model_bytes(model_path: Path) -> tuple[bytes, list[str]]:
     """The graph without the SteerGate/SteerShift model-local functions, so the ONNX parser must map those nodes to
     our plugins (any TensorRT 10.x parser; 10.3 would otherwise inline the functions). Weights stay external."""
+    # deferred: polygraphy and onnx are of the [export] extra; aligner-export --help imports this module without them
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
@@ -158,6 +161,7 @@ def check_plugins_used(trt, network, steering_nodes: list[str]) -> BuildReport:
 
 def polygraphy_profiles(network, profiles: Profiles) -> tuple[list, list[dict]]:
     """Polygraphy ``Profile`` objects for the network's inputs (prefill, then decode) and their description."""
+    # deferred: polygraphy and onnx are of the [export] extra; aligner-export --help imports this module without them
     from polygraphy.backend.trt import Profile
 
     built, described = [], []
@@ -192,9 +196,8 @@ def compute_capability(device: int = 0) -> str:
 def build_engine(model_dir: Path, plugins: Path, output: Path, precision: str = "fp16",
                  profiles: Profiles | None = None, workspace_mib: int = 0, aliasing: bool = True) -> dict:
     """The whole build; returns the stamp written beside the engine."""
-    from aligner_runtime.manifest import load_export
-
     trt = import_tensorrt()
+    # deferred: polygraphy and onnx are of the [export] extra; aligner-export --help imports this module without them
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, LoadPlugins, NetworkFromOnnxBytes
 
     profiles = profiles or Profiles()
@@ -224,6 +227,7 @@ def build_engine(model_dir: Path, plugins: Path, output: Path, precision: str = 
     LoadPlugins(plugins=[str(plugins)])()
     shift_version = shift_mode_named(manifest.get(Key.SHIFT_MODE, DEFAULT_SHIFT_MODE)).version
     check_creators(trt, plugins, int((manifest.get(Key.GATE) or {}).get("version", 1)), shift_version)
+    # deferred: polygraphy and onnx are of the [export] extra; aligner-export --help imports this module without them
     from polygraphy.exception import PolygraphyException
 
     try:  # TensorRT 11 networks are always strongly typed; on 10.x it is a network flag.

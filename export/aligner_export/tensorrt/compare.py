@@ -12,9 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from aligner_runtime.backends.tensorrt import read_stamp
 from aligner_runtime.contract import (ATTENTION_MASK, GATE_DECIDE, GATE_IN, GATE_OUT, INPUT_IDS, Key, PAST_PREFIX,
                                       POSITION_IDS, StampKey, position_ids)
 from aligner_runtime.errors import AlignerError
+from aligner_runtime.manifest import load_export
+
+from aligner_export.tensorrt.build import import_tensorrt
 
 
 @dataclass
@@ -56,11 +60,6 @@ def prefill_feeds(input_names, batch: int, length: int, seed: int) -> dict:
 def compare_engine(model_dir: Path, engine_path: Path, plugins: Path | None = None, batch: int = 2,
                    prompt_length: int = 16, atol: float | None = None, rtol: float | None = None,
                    seed: int = 0) -> Comparison:
-    from aligner_runtime.backends.tensorrt import read_stamp
-    from aligner_runtime.manifest import load_export
-
-    from aligner_export.tensorrt.build import import_tensorrt
-
     trt = import_tensorrt()
     export = load_export(model_dir)
     engine_path = Path(engine_path)
@@ -73,6 +72,7 @@ def compare_engine(model_dir: Path, engine_path: Path, plugins: Path | None = No
     if not plugins:
         raise AlignerError("pass --plugins (the engine's stamp records no plugin library)")
 
+    # deferred: polygraphy is of the [export] extra; aligner-export --help imports this module without them
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import EngineFromBytes, LoadPlugins, TrtRunner
     from polygraphy.comparator import CompareFunc, Comparator

@@ -18,13 +18,18 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import shutil
 import sys
 import time
 from pathlib import Path
 
+from aligner_runtime.api import Aligner
 from aligner_runtime.errors import run_cli
+from aligner_runtime.evaluation import UnsteeredComparison
+from aligner_runtime.prompts import load_prompts
 
 from aligner_export import __version__
+from aligner_export.commands import cli
 from aligner_export.corpus import CORPUS_DIR, PROMPTS_DIR
 from aligner_export.hf import zoo
 
@@ -46,17 +51,12 @@ def _cached(stamp: Path, key: str) -> bool:
 
 
 def _export_cli(*args) -> None:
-    from aligner_export.commands.cli import main
-
-    code = main([str(a) for a in args])
+    code = cli.main([str(a) for a in args])
     if code != 0:
         raise SystemExit(code)
 
 
 def show_examples(export_dir: Path, prompts: list[str], max_new_tokens: int, threads: int) -> None:
-    from aligner_runtime.api import Aligner
-    from aligner_runtime.evaluation import UnsteeredComparison
-
     aligner = Aligner.load(export_dir, threads=threads)
     compare = UnsteeredComparison(aligner)
     unsteered = compare.unsteered(prompts, max_new_tokens=max_new_tokens)
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         args.gate_limit = 0 if args.full else 40
 
     def job() -> int:
+        # deferred: torch, only to set its threads for the calibration run in this process
         import torch
 
         torch.set_num_threads(args.threads)
@@ -118,15 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"reusing {export_dir}")
         else:
             if export_dir.exists():
-                import shutil
-
                 shutil.rmtree(export_dir)
             _export_cli("export", "--target", target, "--pack", pack, "-o", export_dir)
             (work / "export.stamp").write_text(export_key)
 
         _banner("4/5 one harmful and one harmless prompt")
-        from aligner_runtime.prompts import load_prompts
-
         examples = [load_prompts(PROMPTS_DIR / "harmful_heldout.txt")[0],
                     load_prompts(PROMPTS_DIR / "harmless_heldout.txt")[0]]
         show_examples(export_dir, examples, args.max_new_tokens, args.threads)

@@ -34,8 +34,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
+from aligner_runtime.contract import INPUT_IDS, position_ids
 from aligner_runtime.errors import AlignerError, run_cli
+
+from aligner_export import corpus
+from aligner_export.evaluation.gate_eval import heldout_sets
+from aligner_export.gate import sample_weights
+from aligner_export.hf import zoo
+from aligner_export.hf.modeling import chat_texts, load_model
 
 DEFAULT_LAYERS = (12, 15, 18, 21, 24, 27)
 DEFAULT_FORMS = ("last", "max", "last+max", "attn")
@@ -46,9 +55,6 @@ HELD_SHARE = 0.25
 # --- residuals ------------------------------------------------------------------------------------------------------
 
 def _sets(seed: int, harmful_cap: int, generic_cap: int, eval_limit: int):
-    from aligner_export import corpus
-    from aligner_export.evaluation.gate_eval import heldout_sets
-
     records, templates = corpus.load_corpus(), corpus.load_templates()
     cal = corpus.calibration_sets(records, templates, seed)
     rng = random.Random(seed)
@@ -71,14 +77,8 @@ def _sets(seed: int, harmful_cap: int, generic_cap: int, eval_limit: int):
 def collect(model, tokenizer, records, layers, desc: str, max_tokens: int = 4096) -> dict:
     """Every prompt token's unit-normalised residual at ``layers``, flat ``[tokens, H]`` float16 per layer, with the
     prompt offsets."""
-    import torch
-    from tqdm import tqdm
-
-    from aligner_export.hf.modeling import chat_texts
-    from aligner_runtime.contract import position_ids
-
     texts = chat_texts(tokenizer, [r.prompt for r in records], systems=[r.system for r in records])[0]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=False)[INPUT_IDS]
     lengths = np.array([len(i) for i in ids])
     if lengths.max() > max_tokens:
         raise AlignerError(f"a prompt has {lengths.max()} tokens; the study reads at most {max_tokens}")
@@ -134,8 +134,6 @@ class Prompts:
     """Whitened per-token residuals of a prompt set, flat, with the segment id of each token."""
 
     def __init__(self, residuals: dict, layers, whiteners):
-        import torch
-
         offsets = residuals["offsets"]
         self.n = len(offsets) - 1
         self.segment = torch.from_numpy(np.repeat(np.arange(self.n), np.diff(offsets)))
@@ -148,22 +146,16 @@ class Prompts:
 
 
 def _segment_max(values, prompts):
-    import torch
-
     shape = (prompts.n,) + tuple(values.shape[1:])
     index = prompts.segment.view(-1, *([1] * (values.dim() - 1))).expand_as(values)
     return torch.full(shape, -1e30).scatter_reduce(0, index, values, "amax", include_self=False)
 
 
 def _segment_sum(values, prompts):
-    import torch
-
     return torch.zeros((prompts.n,) + tuple(values.shape[1:])).index_add(0, prompts.segment, values)
 
 
 def make_gate(form: str, layers, dim: int = PCA_DIM):
-    import torch
-
     terms = set(form.split("+"))
     unknown = terms - {"last", "max", "attn", "mlp"}
     if unknown:
@@ -209,14 +201,10 @@ def make_gate(form: str, layers, dim: int = PCA_DIM):
 
 def balanced_weights(labels: np.ndarray, sources: np.ndarray) -> np.ndarray:
     """Each class weighs the same, and within it every source (as ``aligner_export.gate.sample_weights``)."""
-    from aligner_export.gate import sample_weights
-
     return sample_weights(labels, sources)
 
 
 def fit(gate, prompts: Prompts, labels, weights, rows, l2: float, hard: float, steps: int):
-    import torch
-
     y = torch.from_numpy(labels.astype(np.float32))
     w = torch.from_numpy(weights.astype(np.float32))
     train = torch.from_numpy(rows)
@@ -292,9 +280,11 @@ def markdown(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: Path) -> None:
+    # deferred: matplotlib (the [export] extra), only when a plot is drawn
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: pyplot after the Agg backend is chosen
     import matplotlib.pyplot as plt
 
     sources = ["harmbench_val", "catqa", "simple_safety_tests", "inferaligner_heldout"]
@@ -344,10 +334,6 @@ def main(argv=None) -> int:
     forms = [f for f in args.forms.split(";") if f]
     for form in forms:
         make_gate(form.split("@")[0], layers, 1)  # unknown terms fail before the forward passes
-    import torch
-
-    from aligner_export.hf import zoo
-    from aligner_export.hf.modeling import load_model
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
