@@ -1,5 +1,6 @@
 """Measures what docs/layout.md reports: contract literals spelled outside ``aligner_runtime/contract/``,
-function-level imports and import circles. ``python tests/contract_counts.py`` from the repository root (not a pytest module).
+function-level imports and import circles. ``python tests/contract_counts.py`` from the repository root (not a pytest
+module; ``tests/test_layout.py`` checks the layout rules with its import reader and graph).
 
 A literal is a whole Python string token (implicit concatenations included), so words inside messages do not count.
 Manifest keys are counted twice: the keys no other format shares (``steer_layers``, ``format_version``, ...) and every
@@ -26,7 +27,7 @@ KEYS = {v for k, v in vars(Key).items() if not k.startswith("_")}
 
 
 def sources():
-    for top in ("export/aligner_export", "runtime/aligner_runtime"):
+    for top in TOPS:
         for path in sorted((ROOT / top).rglob("*.py")):
             if "/contract/" not in path.as_posix():
                 yield path
@@ -43,41 +44,113 @@ def string_values(path: Path):
                 yield value
 
 
+TOPS = ("export/aligner_export", "runtime/aligner_runtime")
+
+
+class Import:
+    """One import statement: where it is, the absolute module names it names, whether it runs only when a function
+    is called, and the ``# deferred: <reason>`` comment directly above it or above its block of imports."""
+
+    def __init__(self, node, targets: list[str], in_function: bool, comment: str | None):
+        self.line, self.targets, self.in_function, self.comment = node.lineno, targets, in_function, comment
+        # what the statement imports: ``from a import b`` imports ``a.b`` (module a.b, or name b of module a)
+        self.imported = targets[1:] if isinstance(node, ast.ImportFrom) else targets
+
+
+def _targets(node, package: str) -> list[str]:
+    """The absolute names an import statement names (``from . import x`` resolved against ``package``)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    base = node.module or ""
+    if node.level:
+        parts = package.split(".")
+        base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+    return [base] + [f"{base}.{a.name}" for a in node.names]
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    return "TYPE_CHECKING" in (getattr(node.test, "id", None), getattr(node.test, "attr", None))
+
+
+def imports(path: Path, package: str) -> list[Import]:
+    """Every import statement of ``path`` but those under ``if TYPE_CHECKING:`` (never executed). An import inside a
+    function body is function-level; one in a class body or a module-level ``if``/``try`` runs at import."""
+    lines = path.read_text().splitlines()
+    found: list[Import] = []
+
+    def comment_above(stmt) -> str | None:
+        text = lines[stmt.lineno - 2].strip() if stmt.lineno >= 2 else ""
+        return text if text.startswith("# deferred:") else None
+
+    def walk_body(body, in_function: bool):
+        block_comment = None  # a comment above the first import of a run of consecutive imports covers the run
+        for stmt in body:
+            if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+                comment = comment_above(stmt) or block_comment
+                block_comment = comment
+                found.append(Import(stmt, _targets(stmt, package), in_function, comment))
+                continue
+            block_comment = None
+            if isinstance(stmt, ast.If) and _is_type_checking(stmt):
+                continue
+            inner = in_function or isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for field in ("body", "orelse", "finalbody"):
+                if isinstance(getattr(stmt, field, None), list):
+                    walk_body(getattr(stmt, field), inner)
+            for handler in getattr(stmt, "handlers", []):
+                walk_body(handler.body, inner)
+            for case in getattr(stmt, "cases", []):
+                walk_body(case.body, inner)
+
+    walk_body(ast.parse(path.read_text()).body, False)
+    return found
+
+
 def function_imports(path: Path) -> int:
-    tree = ast.parse(path.read_text())
-    top = {id(n) for n in tree.body}
-    return sum(isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in top for n in ast.walk(tree))
+    """The number of function-level import statements in ``path``."""
+    return sum(i.in_function for i in imports(path, ""))
 
 
-def module_name(path: Path) -> str:
-    rel = path.relative_to(ROOT).with_suffix("").parts[1:]  # drop export/ or runtime/
+def module_name(path: Path, root: Path = ROOT) -> str:
+    rel = path.relative_to(root).with_suffix("").parts[1:]  # drop export/ or runtime/
     return ".".join(rel[:-1] if rel[-1] == "__init__" else rel)
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the package modules it imports, at module or function level (``from . import x`` resolved)."""
-    paths = [p for top in ("export/aligner_export", "runtime/aligner_runtime") for p in (ROOT / top).rglob("*.py")]
-    modules = {module_name(p): p for p in paths}
+def package_modules(root: Path = ROOT, tops=TOPS) -> dict[str, Path]:
+    return {module_name(p, root): p for top in tops for p in sorted((root / top).rglob("*.py"))}
+
+
+def resolve(target: str, modules) -> str:
+    """The package module ``target`` names (``pkg.mod.attr`` -> ``pkg.mod``), or "" for none."""
+    while target and target not in modules:
+        target = target.rpartition(".")[0]
+    return target
+
+
+def import_graph(root: Path = ROOT, tops=TOPS, function_level: bool = True,
+                 external: dict | None = None) -> dict[str, set[str]]:
+    """Module -> the package modules it imports, at module level and (``function_level``) inside functions. With
+    ``external`` (a dict), also records there each module's top-level names of other packages it imports."""
+    modules = package_modules(root, tops)
+    tops_of = {Path(top).name for top in tops}
     graph = {}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        edges = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            targets = []
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    parts = package.split(".")
-                    base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
-                targets = [base] + [f"{base}.{a.name}" for a in node.names]
-            for target in targets:
-                while target and target not in modules:
-                    target = target.rpartition(".")[0]
+        edges, others = set(), set()
+        for record in imports(path, package):
+            if record.in_function and not function_level:
+                continue
+            top = record.targets[0].partition(".")[0]
+            if top not in tops_of:
+                others.add(top)
+                continue
+            for target in record.targets:
+                target = resolve(target, modules)
                 if target and target != name and not name.startswith(target + "."):
                     edges.add(target)
         graph[name] = edges
+        if external is not None:
+            external[name] = others
     return graph
 
 
