@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aligner_runtime.contract import MODEL_FILE, SITE, STEERING_IO, SteerConfig
+from aligner_runtime.contract import MODEL_FILE, SITE, SteerConfig
 from aligner_runtime.errors import AlignerError, atomic_dir
 from aligner_runtime.contract import ATTENTION_MASK, INPUTS_EMBEDS, INPUT_IDS, LOGITS, POSITION_IDS, Key
 from aligner_runtime.contract.choices import DTYPES
@@ -446,7 +446,7 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
     from aligner_export import __version__, progress
     from aligner_export.graph import fused, quantize
     from aligner_export.graph.locate import locate_residuals
-    from aligner_export.graph.manifest import FORMAT_VERSION, set_metadata, write_manifest, write_metadata
+    from aligner_export.graph.manifest import set_metadata, steering_record, write_manifest, write_metadata
     from aligner_export.graph.rewrite import apply, check_unsteered, default_opset
     from aligner_export.hf.families import family_for, text_config
     from aligner_export.pack import file_sha256
@@ -500,12 +500,8 @@ def export_steered(target: Path, pack, pack_path: Path, out_dir: Path, options: 
             restore_embedding()
         template_sha, fallback = copy_model_files(target, tokenizer, tmp)
         manifest = {
-            "format_version": FORMAT_VERSION, "package_version": __version__,
+            **steering_record(config, options.alpha), "package_version": __version__,
             "pack_sha256": file_sha256(pack_path), "pack_mode": pack.mode, "target_fingerprint": fingerprint,
-            "steer_layers": config.steer_layers, "gate_layer": config.gate_layer, "alpha": float(options.alpha),
-            "bias": config.gate.bias, "bias_rule": options.bias_rule, "steer_impl": config.steer_impl,
-            Key.SHIFT_MODE: config.shift_mode,
-            "gate": config.gate.manifest(), "two_pass_prefill": config.two_pass, "steering_io": dict(STEERING_IO),
             "dtype": options.dtype, "opset": default_opset(ir_model), "site": SITE, "exporter": exporter,
             "chat_template_sha256": template_sha, "chat_template_fallback": fallback, "num_layers": num_layers,
             "hidden_size": int(lm_config.hidden_size), "eos_token_ids": eos_token_ids(target, tokenizer),

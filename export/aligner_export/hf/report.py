@@ -7,13 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
+from aligner_runtime.contract.pack import LayerStatsKey, PackKey, RecommendedKey
 from aligner_runtime.errors import AlignerError, atomic_path
 
 
 def _pyplot():
+    # deferred: matplotlib, loaded only when a report is drawn
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # headless: before pyplot is imported
+    # deferred: matplotlib's pyplot, after the backend is chosen
     import matplotlib.pyplot as plt
 
     return plt
@@ -28,10 +31,10 @@ def write_calibration_report(report_dir, pack, gate_projections, harmful_split, 
         raise AlignerError(f"report directory's parent does not exist: {report_dir.parent}")
     report_dir.mkdir(exist_ok=True)
     plt = _pyplot()
-    per_layer = pack.meta["per_layer"]
-    rec = pack.meta["recommended"]
-    g = rec["gate_layer"]
-    layers = [s["layer"] for s in per_layer]
+    per_layer = pack.meta[PackKey.PER_LAYER]
+    rec = pack.meta[PackKey.RECOMMENDED]
+    g = rec[RecommendedKey.GATE_LAYER]
+    layers = [s[LayerStatsKey.LAYER] for s in per_layer]
 
     fig, (ax_acc, ax_hist) = plt.subplots(1, 2, figsize=(13, 4.8))
     ax_acc.plot(layers, [s["target_val_accuracy"] for s in per_layer], "o-", label="target (gate) accuracy")
@@ -39,7 +42,7 @@ def write_calibration_report(report_dir, pack, gate_projections, harmful_split, 
         ax_acc.plot(layers, [s["aligned_val_accuracy"] for s in per_layer], "s--", label="aligned model accuracy")
     ax_acc.plot(layers, [s["val_tpr"] for s in per_layer], ":", color="tab:green", label="target TPR (fpr bias)")
     ax_acc.plot(layers, [s["val_fpr"] for s in per_layer], ":", color="tab:red", label="target FPR (fpr bias)")
-    steer = rec["steer_layers"]
+    steer = rec[RecommendedKey.STEER_LAYERS]
     ax_acc.axvspan(min(steer) - 0.5, max(steer) + 0.5, color="tab:orange", alpha=0.12, label="steered layers")
     ax_acc.axvline(g, color="k", lw=0.8, ls="--", label=f"gate layer {g}")
     ax_acc.set_xlabel("decoder layer")
