@@ -95,7 +95,8 @@ def manifest_sha256(path: str | Path) -> str:
     return hashlib.sha256((Path(path) / MANIFEST_FILE).read_bytes()).hexdigest()
 
 
-def _same(a, b) -> bool:
+def same_fact(a, b) -> bool:
+    """Whether two values of a key fact agree (numbers to a relative 1e-6, lists and objects item by item)."""
     if isinstance(a, bool) or isinstance(b, bool):
         return a == b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
@@ -104,9 +105,9 @@ def _same(a, b) -> bool:
         except OverflowError:  # an integer beyond the float range (from an untrusted side) equals only itself
             return a == b
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same_fact(x, y) for x, y in zip(a, b))
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(same_fact(a[k], b[k]) for k in a)
     return a == b
 
 
@@ -126,7 +127,7 @@ def _check_key_facts(manifest: dict, graph: GraphSummary, strict: bool) -> None:
             recorded = schema.loads(graph.metadata[meta_key], meta_key)
         except AlignerError:
             recorded = graph.metadata[meta_key]
-        if not _same(manifest[key], recorded):
+        if not same_fact(manifest[key], recorded):
             raise AlignerError(f"manifest and graph disagree on {key}: {str(manifest[key])[:60]!r} in {MANIFEST_FILE}, "
                                f"{graph.metadata[meta_key][:60]!r} in {MODEL_FILE} (tampered or mixed-up export)")
 

@@ -5,8 +5,10 @@ field, never a ``KeyError``, ``TypeError`` or a NaN that slips through (issue 14
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from pathlib import Path
 
 from .errors import AlignerError
 
@@ -111,8 +113,6 @@ def first_line(exc: BaseException, limit: int = 120) -> str:
 def read_bounded(path, limit: int, what: str) -> bytes:
     """The bytes of an untrusted file, refused from its size before anything is read when it is over ``limit``
     (``what`` names it in the one-line error: "the manifest", "signing key")."""
-    from pathlib import Path
-
     path = Path(path)
     size = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit >> 10} KiB"
     try:
@@ -128,8 +128,6 @@ def loads(text, where: str, *, constants: bool = False):
     nesting deeper than :data:`MAX_DEPTH` (which no file of the package holds, and which would make any recursive use
     of the value, a ``repr`` included, overflow the stack) are one :class:`AlignerError`. ``constants`` lets NaN and
     Infinity through, for third-party files that Python's ``json.dump`` may have written with them."""
-    import json
-
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")

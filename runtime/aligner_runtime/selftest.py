@@ -25,13 +25,15 @@ the caller (``Aligner.load(..., self_test="no-canary-gate")`` or the environment
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .contract import (DOMAIN, GATE_OUT, SCORE_OUT, SHIFT_VERSION, STEER_GATE, STEER_SHIFT, node_name,
-                       prefill_decision, shift_mode_of_version)
+from .contract import (DOMAIN, GATE_OUT, LOGITS, SCORE_OUT, SHIFT_CONSTANT, SHIFT_VERSION, STEER_GATE, STEER_SHIFT,
+                       gate_kind_of_constants, node_name, position_ids, prefill_decision, shift_mode_of_version)
 from .errors import AlignerError
+from .generate import GenerationRun, SamplingConfig
 from .integrity import node_constants
 from .onnx_graph import GraphSummary
 
@@ -107,7 +109,7 @@ def steering_facts(summary: GraphSummary) -> SteeringFacts:
         tokens, normalize = _scalar(constants.get("tokens", (None, None))[1]), \
             _scalar(constants.get("normalize", (None, None))[1])
         facts.gates[layer] = {
-            "version": 2 if "weight" in constants else 1,
+            "version": getattr(gate_kind_of_constants(constants), "version", None),  # None: no registered kind
             "weight_norm": _norm(weight[1]) if weight is not None else None,
             "bias": _scalar(constants["bias"][1]) if "bias" in constants else None,
             "tokens": int(tokens) if tokens is not None and np.isfinite(tokens) else 1,
@@ -115,8 +117,8 @@ def steering_facts(summary: GraphSummary) -> SteeringFacts:
         }
     for layer in facts.steer_layers:
         constants = node_constants(summary, node_name(layer, STEER_SHIFT)) or {}
-        if "vector" in constants:
-            facts.vector_norms[layer] = _norm(constants["vector"][1])
+        if SHIFT_CONSTANT in constants:
+            facts.vector_norms[layer] = _norm(constants[SHIFT_CONSTANT][1])
     for node in summary.nodes:
         version = node.attributes.get("plugin_version")
         if node.domain and version is not None and version.text:
@@ -270,11 +272,6 @@ def run_canaries(aligner, gate_checked: bool = True, bias: float | None = None, 
     shifts in a shut or deciding row's opening below g*, and the gate reads only the row's own last tokens), and the
     gate-open row is steered on its own tokens, not on the shared opening, which measures the shift the row's
     request gets (docs/integrity.md)."""
-    import time
-
-    from .contract import position_ids
-    from .generate import GenerationRun, SamplingConfig
-
     start = time.perf_counter()
     canaries = list(HARMFUL_CANARIES + HARMLESS_CANARIES)
     ids = [aligner.tokenizer.encode_prompt(p) for p in canaries]
@@ -317,19 +314,19 @@ def run_canaries(aligner, gate_checked: bool = True, bias: float | None = None, 
         mask = np.concatenate([np.ones((len(rows), shared), np.int64), own_mask], axis=1)
         out = run._step(own_ids, mask, position_ids(mask)[:, shared:], opening.keep([0] * len(rows)), gate_in)
         out = {name: value for name, value in out.items() if name != "kv"}
-        out["logits"] = np.asarray(out["logits"])[:, -1]
+        out[LOGITS] = np.asarray(out[LOGITS])[:, -1]
         return out
 
     out = prefill(list(range(n)) + probes, [-1.0] * n + [1.0] * len(probes))
     # fail closed as the loop does: a canary whose score is not finite counts as fired
     scores = np.asarray(out[SCORE_OUT], dtype=np.float64).reshape(-1)[:n]
     decided = prefill_decision(np.asarray(out[GATE_OUT]).reshape(-1)[:n], scores, False)[0]
-    logits = np.asarray(out["logits"], dtype=np.float64)
+    logits = np.asarray(out[LOGITS], dtype=np.float64)
     opened = logits[n:]
     shut = logits[probes]
     fired = [i for i, r in enumerate(probes) if decided[r] > 0.5]
     if fired:
-        shut[fired] = np.asarray(prefill([probes[i] for i in fired], [0.0] * len(fired))["logits"], np.float64)
+        shut[fired] = np.asarray(prefill([probes[i] for i in fired], [0.0] * len(fired))[LOGITS], np.float64)
     with np.errstate(all="ignore"):
         shifts = [float(np.linalg.norm(o - s) / max(np.linalg.norm(s), 1e-12))
                   if np.all(np.isfinite(o)) and np.all(np.isfinite(s)) else float("nan") for o, s in zip(opened, shut)]
