@@ -63,7 +63,7 @@ def _save_graph(model, path: Path) -> None:
 
 
 def _gate_node(manifest: dict) -> str:
-    return node_name(manifest["gate_layer"], STEER_GATE)
+    return node_name(manifest["gate"]["layers"][-1], STEER_GATE)
 
 
 def _shift_nodes(manifest: dict) -> list[str]:
@@ -370,9 +370,11 @@ def legacy_nan_export(exports, tmp_path_factory):
     is NaN: loadable only with ``allow_legacy=True``, and then nothing checks the constants."""
     path = _copy(exports["function"], tmp_path_factory.mktemp("legacy"), "export")
     manifest = _manifest(path)
+    gate = manifest["gate"]
     for key in ("integrity", "steering_io", "two_pass_prefill", "gate"):
         manifest.pop(key)
-    manifest["format_version"] = 1
+    # format 1 recorded the gate at the top level only
+    manifest.update(format_version=1, gate_layer=gate["layers"][-1], bias=gate["bias"], bias_rule=gate["rule"])
     _write_manifest(path, manifest)
     model = _load_graph(path)
     _edit_constant(model, _gate_node(manifest), "direction", lambda d: np.full_like(d, np.nan))
