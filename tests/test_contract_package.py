@@ -131,5 +131,9 @@ def test_gate_kind_hooks_come_from_the_registry():
     assert contract.pack_weight_versions() == (2,)
     assert set(contract.gate_constants()) == {"bias", "direction", "normalize", "tokens", "vector", "weight"}
     assert GateConfig(layers=(1,), weights={1: np.ones(4)}, bias=0.0).rule == "fpr"  # the paper kind's default
-    with pytest.raises(ValueError, match="PACK_GATES"):
-        register_gate_kind(GateKind("mlp", 9, pack_name="mlp", constants=("w1",), rules=("linear",), summary=""))
+    assert contract.PACK_GATES == ("paper", "linear") and contract.GATE_RULES == ("paper", "fpr", "linear")
+    with pytest.raises(ValueError, match="registered already"):
+        register_gate_kind(GateKind("mlp", 9, pack_name="linear", constants=("w1",), rules=("linear",), summary=""))
+    with pytest.raises(ValueError, match="default rule"):
+        register_gate_kind(GateKind("mlp", 9, pack_name="mlp", constants=("w1",), rules=(), summary=""))
+    assert 9 not in contract.GATE_KINDS

@@ -22,7 +22,8 @@ from aligner_runtime.contract import (GATE_KINDS as GATE_KIND_REGISTRY, SITE, En
                                       SteerConfig, gate_kind, gate_kind_named, pack_weight_versions)
 from aligner_runtime.contract.pack import LayerStatsKey, ModelInfoKey, PackKey, RecommendedKey  # noqa: F401
 from aligner_runtime.errors import AlignerError, atomic_path
-from aligner_runtime.contract.choices import BIAS_RULES, DEFAULT_SHIFT_MODE, PACK_GATES, PACK_MODES, SHIFT_MODE_NAMES
+from aligner_runtime.contract import PACK_GATES
+from aligner_runtime.contract.choices import BIAS_RULES, DEFAULT_SHIFT_MODE, PACK_MODES, SHIFT_MODE_NAMES
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)

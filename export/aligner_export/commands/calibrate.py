@@ -7,8 +7,7 @@ import hashlib
 import time
 from pathlib import Path
 
-from aligner_runtime.contract import EndRuleKey
-from aligner_runtime.contract.choices import PACK_GATES
+from aligner_runtime.contract import PACK_GATES, EndRuleKey
 from aligner_runtime.contract.pack import LayerStatsKey, PackKey, RecommendedKey
 from aligner_runtime.errors import AlignerError, check_count, check_writable_dir, check_writable_file, max_threads
 from aligner_runtime.prompts import load_prompts, load_templates

@@ -6,10 +6,11 @@ import math
 import re
 from pathlib import Path
 
-from aligner_runtime.contract import EndRule, EndRuleKey, Key, Manifest, StrengthSchedule, gate_kind_named
+from aligner_runtime.contract import (PACK_GATES, EndRule, EndRuleKey, Key, Manifest, StrengthSchedule,
+                                      gate_kind_named)
 from aligner_runtime.contract.pack import ModelInfoKey, PackKey, RecommendedKey
 from aligner_runtime.errors import AlignerError
-from aligner_runtime.contract.choices import (BIAS_RULES, DTYPES, EXPORTERS, PACK_GATES, QUANT_METHODS,
+from aligner_runtime.contract.choices import (BIAS_RULES, DTYPES, EXPORTERS, QUANT_METHODS,
                                              SHIFT_MODE_NAMES, STEER_IMPLS, WEIGHT_FORMATS)
 from aligner_runtime.signing import load_private_key
 

@@ -182,7 +182,7 @@ def describe_pack(path: Path) -> dict:
     if pack.has_linear_gate:
         gate_meta = _get(meta, PackKey.GATE, "dict") or {}
         info["linear_gate"] = {k: gate_meta.get(k) for k in (GateKey.LAYERS, GateKey.TOKENS, GateKey.NORMALIZE,
-                                                             GateKey.BIAS, "C", "max_fpr", "max_fpr_borderline")}
+                                                             GateKey.BIAS, "C", PackKey.MAX_FPR, "max_fpr_borderline")}
         info["linear_gate"]["heldout"] = _get(gate_meta, "heldout", "dict") or {}
         info["linear_gate"]["weight_norms"] = [float(np.linalg.norm(w)) for w in pack.gate_weight]
     return info

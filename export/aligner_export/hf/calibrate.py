@@ -296,7 +296,7 @@ def recommend(per_layer: list[dict], residual_norm: np.ndarray) -> dict:
     gate_layer = max(per_layer, key=lambda s: (round(s[LayerStatsKey.val_accuracy(bias_rule)], 6),
                                                s[LayerStatsKey.MARGIN]))[LayerStatsKey.LAYER]
     num_layers = len(per_layer)
-    joint = [min(s["target_val_accuracy"], s["aligned_val_accuracy"]) for s in per_layer]
+    joint = [min(s[LayerStatsKey.TARGET_VAL_ACCURACY], s[LayerStatsKey.ALIGNED_VAL_ACCURACY]) for s in per_layer]
     floor = max(joint) - STEER_ACCURACY_SLACK
     first = max(1, num_layers - int(np.ceil(STEER_UPPER_FRACTION * num_layers)))
     while first < num_layers - 1 and joint[first] < floor:
@@ -464,11 +464,12 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
             a_acc = t_acc
         spread = np.sqrt(0.5 * (proj_h[harmful_cal].var() + proj_b[harmless_cal].var())) + 1e-12
         margin = float((proj_h[harmful_cal].mean() - proj_b[harmless_cal].mean()) / spread)
-        per_layer.append({"layer": layer, "target_val_accuracy": t_acc, "aligned_val_accuracy": a_acc,
-                          "bias_paper": b_paper, "bias_fpr": b_fpr, "val_tpr": val_tpr, "val_fpr": val_fpr,
-                          "val_tpr_paper": tpr_paper, "val_fpr_paper": fpr_paper,
-                          "val_accuracy_paper": t_acc, "val_accuracy_fpr": acc_fpr, "margin": margin,
-                          "residual_norm": float(residual_norm[layer])})
+        per_layer.append({LayerStatsKey.LAYER: layer, LayerStatsKey.TARGET_VAL_ACCURACY: t_acc,
+                          LayerStatsKey.ALIGNED_VAL_ACCURACY: a_acc, LayerStatsKey.bias("paper"): b_paper,
+                          LayerStatsKey.bias("fpr"): b_fpr, LayerStatsKey.VAL_TPR: val_tpr,
+                          LayerStatsKey.VAL_FPR: val_fpr, "val_tpr_paper": tpr_paper, "val_fpr_paper": fpr_paper,
+                          LayerStatsKey.val_accuracy("paper"): t_acc, LayerStatsKey.val_accuracy("fpr"): acc_fpr,
+                          LayerStatsKey.MARGIN: margin, "residual_norm": float(residual_norm[layer])})
         gate_scores[layer] = (proj_h, proj_b)
 
     recommended = recommend(per_layer, residual_norm)
@@ -504,7 +505,7 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
         gate_weight = np.stack([fitted.weights[l] for l in fitted.layers]).astype(np.float32)
         chosen = gate_report.candidate
         # The gate's own record (GateConfig.manifest: the manifest's gate object) and how it was fitted.
-        gate_meta = {**fitted.manifest(), "fit": "logistic-l2", "C": chosen.C, "max_fpr": max_fpr,
+        gate_meta = {**fitted.manifest(), "fit": "logistic-l2", "C": chosen.C, PackKey.MAX_FPR: max_fpr,
                      "max_fpr_borderline": max_fpr_borderline, "threshold_rule": threshold_rule,
                      "heldout": gate_report.heldout,
                      "loso": [{k: v for k, v in r.items() if k != "folds"} | {"folds": r["folds"]}

@@ -37,11 +37,15 @@ def write_calibration_report(report_dir, pack, gate_projections, harmful_split, 
     layers = [s[LayerStatsKey.LAYER] for s in per_layer]
 
     fig, (ax_acc, ax_hist) = plt.subplots(1, 2, figsize=(13, 4.8))
-    ax_acc.plot(layers, [s["target_val_accuracy"] for s in per_layer], "o-", label="target (gate) accuracy")
+    ax_acc.plot(layers, [s[LayerStatsKey.TARGET_VAL_ACCURACY] for s in per_layer], "o-",
+                label="target (gate) accuracy")
     if pack.meta["mode"] == "cross-model":
-        ax_acc.plot(layers, [s["aligned_val_accuracy"] for s in per_layer], "s--", label="aligned model accuracy")
-    ax_acc.plot(layers, [s["val_tpr"] for s in per_layer], ":", color="tab:green", label="target TPR (fpr bias)")
-    ax_acc.plot(layers, [s["val_fpr"] for s in per_layer], ":", color="tab:red", label="target FPR (fpr bias)")
+        ax_acc.plot(layers, [s[LayerStatsKey.ALIGNED_VAL_ACCURACY] for s in per_layer], "s--",
+                    label="aligned model accuracy")
+    ax_acc.plot(layers, [s[LayerStatsKey.VAL_TPR] for s in per_layer], ":", color="tab:green",
+                label="target TPR (fpr bias)")
+    ax_acc.plot(layers, [s[LayerStatsKey.VAL_FPR] for s in per_layer], ":", color="tab:red",
+                label="target FPR (fpr bias)")
     steer = rec[RecommendedKey.STEER_LAYERS]
     ax_acc.axvspan(min(steer) - 0.5, max(steer) + 0.5, color="tab:orange", alpha=0.12, label="steered layers")
     ax_acc.axvline(g, color="k", lw=0.8, ls="--", label=f"gate layer {g}")
@@ -60,8 +64,9 @@ def write_calibration_report(report_dir, pack, gate_projections, harmful_split, 
     ax_hist.hist(proj_b[b_val], bins=bins, histtype="step", lw=1.5, color="tab:blue", label="harmless (validation)")
     ax_hist.hist(proj_h[h_val], bins=bins, histtype="step", lw=1.5, color="tab:red", label="harmful (validation)")
     stats = per_layer[g]
-    ax_hist.axvline(-stats["bias_paper"], color="k", ls="--", label="threshold, paper bias")
-    ax_hist.axvline(-stats["bias_fpr"], color="tab:purple", ls="-", label=f"threshold, FPR<={pack.meta['max_fpr']}")
+    ax_hist.axvline(-stats[LayerStatsKey.bias("paper")], color="k", ls="--", label="threshold, paper bias")
+    ax_hist.axvline(-stats[LayerStatsKey.bias("fpr")], color="tab:purple", ls="-",
+                    label=f"threshold, FPR<={pack.meta[PackKey.MAX_FPR]}")
     ax_hist.set_xlabel(f"projection on the target SRV at layer {g}")
     ax_hist.set_ylabel("prompts")
     ax_hist.set_title(f"Gate scores at layer {g} (score = projection + bias)")
@@ -73,7 +78,7 @@ def write_calibration_report(report_dir, pack, gate_projections, harmful_split, 
     plt.close(fig)
     if gate_report is not None:
         _gate_figure(plt, report_dir / "gate.png", gate_report)
-    keys = ("mode", "recommended", "per_layer", "prompts", "gate")
+    keys = (PackKey.MODE, PackKey.RECOMMENDED, PackKey.PER_LAYER, PackKey.PROMPTS, PackKey.GATE)
     with atomic_path(report_dir / "calibration.json", suffix=".json") as tmp:
         tmp.write_text(json.dumps({k: pack.meta[k] for k in keys if k in pack.meta}, indent=2))
     return png

@@ -35,7 +35,7 @@ class PackKey:
 class RecommendedKey:
     """The keys of the pack's ``recommended`` object: what ``aligner-export export`` uses by default."""
 
-    GATE = "gate"  # the pack name of the gate kind (contract.choices.PACK_GATES)
+    GATE = "gate"  # the pack name of the gate kind (contract.PACK_GATES, from the registered kinds)
     GATE_LAYER = "gate_layer"  # the paper gate's layer
     STEER_LAYERS = "steer_layers"
     ALPHA = "alpha"

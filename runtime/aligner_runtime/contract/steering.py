@@ -8,7 +8,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .choices import BIAS_RULES, DEFAULT_SHIFT_MODE, GATE_RULES, PACK_GATES, SHIFT_MODE_NAMES
+from .choices import BIAS_RULES, DEFAULT_SHIFT_MODE, SHIFT_MODE_NAMES
 from .protocol import two_pass_prefill
 
 # --- the steering configuration -------------------------------------------------------------------------------------
@@ -78,15 +78,10 @@ SHIFT_MODES: dict[int, ShiftMode] = {}
 def register_gate_kind(kind: GateKind) -> GateKind:
     if kind.version in GATE_KINDS:
         raise ValueError(f"gate version {kind.version} is registered already ({GATE_KINDS[kind.version].name})")
-    if any(k.name == kind.name for k in GATE_KINDS.values()):
-        raise ValueError(f"a gate kind named {kind.name!r} is registered already")
-    if kind.pack_name is not None and kind.pack_name not in PACK_GATES:
-        raise ValueError(f"pack gate {kind.pack_name!r} is not one of contract.choices.PACK_GATES {PACK_GATES}: "
-                         f"add it there too")
-    unknown = [rule for rule in kind.rules if rule not in GATE_RULES]
-    if not kind.rules or unknown or (kind.default_rule is not None and kind.default_rule not in kind.rules):
-        raise ValueError(f"gate rules {list(kind.rules)} must be some of contract.choices.GATE_RULES {GATE_RULES}, "
-                         f"the default rule one of them")
+    if any(k.name == kind.name or (kind.pack_name and k.pack_name == kind.pack_name) for k in GATE_KINDS.values()):
+        raise ValueError(f"a gate kind named {kind.name!r} (pack name {kind.pack_name!r}) is registered already")
+    if not kind.rules or (kind.default_rule is not None and kind.default_rule not in kind.rules):
+        raise ValueError(f"gate kind {kind.name!r}: give its rules {list(kind.rules)}, the default rule one of them")
     GATE_KINDS[kind.version] = kind
     return kind
 
@@ -110,6 +105,11 @@ register_gate_kind(GateKind("paper", 1, pack_name="paper", constants=("direction
 register_gate_kind(GateKind("linear", 2, pack_name="linear", constants=("weight", "bias", "tokens", "normalize"),
                             rules=("linear",), summary="sum over G of mean_K n(h) . w_l + bias", pack_weights=True,
                             chained=True))
+# The names the CLIs (--gate) and the checks take follow the kinds registered above: how a steering pack names the
+# kinds it can select, and every rule a gate may record.
+PACK_GATES = tuple(k.pack_name for _, k in sorted(GATE_KINDS.items()) if k.pack_name)
+GATE_RULES = tuple(dict.fromkeys(rule for _, k in sorted(GATE_KINDS.items()) for rule in k.rules))
+
 # The paper's shift: h + gate·α_l·θ_l.
 register_shift_mode(ShiftMode("add", 1, summary="h + gate·v"))
 # Issue 17: the shifted state rescaled to its norm before the shift, ‖h‖·y/‖y‖ with y = h + gate·α_l·θ_l.
