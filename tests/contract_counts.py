@@ -25,8 +25,11 @@ from aligner_runtime.contract import Key  # noqa: E402
 from aligner_runtime.contract import pack as pack_keys  # noqa: E402
 
 BASE_IO = {"input_ids", "attention_mask", "position_ids", "logits", "inputs_embeds"}
+# Words that are manifest keys and also name other things. "format_version" (generic since issue 19) is the version key
+# of every file the package writes (the manifest, the pack, the engine stamp, the evaluation report, the corpus
+# MANIFEST.json): its remaining literals were those other formats' own keys.
 GENERIC = {"alpha", "bias", "gate", "io", "dtype", "site", "opset", "weights", "validation", "integrity", "strength",
-           "multimodal", "exporter", "num_layers", "hidden_size"}
+           "multimodal", "exporter", "num_layers", "hidden_size", "format_version"}
 KEYS = {v for k, v in vars(Key).items() if not k.startswith("_")}
 # The pack's keys that no manifest key spells (words such as "mode", "site" or "layer" are left out as generic).
 PACK_KEYS = {v for cls in (pack_keys.PackKey, pack_keys.RecommendedKey, pack_keys.ModelInfoKey, pack_keys.LayerStatsKey)

@@ -65,6 +65,11 @@ class ExportDir:
         return manifest_gate_layer(self.manifest)
 
     @property
+    def facts(self) -> Manifest:
+        """The manifest, typed (:class:`~aligner_runtime.contract.Manifest`): the same facts whatever its format."""
+        return Manifest.from_json(self.manifest, str(self.path / MANIFEST_FILE))
+
+    @property
     def gate_layers(self) -> list[int]:
         """G: every layer a SteerGate node reads."""
         return manifest_gate_layers(self.manifest)

@@ -167,10 +167,10 @@ def evaluate(aligner, sets: Sequence[PromptSet], judge: Judge, max_new_tokens: i
     summary["latency_seconds_per_prompt_unsteered"] = statistics.fmean(x["mean_seconds_per_prompt"]
                                                                       for x in all_unsteered)
 
-    # The report's steering record names the export's facts as its manifest does, whatever the manifest's format.
+    # The report's steering record names the export's facts as the manifest's keys do, whatever the manifest's format.
     facts = Manifest.from_json(aligner.manifest, "the export's manifest")
     return {
-        Key.FORMAT_VERSION: REPORT_FORMAT_VERSION,
+        "format_version": REPORT_FORMAT_VERSION,  # the report's own format (report.json), not the manifest's
         "model": str(aligner.export.path),
         "steering": {Key.GATE_LAYER: facts.gate_layer, Key.STEER_LAYERS: list(facts.steer_layers),
                      Key.ALPHA: facts.alpha, Key.BIAS: facts.bias, Key.BIAS_RULE: facts.gate_rule,

@@ -502,6 +502,10 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
 
         fitted, gate_report = fit_gate(features, candidates, max_fpr, max_fpr_borderline, seed=seed,
                                        progress=progress, threshold_rule=threshold_rule)
+        try:  # the one check of a gate's shape rules (contract.GateConfig.check), before the pack records it
+            fitted.check(num_layers, int(t_srv.shape[1]))
+        except ValueError as exc:
+            raise AlignerError(f"the fitted gate: {exc}") from None
         gate_weight = np.stack([fitted.weights[l] for l in fitted.layers]).astype(np.float32)
         chosen = gate_report.candidate
         # The gate's own record (GateConfig.manifest: the manifest's gate object) and how it was fitted.
