@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from aligner_runtime.api import Aligner
-from aligner_runtime.contract import DOMAIN, MANIFEST_FILE, MODEL_FILE, STEER_GATE, STEER_SHIFT, node_name
+from aligner_runtime.contract import (DOMAIN, MANIFEST_FILE, MODEL_FILE, STEER_GATE, STEER_SHIFT, manifest_gate_layer,
+                                      node_name)
 from aligner_runtime.errors import AlignerError
 from runtime_exports import DEFAULT_OPTIONS, LINEAR_OPTIONS, tiny_export
 
@@ -63,7 +64,7 @@ def _save_graph(model, path: Path) -> None:
 
 
 def _gate_node(manifest: dict) -> str:
-    return node_name(manifest["gate"]["layers"][-1], STEER_GATE)
+    return node_name(manifest_gate_layer(manifest), STEER_GATE)  # any manifest format
 
 
 def _shift_nodes(manifest: dict) -> list[str]:

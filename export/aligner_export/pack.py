@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 from aligner_runtime import schema
 from aligner_runtime.contract import (GATE_KINDS as GATE_KIND_REGISTRY, SITE, EndRule, GateConfig, GateKey, Manifest,
                                       SteerConfig, gate_kind, gate_kind_named, pack_weight_versions)
-from aligner_runtime.contract.pack import LayerStatsKey, ModelInfoKey, PackKey, RecommendedKey  # noqa: F401
+from aligner_runtime.contract.pack import LayerStatsKey, PackKey, RecommendedKey
 from aligner_runtime.errors import AlignerError, atomic_path
 from aligner_runtime.contract import PACK_GATES
 from aligner_runtime.contract.choices import BIAS_RULES, DEFAULT_SHIFT_MODE, PACK_MODES, SHIFT_MODE_NAMES

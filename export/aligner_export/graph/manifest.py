@@ -15,7 +15,8 @@ import onnx
 from aligner_runtime.errors import atomic_path
 # KEY_FACTS and METADATA_EXTRA are the facts metadata_props holds; steering_record writes the steering part of a
 # format-3 manifest (each gate fact once, in "gate") from the SteerConfig, for hf/export.py.
-from aligner_runtime.contract import KEY_FACTS, MANIFEST_FILE, METADATA_EXTRA, METADATA_PREFIX, steering_record  # noqa: F401
+from aligner_runtime.contract import (KEY_FACTS, MANIFEST_FILE, METADATA_EXTRA, METADATA_PREFIX,  # noqa: F401
+                                      steering_record)
 
 
 def metadata_entries(manifest: dict) -> dict[str, str]:
