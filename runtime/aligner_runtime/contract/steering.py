@@ -1,5 +1,6 @@
-"""The steering configuration (docs/contract.md): the gate baked into a graph and the vectors added at each steered
-layer. Numpy only."""
+"""The steering configuration (docs/contract.md): the registry of gate kinds and shift modes, the gate baked into a
+graph and the vectors added at each steered layer. Numpy only: the modules that own each kind's ONNX form, PyTorch
+reference and plugin register those under the kind's name (the import arrows keep pointing at this package)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import numpy as np
 from .choices import BIAS_RULES, DEFAULT_SHIFT_MODE, SHIFT_MODE_NAMES
 from .protocol import two_pass_prefill
 
-# --- the steering configuration -------------------------------------------------------------------------------------
+# --- the registry of gate kinds and shift modes ----------------------------------------------------------------------
 SHIFT_CONSTANT = "vector"  # SteerShift's one constant attribute, α_l·θ_l, in every mode
+
 
 @dataclass(frozen=True)
 class GateKind:
@@ -171,6 +173,7 @@ def gate_kind_named(pack_name: str) -> GateKind:
 
 
 
+# --- the steering configuration -------------------------------------------------------------------------------------
 class GateKey:
     """The keys of a gate's record: the manifest's ``gate`` object (:meth:`GateConfig.manifest`) and, for a kind with
     ``pack_weights``, the steering pack's ``gate`` metadata."""
