@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from aligner_runtime import schema
 from aligner_runtime.contract import (GATE_KINDS as GATE_KIND_REGISTRY, SITE, EndRule, GateConfig, GateKey, Manifest,
@@ -243,6 +241,9 @@ def check_meta(meta, layers: int, hidden: int, gate_rows: int | None, where: str
 
 def save_pack(pack: SteeringPack, path) -> Path:
     """Writes the pack atomically: a temporary file beside ``path``, then a rename."""
+    # deferred: safetensors (the export extra): a device install imports this module (inspect) without it
+    from safetensors.numpy import save_file
+
     path = Path(path)
     tensors = {k: np.ascontiguousarray(v) for k, v in pack.tensors().items()}
     layers, hidden = _check_arrays(tensors, "pack")
@@ -265,6 +266,9 @@ def _check_header_entry(entry, name: str, path: Path) -> None:
 
 def load_pack(path) -> SteeringPack:
     """Reads and validates a pack; every problem is an :class:`AlignerError` naming the file."""
+    # deferred: safetensors (the export extra): a device install imports this module (inspect) without it
+    from safetensors import safe_open
+
     path = Path(path)
     if not path.is_file():
         raise AlignerError(f"steering pack not found: {path}")

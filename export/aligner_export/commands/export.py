@@ -15,10 +15,6 @@ from aligner_runtime.contract.choices import (BIAS_RULES, DTYPES, EXPORTERS, QUA
 from aligner_runtime.signing import load_private_key
 
 from aligner_export.commands.sign import sign
-from aligner_export.graph.quantize import weight_format
-from aligner_export.hf.export import ExportOptions, export_steered
-from aligner_export.hf.families import family_for
-from aligner_export.hf.modeling import fingerprint, load_config, load_model, model_dims
 from aligner_export.pack import load_pack
 
 
@@ -110,6 +106,9 @@ def parse_layers(text: str, num_layers: int, what: str) -> list[int]:
 
 def resolve_options(args, pack, num_layers: int):
     """Options from the command line, defaulting to ``pack.recommended``; every bad value is an AlignerError."""
+    # deferred: the export pipeline (onnx, onnx_ir, transformers: the export extra); the parser runs in a device install
+    from aligner_export.hf.export import ExportOptions
+
     rec = pack.recommended
     steer_spec = ",".join(str(l) for l in rec[RecommendedKey.STEER_LAYERS]) if args.steer_layers == "auto" \
         else args.steer_layers
@@ -185,6 +184,9 @@ def resolve_end_rule(args, rec: dict):
 def resolve_precision(args):
     """``(dtype, WeightFormat)`` from ``--dtype`` and ``--weights``: fp32/fp16 weights are the dtype itself (so
     ``--dtype fp16`` alone keeps working), int8/int4 weights run with fp32 activations unless ``--dtype fp16``."""
+    # deferred: the quantizer (onnx, the export extra); the parser runs in a device install
+    from aligner_export.graph.quantize import weight_format
+
     weights_name = getattr(args, "weights", None)
     dtype = args.dtype
     if weights_name in ("fp32", "fp16"):
@@ -207,6 +209,11 @@ def _check_output(path: Path) -> None:
 
 
 def run(args) -> int:
+    # deferred: the model families and loaders (transformers, the export extra); the parser runs in a device install
+    from aligner_export.hf.families import family_for
+    # deferred: as above
+    from aligner_export.hf.modeling import fingerprint, load_config, load_model, model_dims
+
     target, out_dir = Path(args.target), Path(args.output)
     _check_output(out_dir)
     if args.sign:
@@ -225,6 +232,8 @@ def run(args) -> int:
 
     # deferred: torch, the one heavy import of an export, only once every argument has been checked
     import torch
+    # deferred: the export pipeline (onnx, onnx_ir, optimum: the export extra)
+    from aligner_export.hf.export import export_steered
 
     model, tokenizer = load_model(target)
     digest = fingerprint(model)

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from aligner_runtime.contract import (ATTENTION_MASK, DEFAULT_SHIFT_MODE, INPUT_IDS, POSITION_IDS, EndRuleKey,
                                       gate_kind_named, position_ids)
@@ -98,6 +97,8 @@ def collect_activations(model, tokenizer, prompts, batch_size: int = 16, desc: s
     decoder layer's output at the last token, and at ``tail_layers`` the last ``TAIL_TOKENS`` positions."""
     # deferred: torch, the model run's own import (the package imports without it)
     import torch
+    # deferred: tqdm (the export extra): aligner-export's parser imports this module in a device install
+    from tqdm import tqdm
 
     family = family_for(model.config)
     texts, template_sha, fallback = chat_texts(tokenizer, prompts, systems=systems)
@@ -163,6 +164,8 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens: int = RESPONSE_T
     produced an end-of-sequence token within ``max_new_tokens`` (the text then ends before it)."""
     # deferred: torch, the model run's own import (the package imports without it)
     import torch
+    # deferred: tqdm (the export extra): aligner-export's parser imports this module in a device install
+    from tqdm import tqdm
 
     texts = chat_texts(tokenizer, prompts)[0]
     eos = tokenizer.eos_token_id
