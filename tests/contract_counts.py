@@ -4,7 +4,11 @@ module; ``tests/test_layout.py`` checks the layout rules with its import reader 
 
 A literal is a whole Python string token (implicit concatenations included), so words inside messages do not count.
 Manifest keys are counted twice: the keys no other format shares (``steer_layers``, ``format_version``, ...) and every
-key of ``contract.Key`` (generic words such as ``alpha``, ``gate`` or ``io`` also name pack fields and locals)."""
+key of ``contract.Key`` (generic words such as ``alpha``, ``gate`` or ``io`` also name pack fields and locals). Some
+distinctive manifest words are also steering-pack fields (``gate_layer``, ``steer_layers``, ``bias_rule`` in the pack's
+``recommended``); since issue 19 those have their own constants (``contract.pack``), so a literal of either format
+outside the contract package counts here. The pack's own distinctive keys (``per_layer``, ``recommended``, the
+per-layer statistics) are counted on a line of their own."""
 
 from __future__ import annotations
 
@@ -19,11 +23,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "runtime"))
 
 from aligner_runtime.contract import Key  # noqa: E402
+from aligner_runtime.contract import pack as pack_keys  # noqa: E402
 
 BASE_IO = {"input_ids", "attention_mask", "position_ids", "logits", "inputs_embeds"}
+# Words that are manifest keys and also name other things. "format_version" (generic since issue 19) is the version key
+# of every file the package writes (the manifest, the pack, the engine stamp, the evaluation report, the corpus
+# MANIFEST.json): its remaining literals were those other formats' own keys.
 GENERIC = {"alpha", "bias", "gate", "io", "dtype", "site", "opset", "weights", "validation", "integrity", "strength",
-           "multimodal", "exporter", "num_layers", "hidden_size"}
+           "multimodal", "exporter", "num_layers", "hidden_size", "format_version"}
 KEYS = {v for k, v in vars(Key).items() if not k.startswith("_")}
+# The pack's keys that no manifest key spells (words such as "mode", "site" or "layer" are left out as generic).
+PACK_KEYS = {v for cls in (pack_keys.PackKey, pack_keys.RecommendedKey, pack_keys.ModelInfoKey, pack_keys.LayerStatsKey)
+             for k, v in vars(cls).items() if not k.startswith("_") and isinstance(v, str)} - KEYS \
+    - {"mode", "site", "token", "target", "aligned", "prompts", "seed", "layer", "ssv", "margin", "source",
+       "fingerprint"}
 
 
 def sources():
@@ -183,7 +196,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def main() -> None:
-    io_sites, key_sites, distinct_sites, imports = Counter(), Counter(), Counter(), Counter()
+    io_sites, key_sites, distinct_sites, pack_sites, imports = Counter(), Counter(), Counter(), Counter(), Counter()
     for path in sources():
         rel = path.relative_to(ROOT).as_posix()
         for value in string_values(path):
@@ -193,6 +206,8 @@ def main() -> None:
                 key_sites[rel] += 1
                 if value not in GENERIC:
                     distinct_sites[rel] += 1
+            if value in PACK_KEYS:
+                pack_sites[rel] += 1
         imports[rel.split("/")[0]] += function_imports(path)
     print(f"base-I/O literals outside the contract package: {sum(io_sites.values())} in {len(io_sites)} files")
     for rel, n in io_sites.most_common():
@@ -202,6 +217,10 @@ def main() -> None:
         print(f"  {n:3d} {rel}")
     print(f"manifest-key literals (every key, generic words included): {sum(key_sites.values())} in "
           f"{len(key_sites)} files")
+    print(f"pack-key literals (keys no manifest key spells: {', '.join(sorted(PACK_KEYS))}): "
+          f"{sum(pack_sites.values())} in {len(pack_sites)} files")
+    for rel, n in pack_sites.most_common():
+        print(f"  {n:3d} {rel}")
     print(f"function-level imports: export {imports['export']}, runtime {imports['runtime']}")
     found = cycles(import_graph())
     print(f"import circles (module or function level): {len(found)}")

@@ -108,7 +108,7 @@ def test_pack_round_trip_and_metadata(tiny_model_dir, tmp_path):
         rows = len(pack.meta["gate"]["layers"]) if name == "gate.weight" else 4
         assert arr.dtype == np.float32 and arr.shape == (rows, 64)
     assert again.has_linear_gate and again.recommended["gate"] == "linear"
-    gate = again.linear_gate()
+    gate = again.fitted_gate()
     assert gate.version == 2 and gate.last_layer == max(pack.meta["gate"]["layers"])
     meta = again.meta
     assert meta["format_version"] == 2 and meta["mode"] == "cross-model"

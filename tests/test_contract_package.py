@@ -46,7 +46,7 @@ def test_registry_enforces_the_kind_rules():
         with pytest.raises(ValueError):
             bad.check(num_layers=4, hidden_size=4)
     with pytest.raises(ValueError, match="registered already"):
-        register_gate_kind(GateKind("again", 2, pack_name=None))
+        register_gate_kind(GateKind("again", 2, pack_name=None, constants=("bias",), rules=("linear",), summary=""))
     with pytest.raises(ValueError, match="unknown gate kind"):
         gate_kind_named("mlp")
 
@@ -63,3 +63,77 @@ def test_typed_manifest():
     assert manifest.to_json() == raw
     with pytest.raises(AlignerError, match="gate_layer"):
         Manifest.from_json({**raw, Key.GATE_LAYER: 1}, "test")
+
+
+# --- manifest format 3: each gate fact once (issue 19) ------------------------------------------------------------------
+def _format3(**extra):
+    return {Key.FORMAT_VERSION: 3, Key.NUM_LAYERS: 4, Key.STEER_LAYERS: [1, 3], Key.ALPHA: 4.0,
+            Key.GATE: {"version": 2, "layers": [1, 2], "tokens": 2, "normalize": True, "bias": 0.1,
+                       "rule": "linear"}, **extra}
+
+
+def test_format3_records_the_gate_once():
+    manifest = Manifest.from_json(_format3(), "test")
+    assert manifest.gate_layer == 2 and manifest.bias == pytest.approx(0.1) and manifest.gate_rule == "linear"
+    assert manifest.gate_version == 2 and manifest.steering_declared
+    assert Key.GATE_LAYER not in manifest.missing_required() and Key.BIAS not in manifest.missing_required()
+    assert Key.INTEGRITY in manifest.missing_required()
+    for key, value in ((Key.GATE_LAYER, 2), (Key.BIAS, 0.1), (Key.BIAS_RULE, "fpr")):
+        with pytest.raises(AlignerError, match=f"must not hold '{key}'"):
+            Manifest.from_json(_format3(**{key: value}), "test")
+
+
+def test_format3_gate_rule_is_required_and_belongs_to_the_kind():
+    raw = _format3()
+    del raw[Key.GATE]["rule"]
+    with pytest.raises(AlignerError, match="'rule' is missing"):
+        Manifest.from_json(raw, "test")
+    raw[Key.GATE]["rule"] = "paper"  # a linear gate's bias is fitted, never the paper rule
+    with pytest.raises(AlignerError, match="'rule' must be one of linear"):
+        Manifest.from_json(raw, "test")
+    paper = {**_format3(), Key.GATE: {"version": 1, "layers": [2], "tokens": 1, "normalize": False, "bias": -0.3,
+                                      "rule": "paper"}}
+    assert Manifest.from_json(paper, "test").gate_rule == "paper"
+
+
+def test_format2_copies_must_agree_with_the_gate_object():
+    """Formats 1 and 2 keep loading; their top-level copies are cross-checked against ``gate``."""
+    raw = {Key.FORMAT_VERSION: 2, Key.NUM_LAYERS: 4, Key.STEER_LAYERS: [3], Key.GATE_LAYER: 2, Key.ALPHA: 4.0,
+           Key.BIAS: -0.3, Key.BIAS_RULE: "fpr",
+           Key.GATE: {"version": 1, "layers": [2], "tokens": 1, "normalize": False, "bias": -0.3}}
+    manifest = Manifest.from_json(raw, "test")
+    # a format-2 manifest written before gate.rule existed: the rule is the top-level bias_rule
+    assert manifest.gate_layer == 2 and manifest.bias == pytest.approx(-0.3) and manifest.gate_rule == "fpr"
+    with pytest.raises(AlignerError, match="'bias' must be the gate's bias"):
+        Manifest.from_json({**raw, Key.BIAS: 0.5}, "test")
+    legacy = Manifest.from_json({Key.FORMAT_VERSION: 1, Key.STEER_LAYERS: [3], Key.GATE_LAYER: 2, Key.ALPHA: 4.0,
+                                 Key.BIAS: -0.3, Key.BIAS_RULE: "paper"}, "test")
+    assert legacy.legacy and legacy.gate_layers == (2,) and legacy.gate_version == 1 and legacy.gate_rule == "paper"
+    assert legacy.bias == pytest.approx(-0.3)
+
+
+def test_steering_record_writes_format3():
+    gate = GateConfig(layers=(1, 2), weights={1: np.ones(4), 2: np.ones(4)}, bias=0.25, tokens=2, version=2,
+                      rule="linear")
+    config = contract.SteerConfig(gate=gate, vectors={3: np.ones(4, np.float32)})
+    record = contract.steering_record(config, 2.5)
+    assert record[Key.FORMAT_VERSION] == contract.FORMAT_VERSION == 3
+    assert not set(contract.GATE_DUPLICATES) & set(record)
+    assert record[Key.GATE] == {"version": 2, "layers": [1, 2], "tokens": 2, "normalize": False, "bias": 0.25,
+                                "rule": "linear"}
+    assert Manifest.from_json({**record, Key.NUM_LAYERS: 4}, "test").gate_layer == 2
+
+
+def test_gate_kind_hooks_come_from_the_registry():
+    assert contract.gate_kind_of_constants(("bias", "direction")).name == "paper"
+    assert contract.gate_kind_of_constants(("weight", "bias", "tokens", "normalize")).version == 2
+    assert contract.gate_kind_of_constants(("weight",)) is None
+    assert contract.pack_weight_versions() == (2,)
+    assert set(contract.gate_constants()) == {"bias", "direction", "normalize", "tokens", "vector", "weight"}
+    assert GateConfig(layers=(1,), weights={1: np.ones(4)}, bias=0.0).rule == "fpr"  # the paper kind's default
+    assert contract.PACK_GATES == ("paper", "linear") and contract.GATE_RULES == ("paper", "fpr", "linear")
+    with pytest.raises(ValueError, match="registered already"):
+        register_gate_kind(GateKind("mlp", 9, pack_name="linear", constants=("w1",), rules=("linear",), summary=""))
+    with pytest.raises(ValueError, match="default rule"):
+        register_gate_kind(GateKind("mlp", 9, pack_name="mlp", constants=("w1",), rules=(), summary=""))
+    assert 9 not in contract.GATE_KINDS

@@ -34,6 +34,7 @@ HEADER_TWINS = {
     "kManifestFile": contract.MANIFEST_FILE,
     "kEngineStampFile": contract.STAMP_FILE,
     "kManifestFormatVersion": contract.FORMAT_VERSION,
+    "kManifestOldestFormatVersion": contract.OLDEST_VERIFIED_FORMAT_VERSION,
 }
 # Constants of the header that are messages, not contract facts.
 HEADER_TEXT_ONLY = {"kManifestFormatAdvice"}
@@ -143,3 +144,11 @@ def test_c_reader_shift_modes_match():
     pairs = re.findall(r'\*shiftMode == "(\w+)"\)\s*\{\s*manifest\.shiftVersion = (\d+);', MANIFEST_CPP.read_text())
     assert {name: int(version) for name, version in pairs} == \
         {mode.name: version for version, mode in contract.SHIFT_MODES.items()}
+
+
+def test_c_reader_refuses_the_format3_duplicates():
+    """manifest.cpp refuses in a format-3 manifest exactly the top-level keys contract.GATE_DUPLICATES names."""
+    text = MANIFEST_CPP.read_text()
+    match = re.search(r"for \(auto const& duplicate : \{([^}]*)\}\)", text)
+    assert match, "the format-3 duplicates loop of parseManifest changed shape; update this test"
+    assert _FIND.findall(match.group(1)) == list(contract.GATE_DUPLICATES)

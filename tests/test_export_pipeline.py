@@ -11,6 +11,7 @@ import pytest
 
 from aligner_export.commands.cli import main
 from export_packs import make_pack
+from aligner_export.pack import load_pack
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -62,7 +63,9 @@ def test_export_validates_prefill_and_decode(exports, family):
     assert validation["decode_max_abs_diff"] <= 1e-4
     assert validation["tolerance"] == 1e-4, "tiny models have logits below 10: the issue's 1e-4 applies as is"
     assert sorted(validation["gates"]) == [0.0, 1.0], "the pack's bias must split the two validation prompts"
-    assert manifest["steer_layers"] == [1, 2] and manifest["gate_layer"] == 1
+    assert manifest["steer_layers"] == [1, 2] and manifest["gate"]["layers"] == [1]
+    # format 3: the gate's layers, bias and rule once, in "gate" (docs/contract.md "Manifest")
+    assert manifest["format_version"] == 3 and not {"gate_layer", "bias", "bias_rule"} & set(manifest)
     assert manifest["io"]["inputs"][-1] == "steer_gate_in"
     assert manifest["io"]["outputs"][-2:] == ["steer_gate", "steer_score"]
     for name in ("tokenizer.json", "chat_template.jinja", "generation_config.json", "model.onnx"):
@@ -120,7 +123,7 @@ def test_llama_matrix_against_reference(exports, packs, impl, gate_layer, paddin
 
     out = exports("llama", "--steer-impl", impl, "--no-validate", gate_layer=gate_layer)
     manifest = load_manifest(out)
-    assert manifest["validation"] is None and manifest["gate_layer"] == gate_layer
+    assert manifest["validation"] is None and manifest["gate"]["layers"] == [gate_layer]
     model, tokenizer, spec = _reference(*packs("llama", gate_layer=gate_layer), manifest)
     result = validate(out / "model.onnx", model, tokenizer, spec, padding_side=padding_side)
     assert result.prefill_max_abs_diff <= 1e-4 and result.decode_max_abs_diff <= 1e-4
@@ -148,9 +151,10 @@ def test_linear_gate_against_reference(linear_pack, tmp_path, impl, padding_side
     assert main(["export", "--target", str(model_dir), "--pack", str(pack), "-o", str(out), "--steer-impl", impl,
                  "--no-validate"]) == 0
     manifest = load_manifest(out)
+    gate = load_pack(pack).meta["gate"]
     assert manifest["gate"] == {"version": 2, "layers": [0, 2], "tokens": 2, "normalize": True,
-                                "bias": manifest["bias"], "rule": "linear"}
-    assert manifest["gate_layer"] == 2 and manifest["two_pass_prefill"] is True
+                                "bias": gate["bias"], "rule": "linear"}
+    assert manifest["two_pass_prefill"] is True
     model, tokenizer, spec = _reference(model_dir, pack, manifest)
     result = validate(out / "model.onnx", model, tokenizer, spec, padding_side=padding_side)
     assert result.prefill_max_abs_diff <= 1e-4 and result.decode_max_abs_diff <= 1e-4

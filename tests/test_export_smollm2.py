@@ -24,7 +24,7 @@ def test_smollm2_export_validates(smollm2_dir, tmp_path, capsys):
     assert max(validation["prefill_max_abs_diff"], validation["decode_max_abs_diff"]) <= validation["tolerance"]
     assert validation["tolerance"] <= 1e-3
     assert manifest["num_layers"] == 30 and manifest["hidden_size"] == 576
-    assert manifest["steer_layers"] == list(range(10, 21)) and manifest["gate_layer"] == 12
+    assert manifest["steer_layers"] == list(range(10, 21)) and manifest["gate"]["layers"] == [12]
     assert (out / "chat_template.jinja").read_text().startswith("{%") or "im_start" in \
         (out / "chat_template.jinja").read_text()
     assert main(["inspect", str(out)]) == 0

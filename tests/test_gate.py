@@ -160,7 +160,7 @@ def test_fitted_gate_matches_reference_hooks_and_independent_scores(tiny_model_d
     target, aligned = tiny_model_dir("llama", seed=0), tiny_model_dir("llama", seed=1)
     pack = calibrate(target, HARMFUL, HARMLESS, aligned, seed=0, batch_size=5,
                      candidates=[Candidate((1, 3), tokens, True, 0.01)])
-    gate = pack.linear_gate()
+    gate = pack.fitted_gate()
     assert gate.layers == (1, 3) and gate.tokens == tokens and gate.normalize
 
     prompts = HARMFUL + HARMLESS

@@ -155,11 +155,22 @@ def _edit_manifest(path: Path, **changes) -> None:
     (path / "inferaligner.json").write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("change", [{"alpha": 1.5}, {"gate_layer": 1}, {"steer_layers": [1, 2]}, {"bias": 123.0}])
+def _moved_gate(manifest: dict) -> dict:
+    layer = manifest["gate"]["layers"][-1]
+    return {"gate": {**manifest["gate"], "layers": [layer + 1 if layer == 0 else layer - 1]}}
+
+
+# Format 3 records the gate's layers, bias and rule once, in "gate"; a top-level copy (formats 1 and 2) is refused.
+@pytest.mark.parametrize("change", [lambda m: {"alpha": 1.5}, _moved_gate, lambda m: {"steer_layers": [1, 2]},
+                                    lambda m: {"gate": {**m["gate"], "bias": 123.0}},
+                                    lambda m: {"gate_layer": m["gate"]["layers"][-1]},
+                                    lambda m: {"bias": m["gate"]["bias"]}],
+                         ids=["alpha", "gate_layers", "steer_layers", "gate_bias", "gate_layer_copy", "bias_copy"])
 def test_tampered_manifest_is_refused(llama_export, tmp_path, change):
     path = _copy(llama_export[0], tmp_path)
-    _edit_manifest(path, **change)
-    with pytest.raises(AlignerError, match="disagree|sits on layers|SteerGate|SteerShift|last of the gate layers|contradicts"):
+    manifest = json.loads((path / "inferaligner.json").read_text())
+    _edit_manifest(path, **change(manifest))
+    with pytest.raises(AlignerError, match="disagree|sits on layers|SteerGate|SteerShift|contradicts|must not hold"):
         Aligner.load(path)
     with pytest.raises(AlignerError):  # a mismatch is never waived, not even for an unsteered run
         Aligner.load(path, allow_unsteered=True)

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from aligner_runtime.api import Aligner
-from aligner_runtime.contract import DOMAIN, MANIFEST_FILE, MODEL_FILE, STEER_GATE, STEER_SHIFT, node_name
+from aligner_runtime.contract import (DOMAIN, MANIFEST_FILE, MODEL_FILE, STEER_GATE, STEER_SHIFT, manifest_gate_layer,
+                                      node_name)
 from aligner_runtime.errors import AlignerError
 from runtime_exports import DEFAULT_OPTIONS, LINEAR_OPTIONS, tiny_export
 
@@ -63,7 +64,7 @@ def _save_graph(model, path: Path) -> None:
 
 
 def _gate_node(manifest: dict) -> str:
-    return node_name(manifest["gate_layer"], STEER_GATE)
+    return node_name(manifest_gate_layer(manifest), STEER_GATE)  # any manifest format
 
 
 def _shift_nodes(manifest: dict) -> list[str]:
@@ -370,9 +371,11 @@ def legacy_nan_export(exports, tmp_path_factory):
     is NaN: loadable only with ``allow_legacy=True``, and then nothing checks the constants."""
     path = _copy(exports["function"], tmp_path_factory.mktemp("legacy"), "export")
     manifest = _manifest(path)
+    gate = manifest["gate"]
     for key in ("integrity", "steering_io", "two_pass_prefill", "gate"):
         manifest.pop(key)
-    manifest["format_version"] = 1
+    # format 1 recorded the gate at the top level only
+    manifest.update(format_version=1, gate_layer=gate["layers"][-1], bias=gate["bias"], bias_rule=gate["rule"])
     _write_manifest(path, manifest)
     model = _load_graph(path)
     _edit_constant(model, _gate_node(manifest), "direction", lambda d: np.full_like(d, np.nan))

@@ -104,7 +104,9 @@ def sample_weights(labels: np.ndarray, sources: np.ndarray) -> np.ndarray:
 
 
 def fit_linear(X: np.ndarray, labels: np.ndarray, sources: np.ndarray, C: float) -> Fit:
+    # deferred: scikit-learn, loaded only when calibration fits a gate
     from sklearn.exceptions import ConvergenceWarning
+    # deferred: scikit-learn (as above)
     from sklearn.linear_model import LogisticRegression
 
     mean = X.mean(axis=0)

@@ -16,9 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from aligner_runtime import schema
-from aligner_runtime.contract import SITE, EndRule, GateConfig, Key, SteerConfig
+from aligner_runtime.contract import (GATE_KINDS as GATE_KIND_REGISTRY, SITE, EndRule, GateConfig, GateKey, Manifest,
+                                      SteerConfig, gate_kind, gate_kind_named, pack_weight_versions)
+from aligner_runtime.contract.pack import LayerStatsKey, PackKey, RecommendedKey
 from aligner_runtime.errors import AlignerError, atomic_path
-from aligner_runtime.contract.choices import BIAS_RULES, DEFAULT_SHIFT_MODE, PACK_GATES, PACK_MODES, SHIFT_MODE_NAMES
+from aligner_runtime.contract import PACK_GATES
+from aligner_runtime.contract.choices import BIAS_RULES, DEFAULT_SHIFT_MODE, PACK_MODES, SHIFT_MODE_NAMES
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -51,63 +54,95 @@ class SteeringPack:
 
     @property
     def recommended(self) -> dict:
-        return self.meta["recommended"]
+        return self.meta[PackKey.RECOMMENDED]
 
     @property
     def mode(self) -> str:
-        return self.meta["mode"]
+        return self.meta[PackKey.MODE]
 
     @property
     def has_linear_gate(self) -> bool:
         return self.gate_weight is not None
 
     def layer_stats(self, layer: int) -> dict:
-        return self.meta["per_layer"][layer]
+        return self.meta[PackKey.PER_LAYER][layer]
 
     def bias(self, layer: int, rule: str) -> float:
         if rule not in BIAS_RULES:
             raise AlignerError(f"unknown bias rule '{rule}': use one of {', '.join(BIAS_RULES)}")
-        return float(self.layer_stats(layer)[f"bias_{rule}"])
+        return float(self.layer_stats(layer)[LayerStatsKey.bias(rule)])
 
-    def linear_gate(self) -> GateConfig:
-        """The fitted §5.1 gate (a format-2 pack calibrated with ``--gate linear``)."""
+    def fitted_gate(self) -> GateConfig:
+        """The gate calibration fitted and the pack stores (``gate.weight`` and the ``gate`` metadata; today the
+        §5.1 linear gate of a pack calibrated with ``--gate linear``), checked against the pack's model."""
         if self.gate_weight is None:
             raise AlignerError("this steering pack has no linear gate (it was calibrated with --gate paper or by an "
                                "older version); export it with --gate paper, or calibrate again")
-        gate = self.meta["gate"]
-        return GateConfig(layers=tuple(gate["layers"]), weights=dict(zip(gate["layers"], self.gate_weight)),
-                          bias=gate["bias"], tokens=gate["tokens"], normalize=gate["normalize"], version=2,
-                          rule="linear")
+        gate = self.meta[PackKey.GATE]
+        kind = gate_kind(gate[GateKey.VERSION])
+        config = GateConfig(layers=tuple(gate[GateKey.LAYERS]),
+                            weights=dict(zip(gate[GateKey.LAYERS], self.gate_weight)), bias=gate[GateKey.BIAS],
+                            tokens=gate[GateKey.TOKENS], normalize=gate[GateKey.NORMALIZE], version=kind.version,
+                            rule=gate.get(GateKey.RULE, kind.rules[0]))
+        return self._checked(config)
 
     def paper_gate(self, gate_layer: int, bias_rule: str) -> GateConfig:
         """The paper's gate: the target's SRV at ``gate_layer`` with the pack's bias under ``bias_rule``."""
-        return GateConfig(layers=(int(gate_layer),), weights={int(gate_layer): self.target_srv[int(gate_layer)]},
-                          bias=self.bias(int(gate_layer), bias_rule), rule=bias_rule)
+        if not 0 <= int(gate_layer) < self.num_layers:
+            raise AlignerError(f"gate layer {gate_layer} out of range; the model has layers 0-{self.num_layers - 1}")
+        config = GateConfig(layers=(int(gate_layer),), weights={int(gate_layer): self.target_srv[int(gate_layer)]},
+                            bias=self.bias(int(gate_layer), bias_rule), rule=bias_rule,
+                            version=gate_kind_named("paper").version)
+        return self._checked(config)
+
+    def gate(self, pack_name: str, gate_layer: int | None = None, bias_rule: str | None = None) -> GateConfig:
+        """The gate of kind ``pack_name`` (``--gate``): the fitted one the pack stores, or one derived from the
+        per-layer statistics (the paper's, at ``gate_layer`` with ``bias_rule``)."""
+        kind = gate_kind_named(pack_name)
+        if kind.pack_weights:
+            return self.fitted_gate()
+        return self.paper_gate(gate_layer, bias_rule)
+
+    def _checked(self, gate: GateConfig) -> GateConfig:
+        try:
+            return gate.check(self.num_layers, self.hidden_size)
+        except ValueError as exc:
+            raise AlignerError(f"the pack's gate: {exc}") from None
 
     @property
     def shift_mode(self) -> str:
         """The recommended SteerShift mode ("add" for packs made before issue 17, which record none)."""
-        return self.recommended.get(Key.SHIFT_MODE, DEFAULT_SHIFT_MODE)
+        return self.recommended.get(RecommendedKey.SHIFT_MODE, DEFAULT_SHIFT_MODE)
 
     def steer_config(self, steer_layers, alpha: float, gate: GateConfig, steer_impl: str = "function",
                      shift_mode: str | None = None) -> SteerConfig:
         """``gate`` and the vectors ``alpha * theta_l`` of the steered layers, shifted in ``shift_mode`` (default:
-        the pack's recommendation)."""
+        the pack's recommendation); checked (:meth:`SteerConfig.check`) against the pack's model."""
+        bad = [l for l in steer_layers if not 0 <= int(l) < self.num_layers]
+        if bad:
+            raise AlignerError(f"steered layer {bad[0]} out of range; the model has layers 0-{self.num_layers - 1}")
         vectors = {int(l): np.float32(alpha) * self.aligned_srv[int(l)] for l in steer_layers}
-        return SteerConfig(gate=gate, vectors=vectors, steer_impl=steer_impl,
-                           shift_mode=self.shift_mode if shift_mode is None else shift_mode)
+        config = SteerConfig(gate=gate, vectors=vectors, steer_impl=steer_impl,
+                             shift_mode=self.shift_mode if shift_mode is None else shift_mode)
+        try:
+            return config.check(self.num_layers, self.hidden_size)
+        except ValueError as exc:
+            raise AlignerError(f"steering configuration: {exc}") from None
 
-    def config_of_export(self, manifest: dict) -> SteerConfig:
-        """The steering configuration an export of this pack was made with, from its manifest: what the PyTorch
-        reference needs to reproduce that export."""
-        recorded = manifest.get(Key.GATE) or {}
-        if recorded.get("version", 1) == 2:
-            gate = self.linear_gate()
+    def config_of_export(self, manifest) -> SteerConfig:
+        """The steering configuration an export of this pack was made with, from its manifest (a
+        :class:`~aligner_runtime.contract.Manifest`, or the JSON object, checked here): what the PyTorch reference
+        needs to reproduce that export. Every manifest format: the gate's layer and rule come from ``gate`` in
+        format 3, from the top-level copies in formats 1 and 2."""
+        if not isinstance(manifest, Manifest):
+            manifest = Manifest.from_json(manifest, "the manifest")
+        kind = gate_kind(manifest.gate_version)
+        if kind.pack_weights:
+            gate = self.fitted_gate()
         else:
-            gate = self.paper_gate(manifest[Key.GATE_LAYER], manifest[Key.BIAS_RULE])
-        return self.steer_config(manifest[Key.STEER_LAYERS], manifest[Key.ALPHA], gate,
-                                 steer_impl=manifest.get(Key.STEER_IMPL, "function"),
-                                 shift_mode=manifest.get(Key.SHIFT_MODE, DEFAULT_SHIFT_MODE))
+            gate = self.paper_gate(manifest.gate_layer, manifest.gate_rule)
+        return self.steer_config(manifest.steer_layers, manifest.alpha, gate,
+                                 steer_impl=manifest.steer_impl or "function", shift_mode=manifest.shift_mode)
 
     def tensors(self) -> dict[str, np.ndarray]:
         tensors = {"target.srv": self.target_srv, "target.mean_harmful": self.target_mean_harmful,
@@ -151,66 +186,69 @@ def check_meta(meta, layers: int, hidden: int, gate_rows: int | None, where: str
     """Checks the kind and range of every metadata field the package uses; returns ``meta``."""
     if not isinstance(meta, dict):
         raise AlignerError(f"{where}: the 'inferaligner' metadata is not a JSON object")
-    version = schema.field(meta, "format_version", "int", where)
+    version = schema.field(meta, PackKey.FORMAT_VERSION, "int", where)
     if version not in READABLE_VERSIONS:
         raise AlignerError(f"{where}: unknown pack format version {version} (this package reads "
                            f"{', '.join(map(str, READABLE_VERSIONS))})")
-    if (schema.field(meta, "num_layers", "int", where), schema.field(meta, "hidden_size", "int", where)) \
+    if (schema.field(meta, PackKey.NUM_LAYERS, "int", where), schema.field(meta, PackKey.HIDDEN_SIZE, "int", where)) \
             != (layers, hidden):
-        raise AlignerError(f"{where}: metadata says {meta['num_layers']}x{meta['hidden_size']}, tensors are "
-                           f"{layers}x{hidden}")
-    schema.field(meta, "mode", "str", where, choices=MODES)
-    per_layer = schema.field(meta, "per_layer", "list", where, max_items=MAX_LAYERS)
+        raise AlignerError(f"{where}: metadata says {meta[PackKey.NUM_LAYERS]}x{meta[PackKey.HIDDEN_SIZE]}, tensors "
+                           f"are {layers}x{hidden}")
+    schema.field(meta, PackKey.MODE, "str", where, choices=MODES)
+    per_layer = schema.field(meta, PackKey.PER_LAYER, "list", where, max_items=MAX_LAYERS)
     if len(per_layer) != layers:
         raise AlignerError(f"{where}: 'per_layer' has {len(per_layer)} entries for {layers} layers")
     for i, stats in enumerate(per_layer):
         here = f"{where}: per_layer[{i}]"
-        schema.field(stats, "layer", "int", here, lo=i, hi=i)
+        schema.field(stats, LayerStatsKey.LAYER, "int", here, lo=i, hi=i)
         for rule in BIAS_RULES:
-            schema.field(stats, f"bias_{rule}", "float", here)
-    rec = schema.field(meta, "recommended", "dict", where)
+            schema.field(stats, LayerStatsKey.bias(rule), "float", here)
+    rec = schema.field(meta, PackKey.RECOMMENDED, "dict", where)
     here = f"{where}: recommended"
-    schema.field(rec, "gate_layer", "int", here, lo=0, hi=layers - 1)
-    _check_layers(schema.field(rec, "steer_layers", "int_list", here, max_items=MAX_LAYERS), layers, here,
-                  "steer_layers")
-    schema.field(rec, "alpha", "float", here, lo=0.0)
-    schema.field(rec, "bias_rule", "str", here, choices=BIAS_RULES)
-    kind = schema.field(rec, "gate", "str", here, default="paper", choices=GATE_KINDS)
-    schema.field(rec, "ssv", "str", here, default="prompt", choices=("prompt", "response"))
-    schema.field(rec, Key.SHIFT_MODE, "str", here, default=DEFAULT_SHIFT_MODE, choices=SHIFT_MODE_NAMES)
-    end_rule = schema.field(rec, "end_rule", "dict", here, default=None)
+    schema.field(rec, RecommendedKey.GATE_LAYER, "int", here, lo=0, hi=layers - 1)
+    _check_layers(schema.field(rec, RecommendedKey.STEER_LAYERS, "int_list", here, max_items=MAX_LAYERS), layers,
+                  here, RecommendedKey.STEER_LAYERS)
+    schema.field(rec, RecommendedKey.ALPHA, "float", here, lo=0.0)
+    schema.field(rec, RecommendedKey.BIAS_RULE, "str", here, choices=BIAS_RULES)
+    kind = gate_kind_named(schema.field(rec, RecommendedKey.GATE, "str", here, default="paper", choices=GATE_KINDS))
+    schema.field(rec, RecommendedKey.SSV, "str", here, default="prompt", choices=("prompt", "response"))
+    schema.field(rec, RecommendedKey.SHIFT_MODE, "str", here, default=DEFAULT_SHIFT_MODE, choices=SHIFT_MODE_NAMES)
+    end_rule = schema.field(rec, RecommendedKey.END_RULE, "dict", here, default=None)
     if end_rule is not None:  # packs made before issue 17 have none
         try:
             EndRule.from_manifest(end_rule)
         except (KeyError, TypeError, ValueError) as exc:
             raise AlignerError(f"{here}: end_rule: {exc}") from None
-    gate = schema.field(meta, "gate", "dict", where, default=None)
+    gate = schema.field(meta, PackKey.GATE, "dict", where, default=None)
     if (gate is None) != (gate_rows is None):
         raise AlignerError(f"{where}: the 'gate' metadata and the {GATE_WEIGHT} tensor must come together")
-    if kind == "linear" and gate is None:
-        raise AlignerError(f"{where}: recommends the linear gate but holds none")
+    if kind.pack_weights and gate is None:
+        raise AlignerError(f"{where}: recommends the {kind.pack_name} gate but holds none")
     if gate is not None:
         here = f"{where}: gate"
-        schema.field(gate, "version", "int", here, lo=2, hi=2)
-        gate_layers = _check_layers(schema.field(gate, "layers", "int_list", here, max_items=MAX_LAYERS), layers,
-                                    here, "layers")
+        # A pack stores the weights of the kinds the contract's registry marks pack_weights (today version 2).
+        fitted = GATE_KIND_REGISTRY[schema.field(gate, GateKey.VERSION, "int", here, choices=pack_weight_versions())]
+        gate_layers = _check_layers(schema.field(gate, GateKey.LAYERS, "int_list", here, max_items=MAX_LAYERS),
+                                    layers, here, GateKey.LAYERS)
         if gate_layers != sorted(gate_layers) or len(gate_layers) != gate_rows:
             raise AlignerError(f"{here}: 'layers' must be sorted and match the {gate_rows} rows of {GATE_WEIGHT}")
-        schema.field(gate, "tokens", "int", here, lo=1, hi=MAX_TOKENS)
-        schema.field(gate, "normalize", "bool", here)
-        schema.field(gate, "bias", "float", here)
+        schema.field(gate, GateKey.TOKENS, "int", here, lo=1, hi=MAX_TOKENS)
+        schema.field(gate, GateKey.NORMALIZE, "bool", here)
+        schema.field(gate, GateKey.BIAS, "float", here)
+        schema.field(gate, GateKey.RULE, "str", here, default=None, choices=fitted.rules)
     return meta
 
 
 def save_pack(pack: SteeringPack, path) -> Path:
     """Writes the pack atomically: a temporary file beside ``path``, then a rename."""
+    # deferred: safetensors (the export extra): a device install imports this module (inspect) without it
     from safetensors.numpy import save_file
 
     path = Path(path)
     tensors = {k: np.ascontiguousarray(v) for k, v in pack.tensors().items()}
     layers, hidden = _check_arrays(tensors, "pack")
-    meta = dict(pack.meta, format_version=FORMAT_VERSION, num_layers=layers, hidden_size=hidden, site=SITE,
-                token=TOKEN)
+    meta = {**pack.meta, PackKey.FORMAT_VERSION: FORMAT_VERSION, PackKey.NUM_LAYERS: layers,
+            PackKey.HIDDEN_SIZE: hidden, PackKey.SITE: SITE, PackKey.TOKEN: TOKEN}
     check_meta(meta, layers, hidden, None if pack.gate_weight is None else pack.gate_weight.shape[0], "pack")
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"inferaligner": json.dumps(meta, sort_keys=True)})
@@ -228,6 +266,7 @@ def _check_header_entry(entry, name: str, path: Path) -> None:
 
 def load_pack(path) -> SteeringPack:
     """Reads and validates a pack; every problem is an :class:`AlignerError` naming the file."""
+    # deferred: safetensors (the export extra): a device install imports this module (inspect) without it
     from safetensors import safe_open
 
     path = Path(path)

@@ -30,8 +30,10 @@ constexpr char const* kModelFile = "model.onnx";
 constexpr char const* kManifestFile = "inferaligner.json";
 constexpr char const* kEngineStampFile = "ENGINE.json";
 
-// The manifest format this native code reads; older exports are refused with kManifestFormatAdvice.
-constexpr int64_t kManifestFormatVersion = 2;
+// The manifest formats this native code reads, kManifestOldestFormatVersion (2: the first with integrity digests) to
+// kManifestFormatVersion (3: each gate fact once, in "gate"); format-1 exports are refused with kManifestFormatAdvice.
+constexpr int64_t kManifestFormatVersion = 3;
+constexpr int64_t kManifestOldestFormatVersion = 2;
 constexpr char const* kManifestFormatAdvice = "re-export with inferaligner-edge ≥ 0.2";
 
 // True for the two steering op types.

@@ -27,12 +27,13 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from .contract import (DOMAIN, EMBED_FILE, MANIFEST_FILE, MODEL_FILE, OP_TYPES, PLUGIN_ATTRIBUTES, STEER_GATE,
-                       STEER_SHIFT, VISION_FILE, node_name)
+                       STEER_SHIFT, VISION_FILE, gate_constants, node_name)
 from .errors import AlignerError
 from .onnx_graph import GraphSummary
 
-# Names of the steering operators' constants (node attributes; in an inlined body, the outputs of its Constants).
-CONSTANT_ATTRIBUTES = ("bias", "direction", "normalize", "tokens", "vector", "weight")
+# Names of the steering operators' constants (node attributes; in an inlined body, the outputs of its Constants): every
+# registered gate kind's and SteerShift's (contract.steering).
+CONSTANT_ATTRIBUTES = gate_constants()
 # Files whose bytes decide what the model is asked (tokenizer, template) or when it stops; digested when present.
 GUARDED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                  "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",

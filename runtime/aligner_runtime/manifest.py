@@ -6,7 +6,7 @@ An export dir holds ``model.onnx`` (+ external data), the tokenizer files, the c
 problem, when
 
 - the manifest is missing, unreadable, over size, or any field it holds has the wrong kind or range;
-- a format-2 manifest lacks any key the format requires (a missing key is a refusal, never a skipped check);
+- a format-2 or format-3 manifest lacks any key its format requires (a missing key is a refusal, never a skipped check);
 - the manifest and the graph's metadata disagree on a key fact, or the graph lacks one;
 - the graph lacks the steering interface or its steering nodes sit on other layers than the manifest says;
 - a steering constant, a steering function body, the wiring of a steered site, the tokenizer, the chat template, the
@@ -35,8 +35,10 @@ from .contract import (GATE_IN, GATE_OUT, INPUTS_EMBEDS, MANIFEST_FILE, METADATA
 # The limits and key tuples are re-exported: callers and tests import them from here.
 from .contract.choices import (DTYPES, MAX_CONTEXT, MAX_HIDDEN, MAX_LAYERS, MAX_MANIFEST_BYTES,  # noqa: F401
                                MAX_TOKENS, STEER_IMPLS)
-from .contract.manifest import (KEY_FACTS, LEGACY_FORMAT_VERSION, REQUIRED_V2, STEERING_FACTS,  # noqa: F401
-                                SUPPORTED_FORMAT_VERSIONS, Key, Manifest, check_manifest, manifest_gate_layers)
+from .contract.manifest import (KEY_FACTS, LEGACY_FORMAT_VERSION, OLDEST_VERIFIED_FORMAT_VERSION,  # noqa: F401
+                                REQUIRED_V2, REQUIRED_V3, STEERING_FACTS, SUPPORTED_FORMAT_VERSIONS, Key, Manifest,
+                                check_manifest, manifest_gate_layer, manifest_gate_layers, required_keys,
+                                steering_declared, steering_facts)
 from .errors import AlignerError
 from .multimodal import MultimodalSpec
 from .onnx_graph import GraphSummary, read_graph_summary
@@ -60,7 +62,12 @@ class ExportDir:
     @property
     def gate_layer(self) -> int | None:
         """g*: the last gate layer, where the decision is taken."""
-        return self.manifest.get(Key.GATE_LAYER)
+        return manifest_gate_layer(self.manifest)
+
+    @property
+    def facts(self) -> Manifest:
+        """The manifest, typed (:class:`~aligner_runtime.contract.Manifest`): the same facts whatever its format."""
+        return Manifest.from_json(self.manifest, str(self.path / MANIFEST_FILE))
 
     @property
     def gate_layers(self) -> list[int]:
@@ -93,7 +100,8 @@ def manifest_sha256(path: str | Path) -> str:
     return hashlib.sha256((Path(path) / MANIFEST_FILE).read_bytes()).hexdigest()
 
 
-def _same(a, b) -> bool:
+def same_fact(a, b) -> bool:
+    """Whether two values of a key fact agree (numbers to a relative 1e-6, lists and objects item by item)."""
     if isinstance(a, bool) or isinstance(b, bool):
         return a == b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
@@ -102,9 +110,9 @@ def _same(a, b) -> bool:
         except OverflowError:  # an integer beyond the float range (from an untrusted side) equals only itself
             return a == b
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same_fact(x, y) for x, y in zip(a, b))
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(same_fact(a[k], b[k]) for k in a)
     return a == b
 
 
@@ -124,14 +132,14 @@ def _check_key_facts(manifest: dict, graph: GraphSummary, strict: bool) -> None:
             recorded = schema.loads(graph.metadata[meta_key], meta_key)
         except AlignerError:
             recorded = graph.metadata[meta_key]
-        if not _same(manifest[key], recorded):
+        if not same_fact(manifest[key], recorded):
             raise AlignerError(f"manifest and graph disagree on {key}: {str(manifest[key])[:60]!r} in {MANIFEST_FILE}, "
                                f"{graph.metadata[meta_key][:60]!r} in {MODEL_FILE} (tampered or mixed-up export)")
 
 
 def _steering_problem(manifest: dict, graph: GraphSummary) -> str | None:
     """Why this graph cannot be trusted to steer as its manifest says, or None."""
-    missing = [k for k in STEERING_FACTS if k not in manifest]
+    missing = [k for k in steering_facts(manifest[Key.FORMAT_VERSION]) if k not in manifest]
     if missing:
         return f"the manifest has no steering configuration ({', '.join(missing)} missing)"
     if GATE_IN not in graph.inputs or any(o not in graph.outputs for o in (GATE_OUT, SCORE_OUT)):
@@ -150,13 +158,13 @@ def _steering_problem(manifest: dict, graph: GraphSummary) -> str | None:
     return None
 
 
-def _check_graph(path: Path, manifest: dict, graph: GraphSummary, legacy: bool, steering_declared: bool,
+def _check_graph(path: Path, manifest: dict, graph: GraphSummary, legacy: bool, declared: bool,
                  allow_unsteered: bool, verify_weights: bool) -> str | None:
     """The checks of the graph against the manifest; returns why the export does not steer (allowed only with
     ``allow_unsteered``), or None."""
     # A disagreement between the manifest and the graph's own record is refused even with allow_unsteered:
     # it means the directory was edited or mixed up, and nothing in it can be trusted.
-    _check_key_facts(manifest, graph, strict=not legacy and steering_declared)
+    _check_key_facts(manifest, graph, strict=not legacy and declared)
     io = manifest.get(Key.IO)
     if io is not None:
         for kind, names in (("inputs", graph.inputs), ("outputs", graph.outputs)):
@@ -173,7 +181,7 @@ def _check_graph(path: Path, manifest: dict, graph: GraphSummary, legacy: bool, 
     if problem is None and not any(k.startswith(METADATA_PREFIX) for k in graph.metadata):
         problem = f"the graph carries no {METADATA_PREFIX}* metadata"
     if problem is not None:
-        if steering_declared and GATE_IN in graph.inputs:
+        if declared and GATE_IN in graph.inputs:
             # The manifest and the graph both say "steered" but do not match: tampered, never "unsteered".
             raise AlignerError(f"{problem} (tampered or mixed-up export)")
         if not allow_unsteered:
@@ -209,19 +217,19 @@ def load_export(path: str | Path, allow_unsteered: bool = False, *, allow_legacy
     if not model.is_file():
         raise AlignerError(f"export directory has no {MODEL_FILE}: {path}")
     legacy = manifest[Key.FORMAT_VERSION] == LEGACY_FORMAT_VERSION
-    steering_declared = all(k in manifest for k in STEERING_FACTS)
-    if legacy and steering_declared and not allow_legacy:
+    declared = steering_declared(manifest)
+    if legacy and declared and not allow_legacy:
         raise AlignerError(f"refusing {path}: it was exported by an older version (manifest format 1) and carries no "
                            f"integrity digests; export it again, or pass allow_legacy=True (Python API) to run it "
                            f"unverified")
-    if not legacy and steering_declared:
-        missing = [k for k in REQUIRED_V2 if k not in manifest]
+    if not legacy and declared:
+        missing = [k for k in required_keys(manifest[Key.FORMAT_VERSION]) if k not in manifest]
         if missing:
             raise AlignerError(f"refusing {path}: the manifest lacks {', '.join(missing)} (tampered or truncated "
                                f"manifest)")
     graph = read_graph_summary(model)
     try:
-        problem = _check_graph(path, manifest, graph, legacy, steering_declared, allow_unsteered, verify_weights)
+        problem = _check_graph(path, manifest, graph, legacy, declared, allow_unsteered, verify_weights)
     except AlignerError as exc:
         raise AlignerError(f"refusing {path}: {exc}") from None
     return ExportDir(path=path, manifest=manifest, manifest_sha256=digest, graph=graph, steered=problem is None,
@@ -229,15 +237,15 @@ def load_export(path: str | Path, allow_unsteered: bool = False, *, allow_legacy
 
 
 def load_engine_export(path: str | Path, *, trusted_keys=None, expect_sha256: str | None = None) -> ExportDir:
-    """The export beside a TensorRT engine shipped without its ONNX graph: a complete format-2 manifest whose
+    """The export beside a TensorRT engine shipped without its ONNX graph: a complete format-2 or -3 manifest whose
     tokenizer, template and config files match their digests. The engine's own checks (stamp, engine digest, the
     plugins' constants digests) are the TensorRT backend's."""
     path = Path(path)
     manifest, digest = read_manifest(path)
     signature = _check_signature(path, digest, trusted_keys, expect_sha256)
-    missing = [k for k in REQUIRED_V2 if k not in manifest]
-    if manifest[Key.FORMAT_VERSION] == LEGACY_FORMAT_VERSION or missing:
-        raise AlignerError(f"refusing {path}: an engine's export needs a complete format-2 manifest "
+    missing = [k for k in required_keys(manifest[Key.FORMAT_VERSION]) if k not in manifest]
+    if manifest[Key.FORMAT_VERSION] < OLDEST_VERIFIED_FORMAT_VERSION or missing:
+        raise AlignerError(f"refusing {path}: an engine's export needs a complete manifest of format 2 or later "
                            f"({', '.join(missing) or 'format 1'} missing); export and build again")
     integrity.verify_files(path, manifest[Key.INTEGRITY], verify_model_files=False)
     return ExportDir(path, manifest, digest, graph=None, steered=True, signature=signature)

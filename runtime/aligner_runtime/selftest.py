@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .contract import (DOMAIN, GATE_OUT, LOGITS, SCORE_OUT, SHIFT_VERSION, STEER_GATE, STEER_SHIFT, node_name,
-                       position_ids, prefill_decision, shift_mode_of_version)
+from .contract import (DOMAIN, GATE_OUT, LOGITS, SCORE_OUT, SHIFT_CONSTANT, SHIFT_VERSION, STEER_GATE, STEER_SHIFT,
+                       gate_kind_of_constants, node_name, position_ids, prefill_decision, shift_mode_of_version)
 from .errors import AlignerError
 from .generate import GenerationRun, SamplingConfig
 from .integrity import node_constants
@@ -109,7 +109,7 @@ def steering_facts(summary: GraphSummary) -> SteeringFacts:
         tokens, normalize = _scalar(constants.get("tokens", (None, None))[1]), \
             _scalar(constants.get("normalize", (None, None))[1])
         facts.gates[layer] = {
-            "version": 2 if "weight" in constants else 1,
+            "version": getattr(gate_kind_of_constants(constants), "version", None),  # None: no registered kind
             "weight_norm": _norm(weight[1]) if weight is not None else None,
             "bias": _scalar(constants["bias"][1]) if "bias" in constants else None,
             "tokens": int(tokens) if tokens is not None and np.isfinite(tokens) else 1,
@@ -117,8 +117,8 @@ def steering_facts(summary: GraphSummary) -> SteeringFacts:
         }
     for layer in facts.steer_layers:
         constants = node_constants(summary, node_name(layer, STEER_SHIFT)) or {}
-        if "vector" in constants:
-            facts.vector_norms[layer] = _norm(constants["vector"][1])
+        if SHIFT_CONSTANT in constants:
+            facts.vector_norms[layer] = _norm(constants[SHIFT_CONSTANT][1])
     for node in summary.nodes:
         version = node.attributes.get("plugin_version")
         if node.domain and version is not None and version.text:

@@ -1,4 +1,4 @@
-// ctest, host only (no TensorRT, no GPU): the C runtime's reading of the manifest (format 2) and of the ENGINE.json
+// ctest, host only (no TensorRT, no GPU): the C runtime's reading of the manifest (formats 2 and 3) and of the ENGINE.json
 // stamp, the comparison of the plugin library's constants digests with the manifest's integrity.constants, and the
 // protocol's host-side rules (position ids of a padded batch, the gate kept after the scoring prefill, row flags).
 #include "aligner_runtime.h"
@@ -38,7 +38,7 @@ std::string const kGateNode = "/model/layers.4/steer/SteerGate";
 std::string const kShift3 = "/model/layers.3/steer/SteerShift";
 std::string const kShift5 = "/model/layers.5/steer/SteerShift";
 
-// A manifest as aligner-export writes it (format 2), with keys the C runtime does not read.
+// A format-2 manifest as aligner-export wrote it before issue 19, with keys the C runtime does not read.
 json goodManifest()
 {
     return json{{"format_version", 2}, {"package_version", "0.2.0"},
@@ -51,6 +51,16 @@ json goodManifest()
                  {{kGateNode, kGateDigest}, {"/model/layers.2/steer/SteerGate", std::string(64, 'd')},
                      {kShift3, kShiftDigest3}, {kShift5, kShiftDigest5}}},
                 {"functions", {{"SteerGate", std::string(64, 'e')}}}}}};
+}
+
+// The same export as aligner-export writes it now (format 3): the gate's last layer, bias and rule only in "gate".
+json format3Manifest()
+{
+    json m = goodManifest();
+    m["format_version"] = 3;
+    m.erase("gate_layer");
+    m["gate"]["rule"] = "linear";
+    return m;
 }
 
 // The message of the refusal, or "" when the manifest was accepted.
@@ -121,6 +131,24 @@ void testGoodManifest()
     check(mentions(refusal(shifting), "'shift_mode'"), "a shift_mode that is not a string is refused");
 }
 
+void testFormat3()
+{
+    Manifest const m = aligner::runtime::parseManifest(format3Manifest().dump(2), "x/inferaligner.json");
+    check(m.formatVersion == 3, "format 3 is read");
+    check(m.gateLayers == std::vector<int64_t>{2, 4} && m.gateLayer == 4, "format 3: g* is the last of gate.layers");
+    check(m.steerLayers == std::vector<int64_t>{3, 5} && m.constantDigests.size() == 4, "format 3: the rest as before");
+    for (char const* duplicate : {"gate_layer", "bias", "bias_rule"})
+    {
+        json m3 = format3Manifest();
+        m3[duplicate] = duplicate == std::string("bias_rule") ? json("fpr") : json(4);
+        check(mentions(refusal(m3), std::string("'") + duplicate + "'"),
+            std::string("format 3 with the duplicate ") + duplicate + " is refused");
+    }
+    json noLayers = format3Manifest();
+    noLayers["gate"].erase("layers");
+    check(mentions(refusal(noLayers), "'gate.layers'"), "format 3 without gate.layers is refused");
+}
+
 void testRefusals()
 {
     // Each missing key is a refusal naming it.
@@ -155,9 +183,10 @@ void testRefusals()
         "format 1 is refused with the advice to re-export");
     json format1Bare = json{{"format_version", 1}, {"gate_layer", 4}, {"steer_layers", {3}}};
     check(mentions(refusal(format1Bare), "re-export"), "a format-1 manifest is told to re-export, not a missing key");
-    json format3 = goodManifest();
-    format3["format_version"] = 3;
-    check(mentions(refusal(format3), "format_version 3"), "format 3 is refused");
+    json format4 = format3Manifest();
+    format4["format_version"] = 4;
+    check(mentions(refusal(format4), "format_version 4") && mentions(refusal(format4), "formats 2 to 3"),
+        "format 4 is refused");
 
     struct Mutation
     {
@@ -314,6 +343,7 @@ void testPrefillGate()
 int main()
 {
     testGoodManifest();
+    testFormat3();
     testRefusals();
     testStamp();
     testDigestComparison();

@@ -398,13 +398,15 @@ def steered_model(impl: str = "function", gate_version: int = 1, manifest: dict 
     return model
 
 
-def seed_manifest(impl: str, gate_version: int) -> dict:
-    from aligner_runtime.contract import SITE, STEERING_IO, two_pass_prefill
+def seed_manifest(impl: str, gate_version: int, format_version: int = 2) -> dict:
+    """A manifest of ``format_version`` 2 (the gate's last layer, bias and rule also at the top level, as exports
+    before issue 19 wrote them) or 3 (only in ``gate``)."""
+    from aligner_runtime.contract import GATE_DUPLICATES, SITE, STEERING_IO, two_pass_prefill
 
     gate_layers = list(_gate_layers(gate_version))
     gate = {"version": gate_version, "layers": gate_layers, "tokens": 1 if gate_version == 1 else 2,
             "normalize": gate_version == 2, "bias": 0.25, "rule": "paper" if gate_version == 1 else "linear"}
-    return {
+    manifest = {
         "format_version": 2, "package_version": "0.1.0", "pack_sha256": "12" * 32, "pack_mode": "self",
         "target_fingerprint": "ab" * 32, "steer_layers": list(STEER_LAYERS), "gate_layer": gate_layers[-1],
         "alpha": 4.0, "bias": 0.25, "bias_rule": "paper" if gate_version == 1 else "fpr", "steer_impl": impl,
@@ -417,11 +419,16 @@ def seed_manifest(impl: str, gate_version: int) -> dict:
         "validation": {"passed": True, "prefill_max_abs_diff": 1e-6, "decode_max_abs_diff": 1e-6,
                        "tolerance": 1e-4, "gates": [1.0, 0.0]},
     }
+    if format_version >= 3:
+        manifest["format_version"] = format_version
+        for key in GATE_DUPLICATES:
+            del manifest[key]
+    return manifest
 
 
-def seed_export(directory: Path, impl: str = "function", gate_version: int = 1) -> Path:
+def seed_export(directory: Path, impl: str = "function", gate_version: int = 1, format_version: int = 2) -> Path:
     """An export directory that ``load_export`` accepts: the steered graph, the files the integrity digests cover and a
-    format-2 manifest with those digests."""
+    manifest of ``format_version`` (2 or 3) with those digests."""
     import onnx
 
     from aligner_runtime import integrity
@@ -429,7 +436,7 @@ def seed_export(directory: Path, impl: str = "function", gate_version: int = 1) 
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    manifest = seed_manifest(impl, gate_version)
+    manifest = seed_manifest(impl, gate_version, format_version)
     onnx.save(steered_model(impl, gate_version, manifest), str(directory / "model.onnx"))
     (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     (directory / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "WordLevel"}}')

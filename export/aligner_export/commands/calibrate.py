@@ -3,11 +3,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
-from aligner_runtime.contract.choices import PACK_GATES
 
+from aligner_runtime.contract import PACK_GATES, EndRuleKey
+from aligner_runtime.contract.pack import LayerStatsKey, PackKey, RecommendedKey
+from aligner_runtime.errors import AlignerError, check_count, check_writable_dir, check_writable_file, max_threads
+from aligner_runtime.prompts import load_prompts, load_templates
+
+from aligner_export import corpus
 from aligner_export.gate import THRESHOLD_RULES
+from aligner_export.hf import zoo
+from aligner_export.pack import save_pack
 
 
 def configure(parser) -> None:
@@ -50,10 +58,7 @@ def configure(parser) -> None:
 
 
 def _sets(args):
-    from aligner_runtime.errors import AlignerError, check_count
-    from aligner_runtime.prompts import load_prompts, load_templates
-
-    from aligner_export import corpus
+    # deferred: calibration's own module (its model runs need the export extra); the parser runs in a device install
     from aligner_export.hf.calibrate import MIN_PROMPTS
 
     wrapped = check_count(corpus.WRAPPED_DEFAULT if args.wrapped is None else args.wrapped, "--wrapped", 0, 100_000)
@@ -80,17 +85,11 @@ def _response_cache(args) -> Path | None:
     names the aligned model's directory, and its content is checked against the prompts before it is used."""
     if args.ssv == "prompt" or not args.aligned:
         return None
-    import hashlib
-
-    from aligner_export.hf import zoo
-
     key = hashlib.sha256(str(Path(args.aligned).resolve()).encode()).hexdigest()[:16]
     return zoo.home() / "cache" / f"aligned-answers-{key}.json"
 
 
 def run(args) -> int:
-    from aligner_runtime.errors import check_count, check_writable_dir, check_writable_file, max_threads
-
     out = check_writable_file(args.output, "output pack")
     if args.report:
         report = Path(args.report)
@@ -98,7 +97,9 @@ def run(args) -> int:
     check_count(args.batch_size, "--batch-size", 1, 1024)
     if args.threads is not None:
         check_count(args.threads, "--threads", 1, max_threads())
+    # deferred: the model families and loaders (transformers, the export extra); the parser runs in a device install
     from aligner_export.hf.families import family_for
+    # deferred: as above
     from aligner_export.hf.modeling import check_model_dir, load_config
 
     for path in filter(None, (args.target, args.aligned)):  # an unusable model fails before any prompt is read
@@ -106,10 +107,10 @@ def run(args) -> int:
         family_for(load_config(path))
     sets = _sets(args)
 
+    # deferred: torch, only once the arguments, the models' directories and the prompts have been checked
     import torch
-
+    # deferred: calibration itself (torch, tqdm, scikit-learn: the export extra)
     from aligner_export.hf.calibrate import calibrate
-    from aligner_export.pack import save_pack
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -122,11 +123,11 @@ def run(args) -> int:
                      threshold_rule=args.threshold_rule, log=lambda text: print(text, flush=True))
     save_pack(pack, out)
     rec = pack.recommended
-    stats = pack.layer_stats(rec["gate_layer"])
+    stats = pack.layer_stats(rec[RecommendedKey.GATE_LAYER])
     print(f"wrote {out} ({pack.mode}, {pack.num_layers} layers x {pack.hidden_size}) in "
           f"{time.perf_counter() - start:.1f}s")
     if pack.has_linear_gate:
-        gate = pack.meta["gate"]
+        gate = pack.meta[PackKey.GATE]
         held = gate["heldout"]
         print(f"linear gate: layers {gate['layers']}, last {gate['tokens']} tokens"
               f"{', unit-normalised' if gate['normalize'] else ''}; leave-one-source-out TPR "
@@ -134,12 +135,14 @@ def run(args) -> int:
               f"{held.get('fpr_harmless', float('nan')):.3f}, borderline {held.get('fpr_borderline', float('nan')):.3f}"
               f", rewritten {held.get('fpr_rewritten', float('nan')):.3f} (threshold rule: "
               f"{gate.get('threshold_rule', 'budgets')})")
-    print(f"paper gate: layer {rec['gate_layer']} (validation accuracy {stats['target_val_accuracy']:.3f}, "
-          f"TPR {stats['val_tpr']:.3f}, FPR {stats['val_fpr']:.3f} with the fpr bias)")
-    print(f"recommended: {rec.get('gate', 'paper')} gate, {rec.get('ssv', 'prompt')} vectors on layers "
-          f"{rec['steer_layers'][0]}-{rec['steer_layers'][-1]}, alpha {rec['alpha']}"
-          + (f", end rule after {rec['end_rule']['after']} tokens (+{rec['end_rule']['slope']:g}/token)"
-             if rec.get("end_rule") else ""))
+    print(f"paper gate: layer {rec[RecommendedKey.GATE_LAYER]} (validation accuracy "
+          f"{stats[LayerStatsKey.TARGET_VAL_ACCURACY]:.3f}, TPR {stats[LayerStatsKey.VAL_TPR]:.3f}, FPR "
+          f"{stats[LayerStatsKey.VAL_FPR]:.3f} with the fpr bias)")
+    steer, end_rule = rec[RecommendedKey.STEER_LAYERS], rec.get(RecommendedKey.END_RULE)
+    print(f"recommended: {rec.get(RecommendedKey.GATE, 'paper')} gate, {rec.get(RecommendedKey.SSV, 'prompt')} "
+          f"vectors on layers {steer[0]}-{steer[-1]}, alpha {rec[RecommendedKey.ALPHA]}"
+          + (f", end rule after {end_rule[EndRuleKey.AFTER]} tokens (+{end_rule[EndRuleKey.SLOPE]:g}/token)"
+             if end_rule else ""))
     if pack.meta.get("ssv", {}).get("ssv") == "response":
         info = pack.meta["ssv"]
         print(f"response vectors: the aligned model refused {info['refused']}/{info['harmful']} harmful and answered "

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
+from aligner_runtime.contract import (PACK_GATES, EndRule, EndRuleKey, Key, Manifest, StrengthSchedule,
+                                      gate_kind_named)
+from aligner_runtime.contract.pack import ModelInfoKey, PackKey, RecommendedKey
 from aligner_runtime.errors import AlignerError
-from aligner_runtime.contract.choices import (BIAS_RULES, DTYPES, EXPORTERS, PACK_GATES, QUANT_METHODS,
+from aligner_runtime.contract.choices import (BIAS_RULES, DTYPES, EXPORTERS, QUANT_METHODS,
                                              SHIFT_MODE_NAMES, STEER_IMPLS, WEIGHT_FORMATS)
+from aligner_runtime.signing import load_private_key
+
+from aligner_export.commands.sign import sign
+from aligner_export.pack import load_pack
 
 
 def configure(parser) -> None:
@@ -76,7 +84,6 @@ def configure(parser) -> None:
 def parse_layers(text: str, num_layers: int, what: str) -> list[int]:
     """``A-B`` (inclusive), ``A,B,C`` or ``N`` -> a sorted list, every layer in ``[0, num_layers)``. Bounds are checked
     on the numbers before any list is built, so ``0-300000000`` fails at once."""
-    import re
 
     if len(str(text)) > 10_000:
         raise AlignerError(f"{what}: the layer list is too long")
@@ -99,37 +106,39 @@ def parse_layers(text: str, num_layers: int, what: str) -> list[int]:
 
 def resolve_options(args, pack, num_layers: int):
     """Options from the command line, defaulting to ``pack.recommended``; every bad value is an AlignerError."""
+    # deferred: the export pipeline (onnx, onnx_ir, transformers: the export extra); the parser runs in a device install
     from aligner_export.hf.export import ExportOptions
 
     rec = pack.recommended
-    steer_spec = ",".join(str(l) for l in rec["steer_layers"]) if args.steer_layers == "auto" else args.steer_layers
+    steer_spec = ",".join(str(l) for l in rec[RecommendedKey.STEER_LAYERS]) if args.steer_layers == "auto" \
+        else args.steer_layers
     steer_layers = parse_layers(steer_spec, num_layers, "--steer-layers")
     if not steer_layers:
         raise AlignerError("--steer-layers: the steered set is empty")
     try:
-        alpha = float(rec["alpha"] if args.alpha is None else args.alpha)
+        alpha = float(rec[RecommendedKey.ALPHA] if args.alpha is None else args.alpha)
     except ValueError:
         raise AlignerError(f"--alpha: '{args.alpha}' is not a number") from None
     if not math.isfinite(alpha) or alpha <= 0:
         raise AlignerError(f"--alpha must be a finite number > 0, got {alpha}")
     paper_options = args.gate_layer != "auto" or args.bias_rule is not None
     # --gate-layer and --bias-rule only mean something for the paper gate: giving one asks for it.
-    kind = args.gate or ("paper" if paper_options else rec.get("gate", "paper"))
-    if kind == "linear":
+    kind = gate_kind_named(args.gate or ("paper" if paper_options else rec.get(RecommendedKey.GATE, "paper")))
+    if kind.pack_weights:  # a fitted gate reads the layers and bias calibration chose
         if paper_options:
-            raise AlignerError("--gate-layer and --bias-rule choose the paper gate's layer and bias; the linear gate "
-                               "reads the layers it was calibrated on (drop them, or pass --gate paper)")
-        gate, bias_rule = pack.linear_gate(), "fpr"
+            raise AlignerError(f"--gate-layer and --bias-rule choose the paper gate's layer and bias; the "
+                               f"{kind.pack_name} gate reads the layers it was calibrated on (drop them, or pass "
+                               f"--gate paper)")
+        gate = pack.gate(kind.pack_name)
     else:
         if args.gate_layer == "auto":
-            gate_layer = int(rec["gate_layer"])
+            gate_layer = int(rec[RecommendedKey.GATE_LAYER])
         else:
             layers = parse_layers(args.gate_layer, num_layers, "--gate-layer")
             if len(layers) != 1:
                 raise AlignerError(f"--gate-layer: the paper gate reads one layer, got '{args.gate_layer}'")
             gate_layer = layers[0]
-        bias_rule = args.bias_rule or rec["bias_rule"]
-        gate = pack.paper_gate(gate_layer, bias_rule)
+        gate = pack.gate(kind.pack_name, gate_layer, args.bias_rule or rec[RecommendedKey.BIAS_RULE])
     steering = pack.steer_config(steer_layers, alpha, gate, steer_impl=args.steer_impl,
                                  shift_mode=args.shift_mode)
     dtype, weights = resolve_precision(args)
@@ -137,8 +146,6 @@ def resolve_options(args, pack, num_layers: int):
         raise AlignerError(f"--min-gate-agreement must be in [0, 1], got {args.min_gate_agreement}")
     strength = None
     if args.half_life is not None or args.strength_floor is not None:
-        from aligner_runtime.contract import StrengthSchedule
-
         if args.half_life is None:
             raise AlignerError("--strength-floor goes with --half-life (the floor of a decaying shift)")
         if not 0.5 <= args.half_life <= 1e6:
@@ -147,7 +154,7 @@ def resolve_options(args, pack, num_layers: int):
         if not 0.0 <= floor <= 1.0:
             raise AlignerError(f"--strength-floor must be in [0, 1], got {floor:g}")
         strength = StrengthSchedule(half_life=float(args.half_life), floor=float(floor))
-    return ExportOptions(end_rule=resolve_end_rule(args, rec), steering=steering, alpha=alpha, bias_rule=bias_rule, dtype=dtype,
+    return ExportOptions(end_rule=resolve_end_rule(args, rec), steering=steering, alpha=alpha, bias_rule=gate.rule, dtype=dtype,
                          validate=not args.no_validate, onnx_file=Path(args.onnx) if args.onnx else None,
                          exporter=args.exporter, weights=weights, gate_agreement=args.min_gate_agreement,
                          genai_python=args.genai_python, strength=strength)
@@ -156,18 +163,16 @@ def resolve_options(args, pack, num_layers: int):
 def resolve_end_rule(args, rec: dict):
     """The end rule from --end-after/--end-slope/--no-end-rule over the pack's recommendation (none in packs made
     before issue 17)."""
-    from aligner_runtime.contract import EndRule
-
     given = args.end_after is not None or args.end_slope is not None
     if args.no_end_rule:
         if given:
             raise AlignerError("--no-end-rule goes without --end-after and --end-slope")
         return EndRule()
-    pack_rule = rec.get("end_rule") or {}
+    pack_rule = rec.get(RecommendedKey.END_RULE) or {}
     if not given and not pack_rule:
         return EndRule()
-    after = args.end_after if args.end_after is not None else pack_rule.get("after")
-    slope = args.end_slope if args.end_slope is not None else pack_rule.get("slope")
+    after = args.end_after if args.end_after is not None else pack_rule.get(EndRuleKey.AFTER)
+    slope = args.end_slope if args.end_slope is not None else pack_rule.get(EndRuleKey.SLOPE)
     if after is None or slope is None:
         raise AlignerError("this pack recommends no end rule: give both --end-after and --end-slope")
     try:
@@ -179,6 +184,7 @@ def resolve_end_rule(args, rec: dict):
 def resolve_precision(args):
     """``(dtype, WeightFormat)`` from ``--dtype`` and ``--weights``: fp32/fp16 weights are the dtype itself (so
     ``--dtype fp16`` alone keeps working), int8/int4 weights run with fp32 activations unless ``--dtype fp16``."""
+    # deferred: the quantizer (onnx, the export extra); the parser runs in a device install
     from aligner_export.graph.quantize import weight_format
 
     weights_name = getattr(args, "weights", None)
@@ -203,15 +209,14 @@ def _check_output(path: Path) -> None:
 
 
 def run(args) -> int:
+    # deferred: the model families and loaders (transformers, the export extra); the parser runs in a device install
     from aligner_export.hf.families import family_for
-    from aligner_export.hf.modeling import load_config, model_dims
-    from aligner_export.pack import load_pack
+    # deferred: as above
+    from aligner_export.hf.modeling import fingerprint, load_config, load_model, model_dims
 
     target, out_dir = Path(args.target), Path(args.output)
     _check_output(out_dir)
     if args.sign:
-        from aligner_runtime.signing import load_private_key
-
         load_private_key(args.sign)  # a bad key fails before any work
     num_layers, hidden = model_dims(target)
     family = family_for(load_config(target))
@@ -225,14 +230,14 @@ def run(args) -> int:
     if options.onnx_file is not None and not options.onnx_file.is_file():
         raise AlignerError(f"--onnx: file not found: {options.onnx_file}")
 
+    # deferred: torch, the one heavy import of an export, only once every argument has been checked
     import torch
-
+    # deferred: the export pipeline (onnx, onnx_ir, optimum: the export extra)
     from aligner_export.hf.export import export_steered
-    from aligner_export.hf.modeling import fingerprint, load_model
 
     model, tokenizer = load_model(target)
     digest = fingerprint(model)
-    expected = (pack.meta.get("target") or {}).get("fingerprint")
+    expected = (pack.meta.get(PackKey.TARGET) or {}).get(ModelInfoKey.FINGERPRINT)
     if expected != digest:
         if not args.force:
             raise AlignerError(f"the pack was made for another model (pack target fingerprint {str(expected)[:12]}, "
@@ -241,12 +246,10 @@ def run(args) -> int:
     if options.dtype == "fp16":
         model = model.to(torch.float16)
     manifest = export_steered(target, pack, Path(args.pack), out_dir, options, model, tokenizer, digest)
-    print(f"wrote {out_dir}: steer_layers {manifest['steer_layers']}, gate_layer {manifest['gate_layer']}, "
-          f"alpha {manifest['alpha']:g}, bias {manifest['bias']:.4g} ({manifest['bias_rule']}), "
-          f"shift {manifest['shift_mode']}, {manifest['steer_impl']}, {manifest['dtype']}, "
-          f"weights {manifest['weights']['format']}")
+    facts = Manifest.from_json(manifest, str(out_dir))
+    print(f"wrote {out_dir}: steer_layers {list(facts.steer_layers)}, gate layers {list(facts.gate_layers)}, "
+          f"alpha {facts.alpha:g}, bias {facts.bias:.4g} ({facts.gate_rule}), shift {facts.shift_mode}, "
+          f"{facts.steer_impl}, {facts.dtype}, weights {manifest[Key.WEIGHTS]['format']}")
     if args.sign:
-        from aligner_export.commands.sign import sign
-
         print(sign(out_dir, Path(args.sign)))
     return 0

@@ -20,14 +20,23 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
-from aligner_runtime import schema
-from aligner_runtime.signing import add_trust_options
-from aligner_runtime.contract import (GATE_IN, GATE_OUT, MANIFEST_FILE, METADATA_PREFIX, MODEL_FILE, SCORE_OUT,
-                                      STAMP_FILE, Key, two_pass_prefill)
-from aligner_runtime.contract.choices import DEFAULT_SHIFT_MODE
+import numpy as np
+
+from aligner_runtime import schema, signing
+from aligner_runtime.contract import (GATE_IN, GATE_OUT, MANIFEST_FILE, METADATA_PREFIX, MODEL_FILE, OP_TYPES,
+                                      SCORE_OUT, SHIFT_MODES, STAMP_FILE, GateKey, Key, StampKey, two_pass_prefill)
+from aligner_runtime.contract.choices import DEFAULT_SHIFT_MODE, MAX_MANIFEST_BYTES
+from aligner_runtime.contract.pack import LayerStatsKey, ModelInfoKey, PackKey, RecommendedKey
 from aligner_runtime.errors import AlignerError
+from aligner_runtime.manifest import KEY_FACTS, load_export, same_fact
+from aligner_runtime.onnx_graph import QUANTIZED_OPS, read_graph_summary
+from aligner_runtime.selftest import constant_problems, steering_facts
+from aligner_runtime.signing import add_trust_options
+
+from aligner_export.pack import file_sha256, load_pack
 
 MAX_STAMP_BYTES = 1 << 20
 MAX_SHOWN = 24  # list items and characters of a value a line shows
@@ -140,37 +149,40 @@ def _close(a: float, b: float, rel: float = 1e-5) -> bool:
 
 # --- packs -----------------------------------------------------------------------------------------------------------
 def describe_pack(path: Path) -> dict:
-    import numpy as np
-
-    from aligner_export.pack import file_sha256, load_pack
-
     pack = load_pack(path)  # validates the tensors and the metadata the exporter uses (one AlignerError otherwise)
     meta = pack.meta
     rec = pack.recommended
-    gate = int(rec["gate_layer"])
+    gate = int(rec[RecommendedKey.GATE_LAYER])
     stats = pack.layer_stats(gate)
-    alpha = _get(rec, "alpha", "float")
-    steer = _get(rec, "steer_layers", "int_list") or []
+    alpha = _get(rec, RecommendedKey.ALPHA, "float")
+    steer = _get(rec, RecommendedKey.STEER_LAYERS, "int_list") or []
+    # The report names the pack's fields as the pack does (contract.pack).
     info = {
-        "kind": "steering pack", "path": str(path), "sha256": file_sha256(path), "mode": _get(meta, "mode", "str"),
-        "format_version": _get(meta, "format_version", "int"),
-        "num_layers": pack.num_layers, "hidden_size": pack.hidden_size, "site": _get(meta, "site", "str"),
-        "recommended": {k: rec.get(k) for k in ("gate", "gate_layer", "steer_layers", "alpha", "bias_rule")},
-        "gate_layer": gate,
-        "bias": {"paper": _get(stats, "bias_paper", "float"), "fpr": _get(stats, "bias_fpr", "float"),
-                 "rule": _get(rec, "bias_rule", "str")},
-        "gate_val": {k: _get(stats, k, "float") for k in ("target_val_accuracy", "val_tpr", "val_fpr")},
+        "kind": "steering pack", "path": str(path), "sha256": file_sha256(path),
+        PackKey.MODE: _get(meta, PackKey.MODE, "str"),
+        PackKey.FORMAT_VERSION: _get(meta, PackKey.FORMAT_VERSION, "int"),
+        PackKey.NUM_LAYERS: pack.num_layers, PackKey.HIDDEN_SIZE: pack.hidden_size,
+        PackKey.SITE: _get(meta, PackKey.SITE, "str"),
+        PackKey.RECOMMENDED: {k: rec.get(k) for k in (RecommendedKey.GATE, RecommendedKey.GATE_LAYER,
+                                                      RecommendedKey.STEER_LAYERS, RecommendedKey.ALPHA,
+                                                      RecommendedKey.BIAS_RULE)},
+        RecommendedKey.GATE_LAYER: gate,
+        "bias": {"paper": _get(stats, LayerStatsKey.bias("paper"), "float"),
+                 "fpr": _get(stats, LayerStatsKey.bias("fpr"), "float"),
+                 "rule": _get(rec, RecommendedKey.BIAS_RULE, "str")},
+        "gate_val": {k: _get(stats, k, "float") for k in (LayerStatsKey.TARGET_VAL_ACCURACY, LayerStatsKey.VAL_TPR,
+                                                          LayerStatsKey.VAL_FPR)},
         "vector_norms": {int(l): float(np.linalg.norm(alpha * pack.aligned_srv[int(l)]))
                          for l in steer if alpha is not None and 0 <= l < pack.num_layers},
-        "fingerprints": {"target": _get(_get(meta, "target", "dict"), "fingerprint", "str"),
-                         "aligned": _get(_get(meta, "aligned", "dict"), "fingerprint", "str")},
-        "prompts": {_short(k): {"count": _get(v, "count", "int")}
-                    for k, v in (_get(meta, "prompts", "dict") or {}).items()},
+        "fingerprints": {k: _get(_get(meta, k, "dict"), ModelInfoKey.FINGERPRINT, "str")
+                         for k in (PackKey.TARGET, PackKey.ALIGNED)},
+        PackKey.PROMPTS: {_short(k): {"count": _get(v, "count", "int")}
+                          for k, v in (_get(meta, PackKey.PROMPTS, "dict") or {}).items()},
     }
     if pack.has_linear_gate:
-        gate_meta = _get(meta, "gate", "dict") or {}
-        info["linear_gate"] = {k: gate_meta.get(k) for k in ("layers", "tokens", "normalize", "bias", "C", "max_fpr",
-                                                             "max_fpr_borderline")}
+        gate_meta = _get(meta, PackKey.GATE, "dict") or {}
+        info["linear_gate"] = {k: gate_meta.get(k) for k in (GateKey.LAYERS, GateKey.TOKENS, GateKey.NORMALIZE,
+                                                             GateKey.BIAS, "C", PackKey.MAX_FPR, "max_fpr_borderline")}
         info["linear_gate"]["heldout"] = _get(gate_meta, "heldout", "dict") or {}
         info["linear_gate"]["weight_norms"] = [float(np.linalg.norm(w)) for w in pack.gate_weight]
     return info
@@ -178,16 +190,12 @@ def describe_pack(path: Path) -> dict:
 
 # --- graphs ----------------------------------------------------------------------------------------------------------
 def _graph_facts(summary) -> dict:
-    """Steering facts read from the graph itself (node names, constants, interface), independent of the metadata."""
-    from collections import Counter
-
-    from aligner_runtime.onnx_graph import QUANTIZED_OPS
-    from aligner_runtime.selftest import constant_problems, steering_facts
-
+    """Steering facts read from the graph itself (node names, constants, interface), independent of the metadata;
+    named as the manifest names the same facts, so that the two compare key by key."""
     facts = steering_facts(summary)
     interface = GATE_IN in summary.inputs and {GATE_OUT, SCORE_OUT} <= set(summary.outputs)
     impl = "function" if any(n.domain and n.domain not in ("", "ai.onnx", "com.microsoft") and
-                             (n.op_type in ("SteerGate", "SteerShift")) for n in summary.nodes) else \
+                             (n.op_type in OP_TYPES) for n in summary.nodes) else \
         ("inline" if facts.gate_layers or facts.steer_layers else None)
     ops = Counter(n.op_type for n in summary.nodes)
     quantized = Counter()
@@ -201,8 +209,8 @@ def _graph_facts(summary) -> dict:
     return {
         "steered": bool(interface and facts.gate_layers and facts.steer_layers),
         "interface": interface,
-        "gate_layer": facts.gate_layer, "gate_layers": facts.gate_layers, "gates": facts.gates,
-        "steer_layers": facts.steer_layers, "steer_impl": impl, "bias": facts.bias,
+        Key.GATE_LAYER: facts.gate_layer, "gate_layers": facts.gate_layers, "gates": facts.gates,
+        Key.STEER_LAYERS: facts.steer_layers, Key.STEER_IMPL: impl, Key.BIAS: facts.bias,
         "vector_norms": facts.vector_norms, "plugin_attributes": facts.plugin_versions,
         "shift_modes": facts.shift_modes,
         "inputs": summary.inputs, "outputs": summary.outputs,
@@ -225,8 +233,6 @@ def _metadata(summary) -> dict:
 
 
 def describe_onnx(path: Path) -> dict:
-    from aligner_runtime.onnx_graph import read_graph_summary
-
     summary = read_graph_summary(path)  # malformed: one AlignerError
     metadata = _metadata(summary)
     graph = _graph_facts(summary)
@@ -240,23 +246,22 @@ def describe_onnx(path: Path) -> dict:
 def disagreements(claims: dict, graph: dict, source: str) -> list[str]:
     """What ``claims`` (the manifest, or the graph's metadata) says about the steering that the graph does not do."""
     out = []
-    gate = _get(claims, "gate", "dict")
-    claimed_gates = _get(gate, "layers", "int_list")
-    if claimed_gates is None and _get(claims, "gate_layer", "int") is not None:
-        claimed_gates = [claims["gate_layer"]]
+    gate = _get(claims, Key.GATE, "dict")
+    claimed_gates = _get(gate, GateKey.LAYERS, "int_list")
+    if claimed_gates is None and _get(claims, Key.GATE_LAYER, "int") is not None:  # format 1
+        claimed_gates = [claims[Key.GATE_LAYER]]
     if claimed_gates is not None and sorted(claimed_gates) != graph["gate_layers"]:
         out.append(f"the {source} says gate layers {_fmt(claimed_gates)}, the graph's SteerGate nodes sit on "
                    f"{_fmt(graph['gate_layers'])}")
-    claimed_steer = _get(claims, "steer_layers", "int_list")
-    if claimed_steer is not None and sorted(claimed_steer) != graph["steer_layers"]:
+    claimed_steer = _get(claims, Key.STEER_LAYERS, "int_list")
+    if claimed_steer is not None and sorted(claimed_steer) != graph[Key.STEER_LAYERS]:
         out.append(f"the {source} says steer layers {_fmt(claimed_steer)}, the graph's SteerShift nodes sit on "
-                   f"{_fmt(graph['steer_layers'])}")
-    bias = _get(gate, "bias", "float")
-    bias = bias if bias is not None else _get(claims, "bias", "float")
-    if bias is not None and graph["bias"] is not None and not (math.isfinite(graph["bias"])
-                                                             and _close(bias, graph["bias"])):
-        out.append(f"the {source} says gate bias {_fmt(bias)}, the graph's gate has bias {_fmt(graph['bias'])}")
-    alpha = _get(claims, "alpha", "float")
+                   f"{_fmt(graph[Key.STEER_LAYERS])}")
+    bias = _gate_fact(claims, GateKey.BIAS, Key.BIAS, "float")
+    if bias is not None and graph[Key.BIAS] is not None and not (math.isfinite(graph[Key.BIAS])
+                                                               and _close(bias, graph[Key.BIAS])):
+        out.append(f"the {source} says gate bias {_fmt(bias)}, the graph's gate has bias {_fmt(graph[Key.BIAS])}")
+    alpha = _get(claims, Key.ALPHA, "float")
     if alpha is not None:
         # the exporter writes alpha times a unit safety vector (aligner_export.pack.SteeringPack.steer_config)
         off = {l: n for l, n in graph["vector_norms"].items() if not (math.isfinite(n) and _close(n, alpha, 1e-3))}
@@ -274,32 +279,34 @@ def disagreements(claims: dict, graph: dict, source: str) -> list[str]:
             out.append(f"the {source} says shift mode {claimed_mode}, the graph's SteerShift of layer"
                        f"{'s' if plural else ''} {_fmt(off[:8])} {'shift' if plural else 'shifts'} "
                        f"{graph['shift_modes'][off[0]]}")
-    if claims.get("format_version") is not None and _get(claims, "steer_layers", "int_list") and not graph["steered"]:
+    if claims.get(Key.FORMAT_VERSION) is not None and claimed_steer and not graph["steered"]:
         out.append(f"the {source} describes a steered export, the graph has no complete steering interface")
     return out
 
 
-def _key_fact_disagreements(manifest: dict, metadata: dict) -> list[str]:
-    from aligner_runtime.manifest import KEY_FACTS, _same
+def _gate_fact(claims: dict, gate_key: str, legacy_key: str, kind: str):
+    """A fact of the gate: from the ``gate`` object (formats 2 and 3), else the top-level copy of formats 1 and 2."""
+    value = _get(_get(claims, Key.GATE, "dict"), gate_key, kind)
+    return value if value is not None else _get(claims, legacy_key, kind)
 
+
+def _key_fact_disagreements(manifest: dict, metadata: dict) -> list[str]:
     out = []
     for key in KEY_FACTS:
-        if key in manifest and key in metadata and not _same(manifest[key], metadata[key]):
+        if key in manifest and key in metadata and not same_fact(manifest[key], metadata[key]):
             out.append(f"the manifest and the graph's metadata disagree on {key}: {_fmt(manifest[key])} vs "
                        f"{_fmt(metadata[key])}")
     return out
 
 
 def _read_manifest(path: Path) -> tuple[object, str]:
-    from aligner_runtime.manifest import MAX_MANIFEST_BYTES
-
     file = path / MANIFEST_FILE
     raw = schema.read_bounded(file, MAX_MANIFEST_BYTES, "the manifest")
     return schema.loads(raw, f"the manifest {file}"), hashlib.sha256(raw).hexdigest()
 
 
 def _validation(manifest: dict) -> dict:
-    validation = manifest.get("validation")
+    validation = manifest.get(Key.VALIDATION)
     if validation is None:
         return {"state": "not run"}
     passed = _get(validation, "passed", "bool") if isinstance(validation, dict) else None
@@ -308,9 +315,6 @@ def _validation(manifest: dict) -> dict:
 
 
 def describe_export_dir(path: Path, trusted_keys=None, expect_sha256: str | None = None) -> dict:
-    from aligner_runtime.manifest import load_export
-    from aligner_runtime.onnx_graph import read_graph_summary
-
     manifest, digest = _read_manifest(path)
     if not isinstance(manifest, dict):
         raise AlignerError(f"the manifest {path / MANIFEST_FILE} is not a JSON object")
@@ -349,10 +353,6 @@ def describe_export_dir(path: Path, trusted_keys=None, expect_sha256: str | None
 
 def _signature_check(path: Path, digest: str, trusted_keys, expect_sha256) -> dict:
     try:
-        from aligner_runtime import signing
-    except ImportError:  # the signing module needs `cryptography` (a runtime dependency)
-        return {"state": "not checked", "detail": "the cryptography package is not installed"}
-    try:
         result = signing.check_export(path, manifest_sha256=digest, trusted_keys=trusted_keys,
                                       expect_sha256=expect_sha256)
     except AlignerError as exc:
@@ -367,7 +367,7 @@ def describe_engine(stamp_path: Path) -> dict:
     stamp = schema.loads(raw, str(stamp_path))
     if not isinstance(stamp, dict):
         raise AlignerError(f"{stamp_path}: not a JSON object")
-    engine = _get(stamp, "engine_file", "str") or "?"
+    engine = _get(stamp, StampKey.ENGINE_FILE, "str") or "?"
     return {"kind": "tensorrt engine", "path": str(stamp_path.parent / engine) if "/" not in engine else engine,
             "stamp": stamp}
 
@@ -392,12 +392,13 @@ def _weights_line(recorded, graph) -> str:
 
 
 def _render_pack(info: dict, lines: list[str]) -> None:
-    rec = info["recommended"]
-    lines += [f"  format {info['format_version']}, mode {_short(info['mode'])}, {info['num_layers']} layers x "
-              f"{info['hidden_size']} hidden, site {_short(info['site'])}",
-              f"  recommended: {_short(rec.get('gate') or 'paper')} gate; paper gate layer {_fmt(rec.get('gate_layer'))}"
-              f", steer layers {_fmt(rec.get('steer_layers'))}, alpha {_fmt(rec.get('alpha'))}, bias rule "
-              f"{_fmt(rec.get('bias_rule'))}, shift mode {_short(rec.get(Key.SHIFT_MODE) or DEFAULT_SHIFT_MODE)}",
+    rec = info[PackKey.RECOMMENDED]
+    lines += [f"  format {info[PackKey.FORMAT_VERSION]}, mode {_short(info[PackKey.MODE])}, {info[PackKey.NUM_LAYERS]} "
+              f"layers x {info[PackKey.HIDDEN_SIZE]} hidden, site {_short(info[PackKey.SITE])}",
+              f"  recommended: {_short(rec.get(RecommendedKey.GATE) or 'paper')} gate; paper gate layer "
+              f"{_fmt(rec.get(RecommendedKey.GATE_LAYER))}, steer layers {_fmt(rec.get(RecommendedKey.STEER_LAYERS))}, "
+              f"alpha {_fmt(rec.get(RecommendedKey.ALPHA))}, bias rule {_fmt(rec.get(RecommendedKey.BIAS_RULE))}, "
+              f"shift mode {_short(rec.get(RecommendedKey.SHIFT_MODE) or DEFAULT_SHIFT_MODE)}",
               f"  gate bias: paper {_fmt(info['bias']['paper'])}, fpr {_fmt(info['bias']['fpr'])}; "
               f"validation {_fmt(info['gate_val'])}",
               f"  vector norms (alpha * ssv): {_fmt(info['vector_norms'])}",
@@ -407,9 +408,10 @@ def _render_pack(info: dict, lines: list[str]) -> None:
     linear = info.get("linear_gate")
     if linear:
         held = linear.get("heldout") or {}
-        lines.insert(3, f"  linear gate: layers {_fmt(linear.get('layers'))}, last {_fmt(linear.get('tokens'))} "
-                        f"tokens{', unit-normalised' if linear.get('normalize') is True else ''}, |w_l| "
-                        f"{_fmt(linear['weight_norms'])}, bias {_fmt(linear.get('bias'))}; held-out FPR generic "
+        lines.insert(3, f"  linear gate: layers {_fmt(linear.get(GateKey.LAYERS))}, last "
+                        f"{_fmt(linear.get(GateKey.TOKENS))} tokens"
+                        f"{', unit-normalised' if linear.get(GateKey.NORMALIZE) is True else ''}, |w_l| "
+                        f"{_fmt(linear['weight_norms'])}, bias {_fmt(linear.get(GateKey.BIAS))}; held-out FPR generic "
                         f"{_fmt(held.get('fpr_harmless'))}, borderline {_fmt(held.get('fpr_borderline'))}; "
                         f"leave-one-source-out TPR {_fmt(held.get('loso_mean_tpr'))}")
 
@@ -417,21 +419,22 @@ def _render_pack(info: dict, lines: list[str]) -> None:
 def _render_graph(graph: dict, lines: list[str]) -> None:
     lines.append(f"  steered: {'yes' if graph['steered'] else 'NO (no steering nodes/interface)'}")
     if graph["steered"]:
-        last = graph["gates"][graph["gate_layer"]]
-        lines += [f"  steering sites: SteerShift after layers {_fmt(graph['steer_layers'])}; SteerGate "
-                  f"v{last['version']} at layer{'s' if len(graph['gate_layers']) > 1 else ''} "
-                  f"{_fmt(graph['gate_layers'])} ({graph['steer_impl']}; plugin "
+        last = graph["gates"][graph[Key.GATE_LAYER]]
+        lines += [f"  steering sites: SteerShift after layers {_fmt(graph[Key.STEER_LAYERS])}; SteerGate "
+                  f"v{_fmt(last['version'] or '?')} at layer{'s' if len(graph['gate_layers']) > 1 else ''} "
+                  f"{_fmt(graph['gate_layers'])} ({graph[Key.STEER_IMPL]}; plugin "
                   f"{_fmt(graph['plugin_attributes']) if graph['plugin_attributes'] else '-'})",
-                  f"  gate (graph): bias {_fmt(graph['bias'])}, last {last['tokens']} token(s)"
+                  f"  gate (graph): bias {_fmt(graph[Key.BIAS])}, last {last['tokens']} token(s)"
                   f"{', unit-normalised' if last['normalize'] else ''}, |weight| per layer "
                   f"{_fmt({l: g['weight_norm'] for l, g in graph['gates'].items()})}",
                   f"  vector norms (alpha * ssv): {_fmt(graph['vector_norms'])}",
                   f"  shift (graph): {_shift_line(graph['shift_modes'])}"]
-    if graph["gate_layers"] and two_pass_prefill(graph["steer_layers"], graph["gate_layers"]):
+    if graph["gate_layers"] and two_pass_prefill(graph[Key.STEER_LAYERS], graph["gate_layers"]):
         lines.append("  two-pass prefill: a steered layer lies below the last gate layer (§5 runtime protocol)")
 
 
-SHIFT_MEANINGS = {"add": "SteerShift v1, h + gate·v", "norm": "SteerShift v2, h + gate·v rescaled to ‖h‖"}
+# What each registered shift mode does (contract.SHIFT_MODES).
+SHIFT_MEANINGS = {mode.name: f"SteerShift v{version}, {mode.summary}" for version, mode in SHIFT_MODES.items()}
 
 
 def _shift_line(modes: dict) -> str:
@@ -443,11 +446,14 @@ def _shift_line(modes: dict) -> str:
 
 
 def _render_facts(facts: dict, graph, validation: dict, lines: list[str]) -> None:
-    lines += [f"  alpha {_fmt(facts.get('alpha'))}, bias {_fmt(facts.get('bias'))} ({_fmt(facts.get('bias_rule'))}), "
-              f"dtype {_fmt(facts.get('dtype'))}, opset {_fmt(facts.get('opset'))}, site {_fmt(facts.get('site'))}",
-              f"  weights: {_weights_line(facts.get('weights'), graph)}",
-              f"  fingerprints: target {_fmt(facts.get('target_fingerprint'))}, pack sha256 "
-              f"{_fmt(facts.get('pack_sha256'))}"]
+    bias = _gate_fact(facts, GateKey.BIAS, Key.BIAS, "float")
+    rule = _gate_fact(facts, GateKey.RULE, Key.BIAS_RULE, "str")
+    lines += [f"  alpha {_fmt(facts.get(Key.ALPHA))}, bias {_fmt(bias)} ({_fmt(rule)}), "
+              f"dtype {_fmt(facts.get(Key.DTYPE))}, opset {_fmt(facts.get(Key.OPSET))}, "
+              f"site {_fmt(facts.get(Key.SITE))}",
+              f"  weights: {_weights_line(facts.get(Key.WEIGHTS), graph)}",
+              f"  fingerprints: target {_fmt(facts.get(Key.TARGET_FINGERPRINT))}, pack sha256 "
+              f"{_fmt(facts.get(Key.PACK_SHA256))}"]
     record = validation.get("record") or {}
     state = validation["state"]
     if state == "not run":
@@ -464,7 +470,7 @@ def _render_facts(facts: dict, graph, validation: dict, lines: list[str]) -> Non
                          f"mean {_fmt(quantized.get('logit_rel_rms_mean'))} (tolerance "
                          f"{_fmt(quantized.get('logit_rel_rms_tolerance'))}), greedy top-1 agreement "
                          f"{_fmt(quantized.get('top1_agreement'))}")
-    mm = _get(facts, "multimodal", "dict")
+    mm = _get(facts, Key.MULTIMODAL, "dict")
     if mm:
         pre = _get(mm, "preprocessing", "dict") or {}
         anyres = _get(mm, "anyres", "dict")

@@ -21,15 +21,23 @@ Decoding is greedy so that the two runs differ only by the steering.
 from __future__ import annotations
 
 import json
+import math
+import re
 import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+from tqdm import tqdm
+
+from aligner_runtime.contract import Key, Manifest
 from aligner_runtime.errors import AlignerError, atomic_path
+from aligner_runtime.evaluation import UnsteeredComparison
 from aligner_runtime.prompts import apply_template, prompts_sha256
 
+from aligner_export.evaluation import gate_eval
 from aligner_export.evaluation.judge import Judge, KeywordJudge
 
 JUDGES = {"keyword": KeywordJudge}
@@ -59,8 +67,6 @@ def jailbreak_prompts(harmful: Sequence[str], templates: Sequence[str]) -> list[
 
 
 def _generate(fn, prompts: list[str], options: dict, batch_size: int, desc: str, images=None):
-    from tqdm import tqdm
-
     results = []
     with tqdm(total=len(prompts), desc=desc, unit="prompt", file=sys.stderr, leave=False, disable=None) as bar:
         for first in range(0, len(prompts), batch_size):
@@ -73,8 +79,6 @@ def _generate(fn, prompts: list[str], options: dict, batch_size: int, desc: str,
 
 def repeated_ngram(text: str, n: int = 4) -> bool:
     """Whether any run of ``n`` words occurs twice in ``text`` (a looping answer, issue 10 §3)."""
-    import re
-
     words = re.findall(r"\w+", text.lower())
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     return len(grams) != len(set(grams))
@@ -98,8 +102,6 @@ def _latency(results) -> dict:
 
 def evaluate(aligner, sets: Sequence[PromptSet], judge: Judge, max_new_tokens: int, batch_size: int = 1) -> dict:
     """Runs every set steered and unsteered and returns the report dict (see :func:`write_report`)."""
-    from aligner_runtime.evaluation import UnsteeredComparison
-
     comparison = UnsteeredComparison(aligner)
     options = {"max_new_tokens": max_new_tokens}
     records, metrics = [], {}
@@ -165,12 +167,15 @@ def evaluate(aligner, sets: Sequence[PromptSet], judge: Judge, max_new_tokens: i
     summary["latency_seconds_per_prompt_unsteered"] = statistics.fmean(x["mean_seconds_per_prompt"]
                                                                       for x in all_unsteered)
 
-    manifest = aligner.manifest
+    # The report's steering record names the export's facts as the manifest's keys do, whatever the manifest's format.
+    facts = Manifest.from_json(aligner.manifest, "the export's manifest")
     return {
-        "format_version": REPORT_FORMAT_VERSION,
+        "format_version": REPORT_FORMAT_VERSION,  # the report's own format (report.json), not the manifest's
         "model": str(aligner.export.path),
-        "steering": {k: manifest.get(k) for k in ("gate_layer", "steer_layers", "alpha", "bias", "bias_rule",
-                                                  "steer_impl", "dtype", "pack_sha256")},
+        "steering": {Key.GATE_LAYER: facts.gate_layer, Key.STEER_LAYERS: list(facts.steer_layers),
+                     Key.ALPHA: facts.alpha, Key.BIAS: facts.bias, Key.BIAS_RULE: facts.gate_rule,
+                     Key.STEER_IMPL: facts.steer_impl, Key.DTYPE: facts.dtype,
+                     Key.PACK_SHA256: aligner.manifest.get(Key.PACK_SHA256)},
         "decoding": {"greedy": True, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                      "backend": aligner.backend_name},
         "judge": {"name": judge.name, "description": judge.describe(),
@@ -192,8 +197,8 @@ def markdown(report: dict) -> str:
     lines = [
         "# InferAligner evaluation", "",
         f"Model: `{report['model']}`  ",
-        f"Steering: gate layer {st['gate_layer']}, steer layers {st['steer_layers']}, alpha {st['alpha']}, "
-        f"bias {st['bias']} ({st['bias_rule']}), {st['steer_impl']}, {st['dtype']}  ",
+        f"Steering: gate layer {st[Key.GATE_LAYER]}, steer layers {st[Key.STEER_LAYERS]}, alpha {st[Key.ALPHA]}, "
+        f"bias {st[Key.BIAS]} ({st[Key.BIAS_RULE]}), {st[Key.STEER_IMPL]}, {st[Key.DTYPE]}  ",
         f"Decoding: greedy, max_new_tokens {report['decoding']['max_new_tokens']}, batch size "
         f"{report['decoding']['batch_size']}, {report['decoding']['backend']}", "",
         "| metric | unsteered | steered |", "|---|---|---|",
@@ -229,9 +234,11 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
+    # deferred: matplotlib, loaded only when a report is drawn
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # headless: before pyplot is imported
+    # deferred: matplotlib's pyplot, after the backend is chosen
     import matplotlib.pyplot as plt
 
     s = report["summary"]
@@ -257,8 +264,6 @@ def plot(report: dict, path: Path) -> None:
     bars.set_ylim(0, 105)
     bars.set_title("attack success and over-refusal")
     bars.legend()
-    import numpy as np
-
     all_scores = [r["score"] for r in report["records"] if r["score"] is not None]
     edges = np.histogram_bin_edges(all_scores + [report["threshold"]], bins=30)  # one set of bins for every set
     for name in report["sets"]:
@@ -284,12 +289,10 @@ def write_report(report: dict, directory: str | Path) -> dict[str, Path]:
         plot(report, tmp)
     text = markdown(report)
     if "gate" in report:  # corpus mode: per-source gate figures, the bypass suite and the targets
-        from aligner_export.evaluation.gate_eval import markdown_gate, plot_gate
-
         paths["gate_png"] = directory / "gate.png"
         with atomic_path(paths["gate_png"], suffix=".png") as tmp:
-            plot_gate(report["gate"], tmp)
-        text += "\n" + markdown_gate(report)
+            gate_eval.plot_gate(report["gate"], tmp)
+        text += "\n" + gate_eval.markdown_gate(report)
     with atomic_path(paths["md"]) as tmp:
         tmp.write_text(text, encoding="utf-8")
     with atomic_path(paths["json"]) as tmp:
@@ -299,8 +302,6 @@ def write_report(report: dict, directory: str | Path) -> dict[str, Path]:
 
 def _finite(value):
     """The report with every NaN or infinity as null, so report.json is valid JSON."""
-    import math
-
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):

@@ -13,8 +13,10 @@ from pathlib import Path
 import onnx
 
 from aligner_runtime.errors import atomic_path
-# FORMAT_VERSION is what hf/export.py reads from here; KEY_FACTS and METADATA_EXTRA are the facts metadata_props holds.
-from aligner_runtime.contract import FORMAT_VERSION, KEY_FACTS, MANIFEST_FILE, METADATA_EXTRA, METADATA_PREFIX
+# KEY_FACTS and METADATA_EXTRA are the facts metadata_props holds; steering_record writes the steering part of a
+# format-3 manifest (each gate fact once, in "gate") from the SteerConfig, for hf/export.py.
+from aligner_runtime.contract import (KEY_FACTS, MANIFEST_FILE, METADATA_EXTRA, METADATA_PREFIX,  # noqa: F401
+                                      steering_record)
 
 
 def metadata_entries(manifest: dict) -> dict[str, str]:

@@ -17,13 +17,17 @@ This module imports only ``onnx`` and ``numpy``: the TensorRT helper and the tes
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from aligner_runtime.contract import (DOMAIN, OP_TYPES, PLUGIN_ATTRIBUTES, PLUGIN_NAMESPACE, STEER_GATE,
-                                      STEER_SHIFT, plugin_version)
-from aligner_runtime.contract import ATTENTION_MASK
+from aligner_runtime.contract import (ATTENTION_MASK, DOMAIN, GATE_KINDS, OP_TYPES, PLUGIN_ATTRIBUTES,
+                                      PLUGIN_NAMESPACE, SHIFT_CONSTANT, SHIFT_MODES, STEER_GATE, STEER_SHIFT,
+                                      GateConfig, gate_kind, plugin_version, shift_mode_named,
+                                      shift_mode_of_version)
 
 # Lowest standard opset the bodies are written for (GatherND batch_dims, CastLike, Unsqueeze with axes input).
 MIN_OPSET = 15
@@ -242,10 +246,74 @@ def _steer_shift_v2_body() -> list[onnx.NodeProto]:
     ]
 
 
-GATE_INPUTS = {1: ["hidden", ATTENTION_MASK, "gate_in"], 2: ["hidden", ATTENTION_MASK, "gate_in", "score_in"]}
-GATE_ATTRIBUTES = {1: ["direction", "bias"], 2: ["weight", "bias", "tokens", "normalize"]}
-_GATE_BODIES = {1: _steer_gate_v1_body, 2: _steer_gate_v2_body}
-_SHIFT_BODIES = {1: _steer_shift_body, 2: _steer_shift_v2_body}  # by contract.SHIFT_MODES' versions
+# --- the registries: each gate kind and shift mode of the contract as ONNX -------------------------------------------
+# A node builder: (gate, layer, hidden, attention_mask, gate_in, score_in or None, gate_out, score_out, name) -> node.
+GateNodeBuilder = Callable[[GateConfig, int, str, str, str, "str | None", str, str, str], onnx.NodeProto]
+
+
+@dataclass(frozen=True)
+class GateOp:
+    """How one registered gate kind (``contract.GATE_KINDS``) is written in ONNX: its SteerGate function body and
+    the builder of one node of it. The function's formal inputs follow from the kind's ``chained`` (a chained kind
+    takes ``score_in``) and its attributes are the kind's ``constants``, so neither is spelled twice."""
+
+    body: Callable[[int], list[onnx.NodeProto]]
+    node: GateNodeBuilder
+
+
+@dataclass(frozen=True)
+class ShiftOp:
+    """How one registered shift mode (``contract.SHIFT_MODES``) is written in ONNX: its SteerShift function body and
+    the function's doc string."""
+
+    body: Callable[[], list[onnx.NodeProto]]
+    doc: str
+
+
+GATE_OPS: dict[str, GateOp] = {}  # by contract.GateKind.name
+SHIFT_OPS: dict[str, ShiftOp] = {}  # by contract.ShiftMode.name
+
+
+def register_gate_op(kind_name: str, op: GateOp) -> GateOp:
+    """The ONNX form of the contract's gate kind ``kind_name`` (which must be registered there first)."""
+    if kind_name not in {k.name for k in GATE_KINDS.values()}:
+        raise ValueError(f"gate kind {kind_name!r} is not registered in aligner_runtime.contract.steering")
+    if kind_name in GATE_OPS:
+        raise ValueError(f"the ONNX form of gate kind {kind_name!r} is registered already")
+    GATE_OPS[kind_name] = op
+    return op
+
+
+def register_shift_op(mode_name: str, op: ShiftOp) -> ShiftOp:
+    """The ONNX form of the contract's shift mode ``mode_name`` (which must be registered there first)."""
+    shift_mode_named(mode_name)
+    if mode_name in SHIFT_OPS:
+        raise ValueError(f"the ONNX form of shift mode {mode_name!r} is registered already")
+    SHIFT_OPS[mode_name] = op
+    return op
+
+
+def gate_op(version: int) -> GateOp:
+    """The ONNX form of SteerGate ``version``; ValueError naming the versions when there is none."""
+    try:
+        return GATE_OPS[gate_kind(version).name]
+    except (KeyError, ValueError):
+        raise ValueError(f"unknown SteerGate version {version!r} (registered: "
+                         f"{', '.join(str(v) for v, k in GATE_KINDS.items() if k.name in GATE_OPS)})") from None
+
+
+def gate_inputs(version: int) -> list[str]:
+    """The formal inputs of SteerGate ``version``."""
+    return ["hidden", ATTENTION_MASK, "gate_in", *(["score_in"] if gate_kind(version).chained else [])]
+
+
+def shift_op(version: int) -> ShiftOp:
+    """The ONNX form of SteerShift ``version``; ValueError naming the versions when there is none."""
+    try:
+        return SHIFT_OPS[shift_mode_of_version(version).name]
+    except (KeyError, ValueError):
+        raise ValueError(f"unknown SteerShift version {version!r} (registered: "
+                         f"{', '.join(str(v) for v, m in SHIFT_MODES.items() if m.name in SHIFT_OPS)})") from None
 
 
 def function_protos(opset: int, gate_version: int = 1, shift_version: int = 1) -> list[onnx.FunctionProto]:
@@ -253,20 +321,13 @@ def function_protos(opset: int, gate_version: int = 1, shift_version: int = 1) -
     default-domain opset is ``opset``."""
     if opset < MIN_OPSET:
         raise ValueError(f"the steering functions need opset >= {MIN_OPSET}, the model has {opset}")
-    if gate_version not in _GATE_BODIES:
-        raise ValueError(f"unknown SteerGate version {gate_version}")
-    if shift_version not in _SHIFT_BODIES:
-        raise ValueError(f"unknown SteerShift version {shift_version}")
+    op, shift = gate_op(gate_version), shift_op(shift_version)
     imports = [helper.make_opsetid("", opset)]
-    gate = helper.make_function(DOMAIN, STEER_GATE, GATE_INPUTS[gate_version], ["gate", "score"],
-                                _GATE_BODIES[gate_version](opset), imports,
-                                [*GATE_ATTRIBUTES[gate_version], *PLUGIN_ATTRIBUTES],
+    gate = helper.make_function(DOMAIN, STEER_GATE, gate_inputs(gate_version), ["gate", "score"], op.body(opset),
+                                imports, [*gate_kind(gate_version).constants, *PLUGIN_ATTRIBUTES],
                                 doc_string=f"docs/contract.md SteerGate version {gate_version}")
-    shift = helper.make_function(DOMAIN, STEER_SHIFT, ["hidden", "gate"], ["out"], _SHIFT_BODIES[shift_version](),
-                                 imports, ["vector", *PLUGIN_ATTRIBUTES],
-                                 doc_string="docs/architecture.md §5 SteerShift" if shift_version == 1 else
-                                 f"docs/contract.md SteerShift version {shift_version}")
-    return [gate, shift]
+    return [gate, helper.make_function(DOMAIN, STEER_SHIFT, ["hidden", "gate"], ["out"], shift.body(), imports,
+                                       [SHIFT_CONSTANT, *PLUGIN_ATTRIBUTES], doc_string=shift.doc)]
 
 
 def _vector_attr(values: np.ndarray, what: str) -> onnx.TensorProto:
@@ -303,11 +364,29 @@ def make_steer_gate_v2_node(hidden: str, attention_mask: str, gate_in: str, scor
 def make_steer_shift_node(hidden: str, gate: str, out: str, vector: np.ndarray, name: str,
                           version: int = 1) -> onnx.NodeProto:
     """A SteerShift node of ``version`` (1: "add", 2: "norm"; the same inputs, outputs and constant)."""
-    if version not in _SHIFT_BODIES:
-        raise ValueError(f"unknown SteerShift version {version}")
+    shift_op(version)  # an unknown version is refused here
     return helper.make_node(STEER_SHIFT, [hidden, gate], [out], name=name, domain=DOMAIN,
-                            vector=_vector_attr(vector, "vector"), plugin_namespace=PLUGIN_NAMESPACE,
+                            **{SHIFT_CONSTANT: _vector_attr(vector, SHIFT_CONSTANT)}, plugin_namespace=PLUGIN_NAMESPACE,
                             plugin_version=plugin_version(STEER_SHIFT, shift_version=version))
+
+
+def _paper_node(gate: GateConfig, layer: int, hidden: str, mask: str, gate_in: str, score_in, gate_out: str,
+                score_out: str, name: str) -> onnx.NodeProto:
+    return make_steer_gate_node(hidden, mask, gate_in, gate_out, score_out, gate.weights[layer], gate.bias, name)
+
+
+def _linear_node(gate: GateConfig, layer: int, hidden: str, mask: str, gate_in: str, score_in, gate_out: str,
+                 score_out: str, name: str) -> onnx.NodeProto:
+    """One layer's term of the §5.1 score; only the node at g* adds the bias."""
+    bias = gate.bias if layer == gate.last_layer else 0.0
+    return make_steer_gate_v2_node(hidden, mask, gate_in, score_in, gate_out, score_out, gate.weights[layer], bias,
+                                   gate.tokens, gate.normalize, name)
+
+
+register_gate_op("paper", GateOp(body=_steer_gate_v1_body, node=_paper_node))
+register_gate_op("linear", GateOp(body=_steer_gate_v2_body, node=_linear_node))
+register_shift_op("add", ShiftOp(body=_steer_shift_body, doc="docs/architecture.md §5 SteerShift"))
+register_shift_op("norm", ShiftOp(body=_steer_shift_v2_body, doc="docs/contract.md SteerShift version 2"))
 
 
 def node_attr(node: onnx.NodeProto, name: str):

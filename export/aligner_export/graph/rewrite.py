@@ -1,10 +1,11 @@
 """The graph rewrite: SteerGate and SteerShift placed into a base ONNX LLM with onnx-ir (docs/architecture.md §5,
 §5.1, docs/contract.md).
 
-- ``SteerGate`` reads each gate layer's output before any shift there. A version-1 gate is one node at ``g``; a
-  version-2 gate is a chain of nodes over the gate layers ``G``, each adding its layer's term to the previous
-  node's score (the first starts from zeros), the last one (at ``g* = max G``) adding the bias and deciding. The
-  node at ``g*`` produces the graph outputs ``steer_gate`` and ``steer_score``.
+- ``SteerGate`` reads each gate layer's output before any shift there, one node per gate layer written by the ONNX
+  form of the gate's kind (``onnx_ops.GATE_OPS``, keyed by ``contract.GATE_KINDS``): the paper's gate is one node at
+  ``g``; a chained kind (the linear gate) is a chain over the gate layers ``G``, each node adding its layer's term to
+  the previous node's score (the first starts from zeros), the last one (at ``g* = max G``) adding the bias and
+  deciding. The node at ``g*`` produces the graph outputs ``steer_gate`` and ``steer_score``.
 - ``SteerShift`` (of the configuration's shift mode: version 1 "add" or version 2 "norm") follows each steered layer
   ``l`` and every consumer of that residual tensor reads its output
   instead. Its gate is ``steer_gate`` for ``l >= g*`` and ``max(steer_gate_in, 0)`` for ``l < g*`` (the runtime's
@@ -31,7 +32,7 @@ from aligner_runtime.contract import ATTENTION_MASK, INPUTS_EMBEDS, INPUT_IDS
 from aligner_runtime.contract.choices import STEER_IMPLS
 
 CLAMPED_GATE_IN = STEER_PREFIX + "gate_in_clamped"
-SCORE_ZERO = STEER_PREFIX + "score_zero"  # the first SteerGate v2 node's score_in
+SCORE_ZERO = STEER_PREFIX + "score_zero"  # the first node's score_in in a chained gate
 
 
 def _graph_values(graph: ir.Graph) -> dict[str, ir.Value]:
@@ -158,30 +159,27 @@ def apply(model: ir.Model, sites: list[ResidualSite], config: SteerConfig) -> No
 
 def _emit_gate(graph: ir.Graph, config: SteerConfig, residual: dict, mask: str, opset: int,
                values: dict[str, ir.Value]) -> dict[int, ir.Node]:
-    """Places the gate (docs/contract.md): one SteerGate v1 node at g, or a chain of SteerGate v2 nodes over the gate
-    layers G whose scores accumulate from zeros, the last one (at g*) adding the bias and deciding. Returns the last
-    node emitted per layer."""
+    """Places the gate (docs/contract.md): one SteerGate node per gate layer, built by the ONNX form of the gate's
+    kind (``onnx_ops.GATE_OPS``). A chained kind's scores accumulate from zeros along the gate layers; the node at
+    g* decides and produces the graph's gate and score. Returns the last node emitted per layer."""
     gate = config.gate
+    kind, op = gate.kind, onnx_ops.gate_op(gate.version)
+    if not kind.chained and len(gate.layers) != 1:
+        raise AlignerError(f"a {kind.name} gate reads one layer, got {list(gate.layers)}")
+    score_in = None
+    if kind.chained:
+        shape = onnx.helper.make_node("Shape", [GATE_IN], [STEER_PREFIX + "batch_shape"], name=STEER_PREFIX + "Shape")
+        zeros = onnx.helper.make_node("ConstantOfShape", [STEER_PREFIX + "batch_shape"], [SCORE_ZERO],
+                                      value=onnx.numpy_helper.from_array(np.zeros(1, np.float32)),
+                                      name=STEER_PREFIX + "ConstantOfShape")
+        _emit(graph, zeros, "function", opset, values, _emit(graph, shape, "function", opset, values, None))
+        score_in = SCORE_ZERO
     emitted = {}
-    if gate.version == 1:
-        g = gate.last_layer
-        proto = onnx_ops.make_steer_gate_node(residual[g].name, mask, GATE_IN, GATE_OUT, SCORE_OUT, gate.weights[g],
-                                              gate.bias, node_name(g, STEER_GATE))
-        emitted[g] = _emit(graph, proto, config.steer_impl, opset, values, residual[g].producer())
-        return emitted
-    shape = onnx.helper.make_node("Shape", [GATE_IN], [STEER_PREFIX + "batch_shape"], name=STEER_PREFIX + "Shape")
-    zeros = onnx.helper.make_node("ConstantOfShape", [STEER_PREFIX + "batch_shape"], [SCORE_ZERO],
-                                  value=onnx.numpy_helper.from_array(np.zeros(1, np.float32)),
-                                  name=STEER_PREFIX + "ConstantOfShape")
-    _emit(graph, zeros, "function", opset, values, _emit(graph, shape, "function", opset, values, None))
-    score_in = SCORE_ZERO
     for layer in gate.layers:
         name = node_name(layer, STEER_GATE)
         last = layer == gate.last_layer
         gate_out, score_out = (GATE_OUT, SCORE_OUT) if last else (f"{name}_gate", f"{name}_score")
-        proto = onnx_ops.make_steer_gate_v2_node(residual[layer].name, mask, GATE_IN, score_in, gate_out, score_out,
-                                                 gate.weights[layer], gate.bias if last else 0.0, gate.tokens,
-                                                 gate.normalize, name)
+        proto = op.node(gate, layer, residual[layer].name, mask, GATE_IN, score_in, gate_out, score_out, name)
         emitted[layer] = _emit(graph, proto, config.steer_impl, opset, values, residual[layer].producer())
         score_in = score_out
     return emitted

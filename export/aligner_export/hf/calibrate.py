@@ -12,6 +12,7 @@ prompts. See docs/calibration.md for the rules.
 from __future__ import annotations
 
 import gc
+import json
 import sys
 import warnings
 from dataclasses import dataclass
@@ -19,12 +20,19 @@ from pathlib import Path
 
 import numpy as np
 
-from aligner_runtime.contract import ATTENTION_MASK, DEFAULT_SHIFT_MODE, INPUT_IDS, Key, position_ids
-from aligner_runtime.errors import AlignerError
+from aligner_runtime.contract import (ATTENTION_MASK, DEFAULT_SHIFT_MODE, INPUT_IDS, POSITION_IDS, EndRuleKey,
+                                      gate_kind_named, position_ids)
+from aligner_runtime.contract.pack import LayerStatsKey, ModelInfoKey, PackKey, RecommendedKey
+from aligner_runtime.errors import AlignerError, atomic_path
 from aligner_runtime.prompts import prompts_sha256
 
 from aligner_export import __version__
 from aligner_export.corpus import Record
+from aligner_export.evaluation.judge import KeywordJudge
+from aligner_export.gate import THRESHOLD_RULES, Features, default_candidates, fit_gate
+from aligner_export.hf.families import family_for, text_config
+from aligner_export.hf.modeling import chat_texts, fingerprint, load_model, model_dims, tokenize_batch
+from aligner_export.hf.report import write_calibration_report
 from aligner_export.pack import BIAS_RULES, SteeringPack, save_pack
 
 MIN_PROMPTS = 8
@@ -87,11 +95,10 @@ def collect_activations(model, tokenizer, prompts, batch_size: int = 16, desc: s
                         systems=None, batch_tokens: int = BATCH_TOKENS) -> Activations:
     """Runs the prompts through the decoder stack of ``model`` (no LM head) and returns the residual at every
     decoder layer's output at the last token, and at ``tail_layers`` the last ``TAIL_TOKENS`` positions."""
+    # deferred: torch, the model run's own import (the package imports without it)
     import torch
+    # deferred: tqdm (the export extra): aligner-export's parser imports this module in a device install
     from tqdm import tqdm
-
-    from aligner_export.hf.families import family_for, text_config
-    from aligner_export.hf.modeling import chat_texts, tokenize_batch
 
     family = family_for(model.config)
     texts, template_sha, fallback = chat_texts(tokenizer, prompts, systems=systems)
@@ -155,10 +162,10 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens: int = RESPONSE_T
                      desc: str = "answers") -> list[tuple[str, bool]]:
     """Greedy answers of ``model`` to the chat-templated ``prompts``: ``(text, ended)`` with ``ended`` when the model
     produced an end-of-sequence token within ``max_new_tokens`` (the text then ends before it)."""
+    # deferred: torch, the model run's own import (the package imports without it)
     import torch
+    # deferred: tqdm (the export extra): aligner-export's parser imports this module in a device install
     from tqdm import tqdm
-
-    from aligner_export.hf.modeling import chat_texts, tokenize_batch
 
     texts = chat_texts(tokenizer, prompts)[0]
     eos = tokenizer.eos_token_id
@@ -168,7 +175,7 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens: int = RESPONSE_T
             batch = tokenize_batch(tokenizer, texts[start:start + batch_size], padding_side="left")
             sequences = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
                                        pad_token_id=tokenizer.pad_token_id)
-            for row in sequences[:, batch["input_ids"].shape[1]:].tolist():
+            for row in sequences[:, batch[INPUT_IDS].shape[1]:].tolist():
                 ended = eos in row
                 row = row[:row.index(eos)] if ended else row
                 out.append((tokenizer.decode(row, skip_special_tokens=True), ended))
@@ -178,10 +185,8 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens: int = RESPONSE_T
 def answer_residuals(model, tokenizer, prompts, answers, batch_size: int = 16) -> np.ndarray:
     """``[N, L, H]``: each decoder layer's output averaged over the tokens of the answer that follows the
     chat-templated prompt (the prompt's own positions are left out)."""
+    # deferred: torch, the model run's own import (the package imports without it)
     import torch
-
-    from aligner_export.hf.families import family_for
-    from aligner_export.hf.modeling import chat_texts, tokenize_batch
 
     family = family_for(model.config)
     layers = family.decoder_layers(model)
@@ -197,11 +202,11 @@ def answer_residuals(model, tokenizer, prompts, answers, batch_size: int = 16) -
             for start in range(0, len(texts), batch_size):
                 heads = texts[start:start + batch_size]
                 full = [h + a for h, a in zip(heads, answers[start:start + batch_size])]
-                prompt_lengths = [len(tokenizer(h, add_special_tokens=False)["input_ids"]) for h in heads]
+                prompt_lengths = [len(tokenizer(h, add_special_tokens=False)[INPUT_IDS]) for h in heads]
                 batch = tokenize_batch(tokenizer, full, padding_side="right")
-                mask = batch["attention_mask"]
-                decoder(input_ids=batch["input_ids"], attention_mask=mask,
-                        position_ids=torch.from_numpy(position_ids(mask.numpy())), use_cache=False)
+                mask = batch[ATTENTION_MASK]
+                decoder(**{INPUT_IDS: batch[INPUT_IDS], ATTENTION_MASK: mask,
+                           POSITION_IDS: torch.from_numpy(position_ids(mask.numpy()))}, use_cache=False)
                 answer_mask = mask.clone()
                 for j, length in enumerate(prompt_lengths):
                     answer_mask[j, :length] = 0
@@ -222,11 +227,6 @@ def response_srv(model, tokenizer, harmful, harmless, end_text: str, cache: Path
     refusal that ended is followed by ``end_text`` (the end-of-sequence token), so that the vector carries the end
     too. The answers are generated once and kept in ``cache`` (a JSON file keyed by the model and the prompts).
     Returns ``(srv [L, H], info)``."""
-    import json
-
-    from aligner_export.evaluation.judge import KeywordJudge
-    from aligner_export.hf.modeling import fingerprint
-
     answers, model_print = None, fingerprint(model)
     if cache is not None and cache.exists():
         try:
@@ -242,8 +242,6 @@ def response_srv(model, tokenizer, harmful, harmless, end_text: str, cache: Path
         answers = (generate_answers(model, tokenizer, harmful, desc="aligned answers (harmful)"),
                    generate_answers(model, tokenizer, harmless, desc="aligned answers (harmless)"))
         if cache is not None:
-            from aligner_runtime.errors import atomic_path
-
             cache.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(cache) as tmp:
                 Path(tmp).write_text(json.dumps({"model": model_print, "max_new_tokens": RESPONSE_TOKENS,
@@ -298,17 +296,18 @@ def recommend(per_layer: list[dict], residual_norm: np.ndarray) -> dict:
       is that fraction of the residual it moves.
     """
     bias_rule = "fpr"
-    gate_layer = max(per_layer, key=lambda s: (round(s[f"val_accuracy_{bias_rule}"], 6), s["margin"]))["layer"]
+    gate_layer = max(per_layer, key=lambda s: (round(s[LayerStatsKey.val_accuracy(bias_rule)], 6),
+                                               s[LayerStatsKey.MARGIN]))[LayerStatsKey.LAYER]
     num_layers = len(per_layer)
-    joint = [min(s["target_val_accuracy"], s["aligned_val_accuracy"]) for s in per_layer]
+    joint = [min(s[LayerStatsKey.TARGET_VAL_ACCURACY], s[LayerStatsKey.ALIGNED_VAL_ACCURACY]) for s in per_layer]
     floor = max(joint) - STEER_ACCURACY_SLACK
     first = max(1, num_layers - int(np.ceil(STEER_UPPER_FRACTION * num_layers)))
     while first < num_layers - 1 and joint[first] < floor:
         first += 1
     steer_layers = list(range(first, num_layers))
     alpha = float(ALPHA_NORM_FRACTION * residual_norm[steer_layers].mean() / len(steer_layers))
-    return {"gate_layer": int(gate_layer), "steer_layers": [int(l) for l in steer_layers],
-            "alpha": round(alpha, 4), "bias_rule": bias_rule}
+    return {RecommendedKey.GATE_LAYER: int(gate_layer), RecommendedKey.STEER_LAYERS: [int(l) for l in steer_layers],
+            RecommendedKey.ALPHA: round(alpha, 4), RecommendedKey.BIAS_RULE: bias_rule}
 
 
 def _records(prompts, name: str, cls: str) -> list[Record]:
@@ -352,14 +351,11 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
     only. ``gate="paper"`` fits no linear gate (a format-1-style pack, exported with ``--gate paper``).
     ``ssv="response"`` (the default with an aligned model) takes the steering vectors from the aligned model's own refusals and helpful answers
     (:func:`response_srv`, cached in ``response_cache``); ``"prompt"`` is the paper's prompt-activation SRV."""
-    from aligner_export.hf.modeling import fingerprint, load_model, model_dims
-
     harmful = _records(harmful, "harmful", "harmful")
     harmless = _records(harmless, "harmless", "harmless")
     extras = list(extras)
     _check_options(harmful, harmless, gate, max_fpr, max_fpr_borderline, val_fraction, batch_size)
-    from aligner_export.gate import THRESHOLD_RULES
-
+    fitted_kind = gate_kind_named(gate).pack_weights  # a kind whose weights calibration fits and the pack stores
     if threshold_rule not in THRESHOLD_RULES:
         raise AlignerError(f"--threshold-rule must be one of {', '.join(THRESHOLD_RULES)}, got {threshold_rule!r}")
     # Default: response vectors where the aligned model refuses in words the judge knows; else the prompt vectors.
@@ -381,9 +377,7 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
         warnings.warn("no --aligned model: self mode, the target's own SRVs become the steering vectors "
                       "(the paper reports this works poorly)", stacklevel=2)
     num_layers = target_dims[0]
-    if gate == "linear":
-        from aligner_export.gate import default_candidates
-
+    if fitted_kind:
         candidates = list(candidates) if candidates else default_candidates(num_layers)
         tail_layers = sorted({l for c in candidates for l in c.layers})
     else:
@@ -398,9 +392,10 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
     model, tokenizer = load_model(target_dir)
     texts, systems = _texts(everything)
     target = collect_activations(model, tokenizer, texts, batch_size, "target", tail_layers, systems)
-    info = {"target": {"fingerprint": fingerprint(model), "source": str(Path(target_dir).resolve()),
-                       "chat_template_sha256": target.chat_template_sha256,
-                       "chat_template_fallback": target.used_fallback_template}}
+    info = {PackKey.TARGET: {ModelInfoKey.FINGERPRINT: fingerprint(model),
+                             ModelInfoKey.SOURCE: str(Path(target_dir).resolve()),
+                             ModelInfoKey.CHAT_TEMPLATE_SHA256: target.chat_template_sha256,
+                             ModelInfoKey.CHAT_TEMPLATE_FALLBACK: target.used_fallback_template}}
     del model, tokenizer
     gc.collect()
     t_h, t_b = target.values[:n_h], target.values[n_h:n_h + n_b]
@@ -424,10 +419,11 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
         model, tokenizer = load_model(aligned_dir)
         texts, systems = _texts([harmful[i] for i in rows_h] + [harmless[i] for i in rows_b])
         aligned = collect_activations(model, tokenizer, texts, batch_size, "aligned", (), systems)
-        info["aligned"] = {"fingerprint": fingerprint(model), "source": str(Path(aligned_dir).resolve()),
-                           "chat_template_sha256": aligned.chat_template_sha256,
-                           "chat_template_fallback": aligned.used_fallback_template,
-                           "prompts": {"harmful": int(len(rows_h)), "harmless": int(len(rows_b))}}
+        info[PackKey.ALIGNED] = {ModelInfoKey.FINGERPRINT: fingerprint(model),
+                                 ModelInfoKey.SOURCE: str(Path(aligned_dir).resolve()),
+                                 ModelInfoKey.CHAT_TEMPLATE_SHA256: aligned.chat_template_sha256,
+                                 ModelInfoKey.CHAT_TEMPLATE_FALLBACK: aligned.used_fallback_template,
+                                 ModelInfoKey.PROMPTS: {"harmful": int(len(rows_h)), "harmless": int(len(rows_b))}}
         if ssv == "response":
             pick_h = _cap(harmful_cal, RESPONSE_PROMPTS, np.random.default_rng(seed + 3))
             pick_b = _cap(srv_harmless, RESPONSE_PROMPTS, np.random.default_rng(seed + 4))
@@ -471,15 +467,16 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
             a_acc = t_acc
         spread = np.sqrt(0.5 * (proj_h[harmful_cal].var() + proj_b[harmless_cal].var())) + 1e-12
         margin = float((proj_h[harmful_cal].mean() - proj_b[harmless_cal].mean()) / spread)
-        per_layer.append({"layer": layer, "target_val_accuracy": t_acc, "aligned_val_accuracy": a_acc,
-                          "bias_paper": b_paper, "bias_fpr": b_fpr, "val_tpr": val_tpr, "val_fpr": val_fpr,
-                          "val_tpr_paper": tpr_paper, "val_fpr_paper": fpr_paper,
-                          "val_accuracy_paper": t_acc, "val_accuracy_fpr": acc_fpr, "margin": margin,
-                          "residual_norm": float(residual_norm[layer])})
+        per_layer.append({LayerStatsKey.LAYER: layer, LayerStatsKey.TARGET_VAL_ACCURACY: t_acc,
+                          LayerStatsKey.ALIGNED_VAL_ACCURACY: a_acc, LayerStatsKey.bias("paper"): b_paper,
+                          LayerStatsKey.bias("fpr"): b_fpr, LayerStatsKey.VAL_TPR: val_tpr,
+                          LayerStatsKey.VAL_FPR: val_fpr, "val_tpr_paper": tpr_paper, "val_fpr_paper": fpr_paper,
+                          LayerStatsKey.val_accuracy("paper"): t_acc, LayerStatsKey.val_accuracy("fpr"): acc_fpr,
+                          LayerStatsKey.MARGIN: margin, "residual_norm": float(residual_norm[layer])})
         gate_scores[layer] = (proj_h, proj_b)
 
     recommended = recommend(per_layer, residual_norm)
-    recommended["ssv"] = ssv
+    recommended[RecommendedKey.SSV] = ssv
     steer_srv = a_srv
     if ssv == "response":
         # The response vectors steer the middle band (RESPONSE_BLOCK), at the same accumulated-shift rule for alpha,
@@ -488,15 +485,14 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
         first = int(np.ceil(RESPONSE_BLOCK[0] * num_layers))
         last = max(first + 1, int(RESPONSE_BLOCK[1] * num_layers))
         block = list(range(first, last))
-        recommended["steer_layers"] = block
-        recommended["alpha"] = round(float(ALPHA_NORM_FRACTION * residual_norm[block].mean() / len(block)), 4)
-    recommended["end_rule"] = {"after": END_AFTER, "slope": END_SLOPE}
+        recommended[RecommendedKey.STEER_LAYERS] = block
+        recommended[RecommendedKey.ALPHA] = round(float(ALPHA_NORM_FRACTION * residual_norm[block].mean()
+                                                        / len(block)), 4)
+    recommended[RecommendedKey.END_RULE] = {EndRuleKey.AFTER: END_AFTER, EndRuleKey.SLOPE: END_SLOPE}
     # The paper's additive shift; `aligner-export export --shift-mode norm` rescales instead (docs/calibration.md).
-    recommended[Key.SHIFT_MODE] = DEFAULT_SHIFT_MODE  # the pack names it as the manifest does
+    recommended[RecommendedKey.SHIFT_MODE] = DEFAULT_SHIFT_MODE  # the pack names it as the manifest does
     gate_weight = gate_meta = gate_report = None
-    if gate == "linear":
-        from aligner_export.gate import Features, fit_gate
-
+    if fitted_kind:
         features = Features(tails=target.tails, layers=tuple(tail_layers),
                             labels=np.array([r.label for r in everything]),
                             classes=np.array([r.cls for r in everything]),
@@ -509,23 +505,26 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
 
         fitted, gate_report = fit_gate(features, candidates, max_fpr, max_fpr_borderline, seed=seed,
                                        progress=progress, threshold_rule=threshold_rule)
+        try:  # the one check of a gate's shape rules (contract.GateConfig.check), before the pack records it
+            fitted.check(num_layers, int(t_srv.shape[1]))
+        except ValueError as exc:
+            raise AlignerError(f"the fitted gate: {exc}") from None
         gate_weight = np.stack([fitted.weights[l] for l in fitted.layers]).astype(np.float32)
         chosen = gate_report.candidate
-        gate_meta = {"version": 2, "layers": list(fitted.layers), "tokens": fitted.tokens,
-                     "normalize": fitted.normalize, "bias": fitted.bias, "rule": "linear", "fit": "logistic-l2",
-                     "C": chosen.C, "max_fpr": max_fpr, "max_fpr_borderline": max_fpr_borderline,
-                     "threshold_rule": threshold_rule,
+        # The gate's own record (GateConfig.manifest: the manifest's gate object) and how it was fitted.
+        gate_meta = {**fitted.manifest(), "fit": "logistic-l2", "C": chosen.C, PackKey.MAX_FPR: max_fpr,
+                     "max_fpr_borderline": max_fpr_borderline, "threshold_rule": threshold_rule,
                      "heldout": gate_report.heldout,
                      "loso": [{k: v for k, v in r.items() if k != "folds"} | {"folds": r["folds"]}
                               for r in gate_report.loso],
                      "sources": _source_counts(everything)}
-        recommended["gate"] = "linear"
+        recommended[RecommendedKey.GATE] = gate
     meta = {
-        "mode": "cross-model" if aligned_dir is not None else "self",
-        "ssv": info.get("response_ssv", {"ssv": "prompt"}),
-        "target": info["target"],
-        "aligned": info.get("aligned", dict(info["target"], note="self mode: copy of the target")),
-        "prompts": {
+        PackKey.MODE: "cross-model" if aligned_dir is not None else "self",
+        PackKey.SSV: info.get("response_ssv", {"ssv": "prompt"}),
+        PackKey.TARGET: info[PackKey.TARGET],
+        PackKey.ALIGNED: info.get(PackKey.ALIGNED, dict(info[PackKey.TARGET], note="self mode: copy of the target")),
+        PackKey.PROMPTS: {
             "harmful": {"count": n_h, "sha256": prompts_sha256([r.prompt for r in harmful]),
                         "val_indices": [int(i) for i in harmful_val]},
             "harmless": {"count": n_b, "sha256": prompts_sha256([r.prompt for r in harmless]),
@@ -533,19 +532,17 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
             "extras": {"count": len(extras), "sha256": prompts_sha256([r.prompt for r in extras])},
             "srv_length_cap": length_cap, "srv_harmless_count": int(srv_harmless.size),
         },
-        "per_layer": per_layer,
-        "recommended": recommended,
-        "max_fpr": max_fpr,
-        "seed": seed,
-        "created_by": f"inferaligner-edge {__version__}",
+        PackKey.PER_LAYER: per_layer,
+        PackKey.RECOMMENDED: recommended,
+        PackKey.MAX_FPR: max_fpr,
+        PackKey.SEED: seed,
+        PackKey.CREATED_BY: f"inferaligner-edge {__version__}",
     }
     if gate_meta is not None:
-        meta["gate"] = gate_meta
+        meta[PackKey.GATE] = gate_meta
     pack = SteeringPack(t_srv, t_mean_h, t_mean_b, steer_srv.astype(np.float32), meta, gate_weight)
     if report_dir is not None:
-        from aligner_export.hf.report import write_calibration_report
-
-        g = recommended["gate_layer"]
+        g = recommended[RecommendedKey.GATE_LAYER]
         write_calibration_report(report_dir, pack, gate_scores[g], (harmful_cal, harmful_val),
                                  (harmless_cal, harmless_val), gate_report)
     return pack

@@ -37,7 +37,7 @@ import onnx_ir.external_data  # noqa: F401  (ir.external_data)
 from aligner_runtime import integrity
 from aligner_runtime.chat import template_sha256
 from aligner_runtime.contract import (ATTENTION_MASK, INPUT_IDS, INPUTS_EMBEDS, MODEL_FILE, POSITION_IDS, SITE,
-                                      STEERING_IO, Key, SteerConfig, position_ids)
+                                      Key, SteerConfig, position_ids)
 from aligner_runtime.errors import AlignerError, atomic_dir
 from aligner_runtime.onnx_graph import read_graph_summary
 
@@ -45,7 +45,7 @@ from aligner_export import __version__, progress
 from aligner_export.graph import fused, quantize
 from aligner_export.graph.files import check_graph, passes_checker, save_ir
 from aligner_export.graph.locate import compare_residuals, locate_residuals, materialize
-from aligner_export.graph.manifest import FORMAT_VERSION, set_metadata, write_manifest, write_metadata
+from aligner_export.graph.manifest import set_metadata, steering_record, write_manifest, write_metadata
 from aligner_export.graph.rewrite import apply, check_unsteered, default_opset
 from aligner_export.hf.base_export import OPSET, base_export, genai_export
 from aligner_export.hf.families import family_for, text_config
@@ -182,12 +182,8 @@ def steered_manifest(target: Path, pack, pack_path: Path, options: ExportOptions
     strength = options.strength.manifest() if options.strength is not None else None
     end_rule = options.end_rule.manifest() if options.end_rule is not None else None
     return {
-        Key.FORMAT_VERSION: FORMAT_VERSION, Key.PACKAGE_VERSION: __version__,
+        **steering_record(config, options.alpha), Key.PACKAGE_VERSION: __version__,
         Key.PACK_SHA256: file_sha256(pack_path), Key.PACK_MODE: pack.mode, Key.TARGET_FINGERPRINT: fingerprint,
-        Key.STEER_LAYERS: config.steer_layers, Key.GATE_LAYER: config.gate_layer, Key.ALPHA: float(options.alpha),
-        Key.BIAS: config.gate.bias, Key.BIAS_RULE: options.bias_rule, Key.STEER_IMPL: config.steer_impl,
-        Key.SHIFT_MODE: config.shift_mode,
-        Key.GATE: config.gate.manifest(), Key.TWO_PASS_PREFILL: config.two_pass, Key.STEERING_IO: dict(STEERING_IO),
         Key.DTYPE: options.dtype, Key.OPSET: default_opset(ir_model), Key.SITE: SITE, Key.EXPORTER: exporter,
         Key.CHAT_TEMPLATE_SHA256: template_sha, Key.CHAT_TEMPLATE_FALLBACK: fallback,
         Key.NUM_LAYERS: int(lm_config.num_hidden_layers), Key.HIDDEN_SIZE: int(lm_config.hidden_size),

@@ -5,8 +5,9 @@ directly from the contract (docs/contract.md), independently of the ONNX rewrite
 
 - a forward pre-hook on the model captures the ``attention_mask`` of each call;
 - a forward hook on each gate layer ``l ∈ G`` adds that layer's term to the row's score from the layer output
-  *before* any shift at ``l``: version 1, ``h_l[b, last_b] · direction``; version 2, the mean over the last ``K``
-  valid positions of this call of ``n(h_l[b, s]) · w_l``. At ``g* = max G`` the bias is added and the gate decided:
+  *before* any shift at ``l``, by the term registered for the gate's kind (``GATE_TERMS``): version 1,
+  ``h_l[b, last_b] · direction``; version 2, the mean over the last ``K`` valid positions of this call of
+  ``n(h_l[b, s]) · w_l``. At ``g* = max G`` the bias is added and the gate decided:
   ``gate_in`` if ``gate_in >= 0``, else 1 when the score is > 0 or not finite;
 - a forward hook on each steered layer ``l`` adds ``gate · vector_l`` at every position, with the decided gate for
   ``l >= g*`` and ``max(gate_in, 0)`` for ``l < g*``; in shift mode "norm" (SteerShift version 2) the sum is then
@@ -20,12 +21,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from aligner_runtime.contract import (ATTENTION_MASK, GateConfig, SteerConfig, shift_mode_named,
+from aligner_runtime.contract import (ATTENTION_MASK, GATE_KINDS, GateConfig, SteerConfig, shift_mode_named,
                                       shift_takes_decision)
 
 from aligner_export.hf.families import family_for
@@ -72,12 +73,51 @@ def pooled_positions(attention_mask: torch.Tensor | None, batch: int, seq: int, 
     return pooled
 
 
-def gate_term(hidden: torch.Tensor, attention_mask, gate: GateConfig, weight: torch.Tensor) -> torch.Tensor:
-    """One gate layer's contribution to the score, float32 [B]."""
+# --- the registries: each gate kind's term and each shift mode, written from docs/contract.md -----------------------
+# (hidden [B, S, H], attention_mask, gate, weight [H]) -> one gate layer's contribution to the score, float32 [B].
+GateTerm = Callable[[torch.Tensor, "torch.Tensor | None", GateConfig, torch.Tensor], torch.Tensor]
+# (hidden, row_gate [B], vector [H]) -> the shifted hidden, in hidden's dtype.
+Shift = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+GATE_TERMS: dict[str, GateTerm] = {}  # by contract.GateKind.name
+SHIFTS: dict[str, Shift] = {}  # by contract.ShiftMode.name
+
+
+def register_gate_term(kind_name: str) -> Callable[[GateTerm], GateTerm]:
+    """Registers the reference term of the contract's gate kind ``kind_name`` (registered there first)."""
+    if kind_name not in {k.name for k in GATE_KINDS.values()}:
+        raise ValueError(f"gate kind {kind_name!r} is not registered in aligner_runtime.contract.steering")
+
+    def register(term: GateTerm) -> GateTerm:
+        if kind_name in GATE_TERMS:
+            raise ValueError(f"the reference term of gate kind {kind_name!r} is registered already")
+        GATE_TERMS[kind_name] = term
+        return term
+    return register
+
+
+def register_shift(mode_name: str) -> Callable[[Shift], Shift]:
+    """Registers the reference SteerShift of the contract's shift mode ``mode_name`` (registered there first)."""
+    shift_mode_named(mode_name)
+
+    def register(shift: Shift) -> Shift:
+        if mode_name in SHIFTS:
+            raise ValueError(f"the reference shift of mode {mode_name!r} is registered already")
+        SHIFTS[mode_name] = shift
+        return shift
+    return register
+
+
+@register_gate_term("paper")
+def _last_token_term(hidden: torch.Tensor, attention_mask, gate: GateConfig, weight: torch.Tensor) -> torch.Tensor:
+    """SteerGate version 1: ``h[b, last_b] · direction``."""
     batch, seq, _ = hidden.shape
-    if gate.version == 1:
-        last = hidden[torch.arange(batch), last_positions(attention_mask, batch, seq)].float()
-        return last @ weight
+    return hidden[torch.arange(batch), last_positions(attention_mask, batch, seq)].float() @ weight
+
+
+@register_gate_term("linear")
+def _pooled_term(hidden: torch.Tensor, attention_mask, gate: GateConfig, weight: torch.Tensor) -> torch.Tensor:
+    """SteerGate version 2: the mean over the pooled positions of ``n(h[b, s]) · w_l``."""
+    batch, seq, _ = hidden.shape
     values = hidden.float()
     dots = values @ weight  # [B, S]
     if gate.normalize:
@@ -87,26 +127,44 @@ def gate_term(hidden: torch.Tensor, attention_mask, gate: GateConfig, weight: to
     return total / pooled.sum(dim=1).float()
 
 
+def gate_term(hidden: torch.Tensor, attention_mask, gate: GateConfig, weight: torch.Tensor) -> torch.Tensor:
+    """One gate layer's contribution to the score, float32 [B], by the term of the gate's kind."""
+    try:
+        term = GATE_TERMS[gate.kind.name]
+    except KeyError:
+        raise ValueError(f"no PyTorch reference for the {gate.kind.name} gate (version {gate.version})") from None
+    return term(hidden, attention_mask, gate, weight)
+
+
 def decide(gate_in: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     fires = (score > 0) | ~torch.isfinite(score)
     return torch.where(gate_in >= 0, gate_in, fires.float())
 
 
-def shift_hidden(hidden: torch.Tensor, row_gate: torch.Tensor, vector: torch.Tensor, mode: str) -> torch.Tensor:
-    """SteerShift of ``mode`` on one layer's output (docs/contract.md): "add", ``h + gate·v``; "norm",
-    ``y · (‖h‖ / max(‖y‖, 1e-6))`` with ``y = h + gate·v``; float32 math, cast back to ``hidden``'s dtype."""
+@register_shift("add")
+def _add_shift(hidden: torch.Tensor, row_gate: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """SteerShift version 1: ``h + gate·v`` in float32, cast back."""
+    return (hidden.float() + row_gate.view(hidden.shape[0], 1, 1) * vector).to(hidden.dtype)
+
+
+@register_shift("norm")
+def _norm_shift(hidden: torch.Tensor, row_gate: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """SteerShift version 2: ``y · (‖h‖ / max(‖y‖, 1e-6))`` with ``y = h + gate·v``; a gate-0 row as it came."""
     batch = hidden.shape[0]
     h = hidden.float()
     shifted = h + row_gate.view(batch, 1, 1) * vector
-    if mode == "add":
-        return shifted.to(hidden.dtype)
-    if mode != "norm":
-        raise ValueError(f"unknown shift mode {mode!r}")
     before = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
     after = torch.linalg.vector_norm(shifted, dim=-1, keepdim=True).clamp(min=NORM_EPS)
     out = (shifted * (before / after)).to(hidden.dtype)
     # Gate-0 rows are the input itself, whatever the rounding of the rescaling.
     return torch.where((row_gate == 0).view(batch, 1, 1), hidden, out)
+
+
+def shift_hidden(hidden: torch.Tensor, row_gate: torch.Tensor, vector: torch.Tensor, mode: str) -> torch.Tensor:
+    """SteerShift of ``mode`` on one layer's output (docs/contract.md), by the registered reference of that mode."""
+    if mode not in SHIFTS:
+        raise ValueError(f"unknown shift mode {mode!r}")
+    return SHIFTS[mode](hidden, row_gate, vector)
 
 
 def _hidden_of(output):
@@ -215,6 +273,7 @@ def reference_generate(model, config: SteerConfig, input_ids, attention_mask, ma
     extra = {k: generate_kwargs[k] for k in ("pixel_values", "image_sizes") if k in generate_kwargs}
     gate, score = score_prompts(model, config, input_ids, attention_mask, **extra)
     if end_rule:
+        # deferred: transformers, needed only for an end rule (the hooks themselves are plain torch)
         from transformers import LogitsProcessorList
 
         generate_kwargs["logits_processor"] = LogitsProcessorList(

@@ -7,13 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
+from aligner_runtime.contract.pack import LayerStatsKey, PackKey, RecommendedKey
 from aligner_runtime.errors import AlignerError, atomic_path
 
 
 def _pyplot():
+    # deferred: matplotlib, loaded only when a report is drawn
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # headless: before pyplot is imported
+    # deferred: matplotlib's pyplot, after the backend is chosen
     import matplotlib.pyplot as plt
 
     return plt
@@ -28,18 +31,22 @@ def write_calibration_report(report_dir, pack, gate_projections, harmful_split, 
         raise AlignerError(f"report directory's parent does not exist: {report_dir.parent}")
     report_dir.mkdir(exist_ok=True)
     plt = _pyplot()
-    per_layer = pack.meta["per_layer"]
-    rec = pack.meta["recommended"]
-    g = rec["gate_layer"]
-    layers = [s["layer"] for s in per_layer]
+    per_layer = pack.meta[PackKey.PER_LAYER]
+    rec = pack.meta[PackKey.RECOMMENDED]
+    g = rec[RecommendedKey.GATE_LAYER]
+    layers = [s[LayerStatsKey.LAYER] for s in per_layer]
 
     fig, (ax_acc, ax_hist) = plt.subplots(1, 2, figsize=(13, 4.8))
-    ax_acc.plot(layers, [s["target_val_accuracy"] for s in per_layer], "o-", label="target (gate) accuracy")
+    ax_acc.plot(layers, [s[LayerStatsKey.TARGET_VAL_ACCURACY] for s in per_layer], "o-",
+                label="target (gate) accuracy")
     if pack.meta["mode"] == "cross-model":
-        ax_acc.plot(layers, [s["aligned_val_accuracy"] for s in per_layer], "s--", label="aligned model accuracy")
-    ax_acc.plot(layers, [s["val_tpr"] for s in per_layer], ":", color="tab:green", label="target TPR (fpr bias)")
-    ax_acc.plot(layers, [s["val_fpr"] for s in per_layer], ":", color="tab:red", label="target FPR (fpr bias)")
-    steer = rec["steer_layers"]
+        ax_acc.plot(layers, [s[LayerStatsKey.ALIGNED_VAL_ACCURACY] for s in per_layer], "s--",
+                    label="aligned model accuracy")
+    ax_acc.plot(layers, [s[LayerStatsKey.VAL_TPR] for s in per_layer], ":", color="tab:green",
+                label="target TPR (fpr bias)")
+    ax_acc.plot(layers, [s[LayerStatsKey.VAL_FPR] for s in per_layer], ":", color="tab:red",
+                label="target FPR (fpr bias)")
+    steer = rec[RecommendedKey.STEER_LAYERS]
     ax_acc.axvspan(min(steer) - 0.5, max(steer) + 0.5, color="tab:orange", alpha=0.12, label="steered layers")
     ax_acc.axvline(g, color="k", lw=0.8, ls="--", label=f"gate layer {g}")
     ax_acc.set_xlabel("decoder layer")
@@ -57,8 +64,9 @@ def write_calibration_report(report_dir, pack, gate_projections, harmful_split, 
     ax_hist.hist(proj_b[b_val], bins=bins, histtype="step", lw=1.5, color="tab:blue", label="harmless (validation)")
     ax_hist.hist(proj_h[h_val], bins=bins, histtype="step", lw=1.5, color="tab:red", label="harmful (validation)")
     stats = per_layer[g]
-    ax_hist.axvline(-stats["bias_paper"], color="k", ls="--", label="threshold, paper bias")
-    ax_hist.axvline(-stats["bias_fpr"], color="tab:purple", ls="-", label=f"threshold, FPR<={pack.meta['max_fpr']}")
+    ax_hist.axvline(-stats[LayerStatsKey.bias("paper")], color="k", ls="--", label="threshold, paper bias")
+    ax_hist.axvline(-stats[LayerStatsKey.bias("fpr")], color="tab:purple", ls="-",
+                    label=f"threshold, FPR<={pack.meta[PackKey.MAX_FPR]}")
     ax_hist.set_xlabel(f"projection on the target SRV at layer {g}")
     ax_hist.set_ylabel("prompts")
     ax_hist.set_title(f"Gate scores at layer {g} (score = projection + bias)")
@@ -70,7 +78,7 @@ def write_calibration_report(report_dir, pack, gate_projections, harmful_split, 
     plt.close(fig)
     if gate_report is not None:
         _gate_figure(plt, report_dir / "gate.png", gate_report)
-    keys = ("mode", "recommended", "per_layer", "prompts", "gate")
+    keys = (PackKey.MODE, PackKey.RECOMMENDED, PackKey.PER_LAYER, PackKey.PROMPTS, PackKey.GATE)
     with atomic_path(report_dir / "calibration.json", suffix=".json") as tmp:
         tmp.write_text(json.dumps({k: pack.meta[k] for k in keys if k in pack.meta}, indent=2))
     return png

@@ -18,10 +18,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
+import tempfile
 from pathlib import Path
 
+from aligner_runtime.api import Aligner
+from aligner_runtime.contract import MANIFEST_FILE, StrengthSchedule
+from aligner_runtime.contract.pack import RecommendedKey
 from aligner_runtime.errors import run_cli
+from aligner_runtime.evaluation import UnsteeredComparison
+from aligner_runtime.prompts import load_prompts
+
+from aligner_export import corpus
+from aligner_export.commands.cli import main as export_main
+from aligner_export.evaluation.evaluate import repeated_ngram
+from aligner_export.evaluation.judge import KeywordJudge
+from aligner_export.pack import load_pack
 
 
 def parse_block(text: str) -> list[int]:
@@ -30,14 +43,8 @@ def parse_block(text: str) -> list[int]:
 
 
 def _prompts(spec: str, sources: list[str], limit: int, seed: int) -> list[str]:
-    import random
-
     if spec != "corpus":
-        from aligner_runtime.prompts import load_prompts
-
         return load_prompts(spec)[:limit]
-    from aligner_export import corpus
-
     pool = [r.prompt for r in corpus.load_corpus() if r.role == "calibration" and r.cls == "harmful"
             and r.source in sources]
     return random.Random(seed).sample(pool, min(limit, len(pool)))
@@ -45,20 +52,11 @@ def _prompts(spec: str, sources: list[str], limit: int, seed: int) -> list[str]:
 
 def sweep(target: Path, pack_path: Path, blocks, strengths, half_lives, floor: float, prompts, max_new_tokens: int,
           threads: int, work: Path, log=print) -> list[dict]:
-    from aligner_runtime.api import Aligner
-    from aligner_runtime.contract import StrengthSchedule
-    from aligner_runtime.evaluation import UnsteeredComparison
-
-    from aligner_export.commands.cli import main as export_main
-    from aligner_export.evaluation.evaluate import repeated_ngram
-    from aligner_export.evaluation.judge import KeywordJudge
-    from aligner_export.pack import load_pack
-
     judge, rows = KeywordJudge(), []
-    alpha = float(load_pack(pack_path).recommended["alpha"])
+    alpha = float(load_pack(pack_path).recommended[RecommendedKey.ALPHA])
     for block in blocks:
         out = work / f"block-{block[0]}-{block[-1]}"
-        if not (out / "inferaligner.json").is_file():
+        if not (out / MANIFEST_FILE).is_file():
             code = export_main(["export", "--target", str(target), "--pack", str(pack_path), "-o", str(out),
                                 "--steer-layers", f"{block[0]}-{block[-1]}", "--no-validate"])
             if code:
@@ -84,9 +82,11 @@ def sweep(target: Path, pack_path: Path, blocks, strengths, half_lives, floor: f
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    # deferred: matplotlib, loaded only when a plot is asked for
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # headless: before pyplot is imported
+    # deferred: matplotlib's pyplot, after the backend is chosen
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 6))
@@ -125,12 +125,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def job() -> int:
-        import tempfile
-
-        from aligner_export.pack import load_pack
-
         blocks = [parse_block(b) for b in args.blocks.split(",") if b] or \
-            [load_pack(args.pack).recommended["steer_layers"]]
+            [load_pack(args.pack).recommended[RecommendedKey.STEER_LAYERS]]
         strengths = [float(x) for x in args.strengths.split(",")]
         half_lives = [None if x == "none" else float(x) for x in args.half_lives.split(",")]
         prompts = _prompts(args.prompts, args.tune_sources.split(","), args.limit, args.seed)

@@ -11,6 +11,8 @@ Everything that more than one part of the package must agree on lives in this pa
   the validation all take;
 - :mod:`.manifest`: the manifest's key names, the key facts shared with the graph's metadata, the check of every
   field and the typed :class:`Manifest`;
+- :mod:`.pack`: the steering pack's metadata keys (the pack is the exporter's input; the names live here so that
+  neither the pack nor the manifest borrows the other's words);
 - :mod:`.choices`: enumerations (dtypes, steer impls, backends, weight formats, ...) and numeric limits, which the
   CLIs use as ``choices=``.
 
@@ -24,7 +26,6 @@ Numpy only: the runtime imports this on a device with no torch and no onnx.
 from __future__ import annotations
 
 from .choices import *  # noqa: F401,F403
-from .choices import GATE_RULES
 from .names import (ATTENTION_MASK, CHAT_TEMPLATE_FILE, DOMAIN, EMBED_FILE, GATE_DECIDE, GATE_IN, GATE_OUT,
                     INPUT_IDS, INPUTS_EMBEDS, LOGITS, MANIFEST_FILE, METADATA_PREFIX, MODEL_FILE, OP_TYPES, PAST,
                     PAST_KINDS, PAST_PREFIX, PLUGIN_ATTRIBUTES, PLUGIN_NAMESPACE, POSITION_IDS, PRESENT,
@@ -33,12 +34,15 @@ from .names import (ATTENTION_MASK, CHAT_TEMPLATE_FILE, DOMAIN, EMBED_FILE, GATE
                     plugin_version, present_name)
 from .protocol import (CONSTANT_STRENGTH, NO_END_RULE, EndRule, StrengthSchedule, position_ids, prefill_decision, shift_takes_decision,
                        two_pass_prefill)
-from .steering import (GATE_KINDS, SHIFT_MODES, GateConfig, GateKind, ShiftMode, SteerConfig, gate_kind,
-                       gate_kind_named, register_gate_kind, register_shift_mode, shift_mode_named,
-                       shift_mode_of_version)
-from .manifest import (FORMAT_VERSION, KEY_FACTS, LEGACY_FORMAT_VERSION, METADATA_EXTRA, REQUIRED_V2,
-                       STEERING_FACTS, SUPPORTED_FORMAT_VERSIONS, EndRuleKey, GateKey, IntegrityKey, Key, Manifest, StampKey,
-                       StrengthKey, check_manifest, manifest_gate_layers)
+from .steering import (GATE_KINDS, GATE_RULES, PACK_GATES, SHIFT_CONSTANT, SHIFT_MODES, GateConfig, GateKey,
+                       GateKind, ShiftMode, SteerConfig, gate_constants, gate_kind, gate_kind_named,
+                       gate_kind_of_constants, pack_weight_versions, register_gate_kind, register_shift_mode,
+                       shift_mode_named, shift_mode_of_version)
+from .manifest import (FORMAT_VERSION, GATE_DUPLICATES, KEY_FACTS, LEGACY_FORMAT_VERSION, METADATA_EXTRA,
+                       OLDEST_VERIFIED_FORMAT_VERSION, REQUIRED_V2, REQUIRED_V3, STEERING_FACTS, STEERING_FACTS_V3,
+                       SUPPORTED_FORMAT_VERSIONS, EndRuleKey, IntegrityKey, Key, Manifest, StampKey, StrengthKey,
+                       check_manifest, manifest_gate_bias, manifest_gate_layer, manifest_gate_layers,
+                       manifest_gate_rule, required_keys, steering_declared, steering_facts, steering_record)
 
 # The SteerGate operator versions, one per registered gate kind.
 GATE_VERSIONS = tuple(sorted(GATE_KINDS))

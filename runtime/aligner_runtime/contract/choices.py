@@ -9,9 +9,9 @@ STEER_IMPLS = ("function", "inline")  # steering ops as ONNX functions, or their
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 QUANT_METHODS = ("rtn", "hqq")  # int4 weight quantisation
 EXPORTERS = ("auto", "optimum", "torch", "genai")
-BIAS_RULES = ("paper", "fpr")  # how calibration places the gate's bias
-GATE_RULES = ("paper", "fpr", "linear")  # the rule recorded with a gate (the linear gate's bias is fitted)
-PACK_GATES = ("linear", "paper")  # the pack's fitted §5.1 gate, or the paper's one direction at one layer
+BIAS_RULES = ("paper", "fpr")  # how calibration places the paper gate's bias
+# The gate kinds a pack and --gate name (PACK_GATES) and the rules a gate may record (GATE_RULES) follow from the
+# registered kinds: contract.steering defines them.
 PACK_MODES = ("cross-model", "self")
 # SteerShift's modes (docs/contract.md "Operators"): "add" is version 1 (the paper's h + gate·v), "norm" version 2
 # (the shifted state rescaled to the norm it had before the shift). The registry in .steering maps them to versions.

@@ -16,12 +16,16 @@ from .choices import (DTYPES, MAX_CONTEXT, MAX_EOS_IDS, MAX_HIDDEN, MAX_IO_NAMES
                       MAX_TOKENS, STEER_IMPLS, STRENGTH_HALF_LIFE, END_RULE_LIMITS, DEFAULT_SHIFT_MODE,
                       SHIFT_MODE_NAMES)
 from .names import SITE, STEERING_IO
-from .steering import GATE_KINDS
+from .steering import GATE_KINDS, GateKey, SteerConfig
 from .protocol import EndRule, StrengthSchedule, two_pass_prefill
 
-FORMAT_VERSION = 2  # what the exporter writes
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
+# Format 3 (issue 19) records each fact once: the gate's layers, bias and rule only in the ``gate`` object, where
+# formats 1 and 2 also wrote them at the top level (``gate_layer``, ``bias``, ``bias_rule``). Format 2 added the
+# integrity digests and the ``gate`` object to format 1. Every format keeps loading (docs/contract.md "Manifest").
+FORMAT_VERSION = 3  # what the exporter writes
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
 LEGACY_FORMAT_VERSION = 1  # no integrity digests
+OLDEST_VERIFIED_FORMAT_VERSION = 2  # the first with integrity digests: the oldest an engine's export (and the C runtime) takes
 
 
 class Key:
@@ -59,17 +63,6 @@ class Key:
     WEIGHTS = "weights"
     INTEGRITY = "integrity"
     MULTIMODAL = "multimodal"
-
-
-class GateKey:
-    """The keys of the manifest's ``gate`` object (:meth:`GateConfig.manifest`)."""
-
-    VERSION = "version"
-    LAYERS = "layers"
-    TOKENS = "tokens"
-    NORMALIZE = "normalize"
-    BIAS = "bias"
-    RULE = "rule"
 
 
 class IntegrityKey:
@@ -110,28 +103,83 @@ class StampKey:
     ENGINE_SHA256 = "engine_sha256"
 
 
-# Facts that the manifest and the graph's metadata_props both hold and must agree on.
+# The top-level copies of gate facts that formats 1 and 2 wrote and format 3 refuses: the last gate layer, the bias
+# and the bias rule (the ``gate`` object's ``layers[-1]``, ``bias`` and ``rule``).
+GATE_DUPLICATES = (Key.GATE_LAYER, Key.BIAS, Key.BIAS_RULE)
+
+# Facts that the manifest and the graph's metadata_props both hold and must agree on (those the manifest holds).
 KEY_FACTS = (Key.FORMAT_VERSION, Key.PACK_SHA256, Key.TARGET_FINGERPRINT, Key.STEER_LAYERS, Key.GATE_LAYER, Key.ALPHA,
              Key.BIAS, Key.BIAS_RULE, Key.STEER_IMPL, Key.DTYPE, Key.SITE, Key.CHAT_TEMPLATE_SHA256, Key.NUM_LAYERS,
              Key.HIDDEN_SIZE, Key.MULTIMODAL, Key.GATE, Key.TWO_PASS_PREFILL, Key.STEERING_IO, Key.STRENGTH,
              Key.END_RULE, Key.EOS_TOKEN_IDS, Key.CONTEXT_LENGTH, Key.SHIFT_MODE)
 # Facts that also go into metadata_props beyond KEY_FACTS: enough to inspect a bare .onnx file.
 METADATA_EXTRA = (Key.PACKAGE_VERSION, Key.OPSET, Key.VALIDATION, Key.EXPORTER, Key.PACK_MODE)
-# Without these the runtime cannot know where the graph steers: their absence counts as "unsteered".
+# Without these the runtime cannot know where the graph steers: their absence counts as "unsteered" (formats 1, 2;
+# format 3: STEERING_FACTS_V3, the gate's layers and bias being in its ``gate`` object).
 STEERING_FACTS = (Key.STEER_LAYERS, Key.GATE_LAYER, Key.ALPHA, Key.BIAS)
+STEERING_FACTS_V3 = (Key.STEER_LAYERS, Key.GATE, Key.ALPHA)
 # Every key a format-2 manifest of a steered export must hold (besides the optional "multimodal").
 REQUIRED_V2 = (Key.FORMAT_VERSION, Key.PACKAGE_VERSION, Key.PACK_SHA256, Key.TARGET_FINGERPRINT, Key.STEER_LAYERS,
                Key.GATE_LAYER, Key.ALPHA, Key.BIAS, Key.BIAS_RULE, Key.STEER_IMPL, Key.DTYPE, Key.OPSET, Key.SITE,
                Key.CHAT_TEMPLATE_SHA256, Key.NUM_LAYERS, Key.HIDDEN_SIZE, Key.EOS_TOKEN_IDS, Key.CONTEXT_LENGTH, Key.IO,
                Key.GATE, Key.TWO_PASS_PREFILL, Key.STEERING_IO, Key.VALIDATION, Key.INTEGRITY)
+# Format 3: format 2's keys less the duplicates of the gate object.
+REQUIRED_V3 = tuple(k for k in REQUIRED_V2 if k not in GATE_DUPLICATES)
+
+
+def steering_facts(version) -> tuple[str, ...]:
+    """The keys whose presence declares a steered export, in a manifest of format ``version``."""
+    return STEERING_FACTS_V3 if isinstance(version, int) and version >= 3 else STEERING_FACTS
+
+
+def required_keys(version) -> tuple[str, ...]:
+    """Every key a steered export's manifest of format ``version`` (2 or later) must hold."""
+    return REQUIRED_V3 if isinstance(version, int) and version >= 3 else REQUIRED_V2
+
+
+def steering_declared(manifest: dict) -> bool:
+    """Whether the manifest declares steering (every key of :func:`steering_facts` present)."""
+    return all(k in manifest for k in steering_facts(manifest.get(Key.FORMAT_VERSION)))
+
+
+def steering_record(config: SteerConfig, alpha: float) -> dict:
+    """The steering part of a format-:data:`FORMAT_VERSION` manifest, from the one configuration object: the format,
+    the steered layers, α, the shift, the gate (its layers, bias and rule recorded once, in ``gate``), the two-pass
+    rule and the steering I/O names. The exporter adds the model's, the files' and the validation's facts."""
+    return {Key.FORMAT_VERSION: FORMAT_VERSION, Key.STEER_LAYERS: config.steer_layers, Key.ALPHA: float(alpha),
+            Key.STEER_IMPL: config.steer_impl, Key.SHIFT_MODE: config.shift_mode, Key.GATE: config.gate.manifest(),
+            Key.TWO_PASS_PREFILL: config.two_pass, Key.STEERING_IO: dict(STEERING_IO)}
 
 
 def manifest_gate_layers(manifest: dict) -> list[int]:
-    """G from a manifest: format 2's ``gate.layers``; format 1 has the one ``gate_layer``."""
+    """G from a manifest: ``gate.layers`` (formats 2, 3); format 1 has the one ``gate_layer``."""
     gate = manifest.get(Key.GATE)
     if isinstance(gate, dict) and isinstance(gate.get(GateKey.LAYERS), list):
         return list(gate[GateKey.LAYERS])
     return [manifest[Key.GATE_LAYER]] if isinstance(manifest.get(Key.GATE_LAYER), int) else []
+
+
+def manifest_gate_layer(manifest: dict) -> int | None:
+    """g*, the last gate layer, where the decision is taken (None when the manifest records no gate)."""
+    layers = manifest_gate_layers(manifest)
+    return layers[-1] if layers and isinstance(layers[-1], int) else None
+
+
+def manifest_gate_bias(manifest: dict):
+    """The gate's bias: ``gate.bias`` (formats 2, 3), format 1's top-level ``bias``; None when neither is there."""
+    gate = manifest.get(Key.GATE)
+    if isinstance(gate, dict) and GateKey.BIAS in gate:
+        return gate[GateKey.BIAS]
+    return manifest.get(Key.BIAS)
+
+
+def manifest_gate_rule(manifest: dict):
+    """The gate's rule: ``gate.rule`` (format 3, and format 2 since it was written), else the top-level
+    ``bias_rule`` of formats 1 and 2; None when neither is there."""
+    gate = manifest.get(Key.GATE)
+    if isinstance(gate, dict) and GateKey.RULE in gate:
+        return gate[GateKey.RULE]
+    return manifest.get(Key.BIAS_RULE)
 
 
 def _layers(manifest: dict, key: str, where: str, num_layers: int) -> list[int]:
@@ -182,6 +230,10 @@ def check_manifest(manifest, where: str) -> dict:
     if version not in SUPPORTED_FORMAT_VERSIONS:
         raise AlignerError(f"{where} has format_version {version}; this runtime reads "
                            f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}")
+    duplicated = [k for k in GATE_DUPLICATES if k in manifest] if version >= 3 else []
+    if duplicated:
+        raise AlignerError(f"{where}: format {version} records the gate's layers, bias and rule once, in 'gate'; "
+                           f"it must not hold {', '.join(repr(k) for k in duplicated)}")
     num_layers = schema.field(manifest, Key.NUM_LAYERS, "int", where, default=MAX_LAYERS, lo=1, hi=MAX_LAYERS)
     schema.field(manifest, Key.HIDDEN_SIZE, "int", where, default=None, lo=1, hi=MAX_HIDDEN)
     if Key.STEER_LAYERS in manifest:
@@ -213,15 +265,21 @@ def check_manifest(manifest, where: str) -> dict:
     gate = schema.field(manifest, Key.GATE, "dict", where, default=None)
     if gate is not None:
         here = f"{where}: gate"
-        schema.field(gate, GateKey.VERSION, "int", here, lo=1, hi=max(GATE_KINDS))
+        kind = GATE_KINDS[schema.field(gate, GateKey.VERSION, "int", here, choices=tuple(GATE_KINDS))]
         gate_layers = _layers(gate, GateKey.LAYERS, here, num_layers)
         if not gate_layers:
             raise AlignerError(f"{here}: 'layers' is empty")
         schema.field(gate, GateKey.TOKENS, "int", here, lo=1, hi=MAX_TOKENS)
         schema.field(gate, GateKey.NORMALIZE, "bool", here)
-        schema.field(gate, GateKey.BIAS, "float", here)
-        if manifest.get(Key.GATE_LAYER) != gate_layers[-1]:
-            raise AlignerError(f"{where}: 'gate_layer' must be the last of the gate layers")
+        bias = schema.field(gate, GateKey.BIAS, "float", here)
+        # The rule is the one record of it from format 3 on; format-2 manifests written before it was there lack it.
+        schema.field(gate, GateKey.RULE, "str", here, default=None if version < 3 else schema.MISSING,
+                     choices=kind.rules)
+        if version < 3:  # the top-level copies formats 1 and 2 wrote must say what the gate object says
+            if manifest.get(Key.GATE_LAYER) != gate_layers[-1]:
+                raise AlignerError(f"{where}: 'gate_layer' must be the last of the gate layers")
+            if Key.BIAS in manifest and float(manifest[Key.BIAS]) != bias:
+                raise AlignerError(f"{where}: 'bias' must be the gate's bias")
     two_pass = schema.field(manifest, Key.TWO_PASS_PREFILL, "bool", where, default=None)
     if two_pass is not None and Key.STEER_LAYERS in manifest and gate is not None and \
             two_pass != two_pass_prefill(manifest[Key.STEER_LAYERS], gate[GateKey.LAYERS]):
@@ -268,6 +326,8 @@ class Manifest:
     gate_layer: int | None
     alpha: float | None
     bias: float | None
+    gate_rule: str | None
+    gate_version: int  # format 1 records no gate object: its gate is the paper's, version 1
     steer_impl: str | None
     dtype: str | None
     num_layers: int | None
@@ -286,9 +346,11 @@ class Manifest:
         gate_layers = tuple(manifest_gate_layers(raw))
         recorded = raw.get(Key.TWO_PASS_PREFILL)
         two_pass = recorded if isinstance(recorded, bool) else two_pass_prefill(steer_layers, gate_layers)
+        gate = raw.get(Key.GATE) or {}
         return cls(raw=raw, format_version=raw[Key.FORMAT_VERSION], steer_layers=steer_layers,
-                   gate_layers=gate_layers, gate_layer=raw.get(Key.GATE_LAYER), alpha=raw.get(Key.ALPHA),
-                   bias=raw.get(Key.BIAS), steer_impl=raw.get(Key.STEER_IMPL), dtype=raw.get(Key.DTYPE),
+                   gate_layers=gate_layers, gate_layer=manifest_gate_layer(raw), alpha=raw.get(Key.ALPHA),
+                   bias=manifest_gate_bias(raw), gate_rule=manifest_gate_rule(raw),
+                   gate_version=gate.get(GateKey.VERSION, 1), steer_impl=raw.get(Key.STEER_IMPL), dtype=raw.get(Key.DTYPE),
                    num_layers=raw.get(Key.NUM_LAYERS), hidden_size=raw.get(Key.HIDDEN_SIZE),
                    eos_token_ids=tuple(raw.get(Key.EOS_TOKEN_IDS) or ()), context_length=raw.get(Key.CONTEXT_LENGTH),
                    strength=StrengthSchedule.from_manifest(raw.get(Key.STRENGTH)), two_pass=bool(two_pass),
@@ -301,11 +363,11 @@ class Manifest:
 
     @property
     def steering_declared(self) -> bool:
-        return all(k in self.raw for k in STEERING_FACTS)
+        return steering_declared(self.raw)
 
     def missing_required(self) -> list[str]:
-        """The keys a format-2 manifest must hold that this one lacks."""
-        return [k for k in REQUIRED_V2 if k not in self.raw]
+        """The keys a manifest of this format (2 or later) must hold that this one lacks."""
+        return [k for k in required_keys(self.format_version) if k not in self.raw]
 
     def to_json(self) -> dict:
         return dict(self.raw)

@@ -1,5 +1,6 @@
-"""The steering configuration (docs/contract.md): the gate baked into a graph and the vectors added at each steered
-layer. Numpy only."""
+"""The steering configuration (docs/contract.md): the registry of gate kinds and shift modes, the gate baked into a
+graph and the vectors added at each steered layer. Numpy only: the modules that own each kind's ONNX form, PyTorch
+reference and plugin register those under the kind's name (the import arrows keep pointing at this package)."""
 
 from __future__ import annotations
 
@@ -8,23 +9,42 @@ from typing import Mapping
 
 import numpy as np
 
-from .choices import DEFAULT_SHIFT_MODE, SHIFT_MODE_NAMES
-from .choices import GATE_RULES  # noqa: F401  (re-exported by the package)
+from .choices import BIAS_RULES, DEFAULT_SHIFT_MODE, SHIFT_MODE_NAMES
 from .protocol import two_pass_prefill
 
-# --- the steering configuration -------------------------------------------------------------------------------------
+# --- the registry of gate kinds and shift modes ----------------------------------------------------------------------
+SHIFT_CONSTANT = "vector"  # SteerShift's one constant attribute, α_l·θ_l, in every mode
+
 
 @dataclass(frozen=True)
 class GateKind:
-    """One kind of gate: the SteerGate operator version that computes it and the shape rules of its configuration.
+    """One kind of gate: the SteerGate operator version that computes it and the contract facts of its configuration.
 
-    A new kind (a token-pooled gate, an MLP head) is one :func:`register_gate_kind` call here plus its operator:
-    the ONNX function (``aligner_export.graph.onnx_ops``), the PyTorch reference and the C++/CUDA plugin, each keyed
-    by ``version``. ``pack_name`` is how a steering pack names it (``None``: a pack cannot select it)."""
+    A new kind (a token-pooled gate, an MLP head) is one :func:`register_gate_kind` call here plus its operator,
+    registered by the module that owns each form under this kind's ``name``: the ONNX function and node builder
+    (``aligner_export.graph.onnx_ops.register_gate_op``), the PyTorch reference term
+    (``aligner_export.hf.reference.register_gate_term``), the C++/CUDA plugin of ``version``. What the rest of the
+    package needs to know of a kind is here:
+
+    - ``constants``: the node attributes that carry its constants (what the integrity digests hash, what the
+      self-test reads, the ONNX function's attributes besides the plugin's);
+    - ``rules``: the threshold rules a gate of this kind may record (the manifest's ``gate.rule``), and
+      ``default_rule``;
+    - ``pack_name``: how a steering pack and ``--gate`` name it (``None``: a pack cannot select it);
+      ``pack_weights``: a pack stores its fitted weights (the ``gate.weight`` tensor and the ``gate`` metadata, whose
+      ``version`` the pack check takes from here), rather than deriving it from the per-layer statistics;
+    - ``chained``: its nodes take ``score_in`` (one node per gate layer, the scores summed along the chain);
+    - the shape rules :meth:`check` applies (``max_layers``, ``fixed_tokens``, ``normalizes``)."""
 
     name: str
     version: int
     pack_name: str | None
+    constants: tuple[str, ...]
+    rules: tuple[str, ...]
+    summary: str
+    pack_weights: bool = False
+    chained: bool = False
+    default_rule: str | None = None  # a GateConfig's rule when none is given; None: the first of ``rules``
     max_layers: int | None = None  # None: any number of gate layers
     fixed_tokens: int | None = None  # None: K is configurable
     normalizes: bool = True  # may pool normalised residuals
@@ -38,14 +58,19 @@ class GateKind:
                              f"got {gate.tokens}")
         if gate.normalize and not self.normalizes:
             raise ValueError(f"a {self.name} gate (version {self.version}) has no normalisation")
+        if gate.rule not in self.rules:
+            raise ValueError(f"a {self.name} gate (version {self.version}) records the rule "
+                             f"{' or '.join(self.rules)}, got {gate.rule!r}")
 
 
 @dataclass(frozen=True)
 class ShiftMode:
-    """One kind of SteerShift: the operator version that implements it (docs/contract.md "Operators")."""
+    """One kind of SteerShift: the operator version that implements it (docs/contract.md "Operators"); its ONNX body
+    and PyTorch reference are registered under ``name`` by the modules that own them."""
 
     name: str
     version: int
+    summary: str
 
 
 GATE_KINDS: dict[int, GateKind] = {}
@@ -55,6 +80,10 @@ SHIFT_MODES: dict[int, ShiftMode] = {}
 def register_gate_kind(kind: GateKind) -> GateKind:
     if kind.version in GATE_KINDS:
         raise ValueError(f"gate version {kind.version} is registered already ({GATE_KINDS[kind.version].name})")
+    if any(k.name == kind.name or (kind.pack_name and k.pack_name == kind.pack_name) for k in GATE_KINDS.values()):
+        raise ValueError(f"a gate kind named {kind.name!r} (pack name {kind.pack_name!r}) is registered already")
+    if not kind.rules or (kind.default_rule is not None and kind.default_rule not in kind.rules):
+        raise ValueError(f"gate kind {kind.name!r}: give its rules {list(kind.rules)}, the default rule one of them")
     GATE_KINDS[kind.version] = kind
     return kind
 
@@ -69,14 +98,45 @@ def register_shift_mode(mode: ShiftMode) -> ShiftMode:
     return mode
 
 
-# The paper's gate: one direction at one layer, the last prompt token, no normalisation.
-register_gate_kind(GateKind("paper", 1, pack_name="paper", max_layers=1, fixed_tokens=1, normalizes=False))
-# §5.1's linear gate: weights over several layers, pooled over the last K prompt tokens.
-register_gate_kind(GateKind("linear", 2, pack_name="linear"))
+# The paper's gate: one direction at one layer, the last prompt token, no normalisation; its bias is the pack's
+# per-layer statistic under a bias rule.
+register_gate_kind(GateKind("paper", 1, pack_name="paper", constants=("direction", "bias"), rules=BIAS_RULES,
+                            summary="h[last] . direction + bias", default_rule="fpr", max_layers=1, fixed_tokens=1,
+                            normalizes=False))
+# §5.1's linear gate: weights over several layers, pooled over the last K prompt tokens, fitted by calibration.
+register_gate_kind(GateKind("linear", 2, pack_name="linear", constants=("weight", "bias", "tokens", "normalize"),
+                            rules=("linear",), summary="sum over G of mean_K n(h) . w_l + bias", pack_weights=True,
+                            chained=True))
+# The names the CLIs (--gate) and the checks take follow the kinds registered above: how a steering pack names the
+# kinds it can select, and every rule a gate may record.
+PACK_GATES = tuple(k.pack_name for _, k in sorted(GATE_KINDS.items()) if k.pack_name)
+GATE_RULES = tuple(dict.fromkeys(rule for _, k in sorted(GATE_KINDS.items()) for rule in k.rules))
+
 # The paper's shift: h + gate·α_l·θ_l.
-register_shift_mode(ShiftMode("add", 1))
+register_shift_mode(ShiftMode("add", 1, summary="h + gate·v"))
 # Issue 17: the shifted state rescaled to its norm before the shift, ‖h‖·y/‖y‖ with y = h + gate·α_l·θ_l.
-register_shift_mode(ShiftMode("norm", 2))
+register_shift_mode(ShiftMode("norm", 2, summary="h + gate·v rescaled to ‖h‖"))
+
+
+def gate_constants() -> tuple[str, ...]:
+    """Every node attribute that carries a steering constant, of every registered gate kind and SteerShift."""
+    names = {name for kind in GATE_KINDS.values() for name in kind.constants} | {SHIFT_CONSTANT}
+    return tuple(sorted(names))
+
+
+def gate_kind_of_constants(names) -> GateKind | None:
+    """The registered kind whose SteerGate nodes carry exactly these constant attributes (an inlined graph's gate is
+    recognised by them), or None."""
+    given = set(names)
+    for kind in GATE_KINDS.values():
+        if set(kind.constants) == given:
+            return kind
+    return None
+
+
+def pack_weight_versions() -> tuple[int, ...]:
+    """The SteerGate versions a steering pack may store fitted weights for (its ``gate.version``)."""
+    return tuple(sorted(v for v, kind in GATE_KINDS.items() if kind.pack_weights))
 
 
 def shift_mode_named(name: str) -> ShiftMode:
@@ -113,6 +173,19 @@ def gate_kind_named(pack_name: str) -> GateKind:
 
 
 
+# --- the steering configuration -------------------------------------------------------------------------------------
+class GateKey:
+    """The keys of a gate's record: the manifest's ``gate`` object (:meth:`GateConfig.manifest`) and, for a kind with
+    ``pack_weights``, the steering pack's ``gate`` metadata."""
+
+    VERSION = "version"
+    LAYERS = "layers"
+    TOKENS = "tokens"
+    NORMALIZE = "normalize"
+    BIAS = "bias"
+    RULE = "rule"
+
+
 @dataclass
 class GateConfig:
     """The gate baked into a graph (docs/contract.md).
@@ -128,9 +201,12 @@ class GateConfig:
     tokens: int = 1
     normalize: bool = False
     version: int = 1
-    rule: str = "fpr"
+    rule: str | None = None  # None: the kind's default rule
 
     def __post_init__(self):
+        if self.rule is None and self.version in GATE_KINDS:  # an unknown version is check()'s to refuse
+            kind = GATE_KINDS[self.version]
+            self.rule = kind.default_rule or kind.rules[0]
         self.layers = tuple(sorted(int(l) for l in self.layers))
         self.weights = {int(l): np.asarray(w, dtype=np.float32) for l, w in self.weights.items()}
         self.bias = float(self.bias)
@@ -139,6 +215,10 @@ class GateConfig:
     def last_layer(self) -> int:
         """g*: where the decision is taken."""
         return self.layers[-1]
+
+    @property
+    def kind(self) -> GateKind:
+        return gate_kind(self.version)
 
     def check(self, num_layers: int, hidden_size: int) -> "GateConfig":
         """Raises ValueError naming the first thing that is not a valid gate for this model."""
@@ -168,8 +248,8 @@ class GateConfig:
 
     def manifest(self) -> dict:
         """The manifest's ``gate`` object (weights are recorded by digest, not value)."""
-        return {"version": self.version, "layers": list(self.layers), "tokens": int(self.tokens),
-                "normalize": bool(self.normalize), "bias": self.bias, "rule": self.rule}
+        return {GateKey.VERSION: self.version, GateKey.LAYERS: list(self.layers), GateKey.TOKENS: int(self.tokens),
+                GateKey.NORMALIZE: bool(self.normalize), GateKey.BIAS: self.bias, GateKey.RULE: self.rule}
 
 
 @dataclass

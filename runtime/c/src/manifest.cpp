@@ -124,11 +124,16 @@ Manifest parseManifest(std::string const& text, std::string const& where)
     Manifest manifest;
     // The format first: an older export is told to re-export, not that some newer key is missing.
     manifest.formatVersion = requiredInt(document, "format_version", "", where);
-    if (manifest.formatVersion != contract::kManifestFormatVersion)
+    if (manifest.formatVersion < contract::kManifestOldestFormatVersion
+        || manifest.formatVersion > contract::kManifestFormatVersion)
     {
         throw ManifestError(where + " has format_version " + std::to_string(manifest.formatVersion)
-            + "; this runtime reads format " + std::to_string(contract::kManifestFormatVersion) + " ("
-            + contract::kManifestFormatAdvice + ")");
+            + "; this runtime reads formats " + std::to_string(contract::kManifestOldestFormatVersion) + " to "
+            + std::to_string(contract::kManifestFormatVersion) + " ("
+            + (manifest.formatVersion < contract::kManifestOldestFormatVersion
+                    ? std::string(contract::kManifestFormatAdvice)
+                    : std::string("a newer inferaligner-edge wrote it"))
+            + ")");
     }
 
     json const& io = requiredObject(document, "steering_io", "", where);
@@ -145,11 +150,27 @@ Manifest parseManifest(std::string const& text, std::string const& where)
 
     json const& gate = requiredObject(document, "gate", "", where);
     manifest.gateLayers = requiredLayers(gate, "layers", "gate.", where);
-    manifest.gateLayer = requiredInt(document, "gate_layer", "", where);
-    if (manifest.gateLayer != manifest.gateLayers.back())
+    if (manifest.formatVersion >= 3)
     {
-        throw ManifestError(where + ": gate_layer " + std::to_string(manifest.gateLayer)
-            + " is not the last of gate.layers " + layerList(manifest.gateLayers));
+        // Format 3 records the gate's layers, bias and rule once, in "gate" (contract.GATE_DUPLICATES).
+        for (auto const& duplicate : {document.find("gate_layer"), document.find("bias"), document.find("bias_rule")})
+        {
+            if (duplicate != document.end())
+            {
+                throw ManifestError(where + ": format 3 records the gate's layers, bias and rule once, in 'gate'; it "
+                    + "must not hold '" + duplicate.key() + "'");
+            }
+        }
+        manifest.gateLayer = manifest.gateLayers.back();
+    }
+    else
+    {
+        manifest.gateLayer = requiredInt(document, "gate_layer", "", where);
+        if (manifest.gateLayer != manifest.gateLayers.back())
+        {
+            throw ManifestError(where + ": gate_layer " + std::to_string(manifest.gateLayer)
+                + " is not the last of gate.layers " + layerList(manifest.gateLayers));
+        }
     }
     manifest.steerLayers = requiredLayers(document, "steer_layers", "", where);
 

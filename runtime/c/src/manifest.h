@@ -50,7 +50,8 @@ struct Manifest
 };
 
 // Parses and checks inferaligner.json; `where` names the file in messages. Every key above is required (a missing
-// key is a refusal, never a skipped check); format_version must be 2; gate_layer must be the last of gate.layers;
+// key is a refusal, never a skipped check); format_version must be 2 or 3; format 2's gate_layer must be the last of
+// gate.layers, and format 3 must not hold gate_layer, bias or bias_rule (gateLayer is then the last of gate.layers);
 // integrity.constants must name exactly the steering nodes that gate.layers and steer_layers place.
 Manifest parseManifest(std::string const& text, std::string const& where);
 
