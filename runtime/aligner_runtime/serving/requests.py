@@ -12,18 +12,25 @@ No field turns the gate off: an unknown field is an error, and none of the known
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
 import math
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from ..errors import AlignerError
 from ..sampling import MAX_NEW_TOKENS, SamplingConfig
 from ..schema import first_line
 from ..tokenizer import IncrementalDecoder
+from ..vision import load_image
 
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256
 MAX_SEED = 2 ** 63 - 1
+MAX_IMAGES = 8  # images in one user turn (a vision-language export)
 
 
 class BadRequest(AlignerError):
