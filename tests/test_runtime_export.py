@@ -440,7 +440,7 @@ def test_prefill_in_row_groups_matches_one_call(export, monkeypatch):
 
 
 def test_kv_cache_rows_replaced_after_a_join_keep_their_memory(llama_export):
-    """A joined cache (``OrtKV.concat``, as after a row-grouped prefill) holds our own arrays; replacing the fired rows
+    """A joined cache (``OrtKV.join``, as after a row-grouped prefill) holds our own arrays; replacing the fired rows
     (the steered second prefill) must not rebuild it on views of memory it then frees (it once did: garbage, then a
     segmentation fault in the next decode step on SmolLM2)."""
     import gc
@@ -457,7 +457,7 @@ def test_kv_cache_rows_replaced_after_a_join_keep_their_memory(llama_export):
             arrays[name] = np.random.default_rng(seed).standard_normal((rows, heads, 5, head_dim)).astype(dtype)
         return OrtKV(backend, rows, None, arrays, 5)
 
-    joined = OrtKV.concat([cache(2, 1), cache(2, 2)])
+    joined = OrtKV.join([cache(2, 1), cache(2, 2)])
     expected = {k: v.copy() for k, v in joined._host().items()}
     again = cache(2, 3)
     fired = np.array([1, 3])

@@ -25,11 +25,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from . import schema
-from .contract import GATE_IN, INPUTS_EMBEDS, MODEL_FILE, STAMP_FILE, EndRule, Key, StrengthSchedule
+from . import schema, selftest, signing
+from .backends.onnxruntime import OnnxRuntimeBackend
+from .backends.tensorrt import TensorRTBackend, import_tensorrt, read_stamp
+from .contract import BACKENDS, GATE_IN, INPUTS_EMBEDS, MODEL_FILE, STAMP_FILE, EndRule, Key, StrengthSchedule
 from .errors import AlignerError
-from .generate import GenerationRun, RunTiming, SamplingConfig, check_token_ids
+from .generate import GenerationRun, RunTiming, StepModel
+from .sampling import SamplingConfig, check_token_ids
 from .manifest import ExportDir, load_engine_export, load_export
+from .multimodal import ImageEncoder, MultimodalSpec, image_sources
 from .tokenizer import ChatTokenizer, IncrementalDecoder
 
 
@@ -128,6 +132,11 @@ class Aligner:
         return self.export.steered
 
     @property
+    def vocab_size(self) -> int:
+        """The size of the graph's vocabulary (the tokenizer's where the graph leaves it open)."""
+        return self._backend.vocab_size or self.tokenizer.vocab_size
+
+    @property
     def backend_name(self) -> str:
         return self._backend.name
 
@@ -156,9 +165,6 @@ class Aligner:
         loads. ``expect_sha256`` pins the export's manifest digest. A steered export then passes the steering
         self-test (:mod:`aligner_runtime.selftest`); ``self_test="no-canary-gate"`` (or ``$INFERALIGNER_SELFTEST``)
         skips only its gate-firing part, for test models with an uncalibrated gate."""
-        from . import selftest, signing
-        from .backends import BACKENDS
-
         if backend not in BACKENDS:
             raise AlignerError(f"unknown backend '{backend}': use one of {', '.join(BACKENDS)}")
         mode = selftest.resolve_mode(self_test)
@@ -170,12 +176,8 @@ class Aligner:
                                  verify_weights=verify_weights, trusted_keys=keys, expect_sha256=expect_sha256)
             if export.steered:
                 facts = selftest.check_constants(export.graph, f"refusing {path}")
-            from .backends.onnxruntime import OnnxRuntimeBackend
-
             engine = OnnxRuntimeBackend(export.model_path, providers=providers, intra_op_threads=threads)
         else:
-            from .backends.tensorrt import TensorRTBackend, import_tensorrt, read_stamp
-
             import_tensorrt()
             engine_path = path
             if path.is_dir():  # a directory holding the engine and its stamp (``engine_file`` names the engine)
@@ -203,8 +205,6 @@ class Aligner:
                 raise AlignerError(f"refusing {engine_path}: the engine has no steering interface; pass "
                                    f"allow_unsteered=True only to run it without safety steering")
         manifest = export.manifest
-        from .multimodal import ImageEncoder, MultimodalSpec
-
         multimodal = MultimodalSpec.from_manifest(manifest)
         encoder = None
         if multimodal is not None:
@@ -239,9 +239,11 @@ class Aligner:
         return self.image_encoder is not None
 
     # --- generation -------------------------------------------------------------------------------------------------
-    def _config(self, max_new_tokens=128, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=None,
-                stop_token_ids=None) -> SamplingConfig:
-        vocab = self._backend.vocab_size or self.tokenizer.vocab_size
+    def sampling_config(self, max_new_tokens=128, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=None,
+                        stop_token_ids=None) -> SamplingConfig:
+        """The checked :class:`SamplingConfig` of :meth:`generate`'s sampling options (the export's EOS ids always
+        stop); one :class:`AlignerError` on a bad value, before anything runs."""
+        vocab = self.vocab_size
         if self.context_length and isinstance(max_new_tokens, int) and max_new_tokens > self.context_length:
             raise AlignerError(f"invalid sampling parameter: max_new_tokens {max_new_tokens:.0f} is over the export's "
                                f"context length {self.context_length} (prompt and answer share it)"
@@ -254,18 +256,24 @@ class Aligner:
         return SamplingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                               top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stops).validate(vocab)
 
-    def _run(self, prompt_ids: Sequence[Sequence[int]], config: SamplingConfig,
-             gate_override: float | None = None, compact: bool = True, prompt_embeds=None,
-             strength: StrengthSchedule | None = None) -> GenerationRun:
+    def step_model(self, strength: StrengthSchedule | None = None) -> StepModel:
+        """The loaded graph as the generation loop sees it (pad token, two-pass rule, context, embedding graph,
+        strength schedule and end rule of the export): what :meth:`generate` runs on, and what the serving scheduler
+        (``aligner_runtime.serving.scheduler.Scheduler.for_aligner``) is built on. ``strength`` replaces the
+        export's schedule (the evaluation's forced-open sweep)."""
         encoder = self.image_encoder
         if strength is None:
             strength = StrengthSchedule.from_manifest(self.manifest.get(Key.STRENGTH))
-        return GenerationRun(self._backend, prompt_ids, config, pad_token_id=self.tokenizer.pad_token_id,
-                             two_pass=self.export.two_pass, context_length=self.context_length,
-                             _gate_override=gate_override, compact=compact, strength=strength,
-                             end_rule=EndRule.from_manifest(self.manifest.get("end_rule")),
-                             end_token_ids=self.stop_token_ids,
-                             embedder=encoder.embed if encoder is not None else None, prompt_embeds=prompt_embeds)
+        return StepModel(self._backend, pad_token_id=self.tokenizer.pad_token_id, two_pass=self.export.two_pass,
+                         context_length=self.context_length, strength=strength,
+                         end_rule=EndRule.from_manifest(self.manifest.get(Key.END_RULE)),
+                         end_token_ids=self.stop_token_ids, embedder=encoder.embed if encoder is not None else None)
+
+    def _run(self, prompt_ids: Sequence[Sequence[int]], config: SamplingConfig,
+             gate_override: float | None = None, compact: bool = True, prompt_embeds=None,
+             strength: StrengthSchedule | None = None) -> GenerationRun:
+        return GenerationRun.of(self.step_model(strength), prompt_ids, config, _gate_override=gate_override,
+                                compact=compact, prompt_embeds=prompt_embeds)
 
     def _results(self, run: GenerationRun, seconds: float) -> list[GenerationResult]:
         timing: RunTiming = run.timing
@@ -282,8 +290,6 @@ class Aligner:
 
     def encode(self, prompt: str, system: str | None = None, images=None) -> list[int]:
         """Token ids of one prompt; with ``images`` (vision-language exports), image tokens expanded."""
-        from .multimodal import image_sources
-
         sources = image_sources(images)
         if self.image_encoder is None:
             if sources:
@@ -294,9 +300,9 @@ class Aligner:
         return self.tokenizer.encode_prompt(prompt, system=system, image_tokens=counts,
                                             multimodal=self.image_encoder.spec)
 
-    def _prompt_embeds(self, ids: list[int], images) -> "object | None":
-        from .multimodal import image_sources
-
+    def prompt_embeds(self, ids: list[int], images) -> "object | None":
+        """A prompt's embeddings with its images' features merged (``[len(ids), H]``), or None for a prompt without
+        images: what a vision-language export's language model takes for ``ids`` (:meth:`encode`'s)."""
         sources = image_sources(images)
         if not sources:
             return None
@@ -311,7 +317,7 @@ class Aligner:
         images = list(images) if images is not None else [None] * len(prompt_ids)
         for first in range(0, len(prompt_ids), batch_size):
             chunk = prompt_ids[first:first + batch_size]
-            embeds = [self._prompt_embeds(ids, imgs) for ids, imgs in zip(chunk, images[first:first + batch_size])]
+            embeds = [self.prompt_embeds(ids, imgs) for ids, imgs in zip(chunk, images[first:first + batch_size])]
             run = self._run(chunk, config, gate_override, compact,
                             prompt_embeds=embeds if any(e is not None for e in embeds) else None, strength=strength)
             start = time.perf_counter()
@@ -334,11 +340,9 @@ class Aligner:
             if len(per_prompt) != len(prompt_list):
                 raise AlignerError(f"images: {len(per_prompt)} entries for {len(prompt_list)} prompts (give one "
                                    f"entry per prompt, None for a text-only one)")
-        config = self._config(**sampling)
+        config = self.sampling_config(**sampling)
         if self.image_encoder is not None:  # every image is decoded once, before anything runs
-            from .multimodal import image_sources
-
-            per_prompt = [self.image_encoder.load(image_sources(imgs)) or None for imgs in per_prompt]
+                per_prompt = [self.image_encoder.load(image_sources(imgs)) or None for imgs in per_prompt]
         ids = [self.encode(p, system=system, images=imgs) for p, imgs in zip(prompt_list, per_prompt)]
         results = self._generate_ids(ids, config, batch_size, gate_override, compact, images=per_prompt,
                                      strength=strength)
@@ -375,25 +379,22 @@ class Aligner:
         ids = [self.encode(p, system=s) for p, s in zip(prompt_list, systems)]
         out = []
         for first in range(0, len(ids), batch_size):
-            gate, score = self._run(ids[first:first + batch_size], self._config(max_new_tokens=1)).score()
+            gate, score = self._run(ids[first:first + batch_size], self.sampling_config(max_new_tokens=1)).score()
             out += [(float(g), None if score is None else float(v))
                     for g, v in zip(gate, score if score is not None else gate)]
         return out[0] if single else out
 
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], *, batch_size: int = 1, **sampling):
         """Like :meth:`generate` for already tokenized prompts (no chat template is applied)."""
-        vocab = self._backend.vocab_size or self.tokenizer.vocab_size
         for ids in prompt_ids:
-            check_token_ids(list(ids), vocab, "prompt token")
-        return self._generate_ids([list(ids) for ids in prompt_ids], self._config(**sampling), batch_size, None)
+            check_token_ids(list(ids), self.vocab_size, "prompt token")
+        return self._generate_ids([list(ids) for ids in prompt_ids], self.sampling_config(**sampling), batch_size, None)
 
     def stream(self, prompt: str, *, system: str | None = None, images=None, **sampling) -> TextStream:
         """Text pieces of one prompt's answer as they are generated; see :class:`TextStream`."""
         if self.image_encoder is not None:
-            from .multimodal import image_sources
-
-            images = self.image_encoder.load(image_sources(images)) or None
+                images = self.image_encoder.load(image_sources(images)) or None
         ids = self.encode(prompt, system=system, images=images)
-        embeds = self._prompt_embeds(ids, images)
-        return TextStream(self, self._run([ids], self._config(**sampling),
+        embeds = self.prompt_embeds(ids, images)
+        return TextStream(self, self._run([ids], self.sampling_config(**sampling),
                                           prompt_embeds=[embeds] if embeds is not None else None))

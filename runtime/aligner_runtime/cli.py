@@ -16,9 +16,13 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import AlignerError, argument_parser, run_cli
-from .signing import add_trust_options
+from .api import Aligner
 from .contract.choices import BACKENDS, PROVIDERS
+from .errors import AlignerError, argument_parser, run_cli
+from .prompts import PromptItem, load_prompt_items
+from .sampling import MAX_NEW_TOKENS
+from .signing import add_trust_options
+from .vision import load_image
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,8 +81,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    from .prompts import PromptItem, load_prompt_items
-
     if args.prompt is None and args.prompt_file is None and not args.chat:
         raise AlignerError("give --prompt, --prompt-file or --chat")
     if args.prompt is not None and not args.prompt.strip():
@@ -93,21 +95,15 @@ def run(args) -> int:
     if args.chat and args.json:
         raise AlignerError("--chat and --json cannot be combined")
 
-    from .api import Aligner
-
-    from .generate import MAX_NEW_TOKENS
-
     if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:  # before the model is loaded
         raise AlignerError(f"--max-new-tokens must be in [1, {MAX_NEW_TOKENS}], got {args.max_new_tokens}")
     aligner = Aligner.load(args.model, backend=args.backend, providers=args.provider, threads=args.threads,
                            plugins=args.plugins, trusted_keys=args.trusted_key, expect_sha256=args.expect_sha256)
     sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_token_ids=args.stop_token_id)
-    aligner._config(**sampling)  # invalid sampling options fail before any output
+    aligner.sampling_config(**sampling)  # invalid sampling options fail before any output
     options = {"system": args.system, "sampling": sampling}
     if any(prompt_images):
-        from .vision import load_image
-
         if not aligner.multimodal:
             raise AlignerError(f"{args.model} is a text-only export (no vision graph): it cannot take an image")
         for sources in prompt_images:  # every image is read before anything is generated or printed

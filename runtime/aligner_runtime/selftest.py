@@ -277,45 +277,31 @@ def run_canaries(aligner, gate_checked: bool = True, bias: float | None = None, 
     ids = [aligner.tokenizer.encode_prompt(p) for p in canaries]
     n, k = len(ids), len(HARMFUL_CANARIES)
     probes = list(range(k, k + SHIFT_CANARIES))
-    encoder = aligner.image_encoder
+    model = aligner.step_model()
 
-    def new_run(prompts: list[list[int]]) -> GenerationRun:
-        return GenerationRun(aligner._backend, prompts, SamplingConfig(max_new_tokens=1),
-                             pad_token_id=aligner.tokenizer.pad_token_id, two_pass=False,
-                             context_length=aligner.context_length,
-                             embedder=encoder.embed if encoder is not None else None)
-
-    probe = new_run([ids[0]])
     shared = 0
-    if gate_tokens is not None and probe._past_inputs and probe.padding_side == "left" and not probe.takes_embeds:
+    if gate_tokens is not None and model.past_inputs and model.padding_side == "left" and not model.takes_embeds:
         shared = _shared_prefix(ids, max(int(gate_tokens), MIN_SHARED_PREFIX))
         if shared < MIN_SHARED_PREFIX:
             shared = 0
     opening = None
     capacity = max(len(r) for r in ids)
     if shared:
-        first = new_run([ids[0][:shared]])
-        first._capacity = capacity
-        opening_ids, opening_mask, opening_positions, _ = first._batch()
-        opening = first._empty_past(1)
-        first._step(opening_ids, opening_mask, opening_positions, opening, np.zeros(1, np.float32))
+        first = model.pad([ids[0][:shared]])
+        opening = model.empty_cache(1, capacity)
+        model.forward(first.input_ids, first.attention_mask, first.positions, opening, np.zeros(1, np.float32))
 
     def prefill(rows: list[int], gate_in: list[float]) -> dict:
         gate_in = np.asarray(gate_in, np.float32)
         if opening is None:
-            run = new_run([ids[r] for r in rows])
-            input_ids, mask, positions, embeds = run._batch()
-            run._capacity = input_ids.shape[1]
-            return run._prefill(input_ids, mask, positions, gate_in, embeds)
+            prompts = model.pad([ids[r] for r in rows])
+            return model.forward_prompts(prompts, gate_in, prompts.input_ids.shape[1])[0]
         # each row's own tokens after the shared opening, padded on the left of its own part
-        run = new_run([ids[r][shared:] for r in rows])
-        run._capacity = capacity
-        own_ids, own_mask, _, _ = run._batch()
-        mask = np.concatenate([np.ones((len(rows), shared), np.int64), own_mask], axis=1)
-        out = run._step(own_ids, mask, position_ids(mask)[:, shared:], opening.keep([0] * len(rows)), gate_in)
-        out = {name: value for name, value in out.items() if name != "kv"}
-        out[LOGITS] = np.asarray(out[LOGITS])[:, -1]
-        return out
+        own = model.pad([ids[r][shared:] for r in rows])
+        mask = np.concatenate([np.ones((len(rows), shared), np.int64), own.attention_mask], axis=1)
+        out = model.forward(own.input_ids, mask, position_ids(mask)[:, shared:], opening.keep([0] * len(rows)),
+                            gate_in)
+        return {GATE_OUT: out[GATE_OUT], SCORE_OUT: out[SCORE_OUT], LOGITS: np.asarray(out[LOGITS])[:, -1]}
 
     out = prefill(list(range(n)) + probes, [-1.0] * n + [1.0] * len(probes))
     # fail closed as the loop does: a canary whose score is not finite counts as fired

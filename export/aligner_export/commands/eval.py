@@ -17,6 +17,16 @@ For a vision-language export the prompt files may be multimodal: JSONL (or JSON)
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from aligner_runtime.api import Aligner
+from aligner_runtime.errors import AlignerError, check_count, check_writable_dir, max_threads
+from aligner_runtime.prompts import load_prompt_items, load_templates
+from aligner_runtime.vision import load_image
+
+from aligner_export.evaluation.corpus_eval import run_corpus_eval
+from aligner_export.evaluation.evaluate import PromptSet, evaluate, jailbreak_prompts, make_judge, markdown, write_report
+
 
 def configure(parser) -> None:
     parser.add_argument("--model", required=True, help="export directory (from aligner-export export)")
@@ -38,13 +48,6 @@ def configure(parser) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from aligner_runtime.api import Aligner
-    from aligner_runtime.errors import AlignerError, check_count, check_writable_dir, max_threads
-
-    from aligner_export.evaluation.evaluate import make_judge, write_report
-
     for name, high in (("limit", 1_000_000), ("gate_limit", 1_000_000), ("max_new_tokens", 4096),
                        ("batch_size", 1024)):
         if getattr(args, name) is not None:
@@ -65,29 +68,19 @@ def run(args) -> int:
     else:
         if args.jailbreak_templates:
             raise AlignerError("--jailbreak-templates goes with --harmful/--harmless; the corpus has its own")
-        from aligner_export.evaluation.corpus_eval import run_corpus_eval
-
         aligner = Aligner.load(args.model, threads=args.threads)
-        aligner._config(max_new_tokens=args.max_new_tokens)
+        aligner.sampling_config(max_new_tokens=args.max_new_tokens)  # a bad value fails before the long run
         report = run_corpus_eval(aligner, judge, args.corpus, limit=args.limit if args.limit is not None else 40,
                                  gate_limit=args.gate_limit, max_new_tokens=args.max_new_tokens,
                                  batch_size=args.batch_size, log=lambda text: print(text, flush=True))
         report["inputs"] = {"corpus": args.corpus or "shipped"}
     paths = write_report(report, args.report)
-    from aligner_export.evaluation.evaluate import markdown
-
     print(markdown(report))
     print("report: " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
 def _files_report(args, judge) -> dict:
-    from aligner_runtime.api import Aligner
-    from aligner_runtime.errors import AlignerError
-    from aligner_runtime.prompts import load_prompt_items, load_templates
-
-    from aligner_export.evaluation.evaluate import PromptSet, evaluate, jailbreak_prompts
-
     harmful_items = load_prompt_items(args.harmful)[: args.limit]
     harmless_items = load_prompt_items(args.harmless)[: args.limit]
     harmful = [item.text for item in harmful_items]
@@ -96,10 +89,8 @@ def _files_report(args, judge) -> dict:
     harmless_images = [list(item.images) or None for item in harmless_items]
     templates = load_templates(args.jailbreak_templates) if args.jailbreak_templates else None
     aligner = Aligner.load(args.model, threads=args.threads)
-    aligner._config(max_new_tokens=args.max_new_tokens)
+    aligner.sampling_config(max_new_tokens=args.max_new_tokens)  # a bad value fails before the long run
     if any(harmful_images) or any(harmless_images):
-        from aligner_runtime.vision import load_image
-
         if not aligner.multimodal:
             raise AlignerError(f"the prompt files name images but {args.model} is a text-only export (no vision "
                                f"graph)")

@@ -8,7 +8,8 @@ Triton's Python backend, where ``triton_python_backend_utils`` exists, and needs
   directory, or absolute). It refuses an unsteered, mismatched or tampered export, and so does this model: the load
   fails with the runtime's message. With an ``engine`` parameter and ``tensorrt`` importable, the TensorRT backend
   runs the engine; otherwise ONNX Runtime runs ``model.onnx`` (``providers``, ``threads``).
-- Requests: ``text_input`` (a prompt, or chat messages as JSON), optional ``max_tokens``, ``stream``,
+- Requests: ``text_input`` (a prompt, or chat messages as JSON; for a vision-language export the user turn may
+  hold ``image_url`` parts with ``data:`` URLs, as the OpenAI endpoint takes them), optional ``max_tokens``, ``stream``,
   ``temperature`` (absent: greedy), ``top_p``, ``seed``. Decoupled: with ``stream`` each new piece of text is one
   response; without, one response holds the whole answer. Every response carries ``steer_gate`` and
   ``steer_score``. Nothing a request holds can turn the gate off.
@@ -23,6 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+from aligner_runtime.api import Aligner
+from aligner_runtime.errors import AlignerError
+from aligner_runtime.serving.requests import TextAssembler, parse_triton
+from aligner_runtime.serving.scheduler import QueueFull, Scheduler, SchedulerClosed
 
 # How often (in tokens) a running request asks Triton whether its client cancelled it.
 CANCEL_CHECK_TOKENS = 8
@@ -102,10 +108,6 @@ class _Responder:
 
 class TritonPythonModel:
     def initialize(self, args):
-        from aligner_runtime.api import Aligner
-        from aligner_runtime.errors import AlignerError
-        from aligner_runtime.serving.scheduler import Scheduler
-
         model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise pb_utils.TritonModelException("this model streams tokens: its config must set "
@@ -153,10 +155,6 @@ class TritonPythonModel:
         return None
 
     def _start(self, request):
-        from aligner_runtime.errors import AlignerError
-        from aligner_runtime.serving.requests import TextAssembler, parse_triton
-        from aligner_runtime.serving.scheduler import QueueFull, SchedulerClosed
-
         sender = request.get_response_sender()
         responder = None
         try:
@@ -167,13 +165,14 @@ class TritonPythonModel:
                                       stream=_optional(request, "stream"),
                                       temperature=_optional(request, "temperature"),
                                       top_p=_optional(request, "top_p"), seed=_optional(request, "seed"),
-                                      max_tokens_limit=self.aligner.context_length)
+                                      max_tokens_limit=self.aligner.context_length,
+                                      images=self.aligner.multimodal)
             config = generation.sampling(self.aligner, self.max_tokens)
-            ids = self.aligner.tokenizer.encode_prompt(generation.prompt, generation.system)
+            ids, embeds = generation.encode(self.aligner)
             responder = _Responder(sender, generation.stream,
                                    TextAssembler(self.aligner.tokenizer, config.stop_token_ids, generation.stop))
             responder.handle = self.scheduler.submit(ids, config, timeout=self.request_timeout,
-                                                     listener=responder.on_event)
+                                                     listener=responder.on_event, prompt_embeds=embeds)
         except (AlignerError, QueueFull, SchedulerClosed, ValueError) as exc:
             _Responder(sender, False, None).fail(str(exc))
 

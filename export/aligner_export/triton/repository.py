@@ -10,7 +10,8 @@
 The tensors are named as Triton's LLM backends name them, so that Triton's ``/v2/models/NAME/generate`` and
 ``generate_stream`` work: inputs ``text_input`` (BYTES), ``max_tokens`` (INT32), ``stream`` (BOOL),
 ``temperature`` and ``top_p`` (FP32), ``seed`` (UINT64), all but ``text_input`` optional; outputs ``text_output``
-(BYTES), ``steer_gate`` and ``steer_score`` (FP32).
+(BYTES), ``steer_gate`` and ``steer_score`` (FP32). A vision-language export's requests carry their images in
+``text_input``'s chat messages (``image_url`` parts with ``data:`` URLs).
 
 The export is checked before anything is written (``aligner_runtime.manifest.load_export``: the checks of
 ``Aligner.load``), and the repository is written atomically: a failure leaves nothing behind.
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aligner_runtime.errors import AlignerError, atomic_dir, check_count
-from aligner_runtime.contract import Key
+from aligner_runtime.manifest import load_export
 
 MODEL_FILE = Path(__file__).with_name("model.py")
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -119,15 +120,11 @@ def render_config(options: RepositoryOptions, export_ref: str) -> str:
 def write_repository(export_dir: str | Path, repository: str | Path, options: RepositoryOptions) -> Path:
     """Writes ``repository/NAME``; returns that model directory. An existing repository gains the model; an existing
     model directory of that name is refused."""
-    from aligner_runtime.manifest import load_export
-
     options.check()
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise AlignerError(f"export directory not found: {export_dir}")
-    export = load_export(export_dir)  # refuses an unsteered, mismatched or tampered export, as Aligner.load does
-    if export.manifest.get(Key.MULTIMODAL):
-        raise AlignerError(f"{export_dir} is a vision-language export; the Triton model serves text-only exports")
+    load_export(export_dir)  # refuses an unsteered, mismatched or tampered export, as Aligner.load does
     repository = Path(repository)
     if repository.exists() and not repository.is_dir():
         raise AlignerError(f"model repository {repository} is not a directory")

@@ -16,15 +16,17 @@ NGC's Triton builds need none of this (docs/serving.md).
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-from aligner_runtime.errors import AlignerError
+from aligner_runtime.errors import AlignerError, run_cli
 
 
 class PytritonServer:
@@ -136,11 +138,6 @@ class PytritonServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import tempfile
-
-    from aligner_runtime.errors import run_cli
-
     p = argparse.ArgumentParser(prog="python -m aligner_export.triton.server", description=__doc__.splitlines()[0])
     p.add_argument("--env", required=True, help="Python environment holding nvidia-pytriton")
     p.add_argument("--repository", required=True, help="model repository (aligner-export triton)")

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contract import ATTENTION_MASK, GATE_OUT, INPUTS_EMBEDS, INPUT_IDS, LOGITS, SCORE_OUT, is_past, present_name
 from ..errors import AlignerError, check_count, max_threads
+from ..generate import KV_FEED
+from ..onnx_graph import read_graph_summary
 from ..schema import first_line
-from ..contract import PAST, present_name, ATTENTION_MASK, INPUTS_EMBEDS, INPUT_IDS, LOGITS
 
 # Short names accepted by the API and ``aligner-run --provider``.
 PROVIDERS = {
@@ -36,6 +38,7 @@ def import_ort():
     """``onnxruntime``, from whichever wheel is installed: ``onnxruntime`` (CPU) or ``onnxruntime-gpu`` (CUDA,
     TensorRT EP); the two conflict, so the package takes one through its ``cpu`` or ``gpu`` extra."""
     try:
+        # deferred: onnxruntime is an optional extra (cpu or gpu wheel); the contract and manifest work without it
         import onnxruntime
     except ImportError:
         raise AlignerError("ONNX Runtime is not installed: pip install 'inferaligner-edge[cpu]' (onnxruntime) or "
@@ -141,8 +144,6 @@ class OrtKV:
 
     # --- the loop's cache protocol (aligner_runtime.generate) -----------------------------------------------------
     def feed(self, feeds: dict) -> None:
-        from ..generate import KV_FEED
-
         feeds[KV_FEED] = self
 
     def take(self, outputs: dict) -> None:
@@ -158,10 +159,18 @@ class OrtKV:
         return {name: self.arrays[name] if name in self.arrays else value.numpy()
                 for name, value in self.values.items()}
 
-    def keep(self, rows) -> "OrtKV":
+    @property
+    def contiguous(self) -> bool:
+        """A shared buffer holds each row's keys from position 0 (the loop then only counts the mask's ones)."""
+        return self.shared
+
+    def keep(self, rows, drop: int = 0) -> "OrtKV":
+        """The cache of ``rows``, without its first ``drop`` positions (a growing cache only)."""
         idx = np.asarray(rows, dtype=np.int64)
-        return OrtKV(self.backend, len(idx), self.capacity, {k: np.ascontiguousarray(v[idx])
-                                                             for k, v in self._host().items()}, self.length)
+        if drop and self.shared:
+            raise ValueError("a shared KV buffer keeps its positions")
+        return OrtKV(self.backend, len(idx), self.capacity, {k: np.ascontiguousarray(v[idx][:, :, drop:])
+                                                             for k, v in self._host().items()}, self.length - drop)
 
     def replace_rows(self, rows, other: "OrtKV") -> None:
         if other.length != self.length and not self.shared:
@@ -172,14 +181,30 @@ class OrtKV:
         self.__init__(self.backend, self.batch, self.capacity, host, self.length)
 
     @classmethod
-    def concat(cls, parts: list["OrtKV"]) -> "OrtKV":
+    def join(cls, parts: list["OrtKV"], side: str = "left") -> "OrtKV":
+        """The rows of every part, in order. A growing part shorter than the longest gains masked zero positions on
+        ``side``; shared buffers are widened on the right to the largest capacity (each row's keys stay where they
+        are, from position 0)."""
         if len(parts) == 1:
             return parts[0]
         # after a step a growing cache's buffers are ORT's presents (``values``), no longer ``arrays``: take every
         # part's whole cache from the host view
         first, hosts = parts[0], [p._host() for p in parts]
-        arrays = {name: np.concatenate([host[name] for host in hosts], axis=0) for name in hosts[0]}
-        return cls(first.backend, sum(p.batch for p in parts), first.capacity, arrays, first.length)
+        capacity = max((p.capacity or 0) for p in parts) or first.capacity
+        width = max(next(iter(h.values())).shape[2] for h in hosts) if hosts[0] else 0
+        pad_side = "right" if first.shared else side
+        arrays = {name: np.concatenate([_pad_positions(host[name], width, pad_side) for host in hosts], axis=0)
+                  for name in hosts[0]}
+        return cls(first.backend, sum(p.batch for p in parts), capacity, arrays, max(p.length for p in parts))
+
+
+def _pad_positions(array: np.ndarray, width: int, side: str) -> np.ndarray:
+    """A cache array ``[B, kvh, P, hd]`` with zero positions added on ``side`` up to ``width``."""
+    missing = width - array.shape[2]
+    if missing <= 0:
+        return array
+    zeros = np.zeros((array.shape[0], array.shape[1], missing, array.shape[3]), array.dtype)
+    return np.concatenate([zeros, array] if side == "left" else [array, zeros], axis=2)
 
 
 class OnnxRuntimeBackend:
@@ -198,7 +223,7 @@ class OnnxRuntimeBackend:
             raise AlignerError(f"{model_path} has no 'logits' output: not a causal LM export")
         vocab = logits.shape[-1]
         self.vocab_size = vocab if isinstance(vocab, int) else None
-        self.past_names = [n for n in self.input_names if PAST.match(n)]
+        self.past_names = [n for n in self.input_names if is_past(n)]
         self._present = {present_name(n): n for n in self.past_names if present_name(n) in self.output_names}
         self.present_of = {past: present for present, past in self._present.items()}
         ops = _op_types(model_path)
@@ -223,8 +248,6 @@ class OnnxRuntimeBackend:
         return heads, head_dim, np.dtype(dtype)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ..generate import KV_FEED
-
         cache = feeds.get(KV_FEED)
         if cache is None:
             outputs = self.session.run(self.output_names, feeds)
@@ -275,7 +298,7 @@ class OnnxRuntimeBackend:
         """The shape of a host output known before the run (logits, the gate outputs), else None."""
         if name == LOGITS and self.vocab_size:
             return (rows, width, self.vocab_size)
-        if name in ("steer_gate", "steer_score"):
+        if name in (GATE_OUT, SCORE_OUT):
             return (rows,)
         return None
 
@@ -289,8 +312,6 @@ def _call_shape(feeds: dict) -> tuple[int, int]:
 
 def _op_types(model_path) -> set[str]:
     """The graph's op types, read from the protobuf headers (weights not loaded)."""
-    from ..onnx_graph import read_graph_summary
-
     try:
         return {node.op_type for node in read_graph_summary(model_path).nodes}
     except AlignerError:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import numpy as np
 
 from ..contract import ATTENTION_MASK, LOGITS, STAMP_FILE, StampKey
 from ..errors import AlignerError
+from ..integrity import verify_plugin_constants
 
 PLUGIN_ENV = "ALIGNER_TRT_PLUGINS"
 
@@ -35,6 +37,7 @@ def import_tensorrt():
     """The ``tensorrt`` module, or one line saying that TensorRT is missing and what to do instead. Checked before the
     engine path, so that a machine without TensorRT hears that first, not that some engine file is absent."""
     try:
+        # deferred: TensorRT exists only on NVIDIA machines that have it installed
         import tensorrt as trt
     except ImportError:
         raise AlignerError("TensorRT is not installed here: --backend tensorrt runs an engine that 'aligner-export "
@@ -70,9 +73,11 @@ def _normalise_cc(value) -> str:
 
 def _import_cuda_runtime():
     try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+        # deferred: cuda-python comes with the tensorrt extra only (>= 12.6 names the module cuda.bindings)
+        from cuda.bindings import runtime as cudart
     except ImportError:
         try:
+            # deferred: the same module under cuda-python < 12.6's name
             from cuda import cudart
         except ImportError:
             raise AlignerError("the tensorrt backend needs cuda-python (pip install 'inferaligner-edge[tensorrt]')") \
@@ -116,8 +121,6 @@ class TensorRTBackend:
     def __init__(self, engine_path: str | Path, manifest_sha256: str, plugin_library: str | Path | None = None,
                  integrity: dict | None = None):
         trt = import_tensorrt()
-        import os
-
         self._trt = trt
         self._cudart = cudart = _import_cuda_runtime()
         engine_path = Path(engine_path)
@@ -161,8 +164,6 @@ class TensorRTBackend:
             raise AlignerError(f"TensorRT cannot deserialize {engine_path} (plugin library missing or mismatched?)")
         if integrity is not None:
             # The plugins recorded the digest of the constants they deserialised (docs/contract.md).
-            from ..integrity import verify_plugin_constants
-
             if digests is None:
                 raise AlignerError("the steering constants of the engine can only be checked with the plugin library "
                                    "loaded by this backend (pass plugins=... or set ALIGNER_TRT_PLUGINS)")

@@ -9,11 +9,21 @@ Serves ``/v1/chat/completions``, ``/v1/completions`` (streaming over SSE), ``/v1
 from __future__ import annotations
 
 import argparse
+import signal
+import socket
 import sys
+import threading
+from pathlib import Path
 
-from ..errors import AlignerError, argument_parser, check_count, run_cli
-from ..signing import add_trust_options
+from ..api import Aligner
 from ..contract.choices import BACKENDS, PREFILL_MODES, PROVIDERS
+from ..errors import AlignerError, argument_parser, check_count, run_cli
+from ..sampling import MAX_NEW_TOKENS
+from ..signing import add_trust_options
+from .http import Server, _imports, create_app
+from .scheduler import Scheduler
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")  # uvicorn's
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="new tokens when a request gives no max_tokens (at most 32768 and the context length)")
     add_trust_options(p)
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request ends (504)")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     return p
 
 
@@ -48,8 +58,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _listen(host: str, port: int):
     """The listening socket, opened here so that a port in use is one error line, before the model loads."""
-    import socket
-
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -65,31 +73,20 @@ def _listen(host: str, port: int):
 def _quiet_sigterm() -> None:
     """uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the previous handler: a
     finished graceful shutdown is a clean exit (status 0), not ``run_cli``'s 143 for an interrupted command."""
-    import signal
-    import threading
-
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     check_count(args.port, "--port", 0, 65535)
     check_count(args.max_batch_size, "--max-batch-size", 1, 4096)
     check_count(args.max_queue, "--max-queue", 0, 1 << 20)
-    from ..generate import MAX_NEW_TOKENS
-
     check_count(args.max_tokens, "--max-tokens", 1, MAX_NEW_TOKENS)
     if not args.request_timeout > 0:
         raise AlignerError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
-    from .http import Server, _imports, create_app
-
     _imports()
+    # deferred: uvicorn comes with the 'serve' extra; _imports() has just said so if it is missing
     import uvicorn
-
-    from ..api import Aligner
-    from .scheduler import Scheduler
 
     sock = _listen(args.host, args.port)
     try:

@@ -19,6 +19,7 @@ runtime never does.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import math
@@ -33,13 +34,12 @@ from .scheduler import CANCELLED, TIMEOUT, Event, QueueFull, SchedulerClosed
 log = logging.getLogger("aligner_runtime.serving.http")
 
 MAX_BODY_BYTES = 1 << 20
+MAX_IMAGE_BODY_BYTES = 16 << 20  # a vision-language export's requests carry their images as data: URLs
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 
 
 def _imports():
-    import importlib
-
     try:
         for name in ("starlette", "uvicorn", "prometheus_client"):
             importlib.import_module(name)
@@ -52,6 +52,7 @@ class Metrics:
     """The Prometheus series, in a registry of their own (one per app)."""
 
     def __init__(self, scheduler):
+        # deferred: the 'serve' extra (Starlette, prometheus-client); checked by _imports()
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
@@ -88,6 +89,7 @@ class Metrics:
         self.gate.labels(gate="1" if fired else "0").inc()
 
     def render(self) -> bytes:
+        # deferred: the 'serve' extra (Starlette, prometheus-client); checked by _imports()
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
@@ -95,6 +97,7 @@ class Metrics:
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
            code: str | None = None, headers: dict | None = None):
+    # deferred: the 'serve' extra (Starlette, prometheus-client); checked by _imports()
     from starlette.responses import JSONResponse
 
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
@@ -148,22 +151,24 @@ async def _disconnected(request) -> None:
 
 
 class Server:
-    """The app's state: the loaded export, its scheduler, the limits and the metrics."""
+    """The app's state: the loaded export, its scheduler, the limits and the metrics. ``max_body_bytes``: the
+    largest request body (default 1 MiB, 16 MiB for a vision-language export, whose requests carry images)."""
 
     def __init__(self, aligner, scheduler, *, model_name: str, default_max_tokens: int = 256,
-                 request_timeout: float | None = 600.0, max_body_bytes: int = MAX_BODY_BYTES):
+                 request_timeout: float | None = 600.0, max_body_bytes: int | None = None):
         _imports()
         self.aligner = aligner
         self.scheduler = scheduler
         self.model_name = model_name
         self.default_max_tokens = default_max_tokens
         self.request_timeout = request_timeout
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes = max_body_bytes or (MAX_IMAGE_BODY_BYTES if aligner.multimodal else MAX_BODY_BYTES)
         self.metrics = Metrics(scheduler)
         self.created = int(time.time())
 
     # --- routes -------------------------------------------------------------------------------------------------------
     async def health(self, request):
+        # deferred: the 'serve' extra (Starlette, prometheus-client); checked by _imports()
         from starlette.responses import JSONResponse
 
         stats = self.scheduler.stats()
@@ -172,11 +177,13 @@ class Server:
         return JSONResponse(body, status_code=200 if stats["alive"] else 503)
 
     async def metrics_endpoint(self, request):
+        # deferred: the 'serve' extra (Starlette, prometheus-client); checked by _imports()
         from starlette.responses import Response
 
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def models(self, request):
+        # deferred: the 'serve' extra (Starlette, prometheus-client); checked by _imports()
         from starlette.responses import JSONResponse
 
         return JSONResponse({"object": "list", "data": [
@@ -195,17 +202,20 @@ class Server:
         try:
             body = await _read_json(request, self.max_body_bytes)
             limit = self.aligner.context_length
-            generation = parse_chat(body, limit) if kind == "chat" else parse_completion(body, limit)
+            generation = parse_chat(body, limit, images=self.aligner.multimodal) if kind == "chat" else \
+                parse_completion(body, limit)
             if "model" in body and body["model"] not in (None, self.model_name):
                 raise BadRequest(f"the model {_shown(body['model'])} does not exist here (this server runs "
                                  f"'{self.model_name}')", "model", status=404, code="model_not_found")
             config = generation.sampling(self.aligner, self.default_max_tokens)
+            # deferred: the 'serve' extra (Starlette, prometheus-client); checked by _imports()
             from starlette.concurrency import run_in_threadpool
 
-            ids = await run_in_threadpool(self.aligner.tokenizer.encode_prompt, generation.prompt,
-                                          generation.system)
+            # the chat template, and a vision-language prompt's images through the vision graph: off the event loop
+            ids, embeds = await run_in_threadpool(generation.encode, self.aligner)
             events = _Events(asyncio.get_running_loop())
-            handle = self.scheduler.submit(ids, config, timeout=self.request_timeout, listener=events.listener)
+            handle = self.scheduler.submit(ids, config, timeout=self.request_timeout, listener=events.listener,
+                                           prompt_embeds=embeds)
         except BadRequest as exc:
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()
             return _error(exc.status, str(exc), param=exc.param, code=exc.code,
@@ -226,6 +236,7 @@ class Server:
         text = TextAssembler(self.aligner.tokenizer, config.stop_token_ids, generation.stop)
         run = _Run(self, handle, events, text, endpoint, arrived)
         if generation.stream:
+            # deferred: the 'serve' extra (Starlette, prometheus-client); checked by _imports()
             from starlette.responses import StreamingResponse
 
             return StreamingResponse(self._stream(run, kind, request_id, generation), media_type="text/event-stream",
@@ -233,6 +244,7 @@ class Server:
         return await self._complete(request, run, kind, request_id, len(ids))
 
     async def _complete(self, request, run: "_Run", kind: str, request_id: str, prompt_tokens: int):
+        # deferred: the 'serve' extra (Starlette, prometheus-client); checked by _imports()
         from starlette.responses import JSONResponse
 
         waiter = asyncio.ensure_future(run.finish())
@@ -381,7 +393,9 @@ class _Run:
 def create_app(server: Server):
     """The Starlette application over ``server``. Unexpected failures become a ``500`` for that request."""
     _imports()
+    # deferred: the 'serve' extra (Starlette, prometheus-client); checked by _imports()
     from starlette.applications import Starlette
+    # deferred: the 'serve' extra (Starlette, prometheus-client); checked by _imports()
     from starlette.routing import Route
 
     async def failed(request, exc):

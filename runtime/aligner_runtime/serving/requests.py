@@ -1,8 +1,9 @@
 """What a client may ask the server for, checked into one clear error (issue 13).
 
 Shared by the OpenAI-compatible endpoint (:mod:`.http`) and the Triton model (``aligner_export.triton``): chat
-messages become the one user turn (and optional system message) that the gate was calibrated on, sampling values are
-checked before anything is queued, and generated tokens become text, with stop tokens dropped and stop strings
+messages become the one user turn (and optional system message) that the gate was calibrated on, with its images for
+a vision-language export (``image_url`` parts holding ``data:`` URLs; the server fetches nothing), sampling values
+are checked before anything is queued, and generated tokens become text, with stop tokens dropped and stop strings
 honoured, while it streams.
 
 No field turns the gate off: an unknown field is an error, and none of the known ones touches steering
@@ -11,17 +12,25 @@ No field turns the gate off: an unknown field is an error, and none of the known
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..errors import AlignerError
-from ..generate import MAX_NEW_TOKENS, SamplingConfig
+from ..sampling import MAX_NEW_TOKENS, SamplingConfig
+from ..schema import first_line
 from ..tokenizer import IncrementalDecoder
+from ..vision import load_image
 
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256
 MAX_SEED = 2 ** 63 - 1
+MAX_IMAGES = 8  # images in one user turn (a vision-language export)
 
 
 class BadRequest(AlignerError):
@@ -48,6 +57,17 @@ class Generation:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    images: list[bytes] = field(default_factory=list)  # the user turn's image files, in order
+
+    def encode(self, aligner) -> tuple[list[int], np.ndarray | None]:
+        """The prompt's token ids and, when it carries images, its embeddings with the images merged: what
+        :meth:`Aligner.generate` computes for the same prompt and images. Runs the vision graph: call it off the
+        event loop."""
+        if self.images and not aligner.multimodal:
+            raise BadRequest("this export is text-only (no vision graph): it cannot take an image", "messages")
+        images = [decode_image(data, i) for i, data in enumerate(self.images)] or None
+        ids = aligner.encode(self.prompt, system=self.system, images=images)
+        return ids, aligner.prompt_embeds(ids, images) if images else None
 
     def sampling(self, aligner, default_max_tokens: int) -> SamplingConfig:
         """The :class:`SamplingConfig` (the model's EOS ids always stop); ``temperature == 0`` is greedy."""
@@ -55,7 +75,7 @@ class Generation:
                                 do_sample=self.temperature > 0, temperature=self.temperature if self.temperature > 0
                                 else 1.0, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
                                 stop_token_ids=tuple(aligner.stop_token_ids))
-        return config.validate(aligner._backend.vocab_size or aligner.tokenizer.vocab_size)
+        return config.validate(aligner.vocab_size)
 
 
 # --- field checks -----------------------------------------------------------------------------------------------------
@@ -183,26 +203,67 @@ def _utf8(text: str, where: str, param: str) -> str:
     return text
 
 
-def _text_content(content, where: str) -> str:
-    """A message's content: a string, or a list of text parts (``{"type": "text", "text": ...}``)."""
+def decode_image(data: bytes, index: int = 0):
+    """One image file's bytes as a decoded PIL image; a file Pillow cannot decode is a :class:`BadRequest`."""
+    # deferred: Pillow is needed only by requests that carry an image (vision-language exports)
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise BadRequest(f"image {index}: not an image file Pillow can decode ({first_line(exc, 80)})",
+                         "messages") from None
+    return load_image(image)
+
+
+def _image_part(part: dict, where: str) -> bytes:
+    """An ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`` part's image file."""
+    url = part.get("image_url")
+    if isinstance(url, dict) and not set(url) - {"url", "detail"}:
+        url = url.get("url")
+    if not isinstance(url, str) or not url.startswith("data:") or "," not in url:
+        raise BadRequest(f"{where}: an image must be given as a data: URL ({{\"type\": \"image_url\", \"image_url\": "
+                         f"{{\"url\": \"data:image/png;base64,...\"}}}}); this server fetches nothing", "messages")
+    header, data = url[5:].split(",", 1)
+    if not header.endswith(";base64"):
+        raise BadRequest(f"{where}: an image data: URL must be base64 (data:image/png;base64,...)", "messages")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{where}: the image data: URL is not valid base64", "messages") from None
+
+
+def _content(content, where: str, images: list[bytes] | None) -> str:
+    """A message's content: a string, or a list of text parts (``{"type": "text", "text": ...}``) and, where
+    ``images`` is a list (a vision-language export's user turn), image parts, whose files are appended to it."""
     if isinstance(content, str):
         return _utf8(content, where, "messages")
     if isinstance(content, list) and content:
         texts = []
         for part in content:
+            if images is not None and isinstance(part, dict) and part.get("type") == "image_url" \
+                    and not set(part) - {"type", "image_url"}:
+                if len(images) >= MAX_IMAGES:
+                    raise BadRequest(f"{where}: at most {MAX_IMAGES} images", "messages")
+                images.append(_image_part(part, where))
+                continue
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str) \
                     or set(part) - {"type", "text"}:
-                raise BadRequest(f"{where}: this server takes text parts only ({{\"type\": \"text\", \"text\": ...}})",
-                                 "messages")
+                raise BadRequest(f"{where}: this server takes text parts only ({{\"type\": \"text\", \"text\": ...}})"
+                                 if images is None else
+                                 f"{where}: a part must be {{\"type\": \"text\", \"text\": ...}} or "
+                                 f"{{\"type\": \"image_url\", \"image_url\": {{\"url\": \"data:...\"}}}}", "messages")
             texts.append(_utf8(part["text"], where, "messages"))
         return "".join(texts)
     raise BadRequest(f"{where}: 'content' must be a string or a list of text parts", "messages")
 
 
-def prompt_from_messages(messages) -> tuple[str, str | None]:
+def prompt_from_messages(messages, images: list[bytes] | None = None) -> tuple[str, str | None]:
     """``(prompt, system)`` from chat messages: an optional system message, then one user message. The gate was
     calibrated on a single user turn, so a conversation with earlier turns is refused rather than scored off its
-    calibration."""
+    calibration. ``images``: a list to collect the user turn's image files in (a vision-language export); None
+    refuses image parts."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list of messages", "messages")
     system, prompt = None, None
@@ -215,9 +276,9 @@ def prompt_from_messages(messages) -> tuple[str, str | None]:
                              "messages")
         role = message["role"]
         if role in ("system", "developer") and i == 0 and len(messages) > 1:
-            system = _text_content(message.get("content"), where)
+            system = _content(message.get("content"), where, None)
         elif role == "user" and i == len(messages) - 1:
-            prompt = _text_content(message.get("content"), where)
+            prompt = _content(message.get("content"), where, images)
         else:
             raise BadRequest("only a single user turn (optionally after one system message) is accepted: the safety "
                              "gate was calibrated on single-turn prompts", "messages")
@@ -226,11 +287,12 @@ def prompt_from_messages(messages) -> tuple[str, str | None]:
     return prompt, system
 
 
-def parse_chat(body, max_tokens_limit: int | None = None) -> Generation:
-    """A ``/v1/chat/completions`` body."""
+def parse_chat(body, max_tokens_limit: int | None = None, images: bool = False) -> Generation:
+    """A ``/v1/chat/completions`` body; ``images``: the user turn may carry images (a vision-language export)."""
     _check_fields(body, CHAT_FIELDS)
-    prompt, system = prompt_from_messages(body.get("messages"))
-    generation = _common(body, max_tokens_limit, Generation(prompt=prompt, system=system))
+    files = [] if images else None
+    prompt, system = prompt_from_messages(body.get("messages"), files)
+    generation = _common(body, max_tokens_limit, Generation(prompt=prompt, system=system, images=files or []))
     completion_tokens = _integer(body, "max_completion_tokens", 1,
                                  min(max_tokens_limit or MAX_NEW_TOKENS, MAX_NEW_TOKENS), None)
     if completion_tokens is not None:
@@ -260,8 +322,9 @@ def parse_completion(body, max_tokens_limit: int | None = None) -> Generation:
     return _common(body, max_tokens_limit, Generation(prompt=prompt))
 
 
-def parse_text_input(text: str) -> tuple[str, str | None]:
-    """Triton's ``text_input``: prompt text, or chat messages as a JSON list (``[{"role": ..., "content": ...}]``)."""
+def parse_text_input(text: str, images: list[bytes] | None = None) -> tuple[str, str | None]:
+    """Triton's ``text_input``: prompt text, or chat messages as a JSON list (``[{"role": ..., "content": ...}]``);
+    ``images`` collects the user turn's image parts (see :func:`prompt_from_messages`)."""
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -269,15 +332,16 @@ def parse_text_input(text: str) -> tuple[str, str | None]:
         except json.JSONDecodeError:
             return text, None
         if isinstance(messages, list) and messages and all(isinstance(m, dict) and "role" in m for m in messages):
-            return prompt_from_messages(messages)
+            return prompt_from_messages(messages, images)
     return text, None
 
 
 def parse_triton(text_input, *, max_tokens=None, stream=None, temperature=None, top_p=None, seed=None,
-                 max_tokens_limit: int | None = None) -> Generation:
+                 max_tokens_limit: int | None = None, images: bool = False) -> Generation:
     """The inputs of the Triton model (``aligner-export triton``), named as Triton's LLM backends name them.
-    ``text_input`` is UTF-8 bytes or text: a prompt, or chat messages as JSON. Without ``temperature`` the answer is
-    greedy, as ``Aligner.generate`` is."""
+    ``text_input`` is UTF-8 bytes or text: a prompt, or chat messages as JSON (with ``image_url`` parts for a
+    vision-language export: ``images=True``). Without ``temperature`` the answer is greedy, as ``Aligner.generate``
+    is."""
     if isinstance(text_input, bytes):
         try:
             text_input = text_input.decode("utf-8")
@@ -285,13 +349,14 @@ def parse_triton(text_input, *, max_tokens=None, stream=None, temperature=None, 
             raise BadRequest("'text_input' is not valid UTF-8", "text_input") from None
     if not isinstance(text_input, str):
         raise BadRequest("'text_input' must be text", "text_input")
-    prompt, system = parse_text_input(text_input)
+    files = [] if images else None
+    prompt, system = parse_text_input(text_input, files)
     if not prompt.strip():
         raise BadRequest("'text_input' is empty", "text_input")
     body = {"max_tokens": max_tokens, "stream": stream, "temperature": 0.0 if temperature is None else temperature,
             "top_p": top_p, "seed": seed}
     return _common({k: v for k, v in body.items() if v is not None}, max_tokens_limit,
-                   Generation(prompt=prompt, system=system))
+                   Generation(prompt=prompt, system=system, images=files or []))
 
 
 # --- tokens to text ---------------------------------------------------------------------------------------------------

@@ -1,24 +1,29 @@
 """Continuous batching: one decode batch that requests join at step boundaries and leave when done (issue 13).
 
-One scheduler thread owns the backend and drives it over the graph interface of docs/architecture.md §5
-(``backend._run(feeds) -> outputs``); clients submit from any thread or event loop and receive :class:`Event` s.
+One scheduler thread owns the loaded graph and drives it with the step primitives of :mod:`aligner_runtime.generate`
+(the same ones :meth:`Aligner.generate` runs on: :meth:`StepModel.prefill`, :meth:`StepModel.decode`,
+:meth:`DecodeBatch.join` and :meth:`DecodeBatch.keep`); clients submit from any thread or event loop and receive
+:class:`Event` s. It serves every export :meth:`Aligner.generate` runs: text-only and vision-language (a request
+carries its prompt's embeddings, images merged), padded on the left or, for GroupQueryAttention graphs, on the
+right with their shared KV buffer.
 
 Every decode step runs the whole batch. Between two steps the scheduler
 
 1. retires the rows that were cancelled or ran past their deadline;
 2. admits waiting requests up to ``max_batch_size``. A joiner is prefilled alone (``prefill="alone"``, the default:
-   the same call, bit for bit, as :meth:`Aligner.generate` makes for it) or with the other joiners, left-padded
-   (``prefill="together"``), following the §5 protocol: a scoring prefill with ``steer_gate_in = -1``, then, when
-   the export needs it (``two_pass_prefill``) and the row's gate fired, a steered second prefill with
-   ``steer_gate_in = 1``; a row whose score is not finite is steered (fail closed, docs/contract.md);
-3. picks each joiner's first token from its prefill logits and merges its KV cache into the batch. Rows share one
-   past length: the shorter side is left-padded with zeros whose attention-mask entries are 0, so no row ever sees
-   another's padding. Columns that every remaining row masks are trimmed when rows leave, so the past never grows
-   beyond the longest live row.
+   the same call, bit for bit, as :meth:`Aligner.generate` makes for it) or with the other joiners, padded together
+   (``prefill="together"``), following the §5 protocol (:meth:`StepModel.prefill`): a scoring prefill with
+   ``steer_gate_in = -1``, then, when the export needs it (``two_pass_prefill``) and the row's gate fired, a steered
+   second prefill with ``steer_gate_in = 1``; a row whose score is not finite is steered (fail closed,
+   docs/contract.md);
+3. picks each joiner's first token from its prefill logits and joins its rows to the batch
+   (:meth:`DecodeBatch.join`): the shorter past gains zero columns whose attention-mask entries are 0, so no row ever
+   sees another's padding. When rows leave (:meth:`DecodeBatch.keep`), the columns that no remaining row attends to
+   are dropped, so the past never grows beyond the longest live row.
 
-On a decode step each row is fed its own decision (§5 rule 3) and its own positions (real tokens so far, as
-``contract.position_ids`` counts them), so a row's tokens do not depend on its batch-mates: greedy output equals a run
-alone, up to the last bits of the logits that ONNX Runtime's kernels may move with the batch shape.
+On a decode step each row is fed its own decision (§5 rule 3) scaled by the strength schedule at its own step, and
+its own positions, so a row's tokens do not depend on its batch-mates: greedy output equals a run alone, up to the
+last bits of the logits that ONNX Runtime's kernels may move with the batch shape.
 
 A prompt's prefill holds the batch for its duration (no chunked prefill); the decode steps of the running rows wait.
 """
@@ -36,11 +41,11 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..contract import (ATTENTION_MASK, GATE_DECIDE, GATE_IN, GATE_OUT, INPUT_IDS, INPUTS_EMBEDS, LOGITS,
-                        NO_END_RULE, PAST, POSITION_IDS, PREFILL_MODES, SCORE_OUT, EndRule, Key, StrengthSchedule,
-                        position_ids, prefill_decision, present_name)
+from ..contract import CONSTANT_STRENGTH, NO_END_RULE, PREFILL_MODES, EndRule, StrengthSchedule
 from ..errors import AlignerError, check_count
-from ..generate import SamplingConfig, check_token_ids, pick_token
+from ..generate import DecodeBatch, StepModel
+from ..sampling import SamplingConfig
+from ..schema import first_line
 
 log = logging.getLogger("aligner_runtime.serving")
 
@@ -79,9 +84,11 @@ class RequestHandle:
     scheduler thread: keep it short), events go there instead of the internal queue."""
 
     def __init__(self, request_id: int, prompt_ids: list[int], config: SamplingConfig, deadline: float | None,
-                 listener: Callable[[Event], None] | None, scheduler: "Scheduler"):
+                 listener: Callable[[Event], None] | None, scheduler: "Scheduler",
+                 prompt_embeds: np.ndarray | None = None):
         self.id = request_id
         self.prompt_ids = prompt_ids
+        self.prompt_embeds = prompt_embeds  # a vision-language prompt's embeddings, images merged (or None)
         self.config = config
         self.deadline = deadline
         self.submitted = time.monotonic()
@@ -168,58 +175,48 @@ class _Row:
     rng: np.random.Generator | None
     budget: int
     stops: frozenset
-    decision: float = 0.0
     last_token: int = -1
-    decode_steps: int = 0
     generated: int = 0
 
 
 class Scheduler:
-    """Continuous batching over one backend (see the module docstring). Use :meth:`for_aligner`.
+    """Continuous batching over one loaded graph (see the module docstring). Use :meth:`for_aligner`, or pass a
+    :class:`~aligner_runtime.generate.StepModel`, or a backend with the step model's options (``pad_token_id``,
+    ``two_pass``, ``context_length``, ``embedder``, ``strength``, ``end_rule``, ``end_token_ids``).
 
     ``max_batch_size``: rows decoded together. ``max_queue``: requests waiting for a row; past it :meth:`submit`
     raises :class:`QueueFull`. ``prefill``: ``"alone"`` or ``"together"``. ``strength``: the steering strength on a
-    row's decode step ``t`` (``t = 1`` for its first; docs/contract.md), constant 1 when None. ``end_rule`` and
-    ``end_token_ids``: how a steered row's answer ends (docs/contract.md "Ending a steered answer").
+    row's decode step ``t`` (``t = 1`` for its first; docs/contract.md), a schedule or a function of ``t``; constant
+    1 when None. ``end_rule`` and ``end_token_ids``: how a steered row's answer ends (docs/contract.md "Ending a
+    steered answer").
     """
 
-    def __init__(self, backend, *, pad_token_id: int, two_pass: bool, context_length: int | None = None,
-                 max_batch_size: int = 16, max_queue: int = 64, prefill: str = "alone",
-                 strength: Callable[[int], float] | None = None, end_rule: EndRule = NO_END_RULE,
-                 end_token_ids: Sequence[int] = (), name: str = "aligner-scheduler"):
-        if GATE_IN not in backend.input_names:
+    def __init__(self, model, *, pad_token_id: int | None = None, two_pass: bool | None = None,
+                 context_length: int | None = None, embedder=None, max_batch_size: int = 16, max_queue: int = 64,
+                 prefill: str = "alone", strength: StrengthSchedule | Callable[[int], float] | None = None,
+                 end_rule: EndRule = NO_END_RULE, end_token_ids: Sequence[int] = (), name: str = "aligner-scheduler"):
+        if not isinstance(model, StepModel):
+            if pad_token_id is None or two_pass is None:
+                raise AlignerError("a scheduler over a backend needs pad_token_id and two_pass")
+            model = StepModel(model, pad_token_id=pad_token_id, two_pass=two_pass, context_length=context_length,
+                              embedder=embedder, strength=CONSTANT_STRENGTH if strength is None else strength,
+                              end_rule=end_rule, end_token_ids=end_token_ids)
+        if not model.steered:
             raise AlignerError("serving needs a steered export: this graph has no steering interface")
-        if INPUTS_EMBEDS in backend.input_names:
-            raise AlignerError("serving takes text-only exports; this language model takes inputs_embeds")
-        if getattr(backend, "padding_side", "left") != "left":
-            # GroupQueryAttention keeps each row's keys from position 0: the batch's masked left padding does not fit.
-            raise AlignerError("serving takes graphs padded on the left; this graph's attention (GroupQueryAttention) "
-                               "wants right padding, which the scheduler does not do yet")
         check_count(max_batch_size, "max_batch_size", 1, 4096)
         check_count(max_queue, "max_queue", 0, 1 << 20)
         if prefill not in PREFILL_MODES:
             raise AlignerError(f"prefill must be one of {', '.join(PREFILL_MODES)}, got {prefill!r}")
-        check_token_ids([pad_token_id], backend.vocab_size, "pad token")
-        self.backend = backend
-        self.pad_token_id = int(pad_token_id)
-        self.two_pass = bool(two_pass)
-        self.context_length = context_length
+        self.model = model
+        self.backend = model.backend
+        self.context_length = model.context_length
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.prefill = prefill
-        self.strength = strength
-        self.end_rule = end_rule
-        self.end_token_ids = tuple(int(t) for t in end_token_ids)
-        check_token_ids(self.end_token_ids, backend.vocab_size, "end token")
-        self._past_inputs = [n for n in backend.input_names if PAST.match(n)]
-        self._takes_positions = POSITION_IDS in backend.input_names
-        self._past_specs = {n: backend.past_spec(n) for n in self._past_inputs}
 
-        # The batch: rows in order, and arrays indexed by them.
+        # The batch: rows in order, and the step primitives' state of the same rows.
         self._rows: list[_Row] = []
-        self._mask = np.zeros((0, 0), np.int64)
-        self._past = {n: self._empty_past(0, 0, n) for n in self._past_inputs}
-        self._positions = np.zeros(0, np.int64)
+        self._batch: DecodeBatch | None = None
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -234,37 +231,29 @@ class Scheduler:
 
     @classmethod
     def for_aligner(cls, aligner, **options) -> "Scheduler":
-        """A scheduler for a loaded :class:`aligner_runtime.Aligner` (its backend, pad token, two-pass rule,
-        context)."""
+        """A scheduler for a loaded :class:`aligner_runtime.Aligner`: its step model (backend, pad token, two-pass
+        rule, context, the embedding graph of a vision-language export, strength schedule and end rule)."""
         if not aligner.steered:
             raise AlignerError("serving needs a steered export (this one was loaded with allow_unsteered)")
-        if getattr(aligner, "image_encoder", None) is not None:
-            raise AlignerError("serving takes text-only exports; this is a vision-language export")
-        if aligner.manifest.get(Key.STRENGTH) and "strength" not in options:
-            options["strength"] = StrengthSchedule.from_manifest(aligner.manifest[Key.STRENGTH]).at
-        if aligner.manifest.get(Key.END_RULE) and "end_rule" not in options:
-            options["end_rule"] = EndRule.from_manifest(aligner.manifest[Key.END_RULE])
-            options.setdefault("end_token_ids", aligner.stop_token_ids)
-        return cls(aligner._backend, pad_token_id=aligner.tokenizer.pad_token_id, two_pass=aligner.export.two_pass,
-                   context_length=aligner.context_length, **options)
+        strength = options.pop("strength", None)
+        model = aligner.step_model()
+        return cls(model if strength is None else model.with_strength(strength), **options)
 
     # --- client side --------------------------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], config: SamplingConfig, *, timeout: float | None = None,
-               listener: Callable[[Event], None] | None = None) -> RequestHandle:
+               listener: Callable[[Event], None] | None = None,
+               prompt_embeds: np.ndarray | None = None) -> RequestHandle:
         """Queues one tokenized prompt. Bad input raises :class:`AlignerError` here, in the caller's thread;
         a full queue raises :class:`QueueFull`. ``timeout``: seconds from now after which the request ends with
-        ``finish_reason = "timeout"``."""
-        ids = list(prompt_ids)
-        if not ids:
-            raise AlignerError("empty prompt")
-        check_token_ids(ids, self.backend.vocab_size, "prompt token")
-        ids = [int(t) for t in ids]
-        if self.context_length is not None and len(ids) >= self.context_length:
-            raise AlignerError(f"prompt is {len(ids)} tokens long; the model's context is {self.context_length} "
-                               f"tokens and needs room for at least one new token")
+        ``finish_reason = "timeout"``. ``prompt_embeds``: a vision-language prompt's embeddings with its images
+        merged (``Aligner.prompt_embeds``), one row per token; None for a prompt without images."""
+        ids = self.model.check_prompt(prompt_ids)
         if not isinstance(config, SamplingConfig):
             raise AlignerError("config must be a SamplingConfig")
-        config.validate(self.backend.vocab_size)
+        config.validate(self.model.vocab_size)
+        if prompt_embeds is not None:
+            prompt_embeds = np.asarray(prompt_embeds)
+        self.model.check_embeds(ids, prompt_embeds)
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise AlignerError(f"timeout must be a number of seconds > 0, got {timeout!r}")
         with self._lock:
@@ -276,7 +265,8 @@ class Scheduler:
                 self.counters["rejected"] += 1
                 raise QueueFull(len(self._waiting), self._retry_after())
             handle = RequestHandle(self._next_id, ids, config,
-                                   None if timeout is None else time.monotonic() + timeout, listener, self)
+                                   None if timeout is None else time.monotonic() + timeout, listener, self,
+                                   prompt_embeds)
             self._next_id += 1
             self._waiting.append(handle)
             self.counters["submitted"] += 1
@@ -286,7 +276,7 @@ class Scheduler:
     def stats(self) -> dict:
         """A snapshot: rows decoding, requests waiting, and the running counters."""
         with self._lock:
-            return {"active": len(self._rows), "waiting": len(self._waiting), "past_length": self._mask.shape[1],
+            return {"active": len(self._rows), "waiting": len(self._waiting), "past_length": self._past_length(),
                     "alive": self._thread.is_alive() and not self._stopping, **self.counters}
 
     @property
@@ -304,7 +294,7 @@ class Scheduler:
         for handle in waiting + [row.handle for row in self._rows]:
             if not handle.done:
                 handle._emit(Event("error", message="the server is shutting down"))
-        self._rows = []
+        self._rows, self._batch = [], None
 
     def __enter__(self):
         return self
@@ -352,7 +342,7 @@ class Scheduler:
                     self._step()
             except Exception as exc:  # the backend failed: the rows of this step fail, the server stays up
                 log.exception("scheduler step failed")
-                self._fail_all(f"generation failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+                self._fail_all(f"generation failed: {first_line(exc)}")
 
     def _expired_waiting(self) -> list[RequestHandle]:
         now = time.monotonic()
@@ -378,17 +368,14 @@ class Scheduler:
         handle._emit(Event("done", finish_reason=reason))
 
     def _fail_all(self, message: str) -> None:
-        rows, self._rows = self._rows, []
-        self._reset_arrays()
+        rows, self._rows, self._batch = self._rows, [], None
         self.counters["failed"] += len(rows)
         for row in rows:
             if not row.handle.done:
                 row.handle._emit(Event("error", message=message))
 
-    def _reset_arrays(self) -> None:
-        self._mask = np.zeros((0, 0), np.int64)
-        self._past = {n: self._empty_past(0, 0, n) for n in self._past_inputs}
-        self._positions = np.zeros(0, np.int64)
+    def _past_length(self) -> int:
+        return 0 if self._batch is None else int(self._batch.mask.shape[1])
 
     def _retire(self) -> None:
         """Rows cancelled or past their deadline leave before the next step."""
@@ -404,18 +391,6 @@ class Scheduler:
                 self._finish_handle(self._rows[i].handle, reason)
             self._keep([i for i in range(len(self._rows)) if i not in reasons])
 
-    # --- graph feeds --------------------------------------------------------------------------------------------------
-    def _empty_past(self, batch: int, length: int, name: str) -> np.ndarray:
-        heads, head_dim, dtype = self._past_specs[name]
-        return np.zeros((batch, heads, length, head_dim), dtype=dtype)
-
-    def _run(self, input_ids, attention_mask, positions, past, gate_in) -> dict[str, np.ndarray]:
-        feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, GATE_IN: gate_in.astype(np.float32)}
-        if self._takes_positions:
-            feeds[POSITION_IDS] = positions
-        feeds.update(past)
-        return self.backend._run(feeds)
-
     # --- joining ------------------------------------------------------------------------------------------------------
     def _join(self, handles: list[RequestHandle]) -> None:
         groups = [[h] for h in handles] if self.prefill == "alone" else [handles]
@@ -425,87 +400,53 @@ class Scheduler:
             if not group:
                 continue
             try:
-                merged = self._prefill(group)
-                if merged is not None:
-                    self._merge(*merged)
+                joined = self._prefill(group)
+                if joined is not None:
+                    rows, batch = joined
+                    # Built before anything is replaced: a failure leaves the batch as it was.
+                    merged = batch if self._batch is None else DecodeBatch.join([self._batch, batch])
+                    self._batch, self._rows = merged, self._rows + rows
             except Exception as exc:  # this group's prefill failed: its requests fail, the batch goes on
                 log.exception("prefill failed")
                 for handle in group:
                     if not handle.done:
                         self.counters["failed"] += 1
-                        handle._emit(Event("error", message=f"prefill failed: {str(exc).splitlines()[0]}"))
+                        handle._emit(Event("error", message=f"prefill failed: {first_line(exc)}"))
 
     def _prefill(self, group: list[RequestHandle]):
-        """§5 rules 1 and 2 for the joiners; emits each one's gate and first token. Returns the rows that go on
-        with their mask, past and positions, or None."""
+        """§5 rules 1 and 2 for the joiners (:meth:`StepModel.prefill`); emits each one's gate and first token.
+        Returns the rows that go on and their :class:`DecodeBatch`, or None."""
         now = time.monotonic()
-        width = max(len(h.prompt_ids) for h in group)
-        batch = len(group)
-        input_ids = np.full((batch, width), self.pad_token_id, dtype=np.int64)
-        mask = np.zeros((batch, width), dtype=np.int64)
-        for b, handle in enumerate(group):
+        model = self.model
+        for handle in group:
             handle.admitted = now
-            input_ids[b, width - len(handle.prompt_ids):] = handle.prompt_ids
-            mask[b, width - len(handle.prompt_ids):] = 1
-        positions = position_ids(mask)
-        empty = {n: self._empty_past(batch, 0, n) for n in self._past_inputs}
-        outputs = self._run(input_ids, mask, positions, empty, np.full(batch, GATE_DECIDE, np.float32))
-        self.counters["prefill_passes"] += 1
-        logits = outputs[LOGITS][:, -1, :]
-        past = {n: outputs[present_name(n)] for n in self._past_inputs}
-        score = np.asarray(outputs[SCORE_OUT], dtype=np.float32).reshape(batch).copy()
-        gate, fired = prefill_decision(outputs[GATE_OUT], score, self.two_pass)
-        if fired.size:
-            again = self._run(input_ids[fired], mask[fired], positions[fired],
-                              {n: self._empty_past(fired.size, 0, n) for n in self._past_inputs},
-                              np.ones(fired.size, np.float32))
-            self.counters["prefill_passes"] += 1
-            logits = logits.copy()
-            logits[fired] = again[LOGITS][:, -1, :]
-            for name in self._past_inputs:
-                past[name] = past[name].copy()
-                past[name][fired] = again[present_name(name)]
+        budgets = [model.budget(h.config, len(h.prompt_ids)) for h in group]
+        embeds = [h.prompt_embeds for h in group]
+        prompts = model.pad([h.prompt_ids for h in group], embeds if any(e is not None for e in embeds) else None)
+        # A shared KV buffer holds the padded prompt and the longest answer of the group.
+        done = model.prefill(prompts, capacity=prompts.input_ids.shape[1] + max(budgets))
+        self.counters["prefill_passes"] += done.passes
 
         keep, rows = [], []
         for b, handle in enumerate(group):
             config = handle.config
-            budget = config.max_new_tokens if self.context_length is None else \
-                min(config.max_new_tokens, self.context_length - len(handle.prompt_ids))
-            row = _Row(handle, None if config.greedy else np.random.default_rng(config.seed), budget,
-                       frozenset(config.stop_token_ids), decision=float(gate[b]))
+            row = _Row(handle, None if config.greedy else np.random.default_rng(config.seed), budgets[b],
+                       frozenset(config.stop_token_ids))
             self.counters["admitted"] += 1
             self.counters["prompt_tokens"] += len(handle.prompt_ids)
-            self.counters["gate_fired"] += int(row.decision > 0.5)
-            handle._emit(Event("gate", gate=float(gate[b]), score=float(score[b])))
-            if self._pick(row, logits[b]):
+            self.counters["gate_fired"] += int(done.gate[b] > 0.5)
+            handle._emit(Event("gate", gate=float(done.gate[b]), score=float(done.score[b])))
+            if self._pick(row, done.logits[b], done.gate[b]):
                 keep.append(b)
                 rows.append(row)
         if not keep:
             return None
-        idx = np.asarray(keep)
-        return rows, mask[idx], {n: v[idx] for n, v in past.items()}, np.asarray(
-            [len(r.handle.prompt_ids) for r in rows], np.int64)
-
-    def _merge(self, rows: list[_Row], mask: np.ndarray, past: dict, positions: np.ndarray) -> None:
-        """Joins prefilled rows to the batch; the shorter past is left-padded with masked zeros."""
-        if not self._rows:
-            self._rows, self._mask, self._past, self._positions = rows, mask, past, positions
-            return
-        length = max(self._mask.shape[1], mask.shape[1])
-        # Everything is built before anything is replaced: a failure leaves the batch as it was.
-        merged_mask = np.concatenate([_pad_left(self._mask, length, 1), _pad_left(mask, length, 1)], axis=0)
-        merged_past = {name: np.concatenate([_pad_left(self._past[name], length, 2), _pad_left(past[name], length, 2)],
-                                            axis=0) for name in self._past_inputs}
-        self._mask, self._past = merged_mask, merged_past
-        self._positions = np.concatenate([self._positions, positions])
-        self._rows = self._rows + rows
+        return rows, done.rows if len(keep) == len(group) else done.rows.keep(keep)
 
     # --- decoding -----------------------------------------------------------------------------------------------------
-    def _pick(self, row: _Row, logits: np.ndarray) -> bool:
+    def _pick(self, row: _Row, logits: np.ndarray, decision: float) -> bool:
         """Picks the row's next token and emits it; False when the row is done."""
-        if self.end_rule.active:  # the same rule as generate.GenerationRun: token index = tokens generated so far
-            logits = self.end_rule.apply(logits, row.generated, row.decision, self.end_token_ids)
-        token = pick_token(logits, row.handle.config, row.rng)
+        token = self.model.pick(logits, row.generated, decision, row.handle.config, row.rng)
         row.last_token = token
         row.generated += 1
         self.counters["tokens"] += 1
@@ -522,48 +463,18 @@ class Scheduler:
         return True
 
     def _step(self) -> None:
-        batch = len(self._rows)
-        tokens = np.asarray([[row.last_token] for row in self._rows], dtype=np.int64)
-        mask = np.concatenate([self._mask, np.ones((batch, 1), np.int64)], axis=1)
-        gate_in = np.empty(batch, np.float32)
-        for i, row in enumerate(self._rows):
-            row.decode_steps += 1
-            # §5 rule 3: the decision latched at prefill, scaled by the strength schedule when the export has one.
-            strength = 1.0 if self.strength is None else self.strength(row.decode_steps)
-            gate_in[i] = np.float32(row.decision) * np.float32(strength)
-        outputs = self._run(tokens, mask, self._positions[:, None], self._past, gate_in)
+        batch = self._batch
+        logits = self.model.decode(batch, np.asarray([row.last_token for row in self._rows], np.int64))
         self.counters["decode_steps"] += 1
-        self.counters["decode_rows"] += batch
-        self._mask = mask
-        self._past = {n: outputs[present_name(n)] for n in self._past_inputs}
-        self._positions = self._positions + 1
-        logits = outputs[LOGITS][:, -1, :]
-        keep = [i for i, row in enumerate(self._rows) if self._pick(row, logits[i])]
-        if len(keep) < batch:
+        self.counters["decode_rows"] += len(self._rows)
+        keep = [i for i, row in enumerate(self._rows) if self._pick(row, logits[i], batch.decision[i])]
+        if len(keep) < len(self._rows):
             self._keep(keep)
 
     def _keep(self, keep: list[int]) -> None:
-        """Drops the other rows and the leading columns no remaining row attends to."""
+        """Drops the other rows (and the past columns no remaining row attends to: :meth:`DecodeBatch.keep`)."""
         if not keep:
-            self._rows = []
-            self._reset_arrays()
+            self._rows, self._batch = [], None
             return
-        idx = np.asarray(keep)
+        self._batch = self._batch.keep(keep)
         self._rows = [self._rows[i] for i in keep]
-        mask = self._mask[idx]
-        # Every row's mask is zeros then ones (left padding grows in lockstep), so the first column any row attends
-        # to is the smallest count of leading zeros.
-        start = int(np.min(np.argmax(mask, axis=1)))
-        self._mask = mask[:, start:]
-        self._past = {n: np.ascontiguousarray(v[idx][:, :, start:]) for n, v in self._past.items()}
-        self._positions = self._positions[idx]
-
-
-def _pad_left(array: np.ndarray, length: int, axis: int) -> np.ndarray:
-    """``array`` with zeros prepended along ``axis`` up to ``length``."""
-    missing = length - array.shape[axis]
-    if missing <= 0:
-        return array
-    shape = list(array.shape)
-    shape[axis] = missing
-    return np.concatenate([np.zeros(shape, array.dtype), array], axis=axis)
