@@ -13,6 +13,7 @@ import pytest
 
 from aligner_export.commands.cli import main
 from aligner_runtime.api import Aligner
+from aligner_runtime.errors import AlignerError
 from runtime_exports import DEFAULT_OPTIONS, LINEAR_OPTIONS, tiny_export
 
 PROMPTS = Path(__file__).resolve().parents[1] / "export" / "aligner_export" / "data" / "prompts"
@@ -195,3 +196,108 @@ def test_float_zero_points_split_exactly():
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-4)
     assert relative_weight_error(reference, split) == pytest.approx(relative_weight_error(reference, hqq), rel=1e-6)
     assert 0.01 < relative_weight_error(reference, split) < 0.2
+
+
+def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """The test's own reading of MatMulNBits' 4-bit packing: two values per byte, the first in the low nibble."""
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def test_float_zero_points_fold_into_kernel_zero_points():
+    """HQQ's float zero points folded into packed uint4 zero points (issue 20): no node added, no float zero point
+    left, ORT's product equals x · W_q for W_q rebuilt here from the packed integers, and the fold's error is that
+    of an integer-zero-point grid (below symmetric rounding's, above HQQ's exact float form)."""
+    import copy
+
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer)
+
+    from aligner_export.graph.quantize import fold_float_zero_points, relative_weight_error
+
+    k, n = 96, 40  # 3 blocks of 32: an odd block count pads the packed zero points of each row
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="/mm/MatMul")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, "s", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, "s", n])],
+                              [numpy_helper.from_array(w, "W")])
+    reference = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+    def quantized(config):
+        quantizer = MatMulNBitsQuantizer(copy.deepcopy(reference), algo_config=config)
+        quantizer.process()
+        model = quantizer.model.model
+        for node in model.graph.node:
+            if not any(a.name == "accuracy_level" for a in node.attribute):
+                node.attribute.append(helper.make_attribute("accuracy_level", 0))
+        return model
+
+    hqq = quantized(HQQWeightOnlyQuantConfig(block_size=32, bits=4))
+    rtn = quantized(DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=0, bits=4))
+    folded = copy.deepcopy(hqq)
+    assert fold_float_zero_points(folded, {"/mm/MatMul": w}) == 1
+    assert [x.op_type for x in folded.graph.node] == [x.op_type for x in hqq.graph.node] == ["MatMulNBits"]
+    inits = {i.name: numpy_helper.to_array(i) for i in folded.graph.initializer}
+    node = folded.graph.node[0]
+    blob, scales, zeros = (inits[name] for name in node.input[1:4])
+    assert blob.dtype == np.uint8 and zeros.dtype == np.uint8 and zeros.size == n * 2  # 3 zero points -> 2 bytes
+    q = _unpack_nibbles(blob).astype(np.float32)  # [N, blocks, 32]
+    z = _unpack_nibbles(zeros.reshape(n, 2))[:, :3].astype(np.float32)
+    w_q = ((q - z[:, :, None]) * scales.reshape(n, 3, 1)).reshape(n, k).T
+    x = rng.normal(size=(2, 5, k)).astype(np.float32)
+    y = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ w_q, rtol=0, atol=1e-4)
+    fold_error = float(np.linalg.norm(w_q - w) / np.linalg.norm(w))
+    assert fold_error == pytest.approx(relative_weight_error(reference, folded), rel=1e-4)
+    assert relative_weight_error(reference, hqq) < fold_error < relative_weight_error(reference, rtn)
+
+
+def test_gate_bias_shift_reads_the_quantised_threshold():
+    """The re-threshold (issue 20) on scores with a known distortion: quantized = 0.9 · float - 1.5 + noise; the
+    quantised gate's threshold is where the float one lies, so the shift is +1.5 and the decisions agree again
+    except within the noise of the threshold."""
+    from aligner_export.hf.quantized_gate import bias_shift
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(scale=3.0, size=2000)
+    quantized = 0.9 * reference - 1.5 + rng.normal(scale=0.05, size=reference.size)
+    fit = bias_shift(reference, quantized)
+    assert fit["shift"] == pytest.approx(1.5, abs=0.02) and fit["slope"] == pytest.approx(0.9, abs=0.02)
+    assert fit["calibration_agreement_before"] < 0.85 < 0.99 < fit["calibration_agreement_after"]
+    with pytest.raises(AlignerError, match="do not follow"):
+        bias_shift(reference, -reference)
+
+
+@pytest.mark.parametrize("impl", ["function", "inline"])
+def test_set_gate_bias_moves_only_the_deciding_gate(tmp_path_factory, tiny_model_dir, impl):
+    """The re-thresholded bias lands in the deciding SteerGate (attribute or inline Constant): the exported score
+    moves by exactly the shift, nothing else in the graph changes."""
+    import copy
+
+    import onnxruntime as ort
+
+    from aligner_export.hf.quantized_gate import set_gate_bias
+
+    out, _, _ = tiny_export(tmp_path_factory, tiny_model_dir, "llama", LINEAR_OPTIONS + (("--steer-impl", impl),))
+    m = manifest(out)
+    model = onnx.load(str(out / "model.onnx"))
+    moved = copy.deepcopy(model)
+    gate_name = f"/model/layers.{m['gate']['layers'][-1]}/steer/SteerGate"
+    set_gate_bias(moved, gate_name, m["bias"] + 0.75)
+    changed = [a.name for a, b in zip(model.graph.node, moved.graph.node) if a != b]
+    assert changed == [gate_name] if impl == "function" else len(changed) == 1 and changed[0].startswith(gate_name)
+    sessions = [ort.InferenceSession(x.SerializeToString(), providers=["CPUExecutionProvider"]) for x in (model, moved)]
+    feeds = {}
+    for i in sessions[0].get_inputs():
+        if i.name.startswith("past_key_values"):
+            feeds[i.name] = np.zeros([1, i.shape[1], 0, i.shape[3]], np.float32)
+    feeds.update(input_ids=np.array([[5, 6, 7]], np.int64), attention_mask=np.ones((1, 3), np.int64),
+                 steer_gate_in=np.array([-1.0], np.float32))
+    if "position_ids" in [i.name for i in sessions[0].get_inputs()]:
+        feeds["position_ids"] = np.arange(3, dtype=np.int64)[None]
+    scores = [s.run(["steer_score"], feeds)[0] for s in sessions]
+    np.testing.assert_allclose(scores[1], scores[0] + 0.75, rtol=0, atol=1e-5)
+    with pytest.raises(AlignerError, match="no SteerGate"):
+        set_gate_bias(moved, "/model/layers.0/steer/Nothing", 0.0)

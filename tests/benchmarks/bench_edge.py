@@ -213,6 +213,23 @@ def disk_bytes(spec: dict) -> int:
     return sum(p.stat().st_size for p in files)
 
 
+def gate_agreement(spec: dict) -> str:
+    """What the contestant's gate is worth beside its speed: for a quantised export, the agreement of its gate with
+    the float graph's on the held-out prompts, as its export measured it (``validation.weights``); the float
+    exports are the reference; unsteered contestants have no gate."""
+    if spec["kind"] != "ours":
+        return "no gate (unsteered)"
+    manifest = json.loads((Path(spec["model"]).expanduser() / "inferaligner.json").read_text())
+    weights = (manifest.get("validation") or {}).get("weights")
+    if (manifest.get("weights") or {}).get("format", "fp32") in ("fp32", "fp16"):
+        return "reference (float graph)"
+    if not weights:
+        return "not measured (exported without validation)"
+    shift = (manifest.get("weights") or {}).get("gate_bias")
+    return (f"{weights['gates_agree']}/{weights['prompts']} held-out ({weights['missed']} harmful missed)"
+            + (f", bias re-thresholded by {shift['shift']:+.3f}" if shift else ""))
+
+
 def summarise(samples: list[dict], prompt_len: int) -> dict:
     ttft = statistics.median(s["ttft_s"] for s in samples)
     prefill = statistics.median(s["prefill_s"] for s in samples)
@@ -273,6 +290,7 @@ def main() -> int:
             **summarise(samples[name], args.prompt), "spec": workers[name].spec,
             "peak_rss_mb": max(s["peak_rss_mb"] for p in (samples[name],) for s in p),
             "disk_mb": disk_bytes(workers[name].spec) / 2 ** 20, "context_decode": contexts[name],
+            "gate_agreement": gate_agreement(workers[name].spec),
             "tokens": last["tokens"][:16]}
     for a, b in config.get("ratios", []):
         if a in report["contestants"] and b in report["contestants"]:
@@ -281,6 +299,7 @@ def main() -> int:
                 "decode_tok_s": ca["decode_tok_s"] / cb["decode_tok_s"],
                 "prefill_tok_s": ca["prefill_tok_s"] / cb["prefill_tok_s"],
                 "ttft": ca["ttft_ms"] / cb["ttft_ms"],
+                "gates": [ca["gate_agreement"], cb["gate_agreement"]],
             }
     for name in names:
         cd = report["contestants"][name]["context_decode"]
