@@ -25,6 +25,7 @@ A tied embedding (the token-embedding ``Gather`` reads the same matrix as the LM
 from __future__ import annotations
 
 import warnings
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,8 @@ from aligner_runtime.errors import AlignerError
 from aligner_runtime.contract.choices import QUANT_METHODS, WEIGHT_FORMATS
 
 MS_DOMAIN = "com.microsoft"
+_LAYER = re.compile(r"^/model/layers\.(\d+)/")
+_GATE = re.compile(r"^/model/layers\.(\d+)/steer/SteerGate(/|$)")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,9 @@ class WeightFormat:
     # hqq: how its float zero points reach the kernel: "exact" (split_float_zero_points: the fast kernel plus a
     # block-sum correction) or "kernel" (fold_float_zero_points: integer zero points, no extra node, not exact)
     zero_points: str = "exact"
+    # int4: the bits of the MatMuls in the layers that feed the gate (0..g*, g* the deciding SteerGate's layer, read
+    # from the graph), which decide what the gate reads; None quantises them like the rest.
+    gate_path_bits: int | None = None
 
     @property
     def quantized(self) -> bool:
@@ -60,6 +66,7 @@ class WeightFormat:
         return {"format": self.name, "op": "MatMulNBits", "bits": self.bits, "block_size": self.block_size,
                 "method": self.method, "accuracy_level": self.accuracy_level,
                 **({"zero_points": self.zero_points} if self.method == "hqq" else {}),
+                **({"gate_path_bits": self.gate_path_bits} if self.gate_path_bits else {}),
                 "quantizer": "onnxruntime.quantization.MatMulNBitsQuantizer"}
 
 
@@ -87,6 +94,22 @@ def is_steering_node(name: str) -> bool:
     return name.startswith(STEER_PREFIX) or "/steer/" in name
 
 
+def gate_layer(model) -> int:
+    """The layer of the graph's deciding SteerGate (the last of a chain): ``/model/layers.{g}/steer/SteerGate``,
+    a node (function form) or the prefix of its inlined body."""
+    layers = [int(m.group(1)) for n in model.graph.node if (m := _GATE.match(n.name))]
+    if not layers:
+        raise AlignerError("the graph has no SteerGate: there is no gate path to keep at higher precision")
+    return max(layers)
+
+
+def gate_path_nodes(model, layers: int) -> list[str]:
+    """The MatMuls of decoder layers ``0..layers-1`` (``/model/layers.{l}/...``, the optimum and builder graphs'
+    names): everything that computes the residuals a gate at layer ``layers - 1`` reads."""
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not is_steering_node(n.name)
+            and (m := _LAYER.match(n.name)) and int(m.group(1)) < layers]
+
+
 def quantize(model, fmt: WeightFormat):
     """Returns the ``onnx.ModelProto`` ``model`` with its MatMul weights in ``fmt`` (a quantized format)."""
     import logging
@@ -101,17 +124,27 @@ def quantize(model, fmt: WeightFormat):
     rtn = DefaultWeightOnlyQuantConfig(block_size=fmt.block_size, is_symmetric=True,
                                        accuracy_level=fmt.accuracy_level, bits=fmt.bits)
     passes = [(rtn, excluded)]
+    path = []
+    if fmt.gate_path_bits and fmt.gate_path_bits != fmt.bits:
+        # First, the gate's path at its own bits (round to nearest, symmetric: int8's gates agreed with the float
+        # graph's on 134/134 held-out prompts on SmolLM2); the passes below find those nodes quantised and skip them.
+        path = gate_path_nodes(model, gate_layer(model) + 1)
+        wide = DefaultWeightOnlyQuantConfig(block_size=fmt.block_size, is_symmetric=True,
+                                            accuracy_level=fmt.accuracy_level, bits=fmt.gate_path_bits)
+        keep = set(path)
+        passes.insert(0, (wide, [n.name for n in model.graph.node if n.name not in keep]))
     if fmt.method == "hqq":
         # The LM head reads no residual the gate sees; it is rounded to nearest (symmetric, no zero points) so that
         # a tied embedding can share it (GatherBlockQuantized takes packed integer zero points only).
         producers = {o: n for n in model.graph.node for o in n.output}
         head = [n.name for n in model.graph.node if n.op_type == "MatMul" and
                 n.output[0] in _logits_producers(model.graph, producers)]
-        passes.insert(0, (HQQWeightOnlyQuantConfig(block_size=fmt.block_size, bits=fmt.bits), excluded + head))
+        passes.insert(len(passes) - 1, (HQQWeightOnlyQuantConfig(block_size=fmt.block_size, bits=fmt.bits),
+                                        excluded + head))
     # The fold fits the integer zero points to the original float weights (HQQ's own reconstruction would add its
     # error to the fold's); copies, since the quantizer replaces the initializers in place.
-    originals = _matmul_weights(model, excluded + head) if fmt.method == "hqq" and fmt.zero_points == "kernel" \
-        else None
+    originals = _matmul_weights(model, excluded + head + path) if fmt.method == "hqq" and \
+        fmt.zero_points == "kernel" else None
     logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = logger.level
     logger.setLevel(logging.WARNING)
@@ -138,7 +171,10 @@ def quantize(model, fmt: WeightFormat):
         fold_float_zero_points(model, originals)
     else:
         split_float_zero_points(model)
-    tie_embedding(model, fmt)
+    if path:
+        quantize_embedding(model, fmt.gate_path_bits, fmt.block_size)
+    else:
+        tie_embedding(model, fmt)
     return model
 
 
@@ -356,6 +392,56 @@ def tie_embedding(model, fmt: WeightFormat) -> bool:
     graph.node.insert(index, quantized)
     graph.node.insert(index, reshape)
     if transpose is not None and len(consumers.get(transpose.output[0], [])) == 1:
+        graph.node.remove(transpose)
+    if not any(source in n.input for n in graph.node):
+        graph.initializer.remove(inits[source])
+    return True
+
+
+def quantize_embedding(model, bits: int, block_size: int) -> bool:
+    """The token embedding (the ``Gather`` of ``input_ids`` over a float matrix, directly or through a
+    ``Transpose`` of the LM head's, as the builder ties them) as its own ``GatherBlockQuantized`` at ``bits`` (8:
+    uint8 round to nearest, symmetric, blocks of ``block_size`` along the hidden axis, the kernel's default zero
+    point 128). For a gate path kept at 8 bits: the embedding is the first thing the gate reads, and the int4 LM
+    head it would otherwise share moves the gate (measured: docs/performance.md). Returns whether it did."""
+    from onnx import helper, numpy_helper
+
+    if bits != 8:
+        raise AlignerError(f"the embedding is kept at 8 bits or shared with the LM head, not {bits}")
+    graph = model.graph
+    inits = _initializers(graph)
+    producers = {o: n for n in graph.node for o in n.output}
+    gather = next((n for n in graph.node if n.op_type == "Gather" and len(n.input) == 2
+                   and n.input[1] == INPUT_IDS), None)
+    if gather is None:
+        return False
+    source, transpose = gather.input[0], producers.get(gather.input[0])
+    if transpose is not None:
+        if transpose.op_type != "Transpose":
+            return False
+        source = transpose.input[0]
+    if source not in inits:
+        return False
+    embed = numpy_helper.to_array(inits[source]).astype(np.float32)
+    rows = embed if transpose is None else embed.T
+    vocab, hidden = rows.shape
+    if hidden % block_size:
+        return False
+    blocks = rows.reshape(vocab, hidden // block_size, block_size)
+    scales = np.abs(blocks).max(axis=-1) / 127.0
+    safe = np.where(scales == 0, 1.0, scales)
+    data = (np.clip(np.round(blocks / safe[..., None]), -127, 127) + 128).astype(np.uint8).reshape(vocab, hidden)
+    name = gather.name + "/GatherBlockQuantized"
+    data_name, scales_name = source + "/embedding_q8", source + "/embedding_q8_scales"
+    graph.initializer.extend([numpy_helper.from_array(data, data_name),
+                              numpy_helper.from_array(scales.astype(np.float32), scales_name)])
+    quantized = helper.make_node("GatherBlockQuantized", [data_name, gather.input[1], scales_name],
+                                 list(gather.output), name=name, domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
+                                 block_size=block_size, bits=bits)
+    index = list(graph.node).index(gather)
+    graph.node.remove(gather)
+    graph.node.insert(index, quantized)
+    if transpose is not None and not any(transpose.output[0] in n.input for n in graph.node):
         graph.node.remove(transpose)
     if not any(source in n.input for n in graph.node):
         graph.initializer.remove(inits[source])
