@@ -51,12 +51,14 @@ def prompt_ids(length: int, seed: int = 0) -> list[int]:
 # --- workers ----------------------------------------------------------------------------------------------------------
 class OursWorker:
     def __init__(self, spec: dict, threads: int):
+        # deferred: each worker runs in its contestant's venv, which holds only its own runtime
         from aligner_runtime.backends.onnxruntime import OnnxRuntimeBackend
 
         model = Path(spec["model"]).expanduser()
         self.gate = spec.get("gate", 1)
         self.two_pass = False
         if spec["kind"] == "ours":
+            # deferred: as above (the ours workers only)
             from aligner_runtime.manifest import load_export
 
             export = load_export(model)
@@ -67,6 +69,7 @@ class OursWorker:
         self.backend = OnnxRuntimeBackend(path, intra_op_threads=threads)
 
     def round(self, prompt: list[int], new: int) -> dict:
+        # deferred: as above (the ours workers only)
         from aligner_runtime.generate import GenerationRun, SamplingConfig
 
         override = None if self.gate == -1 or "steer_gate_in" not in self.backend.input_names else float(self.gate)
@@ -85,6 +88,7 @@ class OursWorker:
 
 class GenaiWorker:
     def __init__(self, spec: dict, threads: int):
+        # deferred: onnxruntime-genai lives in the genai venv only
         import onnxruntime_genai as og
 
         self.og = og
@@ -116,6 +120,7 @@ class GenaiWorker:
 
 class LlamaCppWorker:
     def __init__(self, spec: dict, threads: int):
+        # deferred: llama-cpp-python lives in the genai venv only, where it was built
         from llama_cpp import Llama
 
         self.threads = threads
@@ -202,6 +207,7 @@ def disk_bytes(spec: dict) -> int:
         graphs = [path / "model.onnx"]
     files = set()
     for graph in graphs:
+        # deferred: the orchestrator only; the workers import this file in venvs that need not have onnx
         import onnx
 
         files.add(graph)

@@ -25,10 +25,12 @@ A tied embedding (the token-embedding ``Gather`` reads the same matrix as the LM
 from __future__ import annotations
 
 import warnings
+import logging
 import re
 from dataclasses import dataclass
 
 import numpy as np
+from onnx import helper, numpy_helper
 
 from aligner_runtime.contract import INPUT_IDS, LOGITS, STEER_PREFIX
 from aligner_runtime.errors import AlignerError
@@ -73,8 +75,18 @@ class WeightFormat:
 METHODS = QUANT_METHODS
 
 
+ZERO_POINTS = ("exact", "kernel")
+GATE_PATH_BITS = (4, 8)
+
+
 def weight_format(name: str, accuracy_level: int | None = None, block_size: int | None = None,
-                  method: str | None = None) -> WeightFormat:
+                  method: str | None = None, zero_points: str | None = None,
+                  gate_path_bits: int | None = None) -> WeightFormat:
+    """The weight format of ``--weights NAME`` and its options. int4 defaults (docs/performance.md, issue 20): round
+    to nearest, with the gate's path (the embedding and layers 0..g*) at 8 bits, so that the gate decides as the
+    float graph's does and every MatMul is one kernel call; ``--quant-method hqq`` keeps HQQ's float zero points
+    exactly (``exact``, a correction beside each MatMul: slower) or folds them into the kernel's integer ones
+    (``kernel``)."""
     if name not in WEIGHT_FORMATS:
         raise AlignerError(f"unknown weight format '{name}': use one of {', '.join(WEIGHT_FORMATS)}")
     bits = {"int4": 4, "int8": 8}.get(name)
@@ -86,8 +98,15 @@ def weight_format(name: str, accuracy_level: int | None = None, block_size: int 
         raise AlignerError(f"--quant-method must be one of {', '.join(METHODS)}")
     if method == "hqq" and bits != 4:
         raise AlignerError("--quant-method hqq is for --weights int4 (int8 rounds to nearest)")
-    return WeightFormat(name, bits, block_size or 32, 4 if accuracy_level is None else accuracy_level,
-                        method or ("hqq" if bits == 4 else "rtn"))
+    if zero_points is not None and (method != "hqq" or zero_points not in ZERO_POINTS):
+        raise AlignerError(f"--zero-points ({', '.join(ZERO_POINTS)}) goes with --quant-method hqq")
+    if gate_path_bits is not None and (bits != 4 or gate_path_bits not in GATE_PATH_BITS):
+        raise AlignerError(f"--gate-path-bits ({', '.join(map(str, GATE_PATH_BITS))}) is for --weights int4")
+    method = method or "rtn"
+    if gate_path_bits is None:
+        gate_path_bits = 8 if bits == 4 and method == "rtn" else None
+    return WeightFormat(name, bits, block_size or 32, 4 if accuracy_level is None else accuracy_level, method,
+                        zero_points or "exact", None if gate_path_bits == bits else gate_path_bits)
 
 
 def is_steering_node(name: str) -> bool:
@@ -105,16 +124,16 @@ def gate_layer(model) -> int:
 
 def gate_path_nodes(model, layers: int) -> list[str]:
     """The MatMuls of decoder layers ``0..layers-1`` (``/model/layers.{l}/...``, the optimum and builder graphs'
-    names): everything that computes the residuals a gate at layer ``layers - 1`` reads."""
+    names) with a constant weight: everything quantisable that computes the residuals a gate at layer
+    ``layers - 1`` reads."""
+    inits = _initializers(model.graph)
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not is_steering_node(n.name)
-            and (m := _LAYER.match(n.name)) and int(m.group(1)) < layers]
+            and len(n.input) > 1 and n.input[1] in inits and (m := _LAYER.match(n.name)) and int(m.group(1)) < layers]
 
 
 def quantize(model, fmt: WeightFormat):
     """Returns the ``onnx.ModelProto`` ``model`` with its MatMul weights in ``fmt`` (a quantized format)."""
-    import logging
-
-    from onnx import helper
+    # deferred: ONNX Runtime's quantizer (and the torch it loads for HQQ) only when an export quantises
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer)
 
@@ -187,8 +206,6 @@ def split_float_zero_points(model) -> int:
 
     i.e. the block sums of ``x`` (a MatMul with a 0/1 matrix ``[K, K/block]``) times a small float matrix
     ``[K/block, N]``, added to the fast kernel's output. Returns the number of nodes rewritten."""
-    from onnx import helper, numpy_helper
-
     graph = model.graph
     inits = _initializers(graph)
     rewritten = 0
@@ -286,8 +303,6 @@ def fold_float_zero_points(model, originals: dict[str, np.ndarray] | None = None
     node's original float weight ``originals[name]`` ``[K, N]`` when given, else HQQ's own de-quantized weight).
     Returns the number of nodes rewritten. Not exact: measured in docs/performance.md against
     :func:`split_float_zero_points`, which is."""
-    from onnx import helper, numpy_helper
-
     graph = model.graph
     inits = _initializers(graph)
     folded = 0
@@ -325,8 +340,6 @@ def fold_float_zero_points(model, originals: dict[str, np.ndarray] | None = None
 
 def _matmul_weights(model, excluded) -> dict[str, np.ndarray]:
     """``{MatMul node name: its constant weight [K, N]}`` of the MatMuls the quantizer may take."""
-    from onnx import numpy_helper
-
     inits = _initializers(model.graph)
     skip = set(excluded)
     return {n.name: numpy_helper.to_array(inits[n.input[1]]).copy() for n in model.graph.node
@@ -340,8 +353,6 @@ def _initializers(graph) -> dict:
 def tie_embedding(model, fmt: WeightFormat) -> bool:
     """When the token-embedding Gather reads the LM head's matrix (tied weights), it reads the quantized LM head
     instead through ``GatherBlockQuantized``; the float matrix leaves the file. Returns whether it did."""
-    from onnx import helper, numpy_helper
-
     graph = model.graph
     inits = _initializers(graph)
     producers = {o: n for n in graph.node for o in n.output}
@@ -404,8 +415,6 @@ def quantize_embedding(model, bits: int, block_size: int) -> bool:
     uint8 round to nearest, symmetric, blocks of ``block_size`` along the hidden axis, the kernel's default zero
     point 128). For a gate path kept at 8 bits: the embedding is the first thing the gate reads, and the int4 LM
     head it would otherwise share moves the gate (measured: docs/performance.md). Returns whether it did."""
-    from onnx import helper, numpy_helper
-
     if bits != 8:
         raise AlignerError(f"the embedding is kept at 8 bits or shared with the LM head, not {bits}")
     graph = model.graph
@@ -498,8 +507,6 @@ def _is_tied(embed_rows: np.ndarray, blob, scales, fmt: WeightFormat, k: int) ->
 def relative_weight_error(reference, quantized) -> float:
     """``||W_q - W|| / ||W||`` over every quantized MatMul weight (Frobenius, all matrices together): the error the
     quantizer injects, from which the logit tolerance is derived (docs/performance.md)."""
-    from onnx import helper, numpy_helper
-
     ref = _initializers(reference.graph)
     q = _initializers(quantized.graph)
     ref_weights = {n.name: n.input[1] for n in reference.graph.node if n.op_type == "MatMul" and n.input[1] in ref}

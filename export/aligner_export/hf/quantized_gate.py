@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from onnx import helper
 
 from aligner_runtime.contract import ATTENTION_MASK, GATE_OUT, INPUT_IDS, SCORE_OUT, position_ids
 from aligner_runtime.errors import AlignerError
@@ -105,8 +106,6 @@ def bias_shift(reference: np.ndarray, quantized: np.ndarray, near_share: float =
 def set_gate_bias(model, gate_name: str, bias: float) -> None:
     """Writes ``bias`` into the deciding SteerGate ``gate_name`` of ``model`` (an ``onnx.ModelProto``): the node's
     ``bias`` attribute (function form) or its ``bias`` Constant (inline form)."""
-    from onnx import helper
-
     if not np.isfinite(bias):
         raise AlignerError(f"the re-thresholded gate bias is not finite ({bias})")
     for node in model.graph.node:

@@ -22,6 +22,8 @@ import numpy as np
 from ..errors import AlignerError, check_count, max_threads
 from ..schema import first_line
 from ..contract import PAST, present_name, ATTENTION_MASK, INPUTS_EMBEDS, INPUT_IDS, LOGITS
+from ..generate import KV_FEED
+from ..onnx_graph import read_graph_summary
 
 # Short names accepted by the API and ``aligner-run --provider``.
 PROVIDERS = {
@@ -36,6 +38,7 @@ def import_ort():
     """``onnxruntime``, from whichever wheel is installed: ``onnxruntime`` (CPU) or ``onnxruntime-gpu`` (CUDA,
     TensorRT EP); the two conflict, so the package takes one through its ``cpu`` or ``gpu`` extra."""
     try:
+        # deferred: the ONNX Runtime wheel is an extra (cpu or gpu); without it the package still imports
         import onnxruntime
     except ImportError:
         raise AlignerError("ONNX Runtime is not installed: pip install 'inferaligner-edge[cpu]' (onnxruntime) or "
@@ -142,8 +145,6 @@ class OrtKV:
 
     # --- the loop's cache protocol (aligner_runtime.generate) -----------------------------------------------------
     def feed(self, feeds: dict) -> None:
-        from ..generate import KV_FEED
-
         feeds[KV_FEED] = self
 
     def take(self, outputs: dict) -> None:
@@ -224,8 +225,6 @@ class OnnxRuntimeBackend:
         return heads, head_dim, np.dtype(dtype)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ..generate import KV_FEED
-
         cache = feeds.get(KV_FEED)
         if cache is None:
             outputs = self.session.run(self.output_names, feeds)
@@ -290,8 +289,6 @@ def _call_shape(feeds: dict) -> tuple[int, int]:
 
 def _op_types(model_path) -> set[str]:
     """The graph's op types, read from the protobuf headers (weights not loaded)."""
-    from ..onnx_graph import read_graph_summary
-
     try:
         return {node.op_type for node in read_graph_summary(model_path).nodes}
     except AlignerError:
