@@ -13,7 +13,6 @@ import pytest
 
 from aligner_export.commands.cli import main
 from aligner_runtime.api import Aligner
-from aligner_runtime.errors import AlignerError
 from runtime_exports import DEFAULT_OPTIONS, LINEAR_OPTIONS, tiny_export
 
 PROMPTS = Path(__file__).resolve().parents[1] / "export" / "aligner_export" / "data" / "prompts"
@@ -291,51 +290,3 @@ def test_float_zero_points_fold_into_kernel_zero_points():
     assert fold_error == pytest.approx(relative_weight_error(reference, folded), rel=1e-4)
     assert relative_weight_error(reference, hqq) < fold_error < relative_weight_error(reference, rtn)
 
-
-def test_gate_bias_shift_reads_the_quantised_threshold():
-    """The re-threshold (issue 20) on scores with a known distortion: quantized = 0.9 · float - 1.5 + noise; the
-    quantised gate's threshold is where the float one lies, so the shift is +1.5 and the decisions agree again
-    except within the noise of the threshold."""
-    from aligner_export.hf.quantized_gate import bias_shift
-
-    rng = np.random.default_rng(0)
-    reference = rng.normal(scale=3.0, size=2000)
-    quantized = 0.9 * reference - 1.5 + rng.normal(scale=0.05, size=reference.size)
-    fit = bias_shift(reference, quantized)
-    assert fit["shift"] == pytest.approx(1.5, abs=0.02) and fit["slope"] == pytest.approx(0.9, abs=0.02)
-    assert fit["calibration_agreement_before"] < 0.85 < 0.99 < fit["calibration_agreement_after"]
-    with pytest.raises(AlignerError, match="do not follow"):
-        bias_shift(reference, -reference)
-
-
-@pytest.mark.parametrize("impl", ["function", "inline"])
-def test_set_gate_bias_moves_only_the_deciding_gate(tmp_path_factory, tiny_model_dir, impl):
-    """The re-thresholded bias lands in the deciding SteerGate (attribute or inline Constant): the exported score
-    moves by exactly the shift, nothing else in the graph changes."""
-    import copy
-
-    import onnxruntime as ort
-
-    from aligner_export.hf.quantized_gate import set_gate_bias
-
-    out, _, _ = tiny_export(tmp_path_factory, tiny_model_dir, "llama", LINEAR_OPTIONS + (("--steer-impl", impl),))
-    m = manifest(out)
-    model = onnx.load(str(out / "model.onnx"))
-    moved = copy.deepcopy(model)
-    gate_name = f"/model/layers.{m['gate']['layers'][-1]}/steer/SteerGate"
-    set_gate_bias(moved, gate_name, m["bias"] + 0.75)
-    changed = [a.name for a, b in zip(model.graph.node, moved.graph.node) if a != b]
-    assert changed == [gate_name] if impl == "function" else len(changed) == 1 and changed[0].startswith(gate_name)
-    sessions = [ort.InferenceSession(x.SerializeToString(), providers=["CPUExecutionProvider"]) for x in (model, moved)]
-    feeds = {}
-    for i in sessions[0].get_inputs():
-        if i.name.startswith("past_key_values"):
-            feeds[i.name] = np.zeros([1, i.shape[1], 0, i.shape[3]], np.float32)
-    feeds.update(input_ids=np.array([[5, 6, 7]], np.int64), attention_mask=np.ones((1, 3), np.int64),
-                 steer_gate_in=np.array([-1.0], np.float32))
-    if "position_ids" in [i.name for i in sessions[0].get_inputs()]:
-        feeds["position_ids"] = np.arange(3, dtype=np.int64)[None]
-    scores = [s.run(["steer_score"], feeds)[0] for s in sessions]
-    np.testing.assert_allclose(scores[1], scores[0] + 0.75, rtol=0, atol=1e-5)
-    with pytest.raises(AlignerError, match="no SteerGate"):
-        set_gate_bias(moved, "/model/layers.0/steer/Nothing", 0.0)
