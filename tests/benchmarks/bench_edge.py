@@ -51,12 +51,14 @@ def prompt_ids(length: int, seed: int = 0) -> list[int]:
 # --- workers ----------------------------------------------------------------------------------------------------------
 class OursWorker:
     def __init__(self, spec: dict, threads: int):
+        # deferred: each worker runs in its contestant's venv, which holds only its own runtime
         from aligner_runtime.backends.onnxruntime import OnnxRuntimeBackend
 
         model = Path(spec["model"]).expanduser()
         self.gate = spec.get("gate", 1)
         self.two_pass = False
         if spec["kind"] == "ours":
+            # deferred: as above (the ours workers only)
             from aligner_runtime.manifest import load_export
 
             export = load_export(model)
@@ -67,6 +69,7 @@ class OursWorker:
         self.backend = OnnxRuntimeBackend(path, intra_op_threads=threads)
 
     def round(self, prompt: list[int], new: int) -> dict:
+        # deferred: as above (the ours workers only)
         from aligner_runtime.generate import GenerationRun, SamplingConfig
 
         override = None if self.gate == -1 or "steer_gate_in" not in self.backend.input_names else float(self.gate)
@@ -85,6 +88,7 @@ class OursWorker:
 
 class GenaiWorker:
     def __init__(self, spec: dict, threads: int):
+        # deferred: onnxruntime-genai lives in the genai venv only
         import onnxruntime_genai as og
 
         self.og = og
@@ -116,6 +120,7 @@ class GenaiWorker:
 
 class LlamaCppWorker:
     def __init__(self, spec: dict, threads: int):
+        # deferred: llama-cpp-python lives in the genai venv only, where it was built
         from llama_cpp import Llama
 
         self.threads = threads
@@ -202,6 +207,7 @@ def disk_bytes(spec: dict) -> int:
         graphs = [path / "model.onnx"]
     files = set()
     for graph in graphs:
+        # deferred: the orchestrator only; the workers import this file in venvs that need not have onnx
         import onnx
 
         files.add(graph)
@@ -211,6 +217,23 @@ def disk_bytes(spec: dict) -> int:
                 if entry.key == "location":
                     files.add(graph.parent / entry.value)
     return sum(p.stat().st_size for p in files)
+
+
+def gate_agreement(spec: dict) -> str:
+    """What the contestant's gate is worth beside its speed: for a quantised export, the agreement of its gate with
+    the float graph's on the held-out prompts, as its export measured it (``validation.weights``); the float
+    exports are the reference; unsteered contestants have no gate."""
+    if spec["kind"] != "ours":
+        return "no gate (unsteered)"
+    manifest = json.loads((Path(spec["model"]).expanduser() / "inferaligner.json").read_text())
+    weights = (manifest.get("validation") or {}).get("weights")
+    if (manifest.get("weights") or {}).get("format", "fp32") in ("fp32", "fp16"):
+        return "reference (float graph)"
+    if not weights:
+        return "not measured (exported without validation)"
+    shift = (manifest.get("weights") or {}).get("gate_bias")
+    return (f"{weights['gates_agree']}/{weights['prompts']} held-out ({weights['missed']} harmful missed)"
+            + (f", bias re-thresholded by {shift['shift']:+.3f}" if shift else ""))
 
 
 def summarise(samples: list[dict], prompt_len: int) -> dict:
@@ -273,6 +296,7 @@ def main() -> int:
             **summarise(samples[name], args.prompt), "spec": workers[name].spec,
             "peak_rss_mb": max(s["peak_rss_mb"] for p in (samples[name],) for s in p),
             "disk_mb": disk_bytes(workers[name].spec) / 2 ** 20, "context_decode": contexts[name],
+            "gate_agreement": gate_agreement(workers[name].spec),
             "tokens": last["tokens"][:16]}
     for a, b in config.get("ratios", []):
         if a in report["contestants"] and b in report["contestants"]:
@@ -281,6 +305,7 @@ def main() -> int:
                 "decode_tok_s": ca["decode_tok_s"] / cb["decode_tok_s"],
                 "prefill_tok_s": ca["prefill_tok_s"] / cb["prefill_tok_s"],
                 "ttft": ca["ttft_ms"] / cb["ttft_ms"],
+                "gates": [ca["gate_agreement"], cb["gate_agreement"]],
             }
     for name in names:
         cd = report["contestants"][name]["context_decode"]

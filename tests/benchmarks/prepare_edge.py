@@ -8,6 +8,8 @@ Into ``--work``:
 - ``genai/int4``, ``genai/fp32``: the onnxruntime-genai builder's models of the target (unsteered; its own venv);
 - ``steered-int4``, ``steered-fp32``: ``aligner-export export --exporter genai [--weights int4]`` (the builder's
   fused graph, steered; int4 quantized after the rewrite and validated against the steered fp32 graph);
+  ``steered-int4-hqq`` (``--quant-method hqq``: HQQ's float zero points kept exactly, correction nodes) and
+  ``steered-int4-hqq-kernel`` (``--zero-points kernel``: folded into the kernel's integer zero points);
 - ``steered-optimum-fp32``, ``steered-optimum-int4``: the default optimum export, and its int4 form (what an export
   was before issue 11: the comparison "0.63x" of the issue is this graph);
 - ``smollm2-q4_0.gguf`` (+ ``-f32``): llama.cpp's conversion, when llama-cpp-python imports in the genai venv and
@@ -52,6 +54,7 @@ def genai_build(python: Path, target: Path, out: Path, precision: str) -> None:
 def concrete_graph(builder_dir: Path, head_dim: int) -> Path:
     """The builder's graph with the KV head dimension written as a number (the runtime needs it to size the cache),
     beside the original so that it reads the same external data file; nothing else changes."""
+    # deferred: onnx only once a builder graph exists to rewrite
     import onnx
 
     out = builder_dir / "model.concrete.onnx"
@@ -114,9 +117,17 @@ def main() -> int:
     plain = {p: concrete_graph(work / "genai" / p, head_dim) for p in ("int4", "fp32")}
     genai = ("--exporter", "genai", "--genai-python", str(python))
     export(target, pack, work / "steered-fp32", *genai)
-    export(target, pack, work / "steered-int4", *genai, "--weights", "int4", "--min-gate-agreement", "0")
+    # the default int4 (gate path at 8 bits) must pass the export's own gate check; the HQQ forms are measured
+    # whatever their gates do (their agreement is printed beside their speed)
+    export(target, pack, work / "steered-int4", *genai, "--weights", "int4")
+    export(target, pack, work / "steered-int4-hqq", *genai, "--weights", "int4", "--quant-method", "hqq",
+           "--min-gate-agreement", "0")
+    export(target, pack, work / "steered-int4-hqq-kernel", *genai, "--weights", "int4", "--quant-method", "hqq",
+           "--zero-points", "kernel", "--min-gate-agreement", "0")
     contestants = [
         {"name": "ours-int4", "kind": "ours", "model": str(work / "steered-int4"), "gate": 1},
+        {"name": "ours-int4-hqq", "kind": "ours", "model": str(work / "steered-int4-hqq"), "gate": 1},
+        {"name": "ours-int4-hqq-kernel", "kind": "ours", "model": str(work / "steered-int4-hqq-kernel"), "gate": 1},
         {"name": "ours-int4-off", "kind": "ours-plain", "model": str(plain["int4"])},
         {"name": "genai-int4", "kind": "genai", "model": str(work / "genai" / "int4"), "python": str(python)},
         {"name": "ours-fp32", "kind": "ours", "model": str(work / "steered-fp32"), "gate": 1},
@@ -124,6 +135,7 @@ def main() -> int:
         {"name": "genai-fp32", "kind": "genai", "model": str(work / "genai" / "fp32"), "python": str(python)},
     ]
     ratios = [["ours-int4", "genai-int4"], ["ours-fp32", "genai-fp32"], ["ours-int4", "ours-fp32"],
+              ["ours-int4-hqq", "genai-int4"], ["ours-int4-hqq-kernel", "ours-int4-hqq"],
               ["ours-int4", "ours-int4-off"], ["ours-fp32", "ours-fp32-off"], ["genai-int4", "genai-fp32"]]
     if not args.skip_optimum:
         export(target, pack, work / "steered-optimum-fp32")

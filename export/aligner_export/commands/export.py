@@ -10,8 +10,8 @@ from aligner_runtime.contract import (PACK_GATES, EndRule, EndRuleKey, Key, Mani
                                       gate_kind_named)
 from aligner_runtime.contract.pack import ModelInfoKey, PackKey, RecommendedKey
 from aligner_runtime.errors import AlignerError
-from aligner_runtime.contract.choices import (BIAS_RULES, DTYPES, EXPORTERS, QUANT_METHODS,
-                                             SHIFT_MODE_NAMES, STEER_IMPLS, WEIGHT_FORMATS)
+from aligner_runtime.contract.choices import (BIAS_RULES, DTYPES, EXPORTERS, GATE_PATH_BITS, QUANT_METHODS,
+                                             SHIFT_MODE_NAMES, STEER_IMPLS, WEIGHT_FORMATS, ZERO_POINTS)
 from aligner_runtime.signing import load_private_key
 
 from aligner_export.commands.sign import sign
@@ -61,9 +61,15 @@ def configure(parser) -> None:
                         "(default 32, as the onnxruntime-genai builder)")
     parser.add_argument("--accuracy-level", type=int, default=None, help="int8/int4: MatMulNBits accuracy_level "
                         "(default 4: int8 compute on CPU, as the builder; 0 keeps float compute)")
-    parser.add_argument("--quant-method", choices=QUANT_METHODS, default=None, help="int4: hqq (default; HQQ "
-                        "scales and zero points, no calibration data) or rtn (round to nearest, symmetric, as the "
-                        "onnxruntime-genai builder); int8 is always rtn")
+    parser.add_argument("--quant-method", choices=QUANT_METHODS, default=None, help="int4: rtn (default; round to "
+                        "nearest, symmetric, as the onnxruntime-genai builder) or hqq (HQQ scales and float zero "
+                        "points, no calibration data); int8 is always rtn")
+    parser.add_argument("--gate-path-bits", type=int, choices=GATE_PATH_BITS, default=None, help="int4: bits of the "
+                        "embedding and the MatMuls of layers 0..g* (what the gate reads); default 8 with rtn (the "
+                        "gate then decides as the float graph's), 4 with hqq")
+    parser.add_argument("--zero-points", choices=ZERO_POINTS, default=None, help="--quant-method hqq: "
+                        "exact (default; HQQ's float zero points through a correction beside each MatMul, slower) "
+                        "or kernel (folded into the kernel's integer zero points: no extra node, not exact)")
     parser.add_argument("--min-gate-agreement", type=float, default=0.99, help="int8/int4: least share of held-out "
                         "prompts on which the quantized gate must equal the float graph's (default 0.99)")
     parser.add_argument("--onnx", default=None, metavar="FILE", help="steer this ONNX LLM (exported elsewhere, e.g. "
@@ -196,9 +202,13 @@ def resolve_precision(args):
     dtype = dtype or "fp32"
     name = weights_name or dtype
     method = getattr(args, "quant_method", None)
-    if name in ("fp32", "fp16") and (args.block_size is not None or args.accuracy_level is not None or method):
-        raise AlignerError("--block-size, --accuracy-level and --quant-method apply to --weights int8|int4 only")
-    return dtype, weight_format(name, accuracy_level=args.accuracy_level, block_size=args.block_size, method=method)
+    zero_points, gate_path_bits = getattr(args, "zero_points", None), getattr(args, "gate_path_bits", None)
+    if name in ("fp32", "fp16") and (args.block_size is not None or args.accuracy_level is not None or method
+                                     or zero_points or gate_path_bits):
+        raise AlignerError("--block-size, --accuracy-level, --quant-method, --zero-points and --gate-path-bits "
+                           "apply to --weights int8|int4 only")
+    return dtype, weight_format(name, accuracy_level=args.accuracy_level, block_size=args.block_size, method=method,
+                                zero_points=zero_points, gate_path_bits=gate_path_bits)
 
 
 def _check_output(path: Path) -> None:

@@ -25,15 +25,20 @@ A tied embedding (the token-embedding ``Gather`` reads the same matrix as the LM
 from __future__ import annotations
 
 import warnings
+import logging
+import re
 from dataclasses import dataclass
 
 import numpy as np
+from onnx import helper, numpy_helper
 
 from aligner_runtime.contract import INPUT_IDS, LOGITS, STEER_PREFIX
 from aligner_runtime.errors import AlignerError
-from aligner_runtime.contract.choices import QUANT_METHODS, WEIGHT_FORMATS
+from aligner_runtime.contract.choices import GATE_PATH_BITS, QUANT_METHODS, WEIGHT_FORMATS, ZERO_POINTS
 
 MS_DOMAIN = "com.microsoft"
+_LAYER = re.compile(r"^/model/layers\.(\d+)/")
+_GATE = re.compile(r"^/model/layers\.(\d+)/steer/SteerGate(/|$)")
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,12 @@ class WeightFormat:
     block_size: int = 32
     accuracy_level: int = 4
     method: str = "rtn"  # rtn: round to nearest, symmetric; hqq: HQQ (asymmetric, float zero points)
+    # hqq: how its float zero points reach the kernel: "exact" (split_float_zero_points: the fast kernel plus a
+    # block-sum correction) or "kernel" (fold_float_zero_points: integer zero points, no extra node, not exact)
+    zero_points: str = "exact"
+    # int4: the bits of the MatMuls in the layers that feed the gate (0..g*, g* the deciding SteerGate's layer, read
+    # from the graph), which decide what the gate reads; None quantises them like the rest.
+    gate_path_bits: int | None = None
 
     @property
     def quantized(self) -> bool:
@@ -56,6 +67,8 @@ class WeightFormat:
             return {"format": self.name}
         return {"format": self.name, "op": "MatMulNBits", "bits": self.bits, "block_size": self.block_size,
                 "method": self.method, "accuracy_level": self.accuracy_level,
+                **({"zero_points": self.zero_points} if self.method == "hqq" else {}),
+                **({"gate_path_bits": self.gate_path_bits} if self.gate_path_bits else {}),
                 "quantizer": "onnxruntime.quantization.MatMulNBitsQuantizer"}
 
 
@@ -63,7 +76,13 @@ METHODS = QUANT_METHODS
 
 
 def weight_format(name: str, accuracy_level: int | None = None, block_size: int | None = None,
-                  method: str | None = None) -> WeightFormat:
+                  method: str | None = None, zero_points: str | None = None,
+                  gate_path_bits: int | None = None) -> WeightFormat:
+    """The weight format of ``--weights NAME`` and its options. int4 defaults (docs/performance.md, issue 20): round
+    to nearest, with the gate's path (the embedding and layers 0..g*) at 8 bits, so that the gate decides as the
+    float graph's does and every MatMul is one kernel call; ``--quant-method hqq`` keeps HQQ's float zero points
+    exactly (``exact``, a correction beside each MatMul: slower) or folds them into the kernel's integer ones
+    (``kernel``)."""
     if name not in WEIGHT_FORMATS:
         raise AlignerError(f"unknown weight format '{name}': use one of {', '.join(WEIGHT_FORMATS)}")
     bits = {"int4": 4, "int8": 8}.get(name)
@@ -75,19 +94,42 @@ def weight_format(name: str, accuracy_level: int | None = None, block_size: int 
         raise AlignerError(f"--quant-method must be one of {', '.join(METHODS)}")
     if method == "hqq" and bits != 4:
         raise AlignerError("--quant-method hqq is for --weights int4 (int8 rounds to nearest)")
-    return WeightFormat(name, bits, block_size or 32, 4 if accuracy_level is None else accuracy_level,
-                        method or ("hqq" if bits == 4 else "rtn"))
+    if zero_points is not None and (method != "hqq" or zero_points not in ZERO_POINTS):
+        raise AlignerError(f"--zero-points ({', '.join(ZERO_POINTS)}) goes with --quant-method hqq")
+    if gate_path_bits is not None and (bits != 4 or gate_path_bits not in GATE_PATH_BITS):
+        raise AlignerError(f"--gate-path-bits ({', '.join(map(str, GATE_PATH_BITS))}) is for --weights int4")
+    method = method or "rtn"
+    if gate_path_bits is None:
+        gate_path_bits = 8 if bits == 4 and method == "rtn" else None
+    return WeightFormat(name, bits, block_size or 32, 4 if accuracy_level is None else accuracy_level, method,
+                        zero_points or "exact", None if gate_path_bits == bits else gate_path_bits)
 
 
 def is_steering_node(name: str) -> bool:
     return name.startswith(STEER_PREFIX) or "/steer/" in name
 
 
+def gate_layer(model) -> int:
+    """The layer of the graph's deciding SteerGate (the last of a chain): ``/model/layers.{g}/steer/SteerGate``,
+    a node (function form) or the prefix of its inlined body."""
+    layers = [int(m.group(1)) for n in model.graph.node if (m := _GATE.match(n.name))]
+    if not layers:
+        raise AlignerError("the graph has no SteerGate: there is no gate path to keep at higher precision")
+    return max(layers)
+
+
+def gate_path_nodes(model, layers: int) -> list[str]:
+    """The MatMuls of decoder layers ``0..layers-1`` (``/model/layers.{l}/...``, the optimum and builder graphs'
+    names) with a constant weight: everything quantisable that computes the residuals a gate at layer
+    ``layers - 1`` reads."""
+    inits = _initializers(model.graph)
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not is_steering_node(n.name)
+            and len(n.input) > 1 and n.input[1] in inits and (m := _LAYER.match(n.name)) and int(m.group(1)) < layers]
+
+
 def quantize(model, fmt: WeightFormat):
     """Returns the ``onnx.ModelProto`` ``model`` with its MatMul weights in ``fmt`` (a quantized format)."""
-    import logging
-
-    from onnx import helper
+    # deferred: ONNX Runtime's quantizer (and the torch it loads for HQQ) only when an export quantises
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer)
 
@@ -97,13 +139,27 @@ def quantize(model, fmt: WeightFormat):
     rtn = DefaultWeightOnlyQuantConfig(block_size=fmt.block_size, is_symmetric=True,
                                        accuracy_level=fmt.accuracy_level, bits=fmt.bits)
     passes = [(rtn, excluded)]
+    path = []
+    if fmt.gate_path_bits and fmt.gate_path_bits != fmt.bits:
+        # First, the gate's path at its own bits (round to nearest, symmetric: int8's gates agreed with the float
+        # graph's on 134/134 held-out prompts on SmolLM2); the passes below find those nodes quantised and skip them.
+        path = gate_path_nodes(model, gate_layer(model) + 1)
+        wide = DefaultWeightOnlyQuantConfig(block_size=fmt.block_size, is_symmetric=True,
+                                            accuracy_level=fmt.accuracy_level, bits=fmt.gate_path_bits)
+        keep = set(path)
+        passes.insert(0, (wide, [n.name for n in model.graph.node if n.name not in keep]))
     if fmt.method == "hqq":
         # The LM head reads no residual the gate sees; it is rounded to nearest (symmetric, no zero points) so that
         # a tied embedding can share it (GatherBlockQuantized takes packed integer zero points only).
         producers = {o: n for n in model.graph.node for o in n.output}
         head = [n.name for n in model.graph.node if n.op_type == "MatMul" and
                 n.output[0] in _logits_producers(model.graph, producers)]
-        passes.insert(0, (HQQWeightOnlyQuantConfig(block_size=fmt.block_size, bits=fmt.bits), excluded + head))
+        passes.insert(len(passes) - 1, (HQQWeightOnlyQuantConfig(block_size=fmt.block_size, bits=fmt.bits),
+                                        excluded + head))
+    # The fold fits the integer zero points to the original float weights (HQQ's own reconstruction would add its
+    # error to the fold's); copies, since the quantizer replaces the initializers in place.
+    originals = _matmul_weights(model, excluded + head + path) if fmt.method == "hqq" and \
+        fmt.zero_points == "kernel" else None
     logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = logger.level
     logger.setLevel(logging.WARNING)
@@ -126,8 +182,14 @@ def quantize(model, fmt: WeightFormat):
                 node.attribute.append(helper.make_attribute("accuracy_level", fmt.accuracy_level))
     if count == 0:
         raise AlignerError("weight quantization found no MatMul with a constant weight to quantize")
-    split_float_zero_points(model)
-    tie_embedding(model, fmt)
+    if fmt.zero_points == "kernel":
+        fold_float_zero_points(model, originals)
+    else:
+        split_float_zero_points(model)
+    if path:
+        quantize_embedding(model, fmt.gate_path_bits, fmt.block_size)
+    else:
+        tie_embedding(model, fmt)
     return model
 
 
@@ -140,8 +202,6 @@ def split_float_zero_points(model) -> int:
 
     i.e. the block sums of ``x`` (a MatMul with a 0/1 matrix ``[K, K/block]``) times a small float matrix
     ``[K/block, N]``, added to the fast kernel's output. Returns the number of nodes rewritten."""
-    from onnx import helper, numpy_helper
-
     graph = model.graph
     inits = _initializers(graph)
     rewritten = 0
@@ -194,6 +254,94 @@ def split_float_zero_points(model) -> int:
     return rewritten
 
 
+def integer_zero_points(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int,
+                        iterations: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The closest form ``(q - z) s`` with an *integer* zero point ``z`` that the MatMulNBits kernel reads natively
+    (packed uint4/uint8 zero points: the same speed as none), for blocks ``w`` ``[rows, block]`` starting from a
+    float ``(scale, zero)`` per row (HQQ's). A float zero point cannot be folded exactly; per block this tries the
+    zero points either side of the float one and refits the scale by least squares for each (a few alternations of
+    rounding and refitting), keeping whichever leaves the smaller squared error. Returns ``q`` (uint8
+    ``[rows, block]``), the scales and the integer zero points (float32 / uint8 ``[rows]``)."""
+    top = 2.0 ** bits - 1
+    w = w.astype(np.float64)
+    best_q = best_s = best_z = best_err = None
+    for candidate in (np.floor(zero), np.ceil(zero)):
+        z = np.clip(candidate.astype(np.float64), 0, top)
+        s = scale.astype(np.float64).copy()
+        for _ in range(iterations):
+            safe = np.where(s == 0, 1.0, s)
+            q = np.clip(np.round(w / safe[:, None] + z[:, None]), 0, top)
+            d = q - z[:, None]
+            den = np.einsum("ij,ij->i", d, d)
+            s = np.where(den > 0, np.einsum("ij,ij->i", d, w) / np.where(den > 0, den, 1.0), s)
+        safe = np.where(s == 0, 1.0, s)
+        q = np.clip(np.round(w / safe[:, None] + z[:, None]), 0, top)
+        err = np.sum(((q - z[:, None]) * s[:, None] - w) ** 2, axis=1)
+        if best_err is None:
+            best_q, best_s, best_z, best_err = q, s, z, err
+        else:
+            better = err < best_err
+            best_q[better], best_s[better], best_z[better], best_err[better] = q[better], s[better], z[better], \
+                err[better]
+    return best_q.astype(np.uint8), best_s.astype(np.float32), best_z.astype(np.uint8)
+
+
+def _pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 values ``[..., 2m]`` -> MatMulNBits' packing (4 bits: two per byte, the even index in the low nibble)."""
+    if bits == 8:
+        return values.astype(np.uint8)
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+
+
+def fold_float_zero_points(model, originals: dict[str, np.ndarray] | None = None) -> int:
+    """Rewrites every MatMulNBits with float zero points (HQQ's) into one with packed integer zero points, the form
+    the CPU kernel reads at full speed, with no extra node (:func:`integer_zero_points`; the fit targets the
+    node's original float weight ``originals[name]`` ``[K, N]`` when given, else HQQ's own de-quantized weight).
+    Returns the number of nodes rewritten. Not exact: measured in docs/performance.md against
+    :func:`split_float_zero_points`, which is."""
+    graph = model.graph
+    inits = _initializers(graph)
+    folded = 0
+    for node in graph.node:
+        zero_name = node.input[3] if node.op_type == "MatMulNBits" and len(node.input) > 3 else ""
+        zero = inits.get(zero_name)
+        if zero is None or zero.data_type == 2:  # absent, or already packed uint8
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        n, k, bits, block = int(attrs["N"]), int(attrs["K"]), int(attrs["bits"]), int(attrs["block_size"])
+        blob = numpy_helper.to_array(inits[node.input[1]])
+        blocks = blob.shape[1]
+        scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32).reshape(n * blocks)
+        zeros = numpy_helper.to_array(zero).astype(np.float32).reshape(n * blocks)
+        original = (originals or {}).get(node.name.removesuffix(f"_Q{bits}"))
+        if original is not None:
+            target = np.zeros((n, blocks * block), np.float32)
+            target[:, :k] = original.T
+        else:
+            target = dequantize_blocks(blob, scales, bits, blocks * block, zeros)
+        q, s, z = integer_zero_points(target.reshape(n * blocks, block), scales, zeros, bits)
+        new_blob = _pack(q.reshape(n, blocks, block), bits)
+        z = z.reshape(n, blocks)
+        if bits == 4 and blocks % 2:
+            z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
+        packed_zero = _pack(z, bits).reshape(-1)
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(new_blob, node.input[1]))
+        old_scales = numpy_helper.to_array(inits[node.input[2]])
+        inits[node.input[2]].CopyFrom(numpy_helper.from_array(s.astype(old_scales.dtype).reshape(old_scales.shape),
+                                                              node.input[2]))
+        zero.CopyFrom(numpy_helper.from_array(packed_zero, zero_name))
+        folded += 1
+    return folded
+
+
+def _matmul_weights(model, excluded) -> dict[str, np.ndarray]:
+    """``{MatMul node name: its constant weight [K, N]}`` of the MatMuls the quantizer may take."""
+    inits = _initializers(model.graph)
+    skip = set(excluded)
+    return {n.name: numpy_helper.to_array(inits[n.input[1]]).copy() for n in model.graph.node
+            if n.op_type == "MatMul" and n.name not in skip and len(n.input) > 1 and n.input[1] in inits}
+
+
 def _initializers(graph) -> dict:
     return {i.name: i for i in graph.initializer}
 
@@ -201,8 +349,6 @@ def _initializers(graph) -> dict:
 def tie_embedding(model, fmt: WeightFormat) -> bool:
     """When the token-embedding Gather reads the LM head's matrix (tied weights), it reads the quantized LM head
     instead through ``GatherBlockQuantized``; the float matrix leaves the file. Returns whether it did."""
-    from onnx import helper, numpy_helper
-
     graph = model.graph
     inits = _initializers(graph)
     producers = {o: n for n in graph.node for o in n.output}
@@ -259,6 +405,54 @@ def tie_embedding(model, fmt: WeightFormat) -> bool:
     return True
 
 
+def quantize_embedding(model, bits: int, block_size: int) -> bool:
+    """The token embedding (the ``Gather`` of ``input_ids`` over a float matrix, directly or through a
+    ``Transpose`` of the LM head's, as the builder ties them) as its own ``GatherBlockQuantized`` at ``bits`` (8:
+    uint8 round to nearest, symmetric, blocks of ``block_size`` along the hidden axis, the kernel's default zero
+    point 128). For a gate path kept at 8 bits: the embedding is the first thing the gate reads, and the int4 LM
+    head it would otherwise share moves the gate (measured: docs/performance.md). Returns whether it did."""
+    if bits != 8:
+        raise AlignerError(f"the embedding is kept at 8 bits or shared with the LM head, not {bits}")
+    graph = model.graph
+    inits = _initializers(graph)
+    producers = {o: n for n in graph.node for o in n.output}
+    gather = next((n for n in graph.node if n.op_type == "Gather" and len(n.input) == 2
+                   and n.input[1] == INPUT_IDS), None)
+    if gather is None:
+        return False
+    source, transpose = gather.input[0], producers.get(gather.input[0])
+    if transpose is not None:
+        if transpose.op_type != "Transpose":
+            return False
+        source = transpose.input[0]
+    if source not in inits:
+        return False
+    embed = numpy_helper.to_array(inits[source]).astype(np.float32)
+    rows = embed if transpose is None else embed.T
+    vocab, hidden = rows.shape
+    if hidden % block_size:
+        return False
+    blocks = rows.reshape(vocab, hidden // block_size, block_size)
+    scales = np.abs(blocks).max(axis=-1) / 127.0
+    safe = np.where(scales == 0, 1.0, scales)
+    data = (np.clip(np.round(blocks / safe[..., None]), -127, 127) + 128).astype(np.uint8).reshape(vocab, hidden)
+    name = gather.name + "/GatherBlockQuantized"
+    data_name, scales_name = source + "/embedding_q8", source + "/embedding_q8_scales"
+    graph.initializer.extend([numpy_helper.from_array(data, data_name),
+                              numpy_helper.from_array(scales.astype(np.float32), scales_name)])
+    quantized = helper.make_node("GatherBlockQuantized", [data_name, gather.input[1], scales_name],
+                                 list(gather.output), name=name, domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
+                                 block_size=block_size, bits=bits)
+    index = list(graph.node).index(gather)
+    graph.node.remove(gather)
+    graph.node.insert(index, quantized)
+    if transpose is not None and not any(transpose.output[0] in n.input for n in graph.node):
+        graph.node.remove(transpose)
+    if not any(source in n.input for n in graph.node):
+        graph.initializer.remove(inits[source])
+    return True
+
+
 def _logits_producers(graph, producers) -> set[str]:
     """Outputs feeding ``logits`` through shape-only ops (an optional Reshape/Cast after the head)."""
     found = set()
@@ -309,8 +503,6 @@ def _is_tied(embed_rows: np.ndarray, blob, scales, fmt: WeightFormat, k: int) ->
 def relative_weight_error(reference, quantized) -> float:
     """``||W_q - W|| / ||W||`` over every quantized MatMul weight (Frobenius, all matrices together): the error the
     quantizer injects, from which the logit tolerance is derived (docs/performance.md)."""
-    from onnx import helper, numpy_helper
-
     ref = _initializers(reference.graph)
     q = _initializers(quantized.graph)
     ref_weights = {n.name: n.input[1] for n in reference.graph.node if n.op_type == "MatMul" and n.input[1] in ref}

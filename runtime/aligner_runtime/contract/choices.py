@@ -8,6 +8,8 @@ DTYPES = ("fp32", "fp16")  # activation precision of the graph
 STEER_IMPLS = ("function", "inline")  # steering ops as ONNX functions, or their bodies inlined
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 QUANT_METHODS = ("rtn", "hqq")  # int4 weight quantisation
+ZERO_POINTS = ("exact", "kernel")  # --quant-method hqq: float zero points corrected exactly, or folded into the kernel's uint4
+GATE_PATH_BITS = (4, 8)  # int4: bits of the MatMuls (and embedding) that feed the gate
 EXPORTERS = ("auto", "optimum", "torch", "genai")
 BIAS_RULES = ("paper", "fpr")  # how calibration places the paper gate's bias
 # The gate kinds a pack and --gate name (PACK_GATES) and the rules a gate may record (GATE_RULES) follow from the
