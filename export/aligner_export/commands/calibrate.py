@@ -15,6 +15,9 @@ from aligner_runtime.prompts import load_prompts, load_templates
 from aligner_export import corpus
 from aligner_export.gate import THRESHOLD_RULES
 from aligner_export.hf import zoo
+from aligner_export.hf.calibrate import MIN_PROMPTS, calibrate
+from aligner_export.hf.families import family_for
+from aligner_export.hf.modeling import check_model_dir, load_config
 from aligner_export.pack import save_pack
 
 
@@ -58,9 +61,6 @@ def configure(parser) -> None:
 
 
 def _sets(args):
-    # deferred: calibration's own module (its model runs need the export extra); the parser runs in a device install
-    from aligner_export.hf.calibrate import MIN_PROMPTS
-
     wrapped = check_count(corpus.WRAPPED_DEFAULT if args.wrapped is None else args.wrapped, "--wrapped", 0, 100_000)
     rewrites = check_count(corpus.REWRITES_DEFAULT if args.rewrites is None else args.rewrites, "--rewrites", 0,
                            100_000)
@@ -97,11 +97,6 @@ def run(args) -> int:
     check_count(args.batch_size, "--batch-size", 1, 1024)
     if args.threads is not None:
         check_count(args.threads, "--threads", 1, max_threads())
-    # deferred: the model families and loaders (transformers, the export extra); the parser runs in a device install
-    from aligner_export.hf.families import family_for
-    # deferred: as above
-    from aligner_export.hf.modeling import check_model_dir, load_config
-
     for path in filter(None, (args.target, args.aligned)):  # an unusable model fails before any prompt is read
         check_model_dir(path)
         family_for(load_config(path))
@@ -109,8 +104,6 @@ def run(args) -> int:
 
     # deferred: torch, only once the arguments, the models' directories and the prompts have been checked
     import torch
-    # deferred: calibration itself (torch, tqdm, scikit-learn: the export extra)
-    from aligner_export.hf.calibrate import calibrate
 
     if args.threads:
         torch.set_num_threads(args.threads)

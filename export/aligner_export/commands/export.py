@@ -15,6 +15,8 @@ from aligner_runtime.contract.choices import (BIAS_RULES, DTYPES, EXPORTERS, GAT
 from aligner_runtime.signing import load_private_key
 
 from aligner_export.commands.sign import sign
+from aligner_export.hf.families import family_for
+from aligner_export.hf.modeling import fingerprint, load_config, load_model, model_dims
 from aligner_export.pack import load_pack
 
 
@@ -219,11 +221,6 @@ def _check_output(path: Path) -> None:
 
 
 def run(args) -> int:
-    # deferred: the model families and loaders (transformers, the export extra); the parser runs in a device install
-    from aligner_export.hf.families import family_for
-    # deferred: as above
-    from aligner_export.hf.modeling import fingerprint, load_config, load_model, model_dims
-
     target, out_dir = Path(args.target), Path(args.output)
     _check_output(out_dir)
     if args.sign:

@@ -149,8 +149,8 @@ def to_inputs_embeds(ir_model, hidden_size: int) -> None:
         source = node.inputs[0]
         graph.remove(node, safe=True)
     if ids.uses():
-        raise AlignerError("the language model graph uses input_ids beyond the token embedding; cannot feed "
-                           "inputs_embeds")
+        raise AlignerError(f"the language model graph uses {INPUT_IDS} beyond the token embedding; cannot feed "
+                           f"{INPUTS_EMBEDS}")
     graph.inputs[inputs.index(INPUT_IDS)] = new
     if weight is not None and not weight.uses() and weight.name in graph.initializers:
         del graph.initializers[weight.name]
