@@ -21,7 +21,8 @@ from aligner_runtime.contract import (GATE_KINDS as GATE_KIND_REGISTRY, SITE, En
 from aligner_runtime.contract.pack import LayerStatsKey, PackKey, RecommendedKey
 from aligner_runtime.errors import AlignerError, atomic_path
 from aligner_runtime.contract import PACK_GATES
-from aligner_runtime.contract.choices import BIAS_RULES, DEFAULT_SHIFT_MODE, PACK_MODES, SHIFT_MODE_NAMES
+from aligner_runtime.contract.choices import (ALPHA_PROFILES, BIAS_RULES, DEFAULT_SHIFT_MODE, PACK_MODES,
+                                             SHIFT_MODE_NAMES)
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -114,14 +115,39 @@ class SteeringPack:
         """The recommended SteerShift mode ("add" for packs made before issue 17, which record none)."""
         return self.recommended.get(RecommendedKey.SHIFT_MODE, DEFAULT_SHIFT_MODE)
 
+    @property
+    def alpha_profile(self) -> str:
+        """The recommended strength per layer ("flat" for packs made before issue 17, which record none)."""
+        return self.recommended.get(RecommendedKey.ALPHA_PROFILE, "flat")
+
+    def alphas(self, steer_layers, alpha: float, profile: str = "flat") -> dict[int, float]:
+        """α_l of each steered layer (docs/calibration.md "Per-layer strengths"): ``flat``, every layer ``alpha``;
+        ``norm``, ``alpha · ‖h_l‖ / mean_block ‖h‖`` with ``‖h_l‖`` the calibration's mean residual norm at layer l
+        (the pack's ``per_layer``), so that the block's accumulated shift stays that of ``alpha`` on every layer."""
+        layers = [int(l) for l in steer_layers]
+        if profile == "flat":
+            return {l: float(alpha) for l in layers}
+        if profile != "norm":
+            raise AlignerError(f"unknown alpha profile {profile!r} (choose from {', '.join(ALPHA_PROFILES)})")
+        norms = [self.layer_stats(l).get(LayerStatsKey.RESIDUAL_NORM) for l in layers]
+        if any(n is None for n in norms):
+            raise AlignerError("this pack records no residual norms per layer (made before issue 17): "
+                               "--alpha-profile norm needs a pack from a newer 'aligner-export calibrate'")
+        mean = float(np.mean(norms))
+        if not mean > 0:
+            raise AlignerError("the pack's residual norms over the steered block are all zero: no norm profile")
+        return {l: float(alpha) * float(n) / mean for l, n in zip(layers, norms)}
+
     def steer_config(self, steer_layers, alpha: float, gate: GateConfig, steer_impl: str = "function",
-                     shift_mode: str | None = None) -> SteerConfig:
-        """``gate`` and the vectors ``alpha * theta_l`` of the steered layers, shifted in ``shift_mode`` (default:
-        the pack's recommendation); checked (:meth:`SteerConfig.check`) against the pack's model."""
+                     shift_mode: str | None = None, alphas: dict[int, float] | None = None) -> SteerConfig:
+        """``gate`` and the vectors ``α_l * theta_l`` of the steered layers (``alphas``, default ``alpha`` on every
+        layer), shifted in ``shift_mode`` (default: the pack's recommendation); checked
+        (:meth:`SteerConfig.check`) against the pack's model."""
         bad = [l for l in steer_layers if not 0 <= int(l) < self.num_layers]
         if bad:
             raise AlignerError(f"steered layer {bad[0]} out of range; the model has layers 0-{self.num_layers - 1}")
-        vectors = {int(l): np.float32(alpha) * self.aligned_srv[int(l)] for l in steer_layers}
+        alphas = {int(l): float(alpha) for l in steer_layers} if alphas is None else alphas
+        vectors = {int(l): np.float32(alphas[int(l)]) * self.aligned_srv[int(l)] for l in steer_layers}
         config = SteerConfig(gate=gate, vectors=vectors, steer_impl=steer_impl,
                              shift_mode=self.shift_mode if shift_mode is None else shift_mode)
         try:
@@ -142,7 +168,8 @@ class SteeringPack:
         else:
             gate = self.paper_gate(manifest.gate_layer, manifest.gate_rule)
         return self.steer_config(manifest.steer_layers, manifest.alpha, gate,
-                                 steer_impl=manifest.steer_impl or "function", shift_mode=manifest.shift_mode)
+                                 steer_impl=manifest.steer_impl or "function", shift_mode=manifest.shift_mode,
+                                 alphas=manifest.alphas())
 
     def tensors(self) -> dict[str, np.ndarray]:
         tensors = {"target.srv": self.target_srv, "target.mean_harmful": self.target_mean_harmful,
@@ -203,6 +230,7 @@ def check_meta(meta, layers: int, hidden: int, gate_rows: int | None, where: str
         schema.field(stats, LayerStatsKey.LAYER, "int", here, lo=i, hi=i)
         for rule in BIAS_RULES:
             schema.field(stats, LayerStatsKey.bias(rule), "float", here)
+        schema.field(stats, LayerStatsKey.RESIDUAL_NORM, "float", here, default=None, lo=0.0)
     rec = schema.field(meta, PackKey.RECOMMENDED, "dict", where)
     here = f"{where}: recommended"
     schema.field(rec, RecommendedKey.GATE_LAYER, "int", here, lo=0, hi=layers - 1)
@@ -213,6 +241,7 @@ def check_meta(meta, layers: int, hidden: int, gate_rows: int | None, where: str
     kind = gate_kind_named(schema.field(rec, RecommendedKey.GATE, "str", here, default="paper", choices=GATE_KINDS))
     schema.field(rec, RecommendedKey.SSV, "str", here, default="prompt", choices=("prompt", "response"))
     schema.field(rec, RecommendedKey.SHIFT_MODE, "str", here, default=DEFAULT_SHIFT_MODE, choices=SHIFT_MODE_NAMES)
+    schema.field(rec, RecommendedKey.ALPHA_PROFILE, "str", here, default="flat", choices=ALPHA_PROFILES)
     end_rule = schema.field(rec, RecommendedKey.END_RULE, "dict", here, default=None)
     if end_rule is not None:  # packs made before issue 17 have none
         try:

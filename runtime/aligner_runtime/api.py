@@ -256,23 +256,24 @@ class Aligner:
         return SamplingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                               top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stops).validate(vocab)
 
-    def step_model(self, strength: StrengthSchedule | None = None) -> StepModel:
+    def step_model(self, strength: StrengthSchedule | None = None, end_rule: EndRule | None = None) -> StepModel:
         """The loaded graph as the generation loop sees it (pad token, two-pass rule, context, embedding graph,
         strength schedule and end rule of the export): what :meth:`generate` runs on, and what the serving scheduler
         (``aligner_runtime.serving.scheduler.Scheduler.for_aligner``) is built on. ``strength`` replaces the
-        export's schedule (the evaluation's forced-open sweep)."""
+        export's schedule and ``end_rule`` its end rule (the evaluation's forced-open sweep)."""
         encoder = self.image_encoder
         if strength is None:
             strength = StrengthSchedule.from_manifest(self.manifest.get(Key.STRENGTH))
         return StepModel(self._backend, pad_token_id=self.tokenizer.pad_token_id, two_pass=self.export.two_pass,
                          context_length=self.context_length, strength=strength,
-                         end_rule=EndRule.from_manifest(self.manifest.get(Key.END_RULE)),
+                         end_rule=EndRule.from_manifest(self.manifest.get(Key.END_RULE)) if end_rule is None
+                         else end_rule,
                          end_token_ids=self.stop_token_ids, embedder=encoder.embed if encoder is not None else None)
 
     def _run(self, prompt_ids: Sequence[Sequence[int]], config: SamplingConfig,
              gate_override: float | None = None, compact: bool = True, prompt_embeds=None,
-             strength: StrengthSchedule | None = None) -> GenerationRun:
-        return GenerationRun.of(self.step_model(strength), prompt_ids, config, _gate_override=gate_override,
+             strength: StrengthSchedule | None = None, end_rule: EndRule | None = None) -> GenerationRun:
+        return GenerationRun.of(self.step_model(strength, end_rule), prompt_ids, config, _gate_override=gate_override,
                                 compact=compact, prompt_embeds=prompt_embeds)
 
     def _results(self, run: GenerationRun, seconds: float) -> list[GenerationResult]:
@@ -310,7 +311,8 @@ class Aligner:
 
     def _generate_ids(self, prompt_ids, config: SamplingConfig, batch_size: int,
                       gate_override: float | None, compact: bool = True, images=None,
-                      strength: StrengthSchedule | None = None) -> list[GenerationResult]:
+                      strength: StrengthSchedule | None = None,
+                      end_rule: EndRule | None = None) -> list[GenerationResult]:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise AlignerError(f"batch_size must be a positive integer, got {batch_size!r}")
         results: list[GenerationResult] = []
@@ -319,14 +321,15 @@ class Aligner:
             chunk = prompt_ids[first:first + batch_size]
             embeds = [self.prompt_embeds(ids, imgs) for ids, imgs in zip(chunk, images[first:first + batch_size])]
             run = self._run(chunk, config, gate_override, compact,
-                            prompt_embeds=embeds if any(e is not None for e in embeds) else None, strength=strength)
+                            prompt_embeds=embeds if any(e is not None for e in embeds) else None, strength=strength,
+                            end_rule=end_rule)
             start = time.perf_counter()
             run.run()
             results.extend(self._results(run, time.perf_counter() - start))
         return results
 
     def _generate(self, prompts, *, system=None, batch_size=1, gate_override=None, compact=True, images=None,
-                  strength: StrengthSchedule | None = None, **sampling):
+                  strength: StrengthSchedule | None = None, end_rule: EndRule | None = None, **sampling):
         single = isinstance(prompts, str)
         prompt_list = [prompts] if single else list(prompts)
         if not prompt_list:
@@ -345,7 +348,7 @@ class Aligner:
                 per_prompt = [self.image_encoder.load(image_sources(imgs)) or None for imgs in per_prompt]
         ids = [self.encode(p, system=system, images=imgs) for p, imgs in zip(prompt_list, per_prompt)]
         results = self._generate_ids(ids, config, batch_size, gate_override, compact, images=per_prompt,
-                                     strength=strength)
+                                     strength=strength, end_rule=end_rule)
         return results[0] if single else results
 
     def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int = 128, do_sample: bool = False,

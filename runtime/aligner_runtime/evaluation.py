@@ -31,11 +31,11 @@ class UnsteeredComparison:
         """The same generation with the gate forced to 0: the model as if it had no steering nodes."""
         return self.aligner._generate(list(prompts), gate_override=0.0, compact=False, **options)
 
-    def forced_open(self, prompts: Sequence[str], strength: float = 1.0, schedule=None,
+    def forced_open(self, prompts: Sequence[str], strength: float = 1.0, schedule=None, end_rule=None,
                     **options) -> list[GenerationResult]:
         """The same generation with the gate forced open on every row: how the steering itself answers, whatever the
         gate would decide (the steering sweep's and the refusal-quality figures). ``strength`` scales every
-        steering vector (α × strength); ``schedule`` (a :class:`~aligner_runtime.contract.StrengthSchedule`)
-        replaces the export's own."""
+        steering vector (α × strength); ``schedule`` (a :class:`~aligner_runtime.contract.StrengthSchedule`) and
+        ``end_rule`` (an :class:`~aligner_runtime.contract.EndRule`) replace the export's own."""
         return self.aligner._generate(list(prompts), gate_override=float(strength), compact=False, strength=schedule,
-                                      **options)
+                                      end_rule=end_rule, **options)

@@ -10,8 +10,9 @@ from aligner_runtime.contract import (PACK_GATES, EndRule, EndRuleKey, Key, Mani
                                       gate_kind_named)
 from aligner_runtime.contract.pack import ModelInfoKey, PackKey, RecommendedKey
 from aligner_runtime.errors import AlignerError
-from aligner_runtime.contract.choices import (BIAS_RULES, DTYPES, EXPORTERS, GATE_PATH_BITS, QUANT_METHODS,
-                                             SHIFT_MODE_NAMES, STEER_IMPLS, WEIGHT_FORMATS, ZERO_POINTS)
+from aligner_runtime.contract.choices import (ALPHA_PROFILES, BIAS_RULES, DTYPES, EXPORTERS, GATE_PATH_BITS,
+                                             QUANT_METHODS, SHIFT_MODE_NAMES, STEER_IMPLS, WEIGHT_FORMATS,
+                                             ZERO_POINTS)
 from aligner_runtime.signing import load_private_key
 
 from aligner_export.commands.sign import sign
@@ -51,6 +52,10 @@ def configure(parser) -> None:
                         help="how SteerShift applies the vectors: add (h + gate·v, the paper's) or norm (the sum "
                              "rescaled to the norm of h before the shift); default: the pack's recommendation, add "
                              "for packs that record none")
+    parser.add_argument("--alpha-profile", choices=ALPHA_PROFILES, default=None,
+                        help="strength per steered layer: flat (alpha on every layer) or norm (alpha scaled by "
+                             "each layer's mean residual norm over the block's mean; the same accumulated shift); "
+                             "default: the pack's recommendation, flat for packs that record none")
     parser.add_argument("--steer-impl", choices=STEER_IMPLS, default="function",
                         help="steering ops as ONNX model-local functions (default) or as plain inlined ops")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="activation precision of the graph "
@@ -147,8 +152,9 @@ def resolve_options(args, pack, num_layers: int):
                 raise AlignerError(f"--gate-layer: the paper gate reads one layer, got '{args.gate_layer}'")
             gate_layer = layers[0]
         gate = pack.gate(kind.pack_name, gate_layer, args.bias_rule or rec[RecommendedKey.BIAS_RULE])
+    alphas = pack.alphas(steer_layers, alpha, args.alpha_profile or pack.alpha_profile)
     steering = pack.steer_config(steer_layers, alpha, gate, steer_impl=args.steer_impl,
-                                 shift_mode=args.shift_mode)
+                                 shift_mode=args.shift_mode, alphas=alphas)
     dtype, weights = resolve_precision(args)
     if not 0.0 <= args.min_gate_agreement <= 1.0:
         raise AlignerError(f"--min-gate-agreement must be in [0, 1], got {args.min_gate_agreement}")
@@ -162,10 +168,17 @@ def resolve_options(args, pack, num_layers: int):
         if not 0.0 <= floor <= 1.0:
             raise AlignerError(f"--strength-floor must be in [0, 1], got {floor:g}")
         strength = StrengthSchedule(half_life=float(args.half_life), floor=float(floor))
-    return ExportOptions(end_rule=resolve_end_rule(args, rec), steering=steering, alpha=alpha, bias_rule=gate.rule, dtype=dtype,
+    return ExportOptions(end_rule=resolve_end_rule(args, rec), steering=steering, alpha=alpha, alphas=alphas, bias_rule=gate.rule, dtype=dtype,
                          validate=not args.no_validate, onnx_file=Path(args.onnx) if args.onnx else None,
                          exporter=args.exporter, weights=weights, gate_agreement=args.min_gate_agreement,
                          genai_python=args.genai_python, strength=strength)
+
+
+def _per_layer_text(facts) -> str:
+    if not facts.alpha_per_layer:
+        return ""
+    values = facts.alpha_per_layer.values()
+    return f" (per layer {min(values):.3g}-{max(values):.3g})"
 
 
 def resolve_end_rule(args, rec: dict):
@@ -255,7 +268,7 @@ def run(args) -> int:
     manifest = export_steered(target, pack, Path(args.pack), out_dir, options, model, tokenizer, digest)
     facts = Manifest.from_json(manifest, str(out_dir))
     print(f"wrote {out_dir}: steer_layers {list(facts.steer_layers)}, gate layers {list(facts.gate_layers)}, "
-          f"alpha {facts.alpha:g}, bias {facts.bias:.4g} ({facts.gate_rule}), shift {facts.shift_mode}, "
+          f"alpha {facts.alpha:g}{_per_layer_text(facts)}, bias {facts.bias:.4g} ({facts.gate_rule}), shift {facts.shift_mode}, "
           f"{facts.steer_impl}, {facts.dtype}, weights {manifest[Key.WEIGHTS]['format']}")
     if args.sign:
         print(sign(out_dir, Path(args.sign)))

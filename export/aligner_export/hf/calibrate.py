@@ -472,7 +472,8 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
                           LayerStatsKey.bias("fpr"): b_fpr, LayerStatsKey.VAL_TPR: val_tpr,
                           LayerStatsKey.VAL_FPR: val_fpr, "val_tpr_paper": tpr_paper, "val_fpr_paper": fpr_paper,
                           LayerStatsKey.val_accuracy("paper"): t_acc, LayerStatsKey.val_accuracy("fpr"): acc_fpr,
-                          LayerStatsKey.MARGIN: margin, "residual_norm": float(residual_norm[layer])})
+                          LayerStatsKey.MARGIN: margin,
+                          LayerStatsKey.RESIDUAL_NORM: float(residual_norm[layer])})
         gate_scores[layer] = (proj_h, proj_b)
 
     recommended = recommend(per_layer, residual_norm)

@@ -80,6 +80,7 @@ class ExportOptions:
     genai_python: str | None = None  # --exporter genai: the python of the builder's venv
     strength: object = None  # aligner_runtime.contract.StrengthSchedule; None: the paper's constant shift
     end_rule: object = None  # aligner_runtime.contract.EndRule; None or inactive: no end rule in the manifest
+    alphas: dict | None = None  # α_l per steered layer (--alpha-profile); None: ``alpha`` on every layer
 
 
 def probe_batch(tokenizer):
@@ -182,7 +183,7 @@ def steered_manifest(target: Path, pack, pack_path: Path, options: ExportOptions
     strength = options.strength.manifest() if options.strength is not None else None
     end_rule = options.end_rule.manifest() if options.end_rule is not None else None
     return {
-        **steering_record(config, options.alpha), Key.PACKAGE_VERSION: __version__,
+        **steering_record(config, options.alpha, options.alphas), Key.PACKAGE_VERSION: __version__,
         Key.PACK_SHA256: file_sha256(pack_path), Key.PACK_MODE: pack.mode, Key.TARGET_FINGERPRINT: fingerprint,
         Key.DTYPE: options.dtype, Key.OPSET: default_opset(ir_model), Key.SITE: SITE, Key.EXPORTER: exporter,
         Key.CHAT_TEMPLATE_SHA256: template_sha, Key.CHAT_TEMPLATE_FALLBACK: fallback,

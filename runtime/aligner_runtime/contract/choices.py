@@ -18,6 +18,7 @@ PACK_MODES = ("cross-model", "self")
 # SteerShift's modes (docs/contract.md "Operators"): "add" is version 1 (the paper's h + gate·v), "norm" version 2
 # (the shifted state rescaled to the norm it had before the shift). The registry in .steering maps them to versions.
 SHIFT_MODE_NAMES = ("add", "norm")
+ALPHA_PROFILES = ("flat", "norm")  # α_l per steered layer: every layer α, or α scaled by the layer's residual norm
 DEFAULT_SHIFT_MODE = "add"  # what an export or pack that records no mode was made with
 
 # --- what a runtime offers ------------------------------------------------------------------------------------------

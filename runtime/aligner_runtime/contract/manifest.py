@@ -8,7 +8,7 @@ step."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field as dc_field
-from typing import Any
+from typing import Any, Mapping
 
 from .. import schema
 from ..errors import AlignerError
@@ -39,6 +39,9 @@ class Key:
     STEER_LAYERS = "steer_layers"
     GATE_LAYER = "gate_layer"
     ALPHA = "alpha"
+    # α_l of each steered layer, {"<layer>": α_l}, when they differ (issue 17: ``--alpha-profile norm``); absent:
+    # every steered layer has ``alpha``
+    ALPHA_PER_LAYER = "alpha_per_layer"
     BIAS = "bias"
     BIAS_RULE = "bias_rule"
     STEER_IMPL = "steer_impl"
@@ -111,7 +114,7 @@ GATE_DUPLICATES = (Key.GATE_LAYER, Key.BIAS, Key.BIAS_RULE)
 KEY_FACTS = (Key.FORMAT_VERSION, Key.PACK_SHA256, Key.TARGET_FINGERPRINT, Key.STEER_LAYERS, Key.GATE_LAYER, Key.ALPHA,
              Key.BIAS, Key.BIAS_RULE, Key.STEER_IMPL, Key.DTYPE, Key.SITE, Key.CHAT_TEMPLATE_SHA256, Key.NUM_LAYERS,
              Key.HIDDEN_SIZE, Key.MULTIMODAL, Key.GATE, Key.TWO_PASS_PREFILL, Key.STEERING_IO, Key.STRENGTH,
-             Key.END_RULE, Key.EOS_TOKEN_IDS, Key.CONTEXT_LENGTH, Key.SHIFT_MODE)
+             Key.END_RULE, Key.EOS_TOKEN_IDS, Key.CONTEXT_LENGTH, Key.SHIFT_MODE, Key.ALPHA_PER_LAYER)
 # Facts that also go into metadata_props beyond KEY_FACTS: enough to inspect a bare .onnx file.
 METADATA_EXTRA = (Key.PACKAGE_VERSION, Key.OPSET, Key.VALIDATION, Key.EXPORTER, Key.PACK_MODE)
 # Without these the runtime cannot know where the graph steers: their absence counts as "unsteered" (formats 1, 2;
@@ -142,13 +145,30 @@ def steering_declared(manifest: dict) -> bool:
     return all(k in manifest for k in steering_facts(manifest.get(Key.FORMAT_VERSION)))
 
 
-def steering_record(config: SteerConfig, alpha: float) -> dict:
+def steering_record(config: SteerConfig, alpha: float, alphas: Mapping[int, float] | None = None) -> dict:
     """The steering part of a format-:data:`FORMAT_VERSION` manifest, from the one configuration object: the format,
-    the steered layers, α, the shift, the gate (its layers, bias and rule recorded once, in ``gate``), the two-pass
-    rule and the steering I/O names. The exporter adds the model's, the files' and the validation's facts."""
-    return {Key.FORMAT_VERSION: FORMAT_VERSION, Key.STEER_LAYERS: config.steer_layers, Key.ALPHA: float(alpha),
-            Key.STEER_IMPL: config.steer_impl, Key.SHIFT_MODE: config.shift_mode, Key.GATE: config.gate.manifest(),
-            Key.TWO_PASS_PREFILL: config.two_pass, Key.STEERING_IO: dict(STEERING_IO)}
+    the steered layers, α (and ``alphas``, each steered layer's α_l, when they are not all α), the shift, the gate
+    (its layers, bias and rule recorded once, in ``gate``), the two-pass rule and the steering I/O names. The
+    exporter adds the model's, the files' and the validation's facts."""
+    record = {Key.FORMAT_VERSION: FORMAT_VERSION, Key.STEER_LAYERS: config.steer_layers, Key.ALPHA: float(alpha),
+              Key.STEER_IMPL: config.steer_impl, Key.SHIFT_MODE: config.shift_mode, Key.GATE: config.gate.manifest(),
+              Key.TWO_PASS_PREFILL: config.two_pass, Key.STEERING_IO: dict(STEERING_IO)}
+    if alphas is not None and any(float(a) != float(alpha) for a in alphas.values()):
+        record[Key.ALPHA_PER_LAYER] = {str(int(l)): float(a) for l, a in sorted(alphas.items())}
+    return record
+
+
+def _alpha_per_layer(manifest: dict, where: str) -> None:
+    """``alpha_per_layer``: one finite α_l > 0 per steered layer, keyed by the layer's decimal number."""
+    value = schema.field(manifest, Key.ALPHA_PER_LAYER, "dict", where, default=None)
+    if value is None:
+        return
+    steered = {str(l) for l in manifest.get(Key.STEER_LAYERS) or ()}
+    if set(value) != steered:
+        raise AlignerError(f"{where}: '{Key.ALPHA_PER_LAYER}' must name exactly the steered layers "
+                           f"{sorted(int(l) for l in steered)}, it names {sorted(value)[:8]}")
+    for layer in value:
+        schema.field(value, layer, "float", f"{where}: {Key.ALPHA_PER_LAYER}", lo=0.0)
 
 
 def manifest_gate_layers(manifest: dict) -> list[int]:
@@ -240,6 +260,7 @@ def check_manifest(manifest, where: str) -> dict:
         _layers(manifest, Key.STEER_LAYERS, where, num_layers)
     schema.field(manifest, Key.GATE_LAYER, "int", where, default=None, lo=0, hi=num_layers - 1)
     schema.field(manifest, Key.ALPHA, "float", where, default=None, lo=0.0)
+    _alpha_per_layer(manifest, where)
     schema.field(manifest, Key.BIAS, "float", where, default=None)
     for key in (Key.BIAS_RULE, Key.PACKAGE_VERSION, Key.TARGET_FINGERPRINT, Key.EXPORTER, Key.PACK_MODE):
         schema.field(manifest, key, "str", where, default=None)
@@ -338,6 +359,7 @@ class Manifest:
     two_pass: bool
     end_rule: EndRule = EndRule()
     shift_mode: str = DEFAULT_SHIFT_MODE
+    alpha_per_layer: dict[int, float] | None = None  # None: every steered layer has ``alpha``
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> "Manifest":
@@ -355,7 +377,13 @@ class Manifest:
                    eos_token_ids=tuple(raw.get(Key.EOS_TOKEN_IDS) or ()), context_length=raw.get(Key.CONTEXT_LENGTH),
                    strength=StrengthSchedule.from_manifest(raw.get(Key.STRENGTH)), two_pass=bool(two_pass),
                    end_rule=EndRule.from_manifest(raw.get(Key.END_RULE)),
-                   shift_mode=raw.get(Key.SHIFT_MODE, DEFAULT_SHIFT_MODE))
+                   shift_mode=raw.get(Key.SHIFT_MODE, DEFAULT_SHIFT_MODE),
+                   alpha_per_layer={int(l): float(a) for l, a in raw[Key.ALPHA_PER_LAYER].items()}
+                   if Key.ALPHA_PER_LAYER in raw else None)
+
+    def alphas(self) -> dict[int, float]:
+        """α_l of every steered layer."""
+        return dict(self.alpha_per_layer) if self.alpha_per_layer else {l: self.alpha for l in self.steer_layers}
 
     @property
     def legacy(self) -> bool:

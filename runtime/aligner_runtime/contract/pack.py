@@ -43,6 +43,7 @@ class RecommendedKey:
     SSV = "ssv"
     SHIFT_MODE = "shift_mode"
     END_RULE = "end_rule"
+    ALPHA_PROFILE = "alpha_profile"  # α per steered layer (contract.choices.ALPHA_PROFILES); absent: flat
 
 
 class ModelInfoKey:
@@ -64,6 +65,7 @@ class LayerStatsKey:
     VAL_TPR = "val_tpr"
     VAL_FPR = "val_fpr"
     MARGIN = "margin"
+    RESIDUAL_NORM = "residual_norm"  # the mean residual norm of the calibration prompts at this layer
 
     @staticmethod
     def bias(rule: str) -> str:
