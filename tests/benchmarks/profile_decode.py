@@ -10,8 +10,8 @@ profiler on (``SessionOptions.enable_profiling``, full graph optimisation, ``--t
 ``steer_gate_in = 1``), ``--prompt`` synthetic prompt tokens, ``--new`` tokens. The profile's node events are assigned
 to the ``model_run`` they fall in; the first run is the prefill, the others decode steps. Per decode step (median):
 the kernel calls (every node event, the nodes run inside an ``If`` branch included), those of the steering nodes
-(names under ``/model/layers.{l}/steer/`` or ``/model/steer/``, as the inline form and ONNX Runtime's inlining of
-the function form name them), the kernel time (an ``If``'s own event spans its branch's, so nested events are not
+(names under ``/model/layers.{l}/steer/`` or ``/model/steer/``, and the nodes ONNX Runtime inlines from the function
+form, which it names ``{op}_{n}``), the kernel time (an ``If``'s own event spans its branch's, so nested events are not
 added twice) and the steering share of it.
 
 ``swap``: a copy of GRAPH's ``model.onnx`` whose model-local functions are OTHER's (same names), its external data
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 STEER_MARKS = ("/steer/",)
+GENERATED = re.compile(r"^[A-Za-z]+_\d+$")
 
 
 def graph_path(arg: str) -> Path:
@@ -40,7 +42,11 @@ def graph_path(arg: str) -> Path:
 
 
 def is_steering(name: str) -> bool:
-    return any(mark in name for mark in STEER_MARKS)
+    """A steering node's event: its name is under ``/steer/`` (inline form), or one ONNX Runtime generated,
+    ``{op}_{n}`` (it leaves the nodes it inlines from a model-local function unnamed and names them so; the model's
+    own nodes carry ``/model/...`` names)."""
+    node = name[:-len("_kernel_time")] if name.endswith("_kernel_time") else name
+    return bool(GENERATED.match(node)) or any(mark in node for mark in STEER_MARKS)
 
 
 def decode_profile(events: list[dict]) -> dict:
@@ -125,7 +131,10 @@ def swap(graph: Path, functions_from: Path, out: Path) -> None:
     ours = {(f.domain, f.name) for f in model.functions}
     if ours != set(theirs):
         raise SystemExit(f"the two graphs' functions differ: {sorted(ours)} vs {sorted(theirs)}")
-    if {o.domain: o.version for o in model.opset_import} != {o.domain: o.version for o in other.opset_import}:
+    def imports(m):  # the domains the functions use (a quantised graph also imports com.microsoft)
+        return {o.domain: o.version for o in m.opset_import if o.domain in ("", "ai.onnx", "inferaligner")}
+
+    if imports(model) != imports(other):
         raise SystemExit("the two graphs import other opsets")
     out.mkdir(parents=True, exist_ok=False)
     for i, function in enumerate(model.functions):
