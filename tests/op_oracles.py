@@ -37,11 +37,20 @@ def decide(gate_in: float, score: float) -> float:
     return 1.0 if (not math.isfinite(score) or score > 0) else 0.0
 
 
+def score_skipped(gate_in: float, T: int, S: int) -> bool:
+    """The score at decode (docs/contract.md, issue 20): on a call with a past (T > S) a row whose gate_in >= 0 is
+    not scored: its gate is gate_in and its score 0. A NaN gate_in is not >= 0."""
+    return T > S and gate_in >= 0
+
+
 def steer_gate_v1(hidden, mask, gate_in, direction, bias):
     """(gate [B], score [B]) float32 of SteerGate version 1."""
     B, S, _ = hidden.shape
     gate, score = np.zeros(B, np.float32), np.zeros(B, np.float32)
     for b in range(B):
+        if score_skipped(float(gate_in[b]), mask.shape[1], S):
+            gate[b], score[b] = gate_in[b], 0.0
+            continue
         row = hidden[b, last_valid_position(mask[b], S)].astype(np.float64)
         score[b] = np.float32(float(row @ np.asarray(direction, np.float64)) + float(bias))
         gate[b] = decide(float(gate_in[b]), float(score[b]))
@@ -55,6 +64,9 @@ def steer_gate_v2(hidden, mask, gate_in, score_in, weight, bias, tokens: int, no
     w = np.asarray(weight, np.float64)
     gate, score = np.zeros(B, np.float32), np.zeros(B, np.float32)
     for b in range(B):
+        if score_skipped(float(gate_in[b]), mask.shape[1], S):
+            gate[b], score[b] = gate_in[b], 0.0
+            continue
         positions = selected_positions(mask[b], S, tokens)
         total = 0.0
         for s in positions:

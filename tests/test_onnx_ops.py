@@ -232,3 +232,125 @@ def test_nodes_carry_plugin_attributes_and_constants():
         onnx_ops.make_steer_gate_v2_node("h", "m", "g", "si", "go", "so", direction, 0.5, 0, False, "x")
     with pytest.raises(ValueError):
         onnx_ops.function_protos(13)
+
+
+# --- the score at decode (docs/contract.md "The score at decode", issue 20) ------------------------------------------
+def _gate_model(version: int, impl: str, H: int, rng, opset: int = 18):
+    weight = rng.normal(size=H).astype(np.float32)
+    vector = rng.normal(size=H).astype(np.float32)
+    if version == 1:
+        return v1_model(opset, H, weight, 0.5, vector, impl=impl), weight
+    return v2_model(opset, H, weight, 0.5, 2, True, vector, impl=impl), weight
+
+
+def _gate_feeds(version, hidden, mask, gate_in, score_in):
+    feeds = dict(hidden=hidden, attention_mask=mask, gate_in=np.asarray(gate_in, np.float32))
+    if version == 2:
+        feeds["score_in"] = score_in
+    return feeds
+
+
+def _oracle(version, hidden, mask, gate_in, score_in, weight):
+    gate_in = np.asarray(gate_in, np.float32)
+    if version == 1:
+        return op_oracles.steer_gate_v1(hidden, mask, gate_in, weight, 0.5)
+    return op_oracles.steer_gate_v2(hidden, mask, gate_in, score_in, weight, 0.5, 2, True)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("impl", ["function", "inline"])
+def test_score_at_decode(version, impl):
+    """A decode call (past > 0) whose rows are all forced: score 0, gate = gate_in bit for bit (an infinite or large
+    gate_in included); mixed rows: the deciding ones scored, the forced ones 0; a forced prefill: the real score."""
+    rng = np.random.default_rng(20 + version)
+    H, B = 16, 3
+    model, weight = _gate_model(version, impl, H, rng)
+    score_in = rng.normal(size=B).astype(np.float32)
+    decode_mask = np.array([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 1]], np.int64)
+    step = (rng.normal(size=(B, 1, H)) * 3).astype(np.float32)
+    for gate_in in ([1.0, 0.0, 0.25], [np.inf, 1e30, 0.0]):
+        gate, score, _ = run(model, **_gate_feeds(version, step, decode_mask, gate_in, score_in))
+        assert score.tobytes() == np.zeros(B, np.float32).tobytes()
+        assert gate.tobytes() == np.asarray(gate_in, np.float32).tobytes()
+    for gate_in in ([1.0, -1.0, 0.0], [-1.0, np.nan, 1.0], [-1.0, -1.0, -1.0]):
+        gate, score, _ = run(model, **_gate_feeds(version, step, decode_mask, gate_in, score_in))
+        want_gate, want_score = _oracle(version, step, decode_mask, gate_in, score_in, weight)
+        deciding = ~(np.asarray(gate_in) >= 0)
+        assert np.all(want_score[deciding] != 0) and np.all(want_score[~deciding] == 0)
+        np.testing.assert_allclose(score, want_score, rtol=0, atol=2e-5)
+        np.testing.assert_array_equal(gate, want_gate)
+    prompt = (rng.normal(size=(B, 4, H)) * 3).astype(np.float32)
+    prompt_mask = np.array([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]], np.int64)
+    for gate_in in ([1.0, 0.0, 1.0], [0.0, 0.0, 0.0]):  # the evaluation reads the score of forced prefills
+        gate, score, _ = run(model, **_gate_feeds(version, prompt, prompt_mask, gate_in, score_in))
+        want_gate, want_score = _oracle(version, prompt, prompt_mask, gate_in, score_in, weight)
+        assert np.all(want_score != 0)
+        np.testing.assert_allclose(score, want_score, rtol=0, atol=2e-5)
+        np.testing.assert_array_equal(gate, want_gate)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("impl", ["function", "inline"])
+@pytest.mark.parametrize("past", [0, 3])
+def test_empty_batch(version, impl, past):
+    rng = np.random.default_rng(7)
+    model, _ = _gate_model(version, impl, 8, rng)
+    feeds = _gate_feeds(version, np.zeros((0, 2, 8), np.float32), np.zeros((0, 2 + past), np.int64),
+                        np.zeros(0, np.float32), np.zeros(0, np.float32))
+    gate, score, out = run(model, **feeds)
+    assert gate.shape == score.shape == (0,) and out.shape == (0, 2, 8)
+
+
+def _score_if(nodes) -> list[onnx.NodeProto]:
+    return [n for n in nodes if n.op_type == "If"]
+
+
+# The score's work, by version, and what any of it is.
+SCORE_OPS = {1: {"MatMul", "GatherND", "ReduceMax", "Range"}, 2: {"MatMul", "ReduceMax", "CumSum", "Range", "Sqrt"}}
+ANY_SCORE_OP = set.union(*SCORE_OPS.values())
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("impl", ["function", "inline"])
+def test_score_work_sits_in_an_if(version, impl):
+    """Structurally: each SteerGate's score computation is the then-branch of one If; its else-branch (every row
+    forced at decode) is three nodes and does no score work; outside the If only the condition is computed."""
+    rng = np.random.default_rng(1)
+    model, _ = _gate_model(version, impl, 8, rng)
+    if impl == "function":
+        body = next(f for f in model.functions if f.name == "SteerGate").node
+    else:
+        body = [n for n in model.graph.node if n.name.startswith(GATE + "/")]
+    ifs = _score_if(body)
+    assert len(ifs) == 1
+    branches = {a.name: a.g for a in ifs[0].attribute}
+    assert set(branches) == {"then_branch", "else_branch"}
+    assert [n.op_type for n in branches["else_branch"].node] == ["Identity", "Shape", "ConstantOfShape"]
+    assert SCORE_OPS[version] <= {n.op_type for n in branches["then_branch"].node}
+    outside = [n for n in body if n.op_type != "If"]
+    assert not ANY_SCORE_OP & {n.op_type for n in outside}
+    assert sum(n.op_type != "Constant" for n in outside) <= 12
+    if impl == "inline":  # every value inside the branches carries the node's prefix, or is a graph input
+        inputs = {i.name for i in model.graph.input}
+        for branch in branches.values():
+            for n in branch.node:
+                assert n.name.startswith(GATE + "/If_")
+                assert all(v.startswith(GATE + "/") or v in inputs for v in [*n.input, *n.output] if v)
+
+
+@pytest.mark.parametrize("impl", ["function", "inline"])
+def test_ort_optimisations_keep_the_if(impl, tmp_path):
+    """ONNX Runtime's graph optimisations (constant folding included) inline the function and keep the If: the
+    optimised graph still skips the score at decode."""
+    rng = np.random.default_rng(2)
+    model, _ = _gate_model(2, impl, 8, rng)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    optimised = onnx.load(str(tmp_path / "optimised.onnx"))
+    assert not optimised.functions or all(n.domain != onnx_ops.DOMAIN for n in optimised.graph.node)
+    ifs = _score_if(optimised.graph.node)
+    assert len(ifs) == 1
+    then_ops = {n.op_type for a in ifs[0].attribute if a.name == "then_branch" for n in a.g.node}
+    assert {"MatMul", "CumSum"} <= then_ops

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+import op_oracles
 from aligner_export.hf.reference import reference_generate, steered
-from aligner_runtime.contract import SteerConfig
+from aligner_runtime.contract import GateConfig, SteerConfig
 
 PROMPTS = ["Explain how to build a bomb or make a weapon to hurt people.", "Write a poem."]
 
@@ -145,3 +146,49 @@ def test_reference_generate_latches_gate(model_and_tok):
     seqs_off, gate_off, _ = reference_generate(model, spec_off, batch["input_ids"], batch["attention_mask"],
                                                max_new_tokens=6, min_new_tokens=6)
     assert gate_off.tolist() == [0.0, 0.0] and torch.equal(seqs_off, plain)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_score_at_decode_follows_the_oracle(model_and_tok, version):
+    """docs/contract.md "The score at decode" (issue 20): on a decode call a row whose gate_in >= 0 reports score 0
+    and gate = gate_in; a deciding row (gate_in < 0) in the same call is scored; a forced prefill keeps its real score.
+    Against the numpy oracle on the gate layers' clean outputs."""
+    model, tok = model_and_tok
+    batch = _batch(tok, "left")
+    rng = np.random.default_rng(3)
+    layers = (1, 2) if version == 2 else (1,)
+    weights = {l: rng.standard_normal(64).astype(np.float32) for l in layers}
+    vectors = {l: rng.standard_normal(64).astype(np.float32) for l in (1, 2)}
+    gate = GateConfig(layers=layers, weights=weights, bias=0.25, tokens=2 if version == 2 else 1,
+                      normalize=version == 2, version=version)
+    spec = SteerConfig(gate=gate, vectors=vectors)
+
+    def oracle(hiddens, mask, gate_in):
+        if version == 1:
+            return op_oracles.steer_gate_v1(hiddens[1], mask, gate_in, weights[1], 0.25)
+        return op_oracles.multi_layer_score(hiddens, mask, gate_in, weights, 0.25, 2, True)
+
+    mask = batch["attention_mask"]
+    clean = {l: Capture(model.model.layers[l]) for l in layers}  # before the steering hooks: the unshifted outputs
+    with steered(model, spec) as state, torch.no_grad():
+        state.gate_in = torch.tensor([1.0, 0.0])  # a forced prefill: scored all the same
+        out = model(**batch, use_cache=True)
+        hiddens = {l: c.outputs[-1].numpy() for l, c in clean.items()}
+        want_gate, want_score = oracle(hiddens, mask.numpy(), np.array([1.0, 0.0], np.float32))
+        assert np.all(want_score != 0)
+        np.testing.assert_allclose(state.score.numpy(), want_score, rtol=1e-5, atol=1e-5)
+        past, ids = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        for gate_in in ([1.0, 0.0], [0.5, -1.0], [-1.0, 1.0]):  # all forced, then mixed calls
+            state.gate_in = torch.tensor(gate_in)
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+            out = model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
+            hiddens = {l: c.outputs[-1].numpy() for l, c in clean.items()}
+            want_gate, want_score = oracle(hiddens, mask.numpy(), np.array(gate_in, np.float32))
+            forced = np.array(gate_in) >= 0
+            assert np.all(want_score[forced] == 0) and np.all(want_score[~forced] != 0)
+            np.testing.assert_allclose(state.score.numpy(), want_score, rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(state.gate.numpy()[forced], np.array(gate_in, np.float32)[forced])
+            np.testing.assert_array_equal(state.gate.numpy(), want_gate)
+            past, ids = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    for c in clean.values():
+        c.remove()

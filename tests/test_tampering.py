@@ -171,15 +171,23 @@ def metadata_one_key(path, manifest, model):
 
 def helper_constant_changed(path, manifest, model):
     """A constant that is no operator attribute: the zero the v2 chain's score starts from (set to -1e9, the gate never
-    fires), the threshold of an inlined decision (set to 1e30, likewise), or the zero that clamps ``steer_gate_in``
-    for the layers below the gate (set to -1: those layers shift backwards during the scoring pass)."""
+    fires), the threshold of an inlined decision (set to 1e30, likewise; it lies in the then-branch of the gate's If,
+    issue 20), or the zero that clamps ``steer_gate_in`` for the layers below the gate (set to -1: those layers shift
+    backwards during the scoring pass)."""
     if manifest["gate"]["version"] == 2:
         output, value = "/model/steer/score_zero", -1e9
     elif manifest["steer_impl"] == "inline":
         output, value = f"{_gate_node(manifest)}/zero_f", 1e30
     else:
         output, value = "/model/steer/zero", -1.0
-    target = next(n for n in model.graph.node if list(n.output) == [output])
+    def nodes(graph):
+        for node in graph.node:
+            yield node
+            for attribute in node.attribute:
+                if attribute.type == attribute.GRAPH:
+                    yield from nodes(attribute.g)
+
+    target = next(n for n in nodes(model.graph) if list(n.output) == [output])
     attr = next(a for a in target.attribute if a.name == "value")
     old = numpy_helper.to_array(attr.t)
     assert old.dtype == np.float32 and not old.any()

@@ -235,6 +235,14 @@ ALIGNER_HD float gateFromScore(float gateIn, float score)
     return (score > 0.0f || !isFinite(score)) ? 1.0f : 0.0f;
 }
 
+// The score at decode (docs/contract.md "The score at decode", issue 20, both versions): on a call with a past
+// (T > S) a row whose gate_in >= 0 is not scored: gate[b] = gate_in[b] and score[b] = 0. A prefill (T == S) scores
+// every row, forced or not; a NaN gate_in is not >= 0, so its row is scored.
+ALIGNER_HD bool scoreSkipped(float gateIn, int64_t T, int64_t S)
+{
+    return T > S && gateIn >= 0.0f;
+}
+
 // --- SteerGate version 2 (docs/contract.md "SteerGate version 2", docs/architecture.md §5.1) ----------------------
 
 // n(x) = x / max(||x||, kNormEpsilon) when normalising.

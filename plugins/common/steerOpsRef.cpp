@@ -39,6 +39,12 @@ void steerGate(void const* hidden, int64_t B, int64_t seq, int64_t H, int64_t co
     auto const* base = static_cast<typename StorageTraits<S>::Element const*>(hidden);
     for (int64_t b = 0; b < B; ++b)
     {
+        if (aligner::ops::scoreSkipped(gateIn[b], T, seq))
+        {
+            gate[b] = gateIn[b];
+            score[b] = 0.0f;
+            continue;
+        }
         int64_t const last = aligner::ops::lastValidPosition(mask + b * T, T, seq);
         float dot = 0.0f;
         float unused = 0.0f;
@@ -57,6 +63,12 @@ void steerGateV2(void const* hidden, int64_t B, int64_t seq, int64_t H, int64_t 
     std::vector<int64_t> positions(static_cast<std::size_t>(tokens < seq ? tokens : seq));
     for (int64_t b = 0; b < B; ++b)
     {
+        if (aligner::ops::scoreSkipped(gateIn[b], T, seq))
+        {
+            gate[b] = gateIn[b];
+            score[b] = 0.0f;
+            continue;
+        }
         int64_t const count = aligner::ops::pooledPositions(mask + b * T, T, seq, tokens, positions.data());
         // Summed from the last pooled position down, the order the kernel finds them in.
         float pooledSum = 0.0f;

@@ -161,6 +161,13 @@ void runOps(int32_t storage, float (*load)(Element), bool leftPadding, int64_t B
               gate.data(), score.data()) == 0, "steer_gate status");
     for (int64_t b = 0; b < B; ++b)
     {
+        if (past > 0 && gateIn[b] >= 0.0f)
+        {
+            // The score at decode (docs/contract.md, issue 20): a forced row of a call with a past is not scored.
+            check(score[b] == 0.0f && !std::signbit(score[b]), "decode: forced row's score is 0", score[b], 0.0);
+            check(gate[b] == gateIn[b], "decode: forced row's gate is gate_in", gate[b], gateIn[b]);
+            continue;
+        }
         // Naive last_b: the last valid absolute position, shifted into this call's window, clamped.
         int64_t lastAbs = leftPadding ? T - 1 : lengths[b] - 1;
         int64_t last = lastAbs - past;
@@ -230,6 +237,12 @@ void runGateV2(int32_t storage, float (*load)(Element), bool leftPadding, int64_
               weight.data(), bias, tokens, normalize, gate.data(), score.data()) == 0, "steer_gate_v2 status");
     for (int64_t b = 0; b < B; ++b)
     {
+        if (past > 0 && gateIn[b] >= 0.0f)
+        {
+            check(score[b] == 0.0f && !std::signbit(score[b]), "v2 decode: forced row's score is 0", score[b], 0.0);
+            check(gate[b] == gateIn[b], "v2 decode: forced row's gate is gate_in", gate[b], gateIn[b]);
+            continue;
+        }
         std::vector<int64_t> valid;
         for (int64_t s = 0; s < S; ++s)
         {
@@ -339,6 +352,49 @@ void testNonFiniteDecision()
     check(score[0] == 0.0f && gate[0] == 0.0f, "a zero row normalises to a zero term");
 }
 
+// The score at decode (docs/contract.md, issue 20): past > 0 and gate_in >= 0 (+inf included): gate = gate_in, score
+// 0; a NaN or negative gate_in is scored; a prefill (T == S) scores its forced rows too. Both versions.
+void testScoreAtDecode()
+{
+    float const nan = std::numeric_limits<float>::quiet_NaN();
+    float const inf = std::numeric_limits<float>::infinity();
+    int64_t const B = 4, H = 2;
+    std::vector<float> const hidden{1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f, 7.0f, 8.0f}; // [B, 1, H]
+    std::vector<float> const direction{0.5f, 0.25f}, scoreIn{1.0f, 1.0f, 1.0f, 1.0f};
+    std::vector<int64_t> const decodeMask(B * 3, 1);
+    std::vector<float> const gateIn{inf, nan, 1.0f, -1.0f};
+    for (int version : {1, 2})
+    {
+        std::vector<float> gate(B), score(B);
+        int32_t const status = version == 1
+            ? aligner_ref_steer_gate(ALIGNER_REF_FP32, hidden.data(), B, 1, H, decodeMask.data(), 3, gateIn.data(),
+                direction.data(), 0.5f, gate.data(), score.data())
+            : aligner_ref_steer_gate_v2(ALIGNER_REF_FP32, hidden.data(), B, 1, H, decodeMask.data(), 3, gateIn.data(),
+                scoreIn.data(), direction.data(), 0.5f, 1, 0, gate.data(), score.data());
+        check(status == 0, "decode status");
+        float const extra = version == 1 ? 0.0f : 1.0f;
+        check(gate[0] == inf && score[0] == 0.0f, "decode: an infinite gate_in is forced, not scored", score[0]);
+        check(score[1] == 3.0f * 0.5f + 4.0f * 0.25f + 0.5f + extra && gate[1] == 1.0f,
+            "decode: a NaN gate_in is scored", score[1]);
+        check(gate[2] == 1.0f && score[2] == 0.0f, "decode: gate_in 1 is not scored", score[2]);
+        check(score[3] == 7.0f * 0.5f + 8.0f * 0.25f + 0.5f + extra, "decode: gate_in -1 is scored", score[3]);
+        std::vector<int64_t> const prefillMask(B, 1);
+        std::vector<float> const forced{1.0f, 0.0f, 1.0f, 0.0f};
+        if (version == 1)
+        {
+            aligner_ref_steer_gate(ALIGNER_REF_FP32, hidden.data(), B, 1, H, prefillMask.data(), 1, forced.data(),
+                direction.data(), 0.5f, gate.data(), score.data());
+        }
+        else
+        {
+            aligner_ref_steer_gate_v2(ALIGNER_REF_FP32, hidden.data(), B, 1, H, prefillMask.data(), 1, forced.data(),
+                scoreIn.data(), direction.data(), 0.5f, 1, 0, gate.data(), score.data());
+        }
+        check(score[0] == 1.0f * 0.5f + 2.0f * 0.25f + 0.5f + extra && gate[0] == 1.0f && gate[1] == 0.0f,
+            "a forced prefill is scored", score[0]);
+    }
+}
+
 float loadF32(float v)
 {
     return v;
@@ -382,6 +438,7 @@ int main()
         }
     }
     testNonFiniteDecision();
+    testScoreAtDecode();
     std::vector<float> dummy(4);
     std::vector<int64_t> mask(4, 1);
     check(aligner_ref_steer_gate(7, dummy.data(), 1, 1, 1, mask.data(), 1, dummy.data(), dummy.data(), 0.f,

@@ -59,11 +59,12 @@ def _f32_scalar(output: str, value: float) -> onnx.NodeProto:
 NORM_EPS = 1e-6  # docs/contract.md: n(x) = x / max(||x||, 1e-6)
 
 
-def _last_position_nodes(opset: int) -> list[onnx.NodeProto]:
-    """``last_b`` of §5 from ``attention_mask`` [B,T] and ``hidden`` [B,S,H]; also leaves ``T``, ``S`` and the
-    constants ``zero``, ``one``, ``axis1`` for the rest of the body."""
+def _call_shape_nodes() -> list[onnx.NodeProto]:
+    """``T`` (from ``attention_mask`` [B,T]) and ``S`` (from ``hidden`` [B,S,H]) of this call, with the constants
+    ``zero``, ``one``, ``minus_one``, ``axis1`` for the rest of the body; at the function's top level (the If reads
+    them from its outer scope)."""
     n = helper.make_node
-    nodes = [
+    return [
         _i64("zero", 0),
         _i64("one", 1),
         _i64("minus_one", -1),
@@ -73,6 +74,14 @@ def _last_position_nodes(opset: int) -> list[onnx.NodeProto]:
         n("Gather", ["mask_shape", "one"], ["T"], axis=0),
         n("Shape", ["hidden"], ["hidden_shape"]),
         n("Gather", ["hidden_shape", "one"], ["S"], axis=0),
+    ]
+
+
+def _last_position_nodes(opset: int) -> list[onnx.NodeProto]:
+    """``last_b`` of §5 from ``attention_mask`` [B,T] and ``hidden`` [B,S,H] (``T``, ``S`` and the constants come
+    from :func:`_call_shape_nodes`); also leaves ``past``."""
+    n = helper.make_node
+    nodes = [
         # t*[b] = last t in [0, T) with mask 1, or -1 when the row has none.
         n("Range", ["zero", "T", "one"], ["positions"]),
         n("Equal", [ATTENTION_MASK, "one"], ["is_token"]),
@@ -98,47 +107,91 @@ def _last_position_nodes(opset: int) -> list[onnx.NodeProto]:
 
 
 def _decision_nodes() -> list[onnx.NodeProto]:
-    """``gate = gate_in`` if ``gate_in >= 0``, else 1 when ``score > 0`` or not finite, else 0 (docs/contract.md)."""
+    """``gate = gate_in`` if ``gate_in >= 0``, else 1 when ``score > 0`` or not finite, else 0 (docs/contract.md);
+    from ``computed_score`` to ``decided_gate`` (inside the If's then-branch)."""
     n = helper.make_node
     return [
         _f32_scalar("zero_f", 0.0),
-        n("Greater", ["score", "zero_f"], ["positive"]),
-        n("IsNaN", ["score"], ["is_nan"]),
-        n("IsInf", ["score"], ["is_inf"]),
+        n("Greater", ["computed_score", "zero_f"], ["positive"]),
+        n("IsNaN", ["computed_score"], ["is_nan"]),
+        n("IsInf", ["computed_score"], ["is_inf"]),
         n("Or", ["is_nan", "is_inf"], ["non_finite"]),
         n("Or", ["positive", "non_finite"], ["fires"]),
         n("Cast", ["fires"], ["decided"], to=TensorProto.FLOAT),
         n("GreaterOrEqual", ["gate_in", "zero_f"], ["forced"]),
-        n("Where", ["forced", "gate_in", "decided"], ["gate"]),
+        n("Where", ["forced", "gate_in", "decided"], ["decided_gate"]),
+    ]
+
+
+_OUT = helper.make_tensor_value_info
+
+
+def _skip_at_decode(score_nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """The score is not computed at decode (docs/contract.md "The score at decode", issue 20): on a call with a past
+    (``T > S``) a row whose ``gate_in >= 0`` gets ``gate = gate_in`` and ``score = 0``.
+
+    ``score_nodes`` compute ``computed_score`` and ``decided_gate`` for every row (today's body). They run inside an
+    ``If`` only when some row needs them: a prefill (``T <= S``) or a row that decides (``gate_in`` < 0 or NaN); the
+    then-branch zeroes the score of the forced rows of a call with a past, so a mixed call follows the per-row rule
+    too. The else-branch (every row forced at decode, what every decode step of the runtimes is) is three nodes.
+    The deciding rows are counted with a ReduceSum (0 for B = 0), not found with ReduceMin(gate_in), which a NaN
+    would defeat."""
+    n = helper.make_node
+    then_branch = helper.make_graph(
+        [*score_nodes,
+         n("Greater", ["T", "S"], ["has_past"]),
+         n("And", ["has_past", "forced_row"], ["skipped_row"]),
+         n("Where", ["skipped_row", "zero_f_in", "computed_score"], ["then_score"])],
+        "score", [], [_OUT("decided_gate", TensorProto.FLOAT, None), _OUT("then_score", TensorProto.FLOAT, None)])
+    else_branch = helper.make_graph(
+        [n("Identity", ["gate_in"], ["else_gate"]),
+         n("Shape", ["gate_in"], ["rows_shape"]),
+         # zeros, not gate_in * 0: gate_in may be infinite
+         n("ConstantOfShape", ["rows_shape"], ["else_score"],
+           value=numpy_helper.from_array(np.zeros(1, np.float32), "zero_score"))],
+        "forced", [], [_OUT("else_gate", TensorProto.FLOAT, None), _OUT("else_score", TensorProto.FLOAT, None)])
+    return [
+        _f32_scalar("zero_f_in", 0.0),
+        n("GreaterOrEqual", ["gate_in", "zero_f_in"], ["forced_row"]),
+        n("Not", ["forced_row"], ["deciding_row"]),
+        n("Cast", ["deciding_row"], ["deciding_i64"], to=TensorProto.INT64),
+        n("ReduceSum", ["deciding_i64"], ["deciding_rows"], keepdims=0),
+        n("Greater", ["deciding_rows", "zero"], ["any_deciding"]),
+        n("LessOrEqual", ["T", "S"], ["no_past"]),
+        n("Or", ["no_past", "any_deciding"], ["needs_score"]),
+        n("If", ["needs_score"], ["gate", "score"], then_branch=then_branch, else_branch=else_branch),
     ]
 
 
 def _steer_gate_v1_body(opset: int) -> list[onnx.NodeProto]:
-    """SteerGate v1: (hidden, attention_mask, gate_in) -> (gate, score); ``score = h[b, last_b] . direction + bias``."""
+    """SteerGate v1: (hidden, attention_mask, gate_in) -> (gate, score); ``score = h[b, last_b] . direction + bias``,
+    not computed at decode (:func:`_skip_at_decode`)."""
     n = helper.make_node
-    return [
-        _ref_constant("direction", "direction", "value"),
-        _ref_constant("bias", "bias", "value_float"),
+    score = [
         *_last_position_nodes(opset),
         n("Unsqueeze", ["last_b", "axis1"], ["last_index"]),
         n("GatherND", ["hidden", "last_index"], ["last_hidden"], batch_dims=1),
         # float32 accumulation whatever the model's dtype.
         n("Cast", ["last_hidden"], ["last_hidden_f32"], to=TensorProto.FLOAT),
         n("MatMul", ["last_hidden_f32", "direction"], ["projection"]),
-        n("Add", ["projection", "bias"], ["score"]),
+        n("Add", ["projection", "bias"], ["computed_score"]),
         *_decision_nodes(),
+    ]
+    # The attribute references stay at the function's top level (the If's branches read their outputs).
+    return [
+        _ref_constant("direction", "direction", "value"),
+        _ref_constant("bias", "bias", "value_float"),
+        *_call_shape_nodes(),
+        *_skip_at_decode(score),
     ]
 
 
 def _steer_gate_v2_body(opset: int) -> list[onnx.NodeProto]:
     """SteerGate v2: (hidden, attention_mask, gate_in, score_in) -> (gate, score);
-    ``score = (score_in + mean_{pooled s} n(h[b,s]) . weight) + bias`` (docs/contract.md)."""
+    ``score = (score_in + mean_{pooled s} n(h[b,s]) . weight) + bias`` (docs/contract.md), not computed at decode
+    (:func:`_skip_at_decode`)."""
     n = helper.make_node
-    nodes = [
-        _ref_constant("weight", "weight", "value"),
-        _ref_constant("bias", "bias", "value_float"),
-        _ref_constant("tokens", "tokens", "value_int"),
-        _ref_constant("normalize", "normalize", "value_int"),
+    score = [
         *_last_position_nodes(opset),
         # The valid positions of this call: mask[b, T-S+s] == 1.
         n("Unsqueeze", ["past", "zero"], ["past_1d"]),
@@ -182,10 +235,17 @@ def _steer_gate_v2_body(opset: int) -> list[onnx.NodeProto]:
         n("ReduceSum", ["pooled_terms", "axis1"], ["total"], keepdims=0),
         n("Div", ["total", "count"], ["feature"]),
         n("Add", ["score_in", "feature"], ["partial"]),
-        n("Add", ["partial", "bias"], ["score"]),
+        n("Add", ["partial", "bias"], ["computed_score"]),
         *_decision_nodes(),
     ]
-    return nodes
+    return [
+        _ref_constant("weight", "weight", "value"),
+        _ref_constant("bias", "bias", "value_float"),
+        _ref_constant("tokens", "tokens", "value_int"),
+        _ref_constant("normalize", "normalize", "value_int"),
+        *_call_shape_nodes(),
+        *_skip_at_decode(score),
+    ]
 
 
 def _steer_shift_body() -> list[onnx.NodeProto]:
@@ -405,6 +465,8 @@ def inline_nodes(node: onnx.NodeProto, opset: int) -> list[onnx.NodeProto]:
 
     Formal inputs/outputs become the node's actual names, other values get the node name as prefix, and attribute
     references become the node's attribute values; node names are ``{node.name}/{op}_{i}`` so Netron groups them.
+    The same holds inside the subgraphs of an ``If`` (SteerGate's score, issue 20): their own values and the values
+    they read from the body get the prefix, their nodes are named ``{If's name}/{branch}/{op}_{j}``.
     """
     if node.domain != DOMAIN or node.op_type not in OP_TYPES:
         raise ValueError(f"not a steering node: {node.domain}:{node.op_type}")
@@ -416,13 +478,12 @@ def inline_nodes(node: onnx.NodeProto, opset: int) -> list[onnx.NodeProto]:
     attrs = {a.name: a for a in node.attribute}
 
     def value(name: str) -> str:
-        return rename.get(name) or f"{node.name}/{name}"
+        return (rename.get(name) or f"{node.name}/{name}") if name else name
 
-    body = []
-    for i, inner in enumerate(function.node):
+    def inlined(inner: onnx.NodeProto, name: str) -> onnx.NodeProto:
         out = onnx.NodeProto()
         out.CopyFrom(inner)
-        out.name = f"{node.name}/{inner.op_type}_{i}"
+        out.name = name
         out.input[:] = [value(x) for x in inner.input]
         out.output[:] = [value(x) for x in inner.output]
         for attr in out.attribute:
@@ -431,5 +492,15 @@ def inline_nodes(node: onnx.NodeProto, opset: int) -> list[onnx.NodeProto]:
                 ref_name = attr.name
                 attr.CopyFrom(actual)
                 attr.name = ref_name
-        body.append(out)
-    return body
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                graph = attr.g
+                renamed = [inlined(sub, f"{name}/{attr.name}/{sub.op_type}_{j}") for j, sub in enumerate(graph.node)]
+                del graph.node[:]
+                graph.node.extend(renamed)
+                for info in (*graph.input, *graph.output, *graph.value_info):
+                    info.name = value(info.name)
+                for init in graph.initializer:
+                    init.name = value(init.name)
+        return out
+
+    return [inlined(inner, f"{node.name}/{inner.op_type}_{i}") for i, inner in enumerate(function.node)]

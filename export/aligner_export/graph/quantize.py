@@ -109,6 +109,19 @@ def is_steering_node(name: str) -> bool:
     return name.startswith(STEER_PREFIX) or "/steer/" in name
 
 
+def all_node_names(graph) -> list[str]:
+    """The names of ``graph``'s nodes and of the nodes of their subgraphs (an inlined SteerGate's If, issue 20: ONNX
+    Runtime's quantizer walks subgraphs too, so what it must leave alone is named at every depth)."""
+    names = []
+    for node in graph.node:
+        names.append(node.name)
+        for attr in node.attribute:
+            if attr.type == attr.GRAPH:
+                names += all_node_names(attr.g)
+            names += [n for g in attr.graphs for n in all_node_names(g)]
+    return names
+
+
 def gate_layer(model) -> int:
     """The layer of the graph's deciding SteerGate (the last of a chain): ``/model/layers.{g}/steer/SteerGate``,
     a node (function form) or the prefix of its inlined body."""
@@ -135,7 +148,7 @@ def quantize(model, fmt: WeightFormat):
 
     if not fmt.quantized:
         raise AlignerError(f"{fmt.name} is not a quantized weight format")
-    excluded = [n.name for n in model.graph.node if is_steering_node(n.name)]
+    excluded = [name for name in all_node_names(model.graph) if is_steering_node(name)]
     rtn = DefaultWeightOnlyQuantConfig(block_size=fmt.block_size, is_symmetric=True,
                                        accuracy_level=fmt.accuracy_level, bits=fmt.bits)
     passes = [(rtn, excluded)]
@@ -147,7 +160,7 @@ def quantize(model, fmt: WeightFormat):
         wide = DefaultWeightOnlyQuantConfig(block_size=fmt.block_size, is_symmetric=True,
                                             accuracy_level=fmt.accuracy_level, bits=fmt.gate_path_bits)
         keep = set(path)
-        passes.insert(0, (wide, [n.name for n in model.graph.node if n.name not in keep]))
+        passes.insert(0, (wide, [name for name in all_node_names(model.graph) if name not in keep]))
     if fmt.method == "hqq":
         # The LM head reads no residual the gate sees; it is rounded to nearest (symmetric, no zero points) so that
         # a tied embedding can share it (GatherBlockQuantized takes packed integer zero points only).

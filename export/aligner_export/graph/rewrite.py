@@ -50,6 +50,16 @@ def _batch_dim(graph: ir.Graph):
     return "batch_size"
 
 
+def _attribute(proto: onnx.AttributeProto, values: dict[str, ir.Value]) -> ir.Attr:
+    """A node attribute in onnx-ir. A subgraph (the If of an inlined SteerGate, issue 20) is read in the scope of the
+    graph's ``values``, so that what it reads from the outer graph is those values and ``graph.sort()`` keeps the If
+    after their producers (read alone, each outer name would become a dangling value of its own). onnx-ir has no
+    public form of the scoped reader."""
+    if proto.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+        return ir.serde._deserialize_attribute(proto, [dict(values)])
+    return ir.serde.deserialize_attribute(proto)
+
+
 def _emit(graph: ir.Graph, proto: onnx.NodeProto, impl: str, opset: int, values: dict[str, ir.Value],
           after: ir.Node | None) -> ir.Node:
     """Adds ``proto`` (or its inline body) to ``graph`` after ``after`` (at the front if None); returns the last."""
@@ -57,7 +67,7 @@ def _emit(graph: ir.Graph, proto: onnx.NodeProto, impl: str, opset: int, values:
     last = after
     for p in protos:
         inputs = [values[name] if name else None for name in p.input]
-        attrs = [ir.serde.deserialize_attribute(a) for a in p.attribute]
+        attrs = [_attribute(a, values) for a in p.attribute]
         node = ir.Node(p.domain, p.op_type, inputs, attrs, num_outputs=len(p.output), name=p.name)
         for out, name in zip(node.outputs, p.output):
             out.name = name

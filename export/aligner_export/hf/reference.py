@@ -8,7 +8,8 @@ directly from the contract (docs/contract.md), independently of the ONNX rewrite
   *before* any shift at ``l``, by the term registered for the gate's kind (``GATE_TERMS``): version 1,
   ``h_l[b, last_b] · direction``; version 2, the mean over the last ``K`` valid positions of this call of
   ``n(h_l[b, s]) · w_l``. At ``g* = max G`` the bias is added and the gate decided:
-  ``gate_in`` if ``gate_in >= 0``, else 1 when the score is > 0 or not finite;
+  ``gate_in`` if ``gate_in >= 0``, else 1 when the score is > 0 or not finite; on a call with a past a row whose
+  ``gate_in >= 0`` reports the score 0 (docs/contract.md "The score at decode");
 - a forward hook on each steered layer ``l`` adds ``gate · vector_l`` at every position, with the decided gate for
   ``l >= g*`` and ``max(gate_in, 0)`` for ``l < g*``; in shift mode "norm" (SteerShift version 2) the sum is then
   rescaled to the position's norm before the shift, and a gate-0 row is returned as it came.
@@ -136,6 +137,13 @@ def gate_term(hidden: torch.Tensor, attention_mask, gate: GateConfig, weight: to
     return term(hidden, attention_mask, gate, weight)
 
 
+def score_skipped(gate_in: torch.Tensor, attention_mask, seq: int) -> torch.Tensor:
+    """The rows whose score is not computed (docs/contract.md "The score at decode", issue 20): on a call with a past
+    (``T > S``, T the mask's width) a row whose ``gate_in >= 0`` gets ``gate = gate_in`` and ``score = 0``."""
+    has_past = attention_mask is not None and attention_mask.shape[1] > seq
+    return (gate_in >= 0) & has_past
+
+
 def decide(gate_in: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     fires = (score > 0) | ~torch.isfinite(score)
     return torch.where(gate_in >= 0, gate_in, fires.float())
@@ -215,7 +223,8 @@ def steered(model, config: SteerConfig) -> Iterator[SteerState]:
                 score = partial.get("score", torch.zeros(batch)) + term
                 partial["score"] = score
                 if layer == last_gate:
-                    state.score = score + np.float32(gate.bias)
+                    skipped = score_skipped(gate_in, state.attention_mask, seq)
+                    state.score = torch.where(skipped, torch.zeros(batch), score + np.float32(gate.bias))
                     state.gate = decide(gate_in, state.score)
             if layer not in vectors:
                 return output

@@ -4,7 +4,8 @@
 // when normalising, the squared norm, with block reductions. A row with no valid position in the call falls back to
 // version 1's last_b (a parallel max over the whole mask row). Version 1 is this kernel with K = 1, no normalisation
 // and no score_in. The per-row math (the term, the division by the count, the decision) is steerOps.h, shared with
-// the CPU reference.
+// the CPU reference. On a call with a past, a row whose gate_in >= 0 is not scored (gate = gate_in, score = 0;
+// docs/contract.md "The score at decode").
 #include "steerKernels.h"
 #include "steerOps.h"
 
@@ -102,6 +103,16 @@ __global__ void __launch_bounds__(kBlock) steerGateKernel(typename StorageTraits
     __shared__ long long chunkPositions[kBlock];
     __shared__ long long maxShared[kWarps];
     int64_t const b = blockIdx.x;
+    // The score at decode (steerOps.h scoreSkipped): the whole block leaves together, before any barrier.
+    if (aligner::ops::scoreSkipped(gateIn[b], T, seq))
+    {
+        if (threadIdx.x == 0)
+        {
+            gate[b] = gateIn[b];
+            score[b] = 0.0f;
+        }
+        return;
+    }
     int64_t const* maskRow = mask + b * T;
     int64_t const* callMask = maskRow + (T - seq); // mask[b, T - S + s] for s in [0, S)
     auto const* rows = hidden + b * seq * H;
