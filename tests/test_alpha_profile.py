@@ -198,7 +198,7 @@ def test_sweep_runs_every_configuration(profile_pack, tmp_path, capsys):
     model_dir, path, _ = profile_pack
     out, table, png = tmp_path / "sweep.json", tmp_path / "sweep.md", tmp_path / "sweep.png"
     code = sweep.main(["--target", str(model_dir), "--pack", str(path), "--blocks", "1-3", "--modes", "add,norm",
-                       "--profiles", "flat,norm", "--end-rules", "none,0:100", "--limit", "3",
+                       "--profiles", "flat,norm", "--end-rules", "none,0:100", "--limit", "3", "--shape", "plain", "--harmless-sources", "self_instruct_seed",
                        "--harmless-limit", "2", "--max-new-tokens", "6", "--threads", "1",
                        "--work", str(tmp_path / "work"), "--out", str(out), "--table", str(table),
                        "--plot", str(png)])
