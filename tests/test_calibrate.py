@@ -271,7 +271,7 @@ def test_answer_residuals_equal_an_unpadded_forward(tiny_model_dir):
     right-padded batch, against one unpadded forward per prompt with output_hidden_states."""
     import torch
 
-    from aligner_export.hf.calibrate import answer_residuals
+    from aligner_export.hf.responses import answer_residuals
     from aligner_export.hf.modeling import chat_texts, load_model
 
     model, tokenizer = load_model(tiny_model_dir("llama"))

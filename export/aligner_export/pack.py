@@ -22,7 +22,7 @@ from aligner_runtime.contract.pack import LayerStatsKey, PackKey, RecommendedKey
 from aligner_runtime.errors import AlignerError, atomic_path
 from aligner_runtime.contract import PACK_GATES
 from aligner_runtime.contract.choices import (ALPHA_PROFILES, BIAS_RULES, DEFAULT_SHIFT_MODE, PACK_MODES,
-                                             SHIFT_MODE_NAMES)
+                                             SHIFT_MODE_NAMES, SSV_MODES)
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -239,7 +239,7 @@ def check_meta(meta, layers: int, hidden: int, gate_rows: int | None, where: str
     schema.field(rec, RecommendedKey.ALPHA, "float", here, lo=0.0)
     schema.field(rec, RecommendedKey.BIAS_RULE, "str", here, choices=BIAS_RULES)
     kind = gate_kind_named(schema.field(rec, RecommendedKey.GATE, "str", here, default="paper", choices=GATE_KINDS))
-    schema.field(rec, RecommendedKey.SSV, "str", here, default="prompt", choices=("prompt", "response"))
+    schema.field(rec, RecommendedKey.SSV, "str", here, default="prompt", choices=SSV_MODES)
     schema.field(rec, RecommendedKey.SHIFT_MODE, "str", here, default=DEFAULT_SHIFT_MODE, choices=SHIFT_MODE_NAMES)
     schema.field(rec, RecommendedKey.ALPHA_PROFILE, "str", here, default="flat", choices=ALPHA_PROFILES)
     end_rule = schema.field(rec, RecommendedKey.END_RULE, "dict", here, default=None)

@@ -7,7 +7,7 @@ import hashlib
 import time
 from pathlib import Path
 
-from aligner_runtime.contract import PACK_GATES, EndRuleKey
+from aligner_runtime.contract import PACK_GATES, SSV_MODES, EndRuleKey
 from aligner_runtime.contract.pack import LayerStatsKey, PackKey, RecommendedKey
 from aligner_runtime.errors import AlignerError, check_count, check_writable_dir, check_writable_file, max_threads
 from aligner_runtime.prompts import load_prompts, load_templates
@@ -54,10 +54,11 @@ def configure(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the splits, wraps and rewrites")
     parser.add_argument("--batch-size", type=int, default=64, help="most prompts per forward batch (default 64)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--ssv", choices=("response", "prompt"), default=None,
+    parser.add_argument("--ssv", choices=SSV_MODES, default=None,
                         help="steering vectors: response (the aligned model's own refusals minus its helpful "
-                             "answers; the default with --aligned, docs/calibration.md) or prompt (the paper's "
-                             "prompt activations; the default in self mode)")
+                             "answers; the default with --aligned, docs/calibration.md), response-compliant (its "
+                             "refusals minus the target's compliant answers to the same harmful prompts) or prompt "
+                             "(the paper's prompt activations; the default in self mode)")
 
 
 def _sets(args):
@@ -80,13 +81,14 @@ def _sets(args):
                                    wrapped, rewrites)
 
 
-def _response_cache(args) -> Path | None:
-    """Where the aligned model's calibration answers are kept between runs (``$INFERALIGNER_HOME/cache``); the file
-    names the aligned model's directory, and its content is checked against the prompts before it is used."""
-    if args.ssv == "prompt" or not args.aligned:
+def _answer_cache(args, role: str) -> Path | None:
+    """Where the ``role`` model's (aligned or target) calibration answers are kept between runs
+    (``$INFERALIGNER_HOME/cache``); the file names the model's directory, and its content is checked against the
+    model's fingerprint, the prompts and the token budget before it is used."""
+    if args.ssv == "prompt" or not args.aligned or (role == "target" and args.ssv != "response-compliant"):
         return None
-    key = hashlib.sha256(str(Path(args.aligned).resolve()).encode()).hexdigest()[:16]
-    return zoo.home() / "cache" / f"aligned-answers-{key}.json"
+    key = hashlib.sha256(str(Path(getattr(args, role)).resolve()).encode()).hexdigest()[:16]
+    return zoo.home() / "cache" / f"{role}-answers-{key}.json"
 
 
 def run(args) -> int:
@@ -112,7 +114,8 @@ def run(args) -> int:
     pack = calibrate(args.target, sets.harmful, sets.harmless, args.aligned, extras=sets.extras, gate=args.gate,
                      val_fraction=args.val_fraction, seed=args.seed, max_fpr=args.max_fpr,
                      max_fpr_borderline=args.max_fpr_borderline, batch_size=args.batch_size,
-                     report_dir=args.report, ssv=args.ssv, response_cache=_response_cache(args),
+                     report_dir=args.report, ssv=args.ssv, response_cache=_answer_cache(args, "aligned"),
+                     target_cache=_answer_cache(args, "target"),
                      threshold_rule=args.threshold_rule, log=lambda text: print(text, flush=True))
     save_pack(pack, out)
     rec = pack.recommended
@@ -136,11 +139,15 @@ def run(args) -> int:
           f"vectors on layers {steer[0]}-{steer[-1]}, alpha {rec[RecommendedKey.ALPHA]}"
           + (f", end rule after {end_rule[EndRuleKey.AFTER]} tokens (+{end_rule[EndRuleKey.SLOPE]:g}/token)"
              if end_rule else ""))
-    if pack.meta.get("ssv", {}).get("ssv") == "response":
-        info = pack.meta["ssv"]
+    info = pack.meta.get("ssv", {})
+    if info.get("ssv") == "response":
         print(f"response vectors: the aligned model refused {info['refused']}/{info['harmful']} harmful and answered "
               f"{info['answered']}/{info['harmless']} harmless calibration prompts; {info['refusals_ended']} "
               f"refusals ended within {info['max_new_tokens']} tokens")
+    elif info.get("ssv") == "response-compliant":
+        print(f"response-compliant vectors: of {info['harmful']} harmful calibration prompts the aligned model "
+              f"refused {info['refused']} ({info['refusals_ended']} ended within {info['max_new_tokens']} tokens) "
+              f"and the target complied with {info['complied']} ({info['paired']} both)")
     if args.report:
         print(f"report: {Path(args.report) / 'calibration.png'}")
     return 0

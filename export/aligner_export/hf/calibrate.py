@@ -12,7 +12,6 @@ prompts. See docs/calibration.md for the rules.
 from __future__ import annotations
 
 import gc
-import json
 import sys
 import warnings
 from dataclasses import dataclass
@@ -20,19 +19,19 @@ from pathlib import Path
 
 import numpy as np
 
-from aligner_runtime.contract import (ATTENTION_MASK, DEFAULT_SHIFT_MODE, INPUT_IDS, POSITION_IDS, EndRuleKey,
+from aligner_runtime.contract import (ATTENTION_MASK, DEFAULT_SHIFT_MODE, INPUT_IDS, SSV_MODES, EndRuleKey,
                                       gate_kind_named, position_ids)
 from aligner_runtime.contract.pack import LayerStatsKey, ModelInfoKey, PackKey, RecommendedKey
-from aligner_runtime.errors import AlignerError, atomic_path
+from aligner_runtime.errors import AlignerError
 from aligner_runtime.prompts import prompts_sha256
 
 from aligner_export import __version__
 from aligner_export.corpus import Record
-from aligner_export.evaluation.judge import KeywordJudge
 from aligner_export.gate import THRESHOLD_RULES, Features, default_candidates, fit_gate
 from aligner_export.hf.families import family_for, text_config
 from aligner_export.hf.modeling import chat_texts, fingerprint, load_model, model_dims, tokenize_batch
 from aligner_export.hf.report import write_calibration_report
+from aligner_export.hf.responses import RESPONSE_PROMPTS, cached_answers, response_srv
 from aligner_export.pack import BIAS_RULES, SteeringPack, save_pack
 
 MIN_PROMPTS = 8
@@ -46,11 +45,9 @@ ALPHA_NORM_FRACTION = 0.4
 BATCH_TOKENS = 4096  # padded tokens per forward batch
 TAIL_TOKENS = 4  # residual positions kept per prompt at the candidate gate layers (the largest K searched)
 ALIGNED_MAX = 400  # prompts per class the aligned model sees (its class means only need to settle)
-# Response-derived steering vectors (issue 17; docs/calibration.md "Steering vectors"): the aligned model answers this
-# many calibration prompts of each class, greedily, with at most RESPONSE_TOKENS new tokens.
-SSV_MODES = ("response", "prompt")
-RESPONSE_PROMPTS = 128
-RESPONSE_TOKENS = 48
+# Response-derived steering vectors (issue 17; docs/calibration.md "Steering vectors", hf/responses.py): the kinds
+# (contract.SSV_MODES) whose vectors come from answers rather than prompts.
+RESPONSE_SSVS = ("response", "response-compliant")
 # Where response vectors steer: the middle band of the decoder, [RESPONSE_BLOCK[0]·L, RESPONSE_BLOCK[1]·L). The
 # refusal behaviour is written there; the upper layers that carry the prompt SRV's class signal mostly turn the
 # answer's topic (the sweep in docs/calibration.md).
@@ -158,112 +155,6 @@ def srv_of(harmful: np.ndarray, harmless: np.ndarray):
     return mean_harmful, mean_harmless, _unit(mean_harmful.astype(np.float64) - mean_harmless)
 
 
-def generate_answers(model, tokenizer, prompts, max_new_tokens: int = RESPONSE_TOKENS, batch_size: int = 16,
-                     desc: str = "answers") -> list[tuple[str, bool]]:
-    """Greedy answers of ``model`` to the chat-templated ``prompts``: ``(text, ended)`` with ``ended`` when the model
-    produced an end-of-sequence token within ``max_new_tokens`` (the text then ends before it)."""
-    # deferred: torch, the model run's own import (the package imports without it)
-    import torch
-    # deferred: tqdm (the export extra): aligner-export's parser imports this module in a device install
-    from tqdm import tqdm
-
-    texts = chat_texts(tokenizer, prompts)[0]
-    eos = tokenizer.eos_token_id
-    out: list[tuple[str, bool]] = []
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", file=sys.stderr, leave=False):
-            batch = tokenize_batch(tokenizer, texts[start:start + batch_size], padding_side="left")
-            sequences = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                                       pad_token_id=tokenizer.pad_token_id)
-            for row in sequences[:, batch[INPUT_IDS].shape[1]:].tolist():
-                ended = eos in row
-                row = row[:row.index(eos)] if ended else row
-                out.append((tokenizer.decode(row, skip_special_tokens=True), ended))
-    return out
-
-
-def answer_residuals(model, tokenizer, prompts, answers, batch_size: int = 16) -> np.ndarray:
-    """``[N, L, H]``: each decoder layer's output averaged over the tokens of the answer that follows the
-    chat-templated prompt (the prompt's own positions are left out)."""
-    # deferred: torch, the model run's own import (the package imports without it)
-    import torch
-
-    family = family_for(model.config)
-    layers = family.decoder_layers(model)
-    decoder = family.language_model(model).model
-    texts = chat_texts(tokenizer, prompts)[0]
-    captured: dict[int, "torch.Tensor"] = {}
-    handles = [layer.register_forward_hook(
-        lambda _m, _a, output, i=i: captured.__setitem__(i, output[0] if isinstance(output, tuple) else output))
-        for i, layer in enumerate(layers)]
-    out = []
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                heads = texts[start:start + batch_size]
-                full = [h + a for h, a in zip(heads, answers[start:start + batch_size])]
-                prompt_lengths = [len(tokenizer(h, add_special_tokens=False)[INPUT_IDS]) for h in heads]
-                batch = tokenize_batch(tokenizer, full, padding_side="right")
-                mask = batch[ATTENTION_MASK]
-                decoder(**{INPUT_IDS: batch[INPUT_IDS], ATTENTION_MASK: mask,
-                           POSITION_IDS: torch.from_numpy(position_ids(mask.numpy()))}, use_cache=False)
-                answer_mask = mask.clone()
-                for j, length in enumerate(prompt_lengths):
-                    answer_mask[j, :length] = 0
-                weights = answer_mask.float()[:, :, None]
-                count = weights.sum(1).clamp(min=1)
-                out.append(torch.stack([(captured[l].float() * weights).sum(1) / count for l in range(len(layers))],
-                                       dim=1).numpy())
-                captured.clear()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return np.concatenate(out)
-
-
-def response_srv(model, tokenizer, harmful, harmless, end_text: str, cache: Path | None, log=lambda *_: None):
-    """Response-derived steering vectors (issue 17): the unit difference, per layer, of the aligned model's residuals
-    over its own refusals of ``harmful`` prompts and over its own helpful answers to ``harmless`` prompts. A
-    refusal that ended is followed by ``end_text`` (the end-of-sequence token), so that the vector carries the end
-    too. The answers are generated once and kept in ``cache`` (a JSON file keyed by the model and the prompts).
-    Returns ``(srv [L, H], info)``."""
-    answers, model_print = None, fingerprint(model)
-    if cache is not None and cache.exists():
-        try:
-            answers = json.loads(cache.read_text())
-            answers = ((answers["harmful"], answers["harmless"])
-                       if answers["prompts"] == [harmful, harmless] and answers["model"] == model_print
-                       and answers["max_new_tokens"] == RESPONSE_TOKENS else None)
-        except (ValueError, KeyError, TypeError):
-            answers = None
-    if answers is None:
-        log(f"aligned: answering {len(harmful)} harmful and {len(harmless)} harmless calibration prompts "
-            f"(once; cached)")
-        answers = (generate_answers(model, tokenizer, harmful, desc="aligned answers (harmful)"),
-                   generate_answers(model, tokenizer, harmless, desc="aligned answers (harmless)"))
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(cache) as tmp:
-                Path(tmp).write_text(json.dumps({"model": model_print, "max_new_tokens": RESPONSE_TOKENS,
-                                                 "prompts": [harmful, harmless], "harmful": answers[0],
-                                                 "harmless": answers[1]}))
-    judge = KeywordJudge()
-    refused = [i for i, (p, (a, _)) in enumerate(zip(harmful, answers[0])) if judge.is_refusal(p, a)]
-    helped = [i for i, (p, (a, _)) in enumerate(zip(harmless, answers[1])) if not judge.is_refusal(p, a)]
-    if len(refused) < MIN_PROMPTS or len(helped) < MIN_PROMPTS:
-        raise AlignerError(f"the aligned model refused {len(refused)} of {len(harmful)} harmful and answered "
-                           f"{len(helped)} of {len(harmless)} harmless calibration prompts; response vectors need "
-                           f"at least {MIN_PROMPTS} of each (use --ssv prompt, or a better aligned model)")
-    refusals = [answers[0][i][0] + (end_text if answers[0][i][1] else "") for i in refused]
-    on_h = answer_residuals(model, tokenizer, [harmful[i] for i in refused], refusals)
-    on_b = answer_residuals(model, tokenizer, [harmless[i] for i in helped], [answers[1][i][0] for i in helped])
-    ended = sum(answers[0][i][1] for i in refused)
-    info = {"ssv": "response", "refused": len(refused), "harmful": len(harmful), "answered": len(helped),
-            "harmless": len(harmless), "refusals_ended": ended, "max_new_tokens": RESPONSE_TOKENS,
-            "mean_refusal_words": float(np.mean([len(r.split()) for r in refusals]))}
-    return _unit(on_h.mean(axis=0, dtype=np.float64) - on_b.mean(axis=0, dtype=np.float64)), info
-
-
 def paper_bias(harmful_proj: np.ndarray, harmless_proj: np.ndarray) -> float:
     """Minus the mean projection of all calibration prompts (the paper's rule)."""
     return float(-np.concatenate([harmful_proj, harmless_proj]).mean(dtype=np.float64))
@@ -342,15 +233,18 @@ def _check_options(harmful, harmless, gate: str, max_fpr: float, max_fpr_borderl
 def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gate: str = "linear",
               val_fraction: float = 0.25, seed: int = 0, max_fpr: float = 0.02, max_fpr_borderline: float = 0.10,
               batch_size: int = 64, report_dir=None, candidates=None, aligned_max: int = ALIGNED_MAX,
-              ssv: str | None = None, response_cache: Path | None = None, threshold_rule: str = "generic",
-              log=lambda *_: None) -> SteeringPack:
+              ssv: str | None = None, response_cache: Path | None = None, target_cache: Path | None = None,
+              threshold_rule: str = "generic", log=lambda *_: None) -> SteeringPack:
     """Computes the steering pack. Loads one model at a time to bound memory.
 
     ``harmful`` and ``harmless`` (strings or :class:`~aligner_export.corpus.Record`) give the SRVs and the gate's
     positives and negatives; ``extras`` (records: wrapped and rewritten prompts of both labels) train the linear gate
     only. ``gate="paper"`` fits no linear gate (a format-1-style pack, exported with ``--gate paper``).
-    ``ssv="response"`` (the default with an aligned model) takes the steering vectors from the aligned model's own refusals and helpful answers
-    (:func:`response_srv`, cached in ``response_cache``); ``"prompt"`` is the paper's prompt-activation SRV."""
+    ``ssv="response"`` (the default with an aligned model) takes the steering vectors from the aligned model's own
+    refusals and helpful answers (:func:`~aligner_export.hf.responses.response_srv`, its answers cached in
+    ``response_cache``); ``"response-compliant"`` from its refusals and the target's compliant answers to the same
+    harmful prompts (the target's answers cached in ``target_cache``); ``"prompt"`` is the paper's prompt-activation
+    SRV."""
     harmful = _records(harmful, "harmful", "harmful")
     harmless = _records(harmless, "harmless", "harmless")
     extras = list(extras)
@@ -364,8 +258,8 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
         ssv = "response" if aligned_dir is not None else "prompt"
     if ssv not in SSV_MODES:
         raise AlignerError(f"--ssv must be one of {', '.join(SSV_MODES)}, got {ssv!r}")
-    if ssv == "response" and aligned_dir is None:
-        raise AlignerError("--ssv response needs an --aligned model (its own refusals give the vectors)")
+    if ssv in RESPONSE_SSVS and aligned_dir is None:
+        raise AlignerError(f"--ssv {ssv} needs an --aligned model (its own refusals give the vectors)")
     # A vision-language target is compared by its language model: the aligned model may be a text-only LM.
     target_dims = model_dims(target_dir)
     if aligned_dir is not None:
@@ -388,10 +282,16 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
     everything = harmful + harmless + extras
     n_h, n_b = len(harmful), len(harmless)
 
+    pick_h = _cap(harmful_cal, RESPONSE_PROMPTS, np.random.default_rng(seed + 3))  # the answered harmful prompts
+
     log(f"target: {len(everything)} prompts ({n_h} harmful, {n_b} harmless, {len(extras)} wrapped or rewritten)")
     model, tokenizer = load_model(target_dir)
     texts, systems = _texts(everything)
     target = collect_activations(model, tokenizer, texts, batch_size, "target", tail_layers, systems)
+    target_answers = None
+    if ssv == "response-compliant":  # the target's own answers to the harmful prompts the aligned model answers
+        target_answers = cached_answers(model, tokenizer, {"harmful": [harmful[i].prompt for i in pick_h]},
+                                        target_cache, log, "target")["harmful"]
     info = {PackKey.TARGET: {ModelInfoKey.FINGERPRINT: fingerprint(model),
                              ModelInfoKey.SOURCE: str(Path(target_dir).resolve()),
                              ModelInfoKey.CHAT_TEMPLATE_SHA256: target.chat_template_sha256,
@@ -424,13 +324,12 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
                                  ModelInfoKey.CHAT_TEMPLATE_SHA256: aligned.chat_template_sha256,
                                  ModelInfoKey.CHAT_TEMPLATE_FALLBACK: aligned.used_fallback_template,
                                  ModelInfoKey.PROMPTS: {"harmful": int(len(rows_h)), "harmless": int(len(rows_b))}}
-        if ssv == "response":
-            pick_h = _cap(harmful_cal, RESPONSE_PROMPTS, np.random.default_rng(seed + 3))
+        if ssv in RESPONSE_SSVS:
             pick_b = _cap(srv_harmless, RESPONSE_PROMPTS, np.random.default_rng(seed + 4))
             try:
                 response_steer, info["response_ssv"] = response_srv(
                     model, tokenizer, [harmful[i].prompt for i in pick_h], [harmless[i].prompt for i in pick_b],
-                    tokenizer.eos_token or "", response_cache, log)
+                    tokenizer.eos_token or "", response_cache, log, compliant=target_answers)
             except AlignerError as exc:
                 if not auto:
                     raise
@@ -479,7 +378,7 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
     recommended = recommend(per_layer, residual_norm)
     recommended[RecommendedKey.SSV] = ssv
     steer_srv = a_srv
-    if ssv == "response":
+    if ssv in RESPONSE_SSVS:
         # The response vectors steer the middle band (RESPONSE_BLOCK), at the same accumulated-shift rule for alpha,
         # and the answer ends by the end rule (docs/calibration.md "Steering vectors").
         steer_srv = response_steer

@@ -15,6 +15,10 @@ BIAS_RULES = ("paper", "fpr")  # how calibration places the paper gate's bias
 # The gate kinds a pack and --gate name (PACK_GATES) and the rules a gate may record (GATE_RULES) follow from the
 # registered kinds: contract.steering defines them.
 PACK_MODES = ("cross-model", "self")
+# Where a pack's steering vectors come from (docs/calibration.md): the aligned model's refusals minus its helpful
+# answers to harmless prompts, or minus the target's compliant answers to the same harmful prompts, or the paper's
+# prompt activations. A pack that records none was made with "prompt".
+SSV_MODES = ("response", "response-compliant", "prompt")
 # SteerShift's modes (docs/contract.md "Operators"): "add" is version 1 (the paper's h + gate·v), "norm" version 2
 # (the shifted state rescaled to the norm it had before the shift). The registry in .steering maps them to versions.
 SHIFT_MODE_NAMES = ("add", "norm")
