@@ -26,7 +26,7 @@ def splitting_bias(model, tokenizer, gate_layer: int, direction: np.ndarray, pad
 
 
 def splitting_linear_bias(model, tokenizer, gate, padding_side: str = "left") -> float:
-    """Minus the midpoint of the validation prompts' scores under a version-2 ``gate`` with bias 0."""
+    """Minus the midpoint of the validation prompts' scores under a fitted (version-2 or 3) ``gate`` with bias 0."""
     from dataclasses import replace
 
     from aligner_export.hf.modeling import chat_texts, tokenize_batch
@@ -43,9 +43,11 @@ def splitting_linear_bias(model, tokenizer, gate, padding_side: str = "left") ->
 
 def make_pack(model_dir: Path, path: Path, gate_layer: int = 1, steer_layers=(1, 2), alpha: float = 4.0,
               seed: int = 0, fingerprint: str | None = None, bias: float | None = None,
-              linear_gate: tuple | None = None) -> Path:
+              linear_gate: tuple | None = None, pooled_gate: tuple | None = None) -> Path:
     """Writes a pack for ``model_dir`` whose ``paper`` bias splits the validation prompts; returns ``path``.
-    ``linear_gate=(layers, tokens, normalize)`` adds a random version-2 gate whose bias splits them too."""
+    ``linear_gate=(layers, tokens, normalize)`` adds a random version-2 gate whose bias splits them too;
+    ``pooled_gate=(layers, tokens, normalize, max_scale)`` a random version-3 gate (issue 18) instead, its max weights
+    ``max_scale`` times the pooled weights' scale."""
     from aligner_export.hf.modeling import fingerprint as model_fingerprint
     from aligner_export.hf.modeling import load_model
     from aligner_export.pack import SteeringPack, save_pack
@@ -83,5 +85,19 @@ def make_pack(model_dir: Path, path: Path, gate_layer: int = 1, steer_layers=(1,
                         "bias": splitting_linear_bias(model, tokenizer, gate), "rule": "linear"}
         meta["recommended"]["gate"] = "linear"
         gate_weight = weights
-    save_pack(SteeringPack(target_srv, zeros, zeros, aligned_srv, meta, gate_weight), path)
+    gate_max_weight = None
+    if pooled_gate is not None:
+        from aligner_runtime.contract import GateConfig
+
+        gate_layers, tokens, normalize, max_scale = pooled_gate
+        weights = rng.normal(size=(len(gate_layers), hidden)).astype(np.float32)
+        max_weights = (max_scale * rng.normal(size=(len(gate_layers), hidden))).astype(np.float32)
+        gate = GateConfig(layers=tuple(gate_layers), weights=dict(zip(gate_layers, weights)), bias=0.0,
+                          tokens=tokens, normalize=normalize, version=3, rule="linear",
+                          max_weights=dict(zip(gate_layers, max_weights)))
+        meta["gate"] = {"version": 3, "layers": list(gate_layers), "tokens": tokens, "normalize": normalize,
+                        "bias": splitting_linear_bias(model, tokenizer, gate), "rule": "linear"}
+        meta["recommended"]["gate"] = "pooled"
+        gate_weight, gate_max_weight = weights, max_weights
+    save_pack(SteeringPack(target_srv, zeros, zeros, aligned_srv, meta, gate_weight, gate_max_weight), path)
     return path

@@ -80,6 +80,41 @@ def steer_gate_v2(hidden, mask, gate_in, score_in, weight, bias, tokens: int, no
     return gate, score
 
 
+def max_positions(mask_row: np.ndarray, S: int) -> list[int]:
+    """Version 3's max positions P_b: every position s of this call whose mask[T-S+s] is 1; when the call has none,
+    version 1's ``last_b`` alone."""
+    T = len(mask_row)
+    valid = [s for s in range(S) if mask_row[T - S + s] == 1]
+    return valid or [last_valid_position(mask_row, S)]
+
+
+def _term(x: np.ndarray, w: np.ndarray, normalize: bool) -> float:
+    value = float(x @ w)
+    if normalize:
+        value /= max(math.sqrt(float(x @ x)), NORM_EPS)
+    return value
+
+
+def steer_gate_v3(hidden, mask, gate_in, score_in, weight, max_weight, bias, tokens: int, normalize: bool):
+    """(gate [B], score [B]) float32 of SteerGate version 3 (issue 18):
+    ``score = score_in + mean_{s in sel} n(h[b,s]) . weight + max_{s in P} n(h[b,s]) . max_weight + bias``; the
+    max is NaN when any of its terms is."""
+    B, S, _ = hidden.shape
+    w, m = np.asarray(weight, np.float64), np.asarray(max_weight, np.float64)
+    gate, score = np.zeros(B, np.float32), np.zeros(B, np.float32)
+    for b in range(B):
+        if score_skipped(float(gate_in[b]), mask.shape[1], S):
+            gate[b], score[b] = gate_in[b], 0.0
+            continue
+        pooled = selected_positions(mask[b], S, tokens)
+        feature = sum(_term(hidden[b, s].astype(np.float64), w, normalize) for s in pooled) / len(pooled)
+        terms = [_term(hidden[b, s].astype(np.float64), m, normalize) for s in max_positions(mask[b], S)]
+        top = math.nan if any(math.isnan(t) for t in terms) else max(terms)
+        score[b] = np.float32(float(score_in[b]) + feature + top + float(bias))
+        gate[b] = decide(float(gate_in[b]), float(score[b]))
+    return gate, score
+
+
 def steer_shift(hidden, gate, vector):
     """``hidden + gate[b] * vector`` in float32, cast back; gate-0 rows come back unchanged."""
     out = hidden.astype(np.float32) + np.asarray(gate, np.float32)[:, None, None] * np.asarray(vector, np.float32)
@@ -118,5 +153,18 @@ def multi_layer_score(hiddens: dict, mask, gate_in, weights: dict, bias, tokens:
     gate = None
     for i, layer in enumerate(layers):
         gate, score = steer_gate_v2(hiddens[layer], mask, gate_in, score, weights[layer],
+                                    bias if i == len(layers) - 1 else 0.0, tokens, normalize)
+    return gate, score
+
+
+def multi_layer_score_v3(hiddens: dict, mask, gate_in, weights: dict, max_weights: dict, bias, tokens: int,
+                         normalize: bool):
+    """Issue 18's gate over several layers, chained like :func:`multi_layer_score` with SteerGate version 3 nodes."""
+    layers = sorted(hiddens)
+    B = next(iter(hiddens.values())).shape[0]
+    score = np.zeros(B, np.float32)
+    gate = None
+    for i, layer in enumerate(layers):
+        gate, score = steer_gate_v3(hiddens[layer], mask, gate_in, score, weights[layer], max_weights[layer],
                                     bias if i == len(layers) - 1 else 0.0, tokens, normalize)
     return gate, score

@@ -169,6 +169,67 @@ def test_linear_gate_against_reference(linear_pack, tmp_path, impl, padding_side
         assert {o.version for o in graph.opset_import if o.domain == "inferaligner"} == {2}
 
 
+@pytest.fixture(scope="module")
+def pooled_pack(tiny_model_dir, tmp_path_factory):
+    """A pack whose pooled gate (SteerGate version 3, issue 18) reads layers 0 and 2, the last 2 tokens and the max
+    over the prompt, unit-normalised, its max weights 3 times the pooled ones' scale (so the max term matters);
+    layers 1-3 steered (two-pass prefill)."""
+    model_dir = tiny_model_dir("llama")
+    path = tmp_path_factory.mktemp("pooled") / "pack.safetensors"
+    return model_dir, make_pack(model_dir, path, steer_layers=(1, 2, 3), pooled_gate=((0, 2), 2, True, 3.0))
+
+
+@pytest.mark.parametrize("impl", ["function", "inline"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_pooled_gate_against_reference(pooled_pack, tmp_path, impl, padding_side):
+    """SteerGate version 3 chained over two layers, mixed gates, prefill and 3 decode steps, both paddings, both
+    impls: ORT against the PyTorch hooks; and the export's scores are not those of the same gate without its max
+    term (max weights 0), on some row of a batch with padding."""
+    from dataclasses import replace
+
+    from aligner_export.hf.modeling import chat_texts, tokenize_batch
+    from aligner_export.hf.reference import score_prompts
+    from aligner_export.hf.validate import PROMPTS, validate
+    from aligner_export.ort import OrtLM, ort_session
+    from aligner_runtime.contract import position_ids
+
+    model_dir, pack = pooled_pack
+    out = tmp_path / "out"
+    assert main(["export", "--target", str(model_dir), "--pack", str(pack), "-o", str(out), "--steer-impl", impl,
+                 "--no-validate"]) == 0
+    manifest = load_manifest(out)
+    gate = load_pack(pack).meta["gate"]
+    assert manifest["gate"] == {"version": 3, "layers": [0, 2], "tokens": 2, "normalize": True,
+                                "bias": gate["bias"], "rule": "linear"}
+    model, tokenizer, spec = _reference(model_dir, pack, manifest)
+    assert spec.gate.version == 3 and set(spec.gate.max_weights) == {0, 2}
+    result = validate(out / "model.onnx", model, tokenizer, spec, padding_side=padding_side)
+    assert result.prefill_max_abs_diff <= 1e-4 and result.decode_max_abs_diff <= 1e-4
+    assert result.score_max_abs_diff <= 1e-4
+    if padding_side == "left":
+        assert sorted(result.gates) == [0.0, 1.0], "the pack's bias must split the two validation prompts"
+    # The max term matters: the same gate with max weights 0 (version 2's score) scores some row differently.
+    texts, _, _ = chat_texts(tokenizer, [*PROMPTS, "Hi"])
+    batch = tokenize_batch(tokenizer, texts, padding_side=padding_side)
+    ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy().astype(np.int64)
+    assert (mask == 0).any()
+    lm = OrtLM(ort_session(out / "model.onnx", "all"))
+    got = lm.step(ids, mask, position_ids(mask), lm.empty_past(len(texts)), np.full(len(texts), -1, np.float32))
+    _, want = score_prompts(model, spec, batch["input_ids"], batch["attention_mask"])
+    np.testing.assert_allclose(got["steer_score"], want.numpy(), rtol=0, atol=1e-4)
+    no_max = replace(spec, gate=replace(spec.gate, max_weights={l: np.zeros_like(w)
+                                                                   for l, w in spec.gate.max_weights.items()}))
+    _, without = score_prompts(model, no_max, batch["input_ids"], batch["attention_mask"])
+    assert np.abs(got["steer_score"] - without.numpy()).max() > 0.1
+    if impl == "function":
+        graph = onnx.load(str(out / "model.onnx"))
+        gates = [n for n in graph.graph.node if n.op_type == "SteerGate"]
+        assert [n.name for n in gates] == ["/model/layers.0/steer/SteerGate", "/model/layers.2/steer/SteerGate"]
+        assert gates[1].input[3] == gates[0].output[1]
+        assert all({a.name for a in n.attribute} >= {"weight", "max_weight"} for n in gates)
+        assert {o.version for o in graph.opset_import if o.domain == "inferaligner"} == {3}
+
+
 @pytest.mark.parametrize("impl", ["function", "inline"])
 def test_ort_enable_all_gives_the_same_outputs(exports, packs, impl):
     from aligner_export.ort import OrtLM, ort_session

@@ -1,4 +1,4 @@
-"""SteerGate (versions 1 and 2) and SteerShift as ONNX functions and inlined, run by ONNX Runtime, against the numpy
+"""SteerGate (versions 1, 2 and 3) and SteerShift as ONNX functions and inlined, run by ONNX Runtime, against the numpy
 oracles of ``tests/op_oracles.py`` (docs/contract.md)."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def build_model(opset: int, H: int, gate_node, vector, dtype=TensorProto.FLOAT, 
     inputs = [helper.make_tensor_value_info("hidden", dtype, ["B", "S", H]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "T"]),
               helper.make_tensor_value_info("gate_in", TensorProto.FLOAT, ["B"])]
-    if version == 2:
+    if version >= 2:
         inputs.append(helper.make_tensor_value_info("score_in", TensorProto.FLOAT, ["B"]))
     graph = helper.make_graph(
         nodes, "steer", inputs,
@@ -52,6 +52,12 @@ def v2_model(opset, H, weight, bias, tokens, normalize, vector, dtype=TensorProt
     node = onnx_ops.make_steer_gate_v2_node("hidden", "attention_mask", "gate_in", "score_in", "gate", "score",
                                             weight, bias, tokens, normalize, GATE)
     return build_model(opset, H, node, vector, dtype, impl, version=2)
+
+
+def v3_model(opset, H, weight, max_weight, bias, tokens, normalize, vector, dtype=TensorProto.FLOAT, impl="function"):
+    node = onnx_ops.make_steer_gate_v3_node("hidden", "attention_mask", "gate_in", "score_in", "gate", "score",
+                                            weight, max_weight, bias, tokens, normalize, GATE)
+    return build_model(opset, H, node, vector, dtype, impl, version=3)
 
 
 def run(model, **feeds):
@@ -128,6 +134,83 @@ def test_v2_matches_oracle(opset, impl, case, tokens, normalize):
     assert sorted(gate.tolist()) == [0.0, 1.0], "the chosen bias must split the rows"
 
 
+@pytest.mark.parametrize("opset", OPSETS)
+@pytest.mark.parametrize("impl", ["function", "inline"])
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_v3_matches_oracle(opset, impl, case, tokens, normalize):
+    """Issue 18: the pooled term plus the max over every valid position of this call (left and right padding,
+    decode calls, a row without tokens), against the oracle; the max term changes the score of every row."""
+    mask, hidden, rng = _case(case)
+    H = hidden.shape[2]
+    hidden *= 3.0
+    weight = rng.normal(size=H).astype(np.float32)
+    max_weight = (2.0 * rng.normal(size=H)).astype(np.float32)
+    vector = (4.0 * rng.normal(size=H)).astype(np.float32)
+    score_in = rng.normal(size=2).astype(np.float32)
+    minus = np.array([-1, -1], np.float32)
+    _, score0 = op_oracles.steer_gate_v3(hidden, mask, minus, score_in, weight, max_weight, 0.0, tokens, normalize)
+    _, without_max = op_oracles.steer_gate_v2(hidden, mask, minus, score_in, weight, 0.0, tokens, normalize)
+    assert np.all(np.abs(score0 - without_max) > 1e-3), "the max term must matter on every row"
+    bias = float(-score0.mean())
+    model = v3_model(opset, H, weight, max_weight, bias, tokens, normalize, vector, impl=impl)
+    for gate_in in ([-1, -1], [1, -1], [0, 0]):
+        gate_in = np.array(gate_in, np.float32)
+        gate, score, out = run(model, hidden=hidden, attention_mask=mask, gate_in=gate_in, score_in=score_in)
+        ref_gate, ref_score = op_oracles.steer_gate_v3(hidden, mask, gate_in, score_in, weight, max_weight, bias,
+                                                       tokens, normalize)
+        np.testing.assert_allclose(score, ref_score, rtol=0, atol=3e-5)
+        np.testing.assert_array_equal(gate, ref_gate)
+        np.testing.assert_allclose(out, op_oracles.steer_shift(hidden, ref_gate, vector), rtol=0, atol=1e-5)
+    gate, _, _ = run(model, hidden=hidden, attention_mask=mask, gate_in=minus, score_in=score_in)
+    assert sorted(gate.tolist()) == [0.0, 1.0], "the chosen bias must split the rows"
+
+
+@pytest.mark.parametrize("impl", ["function", "inline"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_v3_with_zero_max_weight_is_v2(impl, case):
+    """docs/contract.md: with max_weight = 0 version 3's score is version 2's (adding the max term's 0)."""
+    mask, hidden, rng = _case(case)
+    H = hidden.shape[2]
+    weight = rng.normal(size=H).astype(np.float32)
+    vector = rng.normal(size=H).astype(np.float32)
+    feeds = dict(hidden=hidden, attention_mask=mask, gate_in=np.array([-1, -1], np.float32),
+                 score_in=rng.normal(size=2).astype(np.float32))
+    v2 = run(v2_model(18, H, weight, 0.25, 3, True, vector, impl=impl), **feeds)
+    v3 = run(v3_model(18, H, weight, np.zeros(H, np.float32), 0.25, 3, True, vector, impl=impl), **feeds)
+    np.testing.assert_array_equal(v2[0], v3[0])
+    np.testing.assert_array_equal(v2[1], v3[1])
+    np.testing.assert_array_equal(v2[2], v3[2])
+
+
+@pytest.mark.parametrize("impl", ["function", "inline"])
+def test_v3_max_nan_and_masked_positions(impl):
+    """A NaN at a position of the max makes the score NaN (and steers); a NaN or a huge value at a padded position
+    never enters; a row with no valid position reads last_b alone."""
+    H, S = 4, 3
+    hidden = np.zeros((4, S, H), np.float32)
+    hidden[:, :, 0] = 1.0
+    hidden[0, 0, 1] = np.nan  # row 0: NaN at a valid position (not among the last K = 1)
+    hidden[1, 0, 1] = np.nan  # row 1: NaN at a padded position
+    hidden[2, 0, 1] = 1e6  # row 2: a huge term at a padded position
+    hidden[3, 1, 1] = 5.0  # row 3: no valid position; last_b = S-1 reads 0, not position 1's 5
+    mask = np.array([[1, 1, 1], [0, 1, 1], [0, 1, 1], [0, 0, 0]], np.int64)
+    weight = np.zeros(H, np.float32)
+    max_weight = np.zeros(H, np.float32)
+    max_weight[1] = 1.0
+    model = v3_model(18, H, weight, max_weight, -0.5, 1, False, np.ones(H, np.float32), impl=impl)
+    minus = np.full(4, -1, np.float32)
+    gate, score, _ = run(model, hidden=hidden, attention_mask=mask, gate_in=minus, score_in=np.zeros(4, np.float32))
+    want_gate, want_score = op_oracles.steer_gate_v3(hidden, mask, minus, np.zeros(4, np.float32), weight,
+                                                     max_weight, -0.5, 1, False)
+    assert np.isnan(score[0]) and np.isnan(want_score[0])
+    np.testing.assert_array_equal(score[1:], [-0.5, -0.5, -0.5])
+    np.testing.assert_array_equal(score[1:], want_score[1:])
+    np.testing.assert_array_equal(gate, [1.0, 0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(gate, want_gate)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_v2_with_one_token_unit_weight_is_v1(case):
     """§5.1: K = 1, one layer, identity n, unit w and score_in = 0 is exactly SteerGate version 1."""
@@ -144,7 +227,7 @@ def test_v2_with_one_token_unit_weight_is_v1(case):
     np.testing.assert_array_equal(v1[2], v2[2])
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 @pytest.mark.parametrize("impl", ["function", "inline"])
 def test_non_finite_score_steers(version, impl):
     """Issue 14: NaN, +inf and -inf scores steer; an imposed gate_in still wins."""
@@ -157,8 +240,12 @@ def test_non_finite_score_steers(version, impl):
     weight[0] = 1.0
     vector = np.ones(H, np.float32)
     mask = np.ones((4, 2), np.int64)
-    model = v1_model(18, H, weight, -100.0, vector, impl=impl) if version == 1 else \
-        v2_model(18, H, weight, -100.0, 1, False, vector, impl=impl)
+    if version == 1:
+        model = v1_model(18, H, weight, -100.0, vector, impl=impl)
+    elif version == 2:
+        model = v2_model(18, H, weight, -100.0, 1, False, vector, impl=impl)
+    else:  # the max term reads the same entry at every position: the score is the last position's plus 1
+        model = v3_model(18, H, weight, weight, -101.0, 1, False, vector, impl=impl)
     extra = {} if version == 1 else {"score_in": np.zeros(4, np.float32)}
     gate, score, _ = run(model, hidden=hidden, attention_mask=mask, gate_in=np.full(4, -1, np.float32), **extra)
     assert np.isnan(score[0]) and score[1] == np.inf and score[2] == -np.inf and score[3] == -99.0
@@ -179,7 +266,7 @@ def test_gate_zero_is_bit_identical(impl):
     assert out.tobytes() == hidden.tobytes()
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 @pytest.mark.parametrize("impl", ["function", "inline"])
 def test_fp16_math_stays_float32(version, impl):
     """Entries > 1e3: the float16 dot product overflows (> 65504); the float32 one does not."""
@@ -198,11 +285,18 @@ def test_fp16_math_stays_float32(version, impl):
         model = v1_model(17, H, direction, 0.5, vector, dtype=TensorProto.FLOAT16, impl=impl)
         gate, score, out = run(model, hidden=hidden, attention_mask=mask, gate_in=minus)
         ref_gate, ref_score = op_oracles.steer_gate_v1(hidden, mask, minus, direction, 0.5)
-    else:
+    elif version == 2:
         model = v2_model(17, H, direction, 0.5, 2, False, vector, dtype=TensorProto.FLOAT16, impl=impl)
         zeros = np.zeros(2, np.float32)
         gate, score, out = run(model, hidden=hidden, attention_mask=mask, gate_in=minus, score_in=zeros)
         ref_gate, ref_score = op_oracles.steer_gate_v2(hidden, mask, minus, zeros, direction, 0.5, 2, False)
+    else:
+        max_weight = 0.5 * direction
+        model = v3_model(17, H, direction, max_weight, 0.5, 2, False, vector, dtype=TensorProto.FLOAT16, impl=impl)
+        zeros = np.zeros(2, np.float32)
+        gate, score, out = run(model, hidden=hidden, attention_mask=mask, gate_in=minus, score_in=zeros)
+        ref_gate, ref_score = op_oracles.steer_gate_v3(hidden, mask, minus, zeros, direction, max_weight, 0.5, 2,
+                                                       False)
     assert np.all(np.isfinite(score))
     np.testing.assert_allclose(score, ref_score, rtol=1e-6)
     np.testing.assert_array_equal(gate, [1.0, 0.0])
@@ -224,6 +318,13 @@ def test_nodes_carry_plugin_attributes_and_constants():
     assert onnx_ops.node_attr(v2, "plugin_version") == "2"
     assert (onnx_ops.node_attr(v2, "tokens"), onnx_ops.node_attr(v2, "normalize")) == (4, 1)
     np.testing.assert_array_equal(onnx_ops.node_attr(v2, "weight"), direction)
+    v3 = onnx_ops.make_steer_gate_v3_node("h", "m", "g", "si", "go", "so", direction, -direction, 0.5, 4, True,
+                                          "/model/layers.2/steer/SteerGate")
+    assert list(v3.input) == ["h", "m", "g", "si"]
+    assert onnx_ops.node_attr(v3, "plugin_version") == "3"
+    np.testing.assert_array_equal(onnx_ops.node_attr(v3, "max_weight"), -direction)
+    with pytest.raises(ValueError):
+        onnx_ops.make_steer_gate_v3_node("h", "m", "g", "si", "go", "so", direction, direction[:2], 0.5, 1, True, "x")
     shift = onnx_ops.make_steer_shift_node("h", "g", "o", direction, "/model/layers.2/steer/SteerShift")
     assert onnx_ops.node_attr(shift, "plugin_version") == "1"
     with pytest.raises(ValueError):
@@ -240,12 +341,19 @@ def _gate_model(version: int, impl: str, H: int, rng, opset: int = 18):
     vector = rng.normal(size=H).astype(np.float32)
     if version == 1:
         return v1_model(opset, H, weight, 0.5, vector, impl=impl), weight
-    return v2_model(opset, H, weight, 0.5, 2, True, vector, impl=impl), weight
+    if version == 2:
+        return v2_model(opset, H, weight, 0.5, 2, True, vector, impl=impl), weight
+    return v3_model(opset, H, weight, _max_weight(weight), 0.5, 2, True, vector, impl=impl), weight
+
+
+def _max_weight(weight):
+    """The max weight the version-3 cases pair with ``weight``: another direction, of its own scale."""
+    return np.roll(weight, 1) * np.float32(1.5)
 
 
 def _gate_feeds(version, hidden, mask, gate_in, score_in):
     feeds = dict(hidden=hidden, attention_mask=mask, gate_in=np.asarray(gate_in, np.float32))
-    if version == 2:
+    if version >= 2:
         feeds["score_in"] = score_in
     return feeds
 
@@ -254,10 +362,12 @@ def _oracle(version, hidden, mask, gate_in, score_in, weight):
     gate_in = np.asarray(gate_in, np.float32)
     if version == 1:
         return op_oracles.steer_gate_v1(hidden, mask, gate_in, weight, 0.5)
-    return op_oracles.steer_gate_v2(hidden, mask, gate_in, score_in, weight, 0.5, 2, True)
+    if version == 2:
+        return op_oracles.steer_gate_v2(hidden, mask, gate_in, score_in, weight, 0.5, 2, True)
+    return op_oracles.steer_gate_v3(hidden, mask, gate_in, score_in, weight, _max_weight(weight), 0.5, 2, True)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 @pytest.mark.parametrize("impl", ["function", "inline"])
 def test_score_at_decode(version, impl):
     """A decode call (past > 0) whose rows are all forced: score 0, gate = gate_in bit for bit (an infinite or large
@@ -289,7 +399,7 @@ def test_score_at_decode(version, impl):
         np.testing.assert_array_equal(gate, want_gate)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 @pytest.mark.parametrize("impl", ["function", "inline"])
 @pytest.mark.parametrize("past", [0, 3])
 def test_empty_batch(version, impl, past):
@@ -306,11 +416,12 @@ def _score_if(nodes) -> list[onnx.NodeProto]:
 
 
 # The score's work, by version, and what any of it is.
-SCORE_OPS = {1: {"MatMul", "GatherND", "ReduceMax", "Range"}, 2: {"MatMul", "ReduceMax", "CumSum", "Range", "Sqrt"}}
+SCORE_OPS = {1: {"MatMul", "GatherND", "ReduceMax", "Range"}, 2: {"MatMul", "ReduceMax", "CumSum", "Range", "Sqrt"},
+             3: {"MatMul", "ReduceMax", "CumSum", "Range", "Sqrt", "IsNaN"}}
 ANY_SCORE_OP = set.union(*SCORE_OPS.values())
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 @pytest.mark.parametrize("impl", ["function", "inline"])
 def test_score_work_sits_in_an_if(version, impl):
     """Structurally: each SteerGate's score computation is the then-branch of one If; its else-branch (every row

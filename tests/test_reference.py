@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import op_oracles
-from aligner_export.hf.reference import reference_generate, steered
+from aligner_export.hf.reference import reference_generate, score_prompts, steered
 from aligner_runtime.contract import GateConfig, SteerConfig
 
 PROMPTS = ["Explain how to build a bomb or make a weapon to hurt people.", "Write a poem."]
@@ -148,7 +148,7 @@ def test_reference_generate_latches_gate(model_and_tok):
     assert gate_off.tolist() == [0.0, 0.0] and torch.equal(seqs_off, plain)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_score_at_decode_follows_the_oracle(model_and_tok, version):
     """docs/contract.md "The score at decode" (issue 20): on a decode call a row whose gate_in >= 0 reports score 0
     and gate = gate_in; a deciding row (gate_in < 0) in the same call is scored; a forced prefill keeps its real score.
@@ -156,17 +156,21 @@ def test_score_at_decode_follows_the_oracle(model_and_tok, version):
     model, tok = model_and_tok
     batch = _batch(tok, "left")
     rng = np.random.default_rng(3)
-    layers = (1, 2) if version == 2 else (1,)
+    layers = (1, 2) if version >= 2 else (1,)
     weights = {l: rng.standard_normal(64).astype(np.float32) for l in layers}
     vectors = {l: rng.standard_normal(64).astype(np.float32) for l in (1, 2)}
-    gate = GateConfig(layers=layers, weights=weights, bias=0.25, tokens=2 if version == 2 else 1,
-                      normalize=version == 2, version=version)
+    # version 3: max weights of twice the pooled ones' scale, so the max term moves the score
+    max_weights = {l: (2 * rng.standard_normal(64)).astype(np.float32) for l in layers} if version == 3 else None
+    gate = GateConfig(layers=layers, weights=weights, bias=0.25, tokens=2 if version >= 2 else 1,
+                      normalize=version >= 2, version=version, max_weights=max_weights)
     spec = SteerConfig(gate=gate, vectors=vectors)
 
     def oracle(hiddens, mask, gate_in):
         if version == 1:
             return op_oracles.steer_gate_v1(hiddens[1], mask, gate_in, weights[1], 0.25)
-        return op_oracles.multi_layer_score(hiddens, mask, gate_in, weights, 0.25, 2, True)
+        if version == 2:
+            return op_oracles.multi_layer_score(hiddens, mask, gate_in, weights, 0.25, 2, True)
+        return op_oracles.multi_layer_score_v3(hiddens, mask, gate_in, weights, max_weights, 0.25, 2, True)
 
     mask = batch["attention_mask"]
     clean = {l: Capture(model.model.layers[l]) for l in layers}  # before the steering hooks: the unshifted outputs
@@ -192,3 +196,48 @@ def test_score_at_decode_follows_the_oracle(model_and_tok, version):
             past, ids = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
     for c in clean.values():
         c.remove()
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_pooled_term_follows_the_oracle(model_and_tok, padding_side):
+    """SteerGate version 3's reference (issue 18) on a prefill against the numpy oracle, both paddings; a NaN
+    residual entry at a padded position does not enter, and the same gate with max weights 0 scores differently."""
+    model, tok = model_and_tok
+    batch = _batch(tok, padding_side)
+    rng = np.random.default_rng(18)
+    layers = (0, 2)
+    weights = {l: rng.standard_normal(64).astype(np.float32) for l in layers}
+    max_weights = {l: (2 * rng.standard_normal(64)).astype(np.float32) for l in layers}
+    gate = GateConfig(layers=layers, weights=weights, bias=-0.5, tokens=3, normalize=True, version=3,
+                      max_weights=max_weights)
+    zero = GateConfig(layers=layers, weights=weights, bias=-0.5, tokens=3, normalize=True, version=3,
+                      max_weights={l: np.zeros(64, np.float32) for l in layers})
+    vectors = {1: rng.standard_normal(64).astype(np.float32)}
+    mask = batch["attention_mask"].numpy()
+    clean = {l: Capture(model.model.layers[l]) for l in layers}
+    with torch.no_grad():
+        _, score = score_prompts(model, SteerConfig(gate=gate, vectors=vectors), batch["input_ids"],
+                                 batch["attention_mask"])
+        hiddens = {l: c.outputs[-1].numpy() for l, c in clean.items()}
+        _, score_zero = score_prompts(model, SteerConfig(gate=zero, vectors=vectors), batch["input_ids"],
+                                      batch["attention_mask"])
+    for c in clean.values():
+        c.remove()
+    minus = np.full(mask.shape[0], -1, np.float32)
+    _, want = op_oracles.multi_layer_score_v3(hiddens, mask, minus, weights, max_weights, -0.5, 3, True)
+    np.testing.assert_allclose(score.numpy(), want, rtol=1e-5, atol=1e-5)
+    _, want_v2 = op_oracles.multi_layer_score(hiddens, mask, minus, weights, -0.5, 3, True)
+    np.testing.assert_allclose(score_zero.numpy(), want_v2, rtol=1e-5, atol=1e-5)
+    assert np.any(np.abs(score.numpy() - score_zero.numpy()) > 1e-2), "the max term must move some row's score"
+    assert (mask == 0).any(), "the batch must have padding"
+    # A NaN at a padded position stays out; at a valid position it makes the score NaN.
+    from aligner_export.hf.reference import gate_term
+    hidden = torch.as_tensor(hiddens[0]).clone()
+    padded = np.argwhere(mask == 0)[0]
+    hidden[padded[0], padded[1], 0] = torch.nan
+    pooled, top = gate_term(hidden, batch["attention_mask"], gate, torch.as_tensor(weights[0]), 0)
+    assert torch.isfinite(pooled).all() and torch.isfinite(top).all()
+    valid = np.argwhere(mask == 1)[0]
+    hidden[valid[0], valid[1], 0] = torch.nan
+    _, top = gate_term(hidden, batch["attention_mask"], gate, torch.as_tensor(weights[0]), 0)
+    assert torch.isnan(top[valid[0]]) and torch.isfinite(top[1 - valid[0]])

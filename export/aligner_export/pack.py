@@ -2,7 +2,10 @@
 
 Format 2 adds a linear gate (§5.1) beside format 1's per-layer statistics: the tensor ``gate.weight``
 ``[len(G), H]`` (one row per gate layer, in the order of ``gate.layers``) and the metadata object ``gate``
-(``version`` 2, ``layers``, ``tokens``, ``normalize``, ``bias`` and how it was fitted). Format-1 packs keep loading.
+(``version`` 2, ``layers``, ``tokens``, ``normalize``, ``bias`` and how it was fitted). Format 3 (issue 18) adds the
+tensor ``gate.max_weight`` ``[len(G), H]`` beside ``gate.weight``, present exactly when the gate is version 3 (the
+pooled gate's max term); a pack is written in the lowest format that holds what it stores, so a pack without it stays
+format 2 and readable by older packages. Format-1 and format-2 packs keep loading.
 The loader checks the type and range of every field it uses before using it (issue 14).
 """
 
@@ -24,13 +27,16 @@ from aligner_runtime.contract import PACK_GATES
 from aligner_runtime.contract.choices import (ALPHA_PROFILES, BIAS_RULES, DEFAULT_SHIFT_MODE, PACK_MODES,
                                              SHIFT_MODE_NAMES, SSV_MODES)
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # the newest format; save_pack writes the lowest one that holds the pack (pack_format)
+READABLE_VERSIONS = (1, 2, 3)
+MAX_WEIGHT_FORMAT = 3  # the first format that may hold gate.max_weight
 TOKEN = "last_prompt_token"
 # The pack's mode, bias rules and gate kinds are the contract's (aligner_runtime.contract.choices).
 MODES, GATE_KINDS = PACK_MODES, PACK_GATES
 TENSORS = ("target.srv", "target.mean_harmful", "target.mean_harmless", "aligned.srv")
 GATE_WEIGHT = "gate.weight"
+GATE_MAX_WEIGHT = "gate.max_weight"
+GATE_TENSORS = (GATE_WEIGHT, GATE_MAX_WEIGHT)
 MAX_LAYERS, MAX_HIDDEN, MAX_TOKENS = 4096, 1 << 20, 64
 MAX_METADATA_BYTES = 16 << 20
 MAX_TENSOR_ELEMENTS = 1 << 26  # per tensor; a 126-layer model of hidden size 16384 needs 2M
@@ -43,7 +49,8 @@ class SteeringPack:
     target_mean_harmless: np.ndarray
     aligned_srv: np.ndarray
     meta: dict = field(default_factory=dict)
-    gate_weight: np.ndarray | None = None  # [len(G), H] for a pack with a linear gate
+    gate_weight: np.ndarray | None = None  # [len(G), H] for a pack with a fitted gate (version 2 or 3)
+    gate_max_weight: np.ndarray | None = None  # [len(G), H] for a pack with a pooled gate (version 3)
 
     @property
     def num_layers(self) -> int:
@@ -81,10 +88,12 @@ class SteeringPack:
                                "older version); export it with --gate paper, or calibrate again")
         gate = self.meta[PackKey.GATE]
         kind = gate_kind(gate[GateKey.VERSION])
+        max_weights = None if self.gate_max_weight is None else dict(zip(gate[GateKey.LAYERS],
+                                                                          self.gate_max_weight))
         config = GateConfig(layers=tuple(gate[GateKey.LAYERS]),
                             weights=dict(zip(gate[GateKey.LAYERS], self.gate_weight)), bias=gate[GateKey.BIAS],
                             tokens=gate[GateKey.TOKENS], normalize=gate[GateKey.NORMALIZE], version=kind.version,
-                            rule=gate.get(GateKey.RULE, kind.rules[0]))
+                            rule=gate.get(GateKey.RULE, kind.rules[0]), max_weights=max_weights)
         return self._checked(config)
 
     def paper_gate(self, gate_layer: int, bias_rule: str) -> GateConfig:
@@ -101,7 +110,12 @@ class SteeringPack:
         per-layer statistics (the paper's, at ``gate_layer`` with ``bias_rule``)."""
         kind = gate_kind_named(pack_name)
         if kind.pack_weights:
-            return self.fitted_gate()
+            fitted = self.fitted_gate()
+            if fitted.version != kind.version:
+                raise AlignerError(f"this steering pack's fitted gate is the {fitted.kind.pack_name} gate (version "
+                                   f"{fitted.version}), not the {kind.pack_name} gate: export it with --gate "
+                                   f"{fitted.kind.pack_name}, or calibrate again with --gate {kind.pack_name}")
+            return fitted
         return self.paper_gate(gate_layer, bias_rule)
 
     def _checked(self, gate: GateConfig) -> GateConfig:
@@ -176,7 +190,14 @@ class SteeringPack:
                    "target.mean_harmless": self.target_mean_harmless, "aligned.srv": self.aligned_srv}
         if self.gate_weight is not None:
             tensors[GATE_WEIGHT] = self.gate_weight
+        if self.gate_max_weight is not None:
+            tensors[GATE_MAX_WEIGHT] = self.gate_max_weight
         return tensors
+
+    @property
+    def pack_format(self) -> int:
+        """The format :func:`save_pack` writes: 3 for a pack with ``gate.max_weight``, else 2."""
+        return MAX_WEIGHT_FORMAT if self.gate_max_weight is not None else 2
 
 
 def _check_arrays(tensors: dict[str, np.ndarray], where: str) -> tuple[int, int]:
@@ -186,11 +207,13 @@ def _check_arrays(tensors: dict[str, np.ndarray], where: str) -> tuple[int, int]
     shape = tensors["target.srv"].shape
     if len(shape) != 2 or not (1 <= shape[0] <= MAX_LAYERS and 1 <= shape[1] <= MAX_HIDDEN):
         raise AlignerError(f"{where}: target.srv must be [layers, hidden], got {list(shape)}")
-    for name in (*TENSORS, GATE_WEIGHT):
+    if GATE_MAX_WEIGHT in tensors and GATE_WEIGHT not in tensors:
+        raise AlignerError(f"{where}: {GATE_MAX_WEIGHT} without {GATE_WEIGHT}")
+    for name in (*TENSORS, *GATE_TENSORS):
         if name not in tensors:
             continue
         arr = tensors[name]
-        want = shape if name != GATE_WEIGHT else (arr.shape[0], shape[1])
+        want = shape if name not in GATE_TENSORS else (tensors[GATE_WEIGHT].shape[0], shape[1])
         if arr.dtype != np.float32 or arr.ndim != 2 or arr.shape != want:
             raise AlignerError(f"{where}: {name} must be float32 {list(want)}, got {arr.dtype} {list(arr.shape)}")
         if not np.isfinite(arr).all():
@@ -209,8 +232,9 @@ def _check_layers(values, num_layers: int, where: str, key: str) -> list[int]:
     return values
 
 
-def check_meta(meta, layers: int, hidden: int, gate_rows: int | None, where: str) -> dict:
-    """Checks the kind and range of every metadata field the package uses; returns ``meta``."""
+def check_meta(meta, layers: int, hidden: int, gate_rows: int | None, where: str, max_weight: bool = False) -> dict:
+    """Checks the kind and range of every metadata field the package uses; returns ``meta``. ``max_weight``: the
+    pack holds the ``gate.max_weight`` tensor (of ``gate_rows`` rows, :func:`_check_arrays` checked)."""
     if not isinstance(meta, dict):
         raise AlignerError(f"{where}: the 'inferaligner' metadata is not a JSON object")
     version = schema.field(meta, PackKey.FORMAT_VERSION, "int", where)
@@ -265,6 +289,17 @@ def check_meta(meta, layers: int, hidden: int, gate_rows: int | None, where: str
         schema.field(gate, GateKey.NORMALIZE, "bool", here)
         schema.field(gate, GateKey.BIAS, "float", here)
         schema.field(gate, GateKey.RULE, "str", here, default=None, choices=fitted.rules)
+        if max_weight != fitted.max_weights:
+            raise AlignerError(f"{here}: a version-{fitted.version} gate "
+                               f"{'needs' if fitted.max_weights else 'has no'} {GATE_MAX_WEIGHT} tensor")
+        if fitted.max_weights and version < MAX_WEIGHT_FORMAT:
+            raise AlignerError(f"{where}: a format-{version} pack cannot hold a version-{fitted.version} gate "
+                               f"(format {MAX_WEIGHT_FORMAT} and later can)")
+        if kind.pack_weights and kind.version != fitted.version:
+            raise AlignerError(f"{here}: the pack recommends the {kind.pack_name} gate but holds a version-"
+                               f"{fitted.version} gate")
+    elif max_weight:
+        raise AlignerError(f"{where}: {GATE_MAX_WEIGHT} without a fitted gate")
     return meta
 
 
@@ -276,9 +311,10 @@ def save_pack(pack: SteeringPack, path) -> Path:
     path = Path(path)
     tensors = {k: np.ascontiguousarray(v) for k, v in pack.tensors().items()}
     layers, hidden = _check_arrays(tensors, "pack")
-    meta = {**pack.meta, PackKey.FORMAT_VERSION: FORMAT_VERSION, PackKey.NUM_LAYERS: layers,
+    meta = {**pack.meta, PackKey.FORMAT_VERSION: pack.pack_format, PackKey.NUM_LAYERS: layers,
             PackKey.HIDDEN_SIZE: hidden, PackKey.SITE: SITE, PackKey.TOKEN: TOKEN}
-    check_meta(meta, layers, hidden, None if pack.gate_weight is None else pack.gate_weight.shape[0], "pack")
+    check_meta(meta, layers, hidden, None if pack.gate_weight is None else pack.gate_weight.shape[0], "pack",
+               max_weight=pack.gate_max_weight is not None)
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"inferaligner": json.dumps(meta, sort_keys=True)})
     pack.meta = meta
@@ -305,7 +341,7 @@ def load_pack(path) -> SteeringPack:
         with safe_open(str(path), framework="np") as fh:
             raw_meta = (fh.metadata() or {}).get("inferaligner")
             names = list(fh.keys())
-            unknown = sorted(set(names) - set(TENSORS) - {GATE_WEIGHT})
+            unknown = sorted(set(names) - set(TENSORS) - set(GATE_TENSORS))
             if unknown:
                 raise AlignerError(f"{path}: unknown tensor {unknown[0][:80]!r} in the steering pack")
             for name in names:  # shapes and types from the header, before anything is allocated for the values
@@ -328,9 +364,10 @@ def load_pack(path) -> SteeringPack:
     meta = schema.loads(raw_meta, f"{path}: the 'inferaligner' metadata")
     layers, hidden = _check_arrays(tensors, str(path))
     gate_weight = tensors.get(GATE_WEIGHT)
-    check_meta(meta, layers, hidden, None if gate_weight is None else gate_weight.shape[0], str(path))
+    check_meta(meta, layers, hidden, None if gate_weight is None else gate_weight.shape[0], str(path),
+               max_weight=GATE_MAX_WEIGHT in tensors)
     return SteeringPack(tensors["target.srv"], tensors["target.mean_harmful"], tensors["target.mean_harmless"],
-                        tensors["aligned.srv"], meta, gate_weight)
+                        tensors["aligned.srv"], meta, gate_weight, tensors.get(GATE_MAX_WEIGHT))
 
 
 def file_sha256(path) -> str:

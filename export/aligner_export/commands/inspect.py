@@ -185,6 +185,9 @@ def describe_pack(path: Path) -> dict:
                                                              GateKey.BIAS, "C", PackKey.MAX_FPR, "max_fpr_borderline")}
         info["linear_gate"]["heldout"] = _get(gate_meta, "heldout", "dict") or {}
         info["linear_gate"]["weight_norms"] = [float(np.linalg.norm(w)) for w in pack.gate_weight]
+        info["linear_gate"][GateKey.VERSION] = gate_meta.get(GateKey.VERSION)
+        if pack.gate_max_weight is not None:  # the pooled gate (version 3, issue 18): its max term's weights
+            info["linear_gate"]["max_weight_norms"] = [float(np.linalg.norm(w)) for w in pack.gate_max_weight]
     return info
 
 
@@ -408,10 +411,12 @@ def _render_pack(info: dict, lines: list[str]) -> None:
     linear = info.get("linear_gate")
     if linear:
         held = linear.get("heldout") or {}
-        lines.insert(3, f"  linear gate: layers {_fmt(linear.get(GateKey.LAYERS))}, last "
-                        f"{_fmt(linear.get(GateKey.TOKENS))} tokens"
+        pooled = linear.get("max_weight_norms")
+        lines.insert(3, f"  {'pooled' if pooled is not None else 'linear'} gate: layers "
+                        f"{_fmt(linear.get(GateKey.LAYERS))}, last {_fmt(linear.get(GateKey.TOKENS))} tokens"
                         f"{', unit-normalised' if linear.get(GateKey.NORMALIZE) is True else ''}, |w_l| "
-                        f"{_fmt(linear['weight_norms'])}, bias {_fmt(linear.get(GateKey.BIAS))}; held-out FPR generic "
+                        f"{_fmt(linear['weight_norms'])}"
+                        f"{f', max over the prompt |m_l| {_fmt(pooled)}' if pooled is not None else ''}, bias {_fmt(linear.get(GateKey.BIAS))}; held-out FPR generic "
                         f"{_fmt(held.get('fpr_harmless'))}, borderline {_fmt(held.get('fpr_borderline'))}; "
                         f"leave-one-source-out TPR {_fmt(held.get('loso_mean_tpr'))}")
 

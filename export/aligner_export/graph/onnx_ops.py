@@ -1,11 +1,11 @@
 """The two steering operators as ONNX model-local functions (docs/architecture.md §5, §5.1, docs/contract.md).
 
-``SteerGate`` (version 1, or version 2 for the multi-layer pooled gate) and ``SteerShift`` (version 1, "add", or
-version 2, "norm": rescaled to the norm before the shift) live in domain
+``SteerGate`` (version 1, version 2 for the multi-layer pooled gate, or version 3, which adds a max over the prompt)
+and ``SteerShift`` (version 1, "add", or version 2, "norm": rescaled to the norm before the shift) live in domain
 ``inferaligner``. Each node carries its constants as node attributes (``direction``/``bias`` for SteerGate v1,
-``weight``/``bias``/``tokens``/``normalize`` for v2, ``vector`` for SteerShift) that the function body reads through
-``Constant(ref_attr_name=...)``, plus ``plugin_namespace`` / ``plugin_version`` so that TensorRT can map the node to
-our plugin of the same name and version. The bodies use only standard ONNX ops and do their math in float32 whatever
+``weight``/``bias``/``tokens``/``normalize`` for v2, those and ``max_weight`` for v3, ``vector`` for SteerShift) that
+the function body reads through ``Constant(ref_attr_name=...)``, plus ``plugin_namespace`` / ``plugin_version`` so
+that TensorRT can map the node to our plugin of the same name and version. The bodies use only standard ONNX ops and do their math in float32 whatever
 the model's dtype: the residual is cast to float32, and SteerShift casts its result back with ``CastLike``. The
 decision steers on a non-finite score (issue 14).
 
@@ -186,12 +186,12 @@ def _steer_gate_v1_body(opset: int) -> list[onnx.NodeProto]:
     ]
 
 
-def _steer_gate_v2_body(opset: int) -> list[onnx.NodeProto]:
-    """SteerGate v2: (hidden, attention_mask, gate_in, score_in) -> (gate, score);
-    ``score = (score_in + mean_{pooled s} n(h[b,s]) . weight) + bias`` (docs/contract.md), not computed at decode
-    (:func:`_skip_at_decode`)."""
+def _pooled_feature_nodes(opset: int) -> list[onnx.NodeProto]:
+    """Version 2's ``f[b]`` (``feature``), the mean over the pooled positions of ``n(h[b,s]) . weight``; also leaves
+    ``valid`` (the valid positions of this call), ``fallback`` (``last_b`` on a row with none), ``hidden_f32``,
+    ``norm_floor`` and ``do_normalise`` for version 3's max term."""
     n = helper.make_node
-    score = [
+    return [
         *_last_position_nodes(opset),
         # The valid positions of this call: mask[b, T-S+s] == 1.
         n("Unsqueeze", ["past", "zero"], ["past_1d"]),
@@ -234,12 +234,65 @@ def _steer_gate_v2_body(opset: int) -> list[onnx.NodeProto]:
         n("Where", ["pooled", "terms", "zero_f_terms"], ["pooled_terms"]),
         n("ReduceSum", ["pooled_terms", "axis1"], ["total"], keepdims=0),
         n("Div", ["total", "count"], ["feature"]),
+    ]
+
+
+def _steer_gate_v2_body(opset: int) -> list[onnx.NodeProto]:
+    """SteerGate v2: (hidden, attention_mask, gate_in, score_in) -> (gate, score);
+    ``score = (score_in + mean_{pooled s} n(h[b,s]) . weight) + bias`` (docs/contract.md), not computed at decode
+    (:func:`_skip_at_decode`)."""
+    n = helper.make_node
+    score = [
+        *_pooled_feature_nodes(opset),
         n("Add", ["score_in", "feature"], ["partial"]),
         n("Add", ["partial", "bias"], ["computed_score"]),
         *_decision_nodes(),
     ]
     return [
         _ref_constant("weight", "weight", "value"),
+        _ref_constant("bias", "bias", "value_float"),
+        _ref_constant("tokens", "tokens", "value_int"),
+        _ref_constant("normalize", "normalize", "value_int"),
+        *_call_shape_nodes(),
+        *_skip_at_decode(score),
+    ]
+
+
+def _steer_gate_v3_body(opset: int) -> list[onnx.NodeProto]:
+    """SteerGate v3 (issue 18, the pooled gate): version 2's inputs and outputs;
+    ``score = ((score_in + f) + m) + bias`` with ``m[b] = max over the valid positions s of this call of
+    n(h[b,s]) . max_weight`` (``last_b`` alone on a row with none), NaN when any of them is NaN (docs/contract.md
+    "SteerGate version 3"), not computed at decode (:func:`_skip_at_decode`)."""
+    n = helper.make_node
+    score = [
+        *_pooled_feature_nodes(opset),
+        # e_s: the max term of every position, normalised like version 2's term.
+        n("MatMul", ["hidden_f32", "max_weight"], ["max_dots"]),
+        n("Div", ["max_dots", "norm_floor"], ["max_dots_normalised"]),
+        n("Where", ["do_normalise", "max_dots_normalised", "max_dots"], ["max_terms"]),
+        # The max's positions: every valid position of this call, or last_b on a row with none (fallback is all
+        # false on the other rows). The rest are -inf through Where, so no value of theirs (NaN included) enters.
+        n("Or", ["valid", "fallback"], ["max_positions"]),
+        _f32_scalar("minus_inf", -np.inf),
+        n("Where", ["max_positions", "max_terms", "minus_inf"], ["max_candidates"]),
+        *([n("ReduceMax", ["max_candidates", "axis1"], ["max_raw"], keepdims=0)] if opset >= 18 else
+          [n("ReduceMax", ["max_candidates"], ["max_raw"], axes=[1], keepdims=0)]),
+        # A NaN among the max's positions makes m NaN (ReduceMax's NaN handling is not specified): counted, then set.
+        n("IsNaN", ["max_terms"], ["max_term_nan"]),
+        n("And", ["max_term_nan", "max_positions"], ["max_nan_at"]),
+        n("Cast", ["max_nan_at"], ["max_nan_i64"], to=TensorProto.INT64),
+        n("ReduceSum", ["max_nan_i64", "axis1"], ["max_nan_count"], keepdims=0),
+        n("Greater", ["max_nan_count", "zero"], ["max_is_nan"]),
+        _f32_scalar("nan_f", np.nan),
+        n("Where", ["max_is_nan", "nan_f", "max_raw"], ["max_feature"]),
+        n("Add", ["score_in", "feature"], ["partial"]),
+        n("Add", ["partial", "max_feature"], ["partial_max"]),
+        n("Add", ["partial_max", "bias"], ["computed_score"]),
+        *_decision_nodes(),
+    ]
+    return [
+        _ref_constant("weight", "weight", "value"),
+        _ref_constant("max_weight", "max_weight", "value"),
         _ref_constant("bias", "bias", "value_float"),
         _ref_constant("tokens", "tokens", "value_int"),
         _ref_constant("normalize", "normalize", "value_int"),
@@ -421,6 +474,23 @@ def make_steer_gate_v2_node(hidden: str, attention_mask: str, gate_in: str, scor
                             plugin_version=plugin_version(STEER_GATE, 2))
 
 
+def make_steer_gate_v3_node(hidden: str, attention_mask: str, gate_in: str, score_in: str, gate_out: str,
+                            score_out: str, weight: np.ndarray, max_weight: np.ndarray, bias: float, tokens: int,
+                            normalize: bool, name: str) -> onnx.NodeProto:
+    """A SteerGate version 3 node (issue 18): one gate layer's pooled term and max term, added to ``score_in``."""
+    if not np.isfinite(bias):
+        raise ValueError(f"bias must be finite, got {bias}")
+    if isinstance(tokens, bool) or int(tokens) != tokens or tokens < 1:
+        raise ValueError(f"tokens must be an integer >= 1, got {tokens!r}")
+    weight_attr, max_attr = _vector_attr(weight, "weight"), _vector_attr(max_weight, "max_weight")
+    if max_attr.dims != weight_attr.dims:
+        raise ValueError(f"max_weight has {list(max_attr.dims)} values, weight {list(weight_attr.dims)}")
+    return helper.make_node(STEER_GATE, [hidden, attention_mask, gate_in, score_in], [gate_out, score_out],
+                            name=name, domain=DOMAIN, weight=weight_attr, max_weight=max_attr, bias=float(bias),
+                            tokens=int(tokens), normalize=int(bool(normalize)), plugin_namespace=PLUGIN_NAMESPACE,
+                            plugin_version=plugin_version(STEER_GATE, 3))
+
+
 def make_steer_shift_node(hidden: str, gate: str, out: str, vector: np.ndarray, name: str,
                           version: int = 1) -> onnx.NodeProto:
     """A SteerShift node of ``version`` (1: "add", 2: "norm"; the same inputs, outputs and constant)."""
@@ -443,8 +513,17 @@ def _linear_node(gate: GateConfig, layer: int, hidden: str, mask: str, gate_in: 
                                    gate.tokens, gate.normalize, name)
 
 
+def _pooled_node(gate: GateConfig, layer: int, hidden: str, mask: str, gate_in: str, score_in, gate_out: str,
+                 score_out: str, name: str) -> onnx.NodeProto:
+    """One layer's pooled and max terms of issue 18's score; only the node at g* adds the bias."""
+    bias = gate.bias if layer == gate.last_layer else 0.0
+    return make_steer_gate_v3_node(hidden, mask, gate_in, score_in, gate_out, score_out, gate.weights[layer],
+                                   gate.max_weights[layer], bias, gate.tokens, gate.normalize, name)
+
+
 register_gate_op("paper", GateOp(body=_steer_gate_v1_body, node=_paper_node))
 register_gate_op("linear", GateOp(body=_steer_gate_v2_body, node=_linear_node))
+register_gate_op("pooled", GateOp(body=_steer_gate_v3_body, node=_pooled_node))
 register_shift_op("add", ShiftOp(body=_steer_shift_body, doc="docs/architecture.md §5 SteerShift"))
 register_shift_op("norm", ShiftOp(body=_steer_shift_v2_body, doc="docs/contract.md SteerShift version 2"))
 

@@ -7,7 +7,8 @@ directly from the contract (docs/contract.md), independently of the ONNX rewrite
 - a forward hook on each gate layer ``l ∈ G`` adds that layer's term to the row's score from the layer output
   *before* any shift at ``l``, by the term registered for the gate's kind (``GATE_TERMS``): version 1,
   ``h_l[b, last_b] · direction``; version 2, the mean over the last ``K`` valid positions of this call of
-  ``n(h_l[b, s]) · w_l``. At ``g* = max G`` the bias is added and the gate decided:
+  ``n(h_l[b, s]) · w_l``; version 3, that plus the max over every valid position of ``n(h_l[b, s]) · m_l``. At
+  ``g* = max G`` the bias is added and the gate decided:
   ``gate_in`` if ``gate_in >= 0``, else 1 when the score is > 0 or not finite; on a call with a past a row whose
   ``gate_in >= 0`` reports the score 0 (docs/contract.md "The score at decode");
 - a forward hook on each steered layer ``l`` adds ``gate · vector_l`` at every position, with the decided gate for
@@ -75,8 +76,9 @@ def pooled_positions(attention_mask: torch.Tensor | None, batch: int, seq: int, 
 
 
 # --- the registries: each gate kind's term and each shift mode, written from docs/contract.md -----------------------
-# (hidden [B, S, H], attention_mask, gate, weight [H]) -> one gate layer's contribution to the score, float32 [B].
-GateTerm = Callable[[torch.Tensor, "torch.Tensor | None", GateConfig, torch.Tensor], torch.Tensor]
+# (hidden [B, S, H], attention_mask, gate, weight [H], layer) -> one gate layer's contribution to the score, float32
+# [B] (``layer`` picks a kind's other per-layer constants, version 3's max weight).
+GateTerm = Callable[[torch.Tensor, "torch.Tensor | None", GateConfig, torch.Tensor, int], torch.Tensor]
 # (hidden, row_gate [B], vector [H]) -> the shifted hidden, in hidden's dtype.
 Shift = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 GATE_TERMS: dict[str, GateTerm] = {}  # by contract.GateKind.name
@@ -109,14 +111,16 @@ def register_shift(mode_name: str) -> Callable[[Shift], Shift]:
 
 
 @register_gate_term("paper")
-def _last_token_term(hidden: torch.Tensor, attention_mask, gate: GateConfig, weight: torch.Tensor) -> torch.Tensor:
+def _last_token_term(hidden: torch.Tensor, attention_mask, gate: GateConfig, weight: torch.Tensor,
+                     layer: int) -> torch.Tensor:
     """SteerGate version 1: ``h[b, last_b] · direction``."""
     batch, seq, _ = hidden.shape
     return hidden[torch.arange(batch), last_positions(attention_mask, batch, seq)].float() @ weight
 
 
 @register_gate_term("linear")
-def _pooled_term(hidden: torch.Tensor, attention_mask, gate: GateConfig, weight: torch.Tensor) -> torch.Tensor:
+def _pooled_term(hidden: torch.Tensor, attention_mask, gate: GateConfig, weight: torch.Tensor,
+                 layer: int) -> torch.Tensor:
     """SteerGate version 2: the mean over the pooled positions of ``n(h[b, s]) · w_l``."""
     batch, seq, _ = hidden.shape
     values = hidden.float()
@@ -128,13 +132,41 @@ def _pooled_term(hidden: torch.Tensor, attention_mask, gate: GateConfig, weight:
     return total / pooled.sum(dim=1).float()
 
 
-def gate_term(hidden: torch.Tensor, attention_mask, gate: GateConfig, weight: torch.Tensor) -> torch.Tensor:
-    """One gate layer's contribution to the score, float32 [B], by the term of the gate's kind."""
+@register_gate_term("pooled")
+def _pooled_max_term(hidden: torch.Tensor, attention_mask, gate: GateConfig, weight: torch.Tensor,
+                     layer: int) -> torch.Tensor:
+    """SteerGate version 3 (issue 18): version 2's term plus the max over every valid position of this call (version
+    1's ``last_b`` on a row with none) of ``n(h[b, s]) · m_l``, NaN when any of those is NaN."""
+    batch, seq, _ = hidden.shape
+    values = hidden.float()
+    max_weight = torch.as_tensor(np.asarray(gate.max_weights[layer], dtype=np.float32))
+    terms = values @ max_weight  # [B, S]
+    if gate.normalize:
+        terms = terms / values.norm(dim=-1).clamp(min=NORM_EPS)
+    if attention_mask is None:
+        positions = torch.ones(batch, seq, dtype=torch.bool)
+    else:
+        positions = attention_mask[:, -seq:].bool()
+    none = ~positions.any(dim=1)
+    if none.any():
+        fallback = torch.zeros(batch, seq, dtype=torch.bool)
+        fallback[torch.arange(batch), last_positions(attention_mask, batch, seq)] = True
+        positions = torch.where(none[:, None], fallback, positions)
+    top = torch.where(positions, terms, torch.full_like(terms, -torch.inf)).max(dim=1).values
+    nan = (positions & torch.isnan(terms)).any(dim=1)
+    top = torch.where(nan, torch.full_like(top, torch.nan), top)
+    # ((score_in + f) + m): the pooled term first, as the operator adds them.
+    return _pooled_term(hidden, attention_mask, gate, weight, layer), top
+
+
+def gate_term(hidden: torch.Tensor, attention_mask, gate: GateConfig, weight: torch.Tensor, layer: int):
+    """One gate layer's contribution to the score, float32 [B], by the term of the gate's kind; a tuple of the
+    terms in the order the operator adds them when it has several (version 3: the pooled term, then the max)."""
     try:
         term = GATE_TERMS[gate.kind.name]
     except KeyError:
         raise ValueError(f"no PyTorch reference for the {gate.kind.name} gate (version {gate.version})") from None
-    return term(hidden, attention_mask, gate, weight)
+    return term(hidden, attention_mask, gate, weight, layer)
 
 
 def score_skipped(gate_in: torch.Tensor, attention_mask, seq: int) -> torch.Tensor:
@@ -219,8 +251,10 @@ def steered(model, config: SteerConfig) -> Iterator[SteerState]:
             batch, seq, _ = hidden.shape
             gate_in = gate_in_for(batch)
             if layer in gate_layers:  # the score reads the output before any shift at this layer
-                term = gate_term(hidden, state.attention_mask, gate, weights[layer])
-                score = partial.get("score", torch.zeros(batch)) + term
+                terms = gate_term(hidden, state.attention_mask, gate, weights[layer], layer)
+                score = partial.get("score", torch.zeros(batch))
+                for term in terms if isinstance(terms, tuple) else (terms,):
+                    score = score + term
                 partial["score"] = score
                 if layer == last_gate:
                     skipped = score_skipped(gate_in, state.attention_mask, seq)

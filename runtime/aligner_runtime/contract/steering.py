@@ -33,6 +33,8 @@ class GateKind:
     - ``pack_name``: how a steering pack and ``--gate`` name it (``None``: a pack cannot select it);
       ``pack_weights``: a pack stores its fitted weights (the ``gate.weight`` tensor and the ``gate`` metadata, whose
       ``version`` the pack check takes from here), rather than deriving it from the per-layer statistics;
+      ``max_weights``: its gate has a second weight per gate layer, ``GateConfig.max_weights`` (the constant
+      ``max_weight``, the pack's ``gate.max_weight`` tensor);
     - ``chained``: its nodes take ``score_in`` (one node per gate layer, the scores summed along the chain);
     - the shape rules :meth:`check` applies (``max_layers``, ``fixed_tokens``, ``normalizes``)."""
 
@@ -48,6 +50,7 @@ class GateKind:
     max_layers: int | None = None  # None: any number of gate layers
     fixed_tokens: int | None = None  # None: K is configurable
     normalizes: bool = True  # may pool normalised residuals
+    max_weights: bool = False  # a second weight per gate layer for the max over the prompt (GateConfig.max_weights)
 
     def check(self, gate: "GateConfig") -> None:
         if self.max_layers is not None and len(gate.layers) > self.max_layers:
@@ -107,6 +110,12 @@ register_gate_kind(GateKind("paper", 1, pack_name="paper", constants=("direction
 register_gate_kind(GateKind("linear", 2, pack_name="linear", constants=("weight", "bias", "tokens", "normalize"),
                             rules=("linear",), summary="sum over G of mean_K n(h) . w_l + bias", pack_weights=True,
                             chained=True))
+# Issue 18's pooled gate: version 2's linear term plus, per gate layer, the max over every valid prompt position of
+# n(h) . m_l (a role-play rewrite that dilutes the last tokens no longer switches the gate off).
+register_gate_kind(GateKind("pooled", 3, pack_name="pooled",
+                            constants=("weight", "max_weight", "bias", "tokens", "normalize"), rules=("linear",),
+                            summary="sum over G of (mean_K n(h) . w_l + max_P n(h) . m_l) + bias", pack_weights=True,
+                            chained=True, max_weights=True))
 # The names the CLIs (--gate) and the checks take follow the kinds registered above: how a steering pack names the
 # kinds it can select, and every rule a gate may record.
 PACK_GATES = tuple(k.pack_name for _, k in sorted(GATE_KINDS.items()) if k.pack_name)
@@ -193,6 +202,8 @@ class GateConfig:
     ``version`` 1: one layer, ``weights[layer]`` the unit direction, one token, no normalisation.
     ``version`` 2 (§5.1): ``score = Σ_{l∈layers} weights[l]·f_l + bias`` where ``f_l`` pools ``n(h_l)`` over the last
     ``tokens`` valid prompt positions and ``n`` is ``x/‖x‖`` when ``normalize``.
+    ``version`` 3 (issue 18): version 2's score plus ``Σ_l max_{s∈P} n(h_l[s])·max_weights[l]`` over every valid
+    prompt position of the call; ``max_weights`` is given for version 3 only.
     """
 
     layers: tuple[int, ...]
@@ -202,6 +213,7 @@ class GateConfig:
     normalize: bool = False
     version: int = 1
     rule: str | None = None  # None: the kind's default rule
+    max_weights: Mapping[int, np.ndarray] | None = None  # version 3: the weight of each layer's max term
 
     def __post_init__(self):
         if self.rule is None and self.version in GATE_KINDS:  # an unknown version is check()'s to refuse
@@ -209,6 +221,8 @@ class GateConfig:
             self.rule = kind.default_rule or kind.rules[0]
         self.layers = tuple(sorted(int(l) for l in self.layers))
         self.weights = {int(l): np.asarray(w, dtype=np.float32) for l, w in self.weights.items()}
+        if self.max_weights is not None:
+            self.max_weights = {int(l): np.asarray(w, dtype=np.float32) for l, w in self.max_weights.items()}
         self.bias = float(self.bias)
 
     @property
@@ -239,6 +253,20 @@ class GateConfig:
                                  f"[{hidden_size}]")
             if not np.all(np.isfinite(weight)):
                 raise ValueError(f"gate weight of layer {layer} holds NaN or inf")
+        if kind.max_weights:
+            if self.max_weights is None:
+                raise ValueError(f"a {kind.name} gate (version {kind.version}) needs a max weight per gate layer")
+            if set(self.max_weights) != set(self.layers):
+                raise ValueError(f"gate max weights given for layers {sorted(self.max_weights)}, gate layers are "
+                                 f"{list(self.layers)}")
+            for layer, weight in self.max_weights.items():
+                if weight.shape != (hidden_size,):
+                    raise ValueError(f"gate max weight of layer {layer} has shape {list(weight.shape)}, expected "
+                                     f"[{hidden_size}]")
+                if not np.all(np.isfinite(weight)):
+                    raise ValueError(f"gate max weight of layer {layer} holds NaN or inf")
+        elif self.max_weights is not None:
+            raise ValueError(f"a {kind.name} gate (version {kind.version}) has no max weights")
         if not np.isfinite(self.bias):
             raise ValueError(f"gate bias is not finite: {self.bias}")
         if isinstance(self.tokens, bool) or not isinstance(self.tokens, (int, np.integer)) or self.tokens < 1:
