@@ -28,6 +28,7 @@ HEADER_TWINS = {
     "kSteerShift": contract.STEER_SHIFT,
     "kSteerGateVersion1": contract.plugin_version(contract.STEER_GATE, 1),
     "kSteerGateVersion2": contract.plugin_version(contract.STEER_GATE, 2),
+    "kSteerGateVersion3": contract.plugin_version(contract.STEER_GATE, 3),
     "kSteerShiftVersion1": contract.plugin_version(contract.STEER_SHIFT, shift_version=1),
     "kSteerShiftVersion2": contract.plugin_version(contract.STEER_SHIFT, shift_version=2),
     "kModelFile": contract.MODEL_FILE,

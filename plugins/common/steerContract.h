@@ -19,9 +19,11 @@ constexpr char const* kPluginNamespace = "inferaligner";
 constexpr char const* kSteerGate = "SteerGate";
 constexpr char const* kSteerShift = "SteerShift";
 
-// SteerGate 1: (hidden, attention_mask, gate_in); SteerGate 2 adds score_in and pools K tokens (§5.1).
+// SteerGate 1: (hidden, attention_mask, gate_in); SteerGate 2 adds score_in and pools K tokens (§5.1); SteerGate 3
+// (the pooled gate, issue 18) adds max_weight and the max over every valid prompt position.
 constexpr char const* kSteerGateVersion1 = "1";
 constexpr char const* kSteerGateVersion2 = "2";
+constexpr char const* kSteerGateVersion3 = "3";
 // SteerShift 1: h + gate·v ("add"); SteerShift 2 rescales to the norm before the shift ("norm", issue 17).
 constexpr char const* kSteerShiftVersion1 = "1";
 constexpr char const* kSteerShiftVersion2 = "2";

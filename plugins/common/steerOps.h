@@ -300,6 +300,59 @@ ALIGNER_HD float gateV2Score(float scoreIn, float pooledSum, int64_t count, floa
 #endif
 }
 
+// --- SteerGate version 3, the pooled gate (docs/contract.md "SteerGate version 3", issue 18) ------------------------
+//
+// Version 2's score plus m[b], the max over every valid position s of this call (mask[T - S + s] == 1; version 1's
+// last_b alone when there is none) of e_s, the pooledTerm of the position's dot product with max_weight. A NaN e_s
+// among those positions makes m[b] NaN (and so the score, which steers). Positions outside them never enter.
+
+// True when this call holds a valid position of the row (mask[T - S + s] == 1 for some s in [0, S)).
+ALIGNER_HD bool hasValidPosition(int64_t const* maskRow, int64_t T, int64_t S)
+{
+    for (int64_t s = 0; s < S; ++s)
+    {
+        if (maskRow[T - S + s] == 1)
+        {
+            return true;
+        }
+    }
+    return false;
+}
+
+// True for a NaN, from the bits (as isFinite) so that no fast-math flag can fold it away.
+ALIGNER_HD bool isNaN(float f)
+{
+    return (floatBits(f) & 0x7fffffffu) > 0x7f800000u;
+}
+
+// The NaN-propagating max of a running max (start: -inf) and one more term; exact, so its order does not matter.
+ALIGNER_HD float maxWithNaN(float runningMax, float term)
+{
+    if (isNaN(runningMax) || isNaN(term))
+    {
+        return bitsFloat(0x7fc00000u); // quiet NaN
+    }
+    return term > runningMax ? term : runningMax;
+}
+
+// The start of the running max: -inf.
+ALIGNER_HD float maxStart()
+{
+    return bitsFloat(0xff800000u);
+}
+
+// score[b] = ((score_in[b] + f[b]) + m[b]) + bias, f[b] as in gateV2Score.
+ALIGNER_HD float gateV3Score(float scoreIn, float pooledSum, int64_t count, float maxTerm, float bias)
+{
+#if defined(__CUDA_ARCH__)
+    float const feature = __fdiv_rn(pooledSum, static_cast<float>(count));
+    return __fadd_rn(__fadd_rn(__fadd_rn(scoreIn, feature), maxTerm), bias);
+#else
+    float const feature = pooledSum / static_cast<float>(count);
+    return ((scoreIn + feature) + maxTerm) + bias;
+#endif
+}
+
 // out = hidden + gate * vector in float32 (§5). A zero gate returns hidden unchanged, so harmless rows come back bit
 // for bit (including the sign of zeros). The product and the sum are rounded separately on the device as on the
 // host (no fused multiply-add), so the kernels match the CPU reference exactly.

@@ -1,4 +1,4 @@
-// CPU reference of SteerGate (versions 1 and 2) and SteerShift (versions 1 and 2). The math is steerOps.h; this file
+// CPU reference of SteerGate (versions 1, 2 and 3) and SteerShift (versions 1 and 2). The math is steerOps.h; this file
 // only loops over the tensors.
 #include "steerOpsRef.h"
 
@@ -80,6 +80,51 @@ void steerGateV2(void const* hidden, int64_t B, int64_t seq, int64_t H, int64_t 
             pooledSum += aligner::ops::pooledTerm(dot, sumSquares, normalize);
         }
         score[b] = aligner::ops::gateV2Score(scoreIn[b], pooledSum, count, bias);
+        gate[b] = aligner::ops::gateFromScore(gateIn[b], score[b]);
+    }
+}
+
+// Version 3: version 2's pooled sum, then the max over the valid positions of this call (last_b when none).
+template <Storage S>
+void steerGateV3(void const* hidden, int64_t B, int64_t seq, int64_t H, int64_t const* mask, int64_t T,
+    float const* gateIn, float const* scoreIn, float const* weight, float const* maxWeight, float bias, int64_t tokens,
+    bool normalize, float* gate, float* score)
+{
+    auto const* base = static_cast<typename StorageTraits<S>::Element const*>(hidden);
+    std::vector<int64_t> positions(static_cast<std::size_t>(tokens < seq ? tokens : seq));
+    for (int64_t b = 0; b < B; ++b)
+    {
+        if (aligner::ops::scoreSkipped(gateIn[b], T, seq))
+        {
+            gate[b] = gateIn[b];
+            score[b] = 0.0f;
+            continue;
+        }
+        int64_t const* row = mask + b * T;
+        int64_t const count = aligner::ops::pooledPositions(row, T, seq, tokens, positions.data());
+        float pooledSum = 0.0f;
+        for (int64_t i = 0; i < count; ++i)
+        {
+            float dot = 0.0f;
+            float sumSquares = 0.0f;
+            rowDot<S>(base + (b * seq + positions[i]) * H, weight, H, normalize, dot, sumSquares);
+            pooledSum += aligner::ops::pooledTerm(dot, sumSquares, normalize);
+        }
+        bool const any = aligner::ops::hasValidPosition(row, T, seq);
+        int64_t const fallback = aligner::ops::lastValidPosition(row, T, seq);
+        float maxTerm = aligner::ops::maxStart();
+        for (int64_t s = 0; s < seq; ++s)
+        {
+            if (any ? row[T - seq + s] != 1 : s != fallback)
+            {
+                continue;
+            }
+            float dot = 0.0f;
+            float sumSquares = 0.0f;
+            rowDot<S>(base + (b * seq + s) * H, maxWeight, H, normalize, dot, sumSquares);
+            maxTerm = aligner::ops::maxWithNaN(maxTerm, aligner::ops::pooledTerm(dot, sumSquares, normalize));
+        }
+        score[b] = aligner::ops::gateV3Score(scoreIn[b], pooledSum, count, maxTerm, bias);
         gate[b] = aligner::ops::gateFromScore(gateIn[b], score[b]);
     }
 }
@@ -259,6 +304,40 @@ extern "C" int32_t aligner_ref_steer_gate_v2(int32_t storage, void const* hidden
         case Storage::kFP32: steerGateV2<Storage::kFP32>(hidden, B, S, H, attention_mask, T, gate_in, score_in, weight, bias, tokens, norm, gate, score); break;
         case Storage::kFP16: steerGateV2<Storage::kFP16>(hidden, B, S, H, attention_mask, T, gate_in, score_in, weight, bias, tokens, norm, gate, score); break;
         case Storage::kBF16: steerGateV2<Storage::kBF16>(hidden, B, S, H, attention_mask, T, gate_in, score_in, weight, bias, tokens, norm, gate, score); break;
+        default: return ALIGNER_REF_BAD_STORAGE;
+        }
+    }
+    catch (...)
+    {
+        return ALIGNER_REF_BAD_SHAPE; // the position buffer could not be allocated
+    }
+    return ALIGNER_REF_OK;
+}
+
+extern "C" int32_t aligner_ref_steer_gate_v3(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,
+    int64_t const* attention_mask, int64_t T, float const* gate_in, float const* score_in, float const* weight,
+    float const* max_weight, float bias, int64_t tokens, int32_t normalize, float* gate, float* score)
+{
+    if (badShape(B, S, H) || T < S)
+    {
+        return ALIGNER_REF_BAD_SHAPE;
+    }
+    if (tokens < 1 || (normalize != 0 && normalize != 1))
+    {
+        return ALIGNER_REF_BAD_ATTRIBUTE;
+    }
+    if (!hidden || !attention_mask || !gate_in || !score_in || !weight || !max_weight || !gate || !score)
+    {
+        return ALIGNER_REF_NULL_POINTER;
+    }
+    bool const norm = normalize == 1;
+    try
+    {
+        switch (static_cast<Storage>(storage))
+        {
+        case Storage::kFP32: steerGateV3<Storage::kFP32>(hidden, B, S, H, attention_mask, T, gate_in, score_in, weight, max_weight, bias, tokens, norm, gate, score); break;
+        case Storage::kFP16: steerGateV3<Storage::kFP16>(hidden, B, S, H, attention_mask, T, gate_in, score_in, weight, max_weight, bias, tokens, norm, gate, score); break;
+        case Storage::kBF16: steerGateV3<Storage::kBF16>(hidden, B, S, H, attention_mask, T, gate_in, score_in, weight, max_weight, bias, tokens, norm, gate, score); break;
         default: return ALIGNER_REF_BAD_STORAGE;
         }
     }

@@ -1,4 +1,4 @@
-/* CPU reference of SteerGate (versions 1 and 2) and SteerShift (versions 1 and 2; docs/architecture.md §5, §5.1;
+/* CPU reference of SteerGate (versions 1, 2 and 3) and SteerShift (versions 1 and 2; docs/architecture.md §5, §5.1;
  * docs/contract.md), built on steerOps.h.
  * A plain C ABI so that Python (ctypes), the C++ tests and the GPU verification script can call it.
  * Every function returns 0 on success and a negative value for invalid arguments. */
@@ -48,6 +48,12 @@ ALIGNER_REF_API int32_t aligner_ref_steer_gate(int32_t storage, void const* hidd
 ALIGNER_REF_API int32_t aligner_ref_steer_gate_v2(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,
     int64_t const* attention_mask, int64_t T, float const* gate_in, float const* score_in, float const* weight,
     float bias, int64_t tokens, int32_t normalize, float* gate, float* score);
+
+/* SteerGate version 3 (the pooled gate, issue 18): version 2's arguments and max_weight [H]; the score adds the max
+ * over every valid position of this call of n(h) . max_weight (NaN when any of those terms is NaN). */
+ALIGNER_REF_API int32_t aligner_ref_steer_gate_v3(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,
+    int64_t const* attention_mask, int64_t T, float const* gate_in, float const* score_in, float const* weight,
+    float const* max_weight, float bias, int64_t tokens, int32_t normalize, float* gate, float* score);
 
 /* hidden [B,S,H] (storage), gate [B], vector [H] -> out [B,S,H] (storage). out may equal hidden (in place). */
 ALIGNER_REF_API int32_t aligner_ref_steer_shift(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,

@@ -1,6 +1,6 @@
 // The one file that registers the inferaligner plugins with TensorRT. It is compiled twice (CMakeLists.txt):
 //
-// Four creators: SteerGate versions 1 and 2, SteerShift versions 1 and 2 (docs/contract.md). Both libraries also export
+// Five creators: SteerGate versions 1, 2 and 3, SteerShift versions 1 and 2 (docs/contract.md). Both libraries also export
 // the constants-digest registry (pluginDigestRegistry.h), which lives in the plugin objects.
 //
 //  * libaligner_trt_plugins (ALIGNER_STATIC_REGISTRATION): registers the creators with the global plugin registry
@@ -22,6 +22,7 @@ namespace
 {
 aligner::trt::SteerGatePluginCreator gSteerGateCreator{1};
 aligner::trt::SteerGatePluginCreator gSteerGateV2Creator{2};
+aligner::trt::SteerGatePluginCreator gSteerGateV3Creator{3};
 aligner::trt::SteerShiftPluginCreator gSteerShiftCreator{1};
 aligner::trt::SteerShiftPluginCreator gSteerShiftV2Creator{2};
 
@@ -49,6 +50,7 @@ struct StaticRegistration
         {
             registry->registerCreator(gSteerGateCreator, aligner::contract::kPluginNamespace);
             registry->registerCreator(gSteerGateV2Creator, aligner::contract::kPluginNamespace);
+            registry->registerCreator(gSteerGateV3Creator, aligner::contract::kPluginNamespace);
             registry->registerCreator(gSteerShiftCreator, aligner::contract::kPluginNamespace);
             registry->registerCreator(gSteerShiftV2Creator, aligner::contract::kPluginNamespace);
         }
@@ -82,7 +84,7 @@ extern "C" __attribute__((visibility("default"))) void setLoggerFinder(ILoggerFi
 extern "C" __attribute__((visibility("default"))) IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
 {
     static IPluginCreatorInterface* const creators[]
-        = {&gSteerGateCreator, &gSteerGateV2Creator, &gSteerShiftCreator, &gSteerShiftV2Creator};
+        = {&gSteerGateCreator, &gSteerGateV2Creator, &gSteerGateV3Creator, &gSteerShiftCreator, &gSteerShiftV2Creator};
     nbCreators = static_cast<int32_t>(sizeof(creators) / sizeof(creators[0]));
     return creators;
 }

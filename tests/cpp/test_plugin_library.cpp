@@ -1,6 +1,6 @@
 // ctest, no GPU and no libnvinfer needed: loads libaligner_trt_plugins_dynamic.so the way
 // IPluginRegistry::loadLibrary / trtexec --dynamicPlugins do (dlopen, setLoggerFinder, getCreators) and checks the
-// creators it hands over (SteerGate 1 and 2, SteerShift 1), that creator errors reach the logger TensorRT supplies,
+// creators it hands over (SteerGate 1, 2 and 3, SteerShift 1 and 2), that creator errors reach the logger TensorRT supplies,
 // and the constants-digest registry the library exports (aligner_plugins_digest_*, reached through dlsym as the C
 // runtime reaches it).
 #include "NvInferRuntime.h"
@@ -97,7 +97,7 @@ int main(int argc, char** argv)
 
     int32_t count = 0;
     IPluginCreatorInterface* const* creators = getCreators(count);
-    check(count == 4, "four creators");
+    check(count == 5, "five creators");
     std::vector<std::string> found;
     std::vector<std::string> runtimeNames;
     for (int32_t i = 0; i < count; ++i)
@@ -123,11 +123,30 @@ int main(int argc, char** argv)
         float values[3] = {0.5f, 0.5f, 0.5f};
         float bias = 0.f;
         int32_t tokens = 2, normalize = 0;
-        PluginField good[4] = {PluginField(weightName, values, PluginFieldType::kFLOAT32, 3),
+        float maxValues[3] = {0.25f, -0.5f, 1.0f};
+        PluginField good[5] = {PluginField(weightName, values, PluginFieldType::kFLOAT32, 3),
             PluginField("bias", &bias, PluginFieldType::kFLOAT32, 1),
             PluginField("tokens", &tokens, PluginFieldType::kINT32, 1),
-            PluginField("normalize", &normalize, PluginFieldType::kINT32, 1)};
-        PluginFieldCollection goodFc{!gate ? 1 : (version == "1" ? 2 : 4), good};
+            PluginField("normalize", &normalize, PluginFieldType::kINT32, 1),
+            PluginField("max_weight", maxValues, PluginFieldType::kFLOAT32, 3)};
+        PluginFieldCollection goodFc{!gate ? 1 : (version == "1" ? 2 : (version == "2" ? 4 : 5)), good};
+        if (gate && version == "3")
+        {
+            // Version 3 without max_weight, or with one of another length: refused, naming the field.
+            PluginFieldCollection noMax{4, good};
+            logger.errors.clear();
+            plugin = creator->createPlugin("node", &noMax, TensorRTPhase::kBUILD);
+            check(plugin == nullptr && !logger.errors.empty()
+                    && logger.errors.back().find("max_weight") != std::string::npos,
+                "SteerGate 3 without max_weight refused");
+            good[4].length = 2;
+            logger.errors.clear();
+            plugin = creator->createPlugin("node", &goodFc, TensorRTPhase::kBUILD);
+            check(plugin == nullptr && !logger.errors.empty()
+                    && logger.errors.back().find("max_weight") != std::string::npos,
+                "SteerGate 3 with a max_weight of another length refused");
+            good[4].length = 3;
+        }
         plugin = creator->createPlugin("node", &goodFc, TensorRTPhase::kBUILD);
         check(plugin != nullptr, "valid fields accepted");
         delete plugin;
@@ -137,8 +156,9 @@ int main(int argc, char** argv)
         delete plugin;
         runtimeNames.push_back(nodeName + " " + name + " " + version);
     }
-    check(found == std::vector<std::string>{"SteerGate/1", "SteerGate/2", "SteerShift/1", "SteerShift/2"},
-        "SteerGate versions 1 and 2, SteerShift versions 1 and 2");
+    check(found == std::vector<std::string>{"SteerGate/1", "SteerGate/2", "SteerGate/3", "SteerShift/1",
+              "SteerShift/2"},
+        "SteerGate versions 1, 2 and 3, SteerShift versions 1 and 2");
 
     // The registry holds one entry per runtime-phase plugin, in creation order, each with a 64-digit lowercase hex
     // digest; the gates' constants differ from each other and from the shifts', so do the digests, and the two
@@ -155,7 +175,8 @@ int main(int argc, char** argv)
             "digest is lowercase hex sha256");
         hexes.push_back(digest);
     }
-    check(hexes.size() == 4 && hexes[0] != hexes[1] && hexes[1] != hexes[2] && hexes[2] == hexes[3],
+    check(hexes.size() == 5 && hexes[0] != hexes[1] && hexes[1] != hexes[2] && hexes[0] != hexes[2]
+            && hexes[2] != hexes[3] && hexes[3] == hexes[4],
         "different constants, different digests; the same vector, the same digest");
     digestReset();
     check(digestCount() == 0, "reset through dlsym");

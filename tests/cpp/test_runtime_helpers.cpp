@@ -119,6 +119,14 @@ void testGoodManifest()
     check(mentions(refusal(ending), "'end_rule'"), "an end rule with slope 0 is refused");
     ending["end_rule"] = {{"after", 8.5}, {"slope", 1.0}};
     check(mentions(refusal(ending), "'end_rule'"), "a fractional end rule 'after' is refused");
+    check(m.gateVersion == 2, "gate.version is read");
+    json pooled = goodManifest();
+    pooled["gate"]["version"] = 3;
+    check(aligner::runtime::parseManifest(pooled.dump(), "x").gateVersion == 3, "gate.version 3 (the pooled gate)");
+    pooled["gate"]["version"] = 4;
+    check(mentions(refusal(pooled), "'gate.version'"), "an unknown gate.version is refused");
+    pooled["gate"].erase("version");
+    check(mentions(refusal(pooled), "'gate.version'"), "a missing gate.version is refused");
     check(m.shiftVersion == 1, "no shift_mode: SteerShift version 1 (add)");
     json shifting = goodManifest();
     shifting["shift_mode"] = "norm";

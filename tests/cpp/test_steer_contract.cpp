@@ -114,7 +114,7 @@ void testNodeNames()
     check(std::string(c::kDomain) == "inferaligner" && std::string(c::kPluginNamespace) == "inferaligner",
         "domain and namespace");
     check(std::string(c::kSteerGateVersion1) == "1" && std::string(c::kSteerGateVersion2) == "2"
-            && std::string(c::kSteerShiftVersion1) == "1" && std::string(c::kSteerShiftVersion2) == "2",
+            && std::string(c::kSteerGateVersion3) == "3" && std::string(c::kSteerShiftVersion1) == "1" && std::string(c::kSteerShiftVersion2) == "2",
         "plugin versions");
     check(std::string(c::kModelFile) == "model.onnx" && std::string(c::kManifestFile) == "inferaligner.json"
             && std::string(c::kEngineStampFile) == "ENGINE.json",

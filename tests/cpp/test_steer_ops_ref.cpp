@@ -1,6 +1,6 @@
 // ctest: the CPU reference (plugins/common) against naive loops written independently here: float64 accumulation,
 // the compiler's own _Float16 for binary16 rounding, and a nearest-value search for bfloat16 rounding. SteerGate
-// versions 1 and 2 (docs/contract.md), the NaN-safe decision, and SteerShift.
+// versions 1, 2 and 3 (docs/contract.md), the NaN-safe decision, and SteerShift.
 #include "steerOpsRef.h"
 
 #include <algorithm>
@@ -300,6 +300,135 @@ void runGateV2(int32_t storage, float (*load)(Element), bool leftPadding, int64_
     }
 }
 
+// SteerGate version 3 (issue 18) against a naive loop: version 2's pooled mean plus the max over every valid
+// position of the call (version 1's last_b when none) of the position's term with max_weight, in float64.
+template <typename Element>
+void runGateV3(int32_t storage, float (*load)(Element), bool leftPadding, int64_t B, int64_t S, int64_t H,
+    int64_t past, int64_t tokens, int32_t normalize)
+{
+    std::mt19937 rng(static_cast<uint32_t>(storage * 104729 + H * 37 + S + tokens * 5 + normalize + (leftPadding ? 1 : 0)));
+    std::normal_distribution<float> normal;
+    int64_t const T = past + S;
+    std::vector<float> hiddenF(B * S * H), weight(H), maxWeight(H), gateIn(B), scoreIn(B), gate(B), score(B);
+    for (auto& v : hiddenF) v = 3.0f * normal(rng);
+    for (auto& v : weight) v = normal(rng);
+    for (auto& v : maxWeight) v = 2.0f * normal(rng);
+    for (auto& v : scoreIn) v = normal(rng);
+    std::vector<Element> hidden(hiddenF.size());
+    aligner_ref_float_to_storage(storage, hiddenF.data(), hiddenF.size(), hidden.data());
+    std::vector<int64_t> mask(B * T, 0);
+    for (int64_t b = 0; b < B; ++b)
+    {
+        int64_t const length = b == B - 1 ? 0 : 1 + (b * 3) % T; // the last row has no valid token at all
+        for (int64_t t = 0; t < length; ++t)
+        {
+            mask[b * T + (leftPadding ? T - 1 - t : t)] = 1;
+        }
+        gateIn[b] = (b % 3 == 2) ? static_cast<float>(b % 2) : -1.0f;
+    }
+    float const bias = -0.125f;
+    check(aligner_ref_steer_gate_v3(storage, hidden.data(), B, S, H, mask.data(), T, gateIn.data(), scoreIn.data(),
+              weight.data(), maxWeight.data(), bias, tokens, normalize, gate.data(), score.data()) == 0,
+        "steer_gate_v3 status");
+    auto term = [&](int64_t b, int64_t s, std::vector<float> const& w) {
+        double dot = 0.0, norm2 = 0.0;
+        for (int64_t h = 0; h < H; ++h)
+        {
+            double const x = load(hidden[(b * S + s) * H + h]);
+            dot += x * w[h];
+            norm2 += x * x;
+        }
+        return normalize ? dot / std::max(std::sqrt(norm2), 1e-6) : dot;
+    };
+    for (int64_t b = 0; b < B; ++b)
+    {
+        if (past > 0 && gateIn[b] >= 0.0f)
+        {
+            check(score[b] == 0.0f && !std::signbit(score[b]), "v3 decode: forced row's score is 0", score[b], 0.0);
+            check(gate[b] == gateIn[b], "v3 decode: forced row's gate is gate_in", gate[b], gateIn[b]);
+            continue;
+        }
+        std::vector<int64_t> valid;
+        for (int64_t s = 0; s < S; ++s)
+        {
+            if (mask[b * T + past + s] == 1)
+            {
+                valid.push_back(s);
+            }
+        }
+        std::vector<int64_t> pooled, maxed;
+        if (valid.empty())
+        {
+            int64_t lastAbs = -1;
+            for (int64_t t = 0; t < T; ++t)
+            {
+                lastAbs = mask[b * T + t] == 1 ? t : lastAbs;
+            }
+            int64_t last = lastAbs < 0 ? S - 1 : lastAbs - past;
+            pooled.push_back(last < 0 ? 0 : (last > S - 1 ? S - 1 : last));
+            maxed = pooled;
+        }
+        else
+        {
+            size_t const first = valid.size() > static_cast<size_t>(tokens) ? valid.size() - tokens : 0;
+            pooled.assign(valid.begin() + first, valid.end());
+            maxed = valid;
+        }
+        double sum = 0.0;
+        for (int64_t s : pooled)
+        {
+            sum += term(b, s, weight);
+        }
+        double top = -std::numeric_limits<double>::infinity();
+        for (int64_t s : maxed)
+        {
+            top = std::max(top, term(b, s, maxWeight));
+        }
+        double const want = static_cast<double>(scoreIn[b]) + sum / pooled.size() + top + bias;
+        double const scale = normalize ? 2.0 : 6.0 * std::sqrt(static_cast<double>(H));
+        check(std::fabs(score[b] - want) <= 4e-6 * (1.0 + scale * std::sqrt(static_cast<double>(maxed.size()))),
+            "v3 score", score[b], want);
+        check(gate[b] == naiveDecision(gateIn[b], score[b]), "v3 gate", gate[b], naiveDecision(gateIn[b], score[b]));
+    }
+
+    // max_weight = 0: version 2's score bit for bit (adding the max term's 0).
+    std::vector<float> zeros(H, 0.0f), gate2(B), score2(B), gate3(B), score3(B);
+    aligner_ref_steer_gate_v2(storage, hidden.data(), B, S, H, mask.data(), T, gateIn.data(), scoreIn.data(),
+        weight.data(), bias, tokens, normalize, gate2.data(), score2.data());
+    aligner_ref_steer_gate_v3(storage, hidden.data(), B, S, H, mask.data(), T, gateIn.data(), scoreIn.data(),
+        weight.data(), zeros.data(), bias, tokens, normalize, gate3.data(), score3.data());
+    check(std::memcmp(score2.data(), score3.data(), B * sizeof(float)) == 0
+            && std::memcmp(gate2.data(), gate3.data(), B * sizeof(float)) == 0,
+        "v3 with max_weight = 0 equals v2 bit for bit");
+}
+
+// Version 3's max: a NaN at one of its positions makes the score NaN (which steers); a NaN or a huge value at a
+// padded position never enters; a row with no valid position reads last_b alone.
+void testGateV3Max()
+{
+    int64_t const B = 4, S = 3, H = 2, T = 3;
+    float const nan = std::numeric_limits<float>::quiet_NaN();
+    std::vector<float> hidden(B * S * H, 0.0f);
+    for (int64_t i = 0; i < B * S; ++i)
+    {
+        hidden[i * H] = 1.0f;
+    }
+    hidden[(0 * S + 0) * H + 1] = nan;   // row 0: a valid position, not among the last K = 1
+    hidden[(1 * S + 0) * H + 1] = nan;   // row 1: a padded position
+    hidden[(2 * S + 0) * H + 1] = 1e6f;  // row 2: a huge term at a padded position
+    hidden[(3 * S + 1) * H + 1] = 5.0f;  // row 3: no valid position; last_b = S - 1 reads 0
+    hidden[(3 * S + 2) * H + 1] = -2.0f; // ... and only last_b: -2
+    std::vector<int64_t> mask = {1, 1, 1, 0, 1, 1, 0, 1, 1, 0, 0, 0};
+    std::vector<float> weight(H, 0.0f), maxWeight = {0.0f, 1.0f}, gateIn(B, -1.0f), scoreIn(B, 0.0f), gate(B),
+        score(B);
+    check(aligner_ref_steer_gate_v3(ALIGNER_REF_FP32, hidden.data(), B, S, H, mask.data(), T, gateIn.data(),
+              scoreIn.data(), weight.data(), maxWeight.data(), 0.5f, 1, 0, gate.data(), score.data()) == 0,
+        "v3 max status");
+    check(std::isnan(score[0]) && gate[0] == 1.0f, "v3: a NaN among the max's positions makes the score NaN");
+    check(score[1] == 0.5f && score[2] == 0.5f, "v3: padded positions do not enter the max", score[2], 0.5);
+    check(score[3] == -1.5f && gate[3] == 0.0f, "v3: a row without valid positions reads last_b", score[3], -1.5);
+}
+
 // Non-finite scores steer; gate_in >= 0 still wins; a NaN gate_in falls through to the score.
 void testNonFiniteDecision()
 {
@@ -432,6 +561,9 @@ int main()
                         runGateV2<float>(ALIGNER_REF_FP32, loadF32, left, 5, S, H, past, tokens, normalize);
                         runGateV2<uint16_t>(ALIGNER_REF_FP16, loadF16, left, 5, S, H, past, tokens, normalize);
                         runGateV2<uint16_t>(ALIGNER_REF_BF16, loadBf16, left, 5, S, H, past, tokens, normalize);
+                        runGateV3<float>(ALIGNER_REF_FP32, loadF32, left, 5, S, H, past, tokens, normalize);
+                        runGateV3<uint16_t>(ALIGNER_REF_FP16, loadF16, left, 5, S, H, past, tokens, normalize);
+                        runGateV3<uint16_t>(ALIGNER_REF_BF16, loadBf16, left, 5, S, H, past, tokens, normalize);
                     }
                 }
             }
@@ -439,6 +571,7 @@ int main()
     }
     testNonFiniteDecision();
     testScoreAtDecode();
+    testGateV3Max();
     std::vector<float> dummy(4);
     std::vector<int64_t> mask(4, 1);
     check(aligner_ref_steer_gate(7, dummy.data(), 1, 1, 1, mask.data(), 1, dummy.data(), dummy.data(), 0.f,
@@ -451,6 +584,10 @@ int main()
               0.f, 1, 2, dummy.data(), dummy.data()) == ALIGNER_REF_BAD_ATTRIBUTE, "v2 normalize = 2 rejected");
     check(aligner_ref_steer_gate_v2(0, dummy.data(), 1, 1, 1, mask.data(), 1, dummy.data(), nullptr, dummy.data(),
               0.f, 1, 0, dummy.data(), dummy.data()) == ALIGNER_REF_NULL_POINTER, "v2 without score_in rejected");
+    check(aligner_ref_steer_gate_v3(0, dummy.data(), 1, 1, 1, mask.data(), 1, dummy.data(), dummy.data(), dummy.data(),
+              nullptr, 0.f, 1, 0, dummy.data(), dummy.data()) == ALIGNER_REF_NULL_POINTER, "v3 without max_weight rejected");
+    check(aligner_ref_steer_gate_v3(0, dummy.data(), 1, 1, 1, mask.data(), 1, dummy.data(), dummy.data(), dummy.data(),
+              dummy.data(), 0.f, 0, 0, dummy.data(), dummy.data()) == ALIGNER_REF_BAD_ATTRIBUTE, "v3 tokens < 1 rejected");
     std::printf("%s: %d failure(s)\n", gFailures ? "FAILED" : "OK", gFailures);
     return gFailures ? 1 : 0;
 }

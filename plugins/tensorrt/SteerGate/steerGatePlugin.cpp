@@ -18,10 +18,11 @@ constexpr char const* kName = contract::kSteerGate;
 
 char const* versionString(int32_t version) noexcept
 {
-    return version == 1 ? contract::kSteerGateVersion1 : contract::kSteerGateVersion2;
+    return version == 1 ? contract::kSteerGateVersion1
+                        : (version == 2 ? contract::kSteerGateVersion2 : contract::kSteerGateVersion3);
 }
 
-// The weight field is 'direction' in version 1 (the unit SRV) and 'weight' in version 2 (§5.1: not unit).
+// The weight field is 'direction' in version 1 (the unit SRV) and 'weight' in versions 2 and 3 (§5.1: not unit).
 char const* weightField(int32_t version) noexcept
 {
     return version == 1 ? "direction" : "weight";
@@ -33,8 +34,14 @@ std::vector<std::string> knownFields(int32_t version)
     {
         return {"direction", "bias"};
     }
-    return {"weight", "bias", "tokens", "normalize"};
+    if (version == 2)
+    {
+        return {"weight", "bias", "tokens", "normalize"};
+    }
+    return {"weight", "max_weight", "bias", "tokens", "normalize"};
 }
+
+constexpr char const* kMaxWeightField = "max_weight";
 } // namespace
 
 SteerGatePlugin::SteerGatePlugin(int32_t version, SteerGateConstants constants)
@@ -43,8 +50,13 @@ SteerGatePlugin::SteerGatePlugin(int32_t version, SteerGateConstants constants)
 {
     mSerialFields.emplace_back(weightField(mVersion), mConstants.weight.data(), PluginFieldType::kFLOAT32,
         static_cast<int32_t>(mConstants.weight.size()));
+    if (mVersion == 3)
+    {
+        mSerialFields.emplace_back(kMaxWeightField, mConstants.maxWeight.data(), PluginFieldType::kFLOAT32,
+            static_cast<int32_t>(mConstants.maxWeight.size()));
+    }
     mSerialFields.emplace_back("bias", &mConstants.bias, PluginFieldType::kFLOAT32, 1);
-    if (mVersion == 2)
+    if (mVersion >= 2)
     {
         mSerialFields.emplace_back("tokens", &mConstants.tokens, PluginFieldType::kINT32, 1);
         mSerialFields.emplace_back("normalize", &mConstants.normalize, PluginFieldType::kINT32, 1);
@@ -58,10 +70,14 @@ std::string SteerGatePlugin::constantsDigest() const
     ConstantsDigest digest;
     digest.addFloats(weightField(mVersion), mConstants.weight.data(), mConstants.weight.size());
     digest.addFloats("bias", &mConstants.bias, 1);
-    if (mVersion == 2)
+    if (mVersion >= 2)
     {
         digest.addInt("tokens", mConstants.tokens);
         digest.addInt("normalize", mConstants.normalize);
+    }
+    if (mVersion == 3)
+    {
+        digest.addFloats(kMaxWeightField, mConstants.maxWeight.data(), mConstants.maxWeight.size());
     }
     return digest.hex();
 }
@@ -160,7 +176,7 @@ int32_t SteerGatePlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInpu
         return -1;
     }
     if (inputs[0].nbDims != 3 || inputs[1].nbDims != 2 || inputs[2].nbDims != 1
-        || (mVersion == 2 && inputs[3].nbDims != 1))
+        || (mVersion >= 2 && inputs[3].nbDims != 1))
     {
         reportError(mVersion == 1
                 ? "SteerGate: expected hidden [B,S,H], attention_mask [B,T] and gate_in [B]"
@@ -216,14 +232,18 @@ int32_t SteerGatePlugin::onShapeChange(
     {
         return -1;
     }
-    return mDeviceWeight.upload(kName, mConstants.weight) ? 0 : -1;
+    return mDeviceWeight.upload(kName, mConstants.weight)
+            && (mVersion != 3 || mDeviceMaxWeight.upload(kName, mConstants.maxWeight))
+        ? 0
+        : -1;
 }
 
 int32_t SteerGatePlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
     void const* const* inputs, void* const* outputs, void* /*workspace*/, cudaStream_t stream) noexcept
 {
     ops::Storage storage;
-    if (!storageFor(inputDesc[0].type, storage) || !mDeviceWeight.upload(kName, mConstants.weight))
+    if (!storageFor(inputDesc[0].type, storage) || !mDeviceWeight.upload(kName, mConstants.weight)
+        || (mVersion == 3 && !mDeviceMaxWeight.upload(kName, mConstants.maxWeight)))
     {
         return -1;
     }
@@ -233,12 +253,24 @@ int32_t SteerGatePlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensor
     auto* gate = static_cast<float*>(outputs[0]);
     auto* score = static_cast<float*>(outputs[1]);
     int64_t const T = inputDesc[1].dims.d[1];
-    int32_t const status = mVersion == 1
-        ? aligner_kernel_steer_gate(static_cast<int32_t>(storage), inputs[0], hidden.d[0], hidden.d[1], hidden.d[2],
-            mask, T, gateIn, mDeviceWeight.data(), mConstants.bias, gate, score, stream)
-        : aligner_kernel_steer_gate_v2(static_cast<int32_t>(storage), inputs[0], hidden.d[0], hidden.d[1],
+    int32_t status = cudaSuccess;
+    if (mVersion == 1)
+    {
+        status = aligner_kernel_steer_gate(static_cast<int32_t>(storage), inputs[0], hidden.d[0], hidden.d[1],
+            hidden.d[2], mask, T, gateIn, mDeviceWeight.data(), mConstants.bias, gate, score, stream);
+    }
+    else if (mVersion == 2)
+    {
+        status = aligner_kernel_steer_gate_v2(static_cast<int32_t>(storage), inputs[0], hidden.d[0], hidden.d[1],
             hidden.d[2], mask, T, gateIn, static_cast<float const*>(inputs[3]), mDeviceWeight.data(), mConstants.bias,
             mConstants.tokens, mConstants.normalize, gate, score, stream);
+    }
+    else
+    {
+        status = aligner_kernel_steer_gate_v3(static_cast<int32_t>(storage), inputs[0], hidden.d[0], hidden.d[1],
+            hidden.d[2], mask, T, gateIn, static_cast<float const*>(inputs[3]), mDeviceWeight.data(),
+            mDeviceMaxWeight.data(), mConstants.bias, mConstants.tokens, mConstants.normalize, gate, score, stream);
+    }
     if (status != cudaSuccess)
     {
         reportError(std::string("SteerGate: kernel launch failed: ")
@@ -259,11 +291,15 @@ PluginFieldCollection const* SteerGatePlugin::getFieldsToSerialize() noexcept
 }
 
 SteerGatePluginCreator::SteerGatePluginCreator(int32_t version)
-    : mVersion(version == 1 ? 1 : 2)
+    : mVersion(version == 1 ? 1 : (version == 2 ? 2 : 3))
 {
     mFields.emplace_back(weightField(mVersion), nullptr, PluginFieldType::kFLOAT32, 0);
+    if (mVersion == 3)
+    {
+        mFields.emplace_back(kMaxWeightField, nullptr, PluginFieldType::kFLOAT32, 0);
+    }
     mFields.emplace_back("bias", nullptr, PluginFieldType::kFLOAT32, 1);
-    if (mVersion == 2)
+    if (mVersion >= 2)
     {
         mFields.emplace_back("tokens", nullptr, PluginFieldType::kINT32, 1);
         mFields.emplace_back("normalize", nullptr, PluginFieldType::kINT32, 1);
@@ -289,7 +325,20 @@ IPluginV3* SteerGatePluginCreator::createPlugin(
             return nullptr;
         }
         constants.bias = bias[0];
-        if (mVersion == 2)
+        if (mVersion == 3)
+        {
+            if (!readFloatField(kName, fc, kMaxWeightField, -1, constants.maxWeight))
+            {
+                return nullptr;
+            }
+            if (constants.maxWeight.size() != constants.weight.size())
+            {
+                reportError("SteerGate: plugin field 'max_weight' has " + std::to_string(constants.maxWeight.size())
+                    + " values, 'weight' " + std::to_string(constants.weight.size()));
+                return nullptr;
+            }
+        }
+        if (mVersion >= 2)
         {
             if (!readIntField(kName, fc, "tokens", constants.tokens)
                 || !readIntField(kName, fc, "normalize", constants.normalize))

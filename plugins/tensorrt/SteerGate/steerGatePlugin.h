@@ -1,6 +1,6 @@
-// TensorRT IPluginV3 plugin for SteerGate, versions 1 and 2 (docs/contract.md; README.md in this folder is its
-// specification). One class serves both versions: they differ in the weight field's name, the version-2 fields
-// tokens/normalize and the version-2 input score_in, and share everything else.
+// TensorRT IPluginV3 plugin for SteerGate, versions 1, 2 and 3 (docs/contract.md; README.md in this folder is its
+// specification). One class serves every version: they differ in the weight field's name, the fields tokens/normalize
+// and the input score_in (versions 2 and 3), the field max_weight (version 3), and share everything else.
 #pragma once
 
 #include "NvInferRuntime.h"
@@ -19,8 +19,9 @@ struct SteerGateConstants
 {
     std::vector<float> weight; // version 1: the field 'direction'; version 2: 'weight'
     float bias{0.0f};
-    int32_t tokens{1};    // version 2 only
-    int32_t normalize{0}; // version 2 only
+    int32_t tokens{1};             // versions 2 and 3
+    int32_t normalize{0};          // versions 2 and 3
+    std::vector<float> maxWeight;  // version 3 only: the field 'max_weight'
 };
 
 class SteerGatePlugin : public nvinfer1::IPluginV3,
@@ -29,7 +30,7 @@ class SteerGatePlugin : public nvinfer1::IPluginV3,
                         public nvinfer1::IPluginV3OneRuntime
 {
 public:
-    // version 1 or 2 (the creator checks it).
+    // version 1, 2 or 3 (the creator checks it).
     SteerGatePlugin(int32_t version, SteerGateConstants constants);
     ~SteerGatePlugin() override = default;
 
@@ -70,7 +71,7 @@ public:
     {
         return mConstants;
     }
-    // hidden, attention_mask, gate_in (version 1) and score_in (version 2).
+    // hidden, attention_mask, gate_in (version 1) and score_in (versions 2 and 3).
     int32_t nbInputs() const noexcept
     {
         return mVersion == 1 ? 3 : 4;
@@ -86,6 +87,7 @@ private:
     int32_t mVersion;
     SteerGateConstants mConstants;
     DeviceConstants mDeviceWeight;
+    DeviceConstants mDeviceMaxWeight; // version 3
     std::vector<nvinfer1::PluginField> mSerialFields;
     nvinfer1::PluginFieldCollection mSerialCollection{};
 };
@@ -93,12 +95,13 @@ private:
 class SteerGatePluginCreator : public nvinfer1::IPluginCreatorV3One
 {
 public:
-    // One creator per version; both are registered (version 1 stays registered, docs/contract.md).
+    // One creator per version; all are registered (versions 1 and 2 stay registered, docs/contract.md).
     explicit SteerGatePluginCreator(int32_t version);
     ~SteerGatePluginCreator() override = default;
 
     // Refuses, with an error naming the field: a missing, mistyped, empty or non-finite weight/bias, a bias of length
-    // other than 1, an unknown field, and for version 2 tokens < 1 or normalize outside {0, 1}. In the runtime phase
+    // other than 1, an unknown field, for versions 2 and 3 tokens < 1 or normalize outside {0, 1}, and for version 3
+    // a missing or non-finite max_weight or one whose length is not the weight's. In the runtime phase
     // the constants digest is recorded in the registry (pluginDigestRegistry.h).
     nvinfer1::IPluginV3* createPlugin(char const* name, nvinfer1::PluginFieldCollection const* fc,
         nvinfer1::TensorRTPhase phase) noexcept override;

@@ -1,11 +1,13 @@
-// SteerGate kernel, versions 1 and 2 (docs/contract.md): one block per row. The block finds the pooled positions by
+// SteerGate kernel, versions 1, 2 and 3 (docs/contract.md): one block per row. The block finds the pooled positions by
 // scanning the call's mask from the end, a block-wide chunk at a time (a ballot ranks the valid positions of a chunk),
 // and stops once it has K of them; for each pooled position it reduces the dot product with the weight over H, and,
 // when normalising, the squared norm, with block reductions. A row with no valid position in the call falls back to
 // version 1's last_b (a parallel max over the whole mask row). Version 1 is this kernel with K = 1, no normalisation
 // and no score_in. The per-row math (the term, the division by the count, the decision) is steerOps.h, shared with
 // the CPU reference. On a call with a past, a row whose gate_in >= 0 is not scored (gate = gate_in, score = 0;
-// docs/contract.md "The score at decode").
+// docs/contract.md "The score at decode"). Version 3 adds the max over every valid position of the call of the
+// position's term with max_weight: each warp takes every kWarps-th position (a warp reduction over H per position),
+// keeps a NaN-propagating running max (steerOps.h maxWithNaN), and thread 0 combines the warps' maxima.
 #include "steerKernels.h"
 #include "steerOps.h"
 
@@ -91,12 +93,49 @@ __device__ float pooledRowTerm(typename StorageTraits<S>::Element const* row, in
     return aligner::ops::pooledTerm(dot, sumSquares, normalize);
 }
 
-// scoreIn == nullptr: version 1 (the launcher passes tokens = 1, so the pooled sum is d of last_b).
+// Sum over the warp, returned to every lane.
+__device__ float warpSum(float value)
+{
+    for (int offset = 16; offset > 0; offset /= 2)
+    {
+        value += __shfl_xor_sync(0xffffffffu, value, offset);
+    }
+    return value;
+}
+
+// Version 3's e_s of one row (steerOps.h pooledTerm with max_weight), computed by one warp, returned to every lane.
+template <Storage S>
+__device__ float warpRowTerm(typename StorageTraits<S>::Element const* row, int64_t H, float const* weight,
+    bool normalize)
+{
+    float dot = 0.0f;
+    float sumSquares = 0.0f;
+    for (int64_t h = threadIdx.x % 32; h < H; h += 32)
+    {
+        float const x = StorageTraits<S>::load(row[h]);
+        dot += x * weight[h];
+        if (normalize)
+        {
+            sumSquares += x * x;
+        }
+    }
+    dot = warpSum(dot);
+    if (normalize)
+    {
+        sumSquares = warpSum(sumSquares);
+    }
+    return aligner::ops::pooledTerm(dot, sumSquares, normalize);
+}
+
+// scoreIn == nullptr: version 1 (the launcher passes tokens = 1, so the pooled sum is d of last_b). maxWeight ==
+// nullptr: versions 1 and 2; else version 3's max term is added.
 template <Storage S>
 __global__ void __launch_bounds__(kBlock) steerGateKernel(typename StorageTraits<S>::Element const* hidden,
     int64_t seq, int64_t H, int64_t const* mask, int64_t T, float const* gateIn, float const* scoreIn,
-    float const* weight, float bias, int64_t tokens, bool normalize, float* gate, float* score)
+    float const* weight, float const* maxWeight, float bias, int64_t tokens, bool normalize, float* gate,
+    float* score)
 {
+    __shared__ float warpMaxima[kWarps];
     __shared__ float sumShared[kWarps];
     __shared__ float squareShared[kWarps];
     __shared__ int warpCounts[kWarps];
@@ -154,6 +193,8 @@ __global__ void __launch_bounds__(kBlock) steerGateKernel(typename StorageTraits
         found += take;
         __syncthreads(); // warpCounts and chunkPositions are rewritten by the next chunk
     }
+    bool const anyValid = found > 0; // K >= 1: the scan found a valid position iff the call has one
+    int64_t last = seq - 1;
     if (found == 0)
     {
         // No valid position in this call: version 1's last_b (steerOps.h lastValidPosition).
@@ -166,7 +207,6 @@ __global__ void __launch_bounds__(kBlock) steerGateKernel(typename StorageTraits
             }
         }
         lastValid = blockMax(lastValid, maxShared);
-        int64_t last = seq - 1;
         if (lastValid >= 0)
         {
             last = lastValid - (T - seq);
@@ -175,10 +215,37 @@ __global__ void __launch_bounds__(kBlock) steerGateKernel(typename StorageTraits
         pooledSum = pooledRowTerm<S>(rows + last * H, H, weight, normalize, sumShared, squareShared);
         found = 1;
     }
+    float maxTerm = aligner::ops::maxStart(); // version 3: thread 0 holds the value
+    if (maxWeight != nullptr)
+    {
+        // The max's positions: every valid position of the call, or last_b alone when there is none.
+        float warpMax = aligner::ops::maxStart();
+        for (int64_t s = warp; s < seq; s += kWarps)
+        {
+            if (anyValid ? callMask[s] == 1 : s == last)
+            {
+                warpMax = aligner::ops::maxWithNaN(warpMax, warpRowTerm<S>(rows + s * H, H, maxWeight, normalize));
+            }
+        }
+        if (lane == 0)
+        {
+            warpMaxima[warp] = warpMax;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0)
+        {
+            for (int w = 0; w < kWarps; ++w)
+            {
+                maxTerm = aligner::ops::maxWithNaN(maxTerm, warpMaxima[w]);
+            }
+        }
+    }
     if (threadIdx.x == 0)
     {
-        float const s = scoreIn != nullptr ? aligner::ops::gateV2Score(scoreIn[b], pooledSum, found, bias)
-                                           : __fadd_rn(pooledSum, bias);
+        float const s = maxWeight != nullptr
+            ? aligner::ops::gateV3Score(scoreIn[b], pooledSum, found, maxTerm, bias)
+            : (scoreIn != nullptr ? aligner::ops::gateV2Score(scoreIn[b], pooledSum, found, bias)
+                                  : __fadd_rn(pooledSum, bias));
         score[b] = s;
         gate[b] = aligner::ops::gateFromScore(gateIn[b], s);
     }
@@ -186,18 +253,18 @@ __global__ void __launch_bounds__(kBlock) steerGateKernel(typename StorageTraits
 
 template <Storage S>
 cudaError_t launch(void const* hidden, int64_t B, int64_t seq, int64_t H, int64_t const* mask, int64_t T,
-    float const* gateIn, float const* scoreIn, float const* weight, float bias, int64_t tokens, bool normalize,
-    float* gate, float* score, cudaStream_t stream)
+    float const* gateIn, float const* scoreIn, float const* weight, float const* maxWeight, float bias,
+    int64_t tokens, bool normalize, float* gate, float* score, cudaStream_t stream)
 {
     steerGateKernel<S><<<static_cast<unsigned>(B), kBlock, 0, stream>>>(
         static_cast<typename StorageTraits<S>::Element const*>(hidden), seq, H, mask, T, gateIn, scoreIn, weight,
-        bias, tokens, normalize, gate, score);
+        maxWeight, bias, tokens, normalize, gate, score);
     return cudaGetLastError();
 }
 
 int32_t dispatch(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H, int64_t const* mask, int64_t T,
-    float const* gateIn, float const* scoreIn, float const* weight, float bias, int64_t tokens, int32_t normalize,
-    float* gate, float* score, cudaStream_t stream)
+    float const* gateIn, float const* scoreIn, float const* weight, float const* maxWeight, float bias,
+    int64_t tokens, int32_t normalize, float* gate, float* score, cudaStream_t stream)
 {
     if (B == 0)
     {
@@ -210,9 +277,9 @@ int32_t dispatch(int32_t storage, void const* hidden, int64_t B, int64_t S, int6
     bool const norm = normalize == 1;
     switch (static_cast<Storage>(storage))
     {
-    case Storage::kFP32: return launch<Storage::kFP32>(hidden, B, S, H, mask, T, gateIn, scoreIn, weight, bias, tokens, norm, gate, score, stream);
-    case Storage::kFP16: return launch<Storage::kFP16>(hidden, B, S, H, mask, T, gateIn, scoreIn, weight, bias, tokens, norm, gate, score, stream);
-    case Storage::kBF16: return launch<Storage::kBF16>(hidden, B, S, H, mask, T, gateIn, scoreIn, weight, bias, tokens, norm, gate, score, stream);
+    case Storage::kFP32: return launch<Storage::kFP32>(hidden, B, S, H, mask, T, gateIn, scoreIn, weight, maxWeight, bias, tokens, norm, gate, score, stream);
+    case Storage::kFP16: return launch<Storage::kFP16>(hidden, B, S, H, mask, T, gateIn, scoreIn, weight, maxWeight, bias, tokens, norm, gate, score, stream);
+    case Storage::kBF16: return launch<Storage::kBF16>(hidden, B, S, H, mask, T, gateIn, scoreIn, weight, maxWeight, bias, tokens, norm, gate, score, stream);
     }
     return cudaErrorInvalidValue;
 }
@@ -222,8 +289,8 @@ extern "C" int32_t aligner_kernel_steer_gate(int32_t storage, void const* hidden
     int64_t const* attention_mask, int64_t T, float const* gate_in, float const* direction, float bias, float* gate,
     float* score, cudaStream_t stream)
 {
-    return dispatch(storage, hidden, B, S, H, attention_mask, T, gate_in, nullptr, direction, bias, 1, 0, gate, score,
-        stream);
+    return dispatch(storage, hidden, B, S, H, attention_mask, T, gate_in, nullptr, direction, nullptr, bias, 1, 0,
+        gate, score, stream);
 }
 
 extern "C" int32_t aligner_kernel_steer_gate_v2(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,
@@ -234,6 +301,19 @@ extern "C" int32_t aligner_kernel_steer_gate_v2(int32_t storage, void const* hid
     {
         return cudaErrorInvalidValue;
     }
-    return dispatch(storage, hidden, B, S, H, attention_mask, T, gate_in, score_in, weight, bias, tokens, normalize,
-        gate, score, stream);
+    return dispatch(storage, hidden, B, S, H, attention_mask, T, gate_in, score_in, weight, nullptr, bias, tokens,
+        normalize, gate, score, stream);
+}
+
+extern "C" int32_t aligner_kernel_steer_gate_v3(int32_t storage, void const* hidden, int64_t B, int64_t S, int64_t H,
+    int64_t const* attention_mask, int64_t T, float const* gate_in, float const* score_in, float const* weight,
+    float const* max_weight, float bias, int64_t tokens, int32_t normalize, float* gate, float* score,
+    cudaStream_t stream)
+{
+    if (score_in == nullptr || max_weight == nullptr)
+    {
+        return cudaErrorInvalidValue;
+    }
+    return dispatch(storage, hidden, B, S, H, attention_mask, T, gate_in, score_in, weight, max_weight, bias, tokens,
+        normalize, gate, score, stream);
 }

@@ -104,8 +104,13 @@ DigestRegistry loadPlugins(aligner_model& model, std::string const& path)
     // SteerShift: the version of the manifest's shift_mode, so a library from before version 2 still runs "add".
     char const* const shiftVersion
         = model.manifest.shiftVersion == 2 ? contract::kSteerShiftVersion2 : contract::kSteerShiftVersion1;
+    // SteerGate: versions 1 and 2 as always, and version 3 when the manifest's gate is the pooled gate (issue 18), so
+    // a library from before version 3 still runs the exports of versions 1 and 2.
+    char const* const gateVersion
+        = model.manifest.gateVersion == 3 ? contract::kSteerGateVersion3 : contract::kSteerGateVersion2;
     for (Wanted const wanted : {Wanted{contract::kSteerGate, contract::kSteerGateVersion1},
-             Wanted{contract::kSteerGate, contract::kSteerGateVersion2}, Wanted{contract::kSteerShift, shiftVersion}})
+             Wanted{contract::kSteerGate, contract::kSteerGateVersion2}, Wanted{contract::kSteerGate, gateVersion},
+             Wanted{contract::kSteerShift, shiftVersion}})
     {
         if (registry.getCreator(wanted.op, wanted.version, contract::kPluginNamespace) == nullptr)
         {

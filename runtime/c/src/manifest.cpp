@@ -150,6 +150,12 @@ Manifest parseManifest(std::string const& text, std::string const& where)
 
     json const& gate = requiredObject(document, "gate", "", where);
     manifest.gateLayers = requiredLayers(gate, "layers", "gate.", where);
+    manifest.gateVersion = requiredInt(gate, "version", "gate.", where);
+    if (manifest.gateVersion < 1 || manifest.gateVersion > 3)
+    {
+        throw ManifestError(where + ": 'gate.version' " + std::to_string(manifest.gateVersion)
+            + " is not a SteerGate version this runtime serves (1, 2 or 3)");
+    }
     if (manifest.formatVersion >= 3)
     {
         // Format 3 records the gate's layers, bias and rule once, in "gate" (contract.GATE_DUPLICATES).

@@ -47,6 +47,9 @@ struct Manifest
     std::vector<int64_t> eosTokenIds;
     // "shift_mode", optional (issue 17): "add" (SteerShift version 1, also when absent) or "norm" (version 2).
     int64_t shiftVersion{1};
+    // "gate.version": the SteerGate version of the export's gate nodes (1, 2 or 3: the pooled gate, issue 18), so
+    // the engine loader asks the plugin library for that creator.
+    int64_t gateVersion{1};
 };
 
 // Parses and checks inferaligner.json; `where` names the file in messages. Every key above is required (a missing
