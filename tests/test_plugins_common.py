@@ -47,6 +47,9 @@ def ref():
         pytest.fail(f"{path} has no aligner_ref_steer_gate_v2: rebuild it")
     lib.aligner_ref_steer_gate_v2.argtypes = [i32, p, i64, i64, i64, p, i64, p, p, p, f32, i64, i32, p, p]
     lib.aligner_ref_steer_gate_v2.restype = i32
+    if hasattr(lib, "aligner_ref_steer_gate_v3"):  # a build from before issue 18 has none: its tests skip
+        lib.aligner_ref_steer_gate_v3.argtypes = [i32, p, i64, i64, i64, p, i64, p, p, p, p, f32, i64, i32, p, p]
+        lib.aligner_ref_steer_gate_v3.restype = i32
     lib.aligner_ref_steer_shift.argtypes = [i32, p, i64, i64, i64, p, p, p]
     lib.aligner_ref_steer_shift.restype = i32
     lib.aligner_ref_last_valid_position.argtypes = [p, i64, i64]
@@ -118,6 +121,18 @@ def _ref_gate_v2(ref, dtype, hidden, mask, gate_in, score_in, weight, bias, toke
     status = ref.aligner_ref_steer_gate_v2(STORAGE[dtype], _ptr(hidden), B, S, H, _ptr(mask), mask.shape[1],
                                            _ptr(gate_in), _ptr(score_in), _ptr(weight), float(bias), int(tokens),
                                            int(normalize), _ptr(gate), _ptr(score))
+    assert status == 0
+    return gate, score
+
+
+def _ref_gate_v3(ref, dtype, hidden, mask, gate_in, score_in, weight, max_weight, bias, tokens, normalize):
+    if not hasattr(ref, "aligner_ref_steer_gate_v3"):
+        pytest.skip("the native build has no aligner_ref_steer_gate_v3: rebuild it")
+    B, S, H = hidden.shape
+    gate, score = np.empty(B, np.float32), np.empty(B, np.float32)
+    status = ref.aligner_ref_steer_gate_v3(STORAGE[dtype], _ptr(hidden), B, S, H, _ptr(mask), mask.shape[1],
+                                           _ptr(gate_in), _ptr(score_in), _ptr(weight), _ptr(max_weight), float(bias),
+                                           int(tokens), int(normalize), _ptr(gate), _ptr(score))
     assert status == 0
     return gate, score
 
@@ -201,6 +216,35 @@ def test_gate_v2_matches_oracle(ref, dtype, padding, H, S, past, tokens, normali
                                             abs(float(bias)), tokens, bool(normalize))
     tolerance = _check_scores(score, want_score, magnitude, H + tokens, "v2 score")
     _check_gates(gate, score, want_gate, want_score, gate_in, tolerance, "v2")
+
+
+V3_CASES = [(d, p, H, S, past, K, norm) for d in DTYPES for p in ("left", "right") for H in (7, 64)
+            for (S, past) in CALLS for K in (1, 3) for norm in (0, 1)]
+
+
+@pytest.mark.parametrize("dtype,padding,H,S,past,tokens,normalize", V3_CASES)
+def test_gate_v3_matches_oracle(ref, dtype, padding, H, S, past, tokens, normalize):
+    """SteerGate version 3 (issue 18): the pooled mean plus the max over every valid position of the call; rows
+    without a valid position (row 4, and row 5 after a past) read last_b; the max weight 0 gives version 2's score."""
+    hidden, mask, gate_in = _case(dtype, padding, H, S, past, seed=3)
+    rng = np.random.default_rng(200 + H + tokens)
+    weight = (0.5 * rng.standard_normal(H)).astype(np.float32)
+    max_weight = rng.standard_normal(H).astype(np.float32)
+    score_in = rng.standard_normal(hidden.shape[0]).astype(np.float32)
+    bias = np.float32(-0.2)
+    gate, score = _ref_gate_v3(ref, dtype, hidden, mask, gate_in, score_in, weight, max_weight, bias, tokens,
+                               normalize)
+    want_gate, want_score = op_oracles.steer_gate_v3(hidden, mask, gate_in, score_in, weight, max_weight, bias, tokens,
+                                                     bool(normalize))
+    _, magnitude = op_oracles.steer_gate_v3(_abs(hidden), mask, gate_in, _abs(score_in), _abs(weight),
+                                            _abs(max_weight), abs(float(bias)), tokens, bool(normalize))
+    tolerance = _check_scores(score, want_score, magnitude, H + tokens, "v3 score")
+    _check_gates(gate, score, want_gate, want_score, gate_in, tolerance, "v3")
+    gate2, score2 = _ref_gate_v2(ref, dtype, hidden, mask, gate_in, score_in, weight, bias, tokens, normalize)
+    gate3, score3 = _ref_gate_v3(ref, dtype, hidden, mask, gate_in, score_in, weight, np.zeros(H, np.float32), bias,
+                                 tokens, normalize)
+    np.testing.assert_array_equal(score2, score3)
+    np.testing.assert_array_equal(gate2, gate3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -341,7 +385,7 @@ def _onnx_model(op: str, dtype: str, H: int, node, gate_version: int = 1):
     if op == "SteerGate":
         inputs = [hidden, helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "T"]),
                   helper.make_tensor_value_info("gate_in", TensorProto.FLOAT, ["B"])]
-        if gate_version == 2:
+        if gate_version >= 2:
             inputs.append(helper.make_tensor_value_info("score_in", TensorProto.FLOAT, ["B"]))
         outputs = [helper.make_tensor_value_info("gate", TensorProto.FLOAT, ["B"]),
                    helper.make_tensor_value_info("score", TensorProto.FLOAT, ["B"])]
@@ -443,4 +487,32 @@ def test_reference_matches_onnx_functions_v2(ref, dtype, padding, H, S, past, to
                                             _abs(score_in), _abs(weight), abs(float(bias)), tokens, bool(normalize))
     tolerance = 2 * _check_scores(score, np.asarray(ort_score), magnitude, H + tokens, "v2 score vs ONNX function")
     _check_gates(gate, score, ort_gate, np.asarray(ort_score), gate_in, tolerance, "v2 vs ONNX function")
+    assert gate[0] == 1.0 and math.isnan(score[0]), "a NaN score steers"
+
+
+@pytest.mark.parametrize("dtype,padding,H,S,past,tokens,normalize",
+                         [c for c in ORT_V2_CASES if c[5] in (1, 3)])
+def test_reference_matches_onnx_functions_v3(ref, dtype, padding, H, S, past, tokens, normalize):
+    """The C++ reference of SteerGate version 3 against its ONNX function run by ONNX Runtime, a NaN row included."""
+    onnx_ops = _onnx_ops()
+    hidden, mask, gate_in = _case(dtype, padding, H, S, past, seed=5)
+    hidden = _with_nonfinite_row(hidden, mask)
+    rng = np.random.default_rng(13 + H)
+    weight = (0.5 * rng.standard_normal(H)).astype(np.float32)
+    max_weight = rng.standard_normal(H).astype(np.float32)
+    score_in = rng.standard_normal(hidden.shape[0]).astype(np.float32)
+    bias = np.float32(0.1)
+    gate, score = _ref_gate_v3(ref, dtype, hidden, mask, gate_in, score_in, weight, max_weight, bias, tokens,
+                               normalize)
+    node = onnx_ops.make_steer_gate_v3_node("hidden", "attention_mask", "gate_in", "score_in", "gate", "score",
+                                            weight, max_weight, float(bias), tokens, bool(normalize),
+                                            name="/model/layers.0/steer/SteerGate")
+    ort_gate, ort_score = _ort_run(_onnx_model("SteerGate", dtype, H, node, gate_version=3),
+                                   {"hidden": hidden, "attention_mask": mask, "gate_in": gate_in,
+                                    "score_in": score_in})
+    _, magnitude = op_oracles.steer_gate_v3(_abs(np.nan_to_num(hidden.astype(np.float32))), mask, gate_in,
+                                            _abs(score_in), _abs(weight), _abs(max_weight), abs(float(bias)), tokens,
+                                            bool(normalize))
+    tolerance = 2 * _check_scores(score, np.asarray(ort_score), magnitude, H + tokens, "v3 score vs ONNX function")
+    _check_gates(gate, score, ort_gate, np.asarray(ort_score), gate_in, tolerance, "v3 vs ONNX function")
     assert gate[0] == 1.0 and math.isnan(score[0]), "a NaN score steers"

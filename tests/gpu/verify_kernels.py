@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Hand-run GPU check of the SteerGate (versions 1 and 2) and SteerShift CUDA kernels, without TensorRT
+"""Hand-run GPU check of the SteerGate (versions 1, 2 and 3) and SteerShift CUDA kernels, without TensorRT
 (docs/architecture.md §8, docs/contract.md).
 
     make native && python tests/gpu/verify_kernels.py [--build build] [--dry-run]
@@ -11,12 +11,14 @@
      (libaligner_ops_ref) and the numpy oracles (tests/op_oracles.py): scores within a float32-rounding bound computed
      per row (the oracle run on |hidden|, |weight|, |score_in|, |bias|), the gate equal to the decision on the kernel's
      own score and to the reference's gate except within that bound of 0, every gate written (NaN sentinels);
+   - SteerGate version 3 (the pooled gate, issue 18: version 2 plus the max over every valid position) the same
+     way, for K in {1, 4, 40} and normalize 0/1;
    - non-finite scores (NaN, +inf, -inf in the hidden state, in score_in, a NaN bias): every deciding row steers;
    - SteerShift bit for bit against the reference and the oracle, out of place and in place;
    - SteerShift version 2 ("norm") against the reference and the oracle within a rounding bound (the kernel reduces
      the sums of squares in another order), gate-0 rows bit for bit, in place equal to out of place.
 2. Figures: SteerShift bandwidth against a device-to-device copy of the same bytes (target >= 80%), and the time of
-   one SteerGate call (versions 1 and 2).
+   one SteerGate call (versions 1, 2 and 3).
 
 Prints one table; exits 1 if a check fails. --dry-run runs everything but the GPU launches (the CPU reference stands in
 for the kernels, and the kernel library is only checked for its entry points), so the script's own logic can be checked
@@ -69,10 +71,11 @@ def load_reference(build: Path):
     lib = ctypes.CDLL(str(path))
     lib.aligner_ref_steer_gate.argtypes = [I32, P, I64, I64, I64, P, I64, P, P, F32, P, P]
     lib.aligner_ref_steer_gate_v2.argtypes = [I32, P, I64, I64, I64, P, I64, P, P, P, F32, I64, I32, P, P]
+    lib.aligner_ref_steer_gate_v3.argtypes = [I32, P, I64, I64, I64, P, I64, P, P, P, P, F32, I64, I32, P, P]
     lib.aligner_ref_steer_shift.argtypes = [I32, P, I64, I64, I64, P, P, P]
     lib.aligner_ref_steer_shift_v2.argtypes = [I32, P, I64, I64, I64, P, P, P]
-    for fn in (lib.aligner_ref_steer_gate, lib.aligner_ref_steer_gate_v2, lib.aligner_ref_steer_shift,
-               lib.aligner_ref_steer_shift_v2):
+    for fn in (lib.aligner_ref_steer_gate, lib.aligner_ref_steer_gate_v2, lib.aligner_ref_steer_gate_v3,
+               lib.aligner_ref_steer_shift, lib.aligner_ref_steer_shift_v2):
         fn.restype = I32
     return lib
 
@@ -84,10 +87,11 @@ def load_kernels(build: Path):
     lib = ctypes.CDLL(str(path))
     lib.aligner_kernel_steer_gate.argtypes = [I32, P, I64, I64, I64, P, I64, P, P, F32, P, P, P]
     lib.aligner_kernel_steer_gate_v2.argtypes = [I32, P, I64, I64, I64, P, I64, P, P, P, F32, I64, I32, P, P, P]
+    lib.aligner_kernel_steer_gate_v3.argtypes = [I32, P, I64, I64, I64, P, I64, P, P, P, P, F32, I64, I32, P, P, P]
     lib.aligner_kernel_steer_shift.argtypes = [I32, P, I64, I64, I64, P, P, P, P]
     lib.aligner_kernel_steer_shift_v2.argtypes = [I32, P, I64, I64, I64, P, P, P, P]
-    for fn in (lib.aligner_kernel_steer_gate, lib.aligner_kernel_steer_gate_v2, lib.aligner_kernel_steer_shift,
-               lib.aligner_kernel_steer_shift_v2):
+    for fn in (lib.aligner_kernel_steer_gate, lib.aligner_kernel_steer_gate_v2, lib.aligner_kernel_steer_gate_v3,
+               lib.aligner_kernel_steer_shift, lib.aligner_kernel_steer_shift_v2):
         fn.restype = I32
     return lib
 
@@ -184,6 +188,15 @@ class Reference:
                                                   ptr(gate), ptr(score)) == 0
         return gate, score
 
+    def gate_v3(self, dtype, hidden, mask, gate_in, score_in, weight, max_weight, bias, tokens, normalize,
+                misalign=False):
+        B, S, H = hidden.shape
+        gate, score = np.empty(B, np.float32), np.empty(B, np.float32)
+        assert self.lib.aligner_ref_steer_gate_v3(STORAGE[dtype], ptr(hidden), B, S, H, ptr(mask), mask.shape[1],
+                                                  ptr(gate_in), ptr(score_in), ptr(weight), ptr(max_weight), bias,
+                                                  tokens, normalize, ptr(gate), ptr(score)) == 0
+        return gate, score
+
     def shift(self, dtype, hidden, gate, vector, misalign=False, in_place=False, version=1):
         B, S, H = hidden.shape
         out = hidden.copy() if in_place else np.empty_like(hidden)
@@ -228,6 +241,19 @@ class Kernels:
         result = self._gate(lambda g, s: self.lib.aligner_kernel_steer_gate_v2(
             STORAGE[dtype], d[0], B, S, H, d[1], mask.shape[1], d[2], d[3], d[4], bias, tokens, normalize, g, s,
             None), B, "steer_gate_v2")
+        cuda.free(*d)
+        return result
+
+    def gate_v3(self, dtype, hidden, mask, gate_in, score_in, weight, max_weight, bias, tokens, normalize,
+                misalign=False):
+        cuda = self.cuda
+        B, S, H = hidden.shape
+        offset = hidden.itemsize if misalign else 0
+        d = [cuda.upload(hidden, offset), cuda.upload(mask), cuda.upload(gate_in), cuda.upload(score_in),
+             cuda.upload(weight), cuda.upload(max_weight)]
+        result = self._gate(lambda g, s: self.lib.aligner_kernel_steer_gate_v3(
+            STORAGE[dtype], d[0], B, S, H, d[1], mask.shape[1], d[2], d[3], d[4], d[5], bias, tokens, normalize, g,
+            s, None), B, "steer_gate_v3")
         cuda.free(*d)
         return result
 
@@ -329,6 +355,26 @@ def check_case(device, reference, rng, dtype, B, S, H, past, padding, misalign):
         ok &= ok_ref and ok_oracle
         v2_worst = max(v2_worst, worst_ref, worst_oracle)
 
+    v3_worst = 0.0
+    for tokens, normalize in V2_VARIANTS:
+        weight = (0.5 * rng.standard_normal(H)).astype(np.float32)
+        max_weight = rng.standard_normal(H).astype(np.float32)
+        score_in = rng.standard_normal(B).astype(np.float32)
+        bias3 = float(np.float32(-0.05))
+        got = device.gate_v3(dtype, hidden, mask, gate_in, score_in, weight, max_weight, bias3, tokens, normalize,
+                             misalign)
+        _, magnitude = op_oracles.steer_gate_v3(magnitude_hidden, mask, gate_in, np.abs(score_in), np.abs(weight),
+                                                np.abs(max_weight), abs(bias3), tokens, bool(normalize))
+        bound = score_bound(magnitude, H + tokens)
+        want_ref = reference.gate_v3(dtype, hidden, mask, gate_in, score_in, weight, max_weight, bias3, tokens,
+                                     normalize)
+        want_oracle = op_oracles.steer_gate_v3(hidden, mask, gate_in, score_in, weight, max_weight, bias3, tokens,
+                                               bool(normalize))
+        ok_ref, worst_ref = compare_gate(got, want_ref, bound, gate_in)
+        ok_oracle, worst_oracle = compare_gate(got, want_oracle, bound, gate_in)
+        ok &= ok_ref and ok_oracle
+        v3_worst = max(v3_worst, worst_ref, worst_oracle)
+
     vector = (4.0 * rng.standard_normal(H)).astype(np.float32)
     shift_gate = rng.choice(np.array([0.0, 1.0, 1.0, 0.5], np.float32), size=B)
     want = reference.shift(dtype, hidden, shift_gate, vector)
@@ -347,7 +393,7 @@ def check_case(device, reference, rng, dtype, B, S, H, past, padding, misalign):
                                              shift_gate, dtype)
     norm_ok &= np.array_equal(norm_in_place.view(np.uint8), norm_out.view(np.uint8))
     ok &= norm_ok
-    return ok, max(v1_ref, v1_oracle), v2_worst, shift_exact, in_place_exact, norm_worst, norm_ok
+    return ok, max(v1_ref, v1_oracle), v2_worst, v3_worst, shift_exact, in_place_exact, norm_worst, norm_ok
 
 
 # Half an ulp of the storage dtype, relative: a rescaled value may round to either neighbour.
@@ -371,7 +417,8 @@ def compare_norm_shift(got, want_ref, want_oracle, hidden, gate, dtype):
 
 
 def check_nonfinite(device, reference, dtype):
-    """Rows whose score is NaN, +inf or -inf steer (the decision of docs/contract.md), in both versions."""
+    """Rows whose score is NaN, +inf or -inf steer (the decision of docs/contract.md), in every version (version 3:
+    through its max term as well, whose NaN is kept)."""
     B, S, H = 6, 3, 40
     hidden = np.zeros((B, S, H), np.float32)
     hidden[:, -1, 0] = [np.nan, np.inf, -np.inf, np.nan, -1.0, np.nan]
@@ -390,6 +437,9 @@ def check_nonfinite(device, reference, dtype):
                            np.array([np.nan, np.inf, -np.inf, np.nan, -1.0, -np.inf], np.float32), direction, 0.0, 1,
                            0)[0],
         ]
+        results.append(device.gate_v3(dtype, hidden, mask, gate_in, zeros, direction, direction, 0.0, 2, 0)[0])
+        results.append(device.gate_v3(dtype, hidden, mask, gate_in, zeros, np.zeros(H, np.float32), direction, 0.0,
+                                      1, 0)[0])
         nan_bias = device.gate_v1(dtype, np.zeros_like(hidden), mask, gate_in, direction, float("nan"))[0]
         oracle = op_oracles.steer_gate_v1(hidden, mask, gate_in, direction, 0.0)[0]
         cpu = reference.gate_v1(dtype, hidden, mask, gate_in, direction, 0.0)[0]
@@ -415,8 +465,8 @@ def shift_bandwidth(cuda, kernels, dtype, B, S, H, version=1):
     return gbps(copy_ms), gbps(shift_ms), gbps(inplace_ms)
 
 
-def gate_time_us(cuda, kernels, dtype, B, S, H, tokens, normalize):
-    """Microseconds per SteerGate call on a full mask (version 1 when tokens is None)."""
+def gate_time_us(cuda, kernels, dtype, B, S, H, tokens, normalize, version=2):
+    """Microseconds per SteerGate call on a full mask (version 1 when tokens is None; else ``version`` 2 or 3)."""
     rng = np.random.default_rng(0)
     hidden = rng.standard_normal((B, S, H)).astype(np.float32).astype(dtype_of(dtype))
     d_hidden, d_mask = cuda.upload(hidden), cuda.upload(np.ones((B, S), np.int64))
@@ -425,10 +475,14 @@ def gate_time_us(cuda, kernels, dtype, B, S, H, tokens, normalize):
     if tokens is None:
         launch = lambda: kernels.aligner_kernel_steer_gate(STORAGE[dtype], d_hidden, B, S, H, d_mask, S, d_gate_in,
                                                            d_weight, 0.0, d_gate, d_score, None)
-    else:
+    elif version == 2:
         launch = lambda: kernels.aligner_kernel_steer_gate_v2(STORAGE[dtype], d_hidden, B, S, H, d_mask, S,
                                                               d_gate_in, d_score_in, d_weight, 0.0, tokens, normalize,
                                                               d_gate, d_score, None)
+    else:  # the max weight is the same buffer: the time, not the value, is measured
+        launch = lambda: kernels.aligner_kernel_steer_gate_v3(STORAGE[dtype], d_hidden, B, S, H, d_mask, S,
+                                                              d_gate_in, d_score_in, d_weight, d_weight, 0.0, tokens,
+                                                              normalize, d_gate, d_score, None)
     us = 1e3 * cuda.time_ms(launch, 50)
     cuda.free(d_hidden, d_mask, d_gate_in, d_score_in, d_weight, d_gate, d_score)
     return us
@@ -470,22 +524,24 @@ def main() -> int:
         for (B, S, H, past) in SHAPES:
             for padding in ("left", "right"):
                 for misalign in (False, True):
-                    ok, v1, v2, shift, in_place, norm, _ = check_case(device, reference, rng, dtype, B, S, H, past,
+                    ok, v1, v2, v3, shift, in_place, norm, _ = check_case(device, reference, rng, dtype, B, S, H, past,
                                                                       padding, misalign)
                     failures += not ok
                     rows.append((f"{dtype} B{B} S{S} H{H} past{past} {padding}{' misaligned' if misalign else ''}",
-                                 f"{v1:.2f}", f"{v2:.2f}", "yes" if shift else "NO", "yes" if in_place else "NO",
-                                 f"{norm:.2f}", "ok" if ok else "FAIL"))
+                                 f"{v1:.2f}", f"{v2:.2f}", f"{v3:.2f}", "yes" if shift else "NO",
+                                 "yes" if in_place else "NO", f"{norm:.2f}", "ok" if ok else "FAIL"))
         ok = check_nonfinite(device, reference, dtype)
         failures += not ok
-        rows.append((f"{dtype} NaN/inf scores and NaN bias steer", "-", "-", "-", "-", "-", "ok" if ok else "FAIL"))
+        rows.append((f"{dtype} NaN/inf scores and NaN bias steer", "-", "-", "-", "-", "-", "-",
+                     "ok" if ok else "FAIL"))
     if BF16 is None:
-        rows.append(("bf16", "-", "-", "-", "-", "-", "skipped: pip install ml_dtypes"))
+        rows.append(("bf16", "-", "-", "-", "-", "-", "-", "skipped: pip install ml_dtypes"))
 
     print("score and norm columns: worst |kernel - (reference, oracle)| in units of the rounding bound (<= 1 passes)")
-    print(f"{'case':<46} {'v1 score':>8} {'v2 score':>8} {'shift':>6} {'inplace':>7} {'norm':>6}  result")
+    print(f"{'case':<46} {'v1 score':>8} {'v2 score':>8} {'v3 score':>8} {'shift':>6} {'inplace':>7} {'norm':>6}  "
+          "result")
     for row in rows:
-        print(f"{row[0]:<46} {row[1]:>8} {row[2]:>8} {row[3]:>6} {row[4]:>7} {row[5]:>6}  {row[6]}")
+        print(f"{row[0]:<46} {row[1]:>8} {row[2]:>8} {row[3]:>8} {row[4]:>6} {row[5]:>7} {row[6]:>6}  {row[7]}")
 
     if cuda is not None:
         print(f"\n{'SteerShift bandwidth (GB/s, read+write)':<46} {'D2D copy':>9} {'shift':>9} {'in place':>9}  "
@@ -499,9 +555,11 @@ def main() -> int:
                 label = f"{dtype} B{B} S{S} H{H}" + (" norm (v2)" if version == 2 else "")
                 print(f"{label:<46} {copy:>9.1f} {shift:>9.1f} {in_place:>9.1f}  {shift / copy:>5.0%} {verdict}")
         print(f"\n{'SteerGate time per call (us), fp16 B8 S2048 H4096':<46} {'us':>9}")
-        for label, tokens, normalize in (("version 1", None, 0), ("version 2, K=1", 1, 0),
-                                         ("version 2, K=8, normalize", 8, 1), ("version 2, K=64, normalize", 64, 1)):
-            print(f"{label:<46} {gate_time_us(cuda, kernels, 'fp16', 8, 2048, 4096, tokens, normalize):>9.1f}")
+        for label, tokens, normalize, version in (
+                ("version 1", None, 0, 1), ("version 2, K=1", 1, 0, 2), ("version 2, K=8, normalize", 8, 1, 2),
+                ("version 2, K=64, normalize", 64, 1, 2), ("version 3, K=8, normalize", 8, 1, 3)):
+            us = gate_time_us(cuda, kernels, 'fp16', 8, 2048, 4096, tokens, normalize, version)
+            print(f"{label:<46} {us:>9.1f}")
     else:
         print("\nfigures (bandwidth, time per call): not measured in a dry run")
     print(f"\n{len(rows)} correctness rows, {failures} failed; {time.time() - started:.1f} s")
