@@ -23,7 +23,7 @@ OLD_NAMES = ("DOMAIN", "PLUGIN_NAMESPACE", "STEER_GATE", "STEER_SHIFT", "OP_TYPE
 def test_old_names_resolve():
     missing = [name for name in OLD_NAMES if not hasattr(contract, name)]
     assert not missing
-    assert contract.GATE_VERSIONS == (1, 2)
+    assert contract.GATE_VERSIONS == (1, 2, 3)
 
 
 def test_past_and_present_names():
@@ -45,6 +45,21 @@ def test_registry_enforces_the_kind_rules():
     for bad in (_gate(1, (1, 2)), _gate(1, (1,), tokens=2), _gate(1, (1,), normalize=True), _gate(7, (1,))):
         with pytest.raises(ValueError):
             bad.check(num_layers=4, hidden_size=4)
+    # Version 3 (issue 18): a max weight per gate layer, required, [H], finite; no other kind takes one.
+    pooled = GateConfig(layers=(1, 2), weights={l: np.ones(4, np.float32) for l in (1, 2)}, bias=0.5, tokens=2,
+                        normalize=True, version=3, max_weights={l: np.ones(4, np.float32) for l in (1, 2)})
+    assert gate_kind_named("pooled").version == 3 and pooled.check(num_layers=4, hidden_size=4) is pooled
+    for max_weights, why in ((None, "needs a max weight"), ({1: np.ones(4)}, "max weights given for layers"),
+                             ({1: np.ones(4), 2: np.ones(3)}, "shape"), ({1: np.ones(4), 2: np.full(4, np.nan)},
+                                                                         "NaN or inf")):
+        with pytest.raises(ValueError, match=why):
+            GateConfig(layers=(1, 2), weights=pooled.weights, bias=0.5, tokens=2, version=3,
+                       max_weights=max_weights).check(num_layers=4, hidden_size=4)
+    with pytest.raises(ValueError, match="has no max weights"):
+        GateConfig(layers=(1, 2), weights=pooled.weights, bias=0.5, tokens=2, version=2,
+                   max_weights=pooled.max_weights).check(num_layers=4, hidden_size=4)
+    assert contract.gate_kind_of_constants(("weight", "max_weight", "bias", "tokens", "normalize")).version == 3
+    assert contract.gate_kind_of_constants(("weight", "bias", "tokens", "normalize")).version == 2
     with pytest.raises(ValueError, match="registered already"):
         register_gate_kind(GateKind("again", 2, pack_name=None, constants=("bias",), rules=("linear",), summary=""))
     with pytest.raises(ValueError, match="unknown gate kind"):
@@ -128,10 +143,11 @@ def test_gate_kind_hooks_come_from_the_registry():
     assert contract.gate_kind_of_constants(("bias", "direction")).name == "paper"
     assert contract.gate_kind_of_constants(("weight", "bias", "tokens", "normalize")).version == 2
     assert contract.gate_kind_of_constants(("weight",)) is None
-    assert contract.pack_weight_versions() == (2,)
-    assert set(contract.gate_constants()) == {"bias", "direction", "normalize", "tokens", "vector", "weight"}
+    assert contract.pack_weight_versions() == (2, 3)
+    assert set(contract.gate_constants()) == {"bias", "direction", "max_weight", "normalize", "tokens", "vector",
+                                              "weight"}
     assert GateConfig(layers=(1,), weights={1: np.ones(4)}, bias=0.0).rule == "fpr"  # the paper kind's default
-    assert contract.PACK_GATES == ("paper", "linear") and contract.GATE_RULES == ("paper", "fpr", "linear")
+    assert contract.PACK_GATES == ("paper", "linear", "pooled") and contract.GATE_RULES == ("paper", "fpr", "linear")
     with pytest.raises(ValueError, match="registered already"):
         register_gate_kind(GateKind("mlp", 9, pack_name="linear", constants=("w1",), rules=("linear",), summary=""))
     with pytest.raises(ValueError, match="default rule"):

@@ -306,3 +306,31 @@ def test_validation_forces_mixed_gates_when_both_prompts_fire(tiny_model_dir, tm
     assert validation["gates"] == [1.0, 1.0]
     assert [r["forced"] for r in validation["rounds"]] == [None, [1.0, 0.0]]
     assert validation["decode_max_abs_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize("impl", ["function", "inline"])
+def test_runtime_serves_the_pooled_gate(pooled_pack, tmp_path, impl):
+    """aligner_runtime loads a version-3 export (manifest, integrity digests and the self-test's constants part read
+    the max_weight constant) and its greedy tokens, gates and scores equal the PyTorch reference's."""
+    from aligner_runtime.api import Aligner
+    from runtime_exports import steer_config
+    from test_runtime_export import NEW_TOKENS, _reference, candidate_prompts
+
+    model_dir, pack = pooled_pack
+    out = tmp_path / "out"
+    assert main(["export", "--target", str(model_dir), "--pack", str(pack), "-o", str(out), "--steer-impl", impl,
+                 "--no-end-rule"]) == 0
+    aligner = Aligner.load(out)
+    from aligner_runtime import selftest
+
+    graph_facts = selftest.steering_facts(aligner.export.graph)
+    assert {g["version"] for g in graph_facts.gates.values()} == {3}
+    assert all(g["max_weight_norm"] and g["max_weight_norm"] > 0 for g in graph_facts.gates.values())
+    assert not selftest.constant_problems(graph_facts)
+    prompts = candidate_prompts()[:6]
+    results = aligner.generate(prompts, max_new_tokens=NEW_TOKENS, batch_size=len(prompts))
+    _, _, expected, gates, scores = _reference(model_dir, steer_config(out, pack), prompts, NEW_TOKENS)
+    for prompt, result, tokens, gate, score in zip(prompts, results, expected, gates, scores):
+        assert result.gate == gate
+        assert result.score == pytest.approx(score, abs=1e-4)
+        assert result.token_ids == tokens, prompt

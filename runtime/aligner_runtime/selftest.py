@@ -70,7 +70,8 @@ class SteeringFacts:
 
     gate_layers: list[int] = field(default_factory=list)
     steer_layers: list[int] = field(default_factory=list)
-    gates: dict[int, dict] = field(default_factory=dict)  # layer -> version, weight_norm, bias, tokens, normalize
+    # layer -> version, weight_norm, max_weight_norm (version 3; None otherwise), bias, tokens, normalize
+    gates: dict[int, dict] = field(default_factory=dict)
     vector_norms: dict[int, float] = field(default_factory=dict)
     plugin_versions: list[str] = field(default_factory=list)
     shift_modes: dict[int, str] = field(default_factory=dict)  # layer -> SteerShift mode ("add", "norm"; "?" unknown)
@@ -111,6 +112,8 @@ def steering_facts(summary: GraphSummary) -> SteeringFacts:
         facts.gates[layer] = {
             "version": getattr(gate_kind_of_constants(constants), "version", None),  # None: no registered kind
             "weight_norm": _norm(weight[1]) if weight is not None else None,
+            # version 3's max term (issue 18); None when the node has no such constant
+            "max_weight_norm": _norm(constants["max_weight"][1]) if "max_weight" in constants else None,
             "bias": _scalar(constants["bias"][1]) if "bias" in constants else None,
             "tokens": int(tokens) if tokens is not None and np.isfinite(tokens) else 1,
             "normalize": bool(normalize) if normalize is not None else False,
@@ -175,8 +178,13 @@ def constant_problems(facts: SteeringFacts) -> list[str]:
     for layer, gate in facts.gates.items():
         if gate["weight_norm"] is None or gate["bias"] is None and layer == facts.gate_layer:
             problems.append(f"the SteerGate of layer {layer} lacks its weight or bias constant")
+        if gate["version"] == 3 and gate["max_weight_norm"] is None:
+            problems.append(f"the SteerGate of layer {layer} lacks its max_weight constant")
     bias = facts.bias
-    weights = [g["weight_norm"] for g in facts.gates.values()]
+    # Each layer's reach: |w_l|, plus |m_l| for version 3's max term (over unit-normalised inputs the max term too is
+    # at most |m_l|).
+    weights = [g["weight_norm"] + (g.get("max_weight_norm") or 0.0) if g["weight_norm"] is not None else None
+               for g in facts.gates.values()]
     if facts.gates and bias is not None and np.isfinite(bias) and all(w is not None and np.isfinite(w)
                                                                        for w in weights):
         if all(w == 0.0 for w in weights) and bias <= 0:
@@ -327,6 +335,10 @@ def check_behaviour(aligner, mode: str, facts: SteeringFacts | None = None) -> C
     """The canaries through the loaded backend; refuses (one :class:`AlignerError`) on any problem. ``facts``: the
     graph's steering constants (None for an engine shipped without its graph: the threshold check is skipped)."""
     gate_tokens = max((g["tokens"] for g in facts.gates.values()), default=None) if facts is not None else None
+    if facts is not None and any(g["version"] == 3 for g in facts.gates.values()):
+        # Version 3's max reads every valid position of the call (issue 18): a shared opening prefilled apart would
+        # leave the call without it, so the canaries run whole.
+        gate_tokens = None
     report = run_canaries(aligner, gate_checked=mode == "full", bias=facts.bias if facts is not None else None,
                           gate_tokens=gate_tokens)
     problems = report.problems()

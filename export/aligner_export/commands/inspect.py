@@ -416,7 +416,8 @@ def _render_pack(info: dict, lines: list[str]) -> None:
                         f"{_fmt(linear.get(GateKey.LAYERS))}, last {_fmt(linear.get(GateKey.TOKENS))} tokens"
                         f"{', unit-normalised' if linear.get(GateKey.NORMALIZE) is True else ''}, |w_l| "
                         f"{_fmt(linear['weight_norms'])}"
-                        f"{f', max over the prompt |m_l| {_fmt(pooled)}' if pooled is not None else ''}, bias {_fmt(linear.get(GateKey.BIAS))}; held-out FPR generic "
+                        f"{f', max over the prompt |m_l| {_fmt(pooled)}' if pooled is not None else ''}, bias "
+                        f"{_fmt(linear.get(GateKey.BIAS))}; held-out FPR generic "
                         f"{_fmt(held.get('fpr_harmless'))}, borderline {_fmt(held.get('fpr_borderline'))}; "
                         f"leave-one-source-out TPR {_fmt(held.get('loso_mean_tpr'))}")
 
@@ -431,7 +432,9 @@ def _render_graph(graph: dict, lines: list[str]) -> None:
                   f"{_fmt(graph['plugin_attributes']) if graph['plugin_attributes'] else '-'})",
                   f"  gate (graph): bias {_fmt(graph[Key.BIAS])}, last {last['tokens']} token(s)"
                   f"{', unit-normalised' if last['normalize'] else ''}, |weight| per layer "
-                  f"{_fmt({l: g['weight_norm'] for l, g in graph['gates'].items()})}",
+                  f"{_fmt({l: g['weight_norm'] for l, g in graph['gates'].items()})}"
+                  + (f", |max_weight| per layer {_fmt({l: g['max_weight_norm'] for l, g in graph['gates'].items()})}"
+                     if any(g.get('max_weight_norm') is not None for g in graph['gates'].values()) else ""),
                   f"  vector norms (alpha * ssv): {_fmt(graph['vector_norms'])}",
                   f"  shift (graph): {_shift_line(graph['shift_modes'])}"]
     if graph["gate_layers"] and two_pass_prefill(graph[Key.STEER_LAYERS], graph["gate_layers"]):
