@@ -463,3 +463,35 @@ def test_cli_refusal_in_a_real_process(exports, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+
+
+@pytest.fixture(scope="module")
+def pooled_exports(tmp_path_factory, tiny_model_dir):
+    """Exports of a pack with a random pooled gate (SteerGate v3, issue 18; tests/export_packs.py), both forms."""
+    from aligner_export.commands.cli import main
+    from export_packs import make_pack
+
+    model_dir = tiny_model_dir("llama")
+    pack = make_pack(model_dir, tmp_path_factory.mktemp("pooled") / "pack.safetensors", steer_layers=(1, 2, 3),
+                     pooled_gate=((0, 2), 2, True, 3.0))
+    out = {}
+    for impl in ("function", "inline"):
+        out[impl] = tmp_path_factory.mktemp(f"pooled-{impl}") / "out"
+        assert main(["export", "--target", str(model_dir), "--pack", str(pack), "-o", str(out[impl]),
+                     "--steer-impl", impl, "--no-end-rule"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("impl", ["function", "inline"])
+@pytest.mark.parametrize("layer", [0, 2])
+def test_tampered_max_weight_is_refused(pooled_exports, impl, layer, tmp_path, capsys):
+    """The max term's constant is covered by the constants digest on every node of the chain, in either form."""
+    Aligner.load(pooled_exports[impl])  # the untouched export loads
+    path = _copy(pooled_exports[impl], tmp_path)
+    model = _load_graph(path)
+    node = node_name(layer, STEER_GATE)
+    _edit_constant(model, node, "max_weight", lambda v: np.zeros_like(v))
+    _save_graph(model, path)
+    message = refusal(path, verify_weights=False)
+    assert f"constants of {node} differ" in message, message
+    assert f"constants of {node} differ" in cli_refusal(path, capsys)
