@@ -334,3 +334,26 @@ def test_runtime_serves_the_pooled_gate(pooled_pack, tmp_path, impl):
         assert result.gate == gate
         assert result.score == pytest.approx(score, abs=1e-4)
         assert result.token_ids == tokens, prompt
+
+
+@pytest.mark.parametrize("impl", ["function", "inline"])
+def test_inspect_shows_the_pooled_gate(pooled_pack, tmp_path, capsys, impl):
+    """inspect names the pooled gate in the pack and SteerGate v3 with its max weights in the graph (from the
+    graph's own constants: the function form's attributes, the inline form's Constants), and finds no disagreement."""
+    model_dir, pack = pooled_pack
+    out = tmp_path / "out"
+    assert main(["export", "--target", str(model_dir), "--pack", str(pack), "-o", str(out), "--steer-impl", impl,
+                 "--no-validate"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(pack)]) == 0
+    text = capsys.readouterr().out
+    assert "pooled gate: layers [0, 2]" in text and "max over the prompt |m_l|" in text
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "SteerGate v3" in text and "|max_weight| per layer" in text
+    assert main(["inspect", str(out / "model.onnx"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["metadata_matches_graph"] and not info["graph"]["self_test_constants"]
+    norms = load_pack(pack).gate_max_weight
+    got = [info["graph"]["gates"][str(l)]["max_weight_norm"] for l in (0, 2)]
+    np.testing.assert_allclose(got, np.linalg.norm(norms, axis=1), rtol=1e-6)

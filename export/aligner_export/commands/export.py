@@ -28,9 +28,10 @@ def configure(parser) -> None:
     parser.add_argument("-o", "--output", required=True, help="export directory to create (must not exist or be empty)")
     parser.add_argument("--steer-layers", default="auto", help="steered layers: A-B, A,B,C or auto (pack's choice)")
     parser.add_argument("--gate", choices=PACK_GATES, default=None,
-                        help="linear: the pack's multi-layer gate (docs/architecture.md §5.1); paper: one direction at "
-                             "one layer, as in the paper (default: the pack's recommendation; paper when --gate-layer "
-                             "or --bias-rule is given)")
+                        help="linear: the pack's multi-layer gate (docs/architecture.md §5.1); pooled: that gate plus "
+                             "a max over the whole prompt (SteerGate version 3, a pack calibrated for it); paper: one "
+                             "direction at one layer, as in the paper (default: the pack's recommendation; paper when "
+                             "--gate-layer or --bias-rule is given)")
     parser.add_argument("--gate-layer", default="auto", help="the paper gate's layer N, or auto (pack's choice)")
     parser.add_argument("--alpha", default=None, help="steering strength (default: the pack's recommendation)")
     parser.add_argument("--half-life", type=float, default=None,
