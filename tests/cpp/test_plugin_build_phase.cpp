@@ -1,4 +1,4 @@
-// ctest, no GPU needed: the build-phase logic of the SteerGate (versions 1 and 2) and SteerShift TensorRT plugins,
+// ctest, no GPU needed: the build-phase logic of the SteerGate (versions 1, 2 and 3) and SteerShift TensorRT plugins,
 // against the TensorRT headers only. Field parsing and its errors, output types and shapes, format support, the
 // serialise -> deserialise round trip through getFieldsToSerialize and createPlugin(kRUNTIME), and the constants-digest
 // registry that runtime-phase creation fills.
@@ -492,6 +492,89 @@ void testSteerShift(int32_t version)
         "SteerShift refuses a third input");
 }
 
+// Version 3 (issue 18): version 2's fields plus max_weight, the same inputs; what is new is checked here.
+void testSteerGateV3()
+{
+    SteerGatePluginCreator creator{3};
+    check(std::strcmp(creator.getPluginName(), "SteerGate") == 0 && std::strcmp(creator.getPluginVersion(), "3") == 0
+            && std::strcmp(creator.getPluginNamespace(), "inferaligner") == 0,
+        "SteerGate version 3 creator");
+    PluginFieldCollection const* names = creator.getFieldNames();
+    check(names->nbFields == 5 && std::strcmp(names->fields[0].name, "weight") == 0
+            && std::strcmp(names->fields[1].name, "max_weight") == 0
+            && names->fields[1].type == PluginFieldType::kFLOAT32 && std::strcmp(names->fields[2].name, "bias") == 0
+            && std::strcmp(names->fields[3].name, "tokens") == 0 && std::strcmp(names->fields[4].name, "normalize") == 0,
+        "SteerGate v3 field names and types");
+
+    std::vector<float> weight{0.5f, -1.0f, 2.0f};
+    std::vector<float> maxWeight{0.25f, -0.5f, 1.0f};
+    float bias = 0.75f;
+    int32_t tokens = 3, normalize = 1;
+    auto fieldsWith = [&](float const* maxValues, int32_t maxLength) {
+        return std::vector<PluginField>{{"weight", weight.data(), PluginFieldType::kFLOAT32, 3},
+            {"max_weight", maxValues, PluginFieldType::kFLOAT32, maxLength}, {"bias", &bias, PluginFieldType::kFLOAT32, 1},
+            {"tokens", &tokens, PluginFieldType::kINT32, 1}, {"normalize", &normalize, PluginFieldType::kINT32, 1}};
+    };
+    std::vector<PluginField> withoutMax = fieldsWith(maxWeight.data(), 3);
+    withoutMax.erase(withoutMax.begin() + 1);
+    check(!create(creator, withoutMax) && errorMentions("'max_weight'"), "SteerGate v3 refuses a missing max_weight");
+    check(!create(creator, fieldsWith(maxWeight.data(), 2)) && errorMentions("'max_weight'"),
+        "SteerGate v3 refuses a max_weight of another length than weight");
+    std::vector<float> nanMax = maxWeight;
+    nanMax[1] = std::numeric_limits<float>::quiet_NaN();
+    check(!create(creator, fieldsWith(nanMax.data(), 3)) && errorMentions("'max_weight'"),
+        "SteerGate v3 refuses a non-finite max_weight");
+    SteerGatePluginCreator v2{2};
+    check(!create(v2, fieldsWith(maxWeight.data(), 3)) && errorMentions("'max_weight'"),
+        "SteerGate v2 refuses the v3 field 'max_weight'");
+
+    auto plugin = create(creator, fieldsWith(maxWeight.data(), 3));
+    check(plugin != nullptr, "SteerGate v3 created from fields");
+    if (!plugin)
+    {
+        return;
+    }
+    auto* gate = static_cast<SteerGatePlugin*>(plugin.get());
+    check(gate->version() == 3 && gate->nbInputs() == 4 && gate->constants().maxWeight == maxWeight
+            && gate->constants().weight == weight && gate->constants().tokens == 3,
+        "SteerGate v3 constants");
+    auto* build = static_cast<IPluginV3OneBuild*>(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
+    auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    auto* core = static_cast<IPluginV3OneCore*>(plugin->getCapabilityInterface(PluginCapabilityType::kCORE));
+    check(std::strcmp(core->getPluginVersion(), "3") == 0, "SteerGate v3 plugin version");
+    DataType three[3] = {DataType::kFLOAT, DataType::kINT64, DataType::kFLOAT};
+    DataType out2[2];
+    check(build->getOutputDataTypes(out2, 2, three, 3) != 0 && errorMentions("score_in"),
+        "SteerGate v3 refuses three inputs, naming score_in");
+    FakeExprBuilder builder;
+    FakeDim batch(-1), seq(-1), hidden3(3), total(-1);
+    DimsExprs inputs[4] = {exprs({&batch, &seq, &hidden3}), exprs({&batch, &total}), exprs({&batch}), exprs({&batch})};
+    DimsExprs outputs[2];
+    check(build->getOutputShapes(inputs, 4, nullptr, 0, outputs, 2, builder) == 0 && outputs[0].d[0] == &batch,
+        "SteerGate v3 outputs are [B]");
+
+    PluginFieldCollection const* serial = runtime->getFieldsToSerialize();
+    check(serial->nbFields == 5, "SteerGate v3 serialises five fields");
+    std::vector<PluginField> fields(serial->fields, serial->fields + serial->nbFields);
+    auto restored = create(creator, fields, TensorRTPhase::kRUNTIME);
+    check(restored != nullptr, "SteerGate v3 deserialises");
+    if (restored)
+    {
+        auto const& back = static_cast<SteerGatePlugin*>(restored.get())->constants();
+        check(back.weight == weight && back.maxWeight == maxWeight && back.bias == bias && back.tokens == 3
+                && back.normalize == 1,
+            "SteerGate v3 round trip keeps the constants");
+    }
+    std::unique_ptr<IPluginV3> cloned(plugin->clone());
+    check(cloned && static_cast<SteerGatePlugin*>(cloned.get())->version() == 3
+            && static_cast<SteerGatePlugin*>(cloned.get())->constants().maxWeight == maxWeight,
+        "SteerGate v3 clone");
+    // The digest of docs/contract.md over the five fields (expected value from aligner_runtime.integrity's
+    // constants_digest, an independent implementation, of the same attributes).
+    check(gate->constantsDigest() == "f946f1c468765f3981916223f131c7dbafdca1a5b02a18f1615bfda06fe0c382",
+        "SteerGate v3 constants digest");
+}
+
 // The registry of constants digests: nothing in the build phase; one entry per plugin created in the runtime phase,
 // with the digest of docs/contract.md (the expected values computed independently, see tests/cpp/
 // test_steer_contract.cpp).
@@ -584,6 +667,7 @@ int main()
     std::printf("TensorRT headers %d.%d.%d\n", NV_TENSORRT_MAJOR, NV_TENSORRT_MINOR, NV_TENSORRT_PATCH);
     testSteerGateV1();
     testSteerGateV2();
+    testSteerGateV3();
     testSteerShift(1);
     testSteerShift(2);
     testDigestRegistry();
