@@ -203,3 +203,85 @@ def test_forward_pass_keeps_every_prompt_token(tiny_model_dir):
     with pytest.raises(AlignerError, match="pooled gate would keep"):
         collect_activations(model, tokenizer, prompts, batch_size=5, tail_layers=(1,), token_layers=(1,),
                             token_limit=1000)
+
+
+@dataclass
+class _PackWithMax:
+    """The fields calibrate fills, SteeringPack's and the ``gate_max_weight`` wt18op adds to it."""
+
+    target_srv: np.ndarray
+    target_mean_harmful: np.ndarray
+    target_mean_harmless: np.ndarray
+    aligned_srv: np.ndarray
+    meta: dict
+    gate_weight: np.ndarray | None = None
+    gate_max_weight: np.ndarray | None = None
+
+
+@pytest.fixture()
+def pooled_kind(monkeypatch, pooled_config):
+    """``--gate pooled`` through calibrate: the kind registered where the contract has none yet (stubbed here only),
+    and the pack's field for ``gate.max_weight``."""
+    from aligner_export.hf import calibrate as calibrate_module
+    from aligner_runtime.contract import GATE_KINDS, GateKind
+
+    if "pooled" not in PACK_GATES:
+        monkeypatch.setitem(GATE_KINDS, 3, GateKind("pooled", 3, pack_name="pooled",
+                                                    constants=("weight", "max_weight", "bias", "tokens", "normalize"),
+                                                    rules=("linear",), summary="stub", pack_weights=True,
+                                                    chained=True))
+        monkeypatch.setattr(calibrate_module, "PACK_GATES", (*PACK_GATES, "pooled"))
+        monkeypatch.setattr(calibrate_module, "SteeringPack", _PackWithMax)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_calibrate_with_the_pooled_gate(tiny_model_dir, pooled_kind, monkeypatch, keep):
+    """A tiny-model calibration with ``gate="pooled"``: the comparison is recorded and logged, and the pack holds
+    the version-3 gate (``gate.max_weight`` beside ``gate.weight``) whose score, recomputed from an unpadded
+    per-prompt run, is the fit's on the held-out prompts, or (the key forced the other way) the linear gate alone."""
+    from aligner_export.gate import _negative_holdout
+    from aligner_export.hf.calibrate import calibrate
+
+    # Which form wins is forced: the tiny random model's folds decide nothing worth asserting.
+    monkeypatch.setattr(gate_module, "selection_key",
+                        lambda result: float(result["candidate"].endswith("+max") == keep))
+    captured = {}
+    real_fit_gate = gate_module.fit_gate
+
+    def fit_gate(*args, **kwargs):
+        captured["result"] = real_fit_gate(*args, **kwargs)
+        return captured["result"]
+
+    from aligner_export.hf import calibrate as calibrate_module
+    monkeypatch.setattr(calibrate_module, "fit_gate", fit_gate)
+    target, aligned = tiny_model_dir("llama", seed=0), tiny_model_dir("llama", seed=1)
+    logs = []
+    pack = calibrate(target, HARMFUL, HARMLESS, aligned, seed=0, batch_size=5, gate="pooled", ssv="prompt",
+                     candidates=[Candidate((1, 2), 2, True, 0.01)], log=logs.append)
+    meta = pack.meta["gate"]
+    assert meta["pooled"]["kept"] == ("pooled" if keep else "linear")
+    assert any(line.startswith("pooled gate: selection key") for line in logs)
+    if not keep:
+        assert pack.gate_max_weight is None and meta["version"] == 2 and meta["fit"] == "logistic-l2"
+        assert pack.meta["recommended"]["gate"] == "linear"
+        return
+    assert meta["version"] == 3 and meta["fit"] == "logistic-l2+max" and pack.meta["recommended"]["gate"] == "pooled"
+    assert pack.gate_weight.shape == pack.gate_max_weight.shape == (2, 64)
+    assert pack.gate_max_weight.dtype == np.float32 and np.abs(pack.gate_max_weight).max() > 0
+    gate, report = captured["result"]
+    prompts = HARMFUL + HARMLESS
+    units = _independent_units(target, prompts, (1, 2))
+    scores = []
+    for p in units:  # the operator's score from the pack's tensors and bias
+        score = meta["bias"]
+        for row, l in enumerate(meta["layers"]):
+            score += p[row, -meta["tokens"]:].mean(axis=0) @ pack.gate_weight[row]
+            score += (p[row] @ pack.gate_max_weight[row]).max()
+        scores.append(score)
+    scores = np.array(scores)
+    labels = np.array([1] * len(HARMFUL) + [0] * len(HARMLESS))
+    classes = np.array(["harmful"] * len(HARMFUL) + ["harmless"] * len(HARMLESS))
+    sources = np.array(["harmful"] * len(HARMFUL) + ["harmless"] * len(HARMLESS))
+    held = _negative_holdout(classes, sources, 0.25, 0)
+    assert held.any() and not (held & (labels == 1)).any()
+    np.testing.assert_allclose(scores[held], report.scores["harmless:harmless"], atol=5e-3)
