@@ -18,6 +18,10 @@ decide the direction); the standardisation is folded into ``w_l`` and ``b``.
   the rewritten negatives are harder than what users send, and the ``budgets`` rule spends the generic budget on
   them (docs/calibration.md, the gate frontier study).
 
+- **Pooled gate** (``--gate pooled``, SteerGate version 3, issue 18): the selected candidate again with a max over
+  every prompt token per layer (:func:`fit_pooled` on :class:`TokenFeatures`), kept only where its folds give a
+  higher ``selection_key`` than the linear gate's (docs/calibration.md "The pooled gate").
+
 Torch-free: numpy and scikit-learn on the features that ``hf.calibrate`` collected.
 """
 
@@ -329,7 +333,7 @@ def _pooled_gate(features, tokens, chosen, X, folds, linear_fits, linear_result,
 
 
 # --- the pooled gate (SteerGate version 3, issue 18) ------------------------------------------------------------------
-# ``score = Σ_{l∈G} [w_l·mean_K n(h_l) + max_{s} u_l·n(h_l[s])] + b`` over every valid prompt position ``s``. The max
+# ``score = Σ_{l∈G} [w_l·mean_K n(h_l) + max_s u_l·n(h_l[s])] + b`` over every valid prompt position ``s``. The max
 # term reads the whole prompt, so calibration keeps every prompt token at the candidate gate layers: as whitened
 # coordinates on a per-layer principal basis of the normalised residual (``POOLED_DIM`` dimensions, float16), which the
 # fit then folds back into a plain ``[H]`` vector ``u_l`` (``u_l = basisᵀ·(u/scale)``, the basis mean into the bias).
@@ -431,7 +435,8 @@ class TokenCollector:
         lengths = np.asarray(lengths, np.int64)
         total = int(lengths.sum())
         self.dim = int(min(dim, hidden))
-        need = token_feature_bytes(total, len(self.layers), self.dim, hidden, sample_tokens) * np.dtype(dtype).itemsize // 2
+        need = token_feature_bytes(total, len(self.layers), self.dim, hidden, sample_tokens)
+        need = need * np.dtype(dtype).itemsize // 2  # the bytes of float16 unless a test asks for float32
         if need > limit:
             raise AlignerError(f"the pooled gate would keep {need / 2 ** 20:.0f} MiB of prompt-token features "
                                f"({total} prompt tokens x {len(self.layers)} layers x {self.dim} dims, "
@@ -569,7 +574,7 @@ def fit_pooled(linear: np.ndarray, tokens: TokenFeatures, layers, labels: np.nda
 def pooled_gate_config(linear: Fit, pooled: PooledFit, tokens: TokenFeatures, candidate: Candidate, threshold: float,
                        hidden: int) -> GateConfig:
     """The version-3 gate whose score (the operator's: plain ``[H]`` vectors on the normalised residual) equals the
-    fit's score minus ``threshold``: ``w_l = scale·w_lin,l``, ``u_l = basisᵀ·(u/scale_pca)``, and the bias gathers the
+    fit's score minus ``threshold``: ``w_l = scale·w_lin,l``, ``u_l = basisᵀ·(u/scale_pca)``, the bias gathering the
     linear bias, the fit's bias and the basis means."""
     weights, max_weights, bias = {}, {}, pooled.scale * linear.bias + pooled.bias - threshold
     for i, layer in enumerate(candidate.layers):
