@@ -18,6 +18,10 @@ decide the direction); the standardisation is folded into ``w_l`` and ``b``.
   the rewritten negatives are harder than what users send, and the ``budgets`` rule spends the generic budget on
   them (docs/calibration.md, the gate frontier study).
 
+- **Pooled gate** (``--gate pooled``, SteerGate version 3, issue 18): the selected candidate again with a max over
+  every prompt token per layer (:func:`fit_pooled` on :class:`TokenFeatures`), kept only where its folds give a
+  higher ``selection_key`` than the linear gate's (docs/calibration.md "The pooled gate").
+
 Torch-free: numpy and scikit-learn on the features that ``hf.calibrate`` collected.
 """
 
@@ -89,6 +93,7 @@ class GateReport:
     loso: list[dict] = field(default_factory=list)  # one entry per candidate: per-fold TPRs
     heldout: dict = field(default_factory=dict)  # the final gate on the held-out calibration negatives and positives
     scores: dict = field(default_factory=dict)  # held-out scores per (class, source), for the report's ROC
+    pooled: dict | None = None  # with token features: the pooled gate's folds against the linear gate's
 
 
 def sample_weights(labels: np.ndarray, sources: np.ndarray) -> np.ndarray:
@@ -196,8 +201,14 @@ def _folds(features: Features, seed: int) -> list[tuple[str, np.ndarray, np.ndar
 
 def fit_gate(features: Features, candidates: list[Candidate], max_fpr: float, max_fpr_borderline: float,
              holdout_share: float = 0.25, seed: int = 0, progress=None,
-             threshold_rule: str = "generic") -> tuple[GateConfig, GateReport]:
-    """Selects a candidate by leave-one-source-out validation, fits it, and sets the threshold (module docstring)."""
+             threshold_rule: str = "generic", tokens: TokenFeatures | None = None,
+             pooled_steps: tuple[int, int] | None = None,
+             log=lambda *_: None) -> tuple[GateConfig, GateReport]:
+    """Selects a candidate by leave-one-source-out validation, fits it, and sets the threshold (module docstring).
+
+    With ``tokens`` (every prompt token at the candidate layers, :class:`TokenCollector`) the selected candidate is
+    fitted again with the max term (:func:`fit_pooled`, warm-started from each fold's linear gate) on the same folds,
+    and the pooled gate (version 3) replaces the linear one only where its ``selection_key`` is higher."""
     labels, classes, sources = features.labels, features.classes, features.sources
     if threshold_rule not in THRESHOLD_RULES:
         raise AlignerError(f"--threshold-rule must be one of {', '.join(THRESHOLD_RULES)}, got {threshold_rule!r}")
@@ -208,13 +219,15 @@ def fit_gate(features: Features, candidates: list[Candidate], max_fpr: float, ma
     if not held.any():
         raise AlignerError("no harmless prompt could be held out to set the gate's threshold")
     folds = _folds(features, seed)
-    results = []
+    results, fold_fits = [], []
     for i, candidate in enumerate(candidates):
         X = features.pooled(candidate.layers, candidate.tokens, candidate.normalize)
         scored = []
+        fold_fits.append([])
         for name, test, excluded in folds:
             train = ~test & ~excluded & ~held
             fit = fit_linear(X[train], labels[train], sources[train], candidate.C)
+            fold_fits[-1].append(fit)
             rows = held & ~excluded
             threshold = np_threshold(fit.score(X[rows]), classes[rows], max_fpr, max_fpr_borderline, threshold_rule,
                                      rewritten[rows])
@@ -238,6 +251,16 @@ def fit_gate(features: Features, candidates: list[Candidate], max_fpr: float, ma
     gate = GateConfig(layers=chosen.layers, weights=weights, bias=fit.bias - threshold, tokens=chosen.tokens,
                       normalize=chosen.normalize, version=2, rule="linear")
     report = GateReport(candidate=chosen, threshold=threshold, loso=results)
+    score_of = lambda rows: fit.score(X[rows])  # noqa: E731
+    if tokens is not None:
+        pooled = _pooled_gate(features, tokens, chosen, X, folds, fold_fits[best], results[best], fit, held,
+                              rewritten, max_fpr, max_fpr_borderline, threshold_rule,
+                              pooled_steps or (POOLED_FOLD_STEPS, POOLED_STEPS), log)
+        report.pooled = pooled["report"]
+        if pooled["gate"] is not None:
+            gate, threshold, held_scores = pooled["gate"], pooled["threshold"], pooled["held_scores"]
+            report.threshold = threshold
+            score_of = pooled["score_of"]
     for cls in NEGATIVE_CLASSES:
         rows = held & (classes == cls)
         if rows.any():
@@ -248,7 +271,321 @@ def fit_gate(features: Features, candidates: list[Candidate], max_fpr: float, ma
         report.heldout["fpr_rewritten"] = float((held_scores[rewritten_held] > threshold).mean())
     for name in np.unique(sources[held]):
         rows = held & (sources == name)
-        report.scores[f"{classes[rows][0]}:{name}"] = (fit.score(X[rows]) - threshold).tolist()
-    report.heldout["loso_mean_tpr"] = results[best]["mean_tpr"]
-    report.heldout["loso_min_tpr"] = results[best]["min_tpr"]
+        report.scores[f"{classes[rows][0]}:{name}"] = (score_of(rows) - threshold).tolist()
+    chosen_result = results[best] if gate.version != POOLED_VERSION else report.pooled
+    report.heldout["loso_mean_tpr"] = chosen_result["mean_tpr"]
+    report.heldout["loso_min_tpr"] = chosen_result["min_tpr"]
     return gate, report
+
+
+def _pooled_gate(features, tokens, chosen, X, folds, linear_fits, linear_result, final_linear, held, rewritten,
+                 max_fpr, max_fpr_borderline, threshold_rule, steps, log) -> dict:
+    """The selected candidate with the max term, on the linear gate's folds; the final pooled gate where its
+    ``selection_key`` beats the linear gate's (``gate`` None otherwise)."""
+    # deferred: time, for the log's cost line only
+    import time
+
+    labels, classes, sources = features.labels, features.classes, features.sources
+    if tokens.count != len(labels) or any(l not in tokens.layers for l in chosen.layers):
+        raise AlignerError(f"the token features cover layers {list(tokens.layers)} of {tokens.count} prompts; the "
+                           f"gate reads layers {list(chosen.layers)} of {len(labels)}")
+    hidden = features.tails.shape[-1]
+    start = time.perf_counter()
+
+    def direction(fit):
+        return {layer: fit.weights[i * hidden:(i + 1) * hidden] for i, layer in enumerate(chosen.layers)}
+
+    scored = []
+    for (name, test, excluded), fit in zip(folds, linear_fits):
+        train = ~test & ~excluded & ~held
+        linear = fit.score(X)
+        pooled = fit_pooled(linear, tokens, chosen.layers, labels, sources, train, chosen.C, steps[0],
+                            direction(fit))
+        score = pooled.score(linear, tokens)
+        rows = held & ~excluded
+        threshold = np_threshold(score[rows], classes[rows], max_fpr, max_fpr_borderline, threshold_rule,
+                                 rewritten[rows])
+        scored.append({"held_out": name, "count": int(test.sum()), "tpr": float((score[test] > threshold).mean())})
+    tprs = [f["tpr"] for f in scored]
+    result = {"candidate": chosen.describe() + " +max", "mean_tpr": float(np.mean(tprs)),
+              "min_tpr": float(np.min(tprs)), "folds": scored}
+    key, linear_key = selection_key(result), selection_key(linear_result)
+    keep = round(key, 4) > round(linear_key, 4)
+    report = {**result, "selection_key": key, "linear_selection_key": linear_key,
+              "linear_mean_tpr": linear_result["mean_tpr"], "linear_min_tpr": linear_result["min_tpr"],
+              "kept": POOLED_KIND if keep else "linear", "fold_steps": steps[0], "steps": steps[1],
+              "dim": int(tokens.coords[tokens.layers[0]].shape[1])}
+    out = {"report": report, "gate": None}
+    if keep:
+        linear = final_linear.score(X)
+        pooled = fit_pooled(linear, tokens, chosen.layers, labels, sources, ~held, chosen.C, steps[1],
+                            direction(final_linear))
+        score = pooled.score(linear, tokens)
+        threshold = np_threshold(score[held], classes[held], max_fpr, max_fpr_borderline, threshold_rule,
+                                 rewritten[held])
+        out.update(gate=pooled_gate_config(final_linear, pooled, tokens, chosen, threshold, hidden),
+                   threshold=threshold, held_scores=score[held], score_of=lambda rows: score[rows])
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    log(f"pooled gate: selection key {key:.4f} vs linear {linear_key:.4f}; keeping "
+        f"{POOLED_KIND if keep else 'linear'} (leave-one-source-out TPR mean {result['mean_tpr']:.3f}, worst "
+        f"{result['min_tpr']:.3f}; {report['seconds']:.1f}s)")
+    return out
+
+
+# --- the pooled gate (SteerGate version 3, issue 18) ------------------------------------------------------------------
+# ``score = Σ_{l∈G} [w_l·mean_K n(h_l) + max_s u_l·n(h_l[s])] + b`` over every valid prompt position ``s``. The max
+# term reads the whole prompt, so calibration keeps every prompt token at the candidate gate layers: as whitened
+# coordinates on a per-layer principal basis of the normalised residual (``POOLED_DIM`` dimensions, float16), which the
+# fit then folds back into a plain ``[H]`` vector ``u_l`` (``u_l = basisᵀ·(u/scale)``, the basis mean into the bias).
+POOLED_KIND = "pooled"  # the pack name of the kind (contract.PACK_GATES once SteerGate version 3 is registered)
+POOLED_VERSION = 3
+POOLED_DIM = 128  # principal coordinates kept per token and layer (the frontier study's)
+POOLED_SAMPLE_TOKENS = 8192  # normalised tokens per layer the basis is fitted from (the first batches, shuffled)
+MAX_TOKEN_BYTES = 2 << 30  # the most memory the token coordinates (and the basis sample) may take
+POOLED_STEPS, POOLED_FOLD_STEPS = 150, 60  # Adam steps of the final fit and of each validation fold's
+POOLED_LR = 0.05
+ACTIVE_TOKENS, REFRESH_EVERY = 8, 30  # the max is taken over each prompt's top tokens, re-ranked every 30 steps
+POOLED_INIT_NORM = 0.1  # |u| per layer at the start, along the linear gate's direction of that layer
+
+
+def token_feature_bytes(total_tokens: int, num_layers: int, dim: int, hidden: int,
+                        sample_tokens: int = POOLED_SAMPLE_TOKENS, batch_tokens: int = 4096) -> int:
+    """What :class:`TokenCollector` holds at most: the float16 coordinates of every token at every layer, and the
+    float16 normalised residuals of the basis sample (one batch beyond it)."""
+    return 2 * num_layers * (total_tokens * dim + min(total_tokens, sample_tokens + batch_tokens) * hidden)
+
+
+@dataclass
+class TokenBasis:
+    """A layer's principal basis of normalised residuals: ``x = basis·(n(h) − mean) / scale``."""
+
+    mean: np.ndarray  # [H]
+    basis: np.ndarray  # [D, H], orthonormal rows (zero rows where the sample had fewer dimensions)
+    scale: np.ndarray  # [D], the coordinates' standard deviation on the sample
+
+    def project(self, unit: np.ndarray) -> np.ndarray:
+        return ((np.asarray(unit, np.float32) - self.mean) @ self.basis.T) / self.scale
+
+    def to_residual(self, u: np.ndarray) -> tuple[np.ndarray, float]:
+        """``(u_h, c)`` with ``u·x = u_h·n(h) + c`` for every ``n(h)``: the coordinates' weight in residual space."""
+        u_h = (np.asarray(u, np.float64) / self.scale) @ self.basis.astype(np.float64)
+        return u_h, float(-u_h @ self.mean)
+
+
+def fit_basis(sample: np.ndarray, dim: int) -> TokenBasis:
+    sample = np.asarray(sample, np.float32)
+    mean = sample.mean(axis=0)
+    _, sv, vt = np.linalg.svd(sample - mean, full_matrices=False)
+    basis = np.zeros((dim, sample.shape[1]), np.float32)
+    scale = np.ones(dim, np.float32)
+    k = min(dim, vt.shape[0])
+    basis[:k] = vt[:k]
+    scale[:k] = np.maximum(sv[:k] / np.sqrt(len(sample)), 1e-6)
+    return TokenBasis(mean.astype(np.float32), basis, scale)
+
+
+@dataclass
+class TokenFeatures:
+    """Every prompt token's whitened coordinates at ``layers``: ``coords[l]`` ``[T, D]`` float16, prompt ``i``'s
+    tokens at ``offsets[i]:offsets[i+1]`` (every valid position, template tokens included)."""
+
+    layers: tuple[int, ...]
+    coords: dict
+    offsets: np.ndarray
+    bases: dict
+
+    @property
+    def count(self) -> int:
+        return len(self.offsets) - 1
+
+    def token_scores(self, layer: int, u: np.ndarray) -> np.ndarray:
+        """``[T]`` float32: ``u·x`` at every token (one layer's store converted to float32 at a time: numpy converts
+        whole arrays faster than slices)."""
+        return self.coords[layer].astype(np.float32) @ np.asarray(u, np.float32)
+
+    def segment_max(self, layer: int, u: np.ndarray) -> np.ndarray:
+        """``[N]``: each prompt's ``max_s u·x_s``."""
+        return np.maximum.reduceat(self.token_scores(layer, u), self.offsets[:-1])
+
+    def top_tokens(self, layer: int, u: np.ndarray, k: int) -> np.ndarray:
+        """``[N, k]`` global token indices: each prompt's ``k`` highest-scoring tokens under ``u`` (its last token
+        repeated where the prompt is shorter)."""
+        scores = self.token_scores(layer, u).astype(np.float64)
+        segment = np.repeat(np.arange(self.count), np.diff(self.offsets))
+        span = 2.0 * float(np.abs(scores).max()) + 1.0
+        order = np.argsort(segment * span - scores)  # by prompt, then by score, highest first (one sort)
+        lengths = np.diff(self.offsets)
+        rank = np.minimum(np.arange(k)[None, :], lengths[:, None] - 1)
+        return order[self.offsets[:-1, None] + rank]
+
+
+class TokenCollector:
+    """Builds :class:`TokenFeatures` prompt by prompt during the calibration forward pass.
+
+    The memory is counted before anything is allocated (:func:`token_feature_bytes` against ``limit``). The first
+    prompts' normalised residuals are held until ``sample_tokens`` tokens have been seen, the basis of each layer is
+    fitted from them, and from then on every prompt is projected as it arrives. The caller feeds the prompts in an
+    order that does not follow their length (calibration shuffles its batches), so that the sample is not the
+    shortest prompts alone."""
+
+    def __init__(self, layers, lengths, hidden: int, dim: int = POOLED_DIM,
+                 sample_tokens: int = POOLED_SAMPLE_TOKENS, limit: int = MAX_TOKEN_BYTES, seed: int = 0,
+                 dtype=np.float16):
+        self.layers = tuple(int(l) for l in layers)
+        lengths = np.asarray(lengths, np.int64)
+        total = int(lengths.sum())
+        self.dim = int(min(dim, hidden))
+        need = token_feature_bytes(total, len(self.layers), self.dim, hidden, sample_tokens)
+        need = need * np.dtype(dtype).itemsize // 2  # the bytes of float16 unless a test asks for float32
+        if need > limit:
+            raise AlignerError(f"the pooled gate would keep {need / 2 ** 20:.0f} MiB of prompt-token features "
+                               f"({total} prompt tokens x {len(self.layers)} layers x {self.dim} dims, "
+                               f"{np.dtype(dtype).name}), over "
+                               f"the limit of {limit / 2 ** 20:.0f} MiB: calibrate on fewer or shorter prompts, or "
+                               f"with --gate linear")
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self.lengths = lengths
+        self.dtype = np.dtype(dtype)  # float16 (calibration); float32 where a test checks the folding exactly
+        if self.dtype not in (np.float16, np.float32):
+            raise ValueError(f"token features are float16 or float32, not {self.dtype}")
+        self.coords = {l: np.zeros((total, self.dim), self.dtype) for l in self.layers}
+        self.sample_tokens = sample_tokens
+        self.rng = np.random.default_rng(seed)
+        self.pending: list[tuple[int, list[np.ndarray]]] = []
+        self.pending_tokens = 0
+        self.bases: dict | None = None
+        self.filled = np.zeros(len(lengths), bool)
+
+    def add(self, prompt: int, units) -> None:
+        """``units``: per layer (in ``layers`` order) the prompt's normalised residuals ``[length, H]``."""
+        if any(u.shape[0] != self.lengths[prompt] for u in units):
+            raise AlignerError(f"prompt {prompt}: {units[0].shape[0]} residual positions for "
+                               f"{self.lengths[prompt]} tokens")
+        if self.bases is None:
+            self.pending.append((prompt, [np.asarray(u, self.dtype) for u in units]))
+            self.pending_tokens += int(self.lengths[prompt])
+            if self.pending_tokens >= self.sample_tokens:
+                self._fit_bases()
+            return
+        self._store(prompt, units)
+
+    def _store(self, prompt: int, units) -> None:
+        rows = slice(self.offsets[prompt], self.offsets[prompt + 1])
+        for layer, u in zip(self.layers, units):
+            self.coords[layer][rows] = self.bases[layer].project(u).astype(self.dtype)
+        self.filled[prompt] = True
+
+    def _fit_bases(self) -> None:
+        self.bases = {}
+        for j, layer in enumerate(self.layers):
+            sample = np.concatenate([units[j] for _, units in self.pending])
+            if len(sample) > self.sample_tokens:
+                sample = sample[self.rng.choice(len(sample), self.sample_tokens, replace=False)]
+            self.bases[layer] = fit_basis(sample, self.dim)
+        pending, self.pending = self.pending, []
+        for prompt, units in pending:
+            self._store(prompt, units)
+
+    def finish(self) -> TokenFeatures:
+        if self.bases is None:
+            self._fit_bases()
+        if not self.filled.all():
+            raise AlignerError(f"the pooled gate's token features miss prompt {int(np.argmin(self.filled))}")
+        return TokenFeatures(self.layers, self.coords, self.offsets, self.bases)
+
+
+@dataclass
+class PooledFit:
+    """``score = scale·linear + Σ_l max_s u_l·x_s + bias`` with ``linear`` the linear gate's score (its bias
+    included) and ``u_l`` on the whitened coordinates of layer ``l``."""
+
+    scale: float
+    u: np.ndarray  # [len(G), D]
+    bias: float
+    layers: tuple[int, ...]
+
+    def score(self, linear: np.ndarray, tokens: TokenFeatures, rows=None) -> np.ndarray:
+        total = self.scale * np.asarray(linear, np.float64) + self.bias
+        for j, layer in enumerate(self.layers):
+            total = total + tokens.segment_max(layer, self.u[j]).astype(np.float64)
+        return total if rows is None else total[rows]
+
+
+def _init_u(tokens: TokenFeatures, layers, linear_weights: dict | None) -> np.ndarray:
+    """Each layer's ``u`` along the linear gate's direction of that layer (in whitened coordinates): at ``u = 0`` every
+    token ties, and the one the max then picks (the template's first) is the same in every prompt, so its gradient
+    vanishes."""
+    u = np.zeros((len(layers), tokens.coords[layers[0]].shape[1]), np.float64)
+    for j, layer in enumerate(layers):
+        basis = tokens.bases[layer]
+        v = basis.scale * (basis.basis @ linear_weights[layer]) if linear_weights is not None else None
+        if v is None or not np.linalg.norm(v) > 0:
+            v = np.random.default_rng(j).standard_normal(u.shape[1])
+        u[j] = POOLED_INIT_NORM * v / np.linalg.norm(v)
+    return u
+
+
+def fit_pooled(linear: np.ndarray, tokens: TokenFeatures, layers, labels: np.ndarray, sources: np.ndarray,
+               train: np.ndarray, C: float, steps: int = POOLED_STEPS, linear_weights: dict | None = None,
+               lr: float = POOLED_LR) -> PooledFit:
+    """The max term fitted on top of a linear gate (``linear``: its scores ``[N]``, bias included), by Adam on the
+    class- and source-balanced logistic loss with the linear gate's L2 strength (scikit-learn's ``C``, per training
+    prompt) on ``u``. The linear gate's direction stays; its scale and the bias are fitted with ``u``.
+
+    The max over a prompt's tokens is taken over its ``ACTIVE_TOKENS`` best tokens, re-ranked over all of them every
+    ``REFRESH_EVERY`` steps; the returned fit is scored exactly (:meth:`PooledFit.score`)."""
+    layers = tuple(layers)
+    rows = np.flatnonzero(train)
+    y = labels[rows].astype(np.float64)
+    sw = sample_weights(labels[rows], sources[rows]) / len(rows)
+    lin = np.asarray(linear, np.float64)[rows]
+    l2 = 1.0 / (2.0 * C * len(rows))
+    u = _init_u(tokens, layers, linear_weights)
+    params = [np.array([1.0]), u, np.array([0.0])]  # scale, u, bias
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    active = None
+    for step in range(steps):
+        if step % REFRESH_EVERY == 0:  # every prompt's best tokens under the current u, in float32 coordinates
+            active = []
+            for j, layer in enumerate(layers):
+                idx = tokens.top_tokens(layer, params[1][j], ACTIVE_TOKENS)[rows]
+                active.append(tokens.coords[layer][idx].astype(np.float32))  # [n, k, D]
+        scale, u, bias = params[0][0], params[1], params[2][0]
+        score = scale * lin + bias
+        picked = []
+        for j in range(len(layers)):
+            values = active[j] @ u[j].astype(np.float32)  # [n, k]
+            best = values.argmax(axis=1)
+            score = score + values[np.arange(len(rows)), best]
+            picked.append(active[j][np.arange(len(rows)), best])  # [n, D]
+        g = sw * (1.0 / (1.0 + np.exp(-score)) - y)  # d loss / d score
+        grads = [np.array([g @ lin]), np.stack([g @ p for p in picked]) + 2 * l2 * u, np.array([g.sum()])]
+        for i, grad in enumerate(grads):
+            m[i] = beta1 * m[i] + (1 - beta1) * grad
+            v[i] = beta2 * v[i] + (1 - beta2) * grad ** 2
+            m_hat, v_hat = m[i] / (1 - beta1 ** (step + 1)), v[i] / (1 - beta2 ** (step + 1))
+            params[i] = params[i] - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return PooledFit(scale=float(params[0][0]), u=params[1].astype(np.float32), bias=float(params[2][0]),
+                     layers=layers)
+
+
+def pooled_gate_config(linear: Fit, pooled: PooledFit, tokens: TokenFeatures, candidate: Candidate, threshold: float,
+                       hidden: int) -> GateConfig:
+    """The version-3 gate whose score (the operator's: plain ``[H]`` vectors on the normalised residual) equals the
+    fit's score minus ``threshold``: ``w_l = scale·w_lin,l``, ``u_l = basisᵀ·(u/scale_pca)``, the bias gathering the
+    linear bias, the fit's bias and the basis means."""
+    weights, max_weights, bias = {}, {}, pooled.scale * linear.bias + pooled.bias - threshold
+    for i, layer in enumerate(candidate.layers):
+        weights[layer] = pooled.scale * linear.weights[i * hidden:(i + 1) * hidden]
+        u_h, constant = tokens.bases[layer].to_residual(pooled.u[pooled.layers.index(layer)])
+        max_weights[layer] = u_h.astype(np.float32)
+        bias += constant
+    try:
+        return GateConfig(layers=candidate.layers, weights=weights, max_weights=max_weights, bias=bias,
+                          tokens=candidate.tokens, normalize=candidate.normalize, version=POOLED_VERSION,
+                          rule="linear")
+    except TypeError:  # a contract without SteerGate version 3 (its GateConfig takes no max_weights)
+        raise AlignerError("this package's contract has no pooled gate (SteerGate version 3): --gate pooled needs "
+                           "it") from None

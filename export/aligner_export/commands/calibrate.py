@@ -7,13 +7,13 @@ import hashlib
 import time
 from pathlib import Path
 
-from aligner_runtime.contract import PACK_GATES, SSV_MODES, EndRuleKey
+from aligner_runtime.contract import PACK_GATES, SSV_MODES, EndRuleKey, GateKey, gate_kind
 from aligner_runtime.contract.pack import LayerStatsKey, PackKey, RecommendedKey
 from aligner_runtime.errors import AlignerError, check_count, check_writable_dir, check_writable_file, max_threads
 from aligner_runtime.prompts import load_prompts, load_templates
 
 from aligner_export import corpus
-from aligner_export.gate import THRESHOLD_RULES
+from aligner_export.gate import POOLED_KIND, THRESHOLD_RULES
 from aligner_export.hf import zoo
 from aligner_export.hf.calibrate import MIN_PROMPTS, calibrate
 from aligner_export.hf.families import family_for
@@ -35,7 +35,9 @@ def configure(parser) -> None:
     parser.add_argument("--report", help="directory for calibration.png, gate.png and calibration.json")
     parser.add_argument("--gate", choices=PACK_GATES, default="linear",
                         help="linear: the multi-layer gate of docs/architecture.md §5.1 (default); paper: the paper's "
-                             "one direction at one layer only")
+                             "one direction at one layer only; pooled (where SteerGate version 3 is registered): the "
+                             "linear gate plus a max over every prompt token per gate layer, kept only where it "
+                             "validates better than the linear gate (docs/calibration.md)")
     parser.add_argument("--max-fpr", type=float, default=0.02,
                         help="false-positive budget on generic harmless prompts (default 0.02, issue 10's target)")
     parser.add_argument("--max-fpr-borderline", type=float, default=0.10,
@@ -125,7 +127,9 @@ def run(args) -> int:
     if pack.has_linear_gate:
         gate = pack.meta[PackKey.GATE]
         held = gate["heldout"]
-        print(f"linear gate: layers {gate['layers']}, last {gate['tokens']} tokens"
+        kind = gate_kind(gate[GateKey.VERSION]).pack_name  # linear, or pooled where the max term was kept
+        print(f"{kind} gate: layers {gate['layers']}, last {gate['tokens']} tokens"
+              f"{' and the max over every prompt token' if kind == POOLED_KIND else ''}"
               f"{', unit-normalised' if gate['normalize'] else ''}; leave-one-source-out TPR "
               f"{held['loso_mean_tpr']:.3f} (worst source {held['loso_min_tpr']:.3f}); held-out FPR generic "
               f"{held.get('fpr_harmless', float('nan')):.3f}, borderline {held.get('fpr_borderline', float('nan')):.3f}"

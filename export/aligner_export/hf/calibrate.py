@@ -19,15 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from aligner_runtime.contract import (ATTENTION_MASK, DEFAULT_SHIFT_MODE, INPUT_IDS, SSV_MODES, EndRuleKey,
-                                      gate_kind_named, position_ids)
+from aligner_runtime.contract import (ATTENTION_MASK, DEFAULT_SHIFT_MODE, INPUT_IDS, PACK_GATES, SSV_MODES,
+                                      EndRuleKey, gate_kind, gate_kind_named, position_ids)
 from aligner_runtime.contract.pack import LayerStatsKey, ModelInfoKey, PackKey, RecommendedKey
 from aligner_runtime.errors import AlignerError
 from aligner_runtime.prompts import prompts_sha256
 
 from aligner_export import __version__
 from aligner_export.corpus import Record
-from aligner_export.gate import THRESHOLD_RULES, Features, default_candidates, fit_gate
+from aligner_export.gate import (MAX_TOKEN_BYTES, NORM_EPS, POOLED_KIND, POOLED_VERSION, THRESHOLD_RULES, Features,
+                                 TokenCollector, default_candidates, fit_gate)
 from aligner_export.hf.families import family_for, text_config
 from aligner_export.hf.modeling import chat_texts, fingerprint, load_model, model_dims, tokenize_batch
 from aligner_export.hf.report import write_calibration_report
@@ -60,13 +61,15 @@ END_AFTER, END_SLOPE = 8, 1.0
 @dataclass
 class Activations:
     """Per prompt: the last-token residual ``[N, L, H]`` at every layer, and the last ``TAIL_TOKENS`` positions at the
-    candidate gate layers ``[N, len(tail_layers), TAIL_TOKENS, H]`` (float16) when asked for."""
+    candidate gate layers ``[N, len(tail_layers), TAIL_TOKENS, H]`` (float16) when asked for; for the pooled gate,
+    every prompt token at ``token_layers`` (:class:`~aligner_export.gate.TokenFeatures`)."""
 
     values: np.ndarray
     chat_template_sha256: str
     used_fallback_template: bool
     tails: np.ndarray | None = None
     lengths: np.ndarray | None = None
+    tokens: object | None = None  # aligner_export.gate.TokenFeatures
 
 
 def split_indices(count: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -89,9 +92,13 @@ def _batches(lengths: np.ndarray, max_rows: int, max_tokens: int):
 
 
 def collect_activations(model, tokenizer, prompts, batch_size: int = 16, desc: str = "", tail_layers=(),
-                        systems=None, batch_tokens: int = BATCH_TOKENS) -> Activations:
+                        systems=None, batch_tokens: int = BATCH_TOKENS, token_layers=(), seed: int = 0,
+                        token_limit: int = MAX_TOKEN_BYTES) -> Activations:
     """Runs the prompts through the decoder stack of ``model`` (no LM head) and returns the residual at every
-    decoder layer's output at the last token, and at ``tail_layers`` the last ``TAIL_TOKENS`` positions."""
+    decoder layer's output at the last token, at ``tail_layers`` the last ``TAIL_TOKENS`` positions, and at
+    ``token_layers`` every valid position's normalised residual as principal coordinates (the pooled gate; the
+    memory is checked against ``token_limit`` before anything is allocated, and the batches then run in a shuffled
+    order so that the basis sample spans the prompt lengths)."""
     # deferred: torch, the model run's own import (the package imports without it)
     import torch
     # deferred: tqdm (the export extra): aligner-export's parser imports this module in a device install
@@ -107,6 +114,8 @@ def collect_activations(model, tokenizer, prompts, batch_size: int = 16, desc: s
     lengths = np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=False)[INPUT_IDS]])
     if tail_layers and lengths.min() < TAIL_TOKENS:
         raise AlignerError(f"a chat-templated prompt has {lengths.min()} tokens; the gate needs {TAIL_TOKENS}")
+    token_layers = list(token_layers)
+    collector = TokenCollector(token_layers, lengths, hidden, limit=token_limit, seed=seed) if token_layers else None
     decoder = family.language_model(model).model  # the decoder stack alone: the LM head's logits are not needed
     captured: dict[int, torch.Tensor] = {}
 
@@ -117,6 +126,8 @@ def collect_activations(model, tokenizer, prompts, batch_size: int = 16, desc: s
 
     handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
     batches = list(_batches(lengths, batch_size, batch_tokens))
+    if collector is not None:  # each batch is computed alone: their order changes no value, only the basis sample
+        batches = [batches[i] for i in np.random.default_rng(seed).permutation(len(batches))]
     try:
         with torch.inference_mode():
             for idx in tqdm(batches, desc=desc or "activations", unit="batch", file=sys.stderr, leave=False,
@@ -129,6 +140,14 @@ def collect_activations(model, tokenizer, prompts, batch_size: int = 16, desc: s
                 out[idx] = torch.stack([captured[l][:, -1] for l in range(num_layers)], dim=1).float().numpy()
                 for j, layer in enumerate(tail_layers):
                     tails[idx, j] = captured[layer][:, -TAIL_TOKENS:].float().numpy().astype(np.float16)
+                if collector is not None:
+                    units = []
+                    for layer in token_layers:
+                        h = captured[layer].float()
+                        units.append((h / h.norm(dim=-1, keepdim=True).clamp(min=NORM_EPS)).numpy())
+                    width, valid = mask.shape[1], mask.sum(dim=1).numpy()
+                    for r, i in enumerate(idx):
+                        collector.add(int(i), [u[r, width - int(valid[r]):] for u in units])
                 captured.clear()
     finally:
         for handle in handles:
@@ -138,7 +157,8 @@ def collect_activations(model, tokenizer, prompts, batch_size: int = 16, desc: s
         prompt_i, layer_i, _ = np.argwhere(bad)[0]
         raise AlignerError(f"non-finite activations (NaN or inf) at layer {layer_i} for prompt {prompt_i} "
                            f"({desc}); the model or its dtype is unusable for calibration")
-    return Activations(out, template_sha, fallback, tails, lengths)
+    return Activations(out, template_sha, fallback, tails, lengths,
+                       collector.finish() if collector is not None else None)
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -219,8 +239,8 @@ def _check_options(harmful, harmless, gate: str, max_fpr: float, max_fpr_borderl
     for name, prompts in (("harmful", harmful), ("harmless", harmless)):
         if len(prompts) < MIN_PROMPTS:
             raise AlignerError(f"{name} prompt set has {len(prompts)} prompts; at least {MIN_PROMPTS} are needed")
-    if gate not in ("linear", "paper"):
-        raise AlignerError(f"--gate must be linear or paper, got {gate!r}")
+    if gate not in PACK_GATES:
+        raise AlignerError(f"--gate must be one of {', '.join(PACK_GATES)}, got {gate!r}")
     for flag, value in (("--max-fpr", max_fpr), ("--max-fpr-borderline", max_fpr_borderline)):
         if not 0.0 <= value < 1.0:
             raise AlignerError(f"{flag} must be in [0, 1), got {value}")
@@ -287,7 +307,9 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
     log(f"target: {len(everything)} prompts ({n_h} harmful, {n_b} harmless, {len(extras)} wrapped or rewritten)")
     model, tokenizer = load_model(target_dir)
     texts, systems = _texts(everything)
-    target = collect_activations(model, tokenizer, texts, batch_size, "target", tail_layers, systems)
+    pooled = gate == POOLED_KIND  # the max term reads every prompt token at the candidate layers
+    target = collect_activations(model, tokenizer, texts, batch_size, "target", tail_layers, systems,
+                                 token_layers=tail_layers if pooled else (), seed=seed)
     target_answers = None
     if ssv == "response-compliant":  # the target's own answers to the harmful prompts the aligned model answers
         target_answers = cached_answers(model, tokenizer, {"harmful": [harmful[i].prompt for i in pick_h]},
@@ -391,7 +413,7 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
     recommended[RecommendedKey.END_RULE] = {EndRuleKey.AFTER: END_AFTER, EndRuleKey.SLOPE: END_SLOPE}
     # The paper's additive shift; `aligner-export export --shift-mode norm` rescales instead (docs/calibration.md).
     recommended[RecommendedKey.SHIFT_MODE] = DEFAULT_SHIFT_MODE  # the pack names it as the manifest does
-    gate_weight = gate_meta = gate_report = None
+    gate_weight = gate_max_weight = gate_meta = gate_report = None
     if fitted_kind:
         features = Features(tails=target.tails, layers=tuple(tail_layers),
                             labels=np.array([r.label for r in everything]),
@@ -404,21 +426,29 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
                 f"{result['mean_tpr']:.3f}, worst {result['min_tpr']:.3f}")
 
         fitted, gate_report = fit_gate(features, candidates, max_fpr, max_fpr_borderline, seed=seed,
-                                       progress=progress, threshold_rule=threshold_rule)
+                                       progress=progress, threshold_rule=threshold_rule, tokens=target.tokens,
+                                       log=log)
         try:  # the one check of a gate's shape rules (contract.GateConfig.check), before the pack records it
             fitted.check(num_layers, int(t_srv.shape[1]))
         except ValueError as exc:
             raise AlignerError(f"the fitted gate: {exc}") from None
         gate_weight = np.stack([fitted.weights[l] for l in fitted.layers]).astype(np.float32)
+        if fitted.version == POOLED_VERSION:  # the max term's u_l beside w_l (SteeringPack.gate_max_weight)
+            gate_max_weight = np.stack([fitted.max_weights[l] for l in fitted.layers]).astype(np.float32)
         chosen = gate_report.candidate
         # The gate's own record (GateConfig.manifest: the manifest's gate object) and how it was fitted.
-        gate_meta = {**fitted.manifest(), "fit": "logistic-l2", "C": chosen.C, PackKey.MAX_FPR: max_fpr,
+        gate_meta = {**fitted.manifest(),
+                     "fit": "logistic-l2+max" if fitted.version == POOLED_VERSION else "logistic-l2",
+                     "C": chosen.C, PackKey.MAX_FPR: max_fpr,
                      "max_fpr_borderline": max_fpr_borderline, "threshold_rule": threshold_rule,
                      "heldout": gate_report.heldout,
                      "loso": [{k: v for k, v in r.items() if k != "folds"} | {"folds": r["folds"]}
                               for r in gate_report.loso],
                      "sources": _source_counts(everything)}
-        recommended[RecommendedKey.GATE] = gate
+        if gate_report.pooled is not None:  # --gate pooled: its folds against the linear gate's, and which was kept
+            gate_meta[POOLED_KIND] = gate_report.pooled
+        # The kind fitted: --gate pooled keeps the linear gate where the max term does not validate better.
+        recommended[RecommendedKey.GATE] = gate_kind(fitted.version).pack_name
     meta = {
         PackKey.MODE: "cross-model" if aligned_dir is not None else "self",
         PackKey.SSV: info.get("response_ssv", {"ssv": "prompt"}),
@@ -440,7 +470,8 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
     }
     if gate_meta is not None:
         meta[PackKey.GATE] = gate_meta
-    pack = SteeringPack(t_srv, t_mean_h, t_mean_b, steer_srv.astype(np.float32), meta, gate_weight)
+    extra = {} if gate_max_weight is None else {"gate_max_weight": gate_max_weight}  # gate version 3 only
+    pack = SteeringPack(t_srv, t_mean_h, t_mean_b, steer_srv.astype(np.float32), meta, gate_weight, **extra)
     if report_dir is not None:
         g = recommended[RecommendedKey.GATE_LAYER]
         write_calibration_report(report_dir, pack, gate_scores[g], (harmful_cal, harmful_val),
