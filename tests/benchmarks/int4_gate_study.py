@@ -7,7 +7,10 @@ threshold, fitted on the pack's *calibration* prompts and measured again on the 
         --pack PACK --work DIR --forms rtn,hqq-kernel,rtn-gate8 [--rethreshold] [--prompts 384]
 
 Forms: ``rtn`` (every MatMul 4-bit, round to nearest), ``hqq`` (HQQ, float zero points split exactly),
-``hqq-kernel`` (HQQ folded into integer zero points), ``rtn-gate8`` (the default: the gate's path at 8 bits).
+``hqq-kernel`` (HQQ folded into integer zero points), ``rtn-gate8`` (the default: the gate's path at 8 bits),
+``rtn-gate8-acc0`` (the same with the gate path's MatMulNBits at accuracy level 0, float activations), ``int8``
+(every MatMul 8-bit, ``--weights int8``). With ``--speed`` each form's decode speed is timed against ``rtn-gate8``
+(batch 1, 2 threads, 64 prompt tokens, 32 new, gate forced open, 7 interleaved rounds).
 
 Why the re-threshold is a study and not the export: it raised RTN's agreement from 110/134 to 121/134 on SmolLM2
 (the quantised scores are compressed and noisy near the threshold, not just shifted), far from the 99% the export
@@ -30,16 +33,19 @@ from onnx import helper
 from aligner_export import corpus
 from aligner_export.graph import onnx_ops
 from aligner_export.graph import quantize as Q
-from aligner_export.hf.export import _save_proto, validate_weights
+from aligner_export.graph.files import save_proto as _save_proto
+from aligner_export.hf.weights import validate_weights
 from aligner_export.hf.modeling import chat_texts, tokenize_batch
-from aligner_export.hf.validate import OrtLM, ort_session
+from aligner_export.ort import OrtLM, ort_session
 from aligner_export.pack import load_pack
 from aligner_runtime.contract import ATTENTION_MASK, INPUT_IDS, SCORE_OUT, position_ids
 from aligner_runtime.errors import AlignerError
 from aligner_runtime.prompts import prompts_sha256
 
-FORMS = {"rtn": ("rtn", "exact", 4), "hqq": ("hqq", "exact", None), "hqq-kernel": ("hqq", "kernel", None),
-         "rtn-gate8": ("rtn", "exact", 8)}
+# form: (method, zero points, gate path bits, gate path accuracy level or None, bits)
+FORMS = {"rtn": ("rtn", "exact", 4, None, 4), "hqq": ("hqq", "exact", None, None, 4),
+         "hqq-kernel": ("hqq", "kernel", None, None, 4), "rtn-gate8": ("rtn", "exact", 8, None, 4),
+         "rtn-gate8-acc0": ("rtn", "exact", 8, 0, 4), "int8": ("rtn", "exact", 8, None, 8)}
 
 # Calibration prompts scored on both graphs (each class sampled alike); enough to place the line near the threshold
 # (the prompts within NEAR_SHARE of it), and a few minutes of scoring prefill on two loaded cores.
@@ -133,6 +139,49 @@ def set_gate_bias(model, gate_name: str, bias: float) -> None:
     raise AlignerError(f"the quantised graph has no SteerGate {gate_name} bias to re-threshold")
 
 
+def set_gate_path_accuracy(model, level: int) -> int:
+    """Sets ``accuracy_level`` on the MatMulNBits nodes of the gate's path (layers 0..g*); returns their count."""
+    import re
+
+    last = Q.gate_layer(model)
+    path = [n.name for n in model.graph.node if n.op_type == "MatMulNBits"
+            and (m := re.match(r"^/model/layers\.(\d+)/", n.name)) and int(m.group(1)) <= last]
+    for node in model.graph.node:
+        if node.name in path:
+            for attr in node.attribute:
+                if attr.name == "accuracy_level":
+                    attr.i = level
+    return len(path)
+
+
+def decode_speed(paths: dict[str, Path], rounds: int = 7, prompt: int = 64, new: int = 32) -> dict:
+    """Decode tokens per second of each graph, batch 1, 2 threads, the gate forced open, interleaved rounds (the
+    order alternates); medians and each form's median ratio to the first."""
+    from aligner_runtime.contract import LOGITS
+
+    sessions = {k: OrtLM(ort_session(p, threads=2)) for k, p in paths.items()}
+    ids = np.random.default_rng(0).integers(100, 20000, size=(1, prompt)).astype(np.int64)
+
+    def run(lm):
+        mask = np.ones((1, prompt), np.int64)
+        out = lm.step(ids, mask, position_ids(mask), lm.empty_past(1), np.ones(1, np.float32))
+        start = time.perf_counter()
+        for _ in range(new):
+            token = out[LOGITS][:, -1].argmax(-1).reshape(1, 1).astype(np.int64)
+            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], 1)
+            out = lm.step(token, mask, position_ids(mask)[:, -1:], out["past"], np.ones(1, np.float32))
+        return new / (time.perf_counter() - start)
+
+    speeds = {k: [] for k in sessions}
+    for r in range(rounds):
+        for k in (list(sessions) if r % 2 == 0 else list(sessions)[::-1]):
+            speeds[k].append(run(sessions[k]))
+    first = next(iter(speeds))
+    return {k: {"tok_s_median": float(np.median(v)),
+                "ratio_to_" + first: float(np.median(np.array(v) / np.array(speeds[first])))}
+            for k, v in speeds.items()}
+
+
 def _summary(result: dict) -> dict:
     keep = {k: result[k] for k in ("gates_agree", "prompts", "missed", "logit_rel_rms_mean", "logit_rel_rms",
                                    "top1_agreement", "weight_rel_error")}
@@ -149,6 +198,7 @@ def main() -> int:
     parser.add_argument("--forms", default="rtn,hqq-kernel,rtn-gate8")
     parser.add_argument("--rethreshold", action="store_true")
     parser.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS)
+    parser.add_argument("--speed", action="store_true", help="time each form's decode against rtn-gate8")
     args = parser.parse_args()
     # deferred: transformers only for this study's tokenizer
     from transformers import AutoTokenizer
@@ -161,13 +211,15 @@ def main() -> int:
     reference_path = source / "model.onnx"
     reference_scores = None
     for form in args.forms.split(","):
-        method, zero_points, gate_bits = FORMS[form]
-        fmt = Q.WeightFormat("int4", 4, 32, 4, method, zero_points, None if gate_bits == 4 else gate_bits)
+        method, zero_points, gate_bits, gate_accuracy, bits = FORMS[form]
+        fmt = Q.WeightFormat(f"int{bits}", bits, 32, 4, method, zero_points, None if gate_bits == bits else gate_bits)
         out = work / form
         out.mkdir(exist_ok=True)
         start = time.time()
         reference = onnx.load(str(reference_path))
         quantized = Q.quantize(onnx.load(str(reference_path)), fmt)
+        if gate_accuracy is not None:
+            set_gate_path_accuracy(quantized, gate_accuracy)
         error = Q.relative_weight_error(reference, quantized)
         del reference
         _save_proto(quantized, out / "model.onnx")
@@ -190,7 +242,16 @@ def main() -> int:
                                      min_agreement=0.0, decode_steps=0, log=lambda *_: None)
             row["rethreshold"] = {**fit, "gates_agree": again["gates_agree"], "missed": again["missed"]}
         print(json.dumps(row), flush=True)
-        shutil.rmtree(out)
+        if not args.speed:
+            shutil.rmtree(out)
+    if args.speed:
+        forms = args.forms.split(",")
+        if "rtn-gate8" not in forms:
+            raise AlignerError("--speed times the forms against rtn-gate8: include it in --forms")
+        order = ["rtn-gate8"] + [f for f in forms if f != "rtn-gate8"]
+        print(json.dumps({"decode": decode_speed({f: work / f / "model.onnx" for f in order})}), flush=True)
+        for f in forms:
+            shutil.rmtree(work / f)
     return 0
 
 
