@@ -5,9 +5,6 @@ fallback to the linear gate, and the forward pass's token coordinates against an
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Mapping
-
 import numpy as np
 import pytest
 import torch
@@ -15,30 +12,12 @@ import torch
 from aligner_export import gate as gate_module
 from aligner_export.gate import (Candidate, Features, TokenCollector, fit_gate, fit_linear, fit_pooled,
                                  pooled_gate_config, token_feature_bytes)
-from aligner_runtime.contract import PACK_GATES, GateConfig
 from aligner_runtime.errors import AlignerError
 
 from test_calibrate import HARMFUL, HARMLESS
 
 LAYERS = (1, 2)
 HIDDEN = 16
-
-
-@dataclass
-class _PooledGateConfig(GateConfig):
-    """Stands in for the contract's version-3 GateConfig (wt18op) where it is not registered yet: the fields the fit
-    fills, nothing checked."""
-
-    max_weights: Mapping[int, np.ndarray] = field(default_factory=dict)
-
-
-@pytest.fixture()
-def pooled_config(monkeypatch):
-    try:
-        GateConfig(layers=(0,), weights={0: np.zeros(1)}, max_weights={0: np.zeros(1)}, bias=0.0, version=3,
-                   rule="linear")
-    except TypeError:
-        monkeypatch.setattr(gate_module, "GateConfig", _PooledGateConfig)
 
 
 def _prompts(rng, n_per_source=40, signal=3.0, where="early", seed=0):
@@ -93,7 +72,7 @@ def _op_score(gate, prompts) -> np.ndarray:
     return np.array(scores)
 
 
-def test_pooled_fit_sees_an_early_signal_that_a_last_token_gate_misses(pooled_config):
+def test_pooled_fit_sees_an_early_signal_that_a_last_token_gate_misses():
     data = _prompts(np.random.default_rng(0), n_per_source=120, signal=8.0)
     features, tokens = _features(*data)
     candidates = [Candidate(LAYERS, 1, True, 0.1)]
@@ -114,7 +93,7 @@ def test_pooled_fit_sees_an_early_signal_that_a_last_token_gate_misses(pooled_co
 
 
 @pytest.mark.parametrize("dtype, atol", [(np.float32, 1e-4), (np.float16, 2e-2)])
-def test_folded_gate_scores_as_the_fit_does(pooled_config, dtype, atol):
+def test_folded_gate_scores_as_the_fit_does(dtype, atol):
     """The fit's score (whitened float coordinates, the linear gate's score, the fitted scale and bias) equals the
     score of the version-3 gate it folds into, recomputed from the raw normalised residuals: exactly (1e-4) where
     the coordinates are float32, within float16's rounding where they are stored as calibration stores them."""
@@ -143,7 +122,7 @@ def test_token_memory_is_refused_before_allocation():
     TokenCollector(LAYERS, lengths, HIDDEN, dim=16, limit=need)  # at the limit: accepted
 
 
-def test_pooled_falls_back_to_the_linear_gate_when_it_validates_no_better(pooled_config):
+def test_pooled_falls_back_to_the_linear_gate_when_it_validates_no_better():
     """With the signal at the last token the linear gate is already perfect on every fold; the max term cannot beat
     it, so the linear gate (version 2) is kept, and the log says so."""
     data = _prompts(np.random.default_rng(2), n_per_source=60, signal=8.0, where="last")
@@ -205,37 +184,8 @@ def test_forward_pass_keeps_every_prompt_token(tiny_model_dir):
                             token_limit=1000)
 
 
-@dataclass
-class _PackWithMax:
-    """The fields calibrate fills, SteeringPack's and the ``gate_max_weight`` wt18op adds to it."""
-
-    target_srv: np.ndarray
-    target_mean_harmful: np.ndarray
-    target_mean_harmless: np.ndarray
-    aligned_srv: np.ndarray
-    meta: dict
-    gate_weight: np.ndarray | None = None
-    gate_max_weight: np.ndarray | None = None
-
-
-@pytest.fixture()
-def pooled_kind(monkeypatch, pooled_config):
-    """``--gate pooled`` through calibrate: the kind registered where the contract has none yet (stubbed here only),
-    and the pack's field for ``gate.max_weight``."""
-    from aligner_export.hf import calibrate as calibrate_module
-    from aligner_runtime.contract import GATE_KINDS, GateKind
-
-    if "pooled" not in PACK_GATES:
-        monkeypatch.setitem(GATE_KINDS, 3, GateKind("pooled", 3, pack_name="pooled",
-                                                    constants=("weight", "max_weight", "bias", "tokens", "normalize"),
-                                                    rules=("linear",), summary="stub", pack_weights=True,
-                                                    chained=True))
-        monkeypatch.setattr(calibrate_module, "PACK_GATES", (*PACK_GATES, "pooled"))
-        monkeypatch.setattr(calibrate_module, "SteeringPack", _PackWithMax)
-
-
 @pytest.mark.parametrize("keep", [True, False])
-def test_calibrate_with_the_pooled_gate(tiny_model_dir, pooled_kind, monkeypatch, keep):
+def test_calibrate_with_the_pooled_gate(tiny_model_dir, monkeypatch, keep):
     """A tiny-model calibration with ``gate="pooled"``: the comparison is recorded and logged, and the pack holds
     the version-3 gate (``gate.max_weight`` beside ``gate.weight``) whose score, recomputed from an unpadded
     per-prompt run, is the fit's on the held-out prompts, or (the key forced the other way) the linear gate alone."""

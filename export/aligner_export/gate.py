@@ -337,7 +337,7 @@ def _pooled_gate(features, tokens, chosen, X, folds, linear_fits, linear_result,
 # term reads the whole prompt, so calibration keeps every prompt token at the candidate gate layers: as whitened
 # coordinates on a per-layer principal basis of the normalised residual (``POOLED_DIM`` dimensions, float16), which the
 # fit then folds back into a plain ``[H]`` vector ``u_l`` (``u_l = basisᵀ·(u/scale)``, the basis mean into the bias).
-POOLED_KIND = "pooled"  # the pack name of the kind (contract.PACK_GATES once SteerGate version 3 is registered)
+POOLED_KIND = "pooled"  # the pack name of SteerGate version 3's kind (contract.GATE_KINDS[3])
 POOLED_VERSION = 3
 POOLED_DIM = 128  # principal coordinates kept per token and layer (the frontier study's)
 POOLED_SAMPLE_TOKENS = 8192  # normalised tokens per layer the basis is fitted from (the first batches, shuffled)
@@ -582,10 +582,5 @@ def pooled_gate_config(linear: Fit, pooled: PooledFit, tokens: TokenFeatures, ca
         u_h, constant = tokens.bases[layer].to_residual(pooled.u[pooled.layers.index(layer)])
         max_weights[layer] = u_h.astype(np.float32)
         bias += constant
-    try:
-        return GateConfig(layers=candidate.layers, weights=weights, max_weights=max_weights, bias=bias,
-                          tokens=candidate.tokens, normalize=candidate.normalize, version=POOLED_VERSION,
-                          rule="linear")
-    except TypeError:  # a contract without SteerGate version 3 (its GateConfig takes no max_weights)
-        raise AlignerError("this package's contract has no pooled gate (SteerGate version 3): --gate pooled needs "
-                           "it") from None
+    return GateConfig(layers=candidate.layers, weights=weights, max_weights=max_weights, bias=bias,
+                      tokens=candidate.tokens, normalize=candidate.normalize, version=POOLED_VERSION, rule="linear")

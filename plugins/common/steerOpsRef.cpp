@@ -54,6 +54,23 @@ void steerGate(void const* hidden, int64_t B, int64_t seq, int64_t H, int64_t co
     }
 }
 
+// The sum of the pooled positions' terms of one row (``rowBase`` its [seq, H] block), summed from the last pooled
+// position down, the order the kernel finds them in (versions 2 and 3).
+template <Storage S>
+float pooledTermSum(typename StorageTraits<S>::Element const* rowBase, int64_t const* positions, int64_t count,
+    float const* weight, int64_t H, bool normalize)
+{
+    float sum = 0.0f;
+    for (int64_t i = 0; i < count; ++i)
+    {
+        float dot = 0.0f;
+        float sumSquares = 0.0f;
+        rowDot<S>(rowBase + positions[i] * H, weight, H, normalize, dot, sumSquares);
+        sum += aligner::ops::pooledTerm(dot, sumSquares, normalize);
+    }
+    return sum;
+}
+
 template <Storage S>
 void steerGateV2(void const* hidden, int64_t B, int64_t seq, int64_t H, int64_t const* mask, int64_t T,
     float const* gateIn, float const* scoreIn, float const* weight, float bias, int64_t tokens, bool normalize,
@@ -70,15 +87,7 @@ void steerGateV2(void const* hidden, int64_t B, int64_t seq, int64_t H, int64_t 
             continue;
         }
         int64_t const count = aligner::ops::pooledPositions(mask + b * T, T, seq, tokens, positions.data());
-        // Summed from the last pooled position down, the order the kernel finds them in.
-        float pooledSum = 0.0f;
-        for (int64_t i = 0; i < count; ++i)
-        {
-            float dot = 0.0f;
-            float sumSquares = 0.0f;
-            rowDot<S>(base + (b * seq + positions[i]) * H, weight, H, normalize, dot, sumSquares);
-            pooledSum += aligner::ops::pooledTerm(dot, sumSquares, normalize);
-        }
+        float const pooledSum = pooledTermSum<S>(base + b * seq * H, positions.data(), count, weight, H, normalize);
         score[b] = aligner::ops::gateV2Score(scoreIn[b], pooledSum, count, bias);
         gate[b] = aligner::ops::gateFromScore(gateIn[b], score[b]);
     }
@@ -102,14 +111,7 @@ void steerGateV3(void const* hidden, int64_t B, int64_t seq, int64_t H, int64_t 
         }
         int64_t const* row = mask + b * T;
         int64_t const count = aligner::ops::pooledPositions(row, T, seq, tokens, positions.data());
-        float pooledSum = 0.0f;
-        for (int64_t i = 0; i < count; ++i)
-        {
-            float dot = 0.0f;
-            float sumSquares = 0.0f;
-            rowDot<S>(base + (b * seq + positions[i]) * H, weight, H, normalize, dot, sumSquares);
-            pooledSum += aligner::ops::pooledTerm(dot, sumSquares, normalize);
-        }
+        float const pooledSum = pooledTermSum<S>(base + b * seq * H, positions.data(), count, weight, H, normalize);
         bool const any = aligner::ops::hasValidPosition(row, T, seq);
         int64_t const fallback = aligner::ops::lastValidPosition(row, T, seq);
         float maxTerm = aligner::ops::maxStart();

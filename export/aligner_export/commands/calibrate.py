@@ -35,7 +35,7 @@ def configure(parser) -> None:
     parser.add_argument("--report", help="directory for calibration.png, gate.png and calibration.json")
     parser.add_argument("--gate", choices=PACK_GATES, default="linear",
                         help="linear: the multi-layer gate of docs/architecture.md §5.1 (default); paper: the paper's "
-                             "one direction at one layer only; pooled (where SteerGate version 3 is registered): the "
+                             "one direction at one layer only; pooled: the "
                              "linear gate plus a max over every prompt token per gate layer, kept only where it "
                              "validates better than the linear gate (docs/calibration.md)")
     parser.add_argument("--max-fpr", type=float, default=0.02,
