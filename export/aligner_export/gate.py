@@ -27,6 +27,7 @@ Torch-free: numpy and scikit-learn on the features that ``hf.calibrate`` collect
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -282,9 +283,6 @@ def _pooled_gate(features, tokens, chosen, X, folds, linear_fits, linear_result,
                  max_fpr, max_fpr_borderline, threshold_rule, steps, log) -> dict:
     """The selected candidate with the max term, on the linear gate's folds; the final pooled gate where its
     ``selection_key`` beats the linear gate's (``gate`` None otherwise)."""
-    # deferred: time, for the log's cost line only
-    import time
-
     labels, classes, sources = features.labels, features.classes, features.sources
     if tokens.count != len(labels) or any(l not in tokens.layers for l in chosen.layers):
         raise AlignerError(f"the token features cover layers {list(tokens.layers)} of {tokens.count} prompts; the "
