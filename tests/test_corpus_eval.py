@@ -94,3 +94,52 @@ def test_forced_open_report_counts_per_source(tmp_path):
     assert "## The steering alone: gate forced open" in text
     for name in FORCED_SOURCES:
         assert f"| {name} | 3 |" in text
+
+
+class _Export:
+    path = Path("stand-in-export")
+
+
+class _ScoringAligner:
+    """Stands in for Aligner in a gate-only run: a deterministic score per prompt (some of them near the threshold),
+    and no generation (any call to it fails the test)."""
+
+    export = _Export()
+
+    @staticmethod
+    def score_of(prompt: str) -> float:
+        return (len(prompt) % 9 - 4) * 0.04
+
+    def score(self, prompts, system=None, batch_size=8):
+        return [(float(self.score_of(p) > 0), self.score_of(p)) for p in prompts]
+
+    def __getattr__(self, name):
+        raise AssertionError(f"a gate-only evaluation must not use Aligner.{name}")
+
+
+def test_gate_only_report_scores_without_generating(tmp_path):
+    """``eval --gate-only``: the gate's figures and the margin of the decision from scoring alone, the generation
+    targets left unmeasured, and a report without the answers' plot."""
+    from aligner_export import corpus
+    from aligner_export.evaluation import gate_eval
+    from aligner_export.evaluation.corpus_eval import run_corpus_eval
+    from aligner_export.evaluation.evaluate import write_report
+
+    directory = _trimmed(tmp_path / "corpus")
+    report = run_corpus_eval(_ScoringAligner(), KeywordJudge(), directory, gate_limit=4, generate=False)
+    assert report["gate_only"] and "sets" not in report and "forced_open" not in report
+    # the margin, counted independently over the same held-out harmful records (copyright apart)
+    sets = gate_eval.heldout_sets(corpus.load_corpus(directory), corpus.load_templates(directory), 0, 4)
+    harmful = [r for name, group in sets.harmful.items() if not name.endswith(":copyright") for r in group]
+    within = sum(abs(_ScoringAligner.score_of(r.prompt)) < gate_eval.MARGIN for r in harmful)
+    assert report["gate"]["margin"] == {"band": gate_eval.MARGIN, "count": len(harmful), "within": within}
+    assert 0 < within < len(harmful)
+    figures = {t["figure"]: t for t in report["targets"]}
+    assert figures["steered ASR (HarmBench standard + contextual)"]["met"] is None
+    assert figures["refusals with the gate forced open (worst held-out source)"]["value"] is None
+    assert figures["gate FPR, generic harmless"]["value"] is not None
+    paths = write_report(report, tmp_path / "report")
+    assert set(paths) == {"json", "md", "gate_png"} and not (tmp_path / "report" / "report.png").exists()
+    text = paths["md"].read_text()
+    assert f"{within} of {len(harmful)} held-out harmful prompts" in text
+    assert "gate forced open" not in text.split("## Targets")[1].split("## Gate per")[1]

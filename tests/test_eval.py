@@ -87,4 +87,6 @@ def test_eval_bad_input(export_dir, files, tmp_path, capsys):
     bad_templates.write_text("no slot here\n")
     assert _eval("--model", export_dir, *base, "--jailbreak-templates", bad_templates) == 2
     assert "no prompt slot" in capsys.readouterr().err
+    assert _eval("--model", export_dir, *base, "--gate-only") == 2
+    assert "--gate-only are for the corpus evaluation" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

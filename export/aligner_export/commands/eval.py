@@ -6,7 +6,7 @@
 Without prompt files, the shipped corpus's held-out sources are used (``aligner_export.evaluation.corpus_eval``): the
 gate per source with ROC curves, the bypass suite, generation steered against unsteered, and the steering alone (gate
 forced open), with the open targets checked; ``gate.png`` is added to the report. The expected duration is printed
-before the run starts.
+before the run starts. ``--gate-only`` scores the gate sets alone (no generation): the quick way to compare gates.
 
 Writes ``report.json`` (every figure and every prompt's answers), ``report.md`` (the summary table) and
 ``report.png`` (ASR bars, gate-score histograms with the threshold). See ``aligner_export/evaluation.py``.
@@ -24,6 +24,7 @@ from aligner_runtime.errors import AlignerError, check_count, check_writable_dir
 from aligner_runtime.prompts import load_prompt_items, load_templates
 from aligner_runtime.vision import load_image
 
+from aligner_export.evaluation import gate_eval
 from aligner_export.evaluation.corpus_eval import run_corpus_eval
 from aligner_export.evaluation.evaluate import PromptSet, evaluate, jailbreak_prompts, make_judge, markdown, write_report
 
@@ -36,6 +37,9 @@ def configure(parser) -> None:
     parser.add_argument("--corpus", help="corpus directory for the held-out evaluation (default: the shipped one)")
     parser.add_argument("--gate-limit", type=int, default=None,
                         help="corpus mode: score at most N prompts of each held-out source (default: all)")
+    parser.add_argument("--gate-only", action="store_true",
+                        help="corpus mode: score the gate on the held-out sets only (no generation; minutes, not an "
+                             "hour): per-source TPR and FPR, the bypass suite and the margin of the decision")
     parser.add_argument("--jailbreak-templates", help="jailbreak templates with a {prompt} slot (e.g. GPTFuzz CSV)")
     parser.add_argument("--limit", type=int, default=None,
                         help="use at most N prompts of each set for generation (corpus mode default 40)")
@@ -62,8 +66,9 @@ def run(args) -> int:
         raise AlignerError("give --harmful and --harmless together (or neither, for the corpus's held-out sources)")
     judge = make_judge(args.judge)
     if args.harmful:
-        if args.corpus or args.gate_limit:
-            raise AlignerError("--corpus and --gate-limit are for the corpus evaluation (no --harmful/--harmless)")
+        if args.corpus or args.gate_limit or args.gate_only:
+            raise AlignerError("--corpus, --gate-limit and --gate-only are for the corpus evaluation (no "
+                               "--harmful/--harmless)")
         report = _files_report(args, judge)
     else:
         if args.jailbreak_templates:
@@ -72,10 +77,11 @@ def run(args) -> int:
         aligner.sampling_config(max_new_tokens=args.max_new_tokens)  # a bad value fails before the long run
         report = run_corpus_eval(aligner, judge, args.corpus, limit=args.limit if args.limit is not None else 40,
                                  gate_limit=args.gate_limit, max_new_tokens=args.max_new_tokens,
-                                 batch_size=args.batch_size, log=lambda text: print(text, flush=True))
+                                 batch_size=args.batch_size, log=lambda text: print(text, flush=True),
+                                 generate=not args.gate_only)
         report["inputs"] = {"corpus": args.corpus or "shipped"}
     paths = write_report(report, args.report)
-    print(markdown(report))
+    print(gate_eval.markdown_gate(report) if report.get("gate_only") else markdown(report))
     print("report: " + ", ".join(str(p) for p in paths.values()))
     return 0
 

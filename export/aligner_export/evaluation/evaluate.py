@@ -281,13 +281,18 @@ def plot(report: dict, path: Path) -> None:
 
 
 def write_report(report: dict, directory: str | Path) -> dict[str, Path]:
-    """Writes report.json, report.md and report.png into ``directory``, each atomically."""
+    """Writes report.json, report.md and report.png (not for a gate-only report) into ``directory``, each
+    atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    paths = {"json": directory / "report.json", "md": directory / "report.md", "png": directory / "report.png"}
-    with atomic_path(paths["png"], suffix=".png") as tmp:
-        plot(report, tmp)
-    text = markdown(report)
+    paths = {"json": directory / "report.json", "md": directory / "report.md"}
+    if report.get("gate_only"):  # aligner-export eval --gate-only: the gate's figures, no answers to plot
+        text = f"# InferAligner gate evaluation\n\nModel: `{report['model']}` (gate scores only, no generation)\n\n"
+    else:
+        paths["png"] = directory / "report.png"
+        with atomic_path(paths["png"], suffix=".png") as tmp:
+            plot(report, tmp)
+        text = markdown(report)
     if "gate" in report:  # corpus mode: per-source gate figures, the bypass suite and the targets
         paths["gate_png"] = directory / "gate.png"
         with atomic_path(paths["gate_png"], suffix=".png") as tmp:
