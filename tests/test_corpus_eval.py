@@ -113,6 +113,9 @@ class _ScoringAligner:
     def score(self, prompts, system=None, batch_size=8):
         return [(float(self.score_of(p) > 0), self.score_of(p)) for p in prompts]
 
+    def encode(self, prompt, system=None):
+        return list(range(len(prompt.split()) + (len(system.split()) if system else 0) + 5))
+
     def __getattr__(self, name):
         raise AssertionError(f"a gate-only evaluation must not use Aligner.{name}")
 
@@ -126,7 +129,10 @@ def test_gate_only_report_scores_without_generating(tmp_path):
     from aligner_export.evaluation.evaluate import write_report
 
     directory = _trimmed(tmp_path / "corpus")
-    report = run_corpus_eval(_ScoringAligner(), KeywordJudge(), directory, gate_limit=4, generate=False)
+    lines = []
+    report = run_corpus_eval(_ScoringAligner(), KeywordJudge(), directory, gate_limit=4, generate=False,
+                             log=lines.append)
+    assert len(lines) == 1 and "no answers (gate only); estimated 0 min" in lines[0]
     assert report["gate_only"] and "sets" not in report and "forced_open" not in report
     # the margin, counted independently over the same held-out harmful records (copyright apart)
     sets = gate_eval.heldout_sets(corpus.load_corpus(directory), corpus.load_templates(directory), 0, 4)

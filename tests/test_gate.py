@@ -71,6 +71,45 @@ def test_fit_linear_folds_the_standardisation():
     np.testing.assert_allclose(fit.score(X), model.decision_function(Z), rtol=1e-4, atol=1e-4)
 
 
+def test_operating_point_objective_is_a_reweighted_second_fit():
+    """``objective="operating-point"``: a second logistic fit in which the negatives scoring in the top HARD_SHARE of
+    the negatives (on the first fit) and the positives scoring below that cut weigh HARD_WEIGHT, computed here
+    independently with scikit-learn."""
+    from sklearn.linear_model import LogisticRegression
+
+    from aligner_export.gate import HARD_SHARE, HARD_WEIGHT
+
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((120, 5)) * np.array([1, 3, 0.5, 2, 1]) - 1
+    labels = (X[:, 0] - 0.2 * X[:, 1] + 0.8 * rng.standard_normal(120) > -1).astype(int)
+    sources = np.array(["a", "b", "c"] * 40)
+    Z = (X - X.mean(0)) / X.std(0)
+    base = _balanced(labels, sources)
+    first = LogisticRegression(C=0.5, max_iter=3000).fit(Z, labels, sample_weight=base).decision_function(Z)
+    negatives = np.sort(first[labels == 0])
+    cut = np.quantile(negatives, 1 - HARD_SHARE)
+    extra = np.where(((labels == 0) & (first >= cut)) | ((labels == 1) & (first <= cut)), HARD_WEIGHT, 1.0)
+    assert 1 < (extra > 1).sum() < len(labels) // 2
+    weights = base * extra / extra.mean()
+    second = LogisticRegression(C=0.5, max_iter=3000).fit(Z, labels, sample_weight=weights).decision_function(Z)
+    fit = fit_linear(X, labels, sources, C=0.5, objective="operating-point")
+    np.testing.assert_allclose(fit.score(X), second, rtol=1e-4, atol=1e-4)
+    assert np.abs(second - first).max() > 1e-2  # the reweighting moves the fit
+    with pytest.raises(AlignerError, match="objective must be one of"):
+        fit_linear(X, labels, sources, C=0.5, objective="hinge")
+
+
+def test_fit_gate_records_each_objective_and_rejects_an_unknown_one():
+    rng = np.random.default_rng(3)
+    features, _ = _features(rng, signal=4.5)
+    candidates = [Candidate((1, 2, 3), 1, False, 0.01)]
+    plain, _ = fit_gate(features, candidates, max_fpr=0.05, max_fpr_borderline=0.10, objective="logistic")
+    hard, _ = fit_gate(features, candidates, max_fpr=0.05, max_fpr_borderline=0.10, objective="operating-point")
+    assert not np.allclose(plain.weights[2], hard.weights[2])
+    with pytest.raises(AlignerError, match="--gate-objective must be one of"):
+        fit_gate(features, candidates, max_fpr=0.05, max_fpr_borderline=0.10, objective="auc")
+
+
 def _balanced(labels, sources):
     """Independent: every class weighs the same, and every source within a class."""
     weights = np.empty(len(labels))

@@ -36,6 +36,9 @@ import numpy as np
 from aligner_runtime.contract import GateConfig
 from aligner_runtime.errors import AlignerError
 
+from aligner_export.gate_tokens import (MAX_TOKEN_BYTES, POOLED_DIM, POOLED_SAMPLE_TOKENS, TokenBasis,  # noqa: F401
+                                        TokenCollector, TokenFeatures, fit_basis, token_feature_bytes)
+
 NEGATIVE_CLASSES = ("harmless", "borderline")
 NORM_EPS = 1e-6
 DEFAULT_C = 0.01  # logistic regression's inverse L2 strength on standardised features (docs/calibration.md)
@@ -109,19 +112,50 @@ def sample_weights(labels: np.ndarray, sources: np.ndarray) -> np.ndarray:
     return weights / weights.mean()
 
 
-def fit_linear(X: np.ndarray, labels: np.ndarray, sources: np.ndarray, C: float) -> Fit:
+OBJECTIVES = ("logistic", "operating-point")
+DEFAULT_OBJECTIVE = "operating-point"  # docs/calibration.md "The operating-point objective"
+HARD_SHARE = 0.20  # operating-point objective: the training negatives' top share that marks the operating region
+HARD_WEIGHT = 5.0  # ... and the weight of every prompt in it (negatives above the cut, positives below it)
+
+
+def hard_weights(scores: np.ndarray, labels: np.ndarray, share: float = HARD_SHARE,
+                 weight: float = HARD_WEIGHT) -> np.ndarray:
+    """The operating-point objective's extra weights: the negatives that score in the top ``share`` of the negatives
+    (where a threshold at a small FPR budget sits) and the positives that score below them get ``weight``, the rest
+    1. A reweighted logistic loss, a surrogate of the partial AUC at low FPR."""
+    negative = labels == 0
+    cut = float(np.quantile(scores[negative], 1.0 - share)) if negative.any() else -np.inf
+    extra = np.ones(len(labels))
+    extra[negative & (scores >= cut)] = weight
+    extra[~negative & (scores <= cut)] = weight
+    return extra
+
+
+def fit_linear(X: np.ndarray, labels: np.ndarray, sources: np.ndarray, C: float,
+               objective: str = "logistic") -> Fit:
+    """L2-regularised logistic regression on the standardised features, every class and source weighted equally
+    (:func:`sample_weights`). ``objective="operating-point"`` fits again with the prompts of the operating region
+    weighted up (:func:`hard_weights` on the first fit's scores): the loss spends itself where the threshold sits."""
     # deferred: scikit-learn, loaded only when calibration fits a gate
     from sklearn.exceptions import ConvergenceWarning
     # deferred: scikit-learn (as above)
     from sklearn.linear_model import LogisticRegression
 
+    if objective not in OBJECTIVES:
+        raise AlignerError(f"the gate objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     mean = X.mean(axis=0)
     scale = X.std(axis=0)
     scale = np.maximum(scale, 1e-2 * float(np.median(scale)) + 1e-12)  # a constant dimension must not blow up
     Z = (X - mean) / scale
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        model = LogisticRegression(C=C, max_iter=3000).fit(Z, labels, sample_weight=sample_weights(labels, sources))
+    weights = sample_weights(labels, sources)
+    model = None
+    for _ in range(1 if objective == "logistic" else 2):
+        if model is not None:  # the second fit: the operating region weighted up, warm-started from the first
+            extra = hard_weights(model.decision_function(Z), labels)
+            weights = weights * extra / np.mean(extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model = LogisticRegression(C=C, max_iter=3000).fit(Z, labels, sample_weight=weights)
     coef = model.coef_[0] / scale
     return Fit(weights=coef.astype(np.float32), bias=float(model.intercept_[0] - coef @ mean), mean=mean,
                scale=scale)
@@ -203,16 +237,19 @@ def _folds(features: Features, seed: int) -> list[tuple[str, np.ndarray, np.ndar
 def fit_gate(features: Features, candidates: list[Candidate], max_fpr: float, max_fpr_borderline: float,
              holdout_share: float = 0.25, seed: int = 0, progress=None,
              threshold_rule: str = "generic", tokens: TokenFeatures | None = None,
-             pooled_steps: tuple[int, int] | None = None,
+             pooled_steps: tuple[int, int] | None = None, objective: str = DEFAULT_OBJECTIVE,
              log=lambda *_: None) -> tuple[GateConfig, GateReport]:
     """Selects a candidate by leave-one-source-out validation, fits it, and sets the threshold (module docstring).
 
     With ``tokens`` (every prompt token at the candidate layers, :class:`TokenCollector`) the selected candidate is
     fitted again with the max term (:func:`fit_pooled`, warm-started from each fold's linear gate) on the same folds,
-    and the pooled gate (version 3) replaces the linear one only where its ``selection_key`` is higher."""
+    and the pooled gate (version 3) replaces the linear one only where its ``selection_key`` is higher.
+    ``objective`` is the linear fits' loss (:func:`fit_linear`), in the folds and in the final fit alike."""
     labels, classes, sources = features.labels, features.classes, features.sources
     if threshold_rule not in THRESHOLD_RULES:
         raise AlignerError(f"--threshold-rule must be one of {', '.join(THRESHOLD_RULES)}, got {threshold_rule!r}")
+    if objective not in OBJECTIVES:
+        raise AlignerError(f"--gate-objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     rewritten = (features.rewrites != "") if features.rewrites is not None else np.zeros(len(labels), bool)
     if (labels == 1).sum() < 8 or (labels == 0).sum() < 8:
         raise AlignerError("the linear gate needs at least 8 harmful and 8 harmless calibration prompts")
@@ -227,7 +264,7 @@ def fit_gate(features: Features, candidates: list[Candidate], max_fpr: float, ma
         fold_fits.append([])
         for name, test, excluded in folds:
             train = ~test & ~excluded & ~held
-            fit = fit_linear(X[train], labels[train], sources[train], candidate.C)
+            fit = fit_linear(X[train], labels[train], sources[train], candidate.C, objective)
             fold_fits[-1].append(fit)
             rows = held & ~excluded
             threshold = np_threshold(fit.score(X[rows]), classes[rows], max_fpr, max_fpr_borderline, threshold_rule,
@@ -243,7 +280,7 @@ def fit_gate(features: Features, candidates: list[Candidate], max_fpr: float, ma
     best = max(range(len(candidates)), key=lambda i: (round(selection_key(results[i]), 4), results[i]["mean_tpr"]))
     chosen = candidates[best]
     X = features.pooled(chosen.layers, chosen.tokens, chosen.normalize)
-    fit = fit_linear(X[~held], labels[~held], sources[~held], chosen.C)
+    fit = fit_linear(X[~held], labels[~held], sources[~held], chosen.C, objective)
     held_scores = fit.score(X[held])
     threshold = np_threshold(held_scores, classes[held], max_fpr, max_fpr_borderline, threshold_rule,
                              rewritten[held])
@@ -337,159 +374,10 @@ def _pooled_gate(features, tokens, chosen, X, folds, linear_fits, linear_result,
 # fit then folds back into a plain ``[H]`` vector ``u_l`` (``u_l = basisᵀ·(u/scale)``, the basis mean into the bias).
 POOLED_KIND = "pooled"  # the pack name of SteerGate version 3's kind (contract.GATE_KINDS[3])
 POOLED_VERSION = 3
-POOLED_DIM = 128  # principal coordinates kept per token and layer (the frontier study's)
-POOLED_SAMPLE_TOKENS = 8192  # normalised tokens per layer the basis is fitted from (the first batches, shuffled)
-MAX_TOKEN_BYTES = 2 << 30  # the most memory the token coordinates (and the basis sample) may take
 POOLED_STEPS, POOLED_FOLD_STEPS = 150, 60  # Adam steps of the final fit and of each validation fold's
 POOLED_LR = 0.05
 ACTIVE_TOKENS, REFRESH_EVERY = 8, 30  # the max is taken over each prompt's top tokens, re-ranked every 30 steps
 POOLED_INIT_NORM = 0.1  # |u| per layer at the start, along the linear gate's direction of that layer
-
-
-def token_feature_bytes(total_tokens: int, num_layers: int, dim: int, hidden: int,
-                        sample_tokens: int = POOLED_SAMPLE_TOKENS, batch_tokens: int = 4096) -> int:
-    """What :class:`TokenCollector` holds at most: the float16 coordinates of every token at every layer, and the
-    float16 normalised residuals of the basis sample (one batch beyond it)."""
-    return 2 * num_layers * (total_tokens * dim + min(total_tokens, sample_tokens + batch_tokens) * hidden)
-
-
-@dataclass
-class TokenBasis:
-    """A layer's principal basis of normalised residuals: ``x = basis·(n(h) − mean) / scale``."""
-
-    mean: np.ndarray  # [H]
-    basis: np.ndarray  # [D, H], orthonormal rows (zero rows where the sample had fewer dimensions)
-    scale: np.ndarray  # [D], the coordinates' standard deviation on the sample
-
-    def project(self, unit: np.ndarray) -> np.ndarray:
-        return ((np.asarray(unit, np.float32) - self.mean) @ self.basis.T) / self.scale
-
-    def to_residual(self, u: np.ndarray) -> tuple[np.ndarray, float]:
-        """``(u_h, c)`` with ``u·x = u_h·n(h) + c`` for every ``n(h)``: the coordinates' weight in residual space."""
-        u_h = (np.asarray(u, np.float64) / self.scale) @ self.basis.astype(np.float64)
-        return u_h, float(-u_h @ self.mean)
-
-
-def fit_basis(sample: np.ndarray, dim: int) -> TokenBasis:
-    sample = np.asarray(sample, np.float32)
-    mean = sample.mean(axis=0)
-    _, sv, vt = np.linalg.svd(sample - mean, full_matrices=False)
-    basis = np.zeros((dim, sample.shape[1]), np.float32)
-    scale = np.ones(dim, np.float32)
-    k = min(dim, vt.shape[0])
-    basis[:k] = vt[:k]
-    scale[:k] = np.maximum(sv[:k] / np.sqrt(len(sample)), 1e-6)
-    return TokenBasis(mean.astype(np.float32), basis, scale)
-
-
-@dataclass
-class TokenFeatures:
-    """Every prompt token's whitened coordinates at ``layers``: ``coords[l]`` ``[T, D]`` float16, prompt ``i``'s
-    tokens at ``offsets[i]:offsets[i+1]`` (every valid position, template tokens included)."""
-
-    layers: tuple[int, ...]
-    coords: dict
-    offsets: np.ndarray
-    bases: dict
-
-    @property
-    def count(self) -> int:
-        return len(self.offsets) - 1
-
-    def token_scores(self, layer: int, u: np.ndarray) -> np.ndarray:
-        """``[T]`` float32: ``u·x`` at every token (one layer's store converted to float32 at a time: numpy converts
-        whole arrays faster than slices)."""
-        return self.coords[layer].astype(np.float32) @ np.asarray(u, np.float32)
-
-    def segment_max(self, layer: int, u: np.ndarray) -> np.ndarray:
-        """``[N]``: each prompt's ``max_s u·x_s``."""
-        return np.maximum.reduceat(self.token_scores(layer, u), self.offsets[:-1])
-
-    def top_tokens(self, layer: int, u: np.ndarray, k: int) -> np.ndarray:
-        """``[N, k]`` global token indices: each prompt's ``k`` highest-scoring tokens under ``u`` (its last token
-        repeated where the prompt is shorter)."""
-        scores = self.token_scores(layer, u).astype(np.float64)
-        segment = np.repeat(np.arange(self.count), np.diff(self.offsets))
-        span = 2.0 * float(np.abs(scores).max()) + 1.0
-        order = np.argsort(segment * span - scores)  # by prompt, then by score, highest first (one sort)
-        lengths = np.diff(self.offsets)
-        rank = np.minimum(np.arange(k)[None, :], lengths[:, None] - 1)
-        return order[self.offsets[:-1, None] + rank]
-
-
-class TokenCollector:
-    """Builds :class:`TokenFeatures` prompt by prompt during the calibration forward pass.
-
-    The memory is counted before anything is allocated (:func:`token_feature_bytes` against ``limit``). The first
-    prompts' normalised residuals are held until ``sample_tokens`` tokens have been seen, the basis of each layer is
-    fitted from them, and from then on every prompt is projected as it arrives. The caller feeds the prompts in an
-    order that does not follow their length (calibration shuffles its batches), so that the sample is not the
-    shortest prompts alone."""
-
-    def __init__(self, layers, lengths, hidden: int, dim: int = POOLED_DIM,
-                 sample_tokens: int = POOLED_SAMPLE_TOKENS, limit: int = MAX_TOKEN_BYTES, seed: int = 0,
-                 dtype=np.float16):
-        self.layers = tuple(int(l) for l in layers)
-        lengths = np.asarray(lengths, np.int64)
-        total = int(lengths.sum())
-        self.dim = int(min(dim, hidden))
-        need = token_feature_bytes(total, len(self.layers), self.dim, hidden, sample_tokens)
-        need = need * np.dtype(dtype).itemsize // 2  # the bytes of float16 unless a test asks for float32
-        if need > limit:
-            raise AlignerError(f"the pooled gate would keep {need / 2 ** 20:.0f} MiB of prompt-token features "
-                               f"({total} prompt tokens x {len(self.layers)} layers x {self.dim} dims, "
-                               f"{np.dtype(dtype).name}), over "
-                               f"the limit of {limit / 2 ** 20:.0f} MiB: calibrate on fewer or shorter prompts, or "
-                               f"with --gate linear")
-        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
-        self.lengths = lengths
-        self.dtype = np.dtype(dtype)  # float16 (calibration); float32 where a test checks the folding exactly
-        if self.dtype not in (np.float16, np.float32):
-            raise ValueError(f"token features are float16 or float32, not {self.dtype}")
-        self.coords = {l: np.zeros((total, self.dim), self.dtype) for l in self.layers}
-        self.sample_tokens = sample_tokens
-        self.rng = np.random.default_rng(seed)
-        self.pending: list[tuple[int, list[np.ndarray]]] = []
-        self.pending_tokens = 0
-        self.bases: dict | None = None
-        self.filled = np.zeros(len(lengths), bool)
-
-    def add(self, prompt: int, units) -> None:
-        """``units``: per layer (in ``layers`` order) the prompt's normalised residuals ``[length, H]``."""
-        if any(u.shape[0] != self.lengths[prompt] for u in units):
-            raise AlignerError(f"prompt {prompt}: {units[0].shape[0]} residual positions for "
-                               f"{self.lengths[prompt]} tokens")
-        if self.bases is None:
-            self.pending.append((prompt, [np.asarray(u, self.dtype) for u in units]))
-            self.pending_tokens += int(self.lengths[prompt])
-            if self.pending_tokens >= self.sample_tokens:
-                self._fit_bases()
-            return
-        self._store(prompt, units)
-
-    def _store(self, prompt: int, units) -> None:
-        rows = slice(self.offsets[prompt], self.offsets[prompt + 1])
-        for layer, u in zip(self.layers, units):
-            self.coords[layer][rows] = self.bases[layer].project(u).astype(self.dtype)
-        self.filled[prompt] = True
-
-    def _fit_bases(self) -> None:
-        self.bases = {}
-        for j, layer in enumerate(self.layers):
-            sample = np.concatenate([units[j] for _, units in self.pending])
-            if len(sample) > self.sample_tokens:
-                sample = sample[self.rng.choice(len(sample), self.sample_tokens, replace=False)]
-            self.bases[layer] = fit_basis(sample, self.dim)
-        pending, self.pending = self.pending, []
-        for prompt, units in pending:
-            self._store(prompt, units)
-
-    def finish(self) -> TokenFeatures:
-        if self.bases is None:
-            self._fit_bases()
-        if not self.filled.all():
-            raise AlignerError(f"the pooled gate's token features miss prompt {int(np.argmin(self.filled))}")
-        return TokenFeatures(self.layers, self.coords, self.offsets, self.bases)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from aligner_runtime.errors import AlignerError, check_count, check_writable_dir
 from aligner_runtime.prompts import load_prompts, load_templates
 
 from aligner_export import corpus
-from aligner_export.gate import POOLED_KIND, THRESHOLD_RULES
+from aligner_export.gate import DEFAULT_OBJECTIVE, OBJECTIVES, POOLED_KIND, THRESHOLD_RULES
 from aligner_export.hf import zoo
 from aligner_export.hf.calibrate import MIN_PROMPTS, calibrate
 from aligner_export.hf.families import family_for
@@ -47,6 +47,10 @@ def configure(parser) -> None:
                              "calibration prompts, and the borderline and rewritten ones are reported; budgets: "
                              "--max-fpr (rewrites included) and --max-fpr-borderline both bind, which leaves recall "
                              "unspent (docs/calibration.md, the gate frontier study)")
+    parser.add_argument("--gate-objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
+                        help="the linear gate's loss: operating-point (default) weights up the prompts where the "
+                             "threshold sits (the top fifth of the negatives' scores and the positives below them); "
+                             "logistic: the plain balanced logistic loss (docs/calibration.md)")
     parser.add_argument("--wrapped", type=int, default=None,
                         help="harmful prompts wrapped in jailbreak templates as gate positives (default 80)")
     parser.add_argument("--rewrites", type=int, default=None,
@@ -118,7 +122,8 @@ def run(args) -> int:
                      max_fpr_borderline=args.max_fpr_borderline, batch_size=args.batch_size,
                      report_dir=args.report, ssv=args.ssv, response_cache=_answer_cache(args, "aligned"),
                      target_cache=_answer_cache(args, "target"),
-                     threshold_rule=args.threshold_rule, log=lambda text: print(text, flush=True))
+                     threshold_rule=args.threshold_rule, objective=args.gate_objective,
+                     log=lambda text: print(text, flush=True))
     save_pack(pack, out)
     rec = pack.recommended
     stats = pack.layer_stats(rec[RecommendedKey.GATE_LAYER])
@@ -134,7 +139,7 @@ def run(args) -> int:
               f"{held['loso_mean_tpr']:.3f} (worst source {held['loso_min_tpr']:.3f}); held-out FPR generic "
               f"{held.get('fpr_harmless', float('nan')):.3f}, borderline {held.get('fpr_borderline', float('nan')):.3f}"
               f", rewritten {held.get('fpr_rewritten', float('nan')):.3f} (threshold rule: "
-              f"{gate.get('threshold_rule', 'budgets')})")
+              f"{gate.get('threshold_rule', 'budgets')}, objective: {gate.get('objective', 'logistic')})")
     print(f"paper gate: layer {rec[RecommendedKey.GATE_LAYER]} (validation accuracy "
           f"{stats[LayerStatsKey.TARGET_VAL_ACCURACY]:.3f}, TPR {stats[LayerStatsKey.VAL_TPR]:.3f}, FPR "
           f"{stats[LayerStatsKey.VAL_FPR]:.3f} with the fpr bias)")

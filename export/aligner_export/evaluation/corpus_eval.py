@@ -87,21 +87,27 @@ def _sample(records, limit, rng):
     return rng.sample(records, limit) if limit and len(records) > limit else list(records)
 
 
-def estimate_seconds(aligner, prompts: list[str], scores: int, generations: int, max_new_tokens: int,
-                     batch_size: int) -> float:
-    """A rough duration of the evaluation from one timed scoring batch and one timed generation batch here."""
-    sample = prompts[:batch_size]
+def estimate_seconds(aligner, records, generations: int, max_new_tokens: int, batch_size: int) -> float:
+    """A rough duration of the evaluation: one timed scoring batch of median-length prompts, scaled by the padded
+    tokens of every scoring batch (``score_records`` batches prompts of similar length; the held-out prompts run
+    from a few tokens to a thousand, so a count of prompts misjudges it), and one timed generation batch."""
+    lengths = sorted(len(aligner.encode(r.prompt, system=r.system)) for r in records)
+    padded = sum(len(lengths[i:i + batch_size]) * lengths[min(i + batch_size, len(lengths)) - 1]
+                 for i in range(0, len(lengths), batch_size))
+    middle = sorted(records, key=lambda r: len(r.prompt))[max(0, len(records) // 2 - batch_size // 2):][:batch_size]
+    sample = [r.prompt for r in middle]
+    width = max(len(aligner.encode(r.prompt, system=r.system)) for r in middle)
     start = time.perf_counter()
-    aligner.score(sample, batch_size=len(sample))
-    per_score = (time.perf_counter() - start) / len(sample)
+    aligner.score(sample, system=[r.system for r in middle], batch_size=len(sample))
+    per_token = (time.perf_counter() - start) / (len(sample) * width)
     if not generations:
-        return scores * per_score
+        return padded * per_token
     start = time.perf_counter()
     results = UnsteeredComparison(aligner).forced_open(sample, max_new_tokens=8, batch_size=len(sample))
     steps = max(1, max(len(r.token_ids) for r in results))
     per_token_row = (time.perf_counter() - start) / (steps * len(sample))
     # answers end early (refusals, end of sequence): half the budget on average is what the runs here showed
-    return scores * per_score + generations * per_token_row * max_new_tokens * 0.5
+    return padded * per_token + generations * per_token_row * max_new_tokens * 0.5
 
 
 def run_corpus_eval(aligner, judge, corpus_dir=None, limit: int | None = 40, gate_limit: int | None = None,
@@ -118,10 +124,11 @@ def run_corpus_eval(aligner, judge, corpus_dir=None, limit: int | None = 40, gat
     if log is not None:
         # steered + unsteered on 5 sets, forced open on 3 sources and on harmless prompts, unsteered on 2 encodings
         generations = 16 * (limit or 40) if generate else 0
-        seconds = estimate_seconds(aligner, [r.prompt for r in unique[:64]], len(unique), generations,
-                                   max_new_tokens, batch_size)
-        log(f"corpus evaluation: {len(unique)} prompts to score, about {generations} answers of up to "
-            f"{max_new_tokens} tokens; estimated {seconds / 60:.0f} min on this machine")
+        seconds = estimate_seconds(aligner, unique, generations, max_new_tokens, batch_size)
+        answers = (f"about {generations} answers of up to {max_new_tokens} tokens" if generate else
+                   "no answers (gate only)")
+        log(f"corpus evaluation: {len(unique)} prompts to score, {answers}; estimated {seconds / 60:.0f} min on "
+            f"this machine")
     with tqdm(total=len(unique), desc="gate scores", unit="prompt", file=sys.stderr, leave=False,
               disable=None) as bar:
         values = gate_eval.score_records(aligner, unique, batch_size, progress=bar.update)

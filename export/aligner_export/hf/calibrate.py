@@ -27,8 +27,8 @@ from aligner_runtime.prompts import prompts_sha256
 
 from aligner_export import __version__
 from aligner_export.corpus import Record
-from aligner_export.gate import (MAX_TOKEN_BYTES, NORM_EPS, POOLED_KIND, POOLED_VERSION, THRESHOLD_RULES, Features,
-                                 TokenCollector, default_candidates, fit_gate)
+from aligner_export.gate import (DEFAULT_OBJECTIVE, MAX_TOKEN_BYTES, NORM_EPS, OBJECTIVES, POOLED_KIND, POOLED_VERSION,
+                                 THRESHOLD_RULES, Features, TokenCollector, default_candidates, fit_gate)
 from aligner_export.hf.families import family_for, text_config
 from aligner_export.hf.modeling import chat_texts, fingerprint, load_model, model_dims, tokenize_batch
 from aligner_export.hf.report import write_calibration_report
@@ -254,7 +254,8 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
               val_fraction: float = 0.25, seed: int = 0, max_fpr: float = 0.02, max_fpr_borderline: float = 0.10,
               batch_size: int = 64, report_dir=None, candidates=None, aligned_max: int = ALIGNED_MAX,
               ssv: str | None = None, response_cache: Path | None = None, target_cache: Path | None = None,
-              threshold_rule: str = "generic", log=lambda *_: None) -> SteeringPack:
+              threshold_rule: str = "generic", objective: str = DEFAULT_OBJECTIVE,
+              log=lambda *_: None) -> SteeringPack:
     """Computes the steering pack. Loads one model at a time to bound memory.
 
     ``harmful`` and ``harmless`` (strings or :class:`~aligner_export.corpus.Record`) give the SRVs and the gate's
@@ -272,6 +273,8 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
     fitted_kind = gate_kind_named(gate).pack_weights  # a kind whose weights calibration fits and the pack stores
     if threshold_rule not in THRESHOLD_RULES:
         raise AlignerError(f"--threshold-rule must be one of {', '.join(THRESHOLD_RULES)}, got {threshold_rule!r}")
+    if objective not in OBJECTIVES:
+        raise AlignerError(f"--gate-objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     # Default: response vectors where the aligned model refuses in words the judge knows; else the prompt vectors.
     auto = ssv is None
     if ssv is None:
@@ -427,6 +430,7 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
 
         fitted, gate_report = fit_gate(features, candidates, max_fpr, max_fpr_borderline, seed=seed,
                                        progress=progress, threshold_rule=threshold_rule, tokens=target.tokens,
+                                       objective=objective,
                                        log=log)
         try:  # the one check of a gate's shape rules (contract.GateConfig.check), before the pack records it
             fitted.check(num_layers, int(t_srv.shape[1]))
@@ -441,6 +445,7 @@ def calibrate(target_dir, harmful, harmless, aligned_dir=None, *, extras=(), gat
                      "fit": "logistic-l2+max" if fitted.version == POOLED_VERSION else "logistic-l2",
                      "C": chosen.C, PackKey.MAX_FPR: max_fpr,
                      "max_fpr_borderline": max_fpr_borderline, "threshold_rule": threshold_rule,
+                     "objective": objective,
                      "heldout": gate_report.heldout,
                      "loso": [{k: v for k, v in r.items() if k != "folds"} | {"folds": r["folds"]}
                               for r in gate_report.loso],

@@ -34,8 +34,22 @@ from aligner_export.corpus import CORPUS_DIR, PROMPTS_DIR
 from aligner_export.hf import zoo
 
 
-def _banner(text: str) -> None:
-    print(f"\n== {text} ==", flush=True)
+class _Phases:
+    """Each step's wall time, printed at the end (the demo's budget is 20 minutes on two cores)."""
+
+    def __init__(self):
+        self.times: list[tuple[str, float]] = []
+        self.start = time.perf_counter()
+
+    def banner(self, text: str, name: str) -> None:
+        now = time.perf_counter()
+        self.times.append((name, now))
+        print(f"\n== {text} ==", flush=True)
+
+    def summary(self) -> str:
+        ends = [t for _, t in self.times[1:]] + [time.perf_counter()]
+        parts = ", ".join(f"{name} {end - t:.0f}s" for (name, t), end in zip(self.times, ends))
+        return f"{ends[-1] - self.start:.0f}s ({parts})"
 
 
 def _digest(*parts) -> str:
@@ -93,15 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-        start = time.perf_counter()
+        phases = _Phases()
         work = Path(args.work) if args.work else zoo.home() / "demo"
         work.mkdir(parents=True, exist_ok=True)
 
-        _banner("1/5 models")
+        phases.banner("1/5 models", "models")
         target, aligned = zoo.ensure_target(), zoo.ensure_aligned()
         print(f"target:  {target}\naligned: {aligned}")
 
-        _banner("2/5 calibrate on the shipped corpus (calibration sources)")
+        phases.banner("2/5 calibrate on the shipped corpus (calibration sources)", "calibration")
         pack = work / "smollm2.steering.safetensors"
         key = _digest(__version__, *sorted(CORPUS_DIR.glob("*.jsonl")), *sorted(PROMPTS_DIR.glob("*.txt")),
                       aligned / "inferaligner_source.json", *_sources("hf/calibrate.py", "gate.py", "corpus.py"))
@@ -112,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                         "--report", work / "calibration", "--threads", args.threads)
             (work / "pack.stamp").write_text(key)
 
-        _banner("3/5 export")
+        phases.banner("3/5 export", "export")
         export_dir = work / "smollm2-steered"
         export_key = _digest(key, pack, *_sources("hf/export.py", "graph/rewrite.py", "graph/onnx_ops.py"))
         if _cached(work / "export.stamp", export_key) and (export_dir / "inferaligner.json").exists():
@@ -123,20 +137,20 @@ def main(argv: list[str] | None = None) -> int:
             _export_cli("export", "--target", target, "--pack", pack, "-o", export_dir)
             (work / "export.stamp").write_text(export_key)
 
-        _banner("4/5 one harmful and one harmless prompt")
+        phases.banner("4/5 one harmful and one harmless prompt", "examples")
         examples = [load_prompts(PROMPTS_DIR / "harmful_heldout.txt")[0],
                     load_prompts(PROMPTS_DIR / "harmless_heldout.txt")[0]]
         show_examples(export_dir, examples, args.max_new_tokens, args.threads)
 
-        _banner("5/5 evaluate on the corpus's held-out sources (steered vs unsteered; gate forced open)"
-                + ("" if args.full else ": a sample, `make eval` for the full evaluation"))
+        phases.banner("5/5 evaluate on the corpus's held-out sources (steered vs unsteered; gate forced open)"
+                      + ("" if args.full else ": a sample, `make eval` for the full evaluation"), "evaluation")
         eval_args = ["eval", "--model", export_dir, "--max-new-tokens", args.max_new_tokens, "--batch-size", 8,
                      "--threads", args.threads, "--report", work / ("eval-full" if args.full else "eval"),
                      "--limit", args.eval_limit]
         if args.gate_limit:
             eval_args += ["--gate-limit", args.gate_limit]
         _export_cli(*eval_args)
-        print(f"\ndemo finished in {time.perf_counter() - start:.0f}s; reports under {work}")
+        print(f"\ndemo finished in {phases.summary()}; reports under {work}")
         return 0
 
     return run_cli(job)
