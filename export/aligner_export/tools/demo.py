@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         phases.banner("2/5 calibrate on the shipped corpus (calibration sources)", "calibration")
         pack = work / "smollm2.steering.safetensors"
         key = _digest(__version__, *sorted(CORPUS_DIR.glob("*.jsonl")), *sorted(PROMPTS_DIR.glob("*.txt")),
-                      aligned / "inferaligner_source.json", *_sources("hf/calibrate.py", "gate.py", "corpus.py"))
+                      aligned / "inferaligner_source.json",
+                      *_sources("hf/calibrate.py", "gate.py", "gate_tokens.py", "corpus.py"))
         if _cached(work / "pack.stamp", key) and pack.exists():
             print(f"reusing {pack}")
         else:
