@@ -48,9 +48,10 @@ def configure(parser) -> None:
                              "--max-fpr (rewrites included) and --max-fpr-borderline both bind, which leaves recall "
                              "unspent (docs/calibration.md, the gate frontier study)")
     parser.add_argument("--gate-objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
-                        help="the linear gate's loss: operating-point (default) weights up the prompts where the "
-                             "threshold sits (the top fifth of the negatives' scores and the positives below them); "
-                             "logistic: the plain balanced logistic loss (docs/calibration.md)")
+                        help="the linear gate's loss: logistic (default), the balanced logistic loss; "
+                             "operating-point weighs up the prompts where the threshold sits (the top fifth of the "
+                             "negatives' scores and the positives below them): better folds, but less plain recall "
+                             "on the held-out sources (docs/calibration.md)")
     parser.add_argument("--wrapped", type=int, default=None,
                         help="harmful prompts wrapped in jailbreak templates as gate positives (default 80)")
     parser.add_argument("--rewrites", type=int, default=None,
