@@ -142,7 +142,7 @@ def fit_linear(X: np.ndarray, labels: np.ndarray, sources: np.ndarray, C: float,
     from sklearn.linear_model import LogisticRegression
 
     if objective not in OBJECTIVES:
-        raise AlignerError(f"the gate objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        raise AlignerError(f"--gate-objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     mean = X.mean(axis=0)
     scale = X.std(axis=0)
     scale = np.maximum(scale, 1e-2 * float(np.median(scale)) + 1e-12)  # a constant dimension must not blow up
@@ -150,7 +150,7 @@ def fit_linear(X: np.ndarray, labels: np.ndarray, sources: np.ndarray, C: float,
     weights = sample_weights(labels, sources)
     model = None
     for _ in range(1 if objective == "logistic" else 2):
-        if model is not None:  # the second fit: the operating region weighted up, warm-started from the first
+        if model is not None:  # the second fit: the operating region (on the first fit's scores) weighted up
             extra = hard_weights(model.decision_function(Z), labels)
             weights = weights * extra / np.mean(extra)
         with warnings.catch_warnings():
@@ -248,8 +248,6 @@ def fit_gate(features: Features, candidates: list[Candidate], max_fpr: float, ma
     labels, classes, sources = features.labels, features.classes, features.sources
     if threshold_rule not in THRESHOLD_RULES:
         raise AlignerError(f"--threshold-rule must be one of {', '.join(THRESHOLD_RULES)}, got {threshold_rule!r}")
-    if objective not in OBJECTIVES:
-        raise AlignerError(f"--gate-objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     rewritten = (features.rewrites != "") if features.rewrites is not None else np.zeros(len(labels), bool)
     if (labels == 1).sum() < 8 or (labels == 0).sum() < 8:
         raise AlignerError("the linear gate needs at least 8 harmful and 8 harmless calibration prompts")

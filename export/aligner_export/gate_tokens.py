@@ -17,6 +17,7 @@ POOLED_DIM = 128  # principal coordinates kept per token and layer (the frontier
 POOLED_SAMPLE_TOKENS = 8192  # normalised tokens per layer the basis is fitted from (the first batches, shuffled)
 MAX_TOKEN_BYTES = 2 << 30  # the most memory the token coordinates (and the basis sample) may take
 
+
 def token_feature_bytes(total_tokens: int, num_layers: int, dim: int, hidden: int,
                         sample_tokens: int = POOLED_SAMPLE_TOKENS, batch_tokens: int = 4096) -> int:
     """What :class:`TokenCollector` holds at most: the float16 coordinates of every token at every layer, and the

@@ -91,12 +91,13 @@ def estimate_seconds(aligner, records, generations: int, max_new_tokens: int, ba
     """A rough duration of the evaluation: one timed scoring batch of median-length prompts, scaled by the padded
     tokens of every scoring batch (``score_records`` batches prompts of similar length; the held-out prompts run
     from a few tokens to a thousand, so a count of prompts misjudges it), and one timed generation batch."""
-    lengths = sorted(len(aligner.encode(r.prompt, system=r.system)) for r in records)
-    padded = sum(len(lengths[i:i + batch_size]) * lengths[min(i + batch_size, len(lengths)) - 1]
-                 for i in range(0, len(lengths), batch_size))
-    middle = sorted(records, key=lambda r: len(r.prompt))[max(0, len(records) // 2 - batch_size // 2):][:batch_size]
+    lengths = {id(r): len(aligner.encode(r.prompt, system=r.system)) for r in records}
+    ordered = sorted(records, key=lambda r: lengths[id(r)])
+    padded = sum(len(batch) * lengths[id(batch[-1])]
+                 for batch in (ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)))
+    middle = ordered[max(0, len(ordered) // 2 - batch_size // 2):][:batch_size]
     sample = [r.prompt for r in middle]
-    width = max(len(aligner.encode(r.prompt, system=r.system)) for r in middle)
+    width = lengths[id(middle[-1])]
     start = time.perf_counter()
     aligner.score(sample, system=[r.system for r in middle], batch_size=len(sample))
     per_token = (time.perf_counter() - start) / (len(sample) * width)
